@@ -1,0 +1,126 @@
+"""Denoiser: a network (or any function) + a schedule -> predictions of x_0 and eps.
+
+A network predicts one of eps, x_0 or v; every sampler and loss wants the others too. The
+conversions below are the only place that knows about prediction types, so samplers never
+branch on them (DESIGN.md, "The interfaces"). With x_t = alpha_t x_0 + sigma_t eps:
+
+    eps -> x0:  x_0 = (x_t - sigma_t eps) / alpha_t           (Ho et al. 2020, eq. 15)
+    x0 -> eps:  eps = (x_t - alpha_t x_0) / sigma_t
+    v:          v = alpha_t eps - sigma_t x_0                  (Salimans & Ho 2022, sec. 4)
+                x_0 = alpha_t x_t - sigma_t v,  eps = sigma_t x_t + alpha_t v   (alpha^2 + sigma^2 = 1)
+    score:      grad log q(x_t) ~= -eps / sigma_t                (Song et al. 2021, eq. 5 / lecture 001)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .schedule import Schedule, append_dims
+
+PredictionType = Literal["eps", "x0", "v"]
+PREDICTION_TYPES = ("eps", "x0", "v")
+
+
+@dataclass
+class Prediction:
+    """What a denoiser says about x_t: the clean image and the noise that was added."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_0 = (x_t - sigma_t eps) / alpha_t (Ho et al. 2020, eq. 15)."""
+    return (x_t - sigma * eps) / alpha
+
+
+def x0_to_eps(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (x_t - alpha_t x_0) / sigma_t."""
+    return (x_t - alpha * x0) / sigma
+
+
+def v_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, eq. 9 and appendix D)."""
+    return alpha * eps - sigma * x0
+
+
+def v_to_x0(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_0 = alpha_t x_t - sigma_t v (variance preserving)."""
+    return alpha * x_t - sigma * v
+
+
+def v_to_eps(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = sigma_t x_t + alpha_t v (variance preserving)."""
+    return sigma * x_t + alpha * v
+
+
+def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
+    """The score of q(x_t): grad_x log q(x_t) = -eps / sigma_t (Song et al. 2021; Vincent 2011)."""
+    return -eps / sigma
+
+
+def predict(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType) -> Prediction:
+    """Turn a network's raw output of the given type into (x_0, eps)."""
+    if prediction == "eps":
+        return Prediction(x0=eps_to_x0(x_t, raw, alpha, sigma), eps=raw)
+    if prediction == "x0":
+        return Prediction(x0=raw, eps=x0_to_eps(x_t, raw, alpha, sigma))
+    if prediction == "v":
+        return Prediction(x0=v_to_x0(x_t, raw, alpha, sigma), eps=v_to_eps(x_t, raw, alpha, sigma))
+    raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+
+
+def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType) -> Tensor:
+    """What a network of the given type is regressed onto."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_target(x0, eps, alpha, sigma)
+    raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+
+
+class Denoiser:
+    """net(x_t, model_time, **cond) -> raw output, read through a schedule as a Prediction.
+
+    `net` is an nn.Module or any callable, e.g. a plain function (x_t, t) -> eps for tests with
+    analytic answers; it receives the schedule's `model_time(t)` (the 0-based step index).
+    Calling the denoiser takes continuous t in [0, 1] (a scalar or one per example).
+    """
+
+    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: PredictionType = "eps"):
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+
+    def scales(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha_t and sigma_t shaped to broadcast against `like`, in its dtype."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha = append_dims(self.schedule.alpha(t), like).to(like.dtype)
+        sigma = append_dims(self.schedule.sigma(t), like).to(like.dtype)
+        return alpha, sigma
+
+    def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """The network's own output at (x_t, t), one time per example."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=x_t.dtype), **cond)
+        if out.shape != x_t.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; "
+                             "a denoising network must return one value per input value")
+        return out
+
+    def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
+        alpha, sigma = self.scales(torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0]), x_t)
+        return predict(self.raw(x_t, t, **cond), x_t, alpha, sigma, self.prediction)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The regression target of this denoiser's network for x_t = alpha_t x0 + sigma_t eps."""
+        alpha, sigma = self.scales(t, x0)
+        return training_target(x0, eps, alpha, sigma, self.prediction)

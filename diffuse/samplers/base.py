@@ -1,0 +1,49 @@
+"""What every sampler shares: the grid check, the per-step report, noise from a generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Step:
+    """One step of a sampler, as reported to its callback: from x_t at time t to x_s at time s."""
+
+    index: int      # 0-based step number
+    total: int      # number of steps in the grid
+    t: float        # current time
+    s: float        # next time (0 at the last step)
+    x: Tensor       # x_t
+    x0: Tensor      # the denoiser's prediction of x_0 at (x_t, t)
+    x_next: Tensor  # x_s
+
+
+Callback = Callable[[Step], None]
+
+
+def grid_steps(timesteps: Tensor) -> Iterator[tuple[int, float, float]]:
+    """Yield (i, t, s) over consecutive pairs of a decreasing grid that ends at t = 0."""
+    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    if len(ts) < 2:
+        raise ValueError("a sampling grid needs at least two times: the start and the final t = 0")
+    if ts[-1] != 0:
+        raise ValueError(f"a sampling grid must end at t = 0 (clean data), got {float(ts[-1])}")
+    if not bool((ts[1:] < ts[:-1]).all()) or ts[0] > 1:
+        raise ValueError("sampling times must decrease strictly from at most 1 down to 0")
+    for i in range(len(ts) - 1):
+        yield i, float(ts[i]), float(ts[i + 1])
+
+
+def scalars(schedule, t: float) -> tuple[float, float]:
+    """alpha_t and sigma_t as python floats (computed in float64)."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    return float(schedule.alpha(tt)), float(schedule.sigma(tt))
+
+
+def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn only from the passed generator."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -1,0 +1,44 @@
+"""DDIM (Song, Meng & Ermon 2021): the non-Markovian sampler with stochasticity eta.
+
+From x_t to x_s (s < t) with the predicted (x0_hat, eps_hat), eq. 12:
+    x_s = sqrt(alphabar_s) x0_hat + sqrt(1 - alphabar_s - sigma^2) eps_hat + sigma z,
+    sigma = eta * sqrt(beta-tilde_{t->s})                                   (eq. 16)
+eta = 0 is the deterministic DDIM (an ODE solver); eta = 1 is DDPM ancestral sampling with
+beta-tilde variance. Works on any sub-sequence of times (sec. 4.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..schedule import posterior
+from .base import Callback, Step, gaussian_like, grid_steps, scalars
+
+
+def sample(
+    denoiser,
+    x_T: Tensor,
+    timesteps: Tensor,
+    *,
+    eta: float = 0.0,  # 0: deterministic DDIM; 1: DDPM-like ancestral noise (Song et al. 2021, eq. 16)
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Integrate from x_T over a decreasing grid of times ending at 0; returns x_0."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    x = x_T
+    n = len(timesteps) - 1
+    for i, t, s in grid_steps(timesteps):
+        pred = denoiser(x, t)
+        alpha_t, sigma_t = scalars(denoiser.schedule, t)
+        alpha_s, sigma_s = scalars(denoiser.schedule, s)
+        noise_std = eta * posterior(alpha_t, sigma_t, alpha_s, sigma_s)[2] ** 0.5  # eq. 16
+        x_next = alpha_s * pred.x0 + max(sigma_s**2 - noise_std**2, 0.0) ** 0.5 * pred.eps  # eq. 12
+        if noise_std > 0:
+            x_next = x_next + noise_std * gaussian_like(x, generator)
+        if callback is not None:
+            callback(Step(i, n, t, s, x, pred.x0, x_next))
+        x = x_next
+    return x

@@ -1,0 +1,203 @@
+"""Noise schedules: what alpha_t and sigma_t are.
+
+Every noisy sample is x_t = alpha_t x_0 + sigma_t eps (DESIGN.md). For the DDPM family
+(variance preserving) alpha_t = sqrt(alphabar_t) and sigma_t = sqrt(1 - alphabar_t), where
+alphabar_n = prod_{s<=n} (1 - beta_s) over the T discrete steps n = 1..T (Ho et al. 2020,
+eq. 4; lecture 000 "Diffusion Kernel", lecture 001 "forward process closed form").
+
+Time is continuous, t in [0, 1], with step n sitting at t = n / T; t = 0 is clean data
+(alphabar = 1). Samplers move along grids of t that end at 0; the map to a network's
+discrete input (the 0-based index n - 1, as the DDPM code and diffusers use) lives here, in
+`Schedule.model_time`, and nowhere else. Tables are kept in float64 (as improved-diffusion
+does): 1 - alphabar near t = 0 loses digits in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["linear", "cosine"] = "linear"  # Ho et al. 2020 linear betas, or Nichol & Dhariwal 2021 cosine
+    timesteps: int = 1000                        # T, the number of discrete diffusion steps
+    beta_start: float = 1e-4                     # linear: beta_1 (Ho et al.: 1e-4)
+    beta_end: float = 0.02                       # linear: beta_T (Ho et al.: 0.02)
+    cosine_s: float = 0.008                      # cosine: offset s that keeps beta_1 from being tiny
+    max_beta: float = 0.999                      # cosine: betas are clipped here to avoid a singularity at t = T
+
+
+def linear_betas(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """beta_n increasing linearly from beta_1 to beta_T (Ho et al. 2020, sec. 4)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_alphabar(t: Tensor, s: float = 0.008) -> Tensor:
+    """alphabar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2) (Nichol & Dhariwal 2021, eq. 17)."""
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(t) / f(torch.zeros_like(t))
+
+
+def cosine_betas(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """beta_n = 1 - alphabar(n/T) / alphabar((n-1)/T), clipped at max_beta (Nichol & Dhariwal 2021, sec. 3.2)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alphabar = cosine_alphabar(t, s)
+    return (1 - alphabar[1:] / alphabar[:-1]).clamp(max=max_beta)
+
+
+class Schedule:
+    """A discrete variance-preserving schedule beta_1..beta_T, read in continuous time.
+
+    Tables are indexed by n = 0..T with n = 0 the clean data (alphabar_0 = 1, beta_0 = 0), so
+    `alphabar[n]` is the paper's alphabar_n. Between grid points log(alphabar) is interpolated
+    linearly, which is exact at every t = n / T.
+    """
+
+    def __init__(self, betas: Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 1:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta_t must lie in (0, 1); check beta_start / beta_end / max_beta")
+        self.T = len(betas)
+        self.betas = torch.cat([betas.new_zeros(1), betas])  # beta[n], beta[0] = 0
+        self.alphas = 1 - self.betas                          # alpha_n = 1 - beta_n
+        self.alphabar = torch.cumprod(self.alphas, 0)         # alphabar_n = prod_{s<=n} alpha_s (eq. 4)
+        self._log_alphabar = self.alphabar.log()
+
+    @classmethod
+    def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+        """The schedule of Ho et al. (2020): beta from 1e-4 to 0.02 over T = 1000 steps."""
+        return cls(linear_betas(timesteps, beta_start, beta_end))
+
+    @classmethod
+    def cosine(cls, timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+        """The cosine schedule of Nichol & Dhariwal (2021), eq. 17."""
+        return cls(cosine_betas(timesteps, s, max_beta))
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig) -> Schedule:
+        if cfg.timesteps < 1:
+            raise ValueError(f"schedule.timesteps must be >= 1, got {cfg.timesteps}")
+        if cfg.kind == "linear":
+            if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+                raise ValueError(
+                    f"schedule.beta_start / beta_end must satisfy 0 < start <= end < 1, got {cfg.beta_start}, {cfg.beta_end}"
+                )
+            return cls.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        if cfg.kind == "cosine":
+            return cls.cosine(cfg.timesteps, cfg.cosine_s, cfg.max_beta)
+        raise ValueError(f"schedule.kind must be one of 'linear', 'cosine', got {cfg.kind!r}")
+
+    # --- continuous time ------------------------------------------------------------------
+    def _table_at(self, table: Tensor, t: Tensor) -> Tensor:
+        """Interpolate a table over n = 0..T at n = t * T (linear in the table's values)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        n = (t * self.T).clamp(0, self.T)
+        lo = n.floor().long().clamp(max=self.T - 1)
+        w = n - lo
+        return table[lo] * (1 - w) + table[lo + 1] * w
+
+    def alphabar_at(self, t: Tensor) -> Tensor:
+        """alphabar(t), float64; log-linear between the T grid points."""
+        return self._table_at(self._log_alphabar, t).exp()
+
+    def alpha(self, t: Tensor) -> Tensor:
+        """alpha_t = sqrt(alphabar_t): the signal scale of x_t."""
+        return self.alphabar_at(t).sqrt()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """sigma_t = sqrt(1 - alphabar_t): the noise scale of x_t."""
+        return (1 - self.alphabar_at(t)).sqrt()
+
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR(t) = alpha_t^2 / sigma_t^2 = alphabar_t / (1 - alphabar_t) (Kingma et al. 2021, eq. 1)."""
+        ab = self.alphabar_at(t)
+        return ab / (1 - ab)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """lambda_t = log(alpha_t^2 / sigma_t^2)."""
+        ab = self.alphabar_at(t)
+        return ab.log() - torch.log1p(-ab)
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """A network's time input for continuous t: the 0-based step index n - 1 = t * T - 1.
+
+        DDPM networks and diffusers' schedulers number the steps 0..T-1, so step n (t = n/T)
+        is fed as n - 1. This and `timesteps_from_indices` are the only places that convert.
+        """
+        return torch.as_tensor(t, dtype=torch.float64) * self.T - 1
+
+    def timesteps_from_indices(self, indices) -> Tensor:
+        """Continuous times for 0-based step indices (diffusers' `timesteps`), followed by t = 0."""
+        idx = torch.as_tensor(indices, dtype=torch.float64)
+        return torch.cat([(idx + 1) / self.T, idx.new_zeros(1)])
+
+    # --- sampling grids -------------------------------------------------------------------
+    def timesteps(self, steps: int | None = None, spacing: Literal["leading", "trailing", "linspace"] = "leading") -> Tensor:
+        """A decreasing grid of `steps` times on the discrete steps, ending with t = 0.
+
+        steps = None (or T) is every step T, T-1, ..., 1 (DDPM, Algorithm 2). Fewer steps pick a
+        sub-sequence tau (Song et al. 2021, DDIM sec. 4.2) with the spacings of Lin et al. (2024,
+        table 2): "leading" n = 1 + k*T//steps (DDIM's and diffusers' default), "trailing"
+        n = round(T - k*T/steps) (starts at the last step, better for few steps), "linspace"
+        n = round(linspace(1, T, steps)).
+        """
+        steps = self.T if steps is None else int(steps)
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be between 1 and the schedule's T = {self.T}, got {steps}")
+        k = torch.arange(steps, dtype=torch.float64)
+        if spacing == "leading":
+            idx = k * (self.T // steps)
+        elif spacing == "trailing":
+            idx = torch.round(self.T - k * self.T / steps).flip(0) - 1
+        elif spacing == "linspace":
+            idx = torch.round(torch.linspace(0, self.T - 1, steps, dtype=torch.float64))
+        else:
+            raise ValueError(f"spacing must be one of 'leading', 'trailing', 'linspace', got {spacing!r}")
+        return self.timesteps_from_indices(idx.flip(0))
+
+    # --- the forward process --------------------------------------------------------------
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, a draw from q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
+        return append_dims(self.alpha(t), x0).to(x0.dtype) * x0 + append_dims(self.sigma(t), x0).to(x0.dtype) * eps
+
+    def q_step(self, x_prev: Tensor, n: int, eps: Tensor) -> Tensor:
+        """One Markov step x_n = sqrt(1 - beta_n) x_{n-1} + sqrt(beta_n) eps, q(x_n | x_{n-1}) (Ho et al. 2020, eq. 2)."""
+        beta = self.betas[n]
+        return (1 - beta).sqrt().to(x_prev.dtype) * x_prev + beta.sqrt().to(x_prev.dtype) * eps
+
+
+def append_dims(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-example (B,) or scalar tensor to broadcast against `like` (B, C, H, W)."""
+    v = torch.as_tensor(v, device=like.device)
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def posterior(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q(x_s | x_t, x_0) for s < t: coefficients of its mean and its variance.
+
+    mean = c_x0 * x_0 + c_xt * x_t,  var = beta-tilde. With alpha_{t|s} = alpha_t / alpha_s and
+    sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (Kingma et al. 2021, eq. 33-34):
+        c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2,  c_xt = alpha_{t|s} sigma_s^2 / sigma_t^2,
+        var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2.
+    For adjacent steps (s = t - 1) sigma_{t|s}^2 = beta_t and this is Ho et al. (2020) eq. 7:
+        c_x0 = sqrt(alphabar_{t-1}) beta_t / (1 - alphabar_t), c_xt = sqrt(alpha_t) (1 - alphabar_{t-1}) / (1 - alphabar_t),
+        beta-tilde_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t.
+    """
+    alpha_ts = alpha_t / alpha_s
+    sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2  # = 1 - alphabar_t / alphabar_s for VP
+    c_x0 = alpha_s * sigma2_ts / sigma_t**2
+    c_xt = alpha_ts * sigma_s**2 / sigma_t**2
+    var = sigma2_ts * sigma_s**2 / sigma_t**2
+    return c_x0, c_xt, var
+
+
+def transition_variance(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
+    """sigma_{t|s}^2 = 1 - alphabar_t / alphabar_s: the variance of q(x_t | x_s); beta_t for adjacent steps."""
+    return sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2

@@ -1,0 +1,129 @@
+"""Samplers against diffusers (same eps function, same noise) and against analytic answers."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from diffuse import Denoiser, Schedule
+from diffuse.samplers import SAMPLERS, ddim, ddpm
+
+from conftest import gaussian_eps
+
+SHAPE = (4, 2, 5, 5)
+
+
+def toy_eps(x, index):
+    """A smooth, nonlinear eps(x_t, t) that depends on both arguments (no trained net needed)."""
+    tt = index.to(x.dtype).view(-1, 1, 1, 1) / 1000
+    return torch.tanh(0.8 * x + tt) * (0.5 + 0.5 * tt) + 0.1 * torch.sin(3 * x)
+
+
+def reference_trajectory(scheduler, x, generator):
+    xs = []
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_eps(x, t.reshape(1).expand(x.shape[0])), t, x, generator=generator).prev_sample
+        xs.append(x)
+    return xs
+
+
+def our_trajectory(sampler, schedule, x, timesteps, generator, **kw):
+    xs = []
+    sampler(Denoiser(toy_eps, schedule), x, timesteps, generator=generator,
+            callback=lambda step: xs.append(step.x_next), **kw)
+    return xs
+
+
+def float64_tables(scheduler, schedule):
+    """diffusers keeps float32 tables; ours are float64. Compare the algorithms at equal precision
+    (after checking that the two schedules agree to float32 precision)."""
+    torch.testing.assert_close(scheduler.betas, schedule.betas[1:].float())
+    scheduler.betas = schedule.betas[1:].clone()
+    scheduler.alphas = 1 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, 0)
+    return scheduler
+
+
+def _diffusers_kw(kind):
+    return dict(num_train_timesteps=1000, beta_schedule="linear" if kind == "linear" else "squaredcos_cap_v2",
+                clip_sample=False)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+@pytest.mark.parametrize("steps", [None, 50])
+def test_ddpm_matches_diffusers(kind, variance, steps):
+    schedule = Schedule.linear() if kind == "linear" else Schedule.cosine()
+    ref = float64_tables(DDPMScheduler(**_diffusers_kw(kind),
+                                       variance_type="fixed_small" if variance == "beta_tilde" else "fixed_large"), schedule)
+    ref.set_timesteps(steps or 1000)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = reference_trajectory(ref, x_T, torch.Generator().manual_seed(1))
+    ours = our_trajectory(ddpm.sample, schedule, x_T, schedule.timesteps_from_indices(ref.timesteps),
+                          torch.Generator().manual_seed(1), variance=variance)
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+# not "linspace": diffusers' DDIMScheduler always steps to t - T // steps, which is off the
+# linspace grid (it lands between its points); we step to the next grid point.
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_matches_diffusers(eta, spacing):
+    schedule = Schedule.linear()
+    ref = float64_tables(DDIMScheduler(**_diffusers_kw("linear"), set_alpha_to_one=True, timestep_spacing=spacing), schedule)
+    ref.set_timesteps(50)
+    timesteps = schedule.timesteps(50, spacing)
+    assert torch.allclose(timesteps, schedule.timesteps_from_indices(ref.timesteps))  # same grid, built by us
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g_ref = torch.Generator().manual_seed(2)
+    expected = []
+    x = x_T
+    for t in ref.timesteps:
+        x = ref.step(toy_eps(x, t.reshape(1).expand(4)), t, x, eta=eta, generator=g_ref).prev_sample
+        expected.append(x)
+    ours = our_trajectory(ddim.sample, schedule, x_T, timesteps, torch.Generator().manual_seed(2), eta=eta)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw,steps", [("ddpm", {}, None), ("ddim", {"eta": 0.0}, None), ("ddim", {"eta": 1.0}, None)])
+def test_samplers_recover_gaussian_data(name, kw, steps):
+    """With the exact denoiser of N(mu, std^2) data, samples have that mean and variance."""
+    schedule = Schedule.linear()
+    mu, std = 0.5, 0.3
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(20_000, 1, 1, 1, generator=g, dtype=torch.float64)
+    x0 = SAMPLERS[name](Denoiser(gaussian_eps(schedule, mu, std), schedule), x_T, schedule.timesteps(steps),
+                        generator=g, **kw)
+    assert float(x0.mean()) == pytest.approx(mu, abs=0.01)
+    assert float(x0.std()) == pytest.approx(std, rel=0.03)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_contract(name):
+    """Shapes, determinism under a seed, one callback per step, and the last step lands on t = 0."""
+    schedule = Schedule.linear()
+    den = Denoiser(toy_eps, schedule)
+    ts = schedule.timesteps(10)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    steps = []
+    a = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5), callback=steps.append)
+    b = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5))
+    assert a.shape == x_T.shape and torch.equal(a, b)
+    assert [s.index for s in steps] == list(range(10)) and steps[-1].s == 0.0
+    assert torch.equal(steps[-1].x_next, a) and steps[0].x is x_T
+    # the last step of an eps-model lands exactly on the predicted x_0
+    torch.testing.assert_close(steps[-1].x0, a)
+
+
+def test_bad_grids_are_refused():
+    schedule = Schedule.linear()
+    den = Denoiser(toy_eps, schedule)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="end at t = 0"):
+        ddim.sample(den, x, torch.tensor([1.0, 0.5]))
+    with pytest.raises(ValueError, match="decrease"):
+        ddim.sample(den, x, torch.tensor([0.5, 0.7, 0.0]))
+    with pytest.raises(ValueError, match="variance"):
+        ddpm.sample(den, x, schedule.timesteps(5), variance="large")

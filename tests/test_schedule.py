@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from diffuse.schedule import Schedule, ScheduleConfig, cosine_alphabar, posterior
+
+
+def test_linear_schedule_facts():
+    s = Schedule.linear()
+    assert s.T == 1000
+    assert float(s.betas[1]) == pytest.approx(1e-4) and float(s.betas[1000]) == pytest.approx(0.02)
+    assert float(s.alphabar[1000]) == pytest.approx(4.0358e-5, rel=1e-4)
+    assert float(s.alphabar[500]) == pytest.approx(0.07859, rel=1e-4)
+
+
+def test_cosine_schedule_facts():
+    s = Schedule.cosine()
+    assert float(s.alphabar[500]) == pytest.approx(0.4938, rel=1e-4)
+    assert float(s.betas.max()) == pytest.approx(0.999)  # clipped at t = T
+    # before clipping bites, alphabar follows the closed form f(t)/f(0)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(s.alphabar_at(t), cosine_alphabar(t), rtol=1e-10)
+
+
+def test_continuous_time_matches_tables_and_log_snr():
+    s = Schedule.linear()
+    n = torch.tensor([0, 1, 17, 500, 1000])
+    t = n.double() / s.T
+    assert torch.allclose(s.alphabar_at(t), s.alphabar[n], rtol=1e-12)
+    assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones(5, dtype=torch.float64))
+    tt = t[1:]
+    assert torch.allclose(s.snr(tt), s.alpha(tt) ** 2 / s.sigma(tt) ** 2)
+    assert torch.allclose(s.log_snr(tt), s.snr(tt).log())
+    # log-SNR decreases strictly with t
+    grid = torch.linspace(0.001, 1, 999, dtype=torch.float64)
+    assert bool((s.log_snr(grid).diff() < 0).all())
+
+
+def test_posterior_matches_ho_eq7_for_adjacent_steps():
+    s = Schedule.linear()
+    for n in (2, 10, 500, 1000):
+        t, u = torch.tensor(n / s.T, dtype=torch.float64), torch.tensor((n - 1) / s.T, dtype=torch.float64)
+        c_x0, c_xt, var = posterior(s.alpha(t), s.sigma(t), s.alpha(u), s.sigma(u))
+        ab, ab_prev, beta = s.alphabar[n], s.alphabar[n - 1], s.betas[n]
+        assert float(c_x0) == pytest.approx(float(ab_prev.sqrt() * beta / (1 - ab)), rel=1e-9)
+        assert float(c_xt) == pytest.approx(float((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)), rel=1e-9)
+        assert float(var) == pytest.approx(float((1 - ab_prev) / (1 - ab) * beta), rel=1e-9)
+
+
+def test_posterior_is_the_bayes_posterior_by_monte_carlo():
+    """Fix x_0, draw x_s ~ q(x_s | x_0) then x_t ~ q(x_t | x_s): x_s given x_t is the posterior (eq. 6-7)."""
+    g = torch.Generator().manual_seed(0)
+    s = Schedule.linear()
+    n_s, n_t = 300, 400
+    x0 = 0.7
+    N = 400_000
+    xs = s.alpha(n_s / 1000) * x0 + s.sigma(n_s / 1000) * torch.randn(N, generator=g, dtype=torch.float64)
+    a_ts = s.alpha(n_t / 1000) / s.alpha(n_s / 1000)
+    xt = a_ts * xs + (1 - a_ts**2).sqrt() * torch.randn(N, generator=g, dtype=torch.float64)
+    c_x0, c_xt, var = posterior(s.alpha(n_t / 1000), s.sigma(n_t / 1000), s.alpha(n_s / 1000), s.sigma(n_s / 1000))
+    # linear regression of x_s on x_t: slope c_xt, intercept c_x0 x0, residual variance var
+    cov = torch.cov(torch.stack([xt, xs]))
+    slope = cov[0, 1] / cov[0, 0]
+    resid = xs - (c_x0 * x0 + c_xt * xt)
+    assert float(slope) == pytest.approx(float(c_xt), abs=5e-3)
+    assert float(resid.mean()) == pytest.approx(0.0, abs=5e-3)
+    assert float(resid.var()) == pytest.approx(float(var), rel=1e-2)
+
+
+def test_closed_form_forward_matches_markov_chain_by_monte_carlo():
+    """q(x_t | x_0) in one step (eq. 4) has the mean and variance of t steps of q(x_n | x_{n-1}) (eq. 2)."""
+    g = torch.Generator().manual_seed(1)
+    s = Schedule.linear(timesteps=200, beta_start=1e-3, beta_end=0.04)
+    x0 = torch.full((100_000,), 0.8, dtype=torch.float64)
+    x = x0.clone()
+    for n in range(1, 121):
+        x = s.q_step(x, n, torch.randn(x.shape, generator=g, dtype=torch.float64))
+    direct = s.q_sample(x0, torch.tensor(120 / 200), torch.randn(x.shape, generator=g, dtype=torch.float64))
+    mean, var = float(s.alphabar[120].sqrt() * 0.8), float(1 - s.alphabar[120])
+    for samples in (x, direct):
+        assert float(samples.mean()) == pytest.approx(mean, abs=4 * math.sqrt(var / 1e5))
+        assert float(samples.var()) == pytest.approx(var, rel=0.02)
+
+
+@pytest.mark.parametrize("spacing,expected", [
+    ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+    ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+    ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+])
+def test_timestep_grids(spacing, expected):
+    s = Schedule.linear()
+    ts = s.timesteps(10, spacing)
+    assert ts[-1] == 0 and len(ts) == 11
+    idx = torch.round(s.model_time(ts[:-1])).long().tolist()
+    assert idx == expected
+
+
+def test_full_grid_and_model_time_ends():
+    s = Schedule.linear()
+    ts = s.timesteps()
+    assert len(ts) == 1001 and float(ts[0]) == 1.0 and float(ts[-2]) == pytest.approx(1e-3)
+    assert float(s.model_time(ts[0])) == pytest.approx(999) and float(s.model_time(ts[-2])) == pytest.approx(0)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="kind"):
+        Schedule.from_config(ScheduleConfig(kind="quadratic"))
+    with pytest.raises(ValueError, match="beta_start"):
+        Schedule.from_config(ScheduleConfig(beta_start=0.1, beta_end=0.01))
+    with pytest.raises(ValueError, match="steps"):
+        Schedule.linear().timesteps(0)
+    with pytest.raises(ValueError, match="spacing"):
+        Schedule.linear().timesteps(10, "bogus")
