@@ -63,6 +63,14 @@ def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
     return -eps / sigma
 
 
+def scales(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha_t and sigma_t for a scalar or per-example t, shaped to broadcast against `like`, in its dtype."""
+    t = torch.as_tensor(t, dtype=torch.float64).expand(like.shape[0])
+    alpha = append_dims(schedule.alpha(t), like).to(like.dtype)
+    sigma = append_dims(schedule.sigma(t), like).to(like.dtype)
+    return alpha, sigma
+
+
 def predict(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType) -> Prediction:
     """Turn a network's raw output of the given type into (x_0, eps)."""
     if prediction == "eps":
@@ -100,13 +108,6 @@ class Denoiser:
         self.schedule = schedule
         self.prediction = prediction
 
-    def scales(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_t and sigma_t shaped to broadcast against `like`, in its dtype."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        alpha = append_dims(self.schedule.alpha(t), like).to(like.dtype)
-        sigma = append_dims(self.schedule.sigma(t), like).to(like.dtype)
-        return alpha, sigma
-
     def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """The network's own output at (x_t, t), one time per example."""
         t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
@@ -117,10 +118,10 @@ class Denoiser:
         return out
 
     def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
-        alpha, sigma = self.scales(torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0]), x_t)
+        alpha, sigma = scales(self.schedule, t, x_t)
         return predict(self.raw(x_t, t, **cond), x_t, alpha, sigma, self.prediction)
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The regression target of this denoiser's network for x_t = alpha_t x0 + sigma_t eps."""
-        alpha, sigma = self.scales(t, x0)
+        alpha, sigma = scales(self.schedule, t, x0)
         return training_target(x0, eps, alpha, sigma, self.prediction)

@@ -1,0 +1,174 @@
+"""Run configuration: one dataclass per component, TOML on disk, `--set key=value` overrides.
+
+Each section of the TOML file is the config dataclass of the module that owns it ([data] ->
+data.DataConfig, [schedule] -> schedule.ScheduleConfig, [model] -> nets.unet.UNetConfig,
+[train] -> train.TrainConfig, [sample] -> SampleConfig). Values are checked against the field
+types: an unknown section or key, a value of the wrong type, or a choice outside a Literal fails
+with a ConfigError that names the key and lists what is valid. The full config is saved in
+every run folder, so a run reloads without flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from .data import DataConfig
+from .nets.unet import UNetConfig
+from .schedule import ScheduleConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"                 # ancestral (Ho et al. 2020) or DDIM (Song et al. 2021)
+    steps: int = 50                                          # number of denoiser calls; ddpm with steps = T is Algorithm 2 exactly
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # how the steps are picked among the T
+    eta: float = 0.0                                         # DDIM stochasticity (0 deterministic, 1 = DDPM-like)
+    variance: Literal["beta_tilde", "beta"] = "beta_tilde"   # DDPM sigma_t^2
+    clip: bool = True                                        # clip predicted x_0 to the data range [-1, 1] (Ho et al. 2020 code)
+    n: int = 64                                              # images in periodic sample grids
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000            # optimizer steps (DDPM CIFAR-10: 800k)
+    batch_size: int = 128           # global batch over all processes (DDPM: 128)
+    lr: float = 2e-4                # Adam learning rate (DDPM CIFAR-10: 2e-4)
+    warmup_steps: int = 5000        # linear LR warm-up (DDPM: 5000)
+    grad_clip: float = 1.0          # max global gradient norm, 0 disables (DDPM: 1)
+    ema_decay: float = 0.9999       # EMA of weights used for sampling (DDPM: 0.9999)
+    weight_decay: float = 0.0       # AdamW decoupled weight decay (DDPM: none)
+    loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
+    min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
+    hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA that supports it, else fp32
+    seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
+    time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
+    log_every: int = 50             # steps between log lines / loss-curve updates
+    sample_every: int = 10_000      # steps between sample grids (0: never)
+    checkpoint_every: int = 5000    # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2       # committed checkpoints kept in the run folder
+    num_workers: int = 0            # data-loading worker processes
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Return value converted to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {item.__name__}, e.g. [1, 2], got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint}")  # a programming error in a config dataclass
+
+
+def _set(section_obj: Any, section: str, key: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        raise ConfigError(f"unknown key '{section}.{key}'; valid keys in [{section}]: {', '.join(sorted(hints))}")
+    setattr(section_obj, key, _check_value(f"{section}.{key}", value, hints[key]))
+
+
+def _sections(cfg: RunConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from {section: {key: value}}, starting from `base` (defaults if None)."""
+    cfg = copy.deepcopy(base) if base is not None else RunConfig()
+    sections = _sections(cfg)
+    for section, values in d.items():
+        if section not in sections:
+            raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value pairs")
+        for key, value in values.items():
+            _set(sections[section], section, key, value)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML config file; keys it leaves out keep the defaults (or `base`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass a TOML file such as configs/mnist.toml")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    return from_dict(d, base)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr=1e-4' -> ('train', 'lr', 1e-4). Values are TOML; a bare word is a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as cosine or ./my/images
+    return section, name, value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    d: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        d.setdefault(section, {})[name] = value
+    return from_dict(d, cfg)

@@ -1,0 +1,225 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B; lecture 003 "U-Net", lecture 000 "Network Architecture").
+
+A PixelCNN++-style U-Net: a contracting path of residual blocks and downsamplings, a middle
+of residual + self-attention + residual, and an expanding path that concatenates the skip
+connection of the matching resolution before each block. Every residual block receives the
+time embedding (sinusoidal, then a 2-layer MLP) as a per-channel bias; self-attention runs at
+the chosen resolutions. With width 128, multipliers (1, 2, 2, 2), two blocks per level and
+attention at 16x16 this is the 35.7M-parameter CIFAR-10 model of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class UNetConfig:
+    channels: int = 128                                             # base width C (DDPM CIFAR-10: 128)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # width C*m at each resolution; one downsampling between levels
+    num_res_blocks: int = 2                                         # residual blocks per level (DDPM: 2)
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention (DDPM: 16x16)
+    num_heads: int = 1                                              # attention heads (DDPM: 1)
+    dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
+    norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
+    class_conditional: bool = False                                 # add a class-label embedding to the time embedding
+    prediction: Literal["eps", "x0", "v"] = "eps"                   # what the network outputs (DDPM: eps; Salimans & Ho 2022: v)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer sinusoidal position embedding of the (possibly fractional) step index t (Vaswani et al. 2017, sec. 3.5).
+
+    (B,) -> (B, dim): [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (dim/2)).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch so each block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + time bias, GroupNorm -> SiLU -> dropout -> conv, + skip (1x1 if widths differ)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = _norm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # x (B, C_in, H, W), emb (B, E)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over all H*W positions, residual (the DDPM "AttnBlock", with heads)."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"model.num_heads = {num_heads} must divide the width {channels}")
+        self.heads = num_heads
+        self.norm = _norm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads), softmax(q k^T / sqrt(d)) v
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks (each optionally followed by attention) of one resolution."""
+
+    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(
+            Attention(b.conv2.out_channels, num_heads, groups) if attend else nn.Identity() for b in blocks
+        )
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t[, y]): (B, C, H, W), (B,) step indices, optional (B,) labels -> (B, out_channels, H, W)."""
+
+    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0, out_channels: int | None = None):
+        super().__init__()
+        _validate(cfg, image_size, num_classes)
+        ch, groups, heads = cfg.channels, cfg.norm_groups, cfg.num_heads
+        emb_dim = 4 * ch
+        self.cfg = cfg
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes if cfg.class_conditional else 0
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(self.num_classes, emb_dim) if self.num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        widths = [ch * m for m in cfg.channel_mult]
+        skips = [ch]  # widths of the activations the expanding path will concatenate
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        res, w_in = image_size, ch
+        for i, w in enumerate(widths):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(w_in, w, emb_dim, cfg.dropout, groups))
+                w_in = w
+                skips.append(w)
+            self.down.append(Level(blocks, res in cfg.attention_resolutions, heads, groups))
+            last = i == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(w))
+            if not last:
+                skips.append(w)
+                res //= 2
+
+        self.mid1 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
+        self.mid_attn = Attention(w_in, heads, groups)
+        self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResBlock(w_in + skips.pop(), w, emb_dim, cfg.dropout, groups))
+                w_in = w
+            self.up.append(Level(blocks, res in cfg.attention_resolutions, heads, groups))
+            self.upsample.append(Upsample(w) if i > 0 else nn.Identity())
+            if i > 0:
+                res *= 2
+        self.norm_out = _norm(groups, w_in)
+        self.conv_out = _zero(nn.Conv2d(w_in, out_channels or in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] % 2 ** (len(self.cfg.channel_mult) - 1) or x.shape[-2] % 2 ** (len(self.cfg.channel_mult) - 1):
+            raise ValueError(f"image sides {tuple(x.shape[-2:])} must be divisible by {2 ** (len(self.cfg.channel_mult) - 1)} "
+                             f"(one halving per level of channel_mult {self.cfg.channel_mult})")
+        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels))  # (B, 4C)
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass class labels y")
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        hs = [h]
+        for level, down in zip(self.down, self.downsample):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for level, up in zip(self.up, self.upsample):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            h = up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _validate(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
+    if cfg.channels < 1 or not cfg.channel_mult or min(cfg.channel_mult) < 1:
+        raise ValueError(f"model.channels and model.channel_mult must be positive, got {cfg.channels}, {cfg.channel_mult}")
+    if cfg.num_res_blocks < 1:
+        raise ValueError(f"model.num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+    for m in cfg.channel_mult:
+        if (cfg.channels * m) % cfg.norm_groups:
+            raise ValueError(f"model.norm_groups = {cfg.norm_groups} must divide every width channels * mult = "
+                             f"{[cfg.channels * k for k in cfg.channel_mult]}; pick e.g. norm_groups = 8")
+    if cfg.channels % cfg.norm_groups:
+        raise ValueError(f"model.norm_groups = {cfg.norm_groups} must divide model.channels = {cfg.channels}")
+    if image_size % 2 ** (len(cfg.channel_mult) - 1):
+        raise ValueError(f"image size {image_size} must be divisible by 2^{len(cfg.channel_mult) - 1} "
+                         f"for channel_mult {cfg.channel_mult}; change data.image_size or drop a level")
+    sizes = [image_size // 2**i for i in range(len(cfg.channel_mult))]
+    bad = [r for r in cfg.attention_resolutions if r not in sizes]
+    if bad:
+        raise ValueError(f"model.attention_resolutions {bad} are not feature-map sizes of this U-Net; choose from {sizes}")
+    if cfg.class_conditional and num_classes < 1:
+        raise ValueError("model.class_conditional needs a labelled dataset (class sub-folders, mnist or digits)")

@@ -1,0 +1,395 @@
+"""Training (Ho et al. 2020, Algorithm 1) as a Trainer that can stop and resume exactly.
+
+repeat: x_0 ~ q(x_0); t ~ Uniform{1..T}; eps ~ N(0, I);
+        gradient step on || eps - eps_theta(sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, t) ||^2
+
+around it: Adam with linear warm-up, gradient clipping, an EMA of the weights, mixed precision
+where the device supports it, periodic checkpoints, sample grids, a JSONL log and a loss curve.
+
+Determinism: every random draw of a step (data order, flips, t, eps) comes from the trainer's
+own generator or from the step's seed, and is made for the whole global batch before each
+process takes its slice. So a step computes the same gradient whatever the number of
+processes (DDP averages the per-process means of equal slices), and resuming restores the
+generator, the data position, optimizer, LR schedule, EMA and grad scaler exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import RunConfig, load_config, save_config, to_dict
+from .data import ImageDataset, load_dataset
+from .denoiser import Denoiser
+from .guidance import ClipX0
+from .losses import l_simple, sample_timesteps
+from .nets.unet import UNet
+from .samplers import SAMPLERS
+from .schedule import Schedule
+from .visualize import plot_loss, save_grid
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class ResumeError(RuntimeError):
+    """A run folder cannot be resumed exactly as asked."""
+
+
+# --- model construction, shared by training and sampling --------------------------------------
+def build_model(cfg: RunConfig, num_classes: int) -> UNet:
+    return UNet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=num_classes)
+
+
+def build_denoiser(cfg: RunConfig, net) -> Denoiser:
+    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction)
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
+    cfg = load_config(run_dir / "config.toml")
+    c = ckpt.load_checkpoint(run_dir, step)
+    num_classes = int(c.state["num_classes"])
+    net = build_model(cfg, num_classes)
+    net.load_state_dict(c.tensors["ema" if ema else "model"])
+    net.to(device).eval().requires_grad_(False)
+    return cfg, build_denoiser(cfg, net), num_classes
+
+
+@torch.no_grad()
+def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
+             spacing: str = "leading", eta: float = 0.0, variance: str = "beta_tilde", clip: bool = True,
+             seed: int = 0, device: str | torch.device = "cpu", callback=None) -> Tensor:
+    """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    g = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn((n, *shape), generator=g, device=device)
+    den = ClipX0(denoiser) if clip else denoiser
+    kw = {"eta": eta} if sampler == "ddim" else {"variance": variance}
+    return SAMPLERS[sampler](den, x_T, denoiser.schedule.timesteps(steps, spacing), generator=g, callback=callback, **kw)
+
+
+class EMA:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta after every step (DDPM: decay 0.9999)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "no":
+        return None
+    if mode == "auto":
+        # bf16 is slower than fp32 on most CPUs: autocast only on GPUs with bf16 support
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("train.mixed_precision = 'fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
+    t = cfg.train
+    checks = [
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.batch_size % world == 0, f"train.batch_size = {t.batch_size} must be divisible by the number of processes ({world})"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (t.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {t.min_snr_gamma}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"),
+        (t.sample_every >= 0, f"train.sample_every must be >= 0, got {t.sample_every}"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
+        (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
+                                       "lower train.batch_size"),
+        (cfg.sample.steps >= 1, f"sample.steps must be >= 1, got {cfg.sample.steps}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+class Trainer:
+    """Trains the U-Net of a RunConfig into a run folder; an existing run folder is resumed.
+
+    `inexact_resume=True` loads the weights even when some training state is missing or the
+    config changed (the continuation then differs from an uninterrupted run).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = _distributed()
+        self.is_main = self.rank == 0
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        saved = self.run_dir / "config.toml"
+        if saved.is_file():
+            changed = _diff(_trajectory_keys(load_config(saved)), _trajectory_keys(cfg))
+            if changed and not inexact_resume:
+                raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
+                                  "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
+        self.cfg = cfg
+        self.progress = progress and self.is_main
+        self.dataset = load_dataset(cfg.data)
+        _validate(cfg, self.world, self.dataset)
+        t = cfg.train
+
+        torch.manual_seed(t.seed)  # initial weights: the same on every rank
+        self.model = build_model(cfg, self.dataset.num_classes).to(self.device)
+        self.ema = EMA(self.model, t.ema_decay)
+        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.denoiser = build_denoiser(cfg, self.net)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.generator = torch.Generator().manual_seed(t.seed)  # t, eps and flips of every step
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self._try_resume(inexact_resume)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, saved)
+
+    # --- data ---------------------------------------------------------------------------------
+    def global_batch_indices(self, step: int) -> Tensor:
+        """Dataset indices of the global batch of `step`: epoch-wise permutations, last partial batch dropped.
+
+        A pure function of (seed, step), so the data position is the step itself.
+        """
+        b = self.cfg.train.batch_size
+        per_epoch = len(self.dataset) // b
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch))
+        return perm[k * b:(k + 1) * b]
+
+    def _local(self, x: Tensor) -> Tensor:
+        """This process's slice of a global-batch tensor."""
+        n = x.shape[0] // self.world
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        idx = self._local(self.global_batch_indices(step))
+        if self.dataset.images is not None:
+            x = self.dataset.images[idx].float() / 127.5 - 1
+            y = self.dataset.labels[idx]
+        else:
+            items = [self.dataset[int(i)] for i in idx]
+            x, y = torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+        return x.to(self.device), y.to(self.device)
+
+    # --- one step of Algorithm 1 --------------------------------------------------------------
+    def loss_and_backward(self) -> Tensor:
+        """Forward and backward of the current step; returns the global mean loss (a 0-d tensor)."""
+        cfg, B = self.cfg, self.cfg.train.batch_size
+        x0, y = self._batch(self.step)
+        flip = torch.rand(B, generator=self.generator) < 0.5
+        t = sample_timesteps(self.denoiser.schedule, B, self.generator)
+        eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
+        if cfg.train.hflip:
+            x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        cond = {"y": y} if self.model.num_classes else {}
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            per_example = l_simple(self.denoiser, x0, self._local(t).to(self.device), self._local(eps).to(self.device),
+                                   weighting=cfg.train.loss_weighting, min_snr_gamma=cfg.train.min_snr_gamma, **cond)
+        loss = per_example.mean()
+        global_loss = loss.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= self.world
+        if not torch.isfinite(global_loss):
+            last = ckpt.latest_step(self.run_dir)
+            kept = f"the last good checkpoint (step {last}) is kept in {self.run_dir}" if last is not None else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step}; {kept}. "
+                                "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return global_loss
+
+    def train_step(self) -> dict:
+        loss = self.loss_and_backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_schedule.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_schedule.get_last_lr()[0]}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train up to train.steps (or train.time_limit seconds); returns the run folder."""
+        t = self.cfg.train
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
+        self.model.train()
+        log = (self.run_dir / "log.jsonl").open("a") if self.is_main else None
+        try:
+            while self.step < t.steps:
+                stats = self.train_step()
+                seen += t.batch_size
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    stats.update(step=self.step, images_per_s=seen / (now - last_log), time=now - start)
+                    seen, last_log = 0, now
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+                    if log is not None:
+                        log.write(json.dumps(stats) + "\n")
+                        log.flush()
+                        self.history.append([self.step, stats["loss"]])
+                        plot_loss(*zip(*self.history), self.run_dir / "loss.png")
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid()
+                out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
+                    self.save()
+                if out_of_time:
+                    break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        return self.run_dir
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision, shared by all ranks (wall clocks differ between processes)."""
+        if self.world == 1:
+            return flag
+        f = torch.tensor([float(flag)], device=self.device)
+        dist.broadcast(f, 0)
+        return bool(f.item())
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Sample a grid with the EMA weights into RUN/samples/step_XXXXXXXX.png (rank 0)."""
+        if not self.is_main:
+            return None
+        s, d = self.cfg.sample, self.cfg.data
+        cond = {}
+        if self.model.num_classes:
+            cond = {"y": torch.arange(s.n, device=self.device) % self.model.num_classes}
+        net = self.ema.model
+        den = build_denoiser(self.cfg, (lambda x, t: net(x, t, **cond)) if cond else net)
+        x = generate(den, s.n, (d.channels, d.image_size, d.image_size), sampler=s.sampler, steps=s.steps,
+                     spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip, seed=self.cfg.train.seed, device=self.device)
+        return save_grid(x, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save(self) -> None:
+        """Commit a checkpoint of everything an exact resume needs (rank 0 writes)."""
+        if not self.is_main:
+            return
+        opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
+        rng_tensors, rng_state = ckpt.capture_rng()
+        state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
+                         "generator": ckpt.generator_state(self.generator)}
+        state = {
+            "step": self.step,
+            "num_classes": self.dataset.num_classes,
+            "world_size": self.world,
+            "optimizer": opt_skeleton,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state,
+            "history": self.history,
+        }
+        ckpt.save_checkpoint(self.run_dir, self.step,
+                             {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "state": state_tensors},
+                             state, keep=self.cfg.train.keep_checkpoints)
+
+    def _try_resume(self, inexact: bool) -> None:
+        if ckpt.latest_step(self.run_dir) is None:
+            return
+        c = ckpt.load_checkpoint(self.run_dir)
+        self.model.load_state_dict(c.tensors["model"])
+        self.ema.model.load_state_dict(c.tensors["ema"])
+        self.step = int(c.state["step"])
+        try:
+            st, s = c.tensors["state"], c.state
+            self.optimizer.load_state_dict(ckpt.unflatten_state(st, s["optimizer"]))
+            self.lr_schedule.load_state_dict(s["lr_schedule"])
+            self.scaler.load_state_dict(s["scaler"])
+            ckpt.set_generator_state(self.generator, st["generator"])
+            # restored last: building the model and data above drew from the global RNGs
+            ckpt.restore_rng({k.removeprefix("rng."): v for k, v in st.items() if k.startswith("rng.")}, s["rng"])
+            self.history = [list(h) for h in s.get("history", [])]
+        except (KeyError, ValueError, RuntimeError) as e:
+            if not inexact:
+                raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} lacks training state needed for an "
+                                  f"exact resume ({type(e).__name__}: {e}); pass --inexact-resume to continue from its weights") from e
+            warnings.warn(f"inexact resume from step {self.step}: {e}")
+        for p, v in self.optimizer.state.items():  # optimizer state follows the parameters' device
+            for k, tensor in v.items():
+                if isinstance(tensor, Tensor) and k != "step":
+                    v[k] = tensor.to(p.device)
+
+
+# settings that change neither the weights nor the random draws of a step: free to change on resume
+_FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                             "num_workers"}}
+
+
+def _trajectory_keys(cfg: RunConfig) -> dict:
+    d = to_dict(cfg)
+    d.pop("sample")
+    return {s: {k: v for k, v in vals.items() if k not in _FREE_ON_RESUME.get(s, ())} for s, vals in d.items()}
+
+
+def _diff(a: dict, b: dict) -> str:
+    out = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a for k in a[s] if a[s].get(k) != b.get(s, {}).get(k)]
+    return "; ".join(out[:5]) + (f"; and {len(out) - 5} more" if len(out) > 5 else "")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, **kw) -> Path:
+    """Train (or resume) a run; the Python API behind `diffuse train`."""
+    trainer = Trainer(cfg, run_dir, **kw)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

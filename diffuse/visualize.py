@@ -1,0 +1,79 @@
+"""Figures of images and processes: grids, strips, GIFs, loss curves (files a person looks at)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] float32, the range of `diffuse sample --out X.npy`."""
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile a batch (B, C, H, W) in [-1, 1] into one image, nrow images per row (default: square)."""
+    imgs = to_uint8(x)
+    b, h, w, c = imgs.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = grid(x, nrow)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, scale: int = 2,
+             frame_ms: int = 60, hold_last_ms: int = 1500) -> Path:
+    """An animated GIF of grids, one per frame (e.g. x_t along a sampling trajectory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imgs = [grid(f, nrow).convert("P") for f in frames]
+    imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
+    durations = [frame_ms] * (len(imgs) - 1) + [hold_last_ms]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
+    return path
+
+
+def plot_loss(steps: list[int], losses: list[float], path: str | Path) -> None:
+    """Loss curve (log scale) with a running mean, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 5:
+        k = max(len(losses) // 20, 2)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
