@@ -1,0 +1,284 @@
+"""Sample-quality metrics in the feature space of a fixed network: FID (Heusel et al. 2017).
+
+A metric compares two sets of images through a feature network held fixed, so the numbers
+of two models are comparable only when they share that network. For digits the feature
+network is `digit_classifier()`: a small CNN trained once, deterministically, on the bundled
+MNIST digits and cached as safetensors (Inception-v3 features, the standard for natural
+images, mean little on 28x28 digits and need weights this toolkit cannot download).
+
+    FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})     (Heusel et al. 2017, eq. 6)
+
+with (mu, S) the mean and covariance of the features of the real and generated images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "frechet_distance",
+    "feature_statistics",
+    "extract_features",
+    "fid",
+    "DigitClassifier",
+    "train_digit_classifier",
+    "digit_classifier",
+    "classifier_accuracy",
+]
+
+
+# --- Frechet distance -------------------------------------------------------------------------
+def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    mu, sigma = np.atleast_1d(np.asarray(mu, dtype=np.float64)), np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{name}: the mean must have shape (D,) and the covariance (D, D), got {mu.shape} and {sigma.shape}; "
+                         "compute both with feature_statistics(features) from features of shape (N, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{name}: the mean or covariance holds NaN or inf; check the features they were computed from")
+    return mu, sigma
+
+
+def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
+    """(S1 S2)^{1/2}, handled as the reference FID code does (Heusel et al. 2017; Seitzer's pytorch-fid).
+
+    The square root is scipy.linalg.sqrtm (Schur method): a well-kept library, not hand-written numerics.
+    A singular product can give a non-finite root: then eps * I is added to both covariances. Round-off
+    gives the root of a PSD product tiny imaginary parts: they are dropped, and large ones are an error.
+    """
+    with warnings.catch_warnings():  # "matrix is singular": judged by the checks below instead
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(root).all():
+            offset = eps * np.eye(len(sigma1))
+            root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(root).all():
+        raise ValueError(f"(S1 S2)^(1/2) is not finite even with {eps} * I added to the covariances; "
+                         "pass a larger eps or check the covariances for huge values")
+    if np.iscomplexobj(root):
+        imag = np.abs(np.diagonal(root).imag).max()
+        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(root).real).max()):
+            raise ValueError(f"(S1 S2)^(1/2) has imaginary parts up to {imag:.3g} on its diagonal: a covariance is not "
+                             "positive semi-definite; compute both with feature_statistics (np.cov) from real features")
+        root = root.real
+    return root
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017, eq. 6)."""
+    mu1, sigma1 = _check_gaussian(mu1, sigma1, "first Gaussian")
+    mu2, sigma2 = _check_gaussian(mu2, sigma2, "second Gaussian")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"the two Gaussians live in different dimensions ({mu1.size} and {mu2.size}); "
+                         "compute both sets of features with the same feature network")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (added to the covariances when their product is singular), got {eps}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(_sqrtm_product(sigma1, sigma2, eps)))
+
+
+def feature_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, S): the mean (D,) and unbiased covariance (D, D) of features (N, D), in float64 numpy."""
+    if not isinstance(features, Tensor) or features.ndim != 2:
+        raise ValueError(f"features must be a tensor of shape (N, D), got {getattr(features, 'shape', type(features).__name__)}; "
+                         "flatten each image's features to one row")
+    if features.shape[0] < 2:
+        raise ValueError(f"a covariance needs at least 2 feature vectors, got {features.shape[0]}; pass more images")
+    f = features.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(f).all():
+        raise ValueError("features hold NaN or inf; check the images and the feature network")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+# --- features of image sets -------------------------------------------------------------------
+def _check_images(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} must be a tensor of images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}; "
+                         "add a channel axis with x[:, None] for (N, H, W)")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} holds {x.shape[0]} image(s); a covariance needs at least 2 (use many more than the feature dimension)")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; rescale it "
+                         "(x * 2 - 1 for [0, 1] images, x / 127.5 - 1 for 0..255)")
+
+
+@torch.no_grad()
+def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int = 500) -> Tensor:
+    """feature_net.features (or feature_net itself) of images x (N, C, H, W), in eval mode, batch by batch -> (N, D) float64."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fn = getattr(feature_net, "features", feature_net)
+    param = next(iter(feature_net.parameters()), None) if isinstance(feature_net, nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
+    training = isinstance(feature_net, nn.Module) and feature_net.training
+    if training:
+        feature_net.eval()  # no dropout or batch statistics in a metric
+    try:
+        out = [fn(x[i:i + batch_size].to(device, torch.float32)).flatten(1).to("cpu", torch.float64)
+               for i in range(0, x.shape[0], batch_size)]
+    finally:
+        if training:
+            feature_net.train()
+    return torch.cat(out)
+
+
+def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 500) -> float:
+    """Frechet Inception Distance (Heusel et al. 2017) of two image sets in [-1, 1], in feature_net's feature space."""
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    f_real, f_fake = extract_features(real, feature_net, batch_size), extract_features(fake, feature_net, batch_size)
+    d = f_real.shape[1]
+    if min(len(f_real), len(f_fake)) <= d:
+        warnings.warn(f"FID from {len(f_real)} real and {len(f_fake)} fake images in a {d}-dimensional feature space: "
+                      f"with N <= D the covariances are singular and the value is strongly biased; use more than {d} "
+                      "images per set (and the same N when comparing models)", UserWarning, stacklevel=2)
+    return frechet_distance(*feature_statistics(f_real), *feature_statistics(f_fake))
+
+
+# --- the digit classifier: a fixed feature space for MNIST-like images ------------------------
+class DigitClassifier(nn.Module):
+    """A small CNN for 1-channel digits in [-1, 1]: two conv + max-pool stages, a 128-wide layer, 10 logits.
+
+    `features` is the penultimate layer before its ReLU (no dead units, so the feature
+    covariance keeps full rank); any input size is resized to 28x28 (bilinear) first.
+    """
+
+    size = 28  # input side the network is trained at (MNIST)
+
+    def __init__(self, width: int = 32, feature_dim: int = 128, dropout: float = 0.3):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),              # (B, w, 14, 14)
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),      # (B, 2w, 7, 7)
+        )
+        self.fc = nn.Linear(2 * width * 7 * 7, feature_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, x: Tensor) -> Tensor:  # (B, 1, H, W) -> (B, D)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"DigitClassifier expects grayscale images (B, 1, H, W), got {tuple(x.shape)}; "
+                             "convert RGB with x.mean(1, keepdim=True)")
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return self.fc(self.conv(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, H, W) -> logits (B, 10)
+        return self.head(self.dropout(F.relu(self.features(x))))
+
+
+# The training recipe; together with the architecture it names the cached weights.
+_RECIPE = {"epochs": 8, "batch_size": 64, "lr": 2e-3, "max_shift": 2, "seed": 0}
+_VERSION = 1  # bump when DigitClassifier's forward changes in a way its layers' repr does not show
+
+
+def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by up to max_shift pixels in x and y, filling with the background (-1)."""
+    b, _, h, w = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).float()
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = -2 * shift[:, 0] / w, -2 * shift[:, 1] / h  # normalised [-1, 1] coordinates
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1
+
+
+def train_digit_classifier(x: Tensor, y: Tensor, *, epochs: int = _RECIPE["epochs"], batch_size: int = _RECIPE["batch_size"],
+                           lr: float = _RECIPE["lr"], max_shift: int = _RECIPE["max_shift"], seed: int = _RECIPE["seed"]) -> DigitClassifier:
+    """Train a DigitClassifier on digits x (N, 1, H, W) in [-1, 1] with labels y (N,) in 0..9; deterministic given seed.
+
+    Adam with the learning rate decayed linearly to 0, cross-entropy, random shifts of up to
+    max_shift pixels. Returns the network frozen (eval, no gradients).
+    """
+    _check_images(x, "x")
+    if x.shape[1] != 1:
+        raise ValueError(f"digits must have 1 channel, got {x.shape[1]}; convert RGB with x.mean(1, keepdim=True)")
+    y = torch.as_tensor(y, dtype=torch.int64)
+    if y.shape != (x.shape[0],) or y.min() < 0 or y.max() > 9:
+        raise ValueError(f"y must hold one label in 0..9 per image, got shape {tuple(y.shape)} for {x.shape[0]} images")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or max_shift < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 and max_shift >= 0, got {epochs}, {batch_size}, {lr}, {max_shift}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # initial weights and dropout: seeded, without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = DigitClassifier()
+        steps = epochs * math.ceil(x.shape[0] / batch_size)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
+        net.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(x.shape[0], generator=g).split(batch_size):
+                xb = _random_shift(x[idx].float(), max_shift, g) if max_shift else x[idx].float()
+                loss = F.cross_entropy(net(xb), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def classifier_accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
+    """Fraction of images x whose argmax logit equals the label y."""
+    pred = torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+    return (pred == torch.as_tensor(y)).float().mean().item()
+
+
+def _cache_file(cache_dir: str | os.PathLike | None) -> Path:
+    """CACHE/digit_classifier-v{_VERSION}-{hash}.safetensors; the hash covers the layers and the recipe."""
+    root = Path(cache_dir or os.environ.get("DIFFUSE_CACHE") or "~/.cache/diffuse").expanduser()
+    key = hashlib.sha256(f"{DigitClassifier()!r}{sorted(_RECIPE.items())}".encode()).hexdigest()[:10]
+    return root / f"digit_classifier-v{_VERSION}-{key}.safetensors"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A uniquely named temp file in the same folder, fsync, os.replace: readers see no file or a whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: safe for parallel writers
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassifier:
+    """The fixed digit classifier: trained once on the 5,000 bundled MNIST digits, then loaded from the cache.
+
+    cache_dir defaults to $DIFFUSE_CACHE or ~/.cache/diffuse. The network is frozen: it defines
+    the feature space in which FIDs of digit models are compared.
+    """
+    path = _cache_file(cache_dir)
+    if path.is_file():
+        net = DigitClassifier()
+        try:
+            net.load_state_dict(safetensors.torch.load_file(path))
+            return net.eval().requires_grad_(False)
+        except Exception as e:  # a damaged or foreign file: retrain and overwrite it
+            warnings.warn(f"ignoring the unreadable digit-classifier cache {path} ({type(e).__name__}: {e}); retraining",
+                          UserWarning, stacklevel=2)
+    from .data import DataConfig, load_dataset
+
+    data = load_dataset(DataConfig(source="mnist"))
+    net = train_digit_classifier(data.images.float() / 127.5 - 1, data.labels)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    _write_atomically(path, safetensors.torch.save(tensors, metadata={"recipe": repr(_RECIPE), "version": str(_VERSION)}))
+    return net

@@ -1,0 +1,40 @@
+"""The demo's figures, on a tiny model (the real demo is timed by bench/, not here)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from diffuse import Denoiser, Schedule, demo
+from diffuse.config import apply_overrides
+
+from test_cli import TINY
+
+
+def test_forward_strip_columns_follow_the_closed_form():
+    s = Schedule.linear()
+    x0 = torch.full((2, 1, 4, 4), 0.5)
+    strip = demo.forward_strip(s, x0, every=50).view(2, 21, 1, 4, 4)
+    assert torch.equal(strip[:, 0], x0)
+    eps = (strip[:, 1] - s.alpha(torch.tensor(0.05)).float() * x0) / s.sigma(torch.tensor(0.05)).float()
+    eps_last = (strip[:, -1] - s.alpha(torch.tensor(1.0)).float() * x0) / s.sigma(torch.tensor(1.0)).float()
+    torch.testing.assert_close(eps, eps_last, rtol=1e-4, atol=1e-4)  # the same noise along a row
+
+
+def test_demo_writes_every_figure(tmp_path, monkeypatch):
+    cfg = apply_overrides(demo.demo_config(), TINY)
+    monkeypatch.setattr(demo, "demo_config", lambda: cfg)
+    paths = demo.run_demo(tmp_path, n_samples=10, progress=False)
+    for name in ("samples", "forward process", "reverse trajectory", "denoising animation", "loss curve"):
+        assert paths[name].is_file(), name
+    assert Image.open(paths["forward process"]).size[0] == 2 * (2 + 21 * 10)  # 21 columns of 8 px + padding, x2
+    assert Image.open(paths["denoising animation"]).n_frames > 1
+
+
+def test_reverse_trajectory_keeps_x_t_above_predicted_x0():
+    s = Schedule.linear()
+    den = Denoiser(lambda x, n: torch.zeros_like(x), s)  # eps = 0: x0_hat = x_t / alpha_t
+    strip, frames, out = demo.reverse_trajectory(den, 2, (1, 4, 4), sampler="ddim", steps=6, frames=3, clip=False)
+    assert len(frames) == 7 and torch.equal(frames[-1], out)  # x_T and one frame per step
+    rows = strip.view(2, 2, 3, 1, 4, 4)  # (sample, [x_t, x0_hat], frame, C, H, W)
+    t0 = s.timesteps(6)[0]
+    torch.testing.assert_close(rows[:, 1, 0], rows[:, 0, 0] / s.alpha(t0).float())
