@@ -4,9 +4,9 @@ A metric compares two sets of images through a feature network held fixed, so th
 of two models are comparable only when they share that network. For digits the feature
 network is `digit_classifier()`: a small CNN trained once, deterministically, on the bundled
 MNIST digits and cached as safetensors (Inception-v3 features, the standard for natural
-images, mean little on 28x28 digits and need weights this toolkit cannot download).
+images, are made for 299x299 photographs, not 28x28 digits).
 
-    FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})     (Heusel et al. 2017, eq. 6)
+    FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})     (Heusel et al. 2017; Dowson & Landau 1982)
 
 with (mu, S) the mean and covariance of the features of the real and generated images.
 """
@@ -76,7 +76,7 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.nda
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017, eq. 6)."""
+    """d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017)."""
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "first Gaussian")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "second Gaussian")
     if mu1.shape != mu2.shape:
@@ -151,7 +151,7 @@ def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 50
 
 # --- the digit classifier: a fixed feature space for MNIST-like images ------------------------
 class DigitClassifier(nn.Module):
-    """A small CNN for 1-channel digits in [-1, 1]: two conv + max-pool stages, a 128-wide layer, 10 logits.
+    """A LeNet-like CNN (LeCun et al. 1998) for 1-channel digits in [-1, 1]: two conv + max-pool stages, 128 features, 10 logits.
 
     `features` is the penultimate layer before its ReLU (no dead units, so the feature
     covariance keeps full rank); any input size is resized to 28x28 (bilinear) first.
@@ -159,7 +159,7 @@ class DigitClassifier(nn.Module):
 
     size = 28  # input side the network is trained at (MNIST)
 
-    def __init__(self, width: int = 32, feature_dim: int = 128, dropout: float = 0.3):
+    def __init__(self, width: int = 16, feature_dim: int = 128, dropout: float = 0.3):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),              # (B, w, 14, 14)
@@ -181,28 +181,19 @@ class DigitClassifier(nn.Module):
         return self.head(self.dropout(F.relu(self.features(x))))
 
 
-# The training recipe; together with the architecture it names the cached weights.
-_RECIPE = {"epochs": 8, "batch_size": 64, "lr": 2e-3, "max_shift": 2, "seed": 0}
+# The training recipe; with the architecture it names the cached weights. Random shifts of 1-2
+# pixels did not raise held-out accuracy (97%+ without) and would make the features blind to
+# misplaced digits, which a sample-quality metric should see: no augmentation.
+_RECIPE = {"epochs": 6, "batch_size": 64, "lr": 2e-3, "seed": 0}
 _VERSION = 1  # bump when DigitClassifier's forward changes in a way its layers' repr does not show
 
 
-def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by up to max_shift pixels in x and y, filling with the background (-1)."""
-    b, _, h, w = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).float()
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    theta[:, 0, 2], theta[:, 1, 2] = -2 * shift[:, 0] / w, -2 * shift[:, 1] / h  # normalised [-1, 1] coordinates
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False) - 1
-
-
 def train_digit_classifier(x: Tensor, y: Tensor, *, epochs: int = _RECIPE["epochs"], batch_size: int = _RECIPE["batch_size"],
-                           lr: float = _RECIPE["lr"], max_shift: int = _RECIPE["max_shift"], seed: int = _RECIPE["seed"]) -> DigitClassifier:
+                           lr: float = _RECIPE["lr"], seed: int = _RECIPE["seed"]) -> DigitClassifier:
     """Train a DigitClassifier on digits x (N, 1, H, W) in [-1, 1] with labels y (N,) in 0..9; deterministic given seed.
 
-    Adam with the learning rate decayed linearly to 0, cross-entropy, random shifts of up to
-    max_shift pixels. Returns the network frozen (eval, no gradients).
+    Cross-entropy, Adam (Kingma & Ba 2015) with the learning rate decayed linearly to 0, one
+    random permutation per epoch. Returns the network frozen (eval, no gradients).
     """
     _check_images(x, "x")
     if x.shape[1] != 1:
@@ -210,8 +201,8 @@ def train_digit_classifier(x: Tensor, y: Tensor, *, epochs: int = _RECIPE["epoch
     y = torch.as_tensor(y, dtype=torch.int64)
     if y.shape != (x.shape[0],) or y.min() < 0 or y.max() > 9:
         raise ValueError(f"y must hold one label in 0..9 per image, got shape {tuple(y.shape)} for {x.shape[0]} images")
-    if epochs < 1 or batch_size < 1 or not lr > 0 or max_shift < 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 and max_shift >= 0, got {epochs}, {batch_size}, {lr}, {max_shift}")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # initial weights and dropout: seeded, without touching the caller's RNG
         torch.manual_seed(seed)
@@ -222,8 +213,7 @@ def train_digit_classifier(x: Tensor, y: Tensor, *, epochs: int = _RECIPE["epoch
         net.train()
         for _ in range(epochs):
             for idx in torch.randperm(x.shape[0], generator=g).split(batch_size):
-                xb = _random_shift(x[idx].float(), max_shift, g) if max_shift else x[idx].float()
-                loss = F.cross_entropy(net(xb), y[idx])
+                loss = F.cross_entropy(net(x[idx].float()), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -278,7 +268,7 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
     from .data import DataConfig, load_dataset
 
     data = load_dataset(DataConfig(source="mnist"))
-    net = train_digit_classifier(data.images.float() / 127.5 - 1, data.labels)
+    net = train_digit_classifier(data.images.float() / 127.5 - 1, data.labels, **_RECIPE)
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
     _write_atomically(path, safetensors.torch.save(tensors, metadata={"recipe": repr(_RECIPE), "version": str(_VERSION)}))
     return net

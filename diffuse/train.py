@@ -8,9 +8,11 @@ where the device supports it, periodic checkpoints, sample grids, a JSONL log an
 
 Determinism: every random draw of a step (data order, flips, t, eps) comes from the trainer's
 own generator or from the step's seed, and is made for the whole global batch before each
-process takes its slice. So a step computes the same gradient whatever the number of
-processes (DDP averages the per-process means of equal slices), and resuming restores the
-generator, the data position, optimizer, LR schedule, EMA and grad scaler exactly.
+process takes its slice; dropout masks come from the global RNG, identical on every rank, and
+are likewise drawn for the global batch (nets.unet.ShardedDropout). So a step computes the same
+gradient whatever the number of processes (DDP averages the per-process means of equal
+slices), and resuming restores the generator, the data position, optimizer, LR schedule, EMA
+and grad scaler exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .guidance import ClipX0
 from .losses import l_simple, sample_timesteps
-from .nets.unet import UNet
+from .nets.unet import ShardedDropout, UNet
 from .samplers import SAMPLERS
 from .schedule import Schedule
 from .visualize import plot_loss, save_grid
@@ -177,6 +179,9 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # initial weights: the same on every rank
         self.model = build_model(cfg, self.dataset.num_classes).to(self.device)
+        for m in self.model.modules():  # dropout masks drawn for the global batch, each rank keeps its rows
+            if isinstance(m, ShardedDropout):
+                m.shard = (self.rank, self.world)
         self.ema = EMA(self.model, t.ema_decay)
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.denoiser = build_denoiser(cfg, self.net)
@@ -363,6 +368,12 @@ class Trainer:
                 raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} lacks training state needed for an "
                                   f"exact resume ({type(e).__name__}: {e}); pass --inexact-resume to continue from its weights") from e
             warnings.warn(f"inexact resume from step {self.step}: {e}")
+        if inexact:  # the config may have changed: its lr and weight decay replace the ones in the checkpoint
+            t, sched = self.cfg.train, self.lr_schedule
+            sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)
+            for g in self.optimizer.param_groups:
+                g.update(initial_lr=t.lr, weight_decay=t.weight_decay, lr=t.lr * sched.lr_lambdas[0](sched.last_epoch))
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         for p, v in self.optimizer.state.items():  # optimizer state follows the parameters' device
             for k, tensor in v.items():
                 if isinstance(tensor, Tensor) and k != "step":

@@ -5,8 +5,12 @@ the whole global batch and lets each process take its slice, so the DDP-averaged
 2-process step must equal the single-process gradient, and a few full `fit()` steps must end at
 the same weights. Rank 0 alone writes to the (shared) run folder.
 
-This file is also the worker script: the test launches
-`python -m torch.distributed.run --nproc_per_node 2 --standalone tests/test_ddp.py RUN OUT`.
+This file is also the worker script. The test starts it twice with the environment torchrun
+gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which is what
+`python -m torch.distributed.run --nproc_per_node 2 tests/test_ddp.py IMAGES RUNS OUT` does,
+minus the launcher's own start-up (importing torch once more costs seconds on 2 cores).
+The data is a small image folder rather than the bundled digits so that the workers need not
+import scikit-learn.
 """
 
 from __future__ import annotations
@@ -16,58 +20,78 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 STEPS = 3
-OVERRIDES = [
-    "data.source=digits", "data.image_size=8", "data.channels=1",
-    "schedule.timesteps=100",
-    "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
-    "model.attention_resolutions=[4]", "model.dropout=0.1",
-    "train.batch_size=8", f"train.steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=2", "train.hflip=true",
-    "train.ema_decay=0.9", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2",
-    "sample.steps=4", "sample.n=4",
-]
+WORLD = 2
 
 
-def tiny_cfg():
+def tiny_cfg(images: Path):
     from diffuse.config import RunConfig, apply_overrides
 
-    return apply_overrides(RunConfig(), OVERRIDES)
+    return apply_overrides(RunConfig(), [
+        "data.source=folder", f"data.path={json.dumps(str(images))}", "data.image_size=8", "data.channels=1",
+        "schedule.timesteps=100",
+        "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
+        "model.attention_resolutions=[4]", "model.dropout=0.2",
+        "train.batch_size=8", f"train.steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=2", "train.hflip=true",
+        "train.ema_decay=0.9", "train.log_every=100", "train.sample_every=0", "train.checkpoint_every=2",
+    ])
 
 
-# --- the worker (runs under torchrun) ------------------------------------------------------------
+def make_images(folder: Path, n: int = 20) -> Path:
+    """n random 8x8 grayscale PNGs (2 epochs of batch 8 in 3 steps: the epoch reshuffle is exercised)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / f"{i:03d}.png")
+    return folder
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every weight off its initial value (zero-initialised layers make most gradients 0 at step 0)."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+# --- the worker -----------------------------------------------------------------------------------
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_CHANGE_EVENTS = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree", "os.link",
+                  "os.symlink", "os.chmod", "os.utime"}
 
 
 def _record_writes(root: Path, log: list) -> None:
     """Record, through an audit hook, every file-system change this process makes below `root`."""
-    root = str(root.resolve())
+    root_s = str(root.resolve()) + os.sep
 
     def under(p) -> bool:
         try:
-            return os.path.abspath(os.fsdecode(p)).startswith(root)
+            return os.path.abspath(os.fsdecode(p)).startswith(root_s)
         except TypeError:  # a file descriptor
             return False
 
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            writes = any(c in (mode or "") for c in "wax+") if mode else bool((flags or 0) & _WRITE_FLAGS)
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
             if writes and under(path):
                 log.append([event, os.fsdecode(path)])
-        elif event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree", "os.link",
-                       "os.symlink", "os.chmod", "os.utime"):
-            if args and under(args[0]):
-                log.append([event, os.fsdecode(args[0])])
+        elif event in _CHANGE_EVENTS and args and under(args[0]):
+            log.append([event, os.fsdecode(args[0])])
 
     sys.addaudithook(hook)
 
 
-def _worker(run_root: Path, out: Path) -> None:
+def _worker(images: Path, run_root: Path, out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -76,10 +100,11 @@ def _worker(run_root: Path, out: Path) -> None:
     rank = int(os.environ["RANK"])
     writes: list = []
     _record_writes(run_root, writes)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(images)
 
     trainer = Trainer(cfg, run_root / "grad", progress=False)
-    assert trainer.world == 2 and trainer.rank == rank, (trainer.world, trainer.rank)
+    assert (trainer.rank, trainer.world) == (rank, WORLD), (trainer.rank, trainer.world)
+    perturb(trainer.model)  # the same on both ranks
     loss = trainer.loss_and_backward()
     if rank == 0:
         save_file({n: p.grad.contiguous() for n, p in trainer.model.named_parameters()}, str(out / "grads.safetensors"))
@@ -91,50 +116,81 @@ def _worker(run_root: Path, out: Path) -> None:
         save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(out / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()}, str(out / "ema.safetensors"))
     dist.barrier()
-    (out / f"writes_rank{rank}.json").write_text(json.dumps(writes))
     dist.destroy_process_group()
+    (out / f"writes_rank{rank}.json").write_text(json.dumps(writes))
 
 
-# --- the test process ------------------------------------------------------------------------------
+# --- the test process ---------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _launch(images: Path, run_root: Path, out: Path, timeout: float = 180) -> None:
+    """Start WORLD workers as torchrun would; fail with their output if one fails or they hang."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
+               LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    logs = [out / f"rank{r}.log" for r in range(WORLD)]
+    procs = []
+    for r in range(WORLD):
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, str(images), str(run_root), str(out)],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+        problem = None if codes == [0] * WORLD else f"exit codes {codes}"
+    except subprocess.TimeoutExpired:
+        problem = f"timed out after {timeout} s"
+    finally:
+        for p in procs:  # only our own workers, by their Popen handle
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if problem:
+        output = "\n".join(f"--- rank {r} ---\n{logs[r].read_text()[-8000:]}" for r in range(WORLD))
+        pytest.fail(f"the {WORLD}-process run failed: {problem}\n{output}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and lose a lot when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """Launch the 2-process run once; returns (run root, output folder)."""
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, images):
+    """Run the 2-process job once; returns (run root, output folder)."""
     base = tmp_path_factory.mktemp("ddp")
     run_root, out = base / "runs", base / "out"
     run_root.mkdir()
     out.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           __file__, str(run_root), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the 2-process run timed out after {e.timeout} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-    if proc.returncode != 0:
-        pytest.fail(f"the 2-process run failed (exit {proc.returncode})\nstdout:\n{proc.stdout[-5000:]}\n"
-                    f"stderr:\n{proc.stderr[-10000:]}")
+    _launch(images, run_root, out)
     return run_root, out
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The same work in this (single) process: grads of one loss_and_backward, weights after fit()."""
+def single(tmp_path_factory, images):
+    """The same work in this one process: grads of one loss_and_backward, weights after fit()."""
     from diffuse.train import Trainer
 
     assert int(os.environ.get("WORLD_SIZE", "1")) == 1
     base = tmp_path_factory.mktemp("single")
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(images)
     trainer = Trainer(cfg, base / "grad", progress=False)
     assert trainer.world == 1
+    perturb(trainer.model)
     loss = trainer.loss_and_backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer = Trainer(cfg, base / "fit", progress=False)
@@ -150,7 +206,8 @@ def test_ddp_gradients_equal_single_process(ddp_run, single):
     _, out = ddp_run
     grads = load_file(str(out / "grads.safetensors"))
     assert grads.keys() == single["grads"].keys()
-    assert any(g.abs().sum() > 0 for g in grads.values())
+    # the comparison means something: every parameter has a non-zero gradient
+    assert all(g.abs().sum() > 0 for g in single["grads"].values())
     for name, g in single["grads"].items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad of {name}: {m}")
     torch.testing.assert_close(load_file(str(out / "loss.safetensors"))["loss"], single["loss"], rtol=1e-5, atol=1e-6)
@@ -173,20 +230,20 @@ def test_ddp_only_rank0_writes(ddp_run, single):
     from diffuse import checkpoint as ckpt
 
     run_root, out = ddp_run
-    rank0 = json.loads((out / "writes_rank0.json").read_text())
-    rank1 = json.loads((out / "writes_rank1.json").read_text())
-    assert rank1 == [], f"rank 1 wrote into the run folder: {rank1[:10]}"
-    written = {Path(p).name for _, p in rank0}
-    assert {"config.toml", "log.jsonl", "loss.png", "manifest.json"} <= written  # the hook does see rank 0's writes
-    # the shared run folder holds one run's files, laid out like the single-process run
+    writes = [json.loads((out / f"writes_rank{r}.json").read_text()) for r in range(WORLD)]
+    for r in range(1, WORLD):
+        assert writes[r] == [], f"rank {r} wrote into the run folder: {writes[r][:10]}"
+    written = {Path(p).name for _, p in writes[0]}
+    assert {"config.toml", "log.jsonl", "loss.png", "manifest.json.tmp"} <= written  # the hook sees rank 0's writes
+    # the shared run folder holds one run, laid out like the single-process run
     run = run_root / "fit"
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in single["run"].iterdir())
-    assert ckpt.latest_step(run) == STEPS
-    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(1, STEPS + 1))  # one line per step, not one per rank
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", f"step_{STEPS:08d}"]
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [STEPS]  # one line, not one per rank
     c = ckpt.load_checkpoint(run)
-    assert c.state["world_size"] == 2
+    assert (c.step, c.state["world_size"]) == (STEPS, WORLD)
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -55,6 +55,27 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+class ShardedDropout(nn.Dropout):
+    """nn.Dropout whose mask is drawn for a whole global batch, of which the input is slice `rank` of `world`.
+
+    Under DDP every process holds the same global RNG state (the trainer seeds them alike), so plain
+    dropout would give every process the masks of the first examples of the batch: the processes'
+    masks would be identical, and a step would differ from the same step in one process. Drawing
+    the global batch's mask and keeping this process's rows gives every example the mask it gets
+    in a single process (train.Trainer sets `shard`; one process: (0, 1), plain dropout).
+    """
+
+    shard: tuple[int, int] = (0, 1)  # (rank, world size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        rank, world = self.shard
+        n = x.shape[0]
+        keep = torch.empty((n * world, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep[rank * n:(rank + 1) * n] / (1 - self.p)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, + time bias, GroupNorm -> SiLU -> dropout -> conv, + skip (1x1 if widths differ)."""
 
@@ -64,7 +85,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
         self.norm2 = _norm(groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ShardedDropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
