@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffuse.schedule import Schedule
@@ -16,3 +17,12 @@ def gaussian_eps(schedule: Schedule, mu: float, std: float):
         return s * (x - a * mu) / (a**2 * std**2 + s**2)
 
     return eps
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and lose a lot when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -155,15 +155,6 @@ def _launch(images: Path, run_root: Path, out: Path, timeout: float = 180) -> No
         pytest.fail(f"the {WORLD}-process run failed: {problem}\n{output}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and lose a lot when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))

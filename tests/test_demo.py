@@ -1,6 +1,5 @@
 """The demo's figures, on a tiny model (the real demo is timed by bench/, not here)."""
 
-import pytest
 import torch
 from PIL import Image
 

@@ -30,15 +30,6 @@ def tiny_cfg(*overrides: str) -> RunConfig:
     return apply_overrides(RunConfig(), BASE + list(overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and lose a lot when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset(tiny_cfg().data)

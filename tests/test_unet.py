@@ -15,15 +15,6 @@ from diffuse.train import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and lose a lot when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cfg(**kw) -> UNetConfig:
     base = dict(channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=2,
                 dropout=0.0, norm_groups=4)
