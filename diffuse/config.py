@@ -53,6 +53,7 @@ class TrainConfig:
     warmup_steps: int = 5000        # linear LR warm-up (DDPM: 5000)
     grad_clip: float = 1.0          # max global gradient norm, 0 disables (DDPM: 1)
     ema_decay: float = 0.9999       # EMA of weights used for sampling (DDPM: 0.9999)
+    ema_warmup: bool = True         # decay min(ema_decay, (1+n)/(10+n)) at step n, so short runs are not averaged with the init
     weight_decay: float = 0.0       # AdamW decoupled weight decay (DDPM: none)
     loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting

@@ -87,16 +87,25 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
 
 
 class EMA:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta after every step (DDPM: decay 0.9999)."""
+    """theta_ema <- d * theta_ema + (1 - d) * theta after every step (DDPM: decay 0.9999).
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    With `warmup`, d = min(decay, (1 + n) / (10 + n)) at update n (as TensorFlow's
+    ExponentialMovingAverage with num_updates): without it, a short run's average would still be
+    dominated by the initial weights (0.999^400 = 0.67).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, n: int) -> None:
+        """Fold in the weights after update n (0-based)."""
         ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay)
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay_at(n))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -182,7 +191,7 @@ class Trainer:
         for m in self.model.modules():  # dropout masks drawn for the global batch, each rank keeps its rows
             if isinstance(m, ShardedDropout):
                 m.shard = (self.rank, self.world)
-        self.ema = EMA(self.model, t.ema_decay)
+        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.denoiser = build_denoiser(cfg, self.net)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -261,7 +270,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_schedule.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, self.step)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_schedule.get_last_lr()[0]}
 

@@ -318,16 +318,19 @@ def test_load_run_of_a_folder_without_config(tmp_path):
         load_run(tmp_path)
 
 
-def test_ema_update():
+@pytest.mark.parametrize("warmup,n,decay", [(False, 0, 0.75), (False, 100, 0.75), (True, 0, 0.1), (True, 2, 0.25), (True, 100, 0.75)])
+def test_ema_update(warmup, n, decay):
+    """theta_ema <- d theta_ema + (1 - d) theta, with d = min(decay, (1 + n) / (10 + n)) under warm-up."""
     net = torch.nn.Linear(3, 2)
-    ema = EMA(net, decay=0.75)
+    ema = EMA(net, decay=0.75, warmup=warmup)
+    assert ema.decay_at(n) == pytest.approx(decay)
     start = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)
-    ema.update(net)
+    ema.update(net, n)
     for k, v in ema.model.state_dict().items():
-        torch.testing.assert_close(v, 0.75 * start[k] + 0.25 * (start[k] + 1.0))
+        torch.testing.assert_close(v, decay * start[k] + (1 - decay) * (start[k] + 1.0))
     assert ema.model is not net and not any(p.requires_grad for p in ema.model.parameters())
 
 
