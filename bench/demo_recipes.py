@@ -34,6 +34,9 @@ CANDIDATES = {
     "c32-122-b1": ["model.channels=32", "model.channel_mult=[1,2,2]", "model.num_res_blocks=1"],
     "c24-123-b2": ["model.channels=24", "model.channel_mult=[1,2,3]", "model.num_res_blocks=2"],
     "c16-124-b2-lr2e-3": SMALL + ["train.lr=2e-3"],
+    "c16-124-b2-minsnr-lr2e-3": SMALL + ["train.loss_weighting=min_snr", "train.lr=2e-3"],
+    "c16-124-b2-minsnr-bs32": SMALL + ["train.loss_weighting=min_snr", "train.batch_size=32"],
+    "c16-124-b2-minsnr-cosine": SMALL + ["train.loss_weighting=min_snr", "schedule.kind=cosine"],
 }
 SAMPLERS = {"ddim50": dict(sampler="ddim", steps=50), "ddim100": dict(sampler="ddim", steps=100),
             "ddpm250": dict(sampler="ddpm", steps=250, spacing="linspace")}

@@ -34,6 +34,12 @@ def forward_strip(schedule, x0: Tensor, every: int = 50, seed: int = 0) -> Tenso
     return torch.stack(cols, dim=1).flatten(0, 1)
 
 
+def first_of_each_class(labels: Tensor, n: int) -> list[int]:
+    """Indices of the first example of each class (up to n), so a figure shows different digits."""
+    firsts = [int((labels == c).nonzero()[0]) for c in labels.unique()[:n]]
+    return firsts if len(firsts) > 1 else list(range(min(n, len(labels))))
+
+
 def reverse_trajectory(denoiser, n: int, shape: tuple[int, ...], *, sampler: str, steps: int, seed: int = 0,
                        frames: int = 10, **kw) -> tuple[Tensor, list[Tensor], Tensor]:
     """Sample n images, keeping x_t and the predicted x_0 at `frames` evenly spaced steps.
@@ -72,7 +78,8 @@ def run_demo(out: str | Path = "demo", *, time_limit: float | None = None, n_sam
     s, d = cfg.sample, cfg.data
     shape = (d.channels, d.image_size, d.image_size)
     kw = dict(spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip)
-    x0 = torch.stack([load_dataset(d)[i][0] for i in range(8)])
+    digits = load_dataset(d)
+    x0 = torch.stack([digits[i][0] for i in first_of_each_class(digits.labels, 10)])
     strip, frames, _ = reverse_trajectory(den, 8, shape, sampler=s.sampler, steps=s.steps, seed=1, **kw)
     samples = generate(den, n_samples, shape, sampler=s.sampler, steps=s.steps, seed=0, **kw)
     paths = {

@@ -111,7 +111,8 @@ class Denoiser:
     def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """The network's own output at (x_t, t), one time per example."""
         t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
-        out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=x_t.dtype), **cond)
+        # float32 at least: bf16 cannot tell step 999 from 1000
+        out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32), **cond)
         if out.shape != x_t.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; "
                              "a denoising network must return one value per input value")

@@ -97,7 +97,7 @@ class Schedule:
     # --- continuous time ------------------------------------------------------------------
     def _table_at(self, table: Tensor, t: Tensor) -> Tensor:
         """Interpolate a table over n = 0..T at n = t * T (linear in the table's values)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = torch.as_tensor(t).to("cpu", torch.float64)  # the float64 tables stay on the CPU; callers move results
         n = (t * self.T).clamp(0, self.T)
         lo = n.floor().long().clamp(max=self.T - 1)
         w = n - lo
@@ -116,7 +116,7 @@ class Schedule:
         return (1 - self.alphabar_at(t)).sqrt()
 
     def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = alpha_t^2 / sigma_t^2 = alphabar_t / (1 - alphabar_t) (Kingma et al. 2021, eq. 1)."""
+        """SNR(t) = alpha_t^2 / sigma_t^2 = alphabar_t / (1 - alphabar_t) (Kingma et al. 2021, eq. 2)."""
         ab = self.alphabar_at(t)
         return ab / (1 - ab)
 
@@ -183,7 +183,7 @@ def posterior(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor
     """q(x_s | x_t, x_0) for s < t: coefficients of its mean and its variance.
 
     mean = c_x0 * x_0 + c_xt * x_t,  var = beta-tilde. With alpha_{t|s} = alpha_t / alpha_s and
-    sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (Kingma et al. 2021, eq. 33-34):
+    sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (Kingma et al. 2021, appendix A):
         c_x0 = alpha_s sigma_{t|s}^2 / sigma_t^2,  c_xt = alpha_{t|s} sigma_s^2 / sigma_t^2,
         var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2.
     For adjacent steps (s = t - 1) sigma_{t|s}^2 = beta_t and this is Ho et al. (2020) eq. 7:

@@ -246,7 +246,7 @@ class Trainer:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
         cond = {"y": y} if self.model.num_classes else {}
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            per_example = l_simple(self.denoiser, x0, self._local(t).to(self.device), self._local(eps).to(self.device),
+            per_example = l_simple(self.denoiser, x0, self._local(t), self._local(eps).to(self.device),
                                    weighting=cfg.train.loss_weighting, min_snr_gamma=cfg.train.min_snr_gamma, **cond)
         loss = per_example.mean()
         global_loss = loss.detach().clone()

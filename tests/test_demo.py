@@ -19,6 +19,11 @@ def test_forward_strip_columns_follow_the_closed_form():
     torch.testing.assert_close(eps, eps_last, rtol=1e-4, atol=1e-4)  # the same noise along a row
 
 
+def test_first_of_each_class():
+    assert demo.first_of_each_class(torch.tensor([0, 0, 1, 2, 1, 2]), 10) == [0, 2, 3]
+    assert demo.first_of_each_class(torch.zeros(5, dtype=torch.long), 3) == [0, 1, 2]  # unlabeled
+
+
 def test_demo_writes_every_figure(tmp_path, monkeypatch):
     cfg = apply_overrides(demo.demo_config(), TINY)
     monkeypatch.setattr(demo, "demo_config", lambda: cfg)

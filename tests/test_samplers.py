@@ -100,6 +100,21 @@ def test_samplers_recover_gaussian_data(name, kw, steps):
     assert float(x0.std()) == pytest.approx(std, rel=0.03)
 
 
+@pytest.mark.parametrize("name,kw", [("ddpm", {}), ("ddim", {"eta": 0.0})])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_sub_grid_error_shrinks_with_steps(name, kw, spacing):
+    """On sub-grids the sampled variance of Gaussian data converges to the truth as steps grow."""
+    schedule = Schedule.linear()
+    den = Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule)
+    errors = []
+    for steps in (20, 100, 500):
+        g = torch.Generator().manual_seed(4)
+        x_T = torch.randn(20_000, 1, 1, 1, generator=g, dtype=torch.float64)
+        x0 = SAMPLERS[name](den, x_T, schedule.timesteps(steps, spacing), generator=g, **kw)
+        errors.append(abs(float(x0.std()) - 0.3))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_contract(name):
     """Shapes, determinism under a seed, one callback per step, and the last step lands on t = 0."""
@@ -108,9 +123,11 @@ def test_sampler_contract(name):
     ts = schedule.timesteps(10)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     steps = []
-    a = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5), callback=steps.append)
-    b = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5))
-    assert a.shape == x_T.shape and torch.equal(a, b)
+    kw = {"eta": 1.0} if name == "ddim" else {}  # a sampler that draws noise
+    a = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5), callback=steps.append, **kw)
+    b = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(5), **kw)
+    c = SAMPLERS[name](den, x_T, ts, generator=torch.Generator().manual_seed(6), **kw)
+    assert a.shape == x_T.shape and torch.equal(a, b) and not torch.allclose(a, c)
     assert [s.index for s in steps] == list(range(10)) and steps[-1].s == 0.0
     assert torch.equal(steps[-1].x_next, a) and steps[0].x is x_T
     # the last step of an eps-model lands exactly on the predicted x_0

@@ -28,10 +28,12 @@ def test_continuous_time_matches_tables_and_log_snr():
     n = torch.tensor([0, 1, 17, 500, 1000])
     t = n.double() / s.T
     assert torch.allclose(s.alphabar_at(t), s.alphabar[n], rtol=1e-12)
-    assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones(5, dtype=torch.float64))
+    # between grid points log(alphabar) is linear: the midpoint is the geometric mean of its neighbours
+    mid = (n[1:-1].double() + 0.5) / s.T
+    assert torch.allclose(s.alphabar_at(mid), (s.alphabar[n[1:-1]] * s.alphabar[n[1:-1] + 1]).sqrt(), rtol=1e-12)
     tt = t[1:]
-    assert torch.allclose(s.snr(tt), s.alpha(tt) ** 2 / s.sigma(tt) ** 2)
-    assert torch.allclose(s.log_snr(tt), s.snr(tt).log())
+    ab = s.alphabar[n[1:]]
+    assert torch.allclose(s.snr(tt), ab / (1 - ab)) and torch.allclose(s.log_snr(tt), (ab / (1 - ab)).log())
     # log-SNR decreases strictly with t
     grid = torch.linspace(0.001, 1, 999, dtype=torch.float64)
     assert bool((s.log_snr(grid).diff() < 0).all())

@@ -135,6 +135,7 @@ def test_timestep_embedding():
     assert e.shape == (3, 8)
     torch.testing.assert_close(e[0], torch.tensor([0.0] * 4 + [1.0] * 4))  # sin 0, cos 0
     torch.testing.assert_close(e[1, 0], torch.sin(torch.tensor(1.0)))  # the first frequency is 1
+    torch.testing.assert_close(e[2, 3], torch.sin(torch.tensor(999.0 / 10000)))  # the last is 1/max_period (DDPM code)
     assert timestep_embedding(t, 7).shape == (3, 7)  # odd widths are padded
 
 

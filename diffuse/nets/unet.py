@@ -35,10 +35,11 @@ class UNetConfig:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Transformer sinusoidal position embedding of the (possibly fractional) step index t (Vaswani et al. 2017, sec. 3.5).
 
-    (B,) -> (B, dim): [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (dim/2)).
+    (B,) -> (B, dim): [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (dim/2 - 1)), i = 0..dim/2-1,
+    as in the DDPM code (frequencies from 1 down to exactly 1/max_period).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
