@@ -278,7 +278,9 @@ class Trainer:
     def fit(self) -> Path:
         """Train up to train.steps (or train.time_limit seconds); returns the run folder."""
         t = self.cfg.train
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        # under a time limit the step total is only a cap: show the count and rate, not a misleading ETA
+        bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=f"training ({t.time_limit:g} s)" if t.time_limit else "training")
         start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
         self.model.train()
         log = (self.run_dir / "log.jsonl").open("a") if self.is_main else None
