@@ -14,14 +14,14 @@ Ctrl-C), and `safetensors.torch.save_file` simply opens the target and writes, s
 leaves a truncated file under the real name -- and with several files per checkpoint, even whole
 files can come from two different saves. So `save_checkpoint`:
 
-1. builds the checkpoint in `checkpoints/.tmp-step_XXXXXXXX-<pid>` (same folder, so the final
+1. builds the checkpoint in `checkpoints/.tmp-step_NNNNNNNN-<pid>` (same folder, so the final
    rename never crosses a filesystem);
 2. writes each file to a temporary name, flushes, `os.fsync`s and `os.replace`s it into place;
 3. writes `manifest.json` LAST: the step plus the size and sha256 of every file. It is the
    commit mark: a folder whose manifest does not match its files was never committed or was
    damaged later, and the loader skips it;
-4. fsyncs the temporary folder, then renames it to `step_XXXXXXXX` (an existing folder of that
-   step is first moved aside to `.old-step_XXXXXXXX-<pid>` and deleted only after the new one is
+4. fsyncs the temporary folder, then renames it to `step_NNNNNNNN` (an existing folder of that
+   step is first moved aside to `.old-step_NNNNNNNN-<pid>` and deleted only after the new one is
    in place; until then the loader still finds it there) and fsyncs `checkpoints/`, so the
    rename itself survives a power cut;
 5. only then prunes: keeps the newest `keep` valid checkpoints (the new one always counts),

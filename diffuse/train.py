@@ -322,7 +322,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """Sample a grid with the EMA weights into RUN/samples/step_XXXXXXXX.png (rank 0)."""
+        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0)."""
         if not self.is_main:
             return None
         s, d = self.cfg.sample, self.cfg.data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,8 +25,20 @@ class Step:
 Callback = Callable[[Step], None]
 
 
-def grid_steps(timesteps: Tensor) -> Iterator[tuple[int, float, float]]:
-    """Yield (i, t, s) over consecutive pairs of a decreasing grid that ends at t = 0."""
+class GridStep(NamedTuple):
+    """One move of a sampler from time t to time s < t, with the schedule's scales at both."""
+
+    index: int
+    t: float
+    s: float
+    alpha_t: float
+    sigma_t: float
+    alpha_s: float
+    sigma_s: float
+
+
+def grid_steps(schedule, timesteps: Tensor) -> Iterator[GridStep]:
+    """Walk consecutive pairs (t, s) of a decreasing grid that ends at t = 0; scales in float64 as floats."""
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     if len(ts) < 2:
         raise ValueError("a sampling grid needs at least two times: the start and the final t = 0")
@@ -34,14 +46,9 @@ def grid_steps(timesteps: Tensor) -> Iterator[tuple[int, float, float]]:
         raise ValueError(f"a sampling grid must end at t = 0 (clean data), got {float(ts[-1])}")
     if not bool((ts[1:] < ts[:-1]).all()) or ts[0] > 1:
         raise ValueError("sampling times must decrease strictly from at most 1 down to 0")
+    alpha, sigma = schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist()
     for i in range(len(ts) - 1):
-        yield i, float(ts[i]), float(ts[i + 1])
-
-
-def scalars(schedule, t: float) -> tuple[float, float]:
-    """alpha_t and sigma_t as python floats (computed in float64)."""
-    tt = torch.tensor(t, dtype=torch.float64)
-    return float(schedule.alpha(tt)), float(schedule.sigma(tt))
+        yield GridStep(i, float(ts[i]), float(ts[i + 1]), alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
 
 
 def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import posterior
-from .base import Callback, Step, gaussian_like, grid_steps, scalars
+from .base import Callback, Step, gaussian_like, grid_steps
 
 
 def sample(
@@ -30,10 +30,8 @@ def sample(
         raise ValueError(f"eta must be >= 0, got {eta}")
     x = x_T
     n = len(timesteps) - 1
-    for i, t, s in grid_steps(timesteps):
+    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
         pred = denoiser(x, t)
-        alpha_t, sigma_t = scalars(denoiser.schedule, t)
-        alpha_s, sigma_s = scalars(denoiser.schedule, s)
         noise_std = eta * posterior(alpha_t, sigma_t, alpha_s, sigma_s)[2] ** 0.5  # eq. 16
         x_next = alpha_s * pred.x0 + max(sigma_s**2 - noise_std**2, 0.0) ** 0.5 * pred.eps  # eq. 12
         if noise_std > 0:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import posterior, transition_variance
-from .base import Callback, Step, gaussian_like, grid_steps, scalars
+from .base import Callback, Step, gaussian_like, grid_steps
 
 
 def sample(
@@ -35,10 +35,8 @@ def sample(
         raise ValueError(f"variance must be 'beta_tilde' or 'beta', got {variance!r}")
     x = x_T
     n = len(timesteps) - 1
-    for i, t, s in grid_steps(timesteps):
+    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
         pred = denoiser(x, t)
-        alpha_t, sigma_t = scalars(denoiser.schedule, t)
-        alpha_s, sigma_s = scalars(denoiser.schedule, s)
         c_x0, c_xt, beta_tilde = posterior(alpha_t, sigma_t, alpha_s, sigma_s)
         mean = c_x0 * pred.x0 + c_xt * x  # mu~_t(x_t, x0_hat), eq. 7
         if s > 0:
