@@ -24,19 +24,25 @@ from diffuse.metrics import digit_classifier, fid
 from diffuse.train import generate, load_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.channels=16", "model.channel_mult=[1,2,4]", "model.num_res_blocks=2"]
+# the screening baseline: the first demo config (eps, L_simple, batch 64); candidates change one thing
+BASELINE = ["model.prediction=eps", "train.loss_weighting=none", "train.batch_size=64", "train.lr=1e-3"]
+SMALL = BASELINE + ["model.channels=16", "model.channel_mult=[1,2,4]", "model.num_res_blocks=2"]
 CANDIDATES = {
     "c16-124-b2": SMALL,
     "c16-124-b2-minsnr": SMALL + ["train.loss_weighting=min_snr"],
     "c16-124-b2-v-minsnr": SMALL + ["model.prediction=v", "train.loss_weighting=min_snr"],
     "c16-124-b2-cosine": SMALL + ["schedule.kind=cosine"],
     "c16-124-b2-bs32": SMALL + ["train.batch_size=32", "train.lr=7e-4"],
-    "c32-122-b1": ["model.channels=32", "model.channel_mult=[1,2,2]", "model.num_res_blocks=1"],
-    "c24-123-b2": ["model.channels=24", "model.channel_mult=[1,2,3]", "model.num_res_blocks=2"],
+    "c32-122-b1": BASELINE + ["model.channels=32", "model.channel_mult=[1,2,2]", "model.num_res_blocks=1"],
+    "c24-123-b2": BASELINE + ["model.channels=24", "model.channel_mult=[1,2,3]", "model.num_res_blocks=2"],
     "c16-124-b2-lr2e-3": SMALL + ["train.lr=2e-3"],
     "c16-124-b2-minsnr-lr2e-3": SMALL + ["train.loss_weighting=min_snr", "train.lr=2e-3"],
     "c16-124-b2-minsnr-bs32": SMALL + ["train.loss_weighting=min_snr", "train.batch_size=32"],
     "c16-124-b2-minsnr-cosine": SMALL + ["train.loss_weighting=min_snr", "schedule.kind=cosine"],
+    # around the chosen demo recipe (configs/mnist.toml: v, min-SNR-5, batch 32)
+    "demo": [],
+    "demo-ema0.9995": ["train.ema_decay=0.9995"],
+    "demo-lr2e-3": ["train.lr=2e-3"],
 }
 SAMPLERS = {"ddim50": dict(sampler="ddim", steps=50), "ddim100": dict(sampler="ddim", steps=100),
             "ddpm250": dict(sampler="ddpm", steps=250, spacing="linspace")}
