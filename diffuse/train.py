@@ -298,7 +298,6 @@ class Trainer:
                         log.write(json.dumps(stats) + "\n")
                         log.flush()
                         self.history.append([self.step, stats["loss"]])
-                        plot_loss(*zip(*self.history), self.run_dir / "loss.png")
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.sample_grid()
                 out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
@@ -340,6 +339,8 @@ class Trainer:
         """Commit a checkpoint of everything an exact resume needs (rank 0 writes)."""
         if not self.is_main:
             return
+        if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
+            plot_loss(*zip(*self.history), self.run_dir / "loss.png")
         opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
         rng_tensors, rng_state = ckpt.capture_rng()
         state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
