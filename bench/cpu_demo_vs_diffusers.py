@@ -38,7 +38,7 @@ from torch import Tensor
 from diffuse.config import load_config
 from diffuse.data import DataConfig, load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.train import Trainer, build_denoiser, generate, load_run
+from diffuse.train import Trainer, generate, load_run
 from diffuse.visualize import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,11 +97,11 @@ def run_ours(config: Path, budget: float, n: int, seed: int) -> tuple[dict, Tens
         net = den.net
         start, out = time.perf_counter(), []
         for i, m in enumerate(chunks(n)):
-            if net.num_classes:  # class-conditional: balanced labels, as the Trainer's sample grids
-                y = torch.arange(i * CHUNK, i * CHUNK + m) % net.num_classes
-                den = build_denoiser(cfg, lambda x, t, y=y: net(x, t, y=y))
+            # class-conditional: balanced labels, as the Trainer's sample grids
+            y = torch.arange(i * CHUNK, i * CHUNK + m) % net.num_classes if net.num_classes else None
             out.append(generate(den, m, (d.channels, d.image_size, d.image_size), sampler=s.sampler, steps=s.steps,
-                                spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip, seed=seed + i))
+                                spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip, labels=y,
+                                guidance=s.guidance, seed=seed + i))
             say(f"  ours: {sum(map(len, out))}/{n} samples, {time.perf_counter() - start:.0f} s")
         sample_s = time.perf_counter() - start
     sampler = f"{s.sampler} {s.steps} steps" + (f", eta {s.eta:g}" if s.sampler == "ddim" else "")

@@ -43,6 +43,10 @@ CANDIDATES = {
     "demo": [],
     "demo-ema0.9995": ["train.ema_decay=0.9995"],
     "demo-lr2e-3": ["train.lr=2e-3"],
+    # third round: patching (space-to-depth, model.patch_size) trades resolution for width
+    "p2-c32-12": ["model.patch_size=2", "model.channels=32", "model.channel_mult=[1,2]"],
+    "p2-c48-12": ["model.patch_size=2", "model.channels=48", "model.channel_mult=[1,2]"],
+    "p2-c32-12-b3": ["model.patch_size=2", "model.channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=3"],
 }
 SAMPLERS = {"ddim50": dict(sampler="ddim", steps=50), "ddim100": dict(sampler="ddim", steps=100),
             "ddpm250": dict(sampler="ddpm", steps=250, spacing="linspace")}

@@ -1,14 +1,14 @@
 """The `diffuse` command: train, sample, demo.
 
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
-    diffuse sample RUN --n N --sampler ddpm|ddim --steps K --seed S --out FILE.png|FILE.npy
+    diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
+                  [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
     diffuse demo [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import ConfigError, apply_overrides, load_config
 from .samplers import SAMPLERS
+from .schedule import SPACINGS
 from .train import NonFiniteLoss, ResumeError
 
 
@@ -27,11 +28,45 @@ def _train(args) -> None:
     print(f"run folder: {run}")
 
 
+def parse_threshold(text: str) -> tuple[bool, float]:
+    """'static' | 'none' | 'dynamic:P' -> (clip, dynamic percentile)."""
+    if text == "static":
+        return True, 0.0
+    if text == "none":
+        return False, 0.0
+    kind, _, p = text.partition(":")
+    try:
+        value = float(p)
+    except ValueError:
+        value = -1.0
+    if kind != "dynamic" or not 0 < value <= 1:
+        raise ValueError(f"--threshold {text!r} is not valid; use static, none or dynamic:P with a percentile P in (0, 1], "
+                         "e.g. dynamic:0.995")
+    return False, value
+
+
+def parse_options(pairs: list[str], sampler: str) -> dict:
+    """--opt KEY=VALUE pairs -> sampler keyword options, checked against what the sampler takes."""
+    valid = SAMPLERS[sampler].options
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in valid:
+            raise ValueError(f"--opt {pair!r}: sampler {sampler} takes {', '.join(valid) or 'no options'} (as KEY=VALUE)")
+        try:
+            out[key] = int(raw) if raw.strip().lstrip("-").isdigit() else float(raw)
+        except ValueError:
+            out[key] = raw.strip()
+    return out
+
+
 def _sample(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from .train import generate, load_run
+    from .samplers import CountCalls
+    from .train import generate, load_classifier, load_run
     from .visualize import save_grid, to_unit
 
     out = Path(args.out)
@@ -42,22 +77,52 @@ def _sample(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     s, d = cfg.sample, cfg.data
-    if num_classes and cfg.model.class_conditional:
-        labels = torch.arange(args.n, device=device) % num_classes
-        den.net = functools.partial(den.net, y=labels)
+    sampler = args.sampler or s.sampler
+    options = {"eta": s.eta, "variance": s.variance}
+    if args.eta is not None:
+        if "eta" not in SAMPLERS[sampler].options:
+            raise ValueError(f"--eta: sampler {sampler} takes no eta (samplers with one: ddim, euler-ancestral)")
+        options["eta"] = args.eta
+    options.update(parse_options(args.opt or [], sampler))
+    clip, dyn = parse_threshold(args.threshold) if args.threshold else (s.clip, s.dynamic_threshold)
+    if args.no_clip:
+        clip = False
+    guidance = s.guidance if args.guidance is None else args.guidance
+    conditional = cfg.model.class_conditional and num_classes > 0
+    classifier, labels = None, None
+    if args.classifier:
+        _, classifier = load_classifier(args.classifier, device=device)
+        if classifier.num_classes != num_classes and num_classes:
+            raise ValueError(f"the classifier knows {classifier.num_classes} classes, the model {num_classes}")
+        num_classes = classifier.num_classes
+    elif guidance and not conditional:
+        raise ValueError("--guidance without --classifier is classifier-free guidance, which needs a class-conditional "
+                         "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
+    elif guidance and cfg.train.label_dropout == 0:
+        raise ValueError("this model was trained without label dropout (train.label_dropout = 0): its null label is "
+                         "untrained, so classifier-free guidance is meaningless; retrain with train.label_dropout = 0.1")
+    if args.label is not None:
+        if not (conditional or classifier is not None):
+            raise ValueError("--label needs a class-conditional model or a --classifier to guide with")
+        if not 0 <= args.label < num_classes:
+            raise ValueError(f"--label must be a class index in 0..{num_classes - 1}, got {args.label}")
+        labels = torch.full((args.n,), args.label)
+    elif conditional or classifier is not None:
+        labels = torch.arange(args.n) % num_classes  # every class in turn
     steps = args.steps if args.steps is not None else s.steps
     steps = None if steps == 0 else steps
-    bar = tqdm(total=steps or den.schedule.T, unit="step", desc=f"{args.sampler or s.sampler}")
-    x = generate(den, args.n, (d.channels, d.image_size, d.image_size), sampler=args.sampler or s.sampler, steps=steps,
-                 spacing=args.spacing or s.spacing, eta=s.eta if args.eta is None else args.eta, variance=s.variance,
-                 clip=not args.no_clip and s.clip, seed=args.seed, device=device, callback=lambda step: bar.update(1))
+    counted = CountCalls(den)
+    bar = tqdm(total=(steps or den.schedule.T) if SAMPLERS[sampler].calls_per_step else None, unit="step", desc=sampler)
+    x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler, steps=steps,
+                 spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn, labels=labels, guidance=guidance,
+                 classifier=classifier, seed=args.seed, device=device, callback=lambda step: bar.update(1), **options)
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, to_unit(x).numpy())
     else:
         save_grid(x, out)
-    print(f"wrote {args.n} samples to {out}")
+    print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
 
 
 def _demo(args) -> None:
@@ -83,10 +148,16 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run folder written by `diffuse train`")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the run's sample.sampler")
-    s.add_argument("--steps", type=int, help="denoiser calls (default: the run's sample.steps; 0 = every one of the T steps)")
-    s.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing (default: the run's)")
-    s.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
+                   help="default: the run's sample.sampler; one of: " + "; ".join(f"{k} ({v.about})" for k, v in SAMPLERS.items()))
+    s.add_argument("--steps", type=int, help="grid steps (default: the run's sample.steps; 0 = every one of the T steps)")
+    s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing (default: the run's)")
+    s.add_argument("--eta", type=float, help="DDIM / Euler-ancestral eta (default: the run's sample.eta)")
+    s.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a sampler option, e.g. s_churn=10 for heun (repeatable)")
+    s.add_argument("--label", type=int, help="draw this class (class-conditional model or --classifier); default: all classes in turn")
+    s.add_argument("--guidance", type=float, help="guidance weight: classifier-free w, or the classifier scale with --classifier")
+    s.add_argument("--classifier", metavar="RUN", help="a noisy-classifier run (model.kind = 'classifier') for classifier guidance")
+    s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

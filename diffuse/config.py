@@ -22,7 +22,7 @@ import tomli_w
 
 from .data import DataConfig
 from .nets.unet import UNetConfig
-from .schedule import ScheduleConfig
+from .schedule import ScheduleConfig, Spacing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,14 +34,20 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a bad value."""
 
 
+SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2s", "euler", "heun", "dpm2", "euler-ancestral",
+                      "sde-em", "sde-pc", "ode-rk45"]  # the keys of samplers.SAMPLERS (a test keeps them equal)
+
+
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"                 # ancestral (Ho et al. 2020) or DDIM (Song et al. 2021)
-    steps: int = 50                                          # number of denoiser calls; ddpm with steps = T is Algorithm 2 exactly
-    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # how the steps are picked among the T
-    eta: float = 0.0                                         # DDIM stochasticity (0 deterministic, 1 = DDPM-like)
+    sampler: SamplerName = "ddim"                            # see samplers.SAMPLERS / `diffuse sample --help`
+    steps: int = 50                                          # grid steps; ddpm with steps = T is Algorithm 2 exactly
+    spacing: Spacing = "leading"                             # how the grid is picked (schedule.Schedule.timesteps)
+    eta: float = 0.0                                         # DDIM / Euler-ancestral stochasticity (DDIM: 0 deterministic, 1 = DDPM-like)
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"   # DDPM sigma_t^2
     clip: bool = True                                        # clip predicted x_0 to the data range [-1, 1] (Ho et al. 2020 code)
+    dynamic_threshold: float = 0.0                           # percentile p of dynamic thresholding (Imagen: 0.995); 0 = off (then `clip`)
+    guidance: float = 0.0                                    # classifier-free guidance weight w for class-conditional models
     n: int = 64                                              # images in periodic sample grids
 
 
@@ -58,6 +64,7 @@ class TrainConfig:
     loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
+    label_dropout: float = 0.0      # class-conditional: replace a label by the null label with this probability (CFG: 0.1-0.2)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA that supports it, else fp32
     seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first

@@ -1,25 +1,129 @@
-"""Denoiser -> Denoiser wrappers that change what a denoiser predicts; every sampler gets them for free."""
+"""Denoiser -> Denoiser wrappers for conditional generation; every sampler gets them for free.
+
+Each wrapper takes a denoiser (anything with `schedule` and `__call__(x_t, t, **cond) ->
+Prediction`) and is one, so they compose: DynamicThreshold(ClassifierFreeGuidance(den, 3, y)).
+A wrapper changes x_0 or eps and re-derives the other from x_t = alpha_t x_0 + sigma_t eps, so
+the prediction stays consistent with x_t (as improved-diffusion does when it clips).
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
-from .denoiser import Prediction, scales, x0_to_eps
+from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
+
+
+def _with_x0(x_t: Tensor, t, x0: Tensor, schedule) -> Prediction:
+    alpha, sigma = scales(schedule, t, x_t)
+    return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma))
+
+
+def _with_eps(x_t: Tensor, t, eps: Tensor, schedule) -> Prediction:
+    alpha, sigma = scales(schedule, t, x_t)
+    return Prediction(x0=eps_to_x0(x_t, eps, alpha, sigma), eps=eps)
+
+
+class Conditioned:
+    """A denoiser with its conditioning bound, e.g. Conditioned(den, y=labels): samplers pass only (x_t, t)."""
+
+    def __init__(self, denoiser, **cond):
+        self.denoiser, self.schedule, self.cond = denoiser, denoiser.schedule, cond
+
+    def __call__(self, x_t: Tensor, t, **more) -> Prediction:
+        return self.denoiser(x_t, t, **self.cond, **more)
 
 
 class ClipX0:
-    """Static clipping of the predicted x_0 to the data range (Ho et al. 2020 code; Saharia et al. 2022, sec. 2.3).
-
-    eps is re-derived from the clipped x_0, eps = (x_t - alpha_t x_0) / sigma_t, so the
-    prediction stays consistent with x_t (as improved-diffusion does).
-    """
+    """Static clipping of the predicted x_0 to the data range (Ho et al. 2020 code; Saharia et al. 2022, sec. 2.3)."""
 
     def __init__(self, denoiser, lo: float = -1.0, hi: float = 1.0):
-        self.denoiser = denoiser
-        self.schedule = denoiser.schedule
+        self.denoiser, self.schedule = denoiser, denoiser.schedule
         self.lo, self.hi = lo, hi
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
-        x0 = self.denoiser(x_t, t, **cond).x0.clamp(self.lo, self.hi)
-        alpha, sigma = scales(self.schedule, t, x_t)
-        return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma))
+        return _with_x0(x_t, t, self.denoiser(x_t, t, **cond).x0.clamp(self.lo, self.hi), self.schedule)
+
+
+def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
+    """s = max(1, the percentile p of |x_0| over each example's pixels); x_0 <- clip(x_0, -s, s) / s
+    (Saharia et al. 2022, Imagen, sec. 2.3): saturated pixels are pushed inward instead of clipped."""
+    s = torch.quantile(x0.detach().abs().flatten(1).float(), percentile, dim=1).clamp_min(1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+class DynamicThreshold:
+    """Dynamic thresholding of the predicted x_0 at percentile p (Saharia et al. 2022; Imagen uses p = 0.995)."""
+
+    def __init__(self, denoiser, percentile: float = 0.995):
+        if not 0 < percentile <= 1:
+            raise ValueError(f"the dynamic-threshold percentile must be in (0, 1], got {percentile}")
+        self.denoiser, self.schedule, self.percentile = denoiser, denoiser.schedule, percentile
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        return _with_x0(x_t, t, dynamic_threshold(self.denoiser(x_t, t, **cond).x0, self.percentile), self.schedule)
+
+
+def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
+    """eps~ = (1 + w) eps(x_t, c) - w eps(x_t) (Ho & Salimans 2022, eq. 6): w = 0 is the conditional model."""
+    return (1 + w) * eps_cond - w * eps_uncond
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance with weight w: one batched call on [x_t with labels y; x_t with the null label].
+
+    The network must have been trained with label dropout (train.label_dropout) so that the null
+    label (index num_classes) gives the unconditional model.
+    """
+
+    def __init__(self, denoiser, w: float, y: Tensor, null_label: int):
+        self.denoiser, self.schedule = denoiser, denoiser.schedule
+        self.w, self.y, self.null = float(w), y, null_label
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        if self.w == 0:
+            return self.denoiser(x_t, t, y=self.y, **cond)
+        B = x_t.shape[0]
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                             y=torch.cat([self.y, torch.full_like(self.y, self.null)]), **cond)
+        eps = guided_eps(both.eps[:B], both.eps[B:], self.w)
+        return _with_eps(x_t, t, eps, self.schedule)
+
+
+def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,
+                             y: Tensor) -> Tensor:
+    """grad_x log p_phi(y | x_t) for a classifier (x_t, model_time) -> logits, one label per example."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        logits = classifier(x, model_time)
+        log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # half -> float32
+        picked = log_p.gather(1, y.view(-1, 1)).sum()
+        return torch.autograd.grad(picked, x)[0].to(x_t.dtype)
+
+
+class ClassifierGuidance:
+    """Classifier guidance at scale s (Dhariwal & Nichol 2021): the score gains s grad log p_phi(y | x_t),
+        eps~ = eps - s sigma_t grad_x log p_phi(y | x_t)               (sec. 4.2, eq. 14; Algorithm 2 for DDIM)
+    so with every sampler it samples p(x_t) p_phi(y | x_t)^s. In ancestral sampling this moves the mean by
+    (sigma_{t|s}^2 / alpha_{t|s}) s grad log p_phi: Algorithm 1's Sigma s grad log p_phi with beta_t in place of
+    Sigma = beta-tilde_t (equal to first order in beta_t). `classifier(x_t, model_time)` returns logits; a noisy
+    classifier (nets.classifier.NoisyClassifier, trained on x_t) or any differentiable function.
+    """
+
+    def __init__(self, denoiser, classifier: Callable[[Tensor, Tensor], Tensor], y: Tensor, scale: float):
+        self.denoiser, self.schedule = denoiser, denoiser.schedule
+        self.classifier, self.y, self.scale = classifier, y, float(scale)
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        pred = self.denoiser(x_t, t, **cond)
+        if self.scale == 0:
+            return pred
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
+        grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.y)
+        _, sigma = scales(self.schedule, t, x_t)
+        return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule)

@@ -9,6 +9,7 @@ their own target; a weighting w(t) can re-balance noise levels (min-SNR-gamma).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .schedule import Schedule
@@ -41,3 +42,11 @@ def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "
     elif weighting != "none":
         raise ValueError(f"weighting must be 'none' or 'min_snr', got {weighting!r}")
     return loss
+
+
+def classifier_loss(classifier, schedule: Schedule, x0: Tensor, y: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """Per-example cross-entropy -log p_phi(y | x_t, t) on x_t ~ q(x_t | x_0): how the noisy classifier of
+    classifier guidance is trained (Dhariwal & Nichol 2021, sec. 4.1)."""
+    x_t = schedule.q_sample(x0, t, eps)
+    logits = classifier(x_t, schedule.model_time(t).to(device=x0.device, dtype=torch.float32))
+    return F.cross_entropy(logits.float(), y, reduction="none")

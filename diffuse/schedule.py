@@ -22,6 +22,10 @@ import torch
 from torch import Tensor
 
 
+Spacing = Literal["leading", "trailing", "linspace", "quadratic", "karras", "log_snr"]
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")
+
+
 @dataclass
 class ScheduleConfig:
     kind: Literal["linear", "cosine"] = "linear"  # Ho et al. 2020 linear betas, or Nichol & Dhariwal 2021 cosine
@@ -125,6 +129,39 @@ class Schedule:
         ab = self.alphabar_at(t)
         return ab.log() - torch.log1p(-ab)
 
+    def ve_sigma(self, t: Tensor) -> Tensor:
+        """sigma_t / alpha_t = SNR(t)^(-1/2): the noise level of x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps, the
+        variance-exploding view of the same process (Karras et al. 2022, sec. 2 and table 1, "VP": sigma(t))."""
+        ab = self.alphabar_at(t)
+        return ((1 - ab) / ab).sqrt()
+
+    def sde_beta(self, t: Tensor) -> Tensor:
+        """beta(t) of the VP-SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Song et al. 2021, eq. 11).
+
+        beta(t) = -d log alphabar(t) / dt, exactly, for the log-linear interpolation: constant on
+        each cell ((n-1)/T, n/T], where it is -T log(1 - beta_n) ~= T beta_n, so the discrete
+        linear schedule is the VP-SDE with beta(t) ~= 0.1 + 19.9 t of Song et al. (2021).
+        """
+        t = torch.as_tensor(t).to("cpu", torch.float64)
+        cell = (torch.ceil(t * self.T - 1e-9) - 1).clamp(0, self.T - 1).long()  # -1e-9: t = n/T in floats sits in cell n
+        return self.T * (self._log_alphabar[cell] - self._log_alphabar[cell + 1])
+
+    def t_from_log_alphabar(self, log_alphabar: Tensor) -> Tensor:
+        """The exact inverse of `alphabar_at` on its log-linear interpolation; clamped to t in [0, 1]."""
+        rising = -self._log_alphabar  # 0 = -log alphabar_0 < ... < -log alphabar_T
+        y = (-torch.as_tensor(log_alphabar, dtype=torch.float64)).clamp(0, float(rising[-1]))
+        hi = torch.searchsorted(rising, y).clamp(1, self.T)
+        lo = hi - 1
+        return (lo + (y - rising[lo]) / (rising[hi] - rising[lo])) / self.T
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The time t with lambda_t = log_snr (alphabar = sigmoid(lambda)); DPM-Solver's t_lambda (Lu et al. 2022, sec. 3.4)."""
+        return self.t_from_log_alphabar(torch.nn.functional.logsigmoid(torch.as_tensor(log_snr, dtype=torch.float64)))
+
+    def t_from_ve_sigma(self, ve_sigma: Tensor) -> Tensor:
+        """The time t with sigma_t / alpha_t = ve_sigma (alphabar = 1 / (1 + ve_sigma^2))."""
+        return self.t_from_log_alphabar(-torch.log1p(torch.as_tensor(ve_sigma, dtype=torch.float64) ** 2))
+
     def model_time(self, t: Tensor) -> Tensor:
         """A network's time input for continuous t: the 0-based step index n - 1 = t * T - 1.
 
@@ -139,27 +176,49 @@ class Schedule:
         return torch.cat([(idx + 1) / self.T, idx.new_zeros(1)])
 
     # --- sampling grids -------------------------------------------------------------------
-    def timesteps(self, steps: int | None = None, spacing: Literal["leading", "trailing", "linspace"] = "leading") -> Tensor:
-        """A decreasing grid of `steps` times on the discrete steps, ending with t = 0.
+    def timesteps(self, steps: int | None = None, spacing: Spacing = "leading", rho: float = 7.0) -> Tensor:
+        """A decreasing grid of `steps` times ending with t = 0 (so `steps` denoiser calls for a one-stage sampler).
 
         steps = None (or T) is every step T, T-1, ..., 1 (DDPM, Algorithm 2). Fewer steps pick a
-        sub-sequence tau (Song et al. 2021, DDIM sec. 4.2) with the spacings of Lin et al. (2024,
-        table 2): "leading" n = 1 + k*T//steps (DDIM's and diffusers' default), "trailing"
-        n = round(T - k*T/steps) (starts at the last step, better for few steps), "linspace"
-        n = round(linspace(1, T, steps)).
+        sub-sequence tau (Song et al. 2021, DDIM sec. 4.2). On the discrete steps, with the spacings
+        of Lin et al. (2024, table 2): "leading" n = 1 + k*T//steps (DDIM's and diffusers' default),
+        "trailing" n = round(T - k*T/steps) (starts at the last step, better for few steps),
+        "linspace" n = round(linspace(1, T, steps)); "quadratic" n - 1 = k + round((T - steps) u_k^2),
+        u_k = k / (steps - 1) (DDIM's CIFAR-10 grid, Song et al. 2021 appendix D.2, spread over all T).
+        Between the steps (fractional times, as diffusers' Karras option): "karras"
+        sigma_k = (sigma_max^(1/rho) + u_k (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in the VE
+        noise level (Karras et al. 2022, eq. 5), "log_snr" uniform in lambda (Lu et al. 2022,
+        DPM-Solver sec. 3.3); both from step T down to step 1.
         """
         steps = self.T if steps is None else int(steps)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be between 1 and the schedule's T = {self.T}, got {steps}")
         k = torch.arange(steps, dtype=torch.float64)
+        u = k / max(steps - 1, 1)  # 0 .. 1
         if spacing == "leading":
             idx = k * (self.T // steps)
         elif spacing == "trailing":
             idx = torch.round(self.T - k * self.T / steps).flip(0) - 1
         elif spacing == "linspace":
             idx = torch.round(torch.linspace(0, self.T - 1, steps, dtype=torch.float64))
+        elif spacing == "quadratic":
+            idx = k + torch.round((self.T - steps) * u**2)
+        elif spacing in ("karras", "log_snr"):
+            if spacing == "karras" and rho <= 0:
+                raise ValueError(f"rho must be > 0, got {rho}")
+            ends = torch.tensor([1.0, 1.0 / self.T], dtype=torch.float64)  # step T, step 1
+            if spacing == "karras":
+                hi, lo = self.ve_sigma(ends) ** (1 / rho)
+                t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
+            else:
+                hi, lo = self.log_snr(ends)
+                t = self.t_from_log_snr(hi + u * (lo - hi))
+            t[0], t[-1] = ends  # exact ends (the inverse is exact only to rounding)
+            if steps == 1:
+                t = ends[:1]
+            return torch.cat([t, t.new_zeros(1)])
         else:
-            raise ValueError(f"spacing must be one of 'leading', 'trailing', 'linspace', got {spacing!r}")
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
         return self.timesteps_from_indices(idx.flip(0))
 
     # --- the forward process --------------------------------------------------------------

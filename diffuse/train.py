@@ -33,8 +33,9 @@ from . import checkpoint as ckpt
 from .config import RunConfig, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
-from .guidance import ClipX0
-from .losses import l_simple, sample_timesteps
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
+from .losses import classifier_loss, l_simple, sample_timesteps
+from .nets.classifier import NoisyClassifier
 from .nets.unet import ShardedDropout, UNet
 from .samplers import SAMPLERS
 from .schedule import Schedule
@@ -50,40 +51,87 @@ class ResumeError(RuntimeError):
 
 
 # --- model construction, shared by training and sampling --------------------------------------
-def build_model(cfg: RunConfig, num_classes: int) -> UNet:
-    return UNet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=num_classes)
+def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
+    d = cfg.data
+    if cfg.model.kind == "classifier":
+        return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
+    return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
     return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction)
 
 
-def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
-    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
+def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
     cfg = load_config(run_dir / "config.toml")
+    if cfg.model.kind != kind:
+        raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
+                         + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
     c = ckpt.load_checkpoint(run_dir, step)
     num_classes = int(c.state["num_classes"])
     net = build_model(cfg, num_classes)
     net.load_state_dict(c.tensors["ema" if ema else "model"])
-    net.to(device).eval().requires_grad_(False)
+    return cfg, net.to(device).eval().requires_grad_(False), num_classes
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
+    cfg, net, num_classes = _load_net(run_dir, "denoiser", ema, device, step)
     return cfg, build_denoiser(cfg, net), num_classes
+
+
+def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, classifier) of a noisy-classifier run (model.kind = "classifier"): logits of (x_t, model_time)."""
+    cfg, net, _ = _load_net(run_dir, "classifier", ema, device, step)
+    return cfg, net
 
 
 @torch.no_grad()
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
-             spacing: str = "leading", eta: float = 0.0, variance: str = "beta_tilde", clip: bool = True,
-             seed: int = 0, device: str | torch.device = "cpu", callback=None) -> Tensor:
-    """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`."""
+             spacing: str = "leading", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
+             guidance: float = 0.0, classifier=None, seed: int = 0, device: str | torch.device = "cpu", callback=None,
+             **options) -> Tensor:
+    """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
+
+    labels (n,) condition a class-conditional denoiser; guidance w > 0 then applies classifier-free
+    guidance through the network's null label, or, with `classifier` (x_t, model_time) -> logits,
+    classifier guidance at scale w (the denoiser may then be unconditional). The guided x_0 is
+    dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
+    `options` are sampler options (eta, variance, s_churn, ...); those the sampler does not take
+    are ignored, so a config's defaults can be passed to any sampler.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if guidance < 0:
+        raise ValueError(f"the guidance weight must be >= 0, got {guidance}")
+    info = SAMPLERS[sampler]
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, device=device)
-    den = ClipX0(denoiser) if clip else denoiser
-    kw = {"eta": eta} if sampler == "ddim" else {"variance": variance}
-    return SAMPLERS[sampler](den, x_T, denoiser.schedule.timesteps(steps, spacing), generator=g, callback=callback, **kw)
+    den = denoiser
+    null_label = getattr(getattr(denoiser, "net", None), "null_label", None)
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device).long().expand(n)
+        if classifier is None and null_label is None:
+            raise ValueError("labels were given but the model is not class-conditional (model.class_conditional = false)")
+    if classifier is not None:
+        if labels is None:
+            raise ValueError("classifier guidance needs the labels to guide towards")
+        den = ClassifierGuidance(Conditioned(den, y=labels) if null_label is not None else den, classifier, labels, guidance)
+    elif labels is not None:
+        den = ClassifierFreeGuidance(den, guidance, labels, null_label) if guidance else Conditioned(den, y=labels)
+    elif guidance:
+        raise ValueError("guidance needs labels to guide towards (e.g. --label 7)")
+    if dynamic_threshold:
+        den = DynamicThreshold(den, dynamic_threshold)
+    elif clip:
+        den = ClipX0(den)
+    kw = {k: v for k, v in options.items() if k in info.options}
+    # an adaptive solver takes only the ends of its grid: from t = 1 to the first step, then the x_0 prediction
+    grid = denoiser.schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else denoiser.schedule.timesteps(steps, spacing)
+    return info(den, x_T, grid, generator=g, callback=callback, **kw)
 
 
 class EMA:
@@ -151,6 +199,16 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
         (cfg.sample.steps >= 1, f"sample.steps must be >= 1, got {cfg.sample.steps}"),
+        (0 <= t.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {t.label_dropout}"),
+        (t.label_dropout == 0 or cfg.model.class_conditional,
+         "train.label_dropout > 0 needs a class-conditional model: set model.class_conditional = true"),
+        (cfg.model.kind == "denoiser" or dataset.num_classes >= 2,
+         "model.kind = 'classifier' needs a labelled dataset (class sub-folders, mnist or digits)"),
+        (cfg.sample.guidance >= 0, f"sample.guidance must be >= 0, got {cfg.sample.guidance}"),
+        (cfg.sample.guidance == 0 or t.label_dropout > 0,
+         "sample.guidance > 0 needs a model trained with train.label_dropout > 0 (its null label is the unconditional model)"),
+        (0 <= cfg.sample.dynamic_threshold <= 1, f"sample.dynamic_threshold must be a percentile in (0, 1] or 0 (off), "
+                                                 f"got {cfg.sample.dynamic_threshold}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -244,10 +302,13 @@ class Trainer:
         eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
-        cond = {"y": y} if self.model.num_classes else {}
+        t, eps = self._local(t), self._local(eps).to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            per_example = l_simple(self.denoiser, x0, self._local(t), self._local(eps).to(self.device),
-                                   weighting=cfg.train.loss_weighting, min_snr_gamma=cfg.train.min_snr_gamma, **cond)
+            if cfg.model.kind == "classifier":
+                per_example = classifier_loss(self.net, self.denoiser.schedule, x0, y, t, eps)
+            else:
+                per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting,
+                                       min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(y, B))
         loss = per_example.mean()
         global_loss = loss.detach().clone()
         if self.world > 1:
@@ -261,6 +322,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return global_loss
+
+    def _condition(self, y: Tensor, B: int) -> dict:
+        """The labels of a class-conditional model, each replaced by the null label with probability
+        train.label_dropout (Ho & Salimans 2022, Algorithm 1): one network learns p(x | y) and p(x)."""
+        if not getattr(self.model, "num_classes", 0):
+            return {}
+        p = self.cfg.train.label_dropout
+        if p > 0:
+            drop = self._local(torch.rand(B, generator=self.generator) < p).to(self.device)
+            y = torch.where(drop, torch.full_like(y, self.model.null_label), y)
+        return {"y": y}
 
     def train_step(self) -> dict:
         loss = self.loss_and_backward()
@@ -298,7 +370,7 @@ class Trainer:
                         log.write(json.dumps(stats) + "\n")
                         log.flush()
                         self.history.append([self.step, stats["loss"]])
-                if t.sample_every and self.step % t.sample_every == 0:
+                if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind == "denoiser":
                     self.sample_grid()
                 out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
@@ -321,17 +393,16 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0)."""
+        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0); a conditional model
+        draws the classes in turn, with the config's guidance."""
         if not self.is_main:
             return None
         s, d = self.cfg.sample, self.cfg.data
-        cond = {}
-        if self.model.num_classes:
-            cond = {"y": torch.arange(s.n, device=self.device) % self.model.num_classes}
-        net = self.ema.model
-        den = build_denoiser(self.cfg, (lambda x, t: net(x, t, **cond)) if cond else net)
-        x = generate(den, s.n, (d.channels, d.image_size, d.image_size), sampler=s.sampler, steps=s.steps,
-                     spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip, seed=self.cfg.train.seed, device=self.device)
+        labels = torch.arange(s.n) % self.model.num_classes if self.model.num_classes else None
+        x = generate(build_denoiser(self.cfg, self.ema.model), s.n, (d.channels, d.image_size, d.image_size),
+                     sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
+                     labels=labels, guidance=s.guidance, seed=self.cfg.train.seed, device=self.device,
+                     eta=s.eta, variance=s.variance)
         return save_grid(x, self.run_dir / "samples" / f"step_{self.step:08d}.png")
 
     # --- checkpoints --------------------------------------------------------------------------

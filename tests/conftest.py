@@ -26,3 +26,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class GaussianMixture:
+    """Data x_0 ~ sum_k pi_k N(mu_k, s_k^2 I) in D dimensions, shaped (B, D, 1, 1); its exact denoisers.
+
+    x_t | k ~ N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2, so with responsibilities
+    r_k(x_t) = p(k | x_t):  E[x_0 | x_t] = sum_k r_k (mu_k + alpha s_k^2 / v_k (x_t - alpha mu_k)),
+    and E[eps | x_t] = (x_t - alpha E[x_0 | x_t]) / sigma. A label y = k conditions on component k
+    (r = one-hot); y = K (the null label) is the whole mixture.
+    """
+
+    def __init__(self, schedule: Schedule, weights, means, stds):
+        self.schedule = schedule
+        self.pi = torch.tensor(weights, dtype=torch.float64)
+        self.mu = torch.tensor(means, dtype=torch.float64)  # (K, D)
+        self.s = torch.tensor(stds, dtype=torch.float64)    # (K,)
+        self.K, self.D = self.mu.shape
+
+    def _scales(self, index, x):
+        t = (index.to(torch.float64) + 1) / self.schedule.T
+        t = t.expand(x.shape[0])
+        return self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]  # (B, 1)
+
+    def logits(self, x, index):
+        """log pi_k + log N(x_t; alpha mu_k, v_k I): log p(k | x_t) up to a constant; (B, K)."""
+        x = x.flatten(1).to(torch.float64)
+        a, s = self._scales(index, x)
+        v = a**2 * self.s**2 + s**2                                   # (B, K)
+        d2 = ((x[:, None, :] - a[:, :, None] * self.mu[None]) ** 2).sum(-1)
+        return self.pi.log() - d2 / (2 * v) - self.D / 2 * torch.log(2 * torch.pi * v)
+
+    def eps(self, x, index, y=None):
+        shape, dtype = x.shape, x.dtype
+        xf = x.flatten(1).to(torch.float64)
+        a, s = self._scales(index, xf)
+        r = torch.softmax(self.logits(x, index), dim=1)
+        if y is not None:
+            onehot = torch.nn.functional.one_hot(y.clamp(max=self.K - 1), self.K).to(torch.float64)
+            r = torch.where((y == self.K)[:, None], r, onehot)
+        v = a**2 * self.s**2 + s**2
+        x0_k = self.mu[None] + (a * self.s**2 / v)[:, :, None] * (xf[:, None, :] - a[:, :, None] * self.mu[None])
+        x0 = (r[:, :, None] * x0_k).sum(1)
+        return ((xf - a * x0) / s).to(dtype).reshape(shape)
+
+    def component(self, x0):
+        """The nearest component of each sample (B,)."""
+        return torch.cdist(x0.flatten(1).to(torch.float64), self.mu).argmin(1)

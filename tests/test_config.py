@@ -137,7 +137,7 @@ def test_wrong_type(text, pattern):
 @pytest.mark.parametrize("text,choices", [
     ("schedule.kind=quadratic", ["'linear'", "'cosine'"]),
     ("model.prediction=score", ["'eps'", "'x0'", "'v'"]),
-    ("sample.sampler=euler", ["'ddpm'", "'ddim'"]),
+    ("sample.sampler=plms", ["'ddpm'", "'ddim'", "'dpmpp-2m'"]),
     ("train.mixed_precision=fp8", ["'auto'", "'no'", "'bf16'", "'fp16'"]),
     ("data.source=cifar", ["'mnist'", "'digits'", "'folder'"]),
 ])

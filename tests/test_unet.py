@@ -78,6 +78,21 @@ def test_output_shape_equals_input_shape(kw, c, s):
     assert net(torch.randn(2, c, 2 * s, 2 * s), t[:2]).shape == (2, c, 2 * s, 2 * s)
 
 
+def test_patching_is_a_unet_on_space_to_depth_channels():
+    """patch_size 2 = pixel_unshuffle -> a patch-1 U-Net on 4x the channels at half the size -> pixel_shuffle."""
+    patched = perturb(UNet(small_cfg(patch_size=2, attention_resolutions=[2]), in_channels=3, image_size=8)).eval()
+    plain = UNet(small_cfg(attention_resolutions=[2]), in_channels=12, image_size=4).eval()
+    plain.load_state_dict(patched.state_dict())  # same parameter shapes: only the in/out channel counts move
+    x, t = inputs(2, 3, 8)
+    with torch.no_grad():
+        out = patched(x, t)
+        ref = torch.nn.functional.pixel_shuffle(plain(torch.nn.functional.pixel_unshuffle(x, 2), t), 2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="divisible by 4"):  # patch 2 times one halving
+        patched(torch.randn(1, 3, 6, 6), t[:1])
+
+
 def test_learned_variance_output_channels():
     net = UNet(small_cfg(), in_channels=3, image_size=8, out_channels=6)
     x, t = inputs(2, 3)
@@ -141,7 +156,7 @@ def test_timestep_embedding():
 
 def test_class_conditional_output_depends_on_y():
     net = perturb(UNet(small_cfg(class_conditional=True), in_channels=1, image_size=8, num_classes=10)).eval()
-    assert net.num_classes == 10 and net.label_emb.num_embeddings == 10
+    assert net.num_classes == 10 and net.label_emb.num_embeddings == 11 and net.null_label == 10
     x, t = inputs(4)
     a = net(x, t, torch.tensor([0, 0, 0, 0]))
     b = net(x, t, torch.tensor([0, 5, 0, 5]))
@@ -196,6 +211,9 @@ def test_sharded_dropout_slices_the_global_mask():
     ({"dropout": 1.0}, 8, "model.dropout"),
     ({"num_res_blocks": 0}, 8, "model.num_res_blocks"),
     ({"channel_mult": []}, 8, "model.channel"),
+    ({"patch_size": 0}, 8, "model.patch_size"),
+    ({"patch_size": 3}, 8, "patch_size"),                     # 8 is not a multiple of 3 * 2
+    ({"patch_size": 2, "attention_resolutions": [8]}, 8, "model.attention_resolutions"),  # patched maps are 4 and 2
 ])
 def test_bad_config_raises_value_error_naming_the_key(kw, size, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

@@ -1,15 +1,46 @@
 """Samplers: pure functions sample(denoiser, x_T, timesteps, *, generator, callback) -> x_0.
 
 They call the denoiser and read alpha_t, sigma_t from its schedule, nothing else: no network,
-no prediction type, no hidden state between calls.
+no prediction type, no hidden state between calls. `SAMPLERS` names each one for the CLI, with
+its denoiser calls per grid step (multi-stage samplers make fewer on the step into t = 0).
 """
 
-from . import ddim, ddpm
-from .base import Callback, Step
+from __future__ import annotations
 
-SAMPLERS = {
-    "ddpm": ddpm.sample,  # ancestral, Ho et al. 2020 Algorithm 2
-    "ddim": ddim.sample,  # Song et al. 2021, any eta
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from . import ddim, ddpm, dpm_solver, karras, sde
+from .base import Callback, CountCalls, Step
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A named sampler: call it as the sampler function itself."""
+
+    fn: Callable
+    calls_per_step: int       # denoiser calls per grid step (0: adaptive)
+    options: tuple[str, ...]  # keyword options it takes besides generator and callback
+    about: str
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddpm": SamplerInfo(ddpm.sample, 1, ("variance",), "ancestral, Ho et al. 2020 Algorithm 2"),
+    "ddim": SamplerInfo(ddim.sample, 1, ("eta",), "Song et al. 2021, any eta"),
+    "dpmpp-2m": SamplerInfo(functools.partial(dpm_solver.sample, order=2), 1, (), "DPM-Solver++(2M), Lu et al. 2022"),
+    "dpmpp-3m": SamplerInfo(functools.partial(dpm_solver.sample, order=3), 1, (), "DPM-Solver++ 3rd-order multistep"),
+    "dpmpp-2s": SamplerInfo(dpm_solver.sample_2s, 2, (), "DPM-Solver++(2S), single-step, Lu et al. 2022"),
+    "euler": SamplerInfo(karras.euler, 1, (), "Euler in sigma, Karras et al. 2022"),
+    "heun": SamplerInfo(karras.heun, 2, ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Heun, EDM Algorithm 1 (2 with s_churn)"),
+    "dpm2": SamplerInfo(karras.dpm2, 2, (), "DPM-Solver-2 in sigma, Karras et al. 2022"),
+    "euler-ancestral": SamplerInfo(karras.euler_ancestral, 1, ("eta",), "Euler ancestral in sigma"),
+    "sde-em": SamplerInfo(sde.euler_maruyama, 1, (), "reverse VP-SDE by Euler-Maruyama, Song et al. 2021"),
+    "sde-pc": SamplerInfo(sde.predictor_corrector, 2, ("snr", "corrector_steps"), "predictor-corrector with Langevin, Song et al. 2021"),
+    "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)"),
 }
 
-__all__ = ["SAMPLERS", "Callback", "Step", "ddim", "ddpm"]
+__all__ = ["SAMPLERS", "SamplerInfo", "Callback", "CountCalls", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]

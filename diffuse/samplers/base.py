@@ -54,3 +54,19 @@ def grid_steps(schedule, timesteps: Tensor) -> Iterator[GridStep]:
 def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise shaped like x, drawn only from the passed generator."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class CountCalls:
+    """A denoiser that counts its calls: a sampler's number of function evaluations (NFE)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.schedule, self.calls = denoiser, denoiser.schedule, 0
+
+    def __call__(self, x_t: Tensor, t, **cond):
+        self.calls += 1
+        return self.denoiser(x_t, t, **cond)
+
+    def __getattr__(self, name: str):  # the wrapped denoiser's other attributes (net, prediction, ...)
+        if name == "denoiser":
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)

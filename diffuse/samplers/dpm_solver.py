@@ -1,0 +1,127 @@
+"""DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: fast solver for guided sampling"): the
+probability-flow ODE solved exactly in its linear part, in the log-SNR lambda = log(alpha / sigma).
+
+With the data prediction x0_theta, the ODE from t to s < t has the exact form (eq. 9)
+    x_s = (sigma_s / sigma_t) x_t + sigma_s * integral_{lambda_t}^{lambda_s} e^lambda x0_theta(x_lambda) dlambda,
+and the solvers expand x0_theta in lambda around the known points, h = lambda_s - lambda_t:
+    order 1 (= DDIM, eq. 10):  x_s = (sigma_s/sigma_t) x_t - alpha_s (e^-h - 1) D0
+    2M (Algorithm 2):          ... - 1/2 alpha_s (e^-h - 1) D1,          D1 = (D0 - x0_prev) / r,  r = h_prev / h
+    3M (the third-order multistep update of the DPM-Solver code and diffusers):
+        ... + alpha_s ((e^-h - 1)/h + 1) D1 - alpha_s ((e^-h - 1 + h)/h^2 - 1/2) D2
+        with D1 ~= h x0' and D2 ~= h^2 x0'' from divided differences of the last three x0s.
+    2S (Algorithm 1, r = 1/2): one extra call at the lambda midpoint per step.
+Multistep solvers start at order 1 and climb as history accrues; the step into t = 0 (lambda = inf)
+is always first order (it returns the last x_0 prediction), and with fewer than 15 steps the
+last steps use lower orders too ("lower_order_final", Lu et al. 2022 sec. 5, diffusers' default),
+which keeps few-step sampling stable.
+
+A correction to the reference 3M: the term above integrates e^lambda (lambda - lambda_t)^2 / 2 x0''
+exactly only if D2 = h^2 x0''. The reference estimate, D2 = (D1_0 - D1_1) / (r0 + r1), equals
+h^2 x0'' / 2 (Taylor-expand the three x0s), which leaves an O(h^3) local error: the reference 3M
+converges at second order (tests/test_solvers.py measures it). We use D2 = 2 (D1_0 - D1_1) / (r0 + r1),
+which is third order; `reference_3m=True` gives the reference update (and diffusers' trajectories).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Callback, Step, grid_steps
+
+
+def log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma); +inf at clean data."""
+    return math.log(alpha / sigma) if sigma > 0 else math.inf
+
+
+def first_order_update(x: Tensor, x0: Tensor, sigma_t: float, alpha_s: float, sigma_s: float, h: float) -> Tensor:
+    """x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x0: DPM-Solver++ order 1, which is DDIM (Lu et al. 2022, eq. 10)."""
+    return (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * x0
+
+
+def multistep_update(x: Tensor, x0s: list[Tensor], hs: list[float], sigma_t: float, alpha_s: float, sigma_s: float,
+                     h: float, reference_3m: bool = False) -> Tensor:
+    """The order len(x0s) multistep update from x_t to x_s, given x0 predictions newest first and the
+    lambda gaps between them (hs[0] = lambda_t - lambda_prev, hs[1] = lambda_prev - lambda_prev2)."""
+    order = len(x0s)
+    if order == 1:
+        return first_order_update(x, x0s[0], sigma_t, alpha_s, sigma_s, h)
+    em = math.expm1(-h)  # e^-h - 1
+    r0 = hs[0] / h
+    d0, d1_0 = x0s[0], (x0s[0] - x0s[1]) / r0
+    if order == 2:  # Algorithm 2 (DPM-Solver++(2M))
+        return (sigma_s / sigma_t) * x - alpha_s * em * d0 - 0.5 * alpha_s * em * d1_0
+    r1 = hs[1] / h
+    d1_1 = (x0s[1] - x0s[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (1 if reference_3m else 2) * (d1_0 - d1_1) / (r0 + r1)  # h^2 x0'' (the reference: half of it; see above)
+    return ((sigma_s / sigma_t) * x - alpha_s * em * d0 + alpha_s * (em / h + 1) * d1
+            - alpha_s * ((em + h) / h**2 - 0.5) * d2)
+
+
+def sample(
+    denoiser,
+    x_T: Tensor,
+    timesteps: Tensor,
+    *,
+    order: int = 2,                  # 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M)
+    lower_order_final: bool = True,  # lower orders on the last steps of grids shorter than 15 steps
+    reference_3m: bool = False,      # order 3: the DPM-Solver code's / diffusers' update (second order in the limit)
+    generator: torch.Generator | None = None,  # unused: the solver is deterministic
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++ multistep from x_T over a decreasing grid ending at 0: one denoiser call per step."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
+    x = x_T
+    n = len(timesteps) - 1
+    x0s: list[Tensor] = []   # x0 predictions, newest first
+    lams: list[float] = []   # their lambdas
+    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
+        pred = denoiser(x, t)
+        lam_t, lam_s = log_snr(alpha_t, sigma_t), log_snr(alpha_s, sigma_s)
+        x0s, lams = [pred.x0, *x0s][:order], [lam_t, *lams][:order]
+        k = min(order, i + 1)
+        if lower_order_final and n < 15:
+            k = min(k, n - i)
+        if sigma_s == 0:
+            k = 1
+        hs = [lams[j] - lams[j + 1] for j in range(k - 1)]
+        x_next = multistep_update(x, x0s[:k], hs, sigma_t, alpha_s, sigma_s, lam_s - lam_t, reference_3m)
+        if callback is not None:
+            callback(Step(i, n, t, s, x, pred.x0, x_next))
+        x = x_next
+    return x
+
+
+def sample_2s(
+    denoiser,
+    x_T: Tensor,
+    timesteps: Tensor,
+    *,
+    generator: torch.Generator | None = None,  # unused: the solver is deterministic
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2): two denoiser calls per step, one at
+    the lambda midpoint s_mid; the step into t = 0 is first order (one call)."""
+    schedule = denoiser.schedule
+    x = x_T
+    n = len(timesteps) - 1
+    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(schedule, timesteps):
+        pred = denoiser(x, t)
+        lam_t, lam_s = log_snr(alpha_t, sigma_t), log_snr(alpha_s, sigma_s)
+        h = lam_s - lam_t
+        if sigma_s == 0:
+            x_next = first_order_update(x, pred.x0, sigma_t, alpha_s, sigma_s, h)
+        else:
+            t_mid = float(schedule.t_from_log_snr(2 * (lam_t + h / 2)))  # the schedule's log-SNR is 2 lambda
+            alpha_m, sigma_m = float(schedule.alpha(t_mid)), float(schedule.sigma(t_mid))
+            u = first_order_update(x, pred.x0, sigma_t, alpha_m, sigma_m, h / 2)
+            x_next = first_order_update(x, denoiser(u, t_mid).x0, sigma_t, alpha_s, sigma_s, h)
+        if callback is not None:
+            callback(Step(i, n, t, s, x, pred.x0, x_next))
+        x = x_next
+    return x

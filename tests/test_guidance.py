@@ -1,0 +1,105 @@
+"""Guidance wrappers against the exact answers of a Gaussian mixture, and thresholding in closed form."""
+
+import pytest
+import torch
+
+from diffuse import Denoiser, Schedule
+from diffuse.guidance import (ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold,
+                              dynamic_threshold, guided_eps)
+from diffuse.samplers import SAMPLERS
+
+from conftest import GaussianMixture
+from test_solvers import ACCURATE, MIXTURE
+
+
+@pytest.fixture
+def mix():
+    return GaussianMixture(Schedule.linear(), **MIXTURE)
+
+
+def points(n=64, seed=0):
+    return torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5
+
+
+def test_guided_eps_formula():
+    c, u = torch.tensor([1.0]), torch.tensor([3.0])
+    assert guided_eps(c, u, 0.0) == c  # w = 0: the conditional model
+    assert guided_eps(c, u, 2.0) == 3 * c - 2 * u  # (1 + w) eps_c - w eps_u (Ho & Salimans 2022, eq. 6)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.4, 0.9])
+def test_cfg_matches_its_definition_and_w0_is_the_conditional(mix, t):
+    den = Denoiser(mix.eps, mix.schedule)
+    x, y = points(), torch.full((64,), 1)
+    cond = den(x, t, y=y)
+    uncond = den(x, t, y=torch.full((64,), mix.K))
+    at0 = ClassifierFreeGuidance(den, 0.0, y, null_label=mix.K)(x, t)
+    torch.testing.assert_close(at0.eps, cond.eps)
+    w = ClassifierFreeGuidance(den, 3.0, y, null_label=mix.K)(x, t)
+    torch.testing.assert_close(w.eps, 4 * cond.eps - 3 * uncond.eps)
+    torch.testing.assert_close(w.x0, 4 * cond.x0 - 3 * uncond.x0)  # x_0 follows eps (affine in it at fixed x_t)
+
+
+def test_cfg_at_w0_samples_the_class_and_larger_w_concentrates_on_it(mix):
+    """Sampling with w = 0 gives component k's distribution; growing w puts ever more mass on k
+    (p(x|k)^(1+w) / p(x)^w sharpens p(k | x)) and pulls samples away from the other components."""
+    den = Denoiser(mix.eps, mix.schedule)
+    x_T = torch.randn(3000, 2, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.full((3000,), 2)  # the smallest component, pi = 0.2
+    ts = mix.schedule.timesteps(20, "log_snr")
+    shares, posteriors = [], []
+    for w in (0.0, 1.0, 4.0):
+        x0 = SAMPLERS["dpmpp-2m"](ClassifierFreeGuidance(den, w, y, null_label=mix.K), x_T, ts).flatten(1)
+        shares.append(float((mix.component(x0) == 2).double().mean()))
+        posteriors.append(float(torch.softmax(mix.logits(x0.view(-1, 2, 1, 1), torch.tensor(-1.0)), 1)[:, 2].mean()))
+        if w == 0:
+            torch.testing.assert_close(x0.mean(0), mix.mu[2], atol=0.02, rtol=0)
+            assert float(x0.std(0).mean()) == pytest.approx(float(mix.s[2]), rel=0.05)
+    assert shares[0] > 0.99
+    assert posteriors[0] < posteriors[1] < posteriors[2]
+
+
+@pytest.mark.parametrize("t", [0.05, 0.4, 0.9])
+def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional(mix, t):
+    """eps - sigma_t grad log p(y | x_t) at scale 1 is the conditional model's eps, for every t:
+    grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t) (Dhariwal & Nichol 2021, sec. 4)."""
+    den = Denoiser(mix.eps, mix.schedule)
+    x, y = points(seed=2), torch.arange(64) % 3
+    guided = ClassifierGuidance(den, mix.logits, y, scale=1.0)(x, t)
+    exact = den(x, t, y=y)
+    torch.testing.assert_close(guided.eps, exact.eps, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(guided.x0, exact.x0, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(ClassifierGuidance(den, mix.logits, y, scale=0.0)(x, t).eps, den(x, t).eps)
+
+
+def test_classifier_guided_sampling_draws_the_class(mix):
+    den = Denoiser(mix.eps, mix.schedule)
+    x_T = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.full((2000,), 1)
+    kw, steps, spacing = ACCURATE["ddim"]
+    x0 = SAMPLERS["ddim"](ClassifierGuidance(den, mix.logits, y, 1.0), x_T, mix.schedule.timesteps(steps, spacing))
+    assert float((mix.component(x0.flatten(1)) == 1).double().mean()) > 0.99
+    torch.testing.assert_close(x0.flatten(1).mean(0), mix.mu[1], atol=0.03, rtol=0)
+
+
+def test_dynamic_threshold_closed_form():
+    x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [3.0, -2.0, 0.5, 1.0]]).view(2, 4, 1, 1)
+    out = dynamic_threshold(x0, 1.0)  # p = 1: s = max |x_0| (at least 1)
+    torch.testing.assert_close(out[0], x0[0])  # within [-1, 1]: untouched
+    torch.testing.assert_close(out[1], x0[1] / 3.0)  # scaled into [-1, 1], not clipped
+    s = float(torch.quantile(x0[1].abs().flatten(), 0.5))  # p = 0.5: s = median |x| = 1.5 (> 1)
+    torch.testing.assert_close(dynamic_threshold(x0, 0.5)[1], x0[1].clamp(-s, s) / s)
+    with pytest.raises(ValueError, match="percentile"):
+        DynamicThreshold(Denoiser(lambda x, t: x, Schedule.linear()), 1.5)
+
+
+def test_threshold_wrappers_keep_eps_consistent_and_compose(mix):
+    den = Denoiser(mix.eps, mix.schedule)
+    x, y = points(seed=4) * 3, torch.arange(64) % 3
+    for wrapped in (ClipX0(den), DynamicThreshold(ClassifierFreeGuidance(den, 2.0, y, mix.K), 0.9)):
+        p = wrapped(x, 0.3)
+        a, s = float(mix.schedule.alpha(0.3)), float(mix.schedule.sigma(0.3))
+        torch.testing.assert_close(x, a * p.x0 + s * p.eps)
+        assert float(p.x0.abs().max()) <= 1 + 1e-12
+    cond = Conditioned(den, y=y)
+    torch.testing.assert_close(cond(x, 0.3).eps, den(x, 0.3, y=y).eps)
