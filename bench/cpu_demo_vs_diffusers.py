@@ -2,8 +2,10 @@
 
     python bench/cpu_demo_vs_diffusers.py --budget 480 --n-samples 1000 --out bench/out
 
-1. ours: configs/mnist.toml (read now, whatever it holds) trained by diffuse.train.Trainer for
-   --budget seconds, then N samples with the config's own sampler (load_run + generate);
+1. ours: each --config (default: the demo's configs/mnist_cond.toml, class-conditional with
+   classifier-free guidance, and its unconditional twin configs/mnist.toml; read now, whatever
+   they hold) trained by diffuse.train.Trainer for --budget seconds, then N samples with the
+   config's own sampler and guidance (load_run + generate; labels 0..9 in turn);
 2. the peer: diffusers UNet2DModel (the unconditional-training tutorial's design, scaled to
    28x28 and to our parameter count) trained by the tutorial's loop (DDPMScheduler(1000, linear)
    add_noise, MSE on eps, AdamW with warm-up, gradient clipping at 1) on the same images with
@@ -104,7 +106,8 @@ def run_ours(config: Path, budget: float, n: int, seed: int) -> tuple[dict, Tens
                                 guidance=s.guidance, seed=seed + i))
             say(f"  ours: {sum(map(len, out))}/{n} samples, {time.perf_counter() - start:.0f} s")
         sample_s = time.perf_counter() - start
-    sampler = f"{s.sampler} {s.steps} steps" + (f", eta {s.eta:g}" if s.sampler == "ddim" else "")
+    sampler = (f"{s.sampler} {s.steps} steps" + (f", eta {s.eta:g}" if s.sampler == "ddim" else "")
+               + (f", guidance {s.guidance:g}" if net.num_classes and s.guidance else ""))
     row = {"model": f"diffuse ({config.name}{', class-conditional' if net.num_classes else ''})", "params": n_params(net),
            "sampler": sampler, "steps": steps, "batch": cfg.train.batch_size, "train_s": train_s, "sample_s": sample_s}
     return row, torch.cat(out)
@@ -199,15 +202,15 @@ def score(row: dict, samples: Tensor, real: Tensor, classifier) -> dict:
     return row
 
 
-def results_section(rows: list[dict], budget: float, n: int, config: Path) -> str:
+def results_section(rows: list[dict], budget: float, n: int, configs: list[Path]) -> str:
     date = datetime.date.today().isoformat()
-    shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+    shown = ", ".join(f"`{c.relative_to(ROOT) if c.is_relative_to(ROOT) else c}`" for c in configs)
     lines = [
         f"## {TITLE} ({date})",
         "",
         f"Device: {cpu_description()}; torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}.",
         f"Each model trained for {budget:g} s of wall clock, one after the other in one process, on the 5,000 bundled "
-        f"MNIST digits; ours from `{shown}`. FID of {n} samples against the 5,000 digits in the "
+        f"MNIST digits; ours from {shown}. FID of {n} samples against the 5,000 digits in the "
         "feature space of `diffuse.metrics.digit_classifier()` (lower is better; the last row is the floor that "
         f"{n} real digits reach). `python bench/cpu_demo_vs_diffusers.py --budget {budget:g} --n-samples {n}`",
         "",
@@ -245,7 +248,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=480, help="training seconds per model (default 480)")
     p.add_argument("--n-samples", type=int, default=1000, help="samples per model for FID (default 1000)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="folder for sample grids and results.json")
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist.toml", help="our run config (default configs/mnist.toml)")
+    p.add_argument("--config", type=Path, nargs="+", default=[ROOT / "configs" / "mnist_cond.toml", ROOT / "configs" / "mnist.toml"],
+                   help="our run configs (default: configs/mnist_cond.toml, the demo's, and configs/mnist.toml)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
     args = p.parse_args()
@@ -257,21 +261,26 @@ def main() -> None:
     digits = load_dataset(DataConfig(source="mnist"))
     real = digits.images.float() / 127.5 - 1  # (5000, 1, 28, 28)
 
-    ours, x_ours = run_ours(args.config.absolute(), args.budget, args.n_samples, args.seed)
-    say(f"ours: {ours['steps']} steps in {ours['train_s']:.1f} s, {args.n_samples} samples in {ours['sample_s']:.1f} s")
-    cfg = load_config(args.config)
+    rows, grids = [], {}
+    for config in args.config:
+        ours, x_ours = run_ours(config.absolute(), args.budget, args.n_samples, args.seed)
+        say(f"ours ({config.name}): {ours['steps']} steps in {ours['train_s']:.1f} s, {args.n_samples} samples in {ours['sample_s']:.1f} s")
+        rows.append(score(ours, x_ours, real, classifier))
+        grids[f"ours_{config.stem}"] = x_ours
+    cfg = load_config(args.config[0])
     train_images = load_dataset(cfg.data).images.float() / 127.5 - 1  # the exact images ours trained on
-    peer, x_peer = run_peer(train_images, cfg.train.batch_size, ours["params"], args.budget, args.n_samples, args.seed)
+    peer, x_peer = run_peer(train_images, cfg.train.batch_size, rows[0]["params"], args.budget, args.n_samples, args.seed)
     say(f"diffusers: {peer['steps']} steps in {peer['train_s']:.1f} s, {args.n_samples} samples in {peer['sample_s']:.1f} s")
+    grids["diffusers"] = x_peer
 
     floor = {"model": f"real digits ({args.n_samples} of the 5,000)"}
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:args.n_samples]
-    rows = [score(ours, x_ours, real, classifier), score(peer, x_peer, real, classifier), score(floor, real[pick], real, classifier)]
-    for name, x in (("ours", x_ours), ("diffusers", x_peer)):
+    rows += [score(peer, x_peer, real, classifier), score(floor, real[pick], real, classifier)]
+    for name, x in grids.items():
         save_grid(x[:100], args.out / f"{name}_samples.png", nrow=10, scale=2)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
-    section = results_section(rows, args.budget, args.n_samples, args.config.absolute())
+    section = results_section(rows, args.budget, args.n_samples, [c.absolute() for c in args.config])
     say("\n" + section)
     if not args.no_results:
         write_results(section)
