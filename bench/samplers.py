@@ -31,17 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # (sampler, steps, spacing, options): few-step settings, each at comparable NFE
 GRID = [
     ("ddim", 10, "trailing", {}), ("ddim", 20, "trailing", {}), ("ddim", 50, "trailing", {}),
-    ("ddpm", 50, "trailing", {}), ("ddpm", 250, "trailing", {}),
+    ("ddpm", 50, "trailing", {}),
     ("dpmpp-2m", 10, "trailing", {}), ("dpmpp-2m", 20, "trailing", {}),
     ("dpmpp-3m", 10, "trailing", {}), ("dpmpp-3m", 20, "trailing", {}),
-    ("dpmpp-2s", 5, "trailing", {}), ("dpmpp-2s", 10, "trailing", {}),
-    ("euler", 10, "karras", {}), ("euler", 20, "karras", {}),
-    ("heun", 5, "karras", {}), ("heun", 10, "karras", {}), ("heun", 10, "karras", {"s_churn": 5.0}),
-    ("dpm2", 5, "karras", {}), ("dpm2", 10, "karras", {}),
+    ("dpmpp-2s", 10, "trailing", {}),
+    ("euler", 20, "karras", {}),
+    ("heun", 10, "karras", {}), ("heun", 10, "karras", {"s_churn": 5.0}),
+    ("dpm2", 10, "karras", {}),
     ("euler-ancestral", 20, "karras", {}), ("euler-ancestral", 50, "karras", {}),
-    ("sde-em", 50, "trailing", {}), ("sde-em", 250, "trailing", {}),
-    ("sde-pc", 25, "trailing", {}), ("sde-pc", 125, "trailing", {}),
-    ("ode-rk45", 2, "trailing", {"rtol": 1e-3, "atol": 1e-3}), ("ode-rk45", 2, "trailing", {"rtol": 1e-2, "atol": 1e-2}),
+    ("sde-em", 100, "trailing", {}),
+    ("sde-pc", 50, "trailing", {}),
+    ("ode-rk45", 2, "trailing", {"rtol": 1e-2, "atol": 1e-2}),
 ]
 W_SWEEP = [0.0, 0.5, 1.0, 2.0, 4.0]
 CHUNK = 250
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--train-budget", type=float, default=480)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--only", nargs="*", help="sampler names to run (default: all)")
+    p.add_argument("--skip", nargs="*", default=[], help="sampler names to leave out")
     p.add_argument("--skip-guidance", action="store_true")
     args = p.parse_args()
     run = Path(args.run)
@@ -78,7 +79,7 @@ def main() -> None:
     real = torch.stack([x for x, _ in load_dataset(d)])
     labels = torch.arange(args.n) % num_classes
     for name, steps, spacing, options in GRID:
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or name in args.skip:
             continue
         x, nfe, seconds = draw(den, args.n, shape, labels, sampler=name, steps=steps, spacing=spacing, **options)
         print(json.dumps({"sampler": name, "steps": steps, "spacing": spacing, **options, "nfe": nfe,

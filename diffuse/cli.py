@@ -1,8 +1,9 @@
-"""The `diffuse` command: train, sample, demo.
+"""The `diffuse` command: train, sample, eval, demo.
 
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
+    diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--sampler NAME --steps K]
     diffuse demo [--out DIR]
 """
 
@@ -125,6 +126,66 @@ def _sample(args) -> None:
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
 
 
+def _eval(args) -> None:
+    import datetime
+    import json
+
+    import torch
+
+    from . import metrics
+    from .data import load_dataset
+    from .losses import vlb_bits_per_dim
+    from .samplers.sde import ode_bits_per_dim
+    from .train import generate, load_run
+
+    if args.n < 2:
+        raise ValueError(f"--n must be >= 2, got {args.n}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
+    s, d = cfg.sample, cfg.data
+    data = load_dataset(d)
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(data), generator=g)[:args.n]
+    real = torch.stack([data[int(i)][0] for i in pick])
+    record: dict = {"metric": args.metric, "n": args.n, "seed": args.seed, "date": datetime.date.today().isoformat()}
+    if args.metric in ("nll", "vlb"):
+        x0 = real.to(device)
+        if args.metric == "nll":
+            bpd, nfe = ode_bits_per_dim(den, x0, rtol=args.rtol, atol=args.rtol, generator=torch.Generator().manual_seed(args.seed))
+            record.update(bits_per_dim=float(bpd.mean()), bits_per_dim_std=float(bpd.std()), nfe=nfe, rtol=args.rtol)
+        else:
+            out = vlb_bits_per_dim(den, x0, samples=args.vlb_samples, generator=torch.Generator().manual_seed(args.seed))
+            record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
+                          prior_bits_per_dim=float(out["prior"].mean()), terms="all" if args.vlb_samples is None else args.vlb_samples)
+    else:
+        if d.channels != 1:
+            raise ValueError("sample-quality metrics use the digit-classifier feature space, made for 1-channel digits; "
+                             f"this run has data.channels = {d.channels}")
+        sampler = args.sampler or s.sampler
+        labels = torch.arange(args.n) % num_classes if cfg.model.class_conditional and num_classes else None
+        fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler,
+                        steps=args.steps or s.steps, spacing=args.spacing or s.spacing, clip=s.clip,
+                        dynamic_threshold=s.dynamic_threshold, labels=labels,
+                        guidance=s.guidance if args.guidance is None else args.guidance, seed=args.seed, device=device,
+                        eta=s.eta, variance=s.variance).cpu()
+        record.update(sampler=sampler, steps=args.steps or s.steps, features="digit classifier")
+        net = metrics.digit_classifier()
+        if args.metric == "fid":
+            record["fid"] = metrics.fid(real, fake, net)
+        elif args.metric == "kid":
+            record["kid"], record["kid_std"] = metrics.kid(real, fake, net, subset_size=min(1000, args.n))
+        elif args.metric == "is":
+            record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
+        else:
+            record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+    for k, v in record.items():
+        print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+    path = Path(args.run) / "eval.json"
+    results = json.loads(path.read_text()) if path.is_file() else []
+    path.write_text(json.dumps(results + [record], indent=1))
+    print(f"appended to {path}")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -164,6 +225,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim")
+    e.add_argument("run", help="run folder written by `diffuse train`")
+    e.add_argument("--metric", required=True, choices=["fid", "kid", "is", "pr", "nll", "vlb"],
+                   help="fid / kid / is / pr of --n samples against --n real images (digit-classifier features); "
+                        "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim")
+    e.add_argument("--n", type=int, default=1000, help="images (default 1000)")
+    e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
+    e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    e.add_argument("--spacing", choices=list(SPACINGS))
+    e.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
+    e.add_argument("--rtol", type=float, default=1e-5, help="nll: the ODE solver's tolerance (default 1e-5)")
+    e.add_argument("--vlb-samples", type=int, help="vlb: estimate from this many random steps (default: all T terms)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--device")
+    e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")

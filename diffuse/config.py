@@ -61,6 +61,8 @@ class TrainConfig:
     ema_decay: float = 0.9999       # EMA of weights used for sampling (DDPM: 0.9999)
     ema_warmup: bool = True         # decay min(ema_decay, (1+n)/(10+n)) at step n, so short runs are not averaged with the init
     weight_decay: float = 0.0       # AdamW decoupled weight decay (DDPM: none)
+    loss: Literal["simple", "hybrid", "vlb"] = "simple"  # L_simple (Ho et al.); + lambda L_vlb (Nichol & Dhariwal, learned variance); L_vlb alone
+    vlb_lambda: float = 0.001       # lambda of the hybrid loss (Nichol & Dhariwal 2021: 0.001)
     loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)

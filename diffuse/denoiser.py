@@ -9,6 +9,10 @@ branch on them (DESIGN.md, "The interfaces"). With x_t = alpha_t x_0 + sigma_t e
     v:          v = alpha_t eps - sigma_t x_0                  (Salimans & Ho 2022, sec. 4)
                 x_0 = alpha_t x_t - sigma_t v,  eps = sigma_t x_t + alpha_t v   (alpha^2 + sigma^2 = 1)
     score:      grad log q(x_t) ~= -eps / sigma_t                (Song et al. 2021, eq. 5 / lecture 001)
+
+A network with a learned variance (Nichol & Dhariwal 2021, sec. 3.1) returns twice the channels:
+its prediction, then v, read as v_interp = (v + 1) / 2 so that an output in [-1, 1] spans
+[log beta-tilde, log beta] (eq. 15; the sampler or bound that knows the step mixes the two).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ PREDICTION_TYPES = ("eps", "x0", "v")
 
 @dataclass
 class Prediction:
-    """What a denoiser says about x_t: the clean image and the noise that was added."""
+    """What a denoiser says about x_t: the clean image and the noise that was added, and, for a
+    learned-variance network, v_interp: log Sigma = v log beta_t + (1 - v) log beta-tilde_t (eq. 15)."""
 
     x0: Tensor
     eps: Tensor
+    v_interp: Tensor | None = None
 
 
 def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -101,26 +107,40 @@ class Denoiser:
     Calling the denoiser takes continuous t in [0, 1] (a scalar or one per example).
     """
 
-    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: PredictionType = "eps"):
+    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: PredictionType = "eps",
+                 learned_variance: bool = False):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
+        self.learned_variance = learned_variance
 
-    def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
-        """The network's own output at (x_t, t), one time per example."""
+    def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
+        """The network's own output at (x_t, t), one time per example, and v_interp (None without a learned variance)."""
         t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
         # float32 at least: bf16 cannot tell step 999 from 1000
         out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32), **cond)
-        if out.shape != x_t.shape:
+        expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]) if self.learned_variance else x_t.shape
+        if out.shape != expected:
+            what = "twice the input channels (prediction, variance)" if self.learned_variance else "one value per input value"
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; "
-                             "a denoising network must return one value per input value")
-        return out
+                             f"this denoiser needs {what}, shape {tuple(expected)}")
+        if not self.learned_variance:
+            return out, None
+        raw, v = out.chunk(2, dim=1)
+        return raw, (v + 1) / 2
+
+    def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """The network's prediction (eps, x0 or v) at (x_t, t), without any learned variance."""
+        return self.output(x_t, t, **cond)[0]
 
     def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
         alpha, sigma = scales(self.schedule, t, x_t)
-        return predict(self.raw(x_t, t, **cond), x_t, alpha, sigma, self.prediction)
+        raw, v_interp = self.output(x_t, t, **cond)
+        pred = predict(raw, x_t, alpha, sigma, self.prediction)
+        pred.v_interp = v_interp
+        return pred
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The regression target of this denoiser's network for x_t = alpha_t x0 + sigma_t eps."""

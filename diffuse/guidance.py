@@ -16,14 +16,15 @@ from torch import Tensor
 from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
 
 
-def _with_x0(x_t: Tensor, t, x0: Tensor, schedule) -> Prediction:
+def _with_x0(x_t: Tensor, t, x0: Tensor, schedule, like: Prediction) -> Prediction:
+    """A prediction with this x_0, eps re-derived, and `like`'s learned variance (guidance changes the mean only)."""
     alpha, sigma = scales(schedule, t, x_t)
-    return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma))
+    return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma), v_interp=like.v_interp)
 
 
-def _with_eps(x_t: Tensor, t, eps: Tensor, schedule) -> Prediction:
+def _with_eps(x_t: Tensor, t, eps: Tensor, schedule, like: Prediction) -> Prediction:
     alpha, sigma = scales(schedule, t, x_t)
-    return Prediction(x0=eps_to_x0(x_t, eps, alpha, sigma), eps=eps)
+    return Prediction(x0=eps_to_x0(x_t, eps, alpha, sigma), eps=eps, v_interp=like.v_interp)
 
 
 class Conditioned:
@@ -44,7 +45,8 @@ class ClipX0:
         self.lo, self.hi = lo, hi
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
-        return _with_x0(x_t, t, self.denoiser(x_t, t, **cond).x0.clamp(self.lo, self.hi), self.schedule)
+        pred = self.denoiser(x_t, t, **cond)
+        return _with_x0(x_t, t, pred.x0.clamp(self.lo, self.hi), self.schedule, pred)
 
 
 def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
@@ -64,7 +66,8 @@ class DynamicThreshold:
         self.denoiser, self.schedule, self.percentile = denoiser, denoiser.schedule, percentile
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
-        return _with_x0(x_t, t, dynamic_threshold(self.denoiser(x_t, t, **cond).x0, self.percentile), self.schedule)
+        pred = self.denoiser(x_t, t, **cond)
+        return _with_x0(x_t, t, dynamic_threshold(pred.x0, self.percentile), self.schedule, pred)
 
 
 def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
@@ -91,7 +94,8 @@ class ClassifierFreeGuidance:
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
                              y=torch.cat([self.y, torch.full_like(self.y, self.null)]), **cond)
         eps = guided_eps(both.eps[:B], both.eps[B:], self.w)
-        return _with_eps(x_t, t, eps, self.schedule)
+        cond_v = None if both.v_interp is None else both.v_interp[:B]  # the conditional model's variance (as GLIDE)
+        return _with_eps(x_t, t, eps, self.schedule, Prediction(both.x0[:B], both.eps[:B], cond_v))
 
 
 def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,
@@ -126,4 +130,4 @@ class ClassifierGuidance:
         model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
         grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.y)
         _, sigma = scales(self.schedule, t, x_t)
-        return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule)
+        return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule, pred)

@@ -1,4 +1,6 @@
-"""Sample-quality metrics in the feature space of a fixed network: FID (Heusel et al. 2017).
+"""Sample-quality metrics in the feature space of a fixed network: FID (Heusel et al. 2017), KID
+(Binkowski et al. 2018), Inception Score (Salimans et al. 2016) and precision/recall (Kynkaanniemi
+et al. 2019).
 
 A metric compares two sets of images through a feature network held fixed, so the numbers
 of two models are comparable only when they share that network. For digits the feature
@@ -32,6 +34,12 @@ __all__ = [
     "feature_statistics",
     "extract_features",
     "fid",
+    "kid",
+    "kid_from_features",
+    "mmd2_unbiased",
+    "inception_score",
+    "precision_recall",
+    "precision_recall_from_features",
     "DigitClassifier",
     "train_digit_classifier",
     "digit_classifier",
@@ -147,6 +155,87 @@ def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 50
                       f"with N <= D the covariances are singular and the value is strongly biased; use more than {d} "
                       "images per set (and the same N when comparing models)", UserWarning, stacklevel=2)
     return frechet_distance(*feature_statistics(f_real), *feature_statistics(f_fake))
+
+
+# --- KID, IS, precision / recall ---------------------------------------------------------------
+def polynomial_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """k(x, y) = (x . y / d + 1)^3, the kernel of KID (Binkowski et al. 2018, sec. 3)."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(f_real: Tensor, f_fake: Tensor) -> float:
+    """The unbiased estimate of MMD^2 (Gretton et al. 2012, eq. 3): within-set means leave out the diagonal."""
+    m, n = len(f_real), len(f_fake)
+    k_rr, k_ff, k_rf = polynomial_kernel(f_real, f_real), polynomial_kernel(f_fake, f_fake), polynomial_kernel(f_real, f_fake)
+    return float((k_rr.sum() - k_rr.diagonal().sum()) / (m * (m - 1)) + (k_ff.sum() - k_ff.diagonal().sum()) / (n * (n - 1))
+                 - 2 * k_rf.mean())
+
+
+def kid_from_features(f_real: Tensor, f_fake: Tensor, subsets: int = 100, subset_size: int = 1000,
+                      generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 averaged over random subsets of
+    both sets (as their code and torchmetrics do); returns (mean, standard deviation over the subsets)."""
+    size = min(subset_size, len(f_real), len(f_fake))
+    if size < 2:
+        raise ValueError("KID needs at least 2 images in each set")
+    g = generator or torch.Generator().manual_seed(0)
+    values = [mmd2_unbiased(f_real[torch.randperm(len(f_real), generator=g)[:size]],
+                            f_fake[torch.randperm(len(f_fake), generator=g)[:size]]) for _ in range(subsets)]
+    v = torch.tensor(values, dtype=torch.float64)
+    return float(v.mean()), float(v.std()) if subsets > 1 else 0.0
+
+
+def kid(real: Tensor, fake: Tensor, feature_net: nn.Module, subsets: int = 100, subset_size: int = 1000,
+        batch_size: int = 500) -> tuple[float, float]:
+    """KID (mean, std over subsets) of two image sets in [-1, 1], in feature_net's feature space; 0 in expectation
+    for identical distributions (unbiased, unlike FID)."""
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    return kid_from_features(extract_features(real, feature_net, batch_size), extract_features(fake, feature_net, batch_size),
+                             subsets, subset_size)
+
+
+@torch.no_grad()
+def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int = 500) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), over `splits` parts of the set: (mean, std).
+    `classifier(x)` returns logits; for digits the digit classifier (at most 10, for ten equally likely,
+    confidently classified classes)."""
+    _check_images(fake, "fake")
+    classifier.eval()
+    device = next(iter(classifier.parameters())).device
+    logp = torch.cat([F.log_softmax(classifier(fake[i:i + batch_size].to(device, torch.float32)).double(), dim=1).cpu()
+                      for i in range(0, len(fake), batch_size)])
+    scores = []
+    for part in logp.chunk(splits):
+        log_py = torch.logsumexp(part, dim=0) - math.log(len(part))  # log of the marginal p(y) over the part
+        scores.append(float((part.exp() * (part - log_py)).sum(1).mean().exp()))
+    s = torch.tensor(scores, dtype=torch.float64)
+    return float(s.mean()), float(s.std()) if len(scores) > 1 else 0.0
+
+
+def precision_recall_from_features(f_real: Tensor, f_fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 1-3): each set's manifold is the union of balls
+    around its points with radius the distance to the k-th nearest neighbour; precision is the share of fake
+    points inside the real manifold, recall the share of real points inside the fake one."""
+    if min(len(f_real), len(f_fake)) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} images in each set")
+
+    def radii(f: Tensor) -> Tensor:
+        return torch.cdist(f, f).kthvalue(k + 1, dim=1).values  # the 0th neighbour is the point itself
+
+    def covered(points: Tensor, centres: Tensor, r: Tensor) -> float:
+        inside = torch.cat([(torch.cdist(chunk, centres) <= r[None]).any(1) for chunk in points.split(1000)])
+        return float(inside.double().mean())
+
+    return covered(f_fake, f_real, radii(f_real)), covered(f_real, f_fake, radii(f_fake))
+
+
+def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int = 3, batch_size: int = 500) -> tuple[float, float]:
+    """(precision, recall) of two image sets in [-1, 1] in feature_net's feature space (Kynkaanniemi et al. 2019)."""
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    return precision_recall_from_features(extract_features(real, feature_net, batch_size),
+                                          extract_features(fake, feature_net, batch_size), k)
 
 
 # --- the digit classifier: a fixed feature space for MNIST-like images ------------------------

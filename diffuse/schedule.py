@@ -260,3 +260,11 @@ def posterior(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor
 def transition_variance(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
     """sigma_{t|s}^2 = 1 - alphabar_t / alphabar_s: the variance of q(x_t | x_s); beta_t for adjacent steps."""
     return sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2
+
+
+def interpolated_log_variance(v: Tensor, alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float) -> Tensor:
+    """log Sigma_theta = v log beta_{t|s} + (1 - v) log beta-tilde_{t|s} (Nichol & Dhariwal 2021, eq. 15): a learned
+    variance between the two fixed choices of Ho et al., beta (upper bound) and beta-tilde (lower bound)."""
+    log_beta = math.log(transition_variance(alpha_t, sigma_t, alpha_s, sigma_s))
+    log_beta_tilde = math.log(posterior(alpha_t, sigma_t, alpha_s, sigma_s)[2])
+    return v * log_beta + (1 - v) * log_beta_tilde

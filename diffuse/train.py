@@ -34,7 +34,7 @@ from .config import RunConfig, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
-from .losses import classifier_loss, l_simple, sample_timesteps
+from .losses import ImportanceSampler, bits_per_dim, classifier_loss, hybrid_loss, l_simple, sample_timesteps, vlb_term
 from .nets.classifier import NoisyClassifier
 from .nets.unet import ShardedDropout, UNet
 from .samplers import SAMPLERS
@@ -55,11 +55,13 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
     d = cfg.data
     if cfg.model.kind == "classifier":
         return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
-    return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
+    return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes,
+                out_channels=d.channels * (2 if cfg.model.learned_variance else 1))
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
-    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction)
+    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
+                    learned_variance=cfg.model.learned_variance)
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -199,6 +201,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
         (cfg.sample.steps >= 1, f"sample.steps must be >= 1, got {cfg.sample.steps}"),
+        (t.loss != "hybrid" or cfg.model.learned_variance,
+         "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
+        (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
         (0 <= t.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {t.label_dropout}"),
         (t.label_dropout == 0 or cfg.model.class_conditional,
          "train.label_dropout > 0 needs a class-conditional model: set model.class_conditional = true"),
@@ -258,6 +263,7 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(t.seed)  # t, eps and flips of every step
+        self.importance = ImportanceSampler(cfg.schedule.timesteps)  # train.loss = "vlb": p(t) from recent L_t
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self._try_resume(inexact_resume)
@@ -298,7 +304,12 @@ class Trainer:
         cfg, B = self.cfg, self.cfg.train.batch_size
         x0, y = self._batch(self.step)
         flip = torch.rand(B, generator=self.generator) < 0.5
-        t = sample_timesteps(self.denoiser.schedule, B, self.generator)
+        T = self.denoiser.schedule.T
+        if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser":  # importance-sampled steps (Nichol & Dhariwal, sec. 3.3)
+            steps, is_weight = self.importance.sample(B, self.generator)
+            t = steps.double() / T
+        else:
+            t = sample_timesteps(self.denoiser.schedule, B, self.generator)
         eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
@@ -306,9 +317,17 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             if cfg.model.kind == "classifier":
                 per_example = classifier_loss(self.net, self.denoiser.schedule, x0, y, t, eps)
-            else:
+            elif cfg.train.loss == "simple":
                 per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting,
                                        min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(y, B))
+            elif cfg.train.loss == "hybrid":
+                per_example = hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, weighting=cfg.train.loss_weighting,
+                                          min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(y, B))
+            else:
+                steps_local = self._local(steps)
+                vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps_local, eps, **self._condition(y, B)), x0)
+                self.importance.update(steps, self._gather(vlb))
+                per_example = vlb * self._local(is_weight).to(vlb)
         loss = per_example.mean()
         global_loss = loss.detach().clone()
         if self.world > 1:
@@ -322,6 +341,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return global_loss
+
+    def _gather(self, local: Tensor) -> Tensor:
+        """The global batch of a per-example tensor, from every process's slice."""
+        if self.world == 1:
+            return local.detach()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        return torch.cat(parts)
 
     def _condition(self, y: Tensor, B: int) -> dict:
         """The labels of a class-conditional model, each replaced by the null label with probability
@@ -415,6 +442,7 @@ class Trainer:
         opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
         rng_tensors, rng_state = ckpt.capture_rng()
         state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
+                         **{f"importance.{k}": v for k, v in self.importance.state_dict().items()},
                          "generator": ckpt.generator_state(self.generator)}
         state = {
             "step": self.step,
@@ -443,6 +471,8 @@ class Trainer:
             self.lr_schedule.load_state_dict(s["lr_schedule"])
             self.scaler.load_state_dict(s["scaler"])
             ckpt.set_generator_state(self.generator, st["generator"])
+            if "importance.history" in st:
+                self.importance.load_state_dict({"history": st["importance.history"], "count": st["importance.count"]})
             # restored last: building the model and data above drew from the global RNGs
             ckpt.restore_rng({k.removeprefix("rng."): v for k, v in st.items() if k.startswith("rng.")}, s["rng"])
             self.history = [list(h) for h in s.get("history", [])]

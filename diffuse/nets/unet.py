@@ -38,6 +38,7 @@ class UNetConfig:
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
     prediction: Literal["eps", "x0", "v"] = "eps"                   # what the network outputs (DDPM: eps; Salimans & Ho 2022: v)
+    learned_variance: bool = False                                  # also output v of Sigma (Nichol & Dhariwal 2021): twice the channels
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

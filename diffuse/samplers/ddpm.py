@@ -4,7 +4,8 @@ Each step draws x_s ~ p(x_s | x_t) = N(mu~(x_t, x0_hat), sigma^2 I): the posteri
 q(x_s | x_t, x_0) of eq. 6-7 with x_0 replaced by the denoiser's prediction, which for an
 eps-network is mu_theta = (x_t - beta_t / sqrt(1 - alphabar_t) eps_theta) / sqrt(alpha_t)
 (eq. 11; lecture 000 "Reverse Process"). On a sub-grid the same formulas hold with the
-strided beta_{t|s} = 1 - alphabar_t / alphabar_s (Nichol & Dhariwal 2021, sec. 4).
+strided beta_{t|s} = 1 - alphabar_t / alphabar_s (Nichol & Dhariwal 2021, sec. 4). A denoiser
+with a learned variance sets sigma^2 itself (Nichol & Dhariwal 2021, eq. 15), overriding `variance`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..schedule import posterior, transition_variance
+from ..schedule import interpolated_log_variance, posterior, transition_variance
 from .base import Callback, Step, gaussian_like, grid_steps
 
 
@@ -39,7 +40,10 @@ def sample(
         pred = denoiser(x, t)
         c_x0, c_xt, beta_tilde = posterior(alpha_t, sigma_t, alpha_s, sigma_s)
         mean = c_x0 * pred.x0 + c_xt * x  # mu~_t(x_t, x0_hat), eq. 7
-        if s > 0:
+        if s > 0 and pred.v_interp is not None:
+            log_var = interpolated_log_variance(pred.v_interp, alpha_t, sigma_t, alpha_s, sigma_s)
+            x_next = mean + (0.5 * log_var).exp() * gaussian_like(x, generator)
+        elif s > 0:
             var = beta_tilde if variance == "beta_tilde" else transition_variance(alpha_t, sigma_t, alpha_s, sigma_s)
             x_next = mean + var**0.5 * gaussian_like(x, generator)
         else:

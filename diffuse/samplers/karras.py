@@ -86,28 +86,34 @@ def heun(
 
     Two calls per step, one on the last (Euler into sigma = 0). Churn first raises the noise to
     sigma_hat = (1 + gamma) sigma, gamma = min(s_churn / N, sqrt(2) - 1), by adding fresh noise,
-    capped at the schedule's largest sigma (the network knows no higher level).
+    capped at the schedule's largest sigma (the network knows no higher level); the step then
+    starts from there (the callback's x0 is the prediction at the churned sample).
     """
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
     ve = _VE(denoiser)
     n = len(timesteps) - 1
     sigma_max = float(denoiser.schedule.ve_sigma(1.0))
-
-    def move(i, y, t, s, sig, sig_next, pred):
-        eps = pred.eps
+    x = x_T
+    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
+        y, sig, sig_next = x / alpha_t, sigma_t / alpha_t, sigma_s / alpha_s
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax else 0.0
         sig_hat = min(sig * (1 + gamma), sigma_max)
-        if sig_hat > sig:  # Algorithm 2, lines 5-6: y_hat = y + sqrt(sigma_hat^2 - sigma^2) eps, then re-evaluate there
+        if sig_hat > sig:  # Algorithm 2, lines 5-6: y_hat = y + sqrt(sigma_hat^2 - sigma^2) eps; the step starts there
             y = y + math.sqrt(sig_hat**2 - sig**2) * s_noise * gaussian_like(y, generator)
             sig = sig_hat
-            eps = ve.at_sigma(y, sig)
-        y_next = euler_step(y, eps, sig, sig_next)
-        if sig_next == 0:
-            return y_next
-        return heun_step(y, eps, ve.at_time(y_next, s), sig, sig_next)
-
-    return _walk(denoiser, x_T, timesteps, callback, move)
+            t_hat = float(denoiser.schedule.t_from_ve_sigma(sig))
+            pred = denoiser(y * float(denoiser.schedule.alpha(t_hat)), t_hat)
+        else:
+            pred = denoiser(x, t)
+        y_next = euler_step(y, pred.eps, sig, sig_next)
+        if sig_next > 0:
+            y_next = heun_step(y, pred.eps, ve.at_time(y_next, s), sig, sig_next)
+        x_next = alpha_s * y_next
+        if callback is not None:
+            callback(Step(i, n, t, s, x, pred.x0, x_next))
+        x = x_next
+    return x
 
 
 def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,

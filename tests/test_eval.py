@@ -1,0 +1,115 @@
+"""KID, IS, precision/recall against independent computations; `diffuse eval`; hybrid and L_vlb training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from diffuse import metrics
+from diffuse.cli import main
+from diffuse.config import apply_overrides, load_config
+from diffuse.train import Trainer
+
+from test_cli import TINY, _sets
+
+
+def feats(n, d=8, shift=0.0, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_mmd2_unbiased_matches_a_loop():
+    a, b = feats(12, 3), feats(9, 3, shift=0.5, seed=1)
+    k = lambda x, y: (float(x @ y) / 3 + 1) ** 3  # noqa: E731
+    xx = sum(k(a[i], a[j]) for i in range(12) for j in range(12) if i != j) / (12 * 11)
+    yy = sum(k(b[i], b[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
+    xy = sum(k(a[i], b[j]) for i in range(12) for j in range(9)) / (12 * 9)
+    assert metrics.mmd2_unbiased(a, b) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+
+
+def test_kid_is_unbiased_and_orders_distributions():
+    """Same distribution: KID's mean is ~0 (it can go negative; FID cannot); a shift makes it grow."""
+    same = [metrics.kid_from_features(feats(200, seed=s), feats(200, seed=100 + s), subsets=20, subset_size=100)[0]
+            for s in range(20)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same)) + 1e-4
+    assert min(same) < 0 < max(same)
+    near = metrics.kid_from_features(feats(300), feats(300, shift=0.3, seed=1), subsets=10, subset_size=200)
+    far = metrics.kid_from_features(feats(300), feats(300, shift=1.0, seed=1), subsets=10, subset_size=200)
+    assert 0 < near[0] < far[0] and near[1] > 0
+
+
+class FixedClassifier(torch.nn.Module):
+    """logits = the first `k` pixels of the image, scaled: a classifier whose outputs the test chooses."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.scale = k, torch.nn.Parameter(torch.tensor(50.0))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :self.k] * self.scale
+
+
+def test_inception_score_closed_forms():
+    k = 5
+    onehot = torch.full((100, 1, 1, 8), -1.0)
+    onehot[torch.arange(100), 0, 0, torch.arange(100) % k] = 1.0  # confident, classes equally often
+    mean, std = metrics.inception_score(onehot, FixedClassifier(k), splits=4)
+    assert mean == pytest.approx(k, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+    same = torch.full((100, 1, 1, 8), -1.0)
+    same[:, 0, 0, 2] = 1.0  # one class only: IS = 1
+    assert metrics.inception_score(same, FixedClassifier(k), splits=2)[0] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_precision_recall_match_sklearn_neighbours():
+    real, fake = feats(150, 4), feats(120, 4, shift=0.7, seed=3)
+    p, r = metrics.precision_recall_from_features(real, fake, k=3)
+
+    def reference(ref, other):
+        radius = NearestNeighbors(n_neighbors=4).fit(ref).kneighbors(ref)[0][:, -1]
+        dist = np.linalg.norm(other[:, None, :] - ref[None], axis=-1)
+        return float((dist <= radius[None]).any(1).mean())
+
+    assert p == pytest.approx(reference(real.numpy(), fake.numpy()))
+    assert r == pytest.approx(reference(fake.numpy(), real.numpy()))
+    assert metrics.precision_recall_from_features(real, real, k=3) == (1.0, 1.0)
+    assert metrics.precision_recall_from_features(real, feats(50, 4, shift=100.0), k=3) == (0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid") / "run"
+    assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "model.learned_variance=true",
+                 "--set", "train.loss=hybrid", "--set", "model.prediction=eps", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("metric,key", [("fid", "fid"), ("kid", "kid"), ("is", "inception_score"), ("pr", "precision"),
+                                        ("vlb", "bits_per_dim"), ("nll", "bits_per_dim")])
+def test_eval_prints_and_records_every_metric(hybrid_run, metric, key, capsys):
+    extra = {"vlb": ["--vlb-samples", "4"], "nll": ["--rtol", "1e-2"]}.get(metric, ["--steps", "3"])
+    n = "4" if metric in ("vlb", "nll") else "40"
+    assert main(["eval", str(hybrid_run), "--metric", metric, "--n", n, *extra]) == 0
+    assert key in capsys.readouterr().out
+    records = json.loads((hybrid_run / "eval.json").read_text())
+    assert records[-1]["metric"] == metric and np.isfinite(records[-1][key])
+
+
+def test_vlb_training_resumes_exactly_with_its_importance_state(tmp_path):
+    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["train.loss=vlb", "model.prediction=eps",
+                                                                     "train.steps=6", "train.checkpoint_every=3"])
+    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+    half = apply_overrides(cfg, ["train.steps=3"])
+    Trainer(half, tmp_path / "b", progress=False).fit()
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    assert int(resumed.importance.count.sum()) == 3 * 16
+    resumed.fit()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(straight.importance.history, resumed.importance.history)
+
+
+def test_hybrid_loss_needs_a_learned_variance(tmp_path, capsys):
+    assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "train.loss=hybrid", "--out", str(tmp_path / "x")]) == 2
+    assert "model.learned_variance = true" in capsys.readouterr().err
