@@ -113,3 +113,27 @@ def test_vlb_training_resumes_exactly_with_its_importance_state(tmp_path):
 def test_hybrid_loss_needs_a_learned_variance(tmp_path, capsys):
     assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "train.loss=hybrid", "--out", str(tmp_path / "x")]) == 2
     assert "model.learned_variance = true" in capsys.readouterr().err
+
+
+def test_vlb_decreases_during_training(tmp_path):
+    """The bound (all T = 100 terms) of a tiny model on the 8x8 digits: before training, after 100 and 300 steps."""
+    from diffuse.losses import vlb_bits_per_dim
+    from diffuse.train import build_denoiser
+
+    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["model.prediction=eps", "schedule.timesteps=100",
+                                                                     "train.lr=2e-3", "train.checkpoint_every=1000"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    x0 = torch.stack([trainer.dataset[i][0] for i in range(8)])
+
+    def bound():
+        den = build_denoiser(trainer.cfg, trainer.model.eval())
+        out = float(vlb_bits_per_dim(den, x0, samples=None, generator=torch.Generator().manual_seed(0))["total"].mean())
+        trainer.model.train()
+        return out
+
+    values = [bound()]
+    for steps in (100, 300):
+        trainer.cfg.train.steps = steps
+        trainer.fit()
+        values.append(bound())
+    assert values[0] > values[1] > values[2], values
