@@ -93,6 +93,17 @@ def predictor_corrector(
     return x
 
 
+def time_at(schedule, l: float) -> float:
+    """The time t with -log alphabar(t) = l (the integrated noise rate of the VP-SDE)."""
+    return float(schedule.t_from_log_alphabar(torch.tensor(-l, dtype=torch.float64)))
+
+
+def pf_ode_drift_in_l(x: Tensor, pred, l: float) -> Tensor:
+    """dx/dl = -1/2 (x + score) = -1/2 (x - eps_hat / sigma), sigma = sqrt(1 - e^-l): the probability-flow
+    ODE (Song et al. 2021, eq. 13) with time changed to l = int_0^t beta(s) ds (dl = beta dt)."""
+    return -0.5 * (x - pred.eps / math.sqrt(-math.expm1(-l)))
+
+
 def probability_flow(
     denoiser,
     x_T: Tensor,
@@ -118,16 +129,14 @@ def probability_flow(
     schedule = denoiser.schedule
     t_end = float(ts[-2])
     l_start, l_end = (float(-schedule.alphabar_at(t).log()) for t in (ts[0], ts[-2]))
-    time_at = lambda l: float(schedule.t_from_log_alphabar(torch.tensor(-l, dtype=torch.float64)))  # noqa: E731
     shape, dtype, device = x_T.shape, x_T.dtype, x_T.device
     last = {}  # the latest evaluation's x_0 prediction, for the callback
 
     def rhs(l: float, y: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
-        pred = denoiser(x, time_at(l))
+        pred = denoiser(x, time_at(schedule, l))
         last["x0"] = pred.x0
-        sigma = math.sqrt(-math.expm1(-l))
-        return (-0.5 * (x - pred.eps / sigma)).to("cpu", torch.float64).numpy().ravel()
+        return pf_ode_drift_in_l(x, pred, l).to("cpu", torch.float64).numpy().ravel()
 
     x, i = x_T, 0
     if l_end < l_start:
@@ -139,7 +148,7 @@ def probability_flow(
                 raise RuntimeError(f"the probability-flow ODE solver failed: {msg}")
             x_next = torch.from_numpy(solver.y).reshape(shape).to(device=device, dtype=dtype)
             if callback is not None:
-                callback(Step(i, 0, time_at(solver.t_old), time_at(solver.t), x,
+                callback(Step(i, 0, time_at(schedule, solver.t_old), time_at(schedule, solver.t), x,
                               x0_here if x0_here is not None else last["x0"], x_next))
             x, i = x_next, i + 1
     pred = denoiser(x, t_end)
@@ -180,13 +189,11 @@ def ode_log_likelihood(denoiser, x0: Tensor, *, rtol: float = 1e-5, atol: float 
     shape, dtype, device = x0.shape, x0.dtype, x0.device
     t_start = 1.0 / schedule.T
     l_start, l_end = (float(-schedule.alphabar_at(torch.tensor(t, dtype=torch.float64)).log()) for t in (t_start, 1.0))
-    time_at = lambda l: float(schedule.t_from_log_alphabar(torch.tensor(-l, dtype=torch.float64)))  # noqa: E731
     z = [torch.randint(0, 2, shape, generator=generator).to(device=device, dtype=dtype) * 2 - 1 for _ in range(probes)]
     nfe = 0
 
     def drift(x: Tensor, l: float) -> Tensor:
-        sigma = math.sqrt(-math.expm1(-l))
-        return -0.5 * (x - denoiser(x, time_at(l)).eps / sigma)
+        return pf_ode_drift_in_l(x, denoiser(x, time_at(schedule, l)), l)
 
     def rhs(l: float, y: np.ndarray) -> np.ndarray:
         nonlocal nfe
