@@ -3,7 +3,7 @@
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
-    diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--sampler NAME --steps K]
+    diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse demo [--out DIR]
 """
 
@@ -158,9 +158,12 @@ def _eval(args) -> None:
             record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
                           prior_bits_per_dim=float(out["prior"].mean()), terms="all" if args.vlb_samples is None else args.vlb_samples)
     else:
-        if d.channels != 1:
-            raise ValueError("sample-quality metrics use the digit-classifier feature space, made for 1-channel digits; "
-                             f"this run has data.channels = {d.channels}")
+        features = args.features or "digits"
+        if features == "digits" and d.channels != 1:
+            raise ValueError("the digit-classifier feature space is made for 1-channel digits and this run has "
+                             f"data.channels = {d.channels}; pass --features inception:PATH (the FID Inception-v3 "
+                             "weights file) or --features MODULE:ATTR (your own nn.Module)")
+        net = metrics.feature_network(features, device=device)  # before sampling: a bad spec fails fast
         sampler = args.sampler or s.sampler
         labels = torch.arange(args.n) % num_classes if cfg.model.class_conditional and num_classes else None
         fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler,
@@ -168,8 +171,7 @@ def _eval(args) -> None:
                         dynamic_threshold=s.dynamic_threshold, labels=labels,
                         guidance=s.guidance if args.guidance is None else args.guidance, seed=args.seed, device=device,
                         eta=s.eta, variance=s.variance).cpu()
-        record.update(sampler=sampler, steps=args.steps or s.steps, features="digit classifier")
-        net = metrics.digit_classifier()
+        record.update(sampler=sampler, steps=args.steps or s.steps, features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)
         elif args.metric == "kid":
@@ -229,8 +231,13 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim")
     e.add_argument("run", help="run folder written by `diffuse train`")
     e.add_argument("--metric", required=True, choices=["fid", "kid", "is", "pr", "nll", "vlb"],
-                   help="fid / kid / is / pr of --n samples against --n real images (digit-classifier features); "
+                   help="fid / kid / is / pr of --n samples against --n real images (in the --features space); "
                         "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim")
+    e.add_argument("--features", metavar="NET",
+                   help="feature network of fid/kid/is/pr: digits (default; the cached digit classifier), "
+                        "inception:PATH (the standard FID Inception-v3 from a local weights file, "
+                        "pt_inception-2015-12-05-6726825d.pth; PATH defaults to $DIFFUSE_INCEPTION_WEIGHTS), "
+                        "or MODULE:ATTR / FILE.py:ATTR (your nn.Module, or a function returning one)")
     e.add_argument("--n", type=int, default=1000, help="images (default 1000)")
     e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
     e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")

@@ -6,7 +6,9 @@ A metric compares two sets of images through a feature network held fixed, so th
 of two models are comparable only when they share that network. For digits the feature
 network is `digit_classifier()`: a small CNN trained once, deterministically, on the bundled
 MNIST digits and cached as safetensors (Inception-v3 features, the standard for natural
-images, are made for 299x299 photographs, not 28x28 digits).
+images, are made for 299x299 photographs, not 28x28 digits). For natural images the standard FID
+Inception-v3 loads from a local weights file (diffuse.nets.inception); any nn.Module works too
+(`feature_network` names them for the CLI).
 
     FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})     (Heusel et al. 2017; Dowson & Landau 1982)
 
@@ -44,6 +46,7 @@ __all__ = [
     "train_digit_classifier",
     "digit_classifier",
     "classifier_accuracy",
+    "feature_network",
 ]
 
 
@@ -124,9 +127,15 @@ def _check_images(x: Tensor, name: str) -> None:
                          "(x * 2 - 1 for [0, 1] images, x / 127.5 - 1 for 0..255)")
 
 
+def _batch_size(net: nn.Module, batch_size: int | None) -> int:
+    """The given batch size, else the network's own `batch_size` attribute (Inception at 299x299: 50), else 500."""
+    return batch_size if batch_size is not None else int(getattr(net, "batch_size", 500))
+
+
 @torch.no_grad()
-def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int = 500) -> Tensor:
+def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None = None) -> Tensor:
     """feature_net.features (or feature_net itself) of images x (N, C, H, W), in eval mode, batch by batch -> (N, D) float64."""
+    batch_size = _batch_size(feature_net, batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fn = getattr(feature_net, "features", feature_net)
@@ -144,7 +153,7 @@ def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int = 500) -
     return torch.cat(out)
 
 
-def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 500) -> float:
+def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int | None = None) -> float:
     """Frechet Inception Distance (Heusel et al. 2017) of two image sets in [-1, 1], in feature_net's feature space."""
     _check_images(real, "real")
     _check_images(fake, "fake")
@@ -186,7 +195,7 @@ def kid_from_features(f_real: Tensor, f_fake: Tensor, subsets: int = 100, subset
 
 
 def kid(real: Tensor, fake: Tensor, feature_net: nn.Module, subsets: int = 100, subset_size: int = 1000,
-        batch_size: int = 500) -> tuple[float, float]:
+        batch_size: int | None = None) -> tuple[float, float]:
     """KID (mean, std over subsets) of two image sets in [-1, 1], in feature_net's feature space; 0 in expectation
     for identical distributions (unbiased, unlike FID)."""
     _check_images(real, "real")
@@ -196,11 +205,12 @@ def kid(real: Tensor, fake: Tensor, feature_net: nn.Module, subsets: int = 100, 
 
 
 @torch.no_grad()
-def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int = 500) -> tuple[float, float]:
+def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int | None = None) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), over `splits` parts of the set: (mean, std).
     `classifier(x)` returns logits; for digits the digit classifier (at most 10, for ten equally likely,
     confidently classified classes)."""
     _check_images(fake, "fake")
+    batch_size = _batch_size(classifier, batch_size)
     classifier.eval()
     device = next(iter(classifier.parameters())).device
     logp = torch.cat([F.log_softmax(classifier(fake[i:i + batch_size].to(device, torch.float32)).double(), dim=1).cpu()
@@ -230,7 +240,7 @@ def precision_recall_from_features(f_real: Tensor, f_fake: Tensor, k: int = 3) -
     return covered(f_fake, f_real, radii(f_real)), covered(f_real, f_fake, radii(f_fake))
 
 
-def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int = 3, batch_size: int = 500) -> tuple[float, float]:
+def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int = 3, batch_size: int | None = None) -> tuple[float, float]:
     """(precision, recall) of two image sets in [-1, 1] in feature_net's feature space (Kynkaanniemi et al. 2019)."""
     _check_images(real, "real")
     _check_images(fake, "fake")
@@ -361,3 +371,55 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
     _write_atomically(path, safetensors.torch.save(tensors, metadata={"recipe": repr(_RECIPE), "version": str(_VERSION)}))
     return net
+
+
+# --- choosing a feature network by name ---------------------------------------------------------
+def _user_module(spec: str) -> nn.Module:
+    """MODULE:ATTR or FILE.py:ATTR -> the nn.Module there, or what calling it with no arguments returns."""
+    import importlib
+    import importlib.util
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"feature network {spec!r}: expected digits, inception[:PATH], MODULE:ATTR or FILE.py:ATTR "
+                         "(ATTR an nn.Module or a function returning one)")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(f"feature network file {where} does not exist")
+        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"feature network {spec!r}: cannot import module {where!r} ({e}); check the name and "
+                             "that it is on PYTHONPATH, or give a FILE.py:ATTR path") from e
+    obj = module
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            raise ValueError(f"feature network {spec!r}: {where} has no attribute {attr!r}")
+        obj = getattr(obj, name)
+    net = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"feature network {spec!r} is a {type(obj).__name__}, not an nn.Module or a function returning one")
+    return net.eval().requires_grad_(False)
+
+
+def feature_network(spec: str = "digits", device: str | torch.device = "cpu") -> nn.Module:
+    """The feature network named by spec, frozen on device:
+
+    - "digits": the cached digit classifier (1-channel digits; the default of `diffuse eval`);
+    - "inception" or "inception:PATH": the standard FID Inception-v3 from a local weights file
+      (PATH or $DIFFUSE_INCEPTION_WEIGHTS; see diffuse.nets.inception for where to get it);
+    - "MODULE:ATTR" or "FILE.py:ATTR": any nn.Module of the user's, or a function returning one. Its
+      `features(x)` (else `forward(x)`) gives the features of images in [-1, 1]; `forward(x)` gives
+      the logits that the Inception Score needs.
+    """
+    if spec == "digits":
+        return digit_classifier().to(device)
+    if spec == "inception" or spec.startswith("inception:"):
+        from .nets.inception import inception_fid
+
+        return inception_fid(spec.partition(":")[2] or None, device=device)
+    return _user_module(spec).to(device)

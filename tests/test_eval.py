@@ -137,3 +137,47 @@ def test_vlb_decreases_during_training(tmp_path):
         trainer.fit()
         values.append(bound())
     assert values[0] > values[1] > values[2], values
+
+
+def test_feature_network_by_name(tmp_path):
+    assert isinstance(metrics.feature_network("torch.nn:Identity"), torch.nn.Identity)  # a class: called with no arguments
+    (tmp_path / "feats.py").write_text("import torch\nnet = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())\n")
+    net = metrics.feature_network(f"{tmp_path / 'feats.py'}:net")
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert metrics.extract_features(x, net).shape == (6, 49)
+    for spec, match in [("nodots", "expected digits, inception"), ("no.such.module:f", "cannot import module"),
+                        ("torch.nn:NoSuchThing", "no attribute"), ("math:pi", "not an nn.Module"),
+                        (f"{tmp_path / 'missing.py'}:net", "does not exist")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            metrics.feature_network(spec)
+
+
+def test_eval_uses_the_named_feature_space(hybrid_run, tmp_path, capsys):
+    """--features FILE.py:ATTR or MODULE:ATTR is recorded and changes the figure; a missing Inception file is a clear error."""
+    (tmp_path / "pool.py").write_text("import torch\n"
+                                      "def make():\n    return torch.nn.Sequential(torch.nn.AvgPool2d(7), torch.nn.Flatten())\n")
+    spec = f"{tmp_path / 'pool.py'}:make"
+    assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--steps", "3", "--features", spec]) == 0
+    record = json.loads((hybrid_run / "eval.json").read_text())[-1]
+    assert record["features"] == spec and record["fid"] > 0
+    assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--steps", "3", "--features", "torch.nn:Identity"]) == 0
+    pixel_fid = json.loads((hybrid_run / "eval.json").read_text())[-1]["fid"]
+    assert pixel_fid != record["fid"]  # the feature space is the one asked for
+    capsys.readouterr()
+    assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--features", f"inception:{tmp_path / 'none.pth'}"]) != 0
+    assert "does not exist; download it once" in capsys.readouterr().err
+
+
+def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, capsys):
+    from diffuse.nets.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.safetensors"
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}, path)
+    with pytest.warns(UserWarning, match="not the standard FID Inception file"):
+        assert main(["eval", str(hybrid_run), "--metric", "is", "--n", "6", "--steps", "2",
+                     "--features", f"inception:{path}"]) == 0
+    record = json.loads((hybrid_run / "eval.json").read_text())[-1]
+    assert record["features"] == f"inception:{path}" and 1 <= record["inception_score"] <= 1008
