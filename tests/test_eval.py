@@ -181,3 +181,40 @@ def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, capsys):
                      "--features", f"inception:{path}"]) == 0
     record = json.loads((hybrid_run / "eval.json").read_text())[-1]
     assert record["features"] == f"inception:{path}" and 1 <= record["inception_score"] <= 1008
+
+
+class _Projection(torch.nn.Module):
+    """A fixed random feature map; num_features tells torchmetrics its width (it would probe with a 299x299 image)."""
+
+    num_features = 12
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, self.num_features)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return torch.tanh(self.proj(torch.nn.functional.avg_pool2d(x, 2).flatten(1)))
+
+
+def test_fid_and_kid_agree_with_torchmetrics():
+    """torchmetrics (a reference implementation) on the same images and the same custom feature network."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(300, 1, 16, 16, generator=g) * 2 - 1
+    fake = (torch.rand(200, 1, 16, 16, generator=g) * 1.6 - 0.9).clamp(-1, 1)
+    net = _Projection().eval()
+    ref_fid = FrechetInceptionDistance(feature=net, normalize=True)
+    ref_fid.update(real, real=True)
+    ref_fid.update(fake, real=False)
+    ours = metrics.fid(real, fake, net)
+    assert ours > 0.1
+    assert abs(ours - float(ref_fid.compute())) < 1e-6 * ours
+    # KID on equal-size sets with one subset of that size: torchmetrics' random subset is then the whole set
+    ref_kid = KernelInceptionDistance(feature=net, normalize=True, subsets=1, subset_size=200)
+    ref_kid.update(real[:200], real=True)
+    ref_kid.update(fake, real=False)
+    f_real, f_fake = metrics.extract_features(real[:200], net), metrics.extract_features(fake, net)
+    assert metrics.mmd2_unbiased(f_real, f_fake) == pytest.approx(float(ref_kid.compute()[0]), rel=1e-5)

@@ -49,6 +49,7 @@ def test_features_and_logits_shapes_for_grey_and_small_images(net):
         f, logits = net.features(grey), net(grey)
         rgb = net.features(grey.expand(-1, 3, -1, -1))
     assert f.shape == (2, 2048) and logits.shape == (2, 1008)
+    torch.testing.assert_close(logits, f @ net.fc.weight.T)  # IS logits leave out the bias, as the reference code
     torch.testing.assert_close(f, rgb, rtol=0, atol=0)  # grey is repeated to RGB
     assert (f >= 0).all()  # pool3 averages ReLU outputs
     with pytest.raises(ValueError, match=r"1 or 3"):

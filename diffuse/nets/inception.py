@@ -155,7 +155,7 @@ class _BlockE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3. `features(x)`: pool3, (B, 2048); `forward(x)`: the 1008 logits (Inception Score).
+    """The FID Inception-v3. `features(x)`: pool3, (B, 2048); `forward(x)`: the 1008 logits of the Inception Score.
 
     Takes images in [-1, 1] of any size with 1 or 3 channels: grey images are repeated to RGB and
     every image is resized bilinearly to 299x299, as pytorch-fid and torch-fidelity do.
@@ -197,7 +197,9 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
+        """The Inception Score's logits pool3 @ W^T, without the bias: what the reference IS code of Salimans
+        et al. (and torch-fidelity's "logits_unbiased") feed to the softmax."""
+        return self.features(x) @ self.fc.weight.T
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
