@@ -137,6 +137,7 @@ def _eval(args) -> None:
     from .losses import vlb_bits_per_dim
     from .samplers.sde import ode_bits_per_dim
     from .train import generate, load_run
+    from .visualize import to_uint8
 
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
@@ -170,7 +171,9 @@ def _eval(args) -> None:
                         steps=args.steps or s.steps, spacing=args.spacing or s.spacing, clip=s.clip,
                         dynamic_threshold=s.dynamic_threshold, labels=labels,
                         guidance=s.guidance if args.guidance is None else args.guidance, seed=args.seed, device=device,
-                        eta=s.eta, variance=s.variance).cpu()
+                        eta=s.eta, variance=s.variance)
+        # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
+        fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         record.update(sampler=sampler, steps=args.steps or s.steps, features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)

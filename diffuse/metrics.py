@@ -128,8 +128,24 @@ def _check_images(x: Tensor, name: str) -> None:
 
 
 def _batch_size(net: nn.Module, batch_size: int | None) -> int:
-    """The given batch size, else the network's own `batch_size` attribute (Inception at 299x299: 50), else 500."""
-    return batch_size if batch_size is not None else int(getattr(net, "batch_size", 500))
+    """The given batch size, else the network's own positive int `batch_size` (Inception at 299x299: 50), else 500."""
+    if batch_size is not None:
+        return batch_size
+    own = getattr(net, "batch_size", None)
+    return own if isinstance(own, int) and own > 0 else 500
+
+
+def _device(net: nn.Module) -> torch.device:
+    """Where the network's parameters live; CPU for a network without any (e.g. nn.Identity)."""
+    param = next(iter(net.parameters()), None) if isinstance(net, nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _feature_fn(net: nn.Module):
+    """net.features when it is a method (the digit classifier, Inception), else net itself. A `features`
+    submodule (torchvision's VGG, DenseNet: a convolutional trunk) is not a feature vector, so forward is used."""
+    fn = getattr(net, "features", None)
+    return fn if callable(fn) and not isinstance(fn, nn.Module) else net
 
 
 @torch.no_grad()
@@ -138,9 +154,7 @@ def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None =
     batch_size = _batch_size(feature_net, batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    fn = getattr(feature_net, "features", feature_net)
-    param = next(iter(feature_net.parameters()), None) if isinstance(feature_net, nn.Module) else None
-    device = param.device if param is not None else torch.device("cpu")
+    fn, device = _feature_fn(feature_net), _device(feature_net)
     training = isinstance(feature_net, nn.Module) and feature_net.training
     if training:
         feature_net.eval()  # no dropout or batch statistics in a metric
@@ -150,7 +164,12 @@ def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None =
     finally:
         if training:
             feature_net.train()
-    return torch.cat(out)
+    features = torch.cat(out)
+    if features.shape[1] > 8192:
+        warnings.warn(f"{features.shape[1]}-dimensional features: a covariance takes {features.shape[1] ** 2 * 8 / 2**30:.1f} GiB "
+                      "and FID's matrix square root grows with its cube; pool the network's output to fewer "
+                      "dimensions (Inception's pool3 has 2048)", UserWarning, stacklevel=2)
+    return features
 
 
 def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int | None = None) -> float:
@@ -212,7 +231,7 @@ def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch
     _check_images(fake, "fake")
     batch_size = _batch_size(classifier, batch_size)
     classifier.eval()
-    device = next(iter(classifier.parameters())).device
+    device = _device(classifier)
     logp = torch.cat([F.log_softmax(classifier(fake[i:i + batch_size].to(device, torch.float32)).double(), dim=1).cpu()
                       for i in range(0, len(fake), batch_size)])
     scores = []

@@ -152,23 +152,40 @@ def test_feature_network_by_name(tmp_path):
             metrics.feature_network(spec)
 
 
-def test_eval_uses_the_named_feature_space(hybrid_run, tmp_path, capsys):
-    """--features FILE.py:ATTR or MODULE:ATTR is recorded and changes the figure; a missing Inception file is a clear error."""
-    (tmp_path / "pool.py").write_text("import torch\n"
-                                      "def make():\n    return torch.nn.Sequential(torch.nn.AvgPool2d(7), torch.nn.Flatten())\n")
+def _capture(monkeypatch, name):
+    """Wrap metrics.<name> to keep its arguments and result."""
+    calls, original = [], getattr(metrics, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, original(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(metrics, name, spy)
+    return calls, original
+
+
+def test_eval_uses_the_named_feature_space(hybrid_run, tmp_path, monkeypatch, capsys):
+    """--features FILE.py:ATTR: the recorded FID is the FID, in that module's features, of the real digits and
+    of samples rounded to 8 bits; a missing Inception file is a clear error."""
+    (tmp_path / "pool.py").write_text("import torch\n\nclass Pool(torch.nn.Module):\n"
+                                      "    def forward(self, x):\n        return torch.nn.functional.avg_pool2d(x, 7).flatten(1)\n\n"
+                                      "def make():\n    return Pool()\n")
     spec = f"{tmp_path / 'pool.py'}:make"
+    calls, fid = _capture(monkeypatch, "fid")
     assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--steps", "3", "--features", spec]) == 0
     record = json.loads((hybrid_run / "eval.json").read_text())[-1]
-    assert record["features"] == spec and record["fid"] > 0
-    assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--steps", "3", "--features", "torch.nn:Identity"]) == 0
-    pixel_fid = json.loads((hybrid_run / "eval.json").read_text())[-1]["fid"]
-    assert pixel_fid != record["fid"]  # the feature space is the one asked for
+    (real, fake, net), value = calls[-1]
+    assert type(net).__name__ == "Pool" and record["features"] == spec and record["fid"] == value > 0
+    assert real.shape == fake.shape and len(real) == 40
+    levels = (fake + 1) * 127.5
+    assert (levels - levels.round()).abs().max() < 1e-4  # 8-bit levels, as the real digits
+    assert value == fid(real, fake, torch.nn.AvgPool2d(7))
     capsys.readouterr()
     assert main(["eval", str(hybrid_run), "--metric", "fid", "--n", "40", "--features", f"inception:{tmp_path / 'none.pth'}"]) != 0
     assert "does not exist; download it once" in capsys.readouterr().err
 
 
-def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, capsys):
+def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, monkeypatch):
     from diffuse.nets.inception import FIDInceptionV3
 
     torch.manual_seed(0)
@@ -176,11 +193,33 @@ def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, capsys):
     import safetensors.torch
 
     safetensors.torch.save_file({k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}, path)
+    calls, inception_score = _capture(monkeypatch, "inception_score")
     with pytest.warns(UserWarning, match="not the standard FID Inception file"):
         assert main(["eval", str(hybrid_run), "--metric", "is", "--n", "6", "--steps", "2",
                      "--features", f"inception:{path}"]) == 0
     record = json.loads((hybrid_run / "eval.json").read_text())[-1]
-    assert record["features"] == f"inception:{path}" and 1 <= record["inception_score"] <= 1008
+    (fake, net), value = calls[-1]
+    assert isinstance(net, FIDInceptionV3) and record["features"] == f"inception:{path}"
+    assert (record["inception_score"], record["inception_score_std"]) == value == inception_score(fake, net)
+
+
+def test_feature_networks_without_parameters_or_with_a_features_trunk():
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert metrics.inception_score(x, torch.nn.Flatten())[0] > 1  # no parameters: runs on the CPU
+
+    class Trunk(torch.nn.Module):  # torchvision's VGG layout: `features` is a conv trunk, forward pools it
+        batch_size = None  # not a usable batch size: ignored
+
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.features(x).mean((2, 3))
+
+    assert metrics.extract_features(x, Trunk()).shape == (20, 4)
+    with pytest.warns(UserWarning, match="pool the network's output"):
+        metrics.extract_features(torch.zeros(2, 1, 91, 91), torch.nn.Flatten())
 
 
 class _Projection(torch.nn.Module):

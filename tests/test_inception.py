@@ -9,15 +9,30 @@ import safetensors.torch
 import torch
 
 from diffuse import metrics
+import torch.nn.functional as F
+
+from diffuse.nets import inception as I
 from diffuse.nets.inception import WEIGHTS_URL, FIDInceptionV3, _avg_pool_3x3, inception_fid
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "fid_inception_state_dict.json").read_text())
 
 
+def _randomise_batch_norms(module, seed=0):
+    """Random batch-norm statistics and affine terms, so that no layer is close to the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+    return module.eval()
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return FIDInceptionV3().eval()
+    return _randomise_batch_norms(FIDInceptionV3())
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +55,58 @@ def test_tensorflow_average_pool_ignores_the_padding():
     assert torch.equal(_avg_pool_3x3(x), x)  # zero padding counted would give 4/9 at the corners
     y = torch.arange(9.0).view(1, 1, 3, 3)
     assert _avg_pool_3x3(y)[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 4
+
+
+def _seq(x, *layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _max3(x):
+    return F.max_pool2d(x, 3, stride=2)
+
+
+# Each block's output, branch by branch in channel order, as pytorch-fid's FIDInceptionA / B / C / D / E_1 / E_2
+# compute them: the 3x3 average pools leave out the padding, and only Mixed_7c (E_2) max-pools its pool branch.
+BRANCHES = {
+    "A": lambda b, x: [b.branch1x1(x), _seq(x, b.branch5x5_1, b.branch5x5_2),
+                       _seq(x, b.branch3x3dbl_1, b.branch3x3dbl_2, b.branch3x3dbl_3),
+                       b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))],
+    "B": lambda b, x: [b.branch3x3(x), _seq(x, b.branch3x3dbl_1, b.branch3x3dbl_2, b.branch3x3dbl_3), _max3(x)],
+    "C": lambda b, x: [b.branch1x1(x), _seq(x, b.branch7x7_1, b.branch7x7_2, b.branch7x7_3),
+                       _seq(x, b.branch7x7dbl_1, b.branch7x7dbl_2, b.branch7x7dbl_3, b.branch7x7dbl_4, b.branch7x7dbl_5),
+                       b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))],
+    "D": lambda b, x: [_seq(x, b.branch3x3_1, b.branch3x3_2),
+                       _seq(x, b.branch7x7x3_1, b.branch7x7x3_2, b.branch7x7x3_3, b.branch7x7x3_4), _max3(x)],
+    "E_1": lambda b, x: [b.branch1x1(x), b.branch3x3_2a(b.branch3x3_1(x)), b.branch3x3_2b(b.branch3x3_1(x)),
+                         b.branch3x3dbl_3a(_seq(x, b.branch3x3dbl_1, b.branch3x3dbl_2)),
+                         b.branch3x3dbl_3b(_seq(x, b.branch3x3dbl_1, b.branch3x3dbl_2)),
+                         b.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))],
+}
+BRANCHES["E_2"] = lambda b, x: BRANCHES["E_1"](b, x)[:-1] + [b.branch_pool(F.max_pool2d(x, 3, 1, 1))]
+
+
+@pytest.mark.parametrize("name,kind,c_in", [("Mixed_5b", "A", 192), ("Mixed_6a", "B", 288), ("Mixed_6e", "C", 768),
+                                            ("Mixed_7a", "D", 768), ("Mixed_7b", "E_1", 1280), ("Mixed_7c", "E_2", 2048)])
+def test_each_block_concatenates_its_branches_as_the_fid_graph(net, name, kind, c_in):
+    block = getattr(net, name)
+    x = torch.randn(2, c_in, 9, 9, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), torch.cat(BRANCHES[kind](block, x), 1))
+
+
+def test_stem_and_head_shapes_follow_the_paper(net):
+    """299 -> 149 -> 147 -> 147 -> 73 -> 73 -> 71 -> 35 (Szegedy et al. 2016, table 1), then 35 -> 17 -> 8 -> pool3."""
+    seen = {}
+    for name in ("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape[1:])))
+    with torch.no_grad():
+        net.features(torch.zeros(1, 3, 28, 28))
+    assert seen == {"Conv2d_4a_3x3": (192, 71, 71), "Mixed_5d": (288, 35, 35), "Mixed_6e": (768, 17, 17),
+                    "Mixed_7c": (2048, 8, 8)}
+    for m in (net.Conv2d_4a_3x3, net.Mixed_5d, net.Mixed_6e, net.Mixed_7c):
+        m._forward_hooks.clear()
 
 
 def test_features_and_logits_shapes_for_grey_and_small_images(net):
@@ -76,6 +143,13 @@ def test_loads_a_weights_file(net, tmp_path, fmt):
         torch.testing.assert_close(loaded.features(x), net.features(x))
 
 
+def test_the_standard_file_loads_without_a_warning(weights_file, monkeypatch):
+    monkeypatch.setattr(I, "WEIGHTS_SHA256_PREFIX", I._sha256(weights_file)[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inception_fid(weights_file)
+
+
 def test_environment_variable_names_the_file(weights_file, monkeypatch):
     monkeypatch.setenv("DIFFUSE_INCEPTION_WEIGHTS", str(weights_file))
     with warnings.catch_warnings():
@@ -98,6 +172,11 @@ def test_damaged_or_foreign_files_are_refused(weights_file, tmp_path):
     truncated.write_bytes(weights_file.read_bytes()[:100_000])
     with pytest.raises(ValueError, match="damaged or incomplete"):
         inception_fid(truncated)
+    for name, data in [("truncated.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a"), ("text.pth", b"hello"),
+                       ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 95628359\n")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="not a complete torch or safetensors file"):
+            inception_fid(tmp_path / name)
     foreign = tmp_path / "digits.pth"
     torch.save(metrics.DigitClassifier().state_dict(), foreign)
     with pytest.raises(ValueError, match="is not the FID Inception-v3.*missing keys"):

@@ -4,9 +4,11 @@ weights from a local file.
 The standard FID feature space is the 2048-d pool3 output of the TensorFlow Inception graph
 `inception-2015-12-05`. Its PyTorch port, the file `pt_inception-2015-12-05-6726825d.pth` published
 by pytorch-fid, is what torch-fidelity, pytorch-fid and most papers use. That port differs from
-torchvision's ImageNet Inception-v3 in four places, mirrored here: 1008 output classes, average
-pools that exclude the zero padding (TensorFlow's behaviour), and a max pool in the last block's
-pool branch. torchvision itself cannot be used beside every torch build, so the layers are written
+torchvision's ImageNet Inception-v3 in three ways, mirrored here: 1008 output classes, 3x3
+average pools that exclude the zero padding (TensorFlow's behaviour; blocks Mixed_5b-d, 6b-e, 7b),
+and a max pool in the pool branch of the last block (Mixed_7c). torch-fidelity and torchmetrics
+load the same weights but resize with their own TF1-style bilinear filter on 8-bit input; this
+network resizes with F.interpolate as pytorch-fid does, so its FIDs match pytorch-fid's. torchvision itself cannot be used beside every torch build, so the layers are written
 out here with torchvision's module names, which makes the file's state dict load as it is.
 
 Nothing is downloaded at run time. To get the weights, on any machine with internet:
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -158,7 +159,7 @@ class FIDInceptionV3(nn.Module):
     """The FID Inception-v3. `features(x)`: pool3, (B, 2048); `forward(x)`: the 1008 logits of the Inception Score.
 
     Takes images in [-1, 1] of any size with 1 or 3 channels: grey images are repeated to RGB and
-    every image is resized bilinearly to 299x299, as pytorch-fid and torch-fidelity do.
+    every image is resized bilinearly to 299x299 (F.interpolate, as pytorch-fid).
     """
 
     size = 299
@@ -239,9 +240,11 @@ def inception_fid(path: str | os.PathLike | None = None, device: str | torch.dev
         raise FileNotFoundError(f"Inception weights file {path} does not exist; {HOW_TO_GET}")
     try:
         state = _read_state_dict(path)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, not weights, or code to run
-        raise ValueError(f"cannot read Inception weights from {path} ({type(e).__name__}: {e}); the file may be damaged "
-                         f"or incomplete: {HOW_TO_GET}") from e
+    except ValueError:
+        raise
+    except Exception as e:  # truncated, an HTML error page, a git-LFS pointer, or a pickle that would run code
+        raise ValueError(f"cannot read Inception weights from {path} ({type(e).__name__}): it is not a complete torch or "
+                         f"safetensors file of tensors; the download may be damaged or incomplete: {HOW_TO_GET}") from e
     net = FIDInceptionV3()
     for key in net.state_dict():  # files saved before torch 0.4.1 lack batch norm's step counters, unused in eval
         if key.endswith("num_batches_tracked"):
