@@ -99,14 +99,14 @@ def test_each_block_concatenates_its_branches_as_the_fid_graph(net, name, kind, 
 def test_stem_and_head_shapes_follow_the_paper(net):
     """299 -> 149 -> 147 -> 147 -> 73 -> 73 -> 71 -> 35 (Szegedy et al. 2016, table 1), then 35 -> 17 -> 8 -> pool3."""
     seen = {}
-    for name in ("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"):
-        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape[1:])))
+    hooks = [getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, tuple(o.shape[1:])))
+             for name in ("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c")]
     with torch.no_grad():
         net.features(torch.zeros(1, 3, 28, 28))
+    for hook in hooks:
+        hook.remove()
     assert seen == {"Conv2d_4a_3x3": (192, 71, 71), "Mixed_5d": (288, 35, 35), "Mixed_6e": (768, 17, 17),
                     "Mixed_7c": (2048, 8, 8)}
-    for m in (net.Conv2d_4a_3x3, net.Mixed_5d, net.Mixed_6e, net.Mixed_7c):
-        m._forward_hooks.clear()
 
 
 def test_features_and_logits_shapes_for_grey_and_small_images(net):

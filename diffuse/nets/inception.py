@@ -246,10 +246,11 @@ def inception_fid(path: str | os.PathLike | None = None, device: str | torch.dev
         raise ValueError(f"cannot read Inception weights from {path} ({type(e).__name__}): it is not a complete torch or "
                          f"safetensors file of tensors; the download may be damaged or incomplete: {HOW_TO_GET}") from e
     net = FIDInceptionV3()
-    for key in net.state_dict():  # files saved before torch 0.4.1 lack batch norm's step counters, unused in eval
+    expected = set(net.state_dict())
+    for key in expected:  # files saved before torch 0.4.1 lack batch norm's step counters, unused in eval
         if key.endswith("num_batches_tracked"):
             state.setdefault(key, torch.tensor(0))
-    missing, unexpected = sorted(set(net.state_dict()) - set(state)), sorted(set(state) - set(net.state_dict()))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{path} is not the FID Inception-v3 (pt_inception-2015-12-05): {len(missing)} missing keys "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); {HOW_TO_GET}")
