@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .config import ConfigError, apply_overrides, load_config
-from .samplers import SAMPLERS
+from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
 from .train import NonFiniteLoss, ResumeError
 
@@ -47,7 +49,8 @@ def parse_threshold(text: str) -> tuple[bool, float]:
 
 
 def parse_options(pairs: list[str], sampler: str) -> dict:
-    """--opt KEY=VALUE pairs -> sampler keyword options, checked against what the sampler takes."""
+    """--opt KEY=VALUE pairs -> sampler keyword options, each checked against what the sampler takes and the
+    values the option allows (type, finite, range)."""
     valid = SAMPLERS[sampler].options
     out = {}
     for pair in pairs:
@@ -56,10 +59,31 @@ def parse_options(pairs: list[str], sampler: str) -> dict:
         if not sep or key not in valid:
             raise ValueError(f"--opt {pair!r}: sampler {sampler} takes {', '.join(valid) or 'no options'} (as KEY=VALUE)")
         try:
-            out[key] = int(raw) if raw.strip().lstrip("-").isdigit() else float(raw)
-        except ValueError:
-            out[key] = raw.strip()
+            out[key] = OPTIONS[key].parse(key, raw)
+        except ValueError as e:
+            raise ValueError(f"--opt {pair!r}: {e}") from None
     return out
+
+
+def number(kind: type = float, *, low: float | None = None, above: bool = False, high: float | None = None):
+    """An argparse `type` for a finite number of `kind` (int or float) >= low (> low if `above`) and <= high:
+    'abc', 'nan', 'inf' and values out of range fail when the command line is parsed, naming the option."""
+
+    def parse(text: str):
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"  # argparse names the type in some messages
+    return parse
 
 
 def _sample(args) -> None:
@@ -73,8 +97,6 @@ def _sample(args) -> None:
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     s, d = cfg.sample, cfg.data
@@ -85,7 +107,7 @@ def _sample(args) -> None:
             raise ValueError(f"--eta: sampler {sampler} takes no eta (samplers with one: ddim, euler-ancestral)")
         options["eta"] = args.eta
     options.update(parse_options(args.opt or [], sampler))
-    clip, dyn = parse_threshold(args.threshold) if args.threshold else (s.clip, s.dynamic_threshold)
+    clip, dyn = parse_threshold(args.threshold) if args.threshold is not None else (s.clip, s.dynamic_threshold)
     if args.no_clip:
         clip = False
     guidance = s.guidance if args.guidance is None else args.guidance
@@ -110,10 +132,9 @@ def _sample(args) -> None:
         labels = torch.full((args.n,), args.label)
     elif conditional or classifier is not None:
         labels = torch.arange(args.n) % num_classes  # every class in turn
-    steps = args.steps if args.steps is not None else s.steps
-    steps = None if steps == 0 else steps
+    steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
     counted = CountCalls(den)
-    bar = tqdm(total=(steps or den.schedule.T) if SAMPLERS[sampler].calls_per_step else None, unit="step", desc=sampler)
+    bar = tqdm(total=(steps or den.schedule.top_step) if SAMPLERS[sampler].calls_per_step else None, unit="step", desc=sampler)
     x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler, steps=steps,
                  spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn, labels=labels, guidance=guidance,
                  classifier=classifier, seed=args.seed, device=device, callback=lambda step: bar.update(1), **options)
@@ -139,8 +160,11 @@ def _eval(args) -> None:
     from .train import generate, load_run
     from .visualize import to_uint8
 
-    if args.n < 2:
-        raise ValueError(f"--n must be >= 2, got {args.n}")
+    least = {"kid": metrics.KID_MIN_IMAGES, "is": metrics.is_min_images(), "pr": 4}.get(args.metric, 2)
+    if args.n < least:
+        raise ValueError(f"--metric {args.metric} needs --n {least} or more, got {args.n}"
+                         + {"kid": " (random subsets of half the images, at least 2 each)",
+                            "is": " (10 splits of at least 2 images)", "pr": " (3 nearest neighbours besides each image)"}.get(args.metric, ""))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     s, d = cfg.sample, cfg.data
@@ -148,7 +172,16 @@ def _eval(args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(data), generator=g)[:args.n]
     real = torch.stack([data[int(i)][0] for i in pick])
-    record: dict = {"metric": args.metric, "n": args.n, "seed": args.seed, "date": datetime.date.today().isoformat()}
+    record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
+                    "date": datetime.date.today().isoformat()}
+    if len(real) < args.n and args.metric != "is":  # IS reads no real images
+        if len(real) < least:
+            raise ValueError(f"the run's dataset has {len(real)} images; --metric {args.metric} needs {least} or more")
+        warnings.warn(f"the run's dataset has {len(real)} images, fewer than --n {args.n}: "
+                      + (f"the metric compares {len(real)} real images with {args.n} samples, and its bias depends on "
+                         "both counts, so compare it only with figures of the same counts (n_real, n_fake in eval.json)"
+                         if args.metric in ("fid", "kid", "pr") else f"the figure is the mean over those {len(real)}"),
+                      UserWarning, stacklevel=1)
     if args.metric in ("nll", "vlb"):
         x0 = real.to(device)
         if args.metric == "nll":
@@ -159,7 +192,7 @@ def _eval(args) -> None:
             record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
                           prior_bits_per_dim=float(out["prior"].mean()), terms="all" if args.vlb_samples is None else args.vlb_samples)
     else:
-        features = args.features or "digits"
+        features = "digits" if args.features is None else args.features
         if features == "digits" and d.channels != 1:
             raise ValueError("the digit-classifier feature space is made for 1-channel digits and this run has "
                              f"data.channels = {d.channels}; pass --features inception:PATH (the FID Inception-v3 "
@@ -167,18 +200,20 @@ def _eval(args) -> None:
         net = metrics.feature_network(features, device=device)  # before sampling: a bad spec fails fast
         sampler = args.sampler or s.sampler
         labels = torch.arange(args.n) % num_classes if cfg.model.class_conditional and num_classes else None
+        steps = s.steps if args.steps is None else args.steps  # 0: every step, as in `diffuse sample`
         fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler,
-                        steps=args.steps or s.steps, spacing=args.spacing or s.spacing, clip=s.clip,
+                        steps=steps, spacing=args.spacing or s.spacing, clip=s.clip,
                         dynamic_threshold=s.dynamic_threshold, labels=labels,
                         guidance=s.guidance if args.guidance is None else args.guidance, seed=args.seed, device=device,
                         eta=s.eta, variance=s.variance)
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        record.update(sampler=sampler, steps=args.steps or s.steps, features=features)
+        record.update(n_fake=len(fake), sampler=sampler, steps=steps or den.schedule.top_step, features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)
         elif args.metric == "kid":
-            record["kid"], record["kid_std"] = metrics.kid(real, fake, net, subset_size=min(1000, args.n))
+            record["kid"], record["kid_std"] = metrics.kid(real, fake, net)
+            record["kid_subset_size"] = metrics.kid_subset_size(len(real), len(fake))
         elif args.metric == "is":
             record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
         else:
@@ -200,6 +235,9 @@ def _demo(args) -> None:
         print(f"  {name:20s} {path}")
 
 
+SEED = number(int, low=0, high=2**63 - 1)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffuse", description="Denoising diffusion models: train, sample, demo.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,18 +251,18 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run folder written by `diffuse train`")
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
     s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
                    help="default: the run's sample.sampler; one of: " + "; ".join(f"{k} ({v.about})" for k, v in SAMPLERS.items()))
-    s.add_argument("--steps", type=int, help="grid steps (default: the run's sample.steps; 0 = every one of the T steps)")
+    s.add_argument("--steps", type=number(int, low=0), help="grid steps (default: the run's sample.steps; 0 = every one of the T steps)")
     s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing (default: the run's)")
-    s.add_argument("--eta", type=float, help="DDIM / Euler-ancestral eta (default: the run's sample.eta)")
+    s.add_argument("--eta", type=number(low=0), help="DDIM / Euler-ancestral eta (default: the run's sample.eta)")
     s.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a sampler option, e.g. s_churn=10 for heun (repeatable)")
-    s.add_argument("--label", type=int, help="draw this class (class-conditional model or --classifier); default: all classes in turn")
-    s.add_argument("--guidance", type=float, help="guidance weight: classifier-free w, or the classifier scale with --classifier")
+    s.add_argument("--label", type=number(int, low=0), help="draw this class (class-conditional model or --classifier); default: all classes in turn")
+    s.add_argument("--guidance", type=number(low=0), help="guidance weight: classifier-free w, or the classifier scale with --classifier")
     s.add_argument("--classifier", metavar="RUN", help="a noisy-classifier run (model.kind = 'classifier') for classifier guidance")
     s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
@@ -241,27 +279,30 @@ def parser() -> argparse.ArgumentParser:
                         "inception:PATH (the standard FID Inception-v3 from a local weights file, "
                         "pt_inception-2015-12-05-6726825d.pth; PATH defaults to $DIFFUSE_INCEPTION_WEIGHTS), "
                         "or MODULE:ATTR / FILE.py:ATTR (your nn.Module, or a function returning one)")
-    e.add_argument("--n", type=int, default=1000, help="images (default 1000)")
+    e.add_argument("--n", type=number(int, low=2), default=1000, help="images (default 1000)")
     e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
-    e.add_argument("--steps", type=int, help="sampler steps (default: the run's)")
+    e.add_argument("--steps", type=number(int, low=0), help="sampler steps (default: the run's; 0 = every one of the T steps)")
     e.add_argument("--spacing", choices=list(SPACINGS))
-    e.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's)")
-    e.add_argument("--rtol", type=float, default=1e-5, help="nll: the ODE solver's tolerance (default 1e-5)")
-    e.add_argument("--vlb-samples", type=int, help="vlb: estimate from this many random steps (default: all T terms)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance", type=number(low=0), help="classifier-free guidance weight (default: the run's)")
+    e.add_argument("--rtol", type=number(low=0, above=True), default=1e-5, help="nll: the ODE solver's tolerance (default 1e-5)")
+    e.add_argument("--vlb-samples", type=number(int, low=1), help="vlb: estimate from this many random steps (default: all T terms)")
+    e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device")
     e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")
-    d.add_argument("--time-limit", type=float, help="seconds of training (default: the demo config's)")
+    d.add_argument("--time-limit", type=number(low=0),
+                   help="seconds of training (default: the demo config's 480; 0 = no limit, as train.time_limit = 0)")
     d.set_defaults(func=_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    formatwarning = warnings.formatwarning  # warnings print as "diffuse CMD: warning: ...", like the errors
+    warnings.formatwarning = lambda message, *_, **__: f"diffuse {args.command}: warning: {message}\n"
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLoss, ResumeError) as e:
@@ -270,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffuse {args.command}: interrupted; the last committed checkpoint is kept", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2s", "euler
 @dataclass
 class SampleConfig:
     sampler: SamplerName = "ddim"                            # see samplers.SAMPLERS / `diffuse sample --help`
-    steps: int = 50                                          # grid steps; ddpm with steps = T is Algorithm 2 exactly
-    spacing: Spacing = "leading"                             # how the grid is picked (schedule.Schedule.timesteps)
+    steps: int = 50                                          # grid steps; 0 = every step (ddpm: Algorithm 2 exactly)
+    spacing: Spacing = "trailing"                            # how the grid is picked (schedule.Schedule.timesteps); trailing starts at the top for any step count
     eta: float = 0.0                                         # DDIM / Euler-ancestral stochasticity (DDIM: 0 deterministic, 1 = DDPM-like)
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"   # DDPM sigma_t^2
     clip: bool = True                                        # clip predicted x_0 to the data range [-1, 1] (Ho et al. 2020 code)
@@ -110,6 +111,8 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -161,6 +164,56 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+
+
+# (section.key, why it is unused, the fix): settings that the current choice of another setting ignores
+def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    d, sc, m, t, smp = cfg.data, cfg.schedule, cfg.model, cfg.train, cfg.sample
+    from .samplers import SAMPLERS  # the sampler table says which options each sampler takes
+
+    out = []
+    if d.path and d.source != "folder":
+        out.append(("data.path", f'data.source = "{d.source}" trains on the bundled {d.source} images',
+                    'set data.source = "folder" to train on the folder, or remove data.path'))
+    if sc.kind != "linear":
+        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no linear betas', 'set schedule.kind = "linear" or remove it')
+                for k in ("beta_start", "beta_end")]
+    if sc.kind != "cosine":
+        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not the cosine schedule', 'set schedule.kind = "cosine" or remove it')
+                for k in ("cosine_s", "max_beta")]
+    if m.kind == "classifier":
+        why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
+        out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional")]
+        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "vlb_lambda", "label_dropout")]
+    else:
+        if t.loss_weighting != "min_snr":
+            out.append(("train.min_snr_gamma", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "min_snr" or remove it'))
+        if t.loss != "hybrid":
+            out.append(("train.vlb_lambda", f'train.loss = "{t.loss}" has no lambda L_vlb term', 'set train.loss = "hybrid" or remove it'))
+        if m.learned_variance and t.loss == "simple":
+            out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
+                        "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))
+    takes = SAMPLERS[smp.sampler].options
+    for key in ("eta", "variance"):
+        if key not in takes:
+            out.append((f"sample.{key}", f'sample.sampler = "{smp.sampler}" takes no {key}',
+                        "remove it, or pick a sampler that takes it (" + ", ".join(k for k, v in SAMPLERS.items() if key in v.options) + ")"))
+    return out
+
+
+def check_unused(cfg: RunConfig) -> None:
+    """Refuse settings that do nothing under the current choice of another one (a data.path with a bundled
+    source, cosine_s with linear betas, ...): a ConfigError naming each, why it is ignored, and the fix.
+    A setting counts as given when it differs from its default (what an unset key holds)."""
+    defaults = RunConfig()
+    given = []
+    for key, why, fix in _unused(cfg):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(defaults, section), name):
+            given.append(f"{key} = {value!r} is ignored because {why}; {fix}")
+    if given:
+        raise ConfigError("; ".join(given))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

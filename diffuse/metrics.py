@@ -199,13 +199,28 @@ def mmd2_unbiased(f_real: Tensor, f_fake: Tensor) -> float:
                  - 2 * k_rf.mean())
 
 
+KID_MIN_IMAGES = 4
+"""KID's smallest set: subsets of half of it must hold at least 2 images for the unbiased MMD^2."""
+
+
+def kid_subset_size(n_real: int, n_fake: int, subset_size: int = 1000) -> int:
+    """The subset size KID uses: `subset_size` (1000, as Binkowski et al. and torch-fidelity) when the smaller set
+    is larger, else half of the smaller set. A subset as large as the set would be the whole set every time and its
+    spread over subsets zero (clean-fid's min(n, 1000) does that below 1,000 images); half-size subsets differ.
+    Raises ValueError below KID_MIN_IMAGES images in a set."""
+    n = min(n_real, n_fake)
+    if n < KID_MIN_IMAGES:
+        raise ValueError(f"KID needs at least {KID_MIN_IMAGES} images in each set (random subsets of half the set, "
+                         f"at least 2 each), got {n_real} real and {n_fake} generated; pass more")
+    return subset_size if subset_size < n else n // 2
+
+
 def kid_from_features(f_real: Tensor, f_fake: Tensor, subsets: int = 100, subset_size: int = 1000,
                       generator: torch.Generator | None = None) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 averaged over random subsets of
-    both sets (as their code and torchmetrics do); returns (mean, standard deviation over the subsets)."""
-    size = min(subset_size, len(f_real), len(f_fake))
-    if size < 2:
-        raise ValueError("KID needs at least 2 images in each set")
+    both sets (as their code and torchmetrics do); returns (mean, standard deviation over the subsets).
+    Subsets hold `kid_subset_size(...)` images: never the whole set, so the spread is real."""
+    size = kid_subset_size(len(f_real), len(f_fake), subset_size)
     g = generator or torch.Generator().manual_seed(0)
     values = [mmd2_unbiased(f_real[torch.randperm(len(f_real), generator=g)[:size]],
                             f_fake[torch.randperm(len(f_fake), generator=g)[:size]]) for _ in range(subsets)]
@@ -223,12 +238,21 @@ def kid(real: Tensor, fake: Tensor, feature_net: nn.Module, subsets: int = 100, 
                              subsets, subset_size)
 
 
+def is_min_images(splits: int = 10) -> int:
+    """The Inception Score's smallest set: 2 images per split (one image's IS is 1 whatever it shows)."""
+    return 2 * splits
+
+
 @torch.no_grad()
 def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int | None = None) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), over `splits` parts of the set: (mean, std).
     `classifier(x)` returns logits; for digits the digit classifier (at most 10, for ten equally likely,
-    confidently classified classes)."""
+    confidently classified classes). Raises ValueError below `is_min_images(splits)` images."""
     _check_images(fake, "fake")
+    if splits < 1 or len(fake) < is_min_images(splits):
+        raise ValueError(f"the Inception Score with {splits} splits needs at least {is_min_images(splits)} images "
+                         f"(2 per split; a split of one image scores 1 whatever it shows), got {len(fake)}; pass more "
+                         "(the usual is 50,000)")
     batch_size = _batch_size(classifier, batch_size)
     classifier.eval()
     device = _device(classifier)

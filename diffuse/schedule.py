@@ -22,6 +22,14 @@ import torch
 from torch import Tensor
 
 
+LOG_SNR_MIN = -10.2
+"""Sampling grids start no higher than log-SNR -10.2 (alpha_t ~= 0.006), diffusers' `lambda_min_clipped` = -5.1 in
+lambda = log(alpha/sigma). Above it x_t is pure
+noise to within the accuracy of the start x_T ~ N(0, I), and reading x_0 = (x_t - sigma_t eps) / alpha_t there
+multiplies a network's error by 1/alpha_t: the cosine schedule's last step has alpha_T = 5e-5, so an eps off by 1%
+gives an x_0 off by 200 and few-step samplers explode. The linear schedule of Ho et al. ends at -10.1: all of its T
+steps stay; the cosine schedule (T = 1000) keeps steps 1..996."""
+
 Spacing = Literal["leading", "trailing", "linspace", "quadratic", "karras", "log_snr"]
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")
 
@@ -62,7 +70,7 @@ class Schedule:
     linearly, which is exact at every t = n / T.
     """
 
-    def __init__(self, betas: Tensor):
+    def __init__(self, betas: Tensor, log_snr_min: float = LOG_SNR_MIN):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
@@ -73,6 +81,9 @@ class Schedule:
         self.alphas = 1 - self.betas                          # alpha_n = 1 - beta_n
         self.alphabar = torch.cumprod(self.alphas, 0)         # alphabar_n = prod_{s<=n} alpha_s (eq. 4)
         self._log_alphabar = self.alphabar.log()
+        # the top of every sampling grid: the last step n whose log-SNR is still >= log_snr_min (at least step 1)
+        log_snr_n = self._log_alphabar[1:] - torch.log1p(-self.alphabar[1:])
+        self.top_step = max(1, int((log_snr_n >= log_snr_min).sum()))
 
     @classmethod
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
@@ -176,37 +187,46 @@ class Schedule:
         return torch.cat([(idx + 1) / self.T, idx.new_zeros(1)])
 
     # --- sampling grids -------------------------------------------------------------------
-    def timesteps(self, steps: int | None = None, spacing: Spacing = "leading", rho: float = 7.0) -> Tensor:
+    def timesteps(self, steps: int | None = None, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times ending with t = 0 (so `steps` denoiser calls for a one-stage sampler).
 
-        steps = None (or T) is every step T, T-1, ..., 1 (DDPM, Algorithm 2). Fewer steps pick a
-        sub-sequence tau (Song et al. 2021, DDIM sec. 4.2). On the discrete steps, with the spacings
-        of Lin et al. (2024, table 2): "leading" n = 1 + k*T//steps (DDIM's and diffusers' default),
-        "trailing" n = round(T - k*T/steps) (starts at the last step, better for few steps),
-        "linspace" n = round(linspace(1, T, steps)); "quadratic" n - 1 = k + round((T - steps) u_k^2),
-        u_k = k / (steps - 1) (DDIM's CIFAR-10 grid, Song et al. 2021 appendix D.2, spread over all T).
-        Between the steps (fractional times, as diffusers' Karras option): "karras"
-        sigma_k = (sigma_max^(1/rho) + u_k (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in the VE
-        noise level (Karras et al. 2022, eq. 5), "log_snr" uniform in lambda (Lu et al. 2022,
-        DPM-Solver sec. 3.3); both from step T down to step 1.
+        Grids run over the steps n = 1..N, N = `top_step` (T unless the schedule's last steps fall below
+        LOG_SNR_MIN). steps = None (or N) is every step N, N-1, ..., 1 (DDPM, Algorithm 2). Fewer steps pick a
+        sub-sequence tau (Song et al. 2021, DDIM sec. 4.2). With the spacings of Lin et al. (2024, table 2):
+        "trailing" n = round(N - k*N/steps) (the default: starts at the top, good for every sampler);
+        "linspace" n = round(linspace(1, N, steps)); "quadratic" n - 1 = k + round((N - steps) u_k^2),
+        u_k = k / (steps - 1) (DDIM's CIFAR-10 grid, Song et al. 2021 appendix D.2, spread over all N);
+        "leading" n = 1 + k*(N//steps), DDIM's code and diffusers' "leading" exactly, which does NOT start
+        at the top: its first step is 1 + (steps-1)*(N//steps), e.g. step 1 of 1000 for steps = 1 and step
+        667 for steps = 3, where x_t still holds signal that the start x_T ~ N(0, I) lacks (Lin et al. 2024,
+        sec. 3.3); `start_shortfall` measures it. Between the steps (fractional times, as diffusers' Karras
+        option): "karras" sigma_k = (sigma_max^(1/rho) + u_k (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho in
+        the VE noise level (Karras et al. 2022, eq. 5), "log_snr" uniform in lambda (Lu et al. 2022,
+        DPM-Solver sec. 3.3); both from step N down to step 1. Every spacing but "leading" starts at step N
+        for every steps >= 1.
+
+        Raises ValueError for steps outside 1..N, an unknown spacing, or rho <= 0.
         """
-        steps = self.T if steps is None else int(steps)
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be between 1 and the schedule's T = {self.T}, got {steps}")
+        N = self.top_step
+        steps = N if steps is None else int(steps)
+        if not 1 <= steps <= N:
+            top = f"the schedule's T = {self.T}" if N == self.T else (
+                f"N = {N}, the steps of this schedule above log-SNR {LOG_SNR_MIN} (the last {self.T - N} hold no signal a network can read)")
+            raise ValueError(f"steps must be between 1 and {top}, got {steps}")
         k = torch.arange(steps, dtype=torch.float64)
         u = k / max(steps - 1, 1)  # 0 .. 1
         if spacing == "leading":
-            idx = k * (self.T // steps)
+            idx = k * (N // steps)
         elif spacing == "trailing":
-            idx = torch.round(self.T - k * self.T / steps).flip(0) - 1
+            idx = torch.round(N - k * N / steps).flip(0) - 1
         elif spacing == "linspace":
-            idx = torch.round(torch.linspace(0, self.T - 1, steps, dtype=torch.float64))
+            idx = torch.round(torch.linspace(0, N - 1, steps, dtype=torch.float64)) if steps > 1 else k + N - 1
         elif spacing == "quadratic":
-            idx = k + torch.round((self.T - steps) * u**2)
+            idx = k + torch.round((N - steps) * u**2) if steps > 1 else k + N - 1
         elif spacing in ("karras", "log_snr"):
-            if spacing == "karras" and rho <= 0:
+            if spacing == "karras" and not rho > 0:
                 raise ValueError(f"rho must be > 0, got {rho}")
-            ends = torch.tensor([1.0, 1.0 / self.T], dtype=torch.float64)  # step T, step 1
+            ends = torch.tensor([N / self.T, 1.0 / self.T], dtype=torch.float64)  # step N, step 1
             if spacing == "karras":
                 hi, lo = self.ve_sigma(ends) ** (1 / rho)
                 t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
@@ -220,6 +240,12 @@ class Schedule:
         else:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
         return self.timesteps_from_indices(idx.flip(0))
+
+    def start_shortfall(self, timesteps: Tensor) -> float:
+        """alpha_t at a grid's first time minus alpha at the top step N: how much signal x_t has there that the
+        start x_T ~ N(0, I) lacks (0 for grids that start at the top; ~1 for a one-step "leading" grid)."""
+        t0 = torch.as_tensor(timesteps, dtype=torch.float64).flatten()[0]
+        return float(self.alpha(t0) - self.alpha(torch.tensor(self.top_step / self.T, dtype=torch.float64)))
 
     # --- the forward process --------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -30,20 +31,21 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, load_config, save_config, to_dict
+from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
 from .losses import ImportanceSampler, bits_per_dim, classifier_loss, hybrid_loss, l_simple, sample_timesteps, vlb_term
 from .nets.classifier import NoisyClassifier
 from .nets.unet import ShardedDropout, UNet
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, NonFiniteSample, Step
 from .schedule import Schedule
 from .visualize import plot_loss, save_grid
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss, gradient or weight; the step is not applied, and the message says
+    what the last checkpoint holds (every checkpoint is written only with finite weights)."""
 
 
 class ResumeError(RuntimeError):
@@ -73,6 +75,8 @@ def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | Non
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
     c = ckpt.load_checkpoint(run_dir, step)
+    if ema:
+        warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
     num_classes = int(c.state["num_classes"])
     net = build_model(cfg, num_classes)
     net.load_state_dict(c.tensors["ema" if ema else "model"])
@@ -93,23 +97,40 @@ def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torc
 
 @torch.no_grad()
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
-             spacing: str = "leading", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
+             spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              guidance: float = 0.0, classifier=None, seed: int = 0, device: str | torch.device = "cpu", callback=None,
              **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
+
+    steps = None or 0 is every step of the schedule (0 means this in every command and config).
 
     labels (n,) condition a class-conditional denoiser; guidance w > 0 then applies classifier-free
     guidance through the network's null label, or, with `classifier` (x_t, model_time) -> logits,
     classifier guidance at scale w (the denoiser may then be unconditional). The guided x_0 is
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
-    `options` are sampler options (eta, variance, s_churn, ...); those the sampler does not take
-    are ignored, so a config's defaults can be passed to any sampler.
+    `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
+    sampler does not take are ignored, so a config's defaults can be passed to any sampler.
+
+    Raises ValueError for a bad sampler, option, guidance weight or label set; NonFiniteSample, naming the
+    step, as soon as the samples become NaN or infinite. A grid that does not start at the top of the
+    schedule ("leading" with few steps) gives a warning that says how much signal the start lacks.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if guidance < 0:
-        raise ValueError(f"the guidance weight must be >= 0, got {guidance}")
+    if not (0 <= guidance < math.inf):
+        raise ValueError(f"the guidance weight must be a finite number >= 0, got {guidance}")
     info = SAMPLERS[sampler]
+    kw = info.check_options(sampler, options)
+    # an adaptive solver takes only the ends of its grid: from the top to the first step, then the x_0 prediction
+    schedule = denoiser.schedule
+    grid = schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else schedule.timesteps(steps or None, spacing)
+    shortfall = schedule.start_shortfall(grid)
+    if shortfall > 0.01:
+        warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "
+                      f"{schedule.T}, not at the top ({schedule.top_step}): x_t there holds alpha_t - alpha_top = "
+                      f"{shortfall:.2g} more of the data than the start x_T ~ N(0, I) has, so the samples come out "
+                      "noisy; use spacing trailing (the default), which starts at the top for any step count",
+                      UserWarning, stacklevel=2)
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, device=device)
     den = denoiser
@@ -130,10 +151,49 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:
         den = ClipX0(den)
-    kw = {k: v for k, v in options.items() if k in info.options}
-    # an adaptive solver takes only the ends of its grid: from t = 1 to the first step, then the x_0 prediction
-    grid = denoiser.schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else denoiser.schedule.timesteps(steps, spacing)
-    return info(den, x_T, grid, generator=g, callback=callback, **kw)
+
+    def watch(step: Step) -> None:  # stop at the first non-finite step, and say where
+        if not bool(torch.isfinite(step.x_next).all()):
+            source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
+                      "earlier checkpoint)" if not bool(torch.isfinite(step.x0).all()) else
+                      "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
+                      "or the sampler options")
+            raise NonFiniteSample(f"{sampler}: the samples became non-finite at step {step.index + 1}"
+                                  f"{f' of {step.total}' if step.total else ''} (t = {step.t:.4g} -> {step.s:.4g}); {source}. "
+                                  "Nothing was written")
+        if callback is not None:
+            callback(step)
+
+    return info(den, x_T, grid, generator=g, callback=watch, **kw)
+
+
+EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
+
+
+def ema_init_share(decay: float, warmup: bool, steps: int) -> float:
+    """prod_{n < steps} d_n: the weight the EMA still gives the random initial parameters after `steps` updates, with
+    d_n = `EMA.decay_at(n)`. Without warm-up it is decay^steps: 0.9999^10000 = 0.37 (DDPM's decay after 10k steps)."""
+    n = torch.arange(steps, dtype=torch.float64)
+    d = torch.clamp((1 + n) / (10 + n), max=decay) if warmup else torch.full_like(n, decay)
+    return float(d.log().sum().exp())
+
+
+def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
+    """Warn when the EMA weights of a run at `step` are still mostly the random initialisation (UserWarning)."""
+    share = ema_init_share(decay, warmup, step)
+    if share <= EMA_INIT_SHARE_WARNING:
+        return
+    n = step
+    while ema_init_share(decay, warmup, n) > 0.01:
+        n = max(2 * n, 1000)
+    lo = n // 2
+    while lo < n:  # the first step where the share is <= 1%
+        mid = (lo + n) // 2
+        lo, n = (mid + 1, n) if ema_init_share(decay, warmup, mid) > 0.01 else (lo, mid)
+    warnings.warn(f"the EMA weights of {run_dir} (step {step}, train.ema_decay = {decay:g} {'with' if warmup else 'without'} "
+                  f"warm-up) still hold {share:.0%} of the random initial weights, so samples from them are mostly noise; "
+                  f"use the raw weights (--no-ema), or train longer: the share falls below 1% at step {n:,}",
+                  UserWarning, stacklevel=3)
 
 
 class EMA:
@@ -200,7 +260,7 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
-        (cfg.sample.steps >= 1, f"sample.steps must be >= 1, got {cfg.sample.steps}"),
+        (cfg.sample.steps >= 0, f"sample.steps must be >= 0 (0: every step), got {cfg.sample.steps}"),
         (t.loss != "hybrid" or cfg.model.learned_variance,
          "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
         (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
@@ -243,6 +303,7 @@ class Trainer:
             if changed and not inexact_resume:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
+        check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
         self.cfg = cfg
         self.progress = progress and self.is_main
         self.dataset = load_dataset(cfg.data)
@@ -334,9 +395,7 @@ class Trainer:
             dist.all_reduce(global_loss)
             global_loss /= self.world
         if not torch.isfinite(global_loss):
-            last = ckpt.latest_step(self.run_dir)
-            kept = f"the last good checkpoint (step {last}) is kept in {self.run_dir}" if last is not None else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step}; {kept}. "
+            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step}; {self.last_checkpoint()}. "
                                 "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -366,6 +425,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the grad scaler skips such steps itself
+            raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step} (loss {loss.item():.4g}); "
+                                f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
+                                "and keep train.grad_clip > 0")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_schedule.step()
@@ -433,10 +496,29 @@ class Trainer:
         return save_grid(x, self.run_dir / "samples" / f"step_{self.step:08d}.png")
 
     # --- checkpoints --------------------------------------------------------------------------
+    def last_checkpoint(self) -> str:
+        """What the newest committed checkpoint holds, for a message after training went non-finite."""
+        last = ckpt.latest_step(self.run_dir)
+        if last is None:
+            return "no checkpoint was written yet"
+        state = ckpt.load_checkpoint(self.run_dir, last).state
+        if "max_abs_weight" not in state:
+            return (f"the last checkpoint (step {last}) in {self.run_dir} was written before checkpoints recorded their "
+                    "weights' range, so whether it is good cannot be told; sample from it to check")
+        loss = state.get("last_loss")
+        return (f"the last good checkpoint (step {last}) in {self.run_dir} is kept: its weights and EMA are finite (largest "
+                f"|w| = {state['max_abs_weight']:.3g}" + ("" if loss is None else f", last logged loss {loss:.4g}") + ")")
+
     def save(self) -> None:
-        """Commit a checkpoint of everything an exact resume needs (rank 0 writes)."""
+        """Commit a checkpoint of everything an exact resume needs (rank 0 writes). Refuses (NonFiniteLoss) when the
+        weights or their EMA hold NaN or inf, so every committed checkpoint has finite weights."""
         if not self.is_main:
             return
+        weights = [p.detach() for p in (*self.model.parameters(), *self.ema.model.parameters())]
+        max_abs = max(float(w.abs().max()) for w in weights if w.numel()) if weights else 0.0
+        if not math.isfinite(max_abs):
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.step}, so no checkpoint was written; "
+                                f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")
         if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
             plot_loss(*zip(*self.history), self.run_dir / "loss.png")
         opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
@@ -453,6 +535,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state,
             "history": self.history,
+            "max_abs_weight": max_abs,
+            "last_loss": self.history[-1][1] if self.history else None,
         }
         ckpt.save_checkpoint(self.run_dir, self.step,
                              {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "state": state_tensors},

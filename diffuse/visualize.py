@@ -26,7 +26,9 @@ def grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
     """Tile a batch (B, C, H, W) in [-1, 1] into one image, nrow images per row (default: square)."""
     imgs = to_uint8(x)
     b, h, w, c = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
+    nrow = math.ceil(math.sqrt(b)) if nrow is None else nrow
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1 (or None for a square grid), got {nrow}")
     rows = math.ceil(b / nrow)
     canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(imgs):

@@ -195,7 +195,7 @@ def test_eval_with_inception_weights_from_a_file(hybrid_run, tmp_path, monkeypat
     safetensors.torch.save_file({k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}, path)
     calls, inception_score = _capture(monkeypatch, "inception_score")
     with pytest.warns(UserWarning, match="not the standard FID Inception file"):
-        assert main(["eval", str(hybrid_run), "--metric", "is", "--n", "6", "--steps", "2",
+        assert main(["eval", str(hybrid_run), "--metric", "is", "--n", "20", "--steps", "2",
                      "--features", f"inception:{path}"]) == 0
     record = json.loads((hybrid_run / "eval.json").read_text())[-1]
     (fake, net), value = calls[-1]

@@ -114,3 +114,61 @@ def test_bad_config_values():
         Schedule.linear().timesteps(0)
     with pytest.raises(ValueError, match="spacing"):
         Schedule.linear().timesteps(10, "bogus")
+
+
+STEP_COUNTS = (1, 2, 3, 7, 13, 20, 33, 50, 333, 999, 1000)  # many do not divide T = 1000
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "quadratic", "karras", "log_snr"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_every_grid_starts_at_the_top_for_every_step_count(kind, spacing):
+    """A K-step grid starts at the schedule's top step N (pure noise) and has K + 1 strictly decreasing times
+    ending at 0; before, linspace and quadratic with K = 1 were [1/T, 0] and returned the input noise."""
+    s = Schedule.linear() if kind == "linear" else Schedule.cosine()
+    for steps in STEP_COUNTS:
+        if steps > s.top_step:
+            with pytest.raises(ValueError, match=f"between 1 and N = {s.top_step}"):
+                s.timesteps(steps, spacing)
+            continue
+        ts = s.timesteps(steps, spacing)
+        assert len(ts) == steps + 1 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all()), (steps, ts)
+        assert float(ts[0]) == pytest.approx(s.top_step / s.T, abs=1e-12), (steps, float(ts[0]))
+        assert s.start_shortfall(ts) == pytest.approx(0, abs=1e-12)
+
+
+def test_leading_keeps_its_published_meaning_and_measures_its_shortfall():
+    """"leading" is DDIM's and diffusers' grid 1 + k T//K: it never reaches step T, and with few steps it starts
+    where x_t still holds data (alpha = 1 at K = 1). generate() warns about it (test_bad_values.py)."""
+    s = Schedule.linear()
+    assert s.timesteps(1, "leading").tolist() == [0.001, 0.0]
+    assert s.start_shortfall(s.timesteps(1, "leading")) > 0.99
+    assert s.start_shortfall(s.timesteps(3, "leading")) == pytest.approx(float(s.alpha(torch.tensor(0.667)) - s.alpha(torch.tensor(1.0))))
+    assert s.start_shortfall(s.timesteps(50, "leading")) < 0.01
+
+
+def test_one_step_from_pure_noise_gives_the_data_mean():
+    """With the exact denoiser of N(0.5, 0.5^2) data, one DDIM step from the top returns E[x_0 | x_T] ~= 0.5 on
+    every spacing that starts at the top (before: 0.01 on linspace and quadratic, the input noise)."""
+    from diffuse import Denoiser
+    from diffuse.samplers import ddim
+
+    from conftest import gaussian_eps
+
+    s = Schedule.linear()
+    den = Denoiser(gaussian_eps(s, 0.5, 0.5), s)
+    x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for spacing in ("trailing", "linspace", "quadratic", "karras", "log_snr"):
+        x0 = ddim.sample(den, x_T, s.timesteps(1, spacing))
+        assert float(x0.mean()) == pytest.approx(0.5, abs=0.01), spacing
+
+
+def test_cosine_grids_stop_at_log_snr_min():
+    """The cosine schedule's last 4 of 1000 steps lie below log-SNR -10.2 (alpha_T = 5e-5): grids start at step 996;
+    the linear schedule (log-SNR -10.1 at T) keeps all 1000. Without a floor every step is kept."""
+    from diffuse.schedule import LOG_SNR_MIN, cosine_betas
+
+    lin, cos = Schedule.linear(), Schedule.cosine()
+    assert lin.top_step == 1000 and cos.top_step == 996
+    assert float(cos.log_snr(torch.tensor(996 / 1000))) >= LOG_SNR_MIN > float(cos.log_snr(torch.tensor(997 / 1000)))
+    assert Schedule(cosine_betas(), log_snr_min=-math.inf).top_step == 1000
+    assert len(cos.timesteps()) == 997 and float(cos.timesteps()[0]) == pytest.approx(0.996)

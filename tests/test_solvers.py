@@ -68,7 +68,12 @@ def test_sigma_samplers_match_diffusers(name, cls, spacing):
     x_T = y_T * float(schedule.alpha(timesteps[0]))  # the same start, in x
     ours = ours_run(SAMPLERS[name], schedule, x_T, timesteps, torch.Generator().manual_seed(3))
     assert len(ours) == len(expected) == 25
-    for a, b in zip(ours, expected):
+    same = len(ours)
+    if name == "heun":  # ours steps by Euler where sigma shrinks more than 10-fold (karras.MIN_SIGMA_RATIO); diffusers does not
+        ratios = [float(schedule.ve_sigma(a.s) / schedule.ve_sigma(a.t)) for a in ours]
+        same = next((i for i, r in enumerate(ratios) if 0 < r <= karras.MIN_SIGMA_RATIO), len(ours))
+        assert same == {"leading": 23, "trailing": 25}[spacing]  # leading: the last positive step, 41/T -> 1/T
+    for a, b in zip(ours[:same], expected[:same]):
         torch.testing.assert_close(a.x_next / float(schedule.alpha(a.s)), b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
 
 
@@ -269,3 +274,80 @@ def test_samplers_do_not_depend_on_the_prediction_type(name):
     # to 1e-6: at fractional times the functions read their time back from the float32 model time
     torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(out[2], out[0], atol=1e-6, rtol=0)
+
+
+# --- every sampler on every spacing, with exact and with imperfect networks (2-D mixture) -------------------------
+def mixture_covariance(mix: GaussianMixture) -> torch.Tensor:
+    """Cov x_0 = sum_k pi_k (s_k^2 I + mu_k mu_k^T) - m m^T, m = sum_k pi_k mu_k."""
+    m = (mix.pi[:, None] * mix.mu).sum(0)
+    second = sum(mix.pi[k] * (mix.s[k] ** 2 * torch.eye(mix.D, dtype=torch.float64) + torch.outer(mix.mu[k], mix.mu[k]))
+                 for k in range(mix.K))
+    return second - torch.outer(m, m)
+
+
+def mixture_net(mix: GaussianMixture, schedule: Schedule, prediction: str, scale: float):
+    """The exact network of the mixture for a prediction type (eps, x0 or v), its output multiplied by `scale`:
+    1.01 is a network off by 1% in its own parameterisation."""
+    from diffuse.denoiser import eps_to_x0, scales, training_target
+
+    def net(x, index):
+        eps = mix.eps(x, index)
+        alpha, sigma = scales(schedule, (index.to(torch.float64) + 1) / schedule.T, x)
+        return scale * training_target(eps_to_x0(x, eps, alpha, sigma), eps, alpha, sigma, prediction)
+
+    return net
+
+
+def covariance_error(kind: str, prediction: str, name: str, spacing: str, steps: int, scale: float, n: int = 4000,
+                     **options) -> float:
+    """|| Cov(samples) - Cov(data) ||_F of n samples of the mixture (inf when a sample is not finite)."""
+    schedule = Schedule.linear() if kind == "linear" else Schedule.cosine()
+    mix = GaussianMixture(schedule, **MIXTURE)
+    den = Denoiser(mixture_net(mix, schedule, prediction, scale), schedule, prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(n, 2, 1, 1, generator=g, dtype=torch.float64)
+    grid = schedule.timesteps(2, "linspace") if name == "ode-rk45" else schedule.timesteps(steps, spacing)
+    kw = {"rtol": 1e-4, "atol": 1e-4, **options} if name == "ode-rk45" else options
+    x0 = SAMPLERS[name](den, x_T, grid, generator=g, **kw).flatten(1)
+    if not bool(torch.isfinite(x0).all()):
+        return math.inf
+    return float((torch.cov(x0.T) - mixture_covariance(mix)).norm())
+
+
+SPACINGS_OFFERED = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")  # `diffuse sample --spacing`
+
+
+@pytest.mark.parametrize("spacing", SPACINGS_OFFERED)
+@pytest.mark.parametrize("name", sorted(n for n in SAMPLERS if n != "ode-rk45"))
+def test_every_sampler_converges_on_every_spacing(name, spacing):
+    """Exact denoiser, linear schedule: at 50 steps every pair is within first-order discretisation error of the
+    data's covariance (ddpm/ddim/euler ~0.03-0.06; the others near the Monte-Carlo floor ~0.02 of 4,000 samples),
+    and the error shrinks from 10 to 50 steps. Before the step-ratio rule of the multistep solvers, dpmpp-2m on 20
+    leading steps was 10x worse than on trailing ones (0.14 vs 0.014), dpmpp-3m 0.82."""
+    errors = [covariance_error("linear", "eps", name, spacing, steps, 1.0) for steps in (10, 50)]
+    assert errors[1] < 0.07 and errors[1] < errors[0], errors
+    if name.startswith("dpmpp") or name in ("heun", "dpm2"):  # the second- and third-order samplers, at 20 steps
+        assert covariance_error("linear", "eps", name, spacing, 20, 1.0) < (0.1 if spacing == "karras" else 0.05)
+
+
+def test_multistep_orders_drop_where_the_step_jumps():
+    """The leading grid's last positive step (51/T -> 1/T) is 4x the gap before it: DPM-Solver++ takes it at
+    first order (`stable_order`); on an even grid it keeps its order."""
+    assert dpm_solver.stable_order(2, [1.07, 0.72], 2.9) == 1       # h_prev / h = 0.12
+    assert dpm_solver.stable_order(3, [1.0, 0.5, 0.0], 0.5) == 3    # uniform in lambda
+    assert dpm_solver.stable_order(3, [1.0, 0.5, 0.4], 0.5) == 2    # the older gap is too short
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_every_combination_is_safe_with_a_network_off_by_one_percent(kind, prediction):
+    """The cosine trap: with a network 1% off, every schedule x prediction x sampler x spacing of the CLI stays
+    at the data's scale at 20 steps (covariance error < 0.3; the exact network gives up to 0.15 on these grids).
+    Before the grids started at log-SNR -10.2 (Schedule.top_step) and Heun/DPM2 stepped by Euler on >10-fold
+    sigma drops, cosine + eps gave errors of ~60 (ddim, euler), 1e5 (dpm2) and 5e7 (heun)."""
+    worst = {}
+    for name in SAMPLERS:
+        for spacing in (SPACINGS_OFFERED if name != "ode-rk45" else ("trailing",)):
+            worst[f"{name}/{spacing}"] = covariance_error(kind, prediction, name, spacing, 20, 1.01)
+    bad = {k: round(v, 3) for k, v in worst.items() if not v < 0.3}
+    assert not bad, bad

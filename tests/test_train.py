@@ -207,6 +207,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         saved[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     trainer.save = recording_save
+    before = {}
+    step_fn = trainer.train_step
+
+    def recording_step():
+        before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return step_fn()
+
+    trainer.train_step = recording_step
     _nan_from(monkeypatch, bad_step=3)
     with pytest.raises(NonFiniteLoss) as e:
         trainer.fit()
@@ -216,8 +224,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert list(saved) == [2]  # nothing was saved after the NaN
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     assert trainer.step == 3
-    # the NaN step changed nothing
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # the NaN step changed nothing: the weights are those from before it
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert "its weights and EMA are finite (largest |w| = " in msg
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in lines)
     # the kept checkpoint loads, unchanged, and a new trainer resumes from it
@@ -357,7 +366,10 @@ def test_class_conditional_training_and_sample_grid(tmp_path):
     ("train.checkpoint_every=0", "train.checkpoint_every"),
     pytest.param("train.mixed_precision=fp16", "train.mixed_precision",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on CUDA")),
-    ("sample.steps=0", "sample.steps"),
+    ("sample.steps=-1", "sample.steps"),  # 0 is every step, as `diffuse sample --steps 0`
+    ("train.lr=nan", "train.lr"),
+    ("train.lr=inf", "train.lr"),
+    ("train.ema_decay=-inf", "train.ema_decay"),
 ])
 def test_bad_training_config(tmp_path, override, key):
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import ddim, ddpm, dpm_solver, karras, sde
-from .base import Callback, CountCalls, Step
+from .base import OPTIONS, Callback, CountCalls, NonFiniteSample, Option, Step
 
 
 @dataclass(frozen=True)
@@ -21,18 +21,22 @@ class SamplerInfo:
 
     fn: Callable
     calls_per_step: int       # denoiser calls per grid step (0: adaptive)
-    options: tuple[str, ...]  # keyword options it takes besides generator and callback
+    options: tuple[str, ...]  # keyword options it takes besides generator and callback (keys of OPTIONS)
     about: str
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+    def check_options(self, name: str, options: dict) -> dict:
+        """The options this sampler takes, each checked (ValueError for a bad value); the others are dropped."""
+        return {k: OPTIONS[k].check(k, v) for k, v in options.items() if k in self.options}
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(ddpm.sample, 1, ("variance",), "ancestral, Ho et al. 2020 Algorithm 2"),
     "ddim": SamplerInfo(ddim.sample, 1, ("eta",), "Song et al. 2021, any eta"),
     "dpmpp-2m": SamplerInfo(functools.partial(dpm_solver.sample, order=2), 1, (), "DPM-Solver++(2M), Lu et al. 2022"),
-    "dpmpp-3m": SamplerInfo(functools.partial(dpm_solver.sample, order=3), 1, (), "DPM-Solver++ 3rd-order multistep"),
+    "dpmpp-3m": SamplerInfo(functools.partial(dpm_solver.sample, order=3), 1, ("reference_3m",), "DPM-Solver++ 3rd-order multistep"),
     "dpmpp-2s": SamplerInfo(dpm_solver.sample_2s, 2, (), "DPM-Solver++(2S), single-step, Lu et al. 2022"),
     "euler": SamplerInfo(karras.euler, 1, (), "Euler in sigma, Karras et al. 2022"),
     "heun": SamplerInfo(karras.heun, 2, ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Heun, EDM Algorithm 1 (2 with s_churn)"),
@@ -43,4 +47,4 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)"),
 }
 
-__all__ = ["SAMPLERS", "SamplerInfo", "Callback", "CountCalls", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]
+__all__ = ["OPTIONS", "SAMPLERS", "Option", "SamplerInfo", "Callback", "CountCalls", "NonFiniteSample", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]

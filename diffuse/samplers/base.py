@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
@@ -23,6 +24,10 @@ class Step:
 
 
 Callback = Callable[[Step], None]
+
+
+class NonFiniteSample(ValueError):
+    """A sampler's x (or the denoiser's prediction) became NaN or infinite; the message names the step."""
 
 
 class GridStep(NamedTuple):
@@ -70,3 +75,75 @@ class CountCalls:
         if name == "denoiser":
             raise AttributeError(name)
         return getattr(self.denoiser, name)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A sampler's keyword option: its type and the values it takes. `parse` reads it from text (the CLI's
+    --opt KEY=VALUE), `check` validates a value from Python or a config; both raise ValueError naming it."""
+
+    kind: type                       # float, int, bool or str
+    low: float | None = None         # smallest allowed number
+    above: bool = False              # the number must exceed `low` (not equal it)
+    allow_inf: bool = False          # +inf is a meaningful value (s_tmax: no upper end)
+    choices: tuple[str, ...] = ()    # the allowed strings (kind = str)
+    example: str = ""                # a good value, for messages
+
+    def rule(self) -> str:
+        if self.kind is str:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is bool:
+            return "true or false"
+        what = "an integer" if self.kind is int else "a finite number" if not self.allow_inf else "a number"
+        return what + ("" if self.low is None else f" {'>' if self.above else '>='} {self.low:g}")
+
+    def check(self, name: str, value):
+        """`value` if it is valid for this option, else ValueError naming the option, the rule and an example."""
+        bad = ValueError(f"{name} must be {self.rule()}, got {value!r}; e.g. {name}={self.example}")
+        if self.kind is str:
+            if value not in self.choices:
+                raise bad
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not float(value).is_integer()):
+            raise bad
+        if math.isnan(value) or (math.isinf(value) and not (self.allow_inf and value > 0)):
+            raise bad
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            raise bad
+        return int(value) if self.kind is int else float(value)
+
+    def parse(self, name: str, raw: str):
+        """The option's value from text, checked: 'abc' for a number, 'nan', 'inf' (unless allowed) raise ValueError."""
+        raw = raw.strip()
+        if self.kind is bool:
+            value = {"true": True, "false": False, "1": True, "0": False}.get(raw.lower(), raw)
+        elif self.kind in (int, float):
+            try:
+                value = float(raw) if self.kind is float else int(raw)
+            except ValueError:
+                value = raw
+        else:
+            value = raw
+        return self.check(name, value)
+
+
+NON_NEGATIVE = Option(float, low=0.0, example="1.0")
+TOLERANCE = Option(float, low=0.0, above=True, example="1e-5")
+OPTIONS: dict[str, Option] = {
+    "eta": NON_NEGATIVE,
+    "variance": Option(str, choices=("beta_tilde", "beta"), example="beta"),
+    "reference_3m": Option(bool, example="true"),
+    "s_churn": Option(float, low=0.0, example="10"),
+    "s_tmin": Option(float, low=0.0, example="0.05"),
+    "s_tmax": Option(float, low=0.0, allow_inf=True, example="50"),
+    "s_noise": Option(float, low=0.0, example="1.003"),
+    "snr": Option(float, low=0.0, above=True, example="0.16"),
+    "corrector_steps": Option(int, low=0, example="1"),
+    "rtol": TOLERANCE,
+    "atol": TOLERANCE,
+}
+"""Every sampler option by name, with the values it takes (the samplers' keyword arguments)."""

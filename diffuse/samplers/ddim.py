@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import posterior
-from .base import Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
 
 
 def sample(
@@ -26,8 +26,7 @@ def sample(
     callback: Callback | None = None,
 ) -> Tensor:
     """Integrate from x_T over a decreasing grid of times ending at 0; returns x_0."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    eta = OPTIONS["eta"].check("eta", eta)
     x = x_T
     n = len(timesteps) - 1
     for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import interpolated_log_variance, posterior, transition_variance
-from .base import Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
 
 
 def sample(
@@ -32,8 +32,7 @@ def sample(
 
     No noise is added on the last step (z = 0 when t = 1 in Algorithm 2).
     """
-    if variance not in ("beta_tilde", "beta"):
-        raise ValueError(f"variance must be 'beta_tilde' or 'beta', got {variance!r}")
+    variance = OPTIONS["variance"].check("variance", variance)
     x = x_T
     n = len(timesteps) - 1
     for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):

@@ -13,7 +13,10 @@ and the solvers expand x0_theta in lambda around the known points, h = lambda_s 
 Multistep solvers start at order 1 and climb as history accrues; the step into t = 0 (lambda = inf)
 is always first order (it returns the last x_0 prediction), and with fewer than 15 steps the
 last steps use lower orders too ("lower_order_final", Lu et al. 2022 sec. 5, diffusers' default),
-which keeps few-step sampling stable.
+which keeps few-step sampling stable. On uneven grids the order also drops where a step is more than
+1 + sqrt(2) times the gap to an earlier prediction (`stable_order`): the "leading" and "linspace" grids end
+with the jump from step 1 + T/K to step 1, over which a multistep update would extrapolate x0(lambda) from a
+gap four times shorter (covariance error 0.14 against 0.014 on trailing for a 2-D mixture, 20 steps of 2M).
 
 A correction to the reference 3M: the term above integrates e^lambda (lambda - lambda_t)^2 / 2 x0''
 exactly only if D2 = h^2 x0''. The reference estimate, D2 = (D1_0 - D1_1) / (r0 + r1), equals
@@ -29,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Callback, Step, grid_steps
+from .base import OPTIONS, Callback, Step, grid_steps
 
 
 def log_snr(alpha: float, sigma: float) -> float:
@@ -40,6 +43,20 @@ def log_snr(alpha: float, sigma: float) -> float:
 def first_order_update(x: Tensor, x0: Tensor, sigma_t: float, alpha_s: float, sigma_s: float, h: float) -> Tensor:
     """x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x0: DPM-Solver++ order 1, which is DDIM (Lu et al. 2022, eq. 10)."""
     return (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * x0
+
+
+MIN_STEP_RATIO = math.sqrt(2) - 1
+"""The smallest h_prev / h a multistep update uses: variable-step two-step methods are zero-stable only while the
+step grows by less than 1 + sqrt(2) (Grigorieff 1983; Hairer, Norsett & Wanner, Solving ODEs I, sec. III.5)."""
+
+
+def stable_order(order: int, lams: list[float], h: float) -> int:
+    """The largest order <= `order` whose history gaps lams[j] - lams[j+1] (newest first) are all at least
+    MIN_STEP_RATIO times the step h."""
+    k = 1
+    while k < order and (lams[k - 1] - lams[k]) >= MIN_STEP_RATIO * h:
+        k += 1
+    return k
 
 
 def multistep_update(x: Tensor, x0s: list[Tensor], hs: list[float], sigma_t: float, alpha_s: float, sigma_s: float,
@@ -76,6 +93,7 @@ def sample(
     """DPM-Solver++ multistep from x_T over a decreasing grid ending at 0: one denoiser call per step."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
+    reference_3m = OPTIONS["reference_3m"].check("reference_3m", reference_3m)
     x = x_T
     n = len(timesteps) - 1
     x0s: list[Tensor] = []   # x0 predictions, newest first
@@ -87,10 +105,10 @@ def sample(
         k = min(order, i + 1)
         if lower_order_final and n < 15:
             k = min(k, n - i)
-        if sigma_s == 0:
-            k = 1
+        h = lam_s - lam_t
+        k = 1 if sigma_s == 0 else stable_order(k, lams, h)
         hs = [lams[j] - lams[j + 1] for j in range(k - 1)]
-        x_next = multistep_update(x, x0s[:k], hs, sigma_t, alpha_s, sigma_s, lam_s - lam_t, reference_3m)
+        x_next = multistep_update(x, x0s[:k], hs, sigma_t, alpha_s, sigma_s, h, reference_3m)
         if callback is not None:
             callback(Step(i, n, t, s, x, pred.x0, x_next))
         x = x_next

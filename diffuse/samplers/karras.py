@@ -15,7 +15,16 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
+
+
+MIN_SIGMA_RATIO = 0.1
+"""Heun and DPM2 take their second-order stage only on steps with sigma_next > 0.1 sigma; on steps that shrink sigma
+more they are Euler: the first of 20 trailing steps on the cosine schedule shrinks sigma 14-fold (of 20 quadratic
+ones 27-fold), the last positive step of a 20-step "leading" grid 15-fold. There an eps off by delta puts y_next off by delta (sigma / sigma_next - 1) relative to its size, and the
+correction, which reads eps again at that y_next, multiplies the error instead of cancelling it: on a 2-D mixture with
+an eps 1% off, 20 quadratic steps of the cosine schedule gave covariance errors of 2.09 (Heun) and 0.46 (DPM2), Euler
+0.22; with the rule 0.16 and 0.17. With exact eps the rule costs nothing (linear, leading: 0.020 -> 0.017)."""
 
 
 def euler_step(y: Tensor, eps: Tensor, sigma: float, sigma_next: float) -> Tensor:
@@ -82,15 +91,16 @@ def heun(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; with s_churn > 0, Algorithm 2).
+    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; with s_churn > 0, Algorithm 2); Euler on
+    steps into sigma = 0 and on steps that shrink sigma more than 1 / MIN_SIGMA_RATIO-fold.
 
     Two calls per step, one on the last (Euler into sigma = 0). Churn first raises the noise to
     sigma_hat = (1 + gamma) sigma, gamma = min(s_churn / N, sqrt(2) - 1), by adding fresh noise,
     capped at the schedule's largest sigma (the network knows no higher level); the step then
     starts from there (the callback's x0 is the prediction at the churned sample).
     """
-    if s_churn < 0 or s_noise < 0:
-        raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
+    s_churn, s_tmin, s_tmax, s_noise = (OPTIONS[k].check(k, v) for k, v in
+                                        (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)))
     ve = _VE(denoiser)
     n = len(timesteps) - 1
     sigma_max = float(denoiser.schedule.ve_sigma(1.0))
@@ -107,7 +117,7 @@ def heun(
         else:
             pred = denoiser(x, t)
         y_next = euler_step(y, pred.eps, sig, sig_next)
-        if sig_next > 0:
+        if sig_next > MIN_SIGMA_RATIO * sig:
             y_next = heun_step(y, pred.eps, ve.at_time(y_next, s), sig, sig_next)
         x_next = alpha_s * y_next
         if callback is not None:
@@ -120,11 +130,12 @@ def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator
          callback: Callback | None = None) -> Tensor:
     """DPM-Solver-2 in sigma (Lu et al. 2022a, Algorithm 1 as Karras et al. 2022 use it, sec. 3 / k-diffusion's
     sample_dpm_2): an Euler half-step to the geometric midpoint sigma_mid = sqrt(sigma sigma_next), then the full
-    step with the midpoint's slope. Two calls per step, one on the last (Euler into sigma = 0)."""
+    step with the midpoint's slope. Two calls per step, one on Euler steps (into sigma = 0, or shrinking sigma more than
+    1 / MIN_SIGMA_RATIO-fold)."""
     ve = _VE(denoiser)
 
     def move(i, y, t, s, sig, sig_next, pred):
-        if sig_next == 0:
+        if sig_next <= MIN_SIGMA_RATIO * sig:
             return euler_step(y, pred.eps, sig, sig_next)
         sig_mid = math.sqrt(sig * sig_next)
         y_mid = euler_step(y, pred.eps, sig, sig_mid)
@@ -136,8 +147,7 @@ def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator
 def euler_ancestral(denoiser, x_T: Tensor, timesteps: Tensor, *, eta: float = 1.0,
                     generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
     """Euler ancestral: Euler down to sigma_down, then fresh noise of std sigma_up (`ancestral_sigmas`); one call per step."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    eta = OPTIONS["eta"].check("eta", eta)
 
     def move(i, y, t, s, sig, sig_next, pred):
         down, up = ancestral_sigmas(sig, sig_next, eta)

@@ -18,7 +18,7 @@ import torch
 from scipy.integrate import RK45
 from torch import Tensor
 
-from .base import Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, NonFiniteSample, Step, gaussian_like, grid_steps
 
 
 def vp_sde(schedule, t: float) -> tuple[float, float]:
@@ -72,8 +72,7 @@ def predictor_corrector(
     The step size comes from batch-averaged norms (as Song et al.), so a sample depends a little on
     the others drawn with it. 1 + corrector_steps calls per step.
     """
-    if snr <= 0 or corrector_steps < 0 or int(corrector_steps) != corrector_steps:
-        raise ValueError(f"snr must be > 0 and corrector_steps >= 0, got {snr}, {corrector_steps}")
+    snr, corrector_steps = OPTIONS["snr"].check("snr", snr), OPTIONS["corrector_steps"].check("corrector_steps", corrector_steps)
     schedule = denoiser.schedule
     x = x_T
     n = len(timesteps) - 1
@@ -124,6 +123,7 @@ def probability_flow(
     [1, 1/T, 0]); the solver picks its own steps and reports each accepted one through the callback
     (total = 0: not known in advance). Count the evaluations with base.CountCalls.
     """
+    rtol, atol = OPTIONS["rtol"].check("rtol", rtol), OPTIONS["atol"].check("atol", atol)
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     list(grid_steps(denoiser.schedule, ts))  # validate the grid
     schedule = denoiser.schedule
@@ -134,7 +134,10 @@ def probability_flow(
 
     def rhs(l: float, y: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
-        pred = denoiser(x, time_at(schedule, l))
+        t = time_at(schedule, l)
+        pred = denoiser(x, t)
+        if not bool(torch.isfinite(pred.eps).all()):  # scipy would only report a failed step size
+            raise NonFiniteSample(f"ode-rk45: the denoiser returned non-finite values at t = {t:.4g}")
         last["x0"] = pred.x0
         return pf_ode_drift_in_l(x, pred, l).to("cpu", torch.float64).numpy().ravel()
 
