@@ -69,9 +69,9 @@ def test_good_options_parse_to_their_types(run, tmp_path):
     from diffuse.cli import parse_options
 
     assert parse_options(["s_tmax=inf", "s_churn=10"], "heun") == {"s_tmax": math.inf, "s_churn": 10.0}
-    assert parse_options(["reference_3m=true"], "dpmpp-3m") == {"reference_3m": True}
+    assert parse_options(["reference_3m=false"], "dpmpp-3m") == {"reference_3m": False}
     assert parse_options(["corrector_steps=2"], "sde-pc") == {"corrector_steps": 2}
-    assert main(["sample", str(run), "--n", "2", "--sampler", "dpmpp-3m", "--opt", "reference_3m=true",
+    assert main(["sample", str(run), "--n", "2", "--sampler", "dpmpp-3m", "--opt", "reference_3m=false",
                  "--out", str(tmp_path / "r.npy")]) == 0
 
 
