@@ -99,7 +99,7 @@ def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torc
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
              spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              guidance: float = 0.0, classifier=None, seed: int = 0, device: str | torch.device = "cpu", callback=None,
-             **options) -> Tensor:
+             start: tuple[Tensor, float] | None = None, project=None, **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config).
@@ -110,6 +110,12 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
     `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
     sampler does not take are ignored, so a config's defaults can be passed to any sampler.
+
+    `start` = (x_start (n, C, H, W), t_start in [0, 1]) runs only the part of the grid below t_start, from
+    x_start at t_start (SDEdit: x_start a draw of q(x_t_start | x_0) of a guide image); t_start = 0 returns
+    x_start, t_start at or above the grid's top is an ordinary run from x_start. `project(x_s, s) -> x_s` is
+    applied after every step (inpainting, RePaint, ILVR; see samplers.base.walk). The noise drawn for x_T is
+    drawn either way, so a run with a start uses the same noise stream as one without.
 
     Raises ValueError for a bad sampler, option, guidance weight or label set; NonFiniteSample, naming the
     step, as soon as the samples become NaN or infinite. A grid that does not start at the top of the
@@ -125,14 +131,24 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     schedule = denoiser.schedule
     grid = schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else schedule.timesteps(steps or None, spacing)
     shortfall = schedule.start_shortfall(grid)
-    if shortfall > 0.01:
+    if shortfall > 0.01 and start is None:  # a partial run (SDEdit) starts below the top on purpose
         warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "
                       f"{schedule.T}, not at the top ({schedule.top_step}): x_t there holds alpha_t - alpha_top = "
                       f"{shortfall:.2g} more of the data than the start x_T ~ N(0, I) has, so the samples come out "
                       "noisy; use spacing trailing (the default), which starts at the top for any step count",
                       UserWarning, stacklevel=2)
+    if start is not None:
+        x_start, t_start = start
+        if not 0 <= t_start <= 1:
+            raise ValueError(f"t_start must lie in [0, 1], got {t_start}")
+        if tuple(x_start.shape) != (n, *shape):
+            raise ValueError(f"x_start must have shape {(n, *shape)} (n, C, H, W), got {tuple(x_start.shape)}")
+        if t_start < float(grid[0]):
+            grid = torch.cat([grid.new_tensor([t_start]), grid[grid < t_start]]) if t_start > 0 else grid.new_zeros(1)
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, device=device)
+    if start is not None:
+        x_T = start[0].to(device=device, dtype=x_T.dtype)
     den = denoiser
     null_label = getattr(getattr(denoiser, "net", None), "null_label", None)
     if labels is not None:
@@ -155,7 +171,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     def watch(step: Step) -> None:  # stop at the first non-finite step, and say where
         if not bool(torch.isfinite(step.x_next).all()):
             source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
-                      "earlier checkpoint)" if not bool(torch.isfinite(step.x0).all()) else
+                      "earlier checkpoint)" if step.x0 is not None and not bool(torch.isfinite(step.x0).all()) else
                       "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
                       "or the sampler options")
             raise NonFiniteSample(f"{sampler}: the samples became non-finite at step {step.index + 1}"
@@ -164,6 +180,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         if callback is not None:
             callback(step)
 
+    if project is not None:
+        kw["project"] = project
     return info(den, x_T, grid, generator=g, callback=watch, **kw)
 
 

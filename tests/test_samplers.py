@@ -1,5 +1,7 @@
 """Samplers against diffusers (same eps function, same noise) and against analytic answers."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -147,7 +149,101 @@ def test_bad_grids_are_refused():
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="end at t = 0"):
         ddim.sample(den, x, torch.tensor([1.0, 0.5]))
-    with pytest.raises(ValueError, match="decrease"):
-        ddim.sample(den, x, torch.tensor([0.5, 0.7, 0.0]))
+    with pytest.raises(ValueError, match="no time twice in a row"):  # jumps back up are allowed (RePaint), stalls not
+        ddim.sample(den, x, torch.tensor([0.5, 0.5, 0.0]))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ddim.sample(den, x, torch.tensor([1.2, 0.0]))
     with pytest.raises(ValueError, match="variance"):
         ddpm.sample(den, x, schedule.timesteps(5), variance="large")
+
+
+# --- the one walk: start, projection, jumps back up ----------------------------------------------------------------
+def test_walk_with_a_projection_equals_a_hand_written_loop():
+    """DDIM with a projection that pins the first half of x to a known image noised to s (the inpainting step of
+    RePaint, Lugmayr et al. 2022, eq. 8) equals the same loop written out."""
+    schedule = Schedule.linear()
+    den = Denoiser(toy_eps, schedule)
+    grid = schedule.timesteps(10)
+    known = torch.linspace(-1, 1, math.prod(SHAPE), dtype=torch.float64).reshape(SHAPE)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.zeros(SHAPE, dtype=torch.bool)
+    mask[..., :2] = True
+
+    def project(x, s):
+        noised = schedule.q_sample(known, torch.tensor(s, dtype=torch.float64), torch.randn(SHAPE, generator=g_proj, dtype=torch.float64))
+        return torch.where(mask, noised, x)
+
+    g_proj = torch.Generator().manual_seed(5)
+    ours = ddim.sample(den, x_T, grid, project=project)
+    g_proj = torch.Generator().manual_seed(5)
+    x = x_T
+    for t, s in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        pred = den(x, t)
+        s64 = torch.tensor(s, dtype=torch.float64)
+        x = float(schedule.alpha(s64)) * pred.x0 + float(schedule.sigma(s64)) * pred.eps  # eq. 12
+        x = project(x, s)
+    torch.testing.assert_close(ours, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[mask], known[mask])  # at s = 0 the pinned half is the known image itself
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "heun", "ddpm"])
+def test_generate_from_a_start(sampler):
+    """t_start = 0 returns the input; t_start at the top is the ordinary run with the same noise; a partial run
+    from q(x_t0 | x_0) of Gaussian data with the exact denoiser ends with the distribution of a full run."""
+    from diffuse.train import generate
+
+    schedule = Schedule.linear()
+    den = Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule)
+    n, shape = 4000, (1, 1, 1)
+    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+    plain = generate(den, n, shape, sampler=sampler, steps=20, clip=False, seed=0)
+    torch.testing.assert_close(generate(den, n, shape, sampler=sampler, steps=20, clip=False, seed=0, start=(x_T, 1.0)), plain)
+    guide = torch.full((n, *shape), 0.9)
+    assert torch.equal(generate(den, n, shape, sampler=sampler, steps=20, seed=0, start=(guide, 0.0)), guide)
+    t0 = 0.6
+    x_t0 = schedule.q_sample(0.5 + 0.3 * torch.randn((n, *shape), generator=torch.Generator().manual_seed(1)),
+                             torch.tensor(t0), torch.randn((n, *shape), generator=torch.Generator().manual_seed(2)))
+    calls = []
+    x0 = generate(den, n, shape, sampler=sampler, steps=20, clip=False, seed=0, start=(x_t0, t0), callback=calls.append)
+    assert calls[0].t == pytest.approx(t0) and len(calls) == 1 + int((schedule.timesteps(20) < t0).sum()) - 1
+    # the same distribution as the full run (whose last step, from t = 1/20, shrinks the spread below 0.3)
+    assert float(x0.mean()) == pytest.approx(float(plain.mean()), abs=0.02)
+    assert float(x0.std()) == pytest.approx(float(plain.std()), rel=0.04)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp-2m"])
+def test_a_jump_back_up_draws_from_the_forward_process(sampler):
+    """A grid 1 -> 0.3 -> 0.7 -> ... -> 0 (RePaint's resampling): after the jump x_0.7 has the marginal of the data
+    at t = 0.7, N(alpha mu, alpha^2 std^2 + sigma^2) (Monte Carlo, 20,000 samples), and the run ends with the
+    distribution of the same grid without the jump; the multistep history restarts after the jump."""
+    schedule = Schedule.linear()
+    mu, std = 0.5, 0.3
+    den = Denoiser(gaussian_eps(schedule, mu, std), schedule)
+    top = schedule.timesteps(200)  # fine enough that the last step's shrinkage of the spread is < 1%
+    grid = torch.cat([top[top >= 0.3], torch.tensor([0.7], dtype=torch.float64), top[top < 0.7]])
+    x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = []
+    x0 = SAMPLERS[sampler](den, x_T, grid, generator=torch.Generator().manual_seed(1), callback=steps.append)
+    jump = next(st for st in steps if st.s > st.t)
+    assert (jump.t, jump.s, jump.x0) == (pytest.approx(0.3), pytest.approx(0.7), None)
+    a, s = float(schedule.alpha(torch.tensor(0.7))), float(schedule.sigma(torch.tensor(0.7)))
+    assert float(jump.x_next.mean()) == pytest.approx(a * mu, abs=0.02)
+    assert float(jump.x_next.var()) == pytest.approx(a**2 * std**2 + s**2, rel=0.03)
+    plain = SAMPLERS[sampler](den, x_T, top, generator=torch.Generator().manual_seed(1))  # the same grid, no jump
+    assert float(x0.mean()) == pytest.approx(float(plain.mean()), abs=0.01)
+    assert float(x0.std()) == pytest.approx(float(plain.std()), rel=0.02)
+
+
+def test_every_grid_sampler_takes_a_projection_and_the_adaptive_one_refuses_it():
+    schedule = Schedule.linear()
+    den = Denoiser(toy_eps, schedule)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name, info in SAMPLERS.items():
+        if info.calls_per_step == 0:
+            with pytest.raises(ValueError, match="no step to project after"):
+                info(den, x_T, schedule.timesteps(2, "linspace"), project=lambda x, s: x)
+            continue
+        seen = []
+        out = info(den, x_T, schedule.timesteps(4), generator=torch.Generator().manual_seed(0),
+                   project=lambda x, s: seen.append(s) or torch.zeros_like(x))
+        assert seen == schedule.timesteps(4)[1:].tolist() and torch.equal(out, torch.zeros_like(x_T)), name

@@ -1,13 +1,17 @@
-"""What every sampler shares: the grid check, the per-step report, noise from a generator."""
+"""What every sampler shares: the walk over a grid (start, projection, jumps back up), the per-step report,
+noise from a generator, the options and their checks."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..denoiser import Prediction
 
 
 @dataclass
@@ -17,9 +21,9 @@ class Step:
     index: int      # 0-based step number
     total: int      # number of steps in the grid
     t: float        # current time
-    s: float        # next time (0 at the last step)
+    s: float        # next time (0 at the last step; above t on a jump back up)
     x: Tensor       # x_t
-    x0: Tensor      # the denoiser's prediction of x_0 at (x_t, t)
+    x0: Tensor | None  # the denoiser's prediction of x_0 at (x_t, t); None on a jump back up (s > t)
     x_next: Tensor  # x_s
 
 
@@ -31,9 +35,11 @@ class NonFiniteSample(ValueError):
 
 
 class GridStep(NamedTuple):
-    """One move of a sampler from time t to time s < t, with the schedule's scales at both."""
+    """One move of a sampler from time t to time s (s < t: a denoising step; s > t: a jump back up), with the
+    schedule's scales at both, as floats."""
 
-    index: int
+    index: int      # 0-based position in the grid
+    total: int      # number of moves in the grid
     t: float
     s: float
     alpha_t: float
@@ -42,18 +48,72 @@ class GridStep(NamedTuple):
     sigma_s: float
 
 
-def grid_steps(schedule, timesteps: Tensor) -> Iterator[GridStep]:
-    """Walk consecutive pairs (t, s) of a decreasing grid that ends at t = 0; scales in float64 as floats."""
+def grid_steps(schedule, timesteps: Tensor, *, jumps: bool = False) -> Iterator[GridStep]:
+    """Walk consecutive pairs (t, s) of a grid of times in [0, 1] that ends at t = 0; scales in float64 as floats.
+
+    The grid decreases strictly, or, with `jumps`, may step back up (never stays put). Raises ValueError
+    for a grid of fewer than two times, one that does not end at 0, or times out of order or outside [0, 1].
+    """
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     if len(ts) < 2:
         raise ValueError("a sampling grid needs at least two times: the start and the final t = 0")
     if ts[-1] != 0:
         raise ValueError(f"a sampling grid must end at t = 0 (clean data), got {float(ts[-1])}")
-    if not bool((ts[1:] < ts[:-1]).all()) or ts[0] > 1:
-        raise ValueError("sampling times must decrease strictly from at most 1 down to 0")
+    if bool((ts < 0).any() | (ts > 1).any()):
+        raise ValueError("sampling times must lie in [0, 1]")
+    moves = ts[1:] - ts[:-1]
+    if not bool((moves < 0).all()) and not (jumps and bool((moves != 0).all())):
+        raise ValueError("sampling times must decrease strictly from at most 1 down to 0"
+                         + (" (jumps back up allowed, but no time twice in a row)" if jumps else ""))
     alpha, sigma = schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist()
-    for i in range(len(ts) - 1):
-        yield GridStep(i, float(ts[i]), float(ts[i + 1]), alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+    n = len(ts) - 1
+    for i in range(n):
+        yield GridStep(i, n, float(ts[i]), float(ts[i + 1]), alpha[i], sigma[i], alpha[i + 1], sigma[i + 1])
+
+
+# A sampler's update rule: (the move, x_t, the history list) -> (x_s, the prediction at x_t). Multistep rules keep
+# what they need of earlier steps in `history`, which the walk empties after a jump back up.
+Update = Callable[[GridStep, Tensor, list], "tuple[Tensor, Prediction]"]
+Project = Callable[[Tensor, float], Tensor]
+
+
+def forward_jump(x: Tensor, step: GridStep, generator: torch.Generator | None) -> Tensor:
+    """x_s ~ q(x_s | x_t) for s > t: x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - (alpha_s / alpha_t)^2 sigma_t^2) z,
+    the forward process from t on to s (Kingma et al. 2021, appendix A); RePaint's step back up in its resampling
+    schedule (Lugmayr et al. 2022, Algorithm 1, line 10: x_t ~ N(sqrt(1 - beta) x_{t-1}, beta I))."""
+    ratio = step.alpha_s / step.alpha_t
+    return ratio * x + math.sqrt(max(step.sigma_s**2 - ratio**2 * step.sigma_t**2, 0.0)) * gaussian_like(x, generator)
+
+
+def walk(schedule, x: Tensor, timesteps: Tensor, update: Update, *, generator: torch.Generator | None = None,
+         callback: Callback | None = None, project: Project | None = None) -> Tensor:
+    """The one sampling loop: every sampler is this walk with its own `update` (DESIGN.md, "one shared walk").
+
+    x (B, ...) is the sample at the grid's first time, which may be below the top (an SDEdit-style partial
+    run from a noised image). For each consecutive pair (t, s) of the grid:
+      - s < t, a denoising step: x_s, pred = update(step, x_t, history); then x_s = project(x_s, s) if given
+        (inpainting, RePaint, ILVR replace part of x_s after each step);
+      - s > t, a jump back up: x_s ~ q(x_s | x_t) (`forward_jump`); the history is emptied.
+    Each move is reported once to `callback` as a Step (x0 is None on a jump). A grid [0] is no move at all:
+    x is returned as it is. Noise comes only from `generator`. Returns x at t = 0.
+    """
+    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    if len(ts) == 1 and float(ts[0]) == 0:
+        return x
+    history: list = []
+    for step in grid_steps(schedule, ts, jumps=True):
+        if step.s > step.t:
+            x_next, x0 = forward_jump(x, step, generator), None
+            history.clear()
+        else:
+            x_next, pred = update(step, x, history)
+            x0 = pred.x0
+            if project is not None:
+                x_next = project(x_next, step.s)
+        if callback is not None:
+            callback(Step(step.index, step.total, step.t, step.s, x, x0, x_next))
+        x = x_next
+    return x
 
 
 def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import posterior
-from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, GridStep, Project, gaussian_like, walk
 
 
 def sample(
@@ -24,18 +24,17 @@ def sample(
     eta: float = 0.0,  # 0: deterministic DDIM; 1: DDPM-like ancestral noise (Song et al. 2021, eq. 16)
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
-    """Integrate from x_T over a decreasing grid of times ending at 0; returns x_0."""
+    """Integrate from x_T over a grid of times ending at 0 (`base.walk`); returns x_0."""
     eta = OPTIONS["eta"].check("eta", eta)
-    x = x_T
-    n = len(timesteps) - 1
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
-        pred = denoiser(x, t)
-        noise_std = eta * posterior(alpha_t, sigma_t, alpha_s, sigma_s)[2] ** 0.5  # eq. 16
-        x_next = alpha_s * pred.x0 + max(sigma_s**2 - noise_std**2, 0.0) ** 0.5 * pred.eps  # eq. 12
+
+    def update(step: GridStep, x: Tensor, history: list):
+        pred = denoiser(x, step.t)
+        noise_std = eta * posterior(step.alpha_t, step.sigma_t, step.alpha_s, step.sigma_s)[2] ** 0.5  # eq. 16
+        x_next = step.alpha_s * pred.x0 + max(step.sigma_s**2 - noise_std**2, 0.0) ** 0.5 * pred.eps  # eq. 12
         if noise_std > 0:
             x_next = x_next + noise_std * gaussian_like(x, generator)
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+        return x_next, pred
+
+    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)

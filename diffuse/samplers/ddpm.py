@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import interpolated_log_variance, posterior, transition_variance
-from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, GridStep, Project, gaussian_like, walk
 
 
 def sample(
@@ -27,27 +27,25 @@ def sample(
     variance: Literal["beta_tilde", "beta"] = "beta_tilde",  # sigma_t^2: posterior beta-tilde_t (lower bound) or beta_t (upper); Ho et al. sec. 3.2
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
-    """Run Algorithm 2 from x_T over a decreasing grid of times ending at 0; returns x_0.
+    """Run Algorithm 2 from x_T over a grid of times ending at 0 (`base.walk`); returns x_0.
 
     No noise is added on the last step (z = 0 when t = 1 in Algorithm 2).
     """
     variance = OPTIONS["variance"].check("variance", variance)
-    x = x_T
-    n = len(timesteps) - 1
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
-        pred = denoiser(x, t)
-        c_x0, c_xt, beta_tilde = posterior(alpha_t, sigma_t, alpha_s, sigma_s)
+
+    def update(step: GridStep, x: Tensor, history: list):
+        pred = denoiser(x, step.t)
+        a_t, s_t, a_s, s_s = step.alpha_t, step.sigma_t, step.alpha_s, step.sigma_s
+        c_x0, c_xt, beta_tilde = posterior(a_t, s_t, a_s, s_s)
         mean = c_x0 * pred.x0 + c_xt * x  # mu~_t(x_t, x0_hat), eq. 7
-        if s > 0 and pred.v_interp is not None:
-            log_var = interpolated_log_variance(pred.v_interp, alpha_t, sigma_t, alpha_s, sigma_s)
-            x_next = mean + (0.5 * log_var).exp() * gaussian_like(x, generator)
-        elif s > 0:
-            var = beta_tilde if variance == "beta_tilde" else transition_variance(alpha_t, sigma_t, alpha_s, sigma_s)
-            x_next = mean + var**0.5 * gaussian_like(x, generator)
-        else:
-            x_next = mean
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+        if step.s > 0 and pred.v_interp is not None:
+            log_var = interpolated_log_variance(pred.v_interp, a_t, s_t, a_s, s_s)
+            return mean + (0.5 * log_var).exp() * gaussian_like(x, generator), pred
+        if step.s > 0:
+            var = beta_tilde if variance == "beta_tilde" else transition_variance(a_t, s_t, a_s, s_s)
+            return mean + var**0.5 * gaussian_like(x, generator), pred
+        return mean, pred
+
+    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import OPTIONS, Callback, Step, grid_steps
+from .base import OPTIONS, Callback, GridStep, Project, walk
 
 
 def log_snr(alpha: float, sigma: float) -> float:
@@ -91,32 +91,30 @@ def sample(
     order: int = 2,                  # 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M)
     lower_order_final: bool = True,  # lower orders on the last steps of grids shorter than 15 steps
     reference_3m: bool = True,       # order 3: the DPM-Solver code's / diffusers' update (second order in the limit); False: third order
-    generator: torch.Generator | None = None,  # unused: the solver is deterministic
+    generator: torch.Generator | None = None,  # unused: the solver is deterministic (but for jumps back up)
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
-    """DPM-Solver++ multistep from x_T over a decreasing grid ending at 0: one denoiser call per step."""
+    """DPM-Solver++ multistep from x_T over a grid ending at 0 (`base.walk`): one denoiser call per step. The
+    multistep history restarts at first order after a jump back up."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ multistep order must be 1, 2 or 3, got {order}")
     reference_3m = OPTIONS["reference_3m"].check("reference_3m", reference_3m)
-    x = x_T
-    n = len(timesteps) - 1
-    x0s: list[Tensor] = []   # x0 predictions, newest first
-    lams: list[float] = []   # their lambdas
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
-        pred = denoiser(x, t)
-        lam_t, lam_s = log_snr(alpha_t, sigma_t), log_snr(alpha_s, sigma_s)
-        x0s, lams = [pred.x0, *x0s][:order], [lam_t, *lams][:order]
-        k = min(order, i + 1)
-        if lower_order_final and n < 15:
-            k = min(k, n - i)
+
+    def update(step: GridStep, x: Tensor, history: list):
+        pred = denoiser(x, step.t)
+        lam_t, lam_s = log_snr(step.alpha_t, step.sigma_t), log_snr(step.alpha_s, step.sigma_s)
+        history[:] = [(lam_t, pred.x0), *history][:order]  # newest first; emptied by the walk after a jump back up
+        lams, x0s = [lam for lam, _ in history], [x0 for _, x0 in history]
+        k = len(history)
+        if lower_order_final and step.total < 15:
+            k = min(k, step.total - step.index)
         h = lam_s - lam_t
-        k = 1 if sigma_s == 0 else stable_order(k, lams, h)
+        k = 1 if step.sigma_s == 0 else stable_order(k, lams, h)
         hs = [lams[j] - lams[j + 1] for j in range(k - 1)]
-        x_next = multistep_update(x, x0s[:k], hs, sigma_t, alpha_s, sigma_s, h, reference_3m)
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+        return multistep_update(x, x0s[:k], hs, step.sigma_t, step.alpha_s, step.sigma_s, h, reference_3m), pred
+
+    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
 
 
 def sample_2s(
@@ -126,24 +124,21 @@ def sample_2s(
     *,
     generator: torch.Generator | None = None,  # unused: the solver is deterministic
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2): two denoiser calls per step, one at
     the lambda midpoint s_mid; the step into t = 0 is first order (one call)."""
     schedule = denoiser.schedule
-    x = x_T
-    n = len(timesteps) - 1
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(schedule, timesteps):
-        pred = denoiser(x, t)
-        lam_t, lam_s = log_snr(alpha_t, sigma_t), log_snr(alpha_s, sigma_s)
+
+    def update(step: GridStep, x: Tensor, history: list):
+        pred = denoiser(x, step.t)
+        lam_t, lam_s = log_snr(step.alpha_t, step.sigma_t), log_snr(step.alpha_s, step.sigma_s)
         h = lam_s - lam_t
-        if sigma_s == 0:
-            x_next = first_order_update(x, pred.x0, sigma_t, alpha_s, sigma_s, h)
-        else:
-            t_mid = float(schedule.t_from_log_snr(2 * (lam_t + h / 2)))  # the schedule's log-SNR is 2 lambda
-            alpha_m, sigma_m = float(schedule.alpha(t_mid)), float(schedule.sigma(t_mid))
-            u = first_order_update(x, pred.x0, sigma_t, alpha_m, sigma_m, h / 2)
-            x_next = first_order_update(x, denoiser(u, t_mid).x0, sigma_t, alpha_s, sigma_s, h)
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+        if step.sigma_s == 0:
+            return first_order_update(x, pred.x0, step.sigma_t, step.alpha_s, step.sigma_s, h), pred
+        t_mid = float(schedule.t_from_log_snr(2 * (lam_t + h / 2)))  # the schedule's log-SNR is 2 lambda
+        alpha_m, sigma_m = float(schedule.alpha(t_mid)), float(schedule.sigma(t_mid))
+        u = first_order_update(x, pred.x0, step.sigma_t, alpha_m, sigma_m, h / 2)
+        return first_order_update(x, denoiser(u, t_mid).x0, step.sigma_t, step.alpha_s, step.sigma_s, h), pred
+
+    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)

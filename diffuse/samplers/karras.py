@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import OPTIONS, Callback, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, GridStep, Project, Update, gaussian_like, walk
 
 
 MIN_SIGMA_RATIO = 0.1
@@ -58,25 +58,23 @@ class _VE:
         return self.at_time(y, float(self.schedule.t_from_ve_sigma(sigma)))
 
 
-def _walk(denoiser, x_T, timesteps, callback, move):
-    """Run `move(i, y, t, s, sigma, sigma_next, pred) -> y_next` over the grid, in y = x / alpha."""
-    x = x_T
-    n = len(timesteps) - 1
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
-        pred = denoiser(x, t)
-        y_next = move(i, x / alpha_t, t, s, sigma_t / alpha_t, sigma_s / alpha_s, pred)
-        x_next = alpha_s * y_next
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+def _in_sigma(denoiser, move) -> Update:
+    """The update that reads x_t as y = x_t / alpha_t at sigma = sigma_t / alpha_t, runs
+    `move(y, sigma, sigma_next, pred, step) -> y_next`, and hands back x_s = alpha_s y_next."""
+
+    def update(step: GridStep, x: Tensor, history: list):
+        pred = denoiser(x, step.t)
+        y_next = move(x / step.alpha_t, step.sigma_t / step.alpha_t, step.sigma_s / step.alpha_s, pred, step)
+        return step.alpha_s * y_next, pred
+
+    return update
 
 
 def euler(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
-          callback: Callback | None = None) -> Tensor:
+          callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """Euler on the probability-flow ODE in sigma (EDM Algorithm 1 without the correction): one call per step."""
-    return _walk(denoiser, x_T, timesteps, callback,
-                 lambda i, y, t, s, sig, sig_next, pred: euler_step(y, pred.eps, sig, sig_next))
+    update = _in_sigma(denoiser, lambda y, sig, sig_next, pred, step: euler_step(y, pred.eps, sig, sig_next))
+    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
 
 
 def heun(
@@ -90,6 +88,7 @@ def heun(
     s_noise: float = 1.0,          # std of the added noise, slightly > 1 offsets detail loss (EDM: 1.003-1.007)
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
     """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; with s_churn > 0, Algorithm 2); Euler on
     steps into sigma = 0 and on steps that shrink sigma more than 1 / MIN_SIGMA_RATIO-fold.
@@ -101,57 +100,58 @@ def heun(
     """
     s_churn, s_tmin, s_tmax, s_noise = (OPTIONS[k].check(k, v) for k, v in
                                         (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)))
+    schedule = denoiser.schedule
     ve = _VE(denoiser)
-    n = len(timesteps) - 1
-    sigma_max = float(denoiser.schedule.ve_sigma(1.0))
-    x = x_T
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(denoiser.schedule, timesteps):
-        y, sig, sig_next = x / alpha_t, sigma_t / alpha_t, sigma_s / alpha_s
-        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax else 0.0
+    sigma_max = float(schedule.ve_sigma(1.0))
+
+    def update(step: GridStep, x: Tensor, history: list):
+        y, sig, sig_next = x / step.alpha_t, step.sigma_t / step.alpha_t, step.sigma_s / step.alpha_s
+        gamma = min(s_churn / step.total, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax else 0.0
         sig_hat = min(sig * (1 + gamma), sigma_max)
         if sig_hat > sig:  # Algorithm 2, lines 5-6: y_hat = y + sqrt(sigma_hat^2 - sigma^2) eps; the step starts there
             y = y + math.sqrt(sig_hat**2 - sig**2) * s_noise * gaussian_like(y, generator)
             sig = sig_hat
-            t_hat = float(denoiser.schedule.t_from_ve_sigma(sig))
-            pred = denoiser(y * float(denoiser.schedule.alpha(t_hat)), t_hat)
+            t_hat = float(schedule.t_from_ve_sigma(sig))
+            pred = denoiser(y * float(schedule.alpha(t_hat)), t_hat)
         else:
-            pred = denoiser(x, t)
+            pred = denoiser(x, step.t)
         y_next = euler_step(y, pred.eps, sig, sig_next)
         if sig_next > MIN_SIGMA_RATIO * sig:
-            y_next = heun_step(y, pred.eps, ve.at_time(y_next, s), sig, sig_next)
-        x_next = alpha_s * y_next
-        if callback is not None:
-            callback(Step(i, n, t, s, x, pred.x0, x_next))
-        x = x_next
-    return x
+            y_next = heun_step(y, pred.eps, ve.at_time(y_next, step.s), sig, sig_next)
+        return step.alpha_s * y_next, pred
+
+    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
 
 
 def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
-         callback: Callback | None = None) -> Tensor:
+         callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """DPM-Solver-2 in sigma (Lu et al. 2022a, Algorithm 1 as Karras et al. 2022 use it, sec. 3 / k-diffusion's
     sample_dpm_2): an Euler half-step to the geometric midpoint sigma_mid = sqrt(sigma sigma_next), then the full
     step with the midpoint's slope. Two calls per step, one on Euler steps (into sigma = 0, or shrinking sigma more than
     1 / MIN_SIGMA_RATIO-fold)."""
     ve = _VE(denoiser)
 
-    def move(i, y, t, s, sig, sig_next, pred):
+    def move(y, sig, sig_next, pred, step):
         if sig_next <= MIN_SIGMA_RATIO * sig:
             return euler_step(y, pred.eps, sig, sig_next)
         sig_mid = math.sqrt(sig * sig_next)
         y_mid = euler_step(y, pred.eps, sig, sig_mid)
         return euler_step(y, ve.at_sigma(y_mid, sig_mid), sig, sig_next)
 
-    return _walk(denoiser, x_T, timesteps, callback, move)
+    return walk(denoiser.schedule, x_T, timesteps, _in_sigma(denoiser, move), generator=generator, callback=callback,
+                project=project)
 
 
 def euler_ancestral(denoiser, x_T: Tensor, timesteps: Tensor, *, eta: float = 1.0,
-                    generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, callback: Callback | None = None,
+                    project: Project | None = None) -> Tensor:
     """Euler ancestral: Euler down to sigma_down, then fresh noise of std sigma_up (`ancestral_sigmas`); one call per step."""
     eta = OPTIONS["eta"].check("eta", eta)
 
-    def move(i, y, t, s, sig, sig_next, pred):
+    def move(y, sig, sig_next, pred, step):
         down, up = ancestral_sigmas(sig, sig_next, eta)
         y_next = euler_step(y, pred.eps, sig, down)
         return y_next + up * gaussian_like(y, generator) if up > 0 else y_next
 
-    return _walk(denoiser, x_T, timesteps, callback, move)
+    return walk(denoiser.schedule, x_T, timesteps, _in_sigma(denoiser, move), generator=generator, callback=callback,
+                project=project)

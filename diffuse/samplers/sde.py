@@ -18,7 +18,7 @@ import torch
 from scipy.integrate import RK45
 from torch import Tensor
 
-from .base import OPTIONS, Callback, NonFiniteSample, Step, gaussian_like, grid_steps
+from .base import OPTIONS, Callback, GridStep, NonFiniteSample, Project, Step, gaussian_like, grid_steps, walk
 
 
 def vp_sde(schedule, t: float) -> tuple[float, float]:
@@ -44,9 +44,10 @@ def euler_maruyama_step(schedule, x: Tensor, pred, t: float, s: float, sigma_t: 
 
 
 def euler_maruyama(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
-                   callback: Callback | None = None) -> Tensor:
+                   callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """Euler-Maruyama on the reverse SDE (`euler_maruyama_step`): one call per step."""
-    return predictor_corrector(denoiser, x_T, timesteps, corrector_steps=0, generator=generator, callback=callback)
+    return predictor_corrector(denoiser, x_T, timesteps, corrector_steps=0, generator=generator, callback=callback,
+                               project=project)
 
 
 def langevin_step_size(score: Tensor, z: Tensor, snr: float, alpha: float) -> float:
@@ -65,6 +66,7 @@ def predictor_corrector(
     corrector_steps: int = 1,    # Langevin steps at each time (Song et al.: 1)
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    project: Project | None = None,
 ) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 1 and 5): at each time, `corrector_steps`
     Langevin MCMC steps x <- x + epsilon score + sqrt(2 epsilon) z, then one Euler-Maruyama predictor step.
@@ -74,22 +76,18 @@ def predictor_corrector(
     """
     snr, corrector_steps = OPTIONS["snr"].check("snr", snr), OPTIONS["corrector_steps"].check("corrector_steps", corrector_steps)
     schedule = denoiser.schedule
-    x = x_T
-    n = len(timesteps) - 1
-    for i, t, s, alpha_t, sigma_t, alpha_s, sigma_s in grid_steps(schedule, timesteps):
-        x_t = x
-        alpha_step = float(schedule.alphabar_at(t) / schedule.alphabar_at(s))  # 1 - beta_n for adjacent steps
+
+    def update(step: GridStep, x: Tensor, history: list):
+        alpha_step = float(schedule.alphabar_at(step.t) / schedule.alphabar_at(step.s))  # 1 - beta_n for adjacent steps
         for _ in range(corrector_steps):
-            score = -denoiser(x, t).eps / sigma_t
+            score = -denoiser(x, step.t).eps / step.sigma_t
             z = gaussian_like(x, generator)
-            step = langevin_step_size(score, z, snr, alpha_step)
-            x = x + step * score + math.sqrt(2 * step) * z
-        pred = denoiser(x, t)
-        x_next = euler_maruyama_step(schedule, x, pred, t, s, sigma_t, generator)
-        if callback is not None:
-            callback(Step(i, n, t, s, x_t, pred.x0, x_next))
-        x = x_next
-    return x
+            size = langevin_step_size(score, z, snr, alpha_step)
+            x = x + size * score + math.sqrt(2 * size) * z
+        pred = denoiser(x, step.t)
+        return euler_maruyama_step(schedule, x, pred, step.t, step.s, step.sigma_t, generator), pred
+
+    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
 
 
 def time_at(schedule, l: float) -> float:
@@ -112,6 +110,7 @@ def probability_flow(
     atol: float = 1e-5,
     generator: torch.Generator | None = None,  # unused: the ODE is deterministic
     callback: Callback | None = None,
+    project: Project | None = None,  # not supported: the adaptive solver has no grid steps to project after
 ) -> Tensor:
     """The probability-flow ODE (eq. 13) by adaptive RK45 (Dormand-Prince, scipy), from the grid's first time
     to its last positive one, then the x_0 prediction there.
@@ -124,6 +123,9 @@ def probability_flow(
     (total = 0: not known in advance). Count the evaluations with base.CountCalls.
     """
     rtol, atol = OPTIONS["rtol"].check("rtol", rtol), OPTIONS["atol"].check("atol", atol)
+    if project is not None:
+        raise ValueError("ode-rk45 chooses its own steps, so there is no step to project after; use a sampler with a "
+                         "grid (ddim, dpmpp-2m, ...) for inpainting, RePaint or ILVR")
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     list(grid_steps(denoiser.schedule, ts))  # validate the grid
     schedule = denoiser.schedule
