@@ -329,6 +329,11 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Chec
     raise FileNotFoundError(f"all {len(skipped)} checkpoints in {ckpt_dir} are invalid: {reasons}")
 
 
+def read_state(run_dir: str | os.PathLike, step: int) -> dict:
+    """The JSON state of a committed checkpoint, without reading or hashing its tensors (for messages)."""
+    return json.loads((Path(run_dir) / CHECKPOINTS / _dirname(step) / STATE).read_text())
+
+
 def latest_step(run_dir: str | os.PathLike) -> int | None:
     """The step of the newest valid checkpoint (hashes verified), or None if there is none."""
     found = _candidates(Path(run_dir) / CHECKPOINTS)

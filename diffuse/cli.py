@@ -82,7 +82,6 @@ def number(kind: type = float, *, low: float | None = None, above: bool = False,
             raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
         return value
 
-    parse.__name__ = "integer" if kind is int else "number"  # argparse names the type in some messages
     return parse
 
 
@@ -91,16 +90,18 @@ def _sample(args) -> None:
     from tqdm import tqdm
 
     from .samplers import CountCalls
-    from .train import generate, load_classifier, load_run
+    from .train import check_guidance, generate, load_classifier, load_run, run_config
     from .visualize import save_grid, to_unit
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a file in it, e.g. {out / 'samples.png'}")
+    cfg = run_config(args.run)  # everything the command line says is checked before the model loads
     s, d = cfg.sample, cfg.data
     sampler = args.sampler or s.sampler
+    _refuse_unused(args, sampler)
     options = {"eta": s.eta, "variance": s.variance}
     if args.eta is not None:
         if "eta" not in SAMPLERS[sampler].options:
@@ -111,19 +112,16 @@ def _sample(args) -> None:
     if args.no_clip:
         clip = False
     guidance = s.guidance if args.guidance is None else args.guidance
+    check_guidance(cfg, guidance, classifier=args.classifier is not None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     conditional = cfg.model.class_conditional and num_classes > 0
     classifier, labels = None, None
-    if args.classifier:
+    if args.classifier is not None:
         _, classifier = load_classifier(args.classifier, device=device)
         if classifier.num_classes != num_classes and num_classes:
             raise ValueError(f"the classifier knows {classifier.num_classes} classes, the model {num_classes}")
         num_classes = classifier.num_classes
-    elif guidance and not conditional:
-        raise ValueError("--guidance without --classifier is classifier-free guidance, which needs a class-conditional "
-                         "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
-    elif guidance and cfg.train.label_dropout == 0:
-        raise ValueError("this model was trained without label dropout (train.label_dropout = 0): its null label is "
-                         "untrained, so classifier-free guidance is meaningless; retrain with train.label_dropout = 0.1")
     if args.label is not None:
         if not (conditional or classifier is not None):
             raise ValueError("--label needs a class-conditional model or a --classifier to guide with")
@@ -157,14 +155,19 @@ def _eval(args) -> None:
     from .data import load_dataset
     from .losses import vlb_bits_per_dim
     from .samplers.sde import ode_bits_per_dim
-    from .train import generate, load_run
+    from .train import check_guidance, generate, load_run, run_config
     from .visualize import to_uint8
 
+    sample_metric = args.metric in ("fid", "kid", "is", "pr")
+    _refuse_unused(args, args.sampler, metric=args.metric)
     least = {"kid": metrics.KID_MIN_IMAGES, "is": metrics.is_min_images(), "pr": 4}.get(args.metric, 2)
     if args.n < least:
         raise ValueError(f"--metric {args.metric} needs --n {least} or more, got {args.n}"
                          + {"kid": " (random subsets of half the images, at least 2 each)",
                             "is": " (10 splits of at least 2 images)", "pr": " (3 nearest neighbours besides each image)"}.get(args.metric, ""))
+    cfg = run_config(args.run)
+    if sample_metric:
+        check_guidance(cfg, cfg.sample.guidance if args.guidance is None else args.guidance, classifier=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     s, d = cfg.sample, cfg.data
@@ -185,8 +188,9 @@ def _eval(args) -> None:
     if args.metric in ("nll", "vlb"):
         x0 = real.to(device)
         if args.metric == "nll":
-            bpd, nfe = ode_bits_per_dim(den, x0, rtol=args.rtol, atol=args.rtol, generator=torch.Generator().manual_seed(args.seed))
-            record.update(bits_per_dim=float(bpd.mean()), bits_per_dim_std=float(bpd.std()), nfe=nfe, rtol=args.rtol)
+            rtol = 1e-5 if args.rtol is None else args.rtol
+            bpd, nfe = ode_bits_per_dim(den, x0, rtol=rtol, atol=rtol, generator=torch.Generator().manual_seed(args.seed))
+            record.update(bits_per_dim=float(bpd.mean()), bits_per_dim_std=float(bpd.std()), nfe=nfe, rtol=rtol)
         else:
             out = vlb_bits_per_dim(den, x0, samples=args.vlb_samples, generator=torch.Generator().manual_seed(args.seed))
             record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
@@ -208,7 +212,9 @@ def _eval(args) -> None:
                         eta=s.eta, variance=s.variance)
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        record.update(n_fake=len(fake), sampler=sampler, steps=steps or den.schedule.top_step, features=features)
+        adaptive = SAMPLERS[sampler].calls_per_step == 0
+        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or den.schedule.top_step,
+                      features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)
         elif args.metric == "kid":
@@ -226,6 +232,24 @@ def _eval(args) -> None:
     print(f"appended to {path}")
 
 
+def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:
+    """Flags that would do nothing under the chosen sampler or metric are errors, not silently dropped."""
+    given = lambda flag: getattr(args, flag, None) is not None  # noqa: E731
+    unused = []
+    if sampler is not None and SAMPLERS[sampler].calls_per_step == 0:
+        unused += [(f, f"{sampler} chooses its own steps (set its tolerance with --opt rtol=...)") for f in ("steps", "spacing")]
+    if metric in ("nll", "vlb"):
+        unused += [(f, f"--metric {metric} measures real images and draws no samples")
+                   for f in ("sampler", "steps", "spacing", "guidance", "features")]
+    if metric is not None and metric != "nll":
+        unused.append(("rtol", "only --metric nll solves an ODE"))
+    if metric is not None and metric != "vlb":
+        unused.append(("vlb_samples", "only --metric vlb sums bound terms"))
+    for flag, why in unused:
+        if given(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} does nothing here: {why}; leave it out")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -236,6 +260,19 @@ def _demo(args) -> None:
 
 
 SEED = number(int, low=0, high=2**63 - 1)
+
+
+def device_arg(text: str) -> str:
+    """An argparse `type` for --device: a torch device string that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for but this machine has no CUDA device; use cpu")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -256,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
                    help="default: the run's sample.sampler; one of: " + "; ".join(f"{k} ({v.about})" for k, v in SAMPLERS.items()))
     s.add_argument("--steps", type=number(int, low=0), help="grid steps (default: the run's sample.steps; 0 = every one of the T steps)")
     s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing (default: the run's)")
-    s.add_argument("--eta", type=number(low=0), help="DDIM / Euler-ancestral eta (default: the run's sample.eta)")
+    s.add_argument("--eta", type=number(low=0, high=100), help="DDIM / Euler-ancestral eta (default: the run's sample.eta)")
     s.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a sampler option, e.g. s_churn=10 for heun (repeatable)")
     s.add_argument("--label", type=number(int, low=0), help="draw this class (class-conditional model or --classifier); default: all classes in turn")
     s.add_argument("--guidance", type=number(low=0), help="guidance weight: classifier-free w, or the classifier scale with --classifier")
@@ -265,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
     s.set_defaults(func=_sample)
 
@@ -284,11 +321,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=number(int, low=0), help="sampler steps (default: the run's; 0 = every one of the T steps)")
     e.add_argument("--spacing", choices=list(SPACINGS))
     e.add_argument("--guidance", type=number(low=0), help="classifier-free guidance weight (default: the run's)")
-    e.add_argument("--rtol", type=number(low=0, above=True), default=1e-5, help="nll: the ODE solver's tolerance (default 1e-5)")
+    e.add_argument("--rtol", type=number(low=0, above=True, high=1), help="nll: the ODE solver's tolerance (default 1e-5)")
     e.add_argument("--vlb-samples", type=number(int, low=1), help="vlb: estimate from this many random steps (default: all T terms)")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--no-ema", action="store_true")
-    e.add_argument("--device")
+    e.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
@@ -305,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"diffuse {args.command}: warning: {message}\n"
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLoss, ResumeError) as e:
+    except (ConfigError, ValueError, OSError, NonFiniteLoss, ResumeError) as e:  # OSError: missing, unreadable, unwritable
         print(f"diffuse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OverflowError as e:
+        print(f"diffuse {args.command}: error: a value overflowed ({e}); use smaller option values", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"diffuse {args.command}: interrupted; the last committed checkpoint is kept", file=sys.stderr)

@@ -42,7 +42,7 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2s", "euler
 @dataclass
 class SampleConfig:
     sampler: SamplerName = "ddim"                            # see samplers.SAMPLERS / `diffuse sample --help`
-    steps: int = 50                                          # grid steps; 0 = every step (ddpm: Algorithm 2 exactly)
+    steps: int = 50                                          # grid steps; 0 = every step (ddpm, linear schedule: Algorithm 2 exactly)
     spacing: Spacing = "trailing"                            # how the grid is picked (schedule.Schedule.timesteps); trailing starts at the top for any step count
     eta: float = 0.0                                         # DDIM / Euler-ancestral stochasticity (DDIM: 0 deterministic, 1 = DDPM-like)
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"   # DDPM sigma_t^2
@@ -75,7 +75,7 @@ class TrainConfig:
     sample_every: int = 10_000      # steps between sample grids (0: never)
     checkpoint_every: int = 5000    # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2       # committed checkpoints kept in the run folder
-    num_workers: int = 0            # data-loading worker processes
+    num_workers: int = 0            # unused (data is decoded in the training process); kept so saved configs load, refused if set
 
 
 @dataclass
@@ -186,6 +186,9 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional")]
         out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "vlb_lambda", "label_dropout")]
     else:
+        if t.loss == "vlb":
+            out += [(f"train.{k}", 'train.loss = "vlb" trains the bound alone, with importance-sampled t',
+                     'set train.loss = "simple" or "hybrid", or remove it') for k in ("loss_weighting", "min_snr_gamma")]
         if t.loss_weighting != "min_snr":
             out.append(("train.min_snr_gamma", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "min_snr" or remove it'))
         if t.loss != "hybrid":
@@ -193,6 +196,10 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         if m.learned_variance and t.loss == "simple":
             out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
                         "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))
+    out.append(("train.num_workers", "the images are decoded once when the data loads (or per batch in the training "
+                "process for folders too large for memory), so there are no loader workers", "remove it"))
+    if smp.dynamic_threshold > 0:
+        out.append(("sample.clip", "sample.dynamic_threshold > 0 replaces clipping", "remove it"))
     takes = SAMPLERS[smp.sampler].options
     for key in ("eta", "variance"):
         if key not in takes:

@@ -204,15 +204,15 @@ KID_MIN_IMAGES = 4
 
 
 def kid_subset_size(n_real: int, n_fake: int, subset_size: int = 1000) -> int:
-    """The subset size KID uses: `subset_size` (1000, as Binkowski et al. and torch-fidelity) when the smaller set
-    is larger, else half of the smaller set. A subset as large as the set would be the whole set every time and its
-    spread over subsets zero (clean-fid's min(n, 1000) does that below 1,000 images); half-size subsets differ.
-    Raises ValueError below KID_MIN_IMAGES images in a set."""
+    """The subset size KID uses: `subset_size` (1000, as Binkowski et al. and torch-fidelity), at most half of the
+    smaller set. A subset as large as the set would be the whole set every time and its spread over subsets zero
+    (clean-fid's min(n, 1000) does that below 1,000 images), and one nearly as large (1000 of 1001) almost so;
+    half-size subsets differ. Raises ValueError below KID_MIN_IMAGES images in a set."""
     n = min(n_real, n_fake)
     if n < KID_MIN_IMAGES:
         raise ValueError(f"KID needs at least {KID_MIN_IMAGES} images in each set (random subsets of half the set, "
                          f"at least 2 each), got {n_real} real and {n_fake} generated; pass more")
-    return subset_size if subset_size < n else n // 2
+    return min(subset_size, n // 2)
 
 
 def kid_from_features(f_real: Tensor, f_fake: Tensor, subsets: int = 100, subset_size: int = 1000,

@@ -196,7 +196,7 @@ class Schedule:
         "trailing" n = round(N - k*N/steps) (the default: starts at the top, good for every sampler);
         "linspace" n = round(linspace(1, N, steps)); "quadratic" n - 1 = k + round((N - steps) u_k^2),
         u_k = k / (steps - 1) (DDIM's CIFAR-10 grid, Song et al. 2021 appendix D.2, spread over all N);
-        "leading" n = 1 + k*(N//steps), DDIM's code and diffusers' "leading" exactly, which does NOT start
+        "leading" n = 1 + k*(N//steps), DDIM's code and diffusers' "leading" exactly when N = T, which does NOT start
         at the top: its first step is 1 + (steps-1)*(N//steps), e.g. step 1 of 1000 for steps = 1 and step
         667 for steps = 3, where x_t still holds signal that the start x_T ~ N(0, I) lacks (Lin et al. 2024,
         sec. 3.3); `start_shortfall` measures it. Between the steps (fractional times, as diffusers' Karras

@@ -66,11 +66,30 @@ def build_denoiser(cfg: RunConfig, net) -> Denoiser:
                     learned_variance=cfg.model.learned_variance)
 
 
-def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The config saved in a run folder (FileNotFoundError naming the fix when it is not a run folder)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
-    cfg = load_config(run_dir / "config.toml")
+    return load_config(run_dir / "config.toml")
+
+
+def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
+    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one that is not
+    class-conditional, or was trained without label dropout (its null label is then untrained)."""
+    if not guidance or classifier:
+        return
+    if not cfg.model.class_conditional:
+        raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
+                         "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
+    if cfg.train.label_dropout == 0:
+        raise ValueError("this model was trained without label dropout (train.label_dropout = 0): its null label is "
+                         "untrained, so classifier-free guidance is meaningless; retrain with train.label_dropout = 0.1")
+
+
+def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
     if cfg.model.kind != kind:
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
@@ -126,7 +145,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     if not (0 <= guidance < math.inf):
         raise ValueError(f"the guidance weight must be a finite number >= 0, got {guidance}")
     info = SAMPLERS[sampler]
-    kw = info.check_options(sampler, options)
+    kw = info.check_options(options)
     # an adaptive solver takes only the ends of its grid: from the top to the first step, then the x_0 prediction
     schedule = denoiser.schedule
     grid = schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else schedule.timesteps(steps or None, spacing)
@@ -186,6 +205,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
 
 
 EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
+SUSPECT_WEIGHT = 1e3  # a checkpoint with a larger |weight| is called likely diverged in the non-finite messages
 
 
 def ema_init_share(decay: float, warmup: bool, steps: int) -> float:
@@ -201,13 +221,9 @@ def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
     share = ema_init_share(decay, warmup, step)
     if share <= EMA_INIT_SHARE_WARNING:
         return
-    n = step
-    while ema_init_share(decay, warmup, n) > 0.01:
-        n = max(2 * n, 1000)
-    lo = n // 2
-    while lo < n:  # the first step where the share is <= 1%
-        mid = (lo + n) // 2
-        lo, n = (mid + 1, n) if ema_init_share(decay, warmup, mid) > 0.01 else (lo, mid)
+    # the first step where the share is <= 1%: decay^n without warm-up; with it, within a few dozen steps
+    n = math.ceil(math.log(0.01) / math.log(decay)) if not warmup else next(
+        k for k in range(step, step + 10_000) if ema_init_share(decay, True, k) <= 0.01)
     warnings.warn(f"the EMA weights of {run_dir} (step {step}, train.ema_decay = {decay:g} {'with' if warmup else 'without'} "
                   f"warm-up) still hold {share:.0%} of the random initial weights, so samples from them are mostly noise; "
                   f"use the raw weights (--no-ema), or train longer: the share falls below 1% at step {n:,}",
@@ -279,6 +295,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
         (cfg.sample.steps >= 0, f"sample.steps must be >= 0 (0: every step), got {cfg.sample.steps}"),
+        (cfg.sample.steps <= Schedule.from_config(cfg.schedule).top_step,
+         f"sample.steps = {cfg.sample.steps} is more than the schedule's {Schedule.from_config(cfg.schedule).top_step} "
+         "sampling steps (Schedule.top_step); lower it, or 0 for every step"),
         (t.loss != "hybrid" or cfg.model.learned_variance,
          "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
         (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
@@ -296,6 +315,10 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    try:  # the sample grids of training use these: fail now, not at the first grid
+        SAMPLERS[cfg.sample.sampler].check_options({"eta": cfg.sample.eta, "variance": cfg.sample.variance})
+    except ValueError as e:
+        raise ValueError(f"sample.{e}") from None
 
 
 class Trainer:
@@ -413,7 +436,7 @@ class Trainer:
             dist.all_reduce(global_loss)
             global_loss /= self.world
         if not torch.isfinite(global_loss):
-            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step}; {self.last_checkpoint()}. "
+            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
                                 "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -444,7 +467,7 @@ class Trainer:
         clip = self.cfg.train.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the grad scaler skips such steps itself
-            raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step} (loss {loss.item():.4g}); "
+            raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
                                 f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
                                 "and keep train.grad_clip > 0")
         self.scaler.step(self.optimizer)
@@ -519,21 +542,24 @@ class Trainer:
         last = ckpt.latest_step(self.run_dir)
         if last is None:
             return "no checkpoint was written yet"
-        state = ckpt.load_checkpoint(self.run_dir, last).state
+        state = ckpt.read_state(self.run_dir, last)
         if "max_abs_weight" not in state:
             return (f"the last checkpoint (step {last}) in {self.run_dir} was written before checkpoints recorded their "
                     "weights' range, so whether it is good cannot be told; sample from it to check")
-        loss = state.get("last_loss")
-        return (f"the last good checkpoint (step {last}) in {self.run_dir} is kept: its weights and EMA are finite (largest "
-                f"|w| = {state['max_abs_weight']:.3g}" + ("" if loss is None else f", last logged loss {loss:.4g}") + ")")
+        w, loss = state["max_abs_weight"], state.get("last_loss")
+        facts = f"largest |w| = {w:.3g}" + ("" if loss is None else f", last logged loss {loss:.4g}")
+        if w > SUSPECT_WEIGHT:
+            return (f"the last checkpoint (step {last}) in {self.run_dir} has finite weights but is likely diverged too "
+                    f"({facts}; a trained network's weights stay below {SUSPECT_WEIGHT:g}): start again from scratch")
+        return f"the last good checkpoint (step {last}) in {self.run_dir} is kept: its weights and EMA are finite ({facts})"
 
     def save(self) -> None:
         """Commit a checkpoint of everything an exact resume needs (rank 0 writes). Refuses (NonFiniteLoss) when the
         weights or their EMA hold NaN or inf, so every committed checkpoint has finite weights."""
         if not self.is_main:
             return
-        weights = [p.detach() for p in (*self.model.parameters(), *self.ema.model.parameters())]
-        max_abs = max(float(w.abs().max()) for w in weights if w.numel()) if weights else 0.0
+        weights = [p.detach().abs().max() for p in (*self.model.parameters(), *self.ema.model.parameters()) if p.numel()]
+        max_abs = float(torch.stack(weights).max()) if weights else 0.0  # torch's max keeps a NaN (Python's may drop it)
         if not math.isfinite(max_abs):
             raise NonFiniteLoss(f"the weights became non-finite by step {self.step}, so no checkpoint was written; "
                                 f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")

@@ -81,6 +81,37 @@ def test_eval_and_demo_refuse_bad_numbers(run, capsys):
     assert "argument --time-limit" in _parse_error(["demo", "--time-limit", "inf"], capsys)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "RUN", "--eta", "1e200"], "argument --eta: must be <= 100"),
+    (["sample", "RUN", "--device", "foo"], "argument --device: 'foo' is not a device"),
+])
+def test_huge_values_and_bad_devices_fail_when_parsed(run, capsys, argv, message):
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    assert message in _parse_error([*argv, "--out", "x.png"], capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "RUN", "--sampler", "ddim", "--opt", "eta=1e308"], "eta must be a finite number >= 0 and <= 100"),
+    (["sample", "RUN", "--sampler", "sde-pc", "--opt", "snr=1e300"], "snr must be a finite number > 0 and <= 10"),
+    (["sample", "RUN", "--sampler", "ode-rk45", "--steps", "10"], "--steps does nothing here: ode-rk45 chooses its own steps"),
+    (["eval", "RUN", "--metric", "nll", "--sampler", "ddim"], "--sampler does nothing here: --metric nll measures real images"),
+    (["eval", "RUN", "--metric", "fid", "--rtol", "1e-3"], "--rtol does nothing here: only --metric nll solves an ODE"),
+    (["eval", "RUN", "--metric", "fid", "--vlb-samples", "3"], "--vlb-samples does nothing here"),
+    (["eval", "RUN", "--metric", "fid", "--guidance", "2"], "classifier-free guidance, which needs a class-conditional model"),
+])
+def test_flags_that_would_do_nothing_or_overflow_are_refused(run, tmp_path, capsys, argv, message):
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    out = ["--out", str(tmp_path / "x.png")] if argv[0] == "sample" else []
+    assert main([*argv, *out]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_folder_is_refused(run, tmp_path, capsys):
+    (tmp_path / "x.png").mkdir()
+    assert main(["sample", str(run), "--n", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "is a folder; name a file in it" in capsys.readouterr().err
+
+
 # --- 4. no command writes non-finite samples ---------------------------------------------------------------
 def test_non_finite_samples_stop_with_the_step(cond_run, tmp_path, capsys):
     """A guidance weight that overflows (finite, so it parses) stops sampling at the first step, naming it."""
@@ -139,6 +170,7 @@ def test_kid_subsets_are_smaller_than_the_sets():
     from diffuse.metrics import kid_from_features, kid_subset_size
 
     assert kid_subset_size(5000, 5000) == 1000 and kid_subset_size(1000, 1200) == 500 and kid_subset_size(50, 80) == 25
+    assert kid_subset_size(1500, 1500) == 750  # not 1000 of 1500: subsets that large barely differ
     f = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mean, std = kid_from_features(f, f + 0.5)
     assert std > 0.01 * abs(mean)  # was 3.4e-16 with subsets of the whole set
@@ -191,6 +223,11 @@ def test_eval_records_and_warns_about_unequal_counts(tmp_path, capsys):
     (["train.vlb_lambda=0.01"], 'train.vlb_lambda = 0.01 is ignored because train.loss = "simple"'),
     (["model.learned_variance=true", "model.prediction=eps"], 'model.learned_variance = True is ignored because train.loss = "simple"'),
     (["sample.sampler=dpmpp-2m", "sample.eta=1.0"], 'sample.eta = 1.0 is ignored because sample.sampler = "dpmpp-2m" takes no eta'),
+    (["model.prediction=eps", "train.loss=vlb"], 'train.loss_weighting = \'min_snr\' is ignored because train.loss = "vlb"'),
+    (["train.num_workers=2"], "train.num_workers = 2 is ignored because the images are decoded once"),
+    (["sample.dynamic_threshold=0.995", "sample.clip=false"], "sample.clip = False is ignored because sample.dynamic_threshold > 0"),
+    (["schedule.kind=cosine", "sample.steps=1000"], "sample.steps = 1000 is more than the schedule's 996 sampling steps"),
+    (["sample.sampler=ddim", "sample.eta=-1"], "sample.eta must be a finite number >= 0"),
 ])
 def test_settings_that_would_do_nothing_are_refused(tmp_path, capsys, sets, message):
     assert main(["train", "configs/mnist.toml", *_sets(TINY + sets), "--out", str(tmp_path / "r")]) == 2
@@ -206,15 +243,27 @@ def test_an_exploding_learning_rate_stops_at_the_first_non_finite_gradient(tmp_p
     assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "train.lr=1e12", "--set", "train.warmup_steps=0",
                  "--set", "train.steps=20", "--set", "train.checkpoint_every=1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "diffuse train: error: the gradient norm became inf at step" in err or "the training loss became" in err
-    import re
-
-    kept = re.search(r"the last good checkpoint \(step (\d+)\) in .* is kept: its weights and EMA are finite \(largest \|w\| = ", err)
-    assert kept, err
-    step = int(kept.group(1))
-    assert ckpt.latest_step(out) == step  # nothing after the non-finite step
-    c = ckpt.load_checkpoint(out, step)
+    # step 1 moves every weight by ~lr = 1e12 (finite); step 2's gradient is infinite and is not applied
+    assert "diffuse train: error: the gradient norm became inf at step 2" in err and "the step was not applied" in err
+    assert "the last checkpoint (step 1)" in err and "has finite weights but is likely diverged too (largest |w| = 1e+12" in err
+    assert "good" not in err  # a checkpoint of weights 1e12 is not called good
+    assert ckpt.latest_step(out) == 1  # nothing after the non-finite step
+    c = ckpt.load_checkpoint(out, 1)
     assert all(bool(torch.isfinite(v).all()) for part in ("model", "ema") for v in c.tensors[part].values())
+
+
+def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
+    """Any NaN in the weights or their EMA (not only in the first tensor) stops the save."""
+    from diffuse.config import apply_overrides, load_config
+    from diffuse.train import NonFiniteLoss, Trainer
+
+    trainer = Trainer(apply_overrides(load_config("configs/mnist.toml"), TINY), tmp_path / "r", progress=False)
+    last = list(trainer.ema.model.parameters())[-1]
+    with torch.no_grad():
+        last[0] = math.nan
+    with pytest.raises(NonFiniteLoss, match="the weights became non-finite by step 0, so no checkpoint was written"):
+        trainer.save()
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
 
 
 # --- 8. an EMA that is mostly the initial weights -----------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_eval_prints_and_records_every_metric(hybrid_run, metric, key, capsys):
 
 
 def test_vlb_training_resumes_exactly_with_its_importance_state(tmp_path):
-    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["train.loss=vlb", "model.prediction=eps",
+    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["train.loss=vlb", "train.loss_weighting=none", "model.prediction=eps",
                                                                      "train.steps=6", "train.checkpoint_every=3"])
     straight = Trainer(cfg, tmp_path / "a", progress=False)
     straight.fit()

@@ -219,7 +219,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(NonFiniteLoss) as e:
         trainer.fit()
     msg = str(e.value)
-    assert "at step 3" in msg and "nan" in msg
+    assert "at step 4" in msg and "nan" in msg  # steps 1-3 are logged; the 4th (1-based, as in log.jsonl) fails
     assert "last good checkpoint (step 2)" in msg and str(tmp_path) in msg
     assert list(saved) == [2]  # nothing was saved after the NaN
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
@@ -242,7 +242,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_nan_loss_before_any_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(tiny_cfg(), tmp_path, progress=False)
     _nan_from(monkeypatch, bad_step=0)
-    with pytest.raises(NonFiniteLoss, match="at step 0; no checkpoint was written yet"):
+    with pytest.raises(NonFiniteLoss, match="at step 1; no checkpoint was written yet"):  # the first step, 1-based
         trainer.fit()
     assert ckpt.latest_step(tmp_path) is None
 
@@ -253,7 +253,7 @@ def test_diverging_lr_raises_non_finite_loss(tmp_path):
     with pytest.raises(NonFiniteLoss) as e:
         trainer.fit()
     last = ckpt.latest_step(tmp_path)
-    assert last == trainer.step and f"at step {last}" in str(e.value)
+    assert last == trainer.step and f"at step {last + 1}" in str(e.value)  # the step after the last one completed
     c = ckpt.load_checkpoint(tmp_path)  # the kept checkpoint is whole
     assert c.step == last
 

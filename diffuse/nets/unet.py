@@ -203,7 +203,7 @@ class UNet(nn.Module):
             if i > 0:
                 res *= 2
         self.norm_out = _norm(groups, w_in)
-        self.conv_out = _zero(nn.Conv2d(w_in, (out_channels or in_channels) * p * p, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(w_in, (in_channels if out_channels is None else out_channels) * p * p, 3, padding=1))
 
     @property
     def null_label(self) -> int | None:

@@ -27,7 +27,7 @@ class SamplerInfo:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
-    def check_options(self, name: str, options: dict) -> dict:
+    def check_options(self, options: dict) -> dict:
         """The options this sampler takes, each checked (ValueError for a bad value); the others are dropped."""
         return {k: OPTIONS[k].check(k, v) for k, v in options.items() if k in self.options}
 

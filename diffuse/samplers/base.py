@@ -145,6 +145,7 @@ class Option:
     kind: type                       # float, int, bool or str
     low: float | None = None         # smallest allowed number
     above: bool = False              # the number must exceed `low` (not equal it)
+    high: float | None = None        # largest allowed number (far past any useful value: guards overflow)
     allow_inf: bool = False          # +inf is a meaningful value (s_tmax: no upper end)
     choices: tuple[str, ...] = ()    # the allowed strings (kind = str)
     example: str = ""                # a good value, for messages
@@ -155,7 +156,8 @@ class Option:
         if self.kind is bool:
             return "true or false"
         what = "an integer" if self.kind is int else "a finite number" if not self.allow_inf else "a number"
-        return what + ("" if self.low is None else f" {'>' if self.above else '>='} {self.low:g}")
+        return (what + ("" if self.low is None else f" {'>' if self.above else '>='} {self.low:g}")
+                + ("" if self.high is None else f" and <= {self.high:g}"))
 
     def check(self, name: str, value):
         """`value` if it is valid for this option, else ValueError naming the option, the rule and an example."""
@@ -174,6 +176,8 @@ class Option:
             raise bad
         if self.low is not None and (value <= self.low if self.above else value < self.low):
             raise bad
+        if self.high is not None and value > self.high:
+            raise bad
         return int(value) if self.kind is int else float(value)
 
     def parse(self, name: str, raw: str):
@@ -191,18 +195,17 @@ class Option:
         return self.check(name, value)
 
 
-NON_NEGATIVE = Option(float, low=0.0, example="1.0")
-TOLERANCE = Option(float, low=0.0, above=True, example="1e-5")
+TOLERANCE = Option(float, low=0.0, above=True, high=1.0, example="1e-5")
 OPTIONS: dict[str, Option] = {
-    "eta": NON_NEGATIVE,
+    "eta": Option(float, low=0.0, high=100.0, example="1.0"),
     "variance": Option(str, choices=("beta_tilde", "beta"), example="beta"),
-    "reference_3m": Option(bool, example="true"),
-    "s_churn": Option(float, low=0.0, example="10"),
+    "reference_3m": Option(bool, example="false"),
+    "s_churn": Option(float, low=0.0, high=1e4, example="10"),
     "s_tmin": Option(float, low=0.0, example="0.05"),
     "s_tmax": Option(float, low=0.0, allow_inf=True, example="50"),
-    "s_noise": Option(float, low=0.0, example="1.003"),
-    "snr": Option(float, low=0.0, above=True, example="0.16"),
-    "corrector_steps": Option(int, low=0, example="1"),
+    "s_noise": Option(float, low=0.0, high=10.0, example="1.003"),
+    "snr": Option(float, low=0.0, above=True, high=10.0, example="0.16"),
+    "corrector_steps": Option(int, low=0, high=100, example="1"),
     "rtol": TOLERANCE,
     "atol": TOLERANCE,
 }
