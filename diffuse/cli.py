@@ -132,7 +132,8 @@ def _sample(args) -> None:
         labels = torch.arange(args.n) % num_classes  # every class in turn
     steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
     counted = CountCalls(den)
-    bar = tqdm(total=(steps or den.schedule.top_step) if SAMPLERS[sampler].calls_per_step else None, unit="step", desc=sampler)
+    bar = tqdm(total=(steps or getattr(den.schedule, "top_step", None)) if SAMPLERS[sampler].calls_per_step else None,
+               unit="step", desc=sampler)
     x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler, steps=steps,
                  spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn, labels=labels, guidance=guidance,
                  classifier=classifier, seed=args.seed, device=device, callback=lambda step: bar.update(1), **options)
@@ -213,7 +214,7 @@ def _eval(args) -> None:
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0
-        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or den.schedule.top_step,
+        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or getattr(den.schedule, "top_step", None),
                       features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)

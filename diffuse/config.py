@@ -178,9 +178,23 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     if sc.kind != "linear":
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no linear betas', 'set schedule.kind = "linear" or remove it')
                 for k in ("beta_start", "beta_end")]
+    if sc.kind not in ("cosine", "vp_cosine"):
+        out.append(("schedule.cosine_s", f'schedule.kind = "{sc.kind}" is not a cosine schedule', 'set schedule.kind = "cosine" or remove it'))
     if sc.kind != "cosine":
-        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not the cosine schedule', 'set schedule.kind = "cosine" or remove it')
-                for k in ("cosine_s", "max_beta")]
+        out.append(("schedule.max_beta", f'schedule.kind = "{sc.kind}" has no discrete cosine betas', 'set schedule.kind = "cosine" or remove it'))
+    if sc.kind not in ("linear", "cosine"):
+        out.append(("schedule.timesteps", f'schedule.kind = "{sc.kind}" is a continuous-time process with no T steps', "remove it"))
+    if sc.kind != "edm":
+        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not EDM', 'set schedule.kind = "edm" or remove it')
+                for k in ("sigma_min", "sigma_max", "p_mean", "p_std")]
+    if sc.kind != "flow":
+        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not rectified flow', 'set schedule.kind = "flow" or remove it')
+                for k in ("t_sampling", "logit_mean", "logit_std")]
+    elif sc.t_sampling == "uniform":
+        out += [(f"schedule.{k}", 'schedule.t_sampling = "uniform" draws t without a logit-normal', "remove it")
+                for k in ("logit_mean", "logit_std")]
+    if m.prediction != "edm":
+        out.append(("model.sigma_data", f'model.prediction = "{m.prediction}" has no EDM preconditioning', 'set model.prediction = "edm" or remove it'))
     if m.kind == "classifier":
         why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
         out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional")]

@@ -7,7 +7,12 @@ branch on them (DESIGN.md, "The interfaces"). With x_t = alpha_t x_0 + sigma_t e
     eps -> x0:  x_0 = (x_t - sigma_t eps) / alpha_t           (Ho et al. 2020, eq. 15)
     x0 -> eps:  eps = (x_t - alpha_t x_0) / sigma_t
     v:          v = alpha_t eps - sigma_t x_0                  (Salimans & Ho 2022, sec. 4)
-                x_0 = alpha_t x_t - sigma_t v,  eps = sigma_t x_t + alpha_t v   (alpha^2 + sigma^2 = 1)
+                x_0 = (alpha_t x_t - sigma_t v) / (alpha_t^2 + sigma_t^2),  eps = (sigma_t x_t + alpha_t v) / (alpha_t^2 + sigma_t^2)
+                (the denominators are 1 for VP)
+    flow:       u = eps - x_0, the velocity of x_t = (1 - t) x_0 + t eps (Liu et al. 2022; Lipman et al. 2023)
+                x_0 = (x_t - sigma_t u) / (alpha_t + sigma_t),  eps = (x_t + alpha_t u) / (alpha_t + sigma_t)
+    edm:        x_0 = c_skip y + c_out F(c_in y; c_noise) on y = x_t / alpha_t at sigma = sigma_t / alpha_t
+                (Karras et al. 2022, eq. 7 and table 1, "preconditioning"; sigma_data the data's std)
     score:      grad log q(x_t) ~= -eps / sigma_t                (Song et al. 2021, eq. 5 / lecture 001)
 
 A network with a learned variance (Nichol & Dhariwal 2021, sec. 3.1) returns twice the channels:
@@ -23,10 +28,10 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .schedule import Schedule, append_dims
+from .schedule import NoiseSchedule, append_dims
 
-PredictionType = Literal["eps", "x0", "v"]
-PREDICTION_TYPES = ("eps", "x0", "v")
+PredictionType = Literal["eps", "x0", "v", "flow", "edm"]
+PREDICTION_TYPES = ("eps", "x0", "v", "flow", "edm")
 
 
 @dataclass
@@ -55,13 +60,37 @@ def v_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
 
 
 def v_to_x0(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """x_0 = alpha_t x_t - sigma_t v (variance preserving)."""
-    return alpha * x_t - sigma * v
+    """x_0 = (alpha_t x_t - sigma_t v) / (alpha_t^2 + sigma_t^2): alpha_t x_t - sigma_t v for VP."""
+    return (alpha * x_t - sigma * v) / (alpha**2 + sigma**2)
 
 
 def v_to_eps(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """eps = sigma_t x_t + alpha_t v (variance preserving)."""
-    return sigma * x_t + alpha * v
+    """eps = (sigma_t x_t + alpha_t v) / (alpha_t^2 + sigma_t^2): sigma_t x_t + alpha_t v for VP."""
+    return (sigma * x_t + alpha * v) / (alpha**2 + sigma**2)
+
+
+def flow_target(x0: Tensor, eps: Tensor) -> Tensor:
+    """u = eps - x_0: the velocity d x_t / dt of rectified flow's x_t = (1 - t) x_0 + t eps (Liu et al. 2022, eq. 1)."""
+    return eps - x0
+
+
+def flow_to_x0(x_t: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_0 = (x_t - sigma_t u) / (alpha_t + sigma_t): x_t - t u for rectified flow."""
+    return (x_t - sigma * u) / (alpha + sigma)
+
+
+def flow_to_eps(x_t: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (x_t + alpha_t u) / (alpha_t + sigma_t): x_t + (1 - t) u for rectified flow."""
+    return (x_t + alpha * u) / (alpha + sigma)
+
+
+def edm_scalings(ve_sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in) of EDM's preconditioning at noise level sigma (Karras et al. 2022, table 1):
+    c_skip = sigma_d^2 / (sigma^2 + sigma_d^2), c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_d^2). With the loss ||F - F_target||^2 the effective weight on ||D - x_0||^2 is
+    EDM's lambda(sigma) = 1 / c_out^2."""
+    norm = (ve_sigma**2 + sigma_data**2).sqrt()
+    return sigma_data**2 / norm**2, ve_sigma * sigma_data / norm, 1 / norm
 
 
 def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
@@ -69,7 +98,7 @@ def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
     return -eps / sigma
 
 
-def scales(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+def scales(schedule: NoiseSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     """alpha_t and sigma_t for a scalar or per-example t, shaped to broadcast against `like`, in its dtype."""
     t = torch.as_tensor(t, dtype=torch.float64).expand(like.shape[0])
     alpha = append_dims(schedule.alpha(t), like).to(like.dtype)
@@ -77,8 +106,15 @@ def scales(schedule: Schedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]
     return alpha, sigma
 
 
-def predict(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType) -> Prediction:
+def predict(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType,
+            sigma_data: float = 0.5) -> Prediction:
     """Turn a network's raw output of the given type into (x_0, eps)."""
+    if prediction == "edm":
+        c_skip, c_out, _ = edm_scalings(sigma / alpha, sigma_data)
+        x0 = c_skip * (x_t / alpha) + c_out * raw
+        return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma))
+    if prediction == "flow":
+        return Prediction(x0=flow_to_x0(x_t, raw, alpha, sigma), eps=flow_to_eps(x_t, raw, alpha, sigma))
     if prediction == "eps":
         return Prediction(x0=eps_to_x0(x_t, raw, alpha, sigma), eps=raw)
     if prediction == "x0":
@@ -88,8 +124,16 @@ def predict(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: 
     raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
 
 
-def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType) -> Tensor:
-    """What a network of the given type is regressed onto."""
+def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: PredictionType,
+                    sigma_data: float = 0.5) -> Tensor:
+    """What a network of the given type is regressed onto (edm: F_target = (x_0 - c_skip y) / c_out, Karras et al.
+    2022, eq. 8, on y = x_0 + (sigma / alpha) eps)."""
+    if prediction == "edm":
+        ve = sigma / alpha
+        c_skip, c_out, _ = edm_scalings(ve, sigma_data)
+        return (x0 - c_skip * (x0 + ve * eps)) / c_out
+    if prediction == "flow":
+        return flow_target(x0, eps)
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -107,18 +151,24 @@ class Denoiser:
     Calling the denoiser takes continuous t in [0, 1] (a scalar or one per example).
     """
 
-    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: PredictionType = "eps",
-                 learned_variance: bool = False):
+    def __init__(self, net: Callable[..., Tensor], schedule: NoiseSchedule, prediction: PredictionType = "eps",
+                 learned_variance: bool = False, sigma_data: float = 0.5):
         if prediction not in PREDICTION_TYPES:
-            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, got {prediction!r}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
         self.learned_variance = learned_variance
+        self.sigma_data = sigma_data  # the data's std, for the "edm" preconditioning (EDM: 0.5)
 
     def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
         """The network's own output at (x_t, t), one time per example, and v_interp (None without a learned variance)."""
         t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        if self.prediction == "edm":  # the network sees c_in y = c_in x_t / alpha_t (Karras et al. 2022, table 1)
+            alpha, sigma = scales(self.schedule, t, x_t)
+            x_t = x_t * (edm_scalings(sigma / alpha, self.sigma_data)[2] / alpha)
         # float32 at least: bf16 cannot tell step 999 from 1000
         out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32), **cond)
         expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]) if self.learned_variance else x_t.shape
@@ -138,11 +188,11 @@ class Denoiser:
     def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
         alpha, sigma = scales(self.schedule, t, x_t)
         raw, v_interp = self.output(x_t, t, **cond)
-        pred = predict(raw, x_t, alpha, sigma, self.prediction)
+        pred = predict(raw, x_t, alpha, sigma, self.prediction, self.sigma_data)
         pred.v_interp = v_interp
         return pred
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The regression target of this denoiser's network for x_t = alpha_t x0 + sigma_t eps."""
         alpha, sigma = scales(self.schedule, t, x0)
-        return training_target(x0, eps, alpha, sigma, self.prediction)
+        return training_target(x0, eps, alpha, sigma, self.prediction, self.sigma_data)

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .denoiser import predict, scales
-from .schedule import Schedule, append_dims, posterior
+from .schedule import NoiseSchedule, Schedule, append_dims, posterior
 
 
-def sample_timesteps(schedule: Schedule, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """t = k / T with k ~ Uniform{1, ..., T} (Algorithm 1, line 3), as float64 times in (0, 1]."""
-    k = torch.randint(1, schedule.T + 1, (n,), generator=generator)
-    return k.to(torch.float64) / schedule.T
+def sample_timesteps(schedule: NoiseSchedule, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n training times from the process's own distribution (`NoiseSchedule.sample_t`): for DDPM t = k / T with
+    k ~ Uniform{1, ..., T} (Algorithm 1, line 3); EDM's log-normal sigma; flow's uniform or logit-normal t."""
+    return schedule.sample_t(n, generator)
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
@@ -30,6 +30,9 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     The intended weight on the x_0-error is min(SNR, gamma); an eps-loss already carries a factor
     SNR and a v-loss a factor SNR + 1, so those are divided out.
     """
+    if prediction not in ("eps", "x0", "v"):
+        raise ValueError(f"min-SNR weighting is written for eps, x0 and v networks, not {prediction!r}; use "
+                         "train.loss_weighting = 'none' (an 'edm' network's loss already carries EDM's weighting)")
     clipped = snr.clamp(max=gamma)
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
 

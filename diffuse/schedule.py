@@ -15,6 +15,7 @@ does): 1 - alphabar near t = 0 loses digits in float32.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,12 +37,21 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["linear", "cosine"] = "linear"  # Ho et al. 2020 linear betas, or Nichol & Dhariwal 2021 cosine
-    timesteps: int = 1000                        # T, the number of discrete diffusion steps
+    kind: Literal["linear", "cosine", "vp_cosine", "edm", "flow"] = "linear"  # the noise process (SCHEDULE_KINDS):
+    #   linear / cosine: discrete VP, Ho et al. 2020 / Nichol & Dhariwal 2021; vp_cosine: the cosine VP in continuous t;
+    #   edm: VE with EDM's preconditioning and training sigmas (Karras et al. 2022); flow: rectified flow (Liu et al. 2022)
+    timesteps: int = 1000                        # linear, cosine: T, the number of discrete diffusion steps
     beta_start: float = 1e-4                     # linear: beta_1 (Ho et al.: 1e-4)
     beta_end: float = 0.02                       # linear: beta_T (Ho et al.: 0.02)
-    cosine_s: float = 0.008                      # cosine: offset s that keeps beta_1 from being tiny
+    cosine_s: float = 0.008                      # cosine, vp_cosine: offset s that keeps beta_1 from being tiny
     max_beta: float = 0.999                      # cosine: betas are clipped here to avoid a singularity at t = T
+    sigma_min: float = 0.002                     # edm: the lowest noise level of a sampling grid (EDM: 0.002)
+    sigma_max: float = 80.0                      # edm: the highest, where sampling starts (EDM: 80)
+    p_mean: float = -1.2                         # edm: training ln sigma ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2)
+    p_std: float = 1.2
+    t_sampling: Literal["uniform", "logit_normal"] = "logit_normal"  # flow: training t (Esser et al. 2024: logit-normal)
+    logit_mean: float = 0.0                      # flow, logit_normal: t = sigmoid(logit_mean + logit_std z)
+    logit_std: float = 1.0
 
 
 def linear_betas(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -62,13 +72,132 @@ def cosine_betas(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.99
     return (1 - alphabar[1:] / alphabar[:-1]).clamp(max=max_beta)
 
 
-class Schedule:
+class NoiseSchedule(ABC):
+    """x_t = alpha(t) x_0 + sigma(t) eps for t in [0, 1] (DESIGN.md, "The one idea"): the interface every process
+    implements. Subclasses give alpha, sigma, t_from_log_snr (the inverse of lambda), model_time (the network's time
+    input), sample_t (the training distribution of t) and t_min (the last positive grid time); the rest follows.
+
+    Processes: `Schedule` (discrete VP, DDPM), `VPCosine` (continuous VP), `EDM` (VE, Karras et al. 2022) and
+    `Flow` (rectified flow). Values are float64 tensors of t (a float or a tensor).
+    """
+
+    kind = "?"
+    variance_preserving = False  # alpha^2 + sigma^2 = 1: the VP-SDE samplers and the likelihood need it
+    T: int | None = None          # discrete steps (only the DDPM schedule has them)
+    t_min = 1e-3                  # the last positive time of every sampling grid
+
+    @abstractmethod
+    def alpha(self, t) -> Tensor:
+        """alpha_t, the signal scale of x_t (float64)."""
+
+    @abstractmethod
+    def sigma(self, t) -> Tensor:
+        """sigma_t, the noise scale of x_t (float64)."""
+
+    @abstractmethod
+    def t_from_log_snr(self, log_snr) -> Tensor:
+        """The time t with log(alpha_t^2 / sigma_t^2) = log_snr: the inverse of `log_snr`."""
+
+    @abstractmethod
+    def model_time(self, t) -> Tensor:
+        """The network's time input at t (float64)."""
+
+    @abstractmethod
+    def t_from_model_time(self, model_time) -> Tensor:
+        """The inverse of `model_time`."""
+
+    @abstractmethod
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n training times (n,) float64, drawn from the process's training distribution with `generator`."""
+
+    def snr(self, t) -> Tensor:
+        """SNR(t) = alpha_t^2 / sigma_t^2 (Kingma et al. 2021, eq. 2)."""
+        return (self.alpha(t) / self.sigma(t)) ** 2
+
+    def log_snr(self, t) -> Tensor:
+        """log(alpha_t^2 / sigma_t^2) = 2 lambda_t."""
+        return 2 * (self.alpha(t).log() - self.sigma(t).log())
+
+    def ve_sigma(self, t) -> Tensor:
+        """sigma_t / alpha_t: the noise level of x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps (Karras et al. 2022, table 1)."""
+        return self.sigma(t) / self.alpha(t)
+
+    def t_from_ve_sigma(self, ve_sigma) -> Tensor:
+        """The time t with sigma_t / alpha_t = ve_sigma."""
+        return self.t_from_log_snr(-2 * torch.as_tensor(ve_sigma, dtype=torch.float64).log())
+
+    @property
+    def t_top(self) -> float:
+        """The first time of every sampling grid: 1, or where the log-SNR falls to LOG_SNR_MIN if it falls lower."""
+        one = torch.tensor(1.0, dtype=torch.float64)
+        return 1.0 if float(self.log_snr(one)) >= LOG_SNR_MIN else float(self.t_from_log_snr(torch.tensor(LOG_SNR_MIN, dtype=torch.float64)))
+
+    @property
+    def prior_std(self) -> float:
+        """The std of the start x_T ~ N(0, prior_std^2 I) at t_top: sqrt(alpha^2 + sigma^2) there (1 for VP, sigma_max for VE)."""
+        t = torch.tensor(self.t_top, dtype=torch.float64)
+        return float(torch.hypot(self.alpha(t), self.sigma(t)))
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = alpha_t x_0 + sigma_t eps, a draw from q(x_t | x_0) (Ho et al. 2020, eq. 4, for VP)."""
+        return append_dims(self.alpha(t), x0).to(x0.dtype) * x0 + append_dims(self.sigma(t), x0).to(x0.dtype) * eps
+
+    def start_shortfall(self, timesteps: Tensor) -> float:
+        """alpha at a grid's first time minus alpha at t_top: how much signal x_t has there that the start
+        x_T ~ N(0, prior_std^2 I) lacks (0 for grids that start at the top; ~1 for a one-step "leading" grid)."""
+        t0 = torch.as_tensor(timesteps, dtype=torch.float64).flatten()[0]
+        return float(self.alpha(t0) - self.alpha(torch.tensor(self.t_top, dtype=torch.float64)))
+
+    def timesteps(self, steps: int | None = 50, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
+        """A decreasing grid of `steps` times from t_top, ending with t = 0. "trailing": uniform in t, t_top (1 - k/K);
+        "linspace": uniform from t_top to t_min; "quadratic": t_min + (t_top - t_min) u^2 (dense near the data);
+        "karras": EDM's rho grid in sigma_t / alpha_t between the two (Karras et al. 2022, eq. 5); "log_snr": uniform
+        in lambda (Lu et al. 2022, sec. 3.3). "leading" is a spacing of discrete steps only. Raises ValueError for
+        steps < 1 (or None: a continuous process has no "every step"), an unknown spacing, or rho <= 0."""
+        if steps is None or int(steps) < 1:
+            raise ValueError(f"steps must be >= 1 for the continuous {self.kind} process (it has no 'every step'), got {steps}")
+        steps = int(steps)
+        top, bottom = self.t_top, self.t_min
+        k = torch.arange(steps, dtype=torch.float64)
+        u = k / max(steps - 1, 1)
+        if spacing == "trailing":
+            t = top * (1 - k / steps)
+        elif spacing == "linspace":
+            t = top + u * (bottom - top)
+        elif spacing == "quadratic":
+            t = bottom + (top - bottom) * (1 - u) ** 2
+        elif spacing in ("karras", "log_snr"):
+            if spacing == "karras" and not rho > 0:
+                raise ValueError(f"rho must be > 0, got {rho}")
+            ends = torch.tensor([top, bottom], dtype=torch.float64)
+            if spacing == "karras":
+                hi, lo = self.ve_sigma(ends) ** (1 / rho)
+                t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
+            else:
+                hi, lo = self.log_snr(ends)
+                t = self.t_from_log_snr(hi + u * (lo - hi))
+            t[0], t[-1] = ends
+        elif spacing == "leading":
+            raise ValueError(f'spacing "leading" numbers discrete steps; the {self.kind} process has none: use trailing, '
+                             "linspace, quadratic, karras or log_snr")
+        else:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        if steps == 1:
+            t = t[:1].clone()
+            t[0] = top
+        return torch.cat([t, t.new_zeros(1)])
+
+
+class Schedule(NoiseSchedule):
     """A discrete variance-preserving schedule beta_1..beta_T, read in continuous time.
 
     Tables are indexed by n = 0..T with n = 0 the clean data (alphabar_0 = 1, beta_0 = 0), so
     `alphabar[n]` is the paper's alphabar_n. Between grid points log(alphabar) is interpolated
     linearly, which is exact at every t = n / T.
     """
+
+    kind = "discrete VP"
+    variance_preserving = True
 
     def __init__(self, betas: Tensor, log_snr_min: float = LOG_SNR_MIN):
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -84,6 +213,26 @@ class Schedule:
         # the top of every sampling grid: the last step n whose log-SNR is still >= log_snr_min (at least step 1)
         log_snr_n = self._log_alphabar[1:] - torch.log1p(-self.alphabar[1:])
         self.top_step = max(1, int((log_snr_n >= log_snr_min).sum()))
+        self.t_min = 1.0 / self.T
+
+    @property
+    def t_top(self) -> float:
+        """The first time of every grid: step `top_step` (T unless the last steps fall below LOG_SNR_MIN)."""
+        return self.top_step / self.T
+
+    @property
+    def prior_std(self) -> float:
+        """1: variance preserving (x_T ~ N(0, I), Ho et al. 2020, Algorithm 2)."""
+        return 1.0
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t = k / T with k ~ Uniform{1, ..., T} (Algorithm 1, line 3), as float64 times in (0, 1]."""
+        k = torch.randint(1, self.T + 1, (n,), generator=generator)
+        return k.to(torch.float64) / self.T
+
+    def t_from_model_time(self, model_time) -> Tensor:
+        """The inverse of `model_time`: t = (index + 1) / T."""
+        return (torch.as_tensor(model_time).to(torch.float64) + 1) / self.T
 
     @classmethod
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
@@ -96,7 +245,12 @@ class Schedule:
         return cls(cosine_betas(timesteps, s, max_beta))
 
     @classmethod
-    def from_config(cls, cfg: ScheduleConfig) -> Schedule:
+    def from_config(cls, cfg: ScheduleConfig) -> NoiseSchedule:
+        """The schedule a config names, of any process (see `schedule_from_config`)."""
+        return schedule_from_config(cfg)
+
+    @classmethod
+    def _discrete_from_config(cls, cfg: ScheduleConfig) -> Schedule:
         if cfg.timesteps < 1:
             raise ValueError(f"schedule.timesteps must be >= 1, got {cfg.timesteps}")
         if cfg.kind == "linear":
@@ -107,7 +261,7 @@ class Schedule:
             return cls.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
         if cfg.kind == "cosine":
             return cls.cosine(cfg.timesteps, cfg.cosine_s, cfg.max_beta)
-        raise ValueError(f"schedule.kind must be one of 'linear', 'cosine', got {cfg.kind!r}")
+        raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
 
     # --- continuous time ------------------------------------------------------------------
     def _table_at(self, table: Tensor, t: Tensor) -> Tensor:
@@ -241,21 +395,155 @@ class Schedule:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
         return self.timesteps_from_indices(idx.flip(0))
 
-    def start_shortfall(self, timesteps: Tensor) -> float:
-        """alpha_t at a grid's first time minus alpha at the top step N: how much signal x_t has there that the
-        start x_T ~ N(0, I) lacks (0 for grids that start at the top; ~1 for a one-step "leading" grid)."""
-        t0 = torch.as_tensor(timesteps, dtype=torch.float64).flatten()[0]
-        return float(self.alpha(t0) - self.alpha(torch.tensor(self.top_step / self.T, dtype=torch.float64)))
-
     # --- the forward process --------------------------------------------------------------
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, a draw from q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
-        return append_dims(self.alpha(t), x0).to(x0.dtype) * x0 + append_dims(self.sigma(t), x0).to(x0.dtype) * eps
-
     def q_step(self, x_prev: Tensor, n: int, eps: Tensor) -> Tensor:
         """One Markov step x_n = sqrt(1 - beta_n) x_{n-1} + sqrt(beta_n) eps, q(x_n | x_{n-1}) (Ho et al. 2020, eq. 2)."""
         beta = self.betas[n]
         return (1 - beta).sqrt().to(x_prev.dtype) * x_prev + beta.sqrt().to(x_prev.dtype) * eps
+
+
+class VPCosine(NoiseSchedule):
+    """Continuous-time VP with the cosine schedule: alphabar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) pi / 2)
+    for real t in [0, 1] (Nichol & Dhariwal 2021, eq. 17, read in continuous time as Kingma et al. 2021 do);
+    alpha = sqrt(alphabar), sigma = sqrt(1 - alphabar). Training draws t ~ U(t_min, 1); the network sees 1000 t.
+    It has the VP-SDE's beta(t) in closed form, so the SDE samplers and the likelihood run on it."""
+
+    kind = "vp_cosine"
+    variance_preserving = True
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-3):
+        self.s, self.t_min = s, t_min
+        self._f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+    def alphabar_at(self, t) -> Tensor:
+        """alphabar(t) = cos^2((t + s) / (1 + s) pi / 2) / f(0) (eq. 17), 0 at t = 1."""
+        return cosine_alphabar(torch.as_tensor(t, dtype=torch.float64), self.s).clamp(0, 1)
+
+    def alpha(self, t) -> Tensor:
+        return self.alphabar_at(t).sqrt()
+
+    def sigma(self, t) -> Tensor:
+        return (1 - self.alphabar_at(t)).sqrt()
+
+    def t_from_log_alphabar(self, log_alphabar) -> Tensor:
+        """The inverse of alphabar(t): t = (1 + s) (2 / pi) arccos(sqrt(alphabar f(0))) - s, clamped to [0, 1]."""
+        ab = torch.as_tensor(log_alphabar, dtype=torch.float64).exp()
+        t = (1 + self.s) * 2 / math.pi * torch.arccos((ab * self._f0).sqrt().clamp(max=1)) - self.s
+        return t.clamp(0, 1)
+
+    def t_from_log_snr(self, log_snr) -> Tensor:
+        return self.t_from_log_alphabar(torch.nn.functional.logsigmoid(torch.as_tensor(log_snr, dtype=torch.float64)))
+
+    def sde_beta(self, t) -> Tensor:
+        """beta(t) = -d log alphabar / dt = pi / (1 + s) tan((t + s) / (1 + s) pi / 2) (Song et al. 2021, eq. 11)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return math.pi / (1 + self.s) * torch.tan((t + self.s) / (1 + self.s) * math.pi / 2)
+
+    def model_time(self, t) -> Tensor:
+        """1000 t: the range of a DDPM network's step index."""
+        return 1000 * torch.as_tensor(t, dtype=torch.float64)
+
+    def t_from_model_time(self, model_time) -> Tensor:
+        return torch.as_tensor(model_time).to(torch.float64) / 1000
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U(t_min, 1) (Kingma et al. 2021: continuous-time training)."""
+        return self.t_min + (1 - self.t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+class EDM(NoiseSchedule):
+    """Variance exploding in the parameterisation of Karras et al. (2022, "EDM"), table 1: alpha_t = 1 and
+    sigma_t = t sigma_max, so grids run from sigma_max down to sigma_min (t_min = sigma_min / sigma_max); the "karras"
+    spacing is EDM's eq. 5. Training draws ln sigma ~ N(P_mean, P_std^2) (table 1, "EDM"); the network's time input is
+    c_noise = ln(sigma) / 4 (table 1), scaled by 1000 to the range of a DDPM step index. The start is
+    x_T ~ N(0, sigma_max^2 I). Preconditioning (c_skip, c_out, c_in with sigma_data) is the prediction type "edm"
+    (denoiser.edm_scalings)."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2):
+        if not 0 < sigma_min < sigma_max < math.inf:
+            raise ValueError(f"schedule.sigma_min / sigma_max must satisfy 0 < min < max, got {sigma_min}, {sigma_max}")
+        if not p_std > 0:
+            raise ValueError(f"schedule.p_std must be > 0, got {p_std}")
+        self.sigma_min, self.sigma_max, self.p_mean, self.p_std = sigma_min, sigma_max, p_mean, p_std
+        self.t_min = sigma_min / sigma_max
+
+    def alpha(self, t) -> Tensor:
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def sigma(self, t) -> Tensor:
+        return self.sigma_max * torch.as_tensor(t, dtype=torch.float64)
+
+    def t_from_log_snr(self, log_snr) -> Tensor:
+        """sigma = exp(-log_snr / 2), t = sigma / sigma_max."""
+        return (-torch.as_tensor(log_snr, dtype=torch.float64) / 2).exp() / self.sigma_max
+
+    def model_time(self, t) -> Tensor:
+        """1000 c_noise = 1000 ln(sigma_t) / 4 = 250 ln(sigma_t) (Karras et al. 2022, table 1)."""
+        return 250 * self.sigma(t).log()
+
+    def t_from_model_time(self, model_time) -> Tensor:
+        return (torch.as_tensor(model_time).to(torch.float64) / 250).exp() / self.sigma_max
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, table 1), as t = sigma / sigma_max, clipped to [t_min, 1]."""
+        ln_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return (ln_sigma.exp() / self.sigma_max).clamp(self.t_min, 1.0)
+
+
+class Flow(NoiseSchedule):
+    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2023; Esser et al. 2024): x_t = (1 - t) x_0 + t eps,
+    the straight path from data to noise, whose velocity dx_t / dt = eps - x_0 is the "flow" prediction's target.
+    Training draws t uniform, or logit-normal t = sigmoid(m + s z) (Esser et al. 2024, sec. 3.1, "rf/lognorm(0, 1)").
+    The network sees 1000 t. Grids start where the log-SNR falls to LOG_SNR_MIN (t = 0.994), not at t = 1
+    (alpha = 0), and end at t_min."""
+
+    kind = "flow"
+
+    def __init__(self, t_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0, t_min: float = 1e-3):
+        if t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"schedule.t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
+        if not logit_std > 0:
+            raise ValueError(f"schedule.logit_std must be > 0, got {logit_std}")
+        self.t_sampling, self.logit_mean, self.logit_std, self.t_min = t_sampling, logit_mean, logit_std, t_min
+
+    def alpha(self, t) -> Tensor:
+        return 1 - torch.as_tensor(t, dtype=torch.float64)
+
+    def sigma(self, t) -> Tensor:
+        return torch.as_tensor(t, dtype=torch.float64).clone()
+
+    def t_from_log_snr(self, log_snr) -> Tensor:
+        """(1 - t) / t = exp(log_snr / 2), so t = sigmoid(-log_snr / 2)."""
+        return torch.sigmoid(-torch.as_tensor(log_snr, dtype=torch.float64) / 2)
+
+    def model_time(self, t) -> Tensor:
+        return 1000 * torch.as_tensor(t, dtype=torch.float64)
+
+    def t_from_model_time(self, model_time) -> Tensor:
+        return torch.as_tensor(model_time).to(torch.float64) / 1000
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, generator=generator, dtype=torch.float64) if self.t_sampling == "logit_normal" else None
+        t = torch.sigmoid(self.logit_mean + self.logit_std * z) if z is not None else torch.rand(n, generator=generator, dtype=torch.float64)
+        return t.clamp(self.t_min, 1.0)
+
+
+SCHEDULE_KINDS = ("linear", "cosine", "vp_cosine", "edm", "flow")
+
+
+def schedule_from_config(cfg: ScheduleConfig) -> NoiseSchedule:
+    """The process a [schedule] section names: discrete VP (linear, cosine; T steps), continuous VP cosine, EDM, flow."""
+    if cfg.kind in ("linear", "cosine"):
+        return Schedule._discrete_from_config(cfg)
+    if cfg.kind == "vp_cosine":
+        return VPCosine(cfg.cosine_s)
+    if cfg.kind == "edm":
+        return EDM(cfg.sigma_min, cfg.sigma_max, cfg.p_mean, cfg.p_std)
+    if cfg.kind == "flow":
+        return Flow(cfg.t_sampling, cfg.logit_mean, cfg.logit_std)
+    raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
 
 
 def append_dims(v: Tensor, like: Tensor) -> Tensor:

@@ -63,7 +63,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
     return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
-                    learned_variance=cfg.model.learned_variance)
+                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data)
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
@@ -152,7 +152,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     shortfall = schedule.start_shortfall(grid)
     if shortfall > 0.01 and start is None:  # a partial run (SDEdit) starts below the top on purpose
         warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "
-                      f"{schedule.T}, not at the top ({schedule.top_step}): x_t there holds alpha_t - alpha_top = "
+                      f"{schedule.T}, not at the top ({round(schedule.t_top * schedule.T)}): x_t there holds alpha_t - alpha_top = "
                       f"{shortfall:.2g} more of the data than the start x_T ~ N(0, I) has, so the samples come out "
                       "noisy; use spacing trailing (the default), which starts at the top for any step count",
                       UserWarning, stacklevel=2)
@@ -166,6 +166,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
             grid = torch.cat([grid.new_tensor([t_start]), grid[grid < t_start]]) if t_start > 0 else grid.new_zeros(1)
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, device=device)
+    if schedule.prior_std != 1.0:  # VE: x_T ~ N(0, sigma_max^2 I) (Karras et al. 2022, Algorithm 1, line 1)
+        x_T = x_T * schedule.prior_std
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
     den = denoiser
@@ -278,6 +280,7 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     t = cfg.train
+    schedule = Schedule.from_config(cfg.schedule)
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -295,9 +298,17 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
         (cfg.sample.steps >= 0, f"sample.steps must be >= 0 (0: every step), got {cfg.sample.steps}"),
-        (cfg.sample.steps <= Schedule.from_config(cfg.schedule).top_step,
-         f"sample.steps = {cfg.sample.steps} is more than the schedule's {Schedule.from_config(cfg.schedule).top_step} "
+        (schedule.T is None or cfg.sample.steps <= schedule.top_step,
+         f"sample.steps = {cfg.sample.steps} is more than the schedule's {getattr(schedule, 'top_step', '')} "
          "sampling steps (Schedule.top_step); lower it, or 0 for every step"),
+        (schedule.T is not None or cfg.sample.steps >= 1,
+         f"sample.steps = 0 means every discrete step, and the {schedule.kind} process is continuous: give a number"),
+        (schedule.T is not None or (t.loss == "simple" and not cfg.model.learned_variance),
+         f"train.loss = '{t.loss}' and learned variances use the discrete bound (Ho et al. 2020, eq. 5) of the DDPM "
+         f"schedules (linear, cosine); the {schedule.kind} process takes train.loss = 'simple'"),
+        (cfg.model.prediction not in ("flow", "edm") or t.loss_weighting == "none",
+         f"train.loss_weighting = '{t.loss_weighting}' is written for eps, x0 and v networks; with model.prediction = "
+         f"'{cfg.model.prediction}' use 'none' (an 'edm' network's loss already carries EDM's weighting)"),
         (t.loss != "hybrid" or cfg.model.learned_variance,
          "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
         (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),

@@ -11,7 +11,7 @@ def gaussian_eps(schedule: Schedule, mu: float, std: float):
     """
 
     def eps(x, index):
-        t = (index.to(torch.float64) + 1) / schedule.T
+        t = schedule.t_from_model_time(index)
         a = schedule.alpha(t).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         s = schedule.sigma(t).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         return s * (x - a * mu) / (a**2 * std**2 + s**2)
@@ -45,7 +45,7 @@ class GaussianMixture:
         self.K, self.D = self.mu.shape
 
     def _scales(self, index, x):
-        t = (index.to(torch.float64) + 1) / self.schedule.T
+        t = self.schedule.t_from_model_time(index)
         t = t.expand(x.shape[0])
         return self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]  # (B, 1)
 

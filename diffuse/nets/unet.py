@@ -37,7 +37,9 @@ class UNetConfig:
     kind: Literal["denoiser", "classifier"] = "denoiser"           # the U-Net, or its encoder as a noisy classifier (nets.classifier)
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
-    prediction: Literal["eps", "x0", "v"] = "eps"                   # what the network outputs (DDPM: eps; Salimans & Ho 2022: v)
+    prediction: Literal["eps", "x0", "v", "flow", "edm"] = "eps"    # what the network outputs (DDPM: eps; Salimans & Ho 2022: v;
+    #                                                                 flow: eps - x_0, rectified flow; edm: F of EDM's preconditioning)
+    sigma_data: float = 0.5                                         # prediction "edm": the data's std (Karras et al. 2022: 0.5)
     learned_variance: bool = False                                  # also output v of Sigma (Nichol & Dhariwal 2021): twice the channels
 
 

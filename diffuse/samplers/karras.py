@@ -102,7 +102,7 @@ def heun(
                                         (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)))
     schedule = denoiser.schedule
     ve = _VE(denoiser)
-    sigma_max = float(schedule.ve_sigma(schedule.top_step / schedule.T))  # the highest noise level a grid starts from
+    sigma_max = float(schedule.ve_sigma(schedule.t_top))  # the highest noise level a grid starts from
 
     def update(step: GridStep, x: Tensor, history: list):
         y, sig, sig_next = x / step.alpha_t, step.sigma_t / step.alpha_t, step.sigma_s / step.alpha_s

@@ -21,6 +21,15 @@ from torch import Tensor
 from .base import OPTIONS, Callback, GridStep, NonFiniteSample, Project, Step, gaussian_like, grid_steps, walk
 
 
+def require_vp(schedule, name: str) -> None:
+    """The VP-SDE samplers and the likelihood integrate dx = -1/2 beta x dt + sqrt(beta) dw, which exists only for
+    variance-preserving processes: a clear error on the others."""
+    if not getattr(schedule, "variance_preserving", False):
+        raise ValueError(f"{name} integrates the variance-preserving SDE, and this model's process is "
+                         f"{getattr(schedule, 'kind', type(schedule).__name__)}; use ddim, dpmpp-2m, euler or heun, "
+                         "which run on every process")
+
+
 def vp_sde(schedule, t: float) -> tuple[float, float]:
     """(f(t), g(t)^2) = (-beta(t) / 2, beta(t)) of the VP-SDE (Song et al. 2021, eq. 11)."""
     beta = float(schedule.sde_beta(t))
@@ -76,6 +85,7 @@ def predictor_corrector(
     """
     snr, corrector_steps = OPTIONS["snr"].check("snr", snr), OPTIONS["corrector_steps"].check("corrector_steps", corrector_steps)
     schedule = denoiser.schedule
+    require_vp(schedule, "sde-em / sde-pc")
 
     def update(step: GridStep, x: Tensor, history: list):
         alpha_step = float(schedule.alphabar_at(step.t) / schedule.alphabar_at(step.s))  # 1 - beta_n for adjacent steps
@@ -123,6 +133,7 @@ def probability_flow(
     (total = 0: not known in advance). Count the evaluations with base.CountCalls.
     """
     rtol, atol = OPTIONS["rtol"].check("rtol", rtol), OPTIONS["atol"].check("atol", atol)
+    require_vp(denoiser.schedule, "ode-rk45")
     if project is not None:
         raise ValueError("ode-rk45 chooses its own steps, so there is no step to project after; use a sampler with a "
                          "grid (ddim, dpmpp-2m, ...) for inpainting, RePaint or ILVR")
@@ -192,7 +203,8 @@ def ode_log_likelihood(denoiser, x0: Tensor, *, rtol: float = 1e-5, atol: float 
     B, D = x0.shape[0], x0[0].numel()
     exact = D <= 32 if exact_trace is None else exact_trace
     shape, dtype, device = x0.shape, x0.dtype, x0.device
-    t_start = 1.0 / schedule.T
+    require_vp(schedule, "the probability-flow likelihood")
+    t_start = schedule.t_min  # the first step, 1 / T
     l_start, l_end = (float(-schedule.alphabar_at(torch.tensor(t, dtype=torch.float64)).log()) for t in (t_start, 1.0))
     z = [torch.randint(0, 2, shape, generator=generator).to(device=device, dtype=dtype) * 2 - 1 for _ in range(probes)]
     nfe = 0
