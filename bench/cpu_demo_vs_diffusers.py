@@ -40,7 +40,8 @@ from torch import Tensor
 from diffuse.config import load_config
 from diffuse.data import DataConfig, load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.train import Trainer, generate, load_run
+from diffuse.sample import generate, load_run
+from diffuse.train import Trainer
 from diffuse.visualize import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.losses import vlb_bits_per_dim
 from diffuse.metrics import digit_classifier, extract_features, feature_statistics, frechet_distance
-from diffuse.train import Trainer, build_denoiser, generate
+from diffuse.sample import build_denoiser, generate
+from diffuse.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model.prediction=eps", "train.loss_weighting=none", "train.time_limit=0", "train.sample_every=0", "train.checkpoint_every=100000"]

@@ -23,7 +23,8 @@ import torch
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.train import load_run, train
+from diffuse.sample import load_run
+from diffuse.train import train
 from diffuse.visualize import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]

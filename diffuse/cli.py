@@ -90,7 +90,7 @@ def _sample(args) -> None:
     from tqdm import tqdm
 
     from .samplers import CountCalls
-    from .train import check_guidance, generate, load_classifier, load_run, run_config
+    from .sample import check_guidance, default_labels, generate, load_classifier, load_run, run_config
     from .visualize import save_grid, to_unit
 
     out = Path(args.out)
@@ -129,7 +129,7 @@ def _sample(args) -> None:
             raise ValueError(f"--label must be a class index in 0..{num_classes - 1}, got {args.label}")
         labels = torch.full((args.n,), args.label)
     elif conditional or classifier is not None:
-        labels = torch.arange(args.n) % num_classes  # every class in turn
+        labels = default_labels(args.n, num_classes)
     steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
     counted = CountCalls(den)
     bar = tqdm(total=(steps or getattr(den.schedule, "top_step", None)) if SAMPLERS[sampler].calls_per_step else None,
@@ -156,7 +156,7 @@ def _eval(args) -> None:
     from .data import load_dataset
     from .losses import vlb_bits_per_dim
     from .samplers.sde import ode_bits_per_dim
-    from .train import check_guidance, generate, load_run, run_config
+    from .sample import check_guidance, default_labels, generate, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 
     sample_metric = args.metric in ("fid", "kid", "is", "pr")
@@ -204,13 +204,12 @@ def _eval(args) -> None:
                              "weights file) or --features MODULE:ATTR (your own nn.Module)")
         net = metrics.feature_network(features, device=device)  # before sampling: a bad spec fails fast
         sampler = args.sampler or s.sampler
-        labels = torch.arange(args.n) % num_classes if cfg.model.class_conditional and num_classes else None
         steps = s.steps if args.steps is None else args.steps  # 0: every step, as in `diffuse sample`
-        fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler,
-                        steps=steps, spacing=args.spacing or s.spacing, clip=s.clip,
-                        dynamic_threshold=s.dynamic_threshold, labels=labels,
-                        guidance=s.guidance if args.guidance is None else args.guidance, seed=args.seed, device=device,
-                        eta=s.eta, variance=s.variance)
+        kw = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps, "spacing": args.spacing or s.spacing}
+        if args.guidance is not None:
+            kw["guidance"] = args.guidance
+        fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), seed=args.seed, device=device,
+                        labels=default_labels(args.n, num_classes if cfg.model.class_conditional else 0), **kw)
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0

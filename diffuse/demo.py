@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .config import RunConfig, load_config
 from .data import load_dataset
-from .train import generate, load_run, train
+from .sample import default_labels, generate, load_run, sample_config_kwargs
+from .train import train
 from .visualize import save_gif, save_grid
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "mnist_cond.toml"
@@ -79,16 +80,12 @@ def run_demo(out: str | Path = "demo", *, time_limit: float | None = None, n_sam
     cfg, den, num_classes = load_run(run)
     s, d = cfg.sample, cfg.data
     shape = (d.channels, d.image_size, d.image_size)
-    kw = dict(spacing=s.spacing, eta=s.eta, variance=s.variance, clip=s.clip, dynamic_threshold=s.dynamic_threshold)
-    if cfg.model.class_conditional and num_classes:  # the classes in turn: each row of the grid reads 0..9
-        kw["guidance"] = s.guidance
-        labels = lambda n: torch.arange(n) % num_classes  # noqa: E731
-    else:
-        labels = lambda n: None  # noqa: E731
+    kw = sample_config_kwargs(s)
+    classes = num_classes if cfg.model.class_conditional else 0  # the classes in turn: each row of the grid reads 0..9
     digits = load_dataset(d)
     x0 = torch.stack([digits[i][0] for i in first_of_each_class(digits.labels, 10)])
-    strip, frames, _ = reverse_trajectory(den, 8, shape, sampler=s.sampler, steps=s.steps, seed=1, labels=labels(8), **kw)
-    samples = generate(den, n_samples, shape, sampler=s.sampler, steps=s.steps, seed=0, labels=labels(n_samples), **kw)
+    strip, frames, _ = reverse_trajectory(den, 8, shape, seed=1, labels=default_labels(8, classes), **kw)
+    samples = generate(den, n_samples, shape, seed=0, labels=default_labels(n_samples, classes), **kw)
     paths = {
         "samples": save_grid(samples, out / "samples.png", nrow=10, scale=2),
         "forward process": save_grid(forward_strip(den.schedule, x0), out / "forward_process.png", nrow=1 + den.schedule.T // 50, scale=2),

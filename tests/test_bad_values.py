@@ -14,7 +14,7 @@ from PIL import Image
 from diffuse import Denoiser, Schedule
 from diffuse.cli import main
 from diffuse.samplers import NonFiniteSample
-from diffuse.train import ema_init_share, generate
+from diffuse.sample import ema_init_share, generate
 
 from test_cli import TINY, _sets
 

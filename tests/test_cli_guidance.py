@@ -10,7 +10,8 @@ import torch
 from diffuse.cli import main
 from diffuse.config import SamplerName
 from diffuse.samplers import SAMPLERS
-from diffuse.train import Trainer, load_classifier, load_run
+from diffuse.sample import load_classifier, load_run
+from diffuse.train import Trainer
 
 from test_cli import TINY, _sets
 

@@ -13,7 +13,8 @@ import diffuse.train as train_mod
 from diffuse import checkpoint as ckpt
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import load_dataset
-from diffuse.train import EMA, NonFiniteLoss, ResumeError, Trainer, _validate, generate, load_run
+from diffuse.sample import generate, load_run
+from diffuse.train import EMA, NonFiniteLoss, ResumeError, Trainer, _validate
 
 BASE = [
     "data.source=digits", "data.image_size=8", "data.channels=1",

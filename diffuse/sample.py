@@ -1,0 +1,218 @@
+"""The sampling API: load a run, and draw samples from it with a named sampler, guidance and thresholding.
+
+`load_run` and `load_classifier` read a run folder (its config, the committed checkpoint's EMA or raw weights) and
+warn when the EMA is still mostly the initial weights; `generate` draws samples through one of the samplers with
+classifier-free or classifier guidance, a start partway down the grid (SDEdit) and a projection after each step;
+`sample_config_kwargs` and `default_labels` are the one place that turns a run's [sample] section and its classes
+into `generate`'s arguments, for the CLI, the demo and the trainer's sample grids.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from .config import RunConfig, SampleConfig, load_config
+from .denoiser import Denoiser
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
+from .nets.classifier import NoisyClassifier
+from .nets.unet import UNet
+from .samplers import SAMPLERS, NonFiniteSample, Step
+from .schedule import Schedule
+
+
+# --- model construction, shared by training and sampling --------------------------------------
+def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
+    d = cfg.data
+    if cfg.model.kind == "classifier":
+        return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
+    return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes,
+                out_channels=d.channels * (2 if cfg.model.learned_variance else 1))
+
+
+def build_denoiser(cfg: RunConfig, net) -> Denoiser:
+    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
+                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data)
+
+
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The config saved in a run folder (FileNotFoundError naming the fix when it is not a run folder)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
+    return load_config(run_dir / "config.toml")
+
+
+def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
+    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one that is not
+    class-conditional, or was trained without label dropout (its null label is then untrained)."""
+    if not guidance or classifier:
+        return
+    if not cfg.model.class_conditional:
+        raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
+                         "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
+    if cfg.train.label_dropout == 0:
+        raise ValueError("this model was trained without label dropout (train.label_dropout = 0): its null label is "
+                         "untrained, so classifier-free guidance is meaningless; retrain with train.label_dropout = 0.1")
+
+
+def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if cfg.model.kind != kind:
+        raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
+                         + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
+    c = ckpt.load_checkpoint(run_dir, step)
+    if ema:
+        warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
+    num_classes = int(c.state["num_classes"])
+    net = build_model(cfg, num_classes)
+    net.load_state_dict(c.tensors["ema" if ema else "model"])
+    return cfg, net.to(device).eval().requires_grad_(False), num_classes
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
+    cfg, net, num_classes = _load_net(run_dir, "denoiser", ema, device, step)
+    return cfg, build_denoiser(cfg, net), num_classes
+
+
+def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, classifier) of a noisy-classifier run (model.kind = "classifier"): logits of (x_t, model_time)."""
+    cfg, net, _ = _load_net(run_dir, "classifier", ema, device, step)
+    return cfg, net
+
+
+@torch.no_grad()
+def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
+             spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
+             guidance: float = 0.0, classifier=None, seed: int = 0, device: str | torch.device = "cpu", callback=None,
+             start: tuple[Tensor, float] | None = None, project=None, **options) -> Tensor:
+    """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
+
+    steps = None or 0 is every step of the schedule (0 means this in every command and config).
+
+    labels (n,) condition a class-conditional denoiser; guidance w > 0 then applies classifier-free
+    guidance through the network's null label, or, with `classifier` (x_t, model_time) -> logits,
+    classifier guidance at scale w (the denoiser may then be unconditional). The guided x_0 is
+    dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
+    `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
+    sampler does not take are ignored, so a config's defaults can be passed to any sampler.
+
+    `start` = (x_start (n, C, H, W), t_start in [0, 1]) runs only the part of the grid below t_start, from
+    x_start at t_start (SDEdit: x_start a draw of q(x_t_start | x_0) of a guide image); t_start = 0 returns
+    x_start, t_start at or above the grid's top is an ordinary run from x_start. `project(x_s, s) -> x_s` is
+    applied after every step (inpainting, RePaint, ILVR; see samplers.base.walk). The noise drawn for x_T is
+    drawn either way, so a run with a start uses the same noise stream as one without.
+
+    Raises ValueError for a bad sampler, option, guidance weight or label set; NonFiniteSample, naming the
+    step, as soon as the samples become NaN or infinite. A grid that does not start at the top of the
+    schedule ("leading" with few steps) gives a warning that says how much signal the start lacks.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not (0 <= guidance < math.inf):
+        raise ValueError(f"the guidance weight must be a finite number >= 0, got {guidance}")
+    info = SAMPLERS[sampler]
+    kw = info.check_options(options)
+    # an adaptive solver takes only the ends of its grid: from the top to the first step, then the x_0 prediction
+    schedule = denoiser.schedule
+    grid = schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else schedule.timesteps(steps or None, spacing)
+    shortfall = schedule.start_shortfall(grid)
+    if shortfall > 0.01 and start is None:  # a partial run (SDEdit) starts below the top on purpose
+        warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "
+                      f"{schedule.T}, not at the top ({round(schedule.t_top * schedule.T)}): x_t there holds alpha_t - alpha_top = "
+                      f"{shortfall:.2g} more of the data than the start x_T ~ N(0, I) has, so the samples come out "
+                      "noisy; use spacing trailing (the default), which starts at the top for any step count",
+                      UserWarning, stacklevel=2)
+    if start is not None:
+        x_start, t_start = start
+        if not 0 <= t_start <= 1:
+            raise ValueError(f"t_start must lie in [0, 1], got {t_start}")
+        if tuple(x_start.shape) != (n, *shape):
+            raise ValueError(f"x_start must have shape {(n, *shape)} (n, C, H, W), got {tuple(x_start.shape)}")
+        if t_start < float(grid[0]):
+            grid = torch.cat([grid.new_tensor([t_start]), grid[grid < t_start]]) if t_start > 0 else grid.new_zeros(1)
+    g = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn((n, *shape), generator=g, device=device)
+    if schedule.prior_std != 1.0:  # VE: x_T ~ N(0, sigma_max^2 I) (Karras et al. 2022, Algorithm 1, line 1)
+        x_T = x_T * schedule.prior_std
+    if start is not None:
+        x_T = start[0].to(device=device, dtype=x_T.dtype)
+    den = denoiser
+    null_label = getattr(getattr(denoiser, "net", None), "null_label", None)
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device).long().expand(n)
+        if classifier is None and null_label is None:
+            raise ValueError("labels were given but the model is not class-conditional (model.class_conditional = false)")
+    if classifier is not None:
+        if labels is None:
+            raise ValueError("classifier guidance needs the labels to guide towards")
+        den = ClassifierGuidance(Conditioned(den, y=labels) if null_label is not None else den, classifier, labels, guidance)
+    elif labels is not None:
+        den = ClassifierFreeGuidance(den, guidance, labels, null_label) if guidance else Conditioned(den, y=labels)
+    elif guidance:
+        raise ValueError("guidance needs labels to guide towards (e.g. --label 7)")
+    if dynamic_threshold:
+        den = DynamicThreshold(den, dynamic_threshold)
+    elif clip:
+        den = ClipX0(den)
+
+    def watch(step: Step) -> None:  # stop at the first non-finite step, and say where
+        if not bool(torch.isfinite(step.x_next).all()):
+            source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
+                      "earlier checkpoint)" if step.x0 is not None and not bool(torch.isfinite(step.x0).all()) else
+                      "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
+                      "or the sampler options")
+            raise NonFiniteSample(f"{sampler}: the samples became non-finite at step {step.index + 1}"
+                                  f"{f' of {step.total}' if step.total else ''} (t = {step.t:.4g} -> {step.s:.4g}); {source}. "
+                                  "Nothing was written")
+        if callback is not None:
+            callback(step)
+
+    if project is not None:
+        kw["project"] = project
+    return info(den, x_T, grid, generator=g, callback=watch, **kw)
+
+
+EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
+
+
+def ema_init_share(decay: float, warmup: bool, steps: int) -> float:
+    """prod_{n < steps} d_n: the weight the EMA still gives the random initial parameters after `steps` updates, with
+    d_n = `EMA.decay_at(n)`. Without warm-up it is decay^steps: 0.9999^10000 = 0.37 (DDPM's decay after 10k steps)."""
+    n = torch.arange(steps, dtype=torch.float64)
+    d = torch.clamp((1 + n) / (10 + n), max=decay) if warmup else torch.full_like(n, decay)
+    return float(d.log().sum().exp())
+
+
+def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
+    """Warn when the EMA weights of a run at `step` are still mostly the random initialisation (UserWarning)."""
+    share = ema_init_share(decay, warmup, step)
+    if share <= EMA_INIT_SHARE_WARNING:
+        return
+    # the first step where the share is <= 1%: decay^n without warm-up; with it, within a few dozen steps
+    n = math.ceil(math.log(0.01) / math.log(decay)) if not warmup else next(
+        k for k in range(step, step + 10_000) if ema_init_share(decay, True, k) <= 0.01)
+    warnings.warn(f"the EMA weights of {run_dir} (step {step}, train.ema_decay = {decay:g} {'with' if warmup else 'without'} "
+                  f"warm-up) still hold {share:.0%} of the random initial weights, so samples from them are mostly noise; "
+                  f"use the raw weights (--no-ema), or train longer: the share falls below 1% at step {n:,}",
+                  UserWarning, stacklevel=3)
+
+
+def default_labels(n: int, num_classes: int) -> Tensor | None:
+    """The labels of n samples from a model with num_classes classes: every class in turn (0, 1, ..., 0, ...); None
+    for an unconditional model."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def sample_config_kwargs(s: SampleConfig) -> dict:
+    """`generate`'s keyword arguments for a run's [sample] section (sampler, steps, spacing, thresholding, guidance and
+    the sampler options); callers override what their command line says."""
+    return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
+                guidance=s.guidance, eta=s.eta, variance=s.variance)
