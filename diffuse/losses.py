@@ -38,10 +38,12 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
 
 
 def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "none",
-             min_snr_gamma: float = 5.0, **cond) -> Tensor:
-    """Per-example mean squared error of the network's output against its target at x_t (B,)."""
-    x_t = denoiser.schedule.q_sample(x0, t, eps)
-    err = (denoiser.raw(x_t, t, **cond).float() - denoiser.target(x0, eps, t).float()) ** 2
+             min_snr_gamma: float = 5.0, raw: Tensor | None = None, **cond) -> Tensor:
+    """Per-example mean squared error of the network's output against its target at x_t (B,). `raw`: the network's
+    output at x_t = q_sample(x0, t, eps) when the caller has run it already (the hybrid loss), else it is run here."""
+    if raw is None:
+        raw = denoiser.raw(denoiser.schedule.q_sample(x0, t, eps), t, **cond)
+    err = (raw.float() - denoiser.target(x0, eps, t).float()) ** 2
     loss = err.flatten(1).mean(1)
     if weighting == "min_snr":
         loss = loss * min_snr_weight(denoiser.schedule.snr(t), min_snr_gamma, denoiser.prediction).to(loss)
@@ -103,16 +105,17 @@ def model_log_variance(schedule: Schedule, n: Tensor, v_interp: Tensor | None, l
 
 
 def vlb_term(denoiser, x0: Tensor, n: Tensor, eps: Tensor, *, fixed_variance: str = "beta_tilde",
-             detach_mean: bool = False, **cond) -> Tensor:
+             detach_mean: bool = False, output: tuple[Tensor, Tensor | None] | None = None, **cond) -> Tensor:
     """L_{n-1} per example in nats at discrete steps n (B,) in 1..T: the Gaussian KL for n > 1, the discretized
-    decoder's -log p(x_0 | x_1) for n = 1. `detach_mean` stops the gradient through the mean (the hybrid loss)."""
+    decoder's -log p(x_0 | x_1) for n = 1. `detach_mean` stops the gradient through the mean (the hybrid loss);
+    `output` is `denoiser.output` at x_n = q_sample(x0, n / T, eps) when the caller has it already."""
     schedule = denoiser.schedule
     T = schedule.T
     if bool(((n < 1) | (n > T)).any()):
         raise ValueError(f"vlb steps must be in 1..{T}")
     t, s = n.double() / T, (n.double() - 1) / T
     x_t = schedule.q_sample(x0, t, eps)
-    raw, v_interp = denoiser.output(x_t, t, **cond)
+    raw, v_interp = denoiser.output(x_t, t, **cond) if output is None else output
     if detach_mean:
         raw = raw.detach()
     alpha, sigma = scales(schedule, t, x0)
@@ -158,8 +161,9 @@ def hybrid_loss(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, lam: float = 0.
     """L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1, lambda = 0.001), per example: the
     variance learns from L_vlb = T * L_{t-1} (in bits/dim) with the mean's gradient stopped, the mean from L_simple."""
     n = torch.round(t * denoiser.schedule.T).long()
-    simple = l_simple(denoiser, x0, t, eps, weighting=weighting, min_snr_gamma=min_snr_gamma, **cond)
-    vlb = bits_per_dim(vlb_term(denoiser, x0, n, eps, detach_mean=True, **cond), x0)
+    output = denoiser.output(denoiser.schedule.q_sample(x0, t, eps), t, **cond)  # one forward pass serves both terms
+    simple = l_simple(denoiser, x0, t, eps, weighting=weighting, min_snr_gamma=min_snr_gamma, raw=output[0], **cond)
+    vlb = bits_per_dim(vlb_term(denoiser, x0, n, eps, detach_mean=True, output=output, **cond), x0)
     return simple + lam * denoiser.schedule.T * vlb
 
 

@@ -174,3 +174,22 @@ def test_ode_bits_per_dim_bounds_the_discrete_nll():
     bpd, _ = ode_bits_per_dim(den, x0, rtol=1e-5, atol=1e-5, generator=torch.Generator().manual_seed(0))
     true_bpd = float(nll.mean()) / (2 * math.log(2))
     assert float(bpd.mean()) == pytest.approx(true_bpd, abs=0.1)
+
+
+def test_the_hybrid_loss_runs_the_network_once_and_equals_its_two_terms():
+    """One forward pass per training step (Nichol & Dhariwal's L_hybrid = L_simple + lambda L_vlb): the value is
+    the sum of the two terms computed separately, from a single network call."""
+    s = Schedule.linear()
+    eps_fn = gaussian_eps(s, MU, STD)
+    calls = []
+    net = learned_net(0.3, eps_fn)
+    den = Denoiser(lambda x, i: calls.append(1) or net(x, i), s, learned_variance=True)
+    x0, _ = discretized_gaussian_data(16, 4)
+    n = torch.randint(1, 1001, (16,), generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = n.double() / 1000
+    value = hybrid_loss(den, x0, t, eps, lam=0.001)
+    assert len(calls) == 1
+    from diffuse.losses import bits_per_dim, l_simple
+    separate = l_simple(den, x0, t, eps) + 0.001 * 1000 * bits_per_dim(vlb_term(den, x0, n, eps), x0)
+    torch.testing.assert_close(value, separate)
