@@ -148,6 +148,24 @@ class NoiseSchedule(ABC):
         t0 = torch.as_tensor(timesteps, dtype=torch.float64).flatten()[0]
         return float(self.alpha(t0) - self.alpha(torch.tensor(self.t_top, dtype=torch.float64)))
 
+    def _between_ends(self, spacing: str, u: Tensor, rho: float) -> Tensor:
+        """Times at fractions u in [0, 1] from t_top to t_min: "karras" sigma_k = (sigma_max^(1/rho) + u_k (sigma_min^(1/rho)
+        - sigma_max^(1/rho)))^rho in sigma_t / alpha_t (Karras et al. 2022, eq. 5), "log_snr" uniform in lambda (Lu et al.
+        2022, sec. 3.3). The ends are set exactly (the inverses are exact only to rounding)."""
+        if spacing == "karras" and not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        ends = torch.tensor([self.t_top, self.t_min], dtype=torch.float64)
+        if spacing == "karras":
+            hi, lo = self.ve_sigma(ends) ** (1 / rho)
+            t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
+        else:
+            hi, lo = self.log_snr(ends)
+            t = self.t_from_log_snr(hi + u * (lo - hi))
+        t[0] = ends[0]
+        if len(t) > 1:
+            t[-1] = ends[1]
+        return t
+
     def timesteps(self, steps: int | None = 50, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times from t_top, ending with t = 0. "trailing": uniform in t, t_top (1 - k/K);
         "linspace": uniform from t_top to t_min; "quadratic": t_min + (t_top - t_min) u^2 (dense near the data);
@@ -167,16 +185,7 @@ class NoiseSchedule(ABC):
         elif spacing == "quadratic":
             t = bottom + (top - bottom) * (1 - u) ** 2
         elif spacing in ("karras", "log_snr"):
-            if spacing == "karras" and not rho > 0:
-                raise ValueError(f"rho must be > 0, got {rho}")
-            ends = torch.tensor([top, bottom], dtype=torch.float64)
-            if spacing == "karras":
-                hi, lo = self.ve_sigma(ends) ** (1 / rho)
-                t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
-            else:
-                hi, lo = self.log_snr(ends)
-                t = self.t_from_log_snr(hi + u * (lo - hi))
-            t[0], t[-1] = ends
+            t = self._between_ends(spacing, u, rho)
         elif spacing == "leading":
             raise ValueError(f'spacing "leading" numbers discrete steps; the {self.kind} process has none: use trailing, '
                              "linspace, quadratic, karras or log_snr")
@@ -378,18 +387,7 @@ class Schedule(NoiseSchedule):
         elif spacing == "quadratic":
             idx = k + torch.round((N - steps) * u**2) if steps > 1 else k + N - 1
         elif spacing in ("karras", "log_snr"):
-            if spacing == "karras" and not rho > 0:
-                raise ValueError(f"rho must be > 0, got {rho}")
-            ends = torch.tensor([N / self.T, 1.0 / self.T], dtype=torch.float64)  # step N, step 1
-            if spacing == "karras":
-                hi, lo = self.ve_sigma(ends) ** (1 / rho)
-                t = self.t_from_ve_sigma((hi + u * (lo - hi)) ** rho)
-            else:
-                hi, lo = self.log_snr(ends)
-                t = self.t_from_log_snr(hi + u * (lo - hi))
-            t[0], t[-1] = ends  # exact ends (the inverse is exact only to rounding)
-            if steps == 1:
-                t = ends[:1]
+            t = self._between_ends(spacing, u, rho)  # from step N (t_top) to step 1 (t_min)
             return torch.cat([t, t.new_zeros(1)])
         else:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
