@@ -25,7 +25,7 @@ import torch
 
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.losses import vlb_bits_per_dim
+from diffuse.likelihood import vlb_bits_per_dim
 from diffuse.metrics import digit_classifier, extract_features, feature_statistics, frechet_distance
 from diffuse.sample import build_denoiser, generate
 from diffuse.train import Trainer

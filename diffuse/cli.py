@@ -154,8 +154,7 @@ def _eval(args) -> None:
 
     from . import metrics
     from .data import load_dataset
-    from .losses import vlb_bits_per_dim
-    from .samplers.sde import ode_bits_per_dim
+    from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
     from .sample import check_guidance, default_labels, generate, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 

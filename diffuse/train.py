@@ -33,7 +33,8 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
-from .losses import ImportanceSampler, bits_per_dim, classifier_loss, hybrid_loss, l_simple, sample_timesteps, vlb_term
+from .likelihood import bits_per_dim, vlb_term
+from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple, sample_timesteps
 from .nets.unet import ShardedDropout
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
     build_denoiser, build_model, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
