@@ -42,6 +42,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,8 +146,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     for fname, data in payload.items():
-        _write_durably(tmp / fname, data)
-    _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit mark, last
+        write_atomically(tmp / fname, data)
+    write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit mark, last
     _fsync_dir(tmp)
 
     final = ckpt_dir / name
@@ -228,14 +229,22 @@ def _check_json(obj: Any, path: str) -> None:
         )
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, then rename: `path` is either absent or complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see no file or a whole one: a uniquely named temporary file in the same
+    folder (safe for parallel writers), fsync, os.replace; the temporary file is removed if anything fails. The one
+    atomic-write helper of the package (checkpoints, the cached digit classifier)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

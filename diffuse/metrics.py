@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .checkpoint import write_atomically
 
 __all__ = [
     "frechet_distance",
@@ -377,21 +378,6 @@ def _cache_file(cache_dir: str | os.PathLike | None) -> Path:
     return root / f"digit_classifier-v{_VERSION}-{key}.safetensors"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A uniquely named temp file in the same folder, fsync, os.replace: readers see no file or a whole one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: safe for parallel writers
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassifier:
     """The fixed digit classifier: trained once on the 5,000 bundled MNIST digits, then loaded from the cache.
 
@@ -412,7 +398,7 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
     data = load_dataset(DataConfig(source="mnist"))
     net = train_digit_classifier(data.images.float() / 127.5 - 1, data.labels, **_RECIPE)
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-    _write_atomically(path, safetensors.torch.save(tensors, metadata={"recipe": repr(_RECIPE), "version": str(_VERSION)}))
+    write_atomically(path, safetensors.torch.save(tensors, metadata={"recipe": repr(_RECIPE), "version": str(_VERSION)}))
     return net
 
 
