@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from ..schedule import transition_variance
+
 if TYPE_CHECKING:
     from ..denoiser import Prediction
 
@@ -81,8 +83,8 @@ def forward_jump(x: Tensor, step: GridStep, generator: torch.Generator | None) -
     """x_s ~ q(x_s | x_t) for s > t: x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - (alpha_s / alpha_t)^2 sigma_t^2) z,
     the forward process from t on to s (Kingma et al. 2021, appendix A); RePaint's step back up in its resampling
     schedule (Lugmayr et al. 2022, Algorithm 1, line 10: x_t ~ N(sqrt(1 - beta) x_{t-1}, beta I))."""
-    ratio = step.alpha_s / step.alpha_t
-    return ratio * x + math.sqrt(max(step.sigma_s**2 - ratio**2 * step.sigma_t**2, 0.0)) * gaussian_like(x, generator)
+    var = transition_variance(step.alpha_s, step.sigma_s, step.alpha_t, step.sigma_t)  # q(x_s | x_t) with t < s
+    return (step.alpha_s / step.alpha_t) * x + math.sqrt(max(var, 0.0)) * gaussian_like(x, generator)
 
 
 def walk(schedule, x: Tensor, timesteps: Tensor, update: Update, *, generator: torch.Generator | None = None,
