@@ -67,7 +67,8 @@ class TrainConfig:
     loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
-    label_dropout: float = 0.0      # class-conditional: replace a label by the null label with this probability (CFG: 0.1-0.2)
+    condition_dropout: dict[str, float] = field(default_factory=dict)  # per condition key, the probability of its null value,
+    #                                 e.g. {label = 0.1}: one net learns p(x | c) and p(x) for classifier-free guidance (0.1-0.2)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA that supports it, else fp32
     seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
@@ -95,6 +96,11 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
         return value
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of name = {item.__name__}, e.g. {{label = 0.1}}, got {value!r}")
+        return {str(k): _check_value(f"{key}.{k}", v, item) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -142,6 +148,8 @@ def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of key = value pairs")
         for key, value in values.items():
+            if (section, key) == ("train", "label_dropout"):  # the name before conditions were dicts (saved runs use it)
+                key, value = "condition_dropout", ({"label": value} if value else {})
             _set(sections[section], section, key, value)
     return cfg
 
@@ -197,8 +205,9 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("model.sigma_data", f'model.prediction = "{m.prediction}" has no EDM preconditioning', 'set model.prediction = "edm" or remove it'))
     if m.kind == "classifier":
         why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
-        out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional")]
-        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "vlb_lambda", "label_dropout")]
+        out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
+                                                            "scalar_inputs", "context_dim", "cross_attention_resolutions")]
+        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "vlb_lambda", "condition_dropout")]
     else:
         if t.loss == "vlb":
             out += [(f"train.{k}", 'train.loss = "vlb" trains the bound alone, with importance-sampled t',

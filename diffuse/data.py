@@ -22,6 +22,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .condition import batch_condition
+
 # Decoded folder images are kept in RAM only below this many bytes (uint8, after
 # resizing); larger folders are re-decoded from disk in __getitem__ instead.
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
@@ -42,12 +44,12 @@ class DataConfig:
 
 
 class ImageDataset(Dataset):
-    """Images as (x, y): x float32 (C, S, S) in [-1, 1], y an int64 0-d class label.
+    """Images as (x, cond): x float32 (C, S, S) in [-1, 1], cond a condition dict (condition.py) holding "label",
+    an int64 0-d class index, for labelled data and nothing for unlabelled data (`num_classes == 0`).
 
     Pixels are stored as uint8 (N, C, S, S) when they fit in memory (`images`), so
     indexing is a cheap slice; otherwise only the file list is kept (`files`) and each
     item is decoded on demand with the exact same pipeline, so both give identical data.
-    Unlabeled data has `num_classes == 0` and every y is 0.
     """
 
     def __init__(
@@ -69,15 +71,43 @@ class ImageDataset(Dataset):
         self.images = images
         self.files = files
 
+    @property
+    def condition_keys(self) -> tuple[str, ...]:
+        """The condition keys each example carries: ("label",) for labelled data, () otherwise."""
+        return ("label",) if self.num_classes else ()
+
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.images is not None:
             pixels = self.images[i]
         else:
             pixels = torch.from_numpy(_load_image(self.files[i], self.channels, self.image_size))
-        return pixels.float() / 127.5 - 1.0, self.labels[i]
+        return pixels.float() / 127.5 - 1.0, ({"label": self.labels[i]} if self.num_classes else {})
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The examples at indices idx (B,) as one batch: x (B, C, S, S) and the batched condition (a slice of the
+        in-memory pixels, no per-item work, when they are in memory)."""
+        if self.images is None:
+            items = [self[int(i)] for i in idx]
+            return torch.stack([x for x, _ in items]), batch_condition([c for _, c in items])
+        return self.images[idx].float() / 127.5 - 1.0, ({"label": self.labels[idx]} if self.num_classes else {})
+
+
+def check_images(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError unless x is a finite (N >= 2, C, H, W) batch of images in [-1, 1] (the toolkit's pixel range)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} must be a tensor of images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}; "
+                         "add a channel axis with x[:, None] for (N, H, W)")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} holds {x.shape[0]} image(s); a covariance needs at least 2 (use many more than the feature dimension)")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; rescale it "
+                         "(x * 2 - 1 for [0, 1] images, x / 127.5 - 1 for 0..255)")
 
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:

@@ -1,7 +1,7 @@
 """Denoiser -> Denoiser wrappers for conditional generation; every sampler gets them for free.
 
 Each wrapper takes a denoiser (anything with `schedule` and `__call__(x_t, t, **cond) ->
-Prediction`) and is one, so they compose: DynamicThreshold(ClassifierFreeGuidance(den, 3, y)).
+Prediction`) and is one, so they compose: DynamicThreshold(ClassifierFreeGuidance(den, 3, cond, uncond)).
 A wrapper changes x_0 or eps and re-derives the other from x_t = alpha_t x_0 + sigma_t eps, so
 the prediction stays consistent with x_t (as improved-diffusion does when it clips).
 """
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .condition import concat_conditions
 from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
 
 
@@ -28,7 +29,7 @@ def _with_eps(x_t: Tensor, t, eps: Tensor, schedule, like: Prediction) -> Predic
 
 
 class Conditioned:
-    """A denoiser with its conditioning bound, e.g. Conditioned(den, y=labels): samplers pass only (x_t, t)."""
+    """A denoiser with its condition bound, e.g. Conditioned(den, label=labels): samplers pass only (x_t, t)."""
 
     def __init__(self, denoiser, **cond):
         self.denoiser, self.schedule, self.cond = denoiser, denoiser.schedule, cond
@@ -76,36 +77,42 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
 
 
 class ClassifierFreeGuidance:
-    """Classifier-free guidance with weight w: one batched call on [x_t with labels y; x_t with the null label].
+    """Classifier-free guidance with weight w (Ho & Salimans 2022, eq. 6): eps~ = (1 + w) eps(x_t, cond) - w eps(x_t, uncond),
+    in one batched call on [x_t with cond; x_t with uncond].
 
-    The network must have been trained with label dropout (train.label_dropout) so that the null
-    label (index num_classes) gives the unconditional model.
+    cond and uncond are condition dicts (condition.py) with the same keys: uncond holds the null value of each key
+    the guidance is over (ConditionSpec.null), e.g. the null label, and the cond's value of the others, so a
+    super-resolution model can be guided on its class while both halves see the same low-resolution image. The
+    network must have been trained with dropout on those keys (train.condition_dropout) so that their null values
+    give the unconditional model. With cond = uncond it is the conditional model for every w.
     """
 
-    def __init__(self, denoiser, w: float, y: Tensor, null_label: int):
+    def __init__(self, denoiser, w: float, cond: dict, uncond: dict):
+        if set(cond) != set(uncond):
+            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
         self.denoiser, self.schedule = denoiser, denoiser.schedule
-        self.w, self.y, self.null = float(w), y, null_label
+        self.w, self.cond, self.uncond = float(w), cond, uncond
 
-    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+    def __call__(self, x_t: Tensor, t, **more) -> Prediction:
         if self.w == 0:
-            return self.denoiser(x_t, t, y=self.y, **cond)
+            return self.denoiser(x_t, t, **self.cond, **more)
         B = x_t.shape[0]
         tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                             y=torch.cat([self.y, torch.full_like(self.y, self.null)]), **cond)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
+                             **concat_conditions(more, more))
         eps = guided_eps(both.eps[:B], both.eps[B:], self.w)
         cond_v = None if both.v_interp is None else both.v_interp[:B]  # the conditional model's variance (as GLIDE)
         return _with_eps(x_t, t, eps, self.schedule, Prediction(both.x0[:B], both.eps[:B], cond_v))
 
 
 def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,
-                             y: Tensor) -> Tensor:
-    """grad_x log p_phi(y | x_t) for a classifier (x_t, model_time) -> logits, one label per example."""
+                             labels: Tensor) -> Tensor:
+    """grad_x log p_phi(y | x_t) for a classifier (x_t, model_time) -> logits and labels y (B,), one per example."""
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
         logits = classifier(x, model_time)
         log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # half -> float32
-        picked = log_p.gather(1, y.view(-1, 1)).sum()
+        picked = log_p.gather(1, labels.view(-1, 1)).sum()
         return torch.autograd.grad(picked, x)[0].to(x_t.dtype)
 
 
@@ -118,9 +125,9 @@ class ClassifierGuidance:
     classifier (nets.classifier.NoisyClassifier, trained on x_t) or any differentiable function.
     """
 
-    def __init__(self, denoiser, classifier: Callable[[Tensor, Tensor], Tensor], y: Tensor, scale: float):
+    def __init__(self, denoiser, classifier: Callable[[Tensor, Tensor], Tensor], labels: Tensor, scale: float):
         self.denoiser, self.schedule = denoiser, denoiser.schedule
-        self.classifier, self.y, self.scale = classifier, y, float(scale)
+        self.classifier, self.labels, self.scale = classifier, labels, float(scale)
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
         pred = self.denoiser(x_t, t, **cond)
@@ -128,6 +135,6 @@ class ClassifierGuidance:
             return pred
         tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
         model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
-        grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.y)
+        grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.labels)
         _, sigma = scales(self.schedule, t, x_t)
         return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule, pred)

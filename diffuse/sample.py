@@ -19,6 +19,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import RunConfig, SampleConfig, load_config
 from .denoiser import Denoiser
+from .condition import ConditionSpec
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
 from .nets.classifier import NoisyClassifier
 from .nets.unet import UNet
@@ -33,6 +34,12 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
         return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
     return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes,
                 out_channels=d.channels * (2 if cfg.model.learned_variance else 1))
+
+
+def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
+    """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
+    m = cfg.model
+    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs, m.context_dim)
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
@@ -56,9 +63,10 @@ def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
     if not cfg.model.class_conditional:
         raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
                          "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
-    if cfg.train.label_dropout == 0:
-        raise ValueError("this model was trained without label dropout (train.label_dropout = 0): its null label is "
-                         "untrained, so classifier-free guidance is meaningless; retrain with train.label_dropout = 0.1")
+    if not cfg.train.condition_dropout.get("label"):
+        raise ValueError("this model was trained without label dropout (no train.condition_dropout.label): its null label "
+                         "is untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
+                         "{label = 0.1}")
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -91,15 +99,18 @@ def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torc
 @torch.no_grad()
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
              spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
-             guidance: float = 0.0, classifier=None, seed: int = 0, device: str | torch.device = "cpu", callback=None,
-             start: tuple[Tensor, float] | None = None, project=None, **options) -> Tensor:
+             cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
+             device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
+             **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config).
 
-    labels (n,) condition a class-conditional denoiser; guidance w > 0 then applies classifier-free
-    guidance through the network's null label, or, with `classifier` (x_t, model_time) -> logits,
-    classifier guidance at scale w (the denoiser may then be unconditional). The guided x_0 is
+    `cond` is a condition dict (condition.py) of the network, each value batched (n, ...); `labels` (n,) (or one
+    label for all) is short for cond["label"]. Guidance w > 0 applies classifier-free guidance of cond against
+    `uncond` (default: every key of cond at its null value, the network's `condition_spec.null`), or, with
+    `classifier` (x_t, model_time) -> logits, classifier guidance towards `labels` at scale w (the denoiser may then
+    be unconditional). The guided x_0 is
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
     `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
     sampler does not take are ignored, so a config's defaults can be passed to any sampler.
@@ -110,7 +121,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     applied after every step (inpainting, RePaint, ILVR; see samplers.base.walk). The noise drawn for x_T is
     drawn either way, so a run with a start uses the same noise stream as one without.
 
-    Raises ValueError for a bad sampler, option, guidance weight or label set; NonFiniteSample, naming the
+    Raises ValueError for a bad sampler, option, guidance weight, label set or condition; NonFiniteSample, naming the
     step, as soon as the samples become NaN or infinite. A grid that does not start at the top of the
     schedule ("leading" with few steps) gives a warning that says how much signal the start lacks.
     """
@@ -144,20 +155,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         x_T = x_T * schedule.prior_std
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
-    den = denoiser
-    null_label = getattr(getattr(denoiser, "net", None), "null_label", None)
-    if labels is not None:
-        labels = torch.as_tensor(labels, device=device).long().expand(n)
-        if classifier is None and null_label is None:
-            raise ValueError("labels were given but the model is not class-conditional (model.class_conditional = false)")
-    if classifier is not None:
-        if labels is None:
-            raise ValueError("classifier guidance needs the labels to guide towards")
-        den = ClassifierGuidance(Conditioned(den, y=labels) if null_label is not None else den, classifier, labels, guidance)
-    elif labels is not None:
-        den = ClassifierFreeGuidance(den, guidance, labels, null_label) if guidance else Conditioned(den, y=labels)
-    elif guidance:
-        raise ValueError("guidance needs labels to guide towards (e.g. --label 7)")
+    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:
@@ -178,6 +176,35 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     if project is not None:
         kw["project"] = project
     return info(den, x_T, grid, generator=g, callback=watch, **kw)
+
+
+def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier):
+    """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
+    spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
+    cond = dict(cond or {})
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device).long().expand(n)
+        if spec is not None and spec.num_classes:
+            cond["label"] = labels
+        elif classifier is None:
+            raise ValueError("labels were given but the model is not class-conditional (model.class_conditional = false)")
+    cond = {k: torch.as_tensor(v, device=device) for k, v in cond.items()}
+    for key, value in {**cond, **(uncond or {})}.items():
+        if value.ndim == 0 or value.shape[0] != n:
+            raise ValueError(f"condition {key!r} must hold one value per sample, shape ({n}, ...), got {tuple(value.shape)}")
+    if classifier is not None:
+        if labels is None:
+            raise ValueError("classifier guidance needs the labels to guide towards")
+        return ClassifierGuidance(Conditioned(denoiser, **cond), classifier, labels, guidance)
+    if not guidance:
+        return Conditioned(denoiser, **cond)
+    if not cond:
+        raise ValueError("guidance needs a condition to guide towards (e.g. --label 7)")
+    if uncond is None:
+        if spec is None:
+            raise ValueError("classifier-free guidance of a network without a condition_spec needs uncond, the null condition")
+        uncond = spec.null(cond)
+    return ClassifierFreeGuidance(denoiser, guidance, cond, {k: torch.as_tensor(v, device=device) for k, v in uncond.items()})
 
 
 EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this

@@ -37,7 +37,7 @@ from .likelihood import bits_per_dim, vlb_term
 from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple, sample_timesteps
 from .nets.unet import ShardedDropout
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
-    build_denoiser, build_model, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
+    build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
 from .samplers import SAMPLERS
 from .schedule import Schedule
 from .visualize import plot_loss, save_grid
@@ -104,6 +104,9 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     t = cfg.train
     schedule = Schedule.from_config(cfg.schedule)
+    spec = condition_spec(cfg, dataset.num_classes)
+    unknown_drop = sorted(k for k in t.condition_dropout if k not in spec.keys)
+    missing = [k for k in spec.keys if k not in dataset.condition_keys] if cfg.model.kind == "denoiser" else []
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -135,14 +138,18 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.loss != "hybrid" or cfg.model.learned_variance,
          "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
         (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
-        (0 <= t.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {t.label_dropout}"),
-        (t.label_dropout == 0 or cfg.model.class_conditional,
-         "train.label_dropout > 0 needs a class-conditional model: set model.class_conditional = true"),
+        (all(0 <= p < 1 for p in t.condition_dropout.values()),
+         f"train.condition_dropout probabilities must be in [0, 1), got {t.condition_dropout}"),
+        (not unknown_drop, f"train.condition_dropout names {unknown_drop}, which the model does not take; its condition keys "
+                           f"are {list(spec.keys)}" + (" (set model.class_conditional = true for 'label')" if "label" in unknown_drop else "")),
+        (not missing, f"the model takes the condition key(s) {missing} but the dataset yields only {list(dataset.condition_keys)}; "
+                      "pass a dataset that yields them (Trainer(..., dataset=...)) or remove them from [model]"),
         (cfg.model.kind == "denoiser" or dataset.num_classes >= 2,
          "model.kind = 'classifier' needs a labelled dataset (class sub-folders, mnist or digits)"),
         (cfg.sample.guidance >= 0, f"sample.guidance must be >= 0, got {cfg.sample.guidance}"),
-        (cfg.sample.guidance == 0 or t.label_dropout > 0,
-         "sample.guidance > 0 needs a model trained with train.label_dropout > 0 (its null label is the unconditional model)"),
+        (cfg.sample.guidance == 0 or any(t.condition_dropout.values()),
+         "sample.guidance > 0 needs a model trained with condition dropout, e.g. train.condition_dropout = {label = 0.1} "
+         "(the null condition is then the unconditional model)"),
         (0 <= cfg.sample.dynamic_threshold <= 1, f"sample.dynamic_threshold must be a percentile in (0, 1] or 0 (off), "
                                                  f"got {cfg.sample.dynamic_threshold}"),
     ]
@@ -159,10 +166,13 @@ class Trainer:
     """Trains the U-Net of a RunConfig into a run folder; an existing run folder is resumed.
 
     `inexact_resume=True` loads the weights even when some training state is missing or the
-    config changed (the continuation then differs from an uninterrupted run).
+    config changed (the continuation then differs from an uninterrupted run). `dataset` replaces the one
+    data.load_dataset builds from cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes`
+    and `condition_keys` (data.ImageDataset's interface), e.g. pairs that carry a condition image.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True,
+                 dataset: ImageDataset | None = None):
         self.run_dir = Path(run_dir)
         self.rank, self.world = _distributed()
         self.is_main = self.rank == 0
@@ -181,7 +191,7 @@ class Trainer:
         check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
         self.cfg = cfg
         self.progress = progress and self.is_main
-        self.dataset = load_dataset(cfg.data)
+        self.dataset = load_dataset(cfg.data) if dataset is None else dataset
         _validate(cfg, self.world, self.dataset)
         t = cfg.train
 
@@ -224,21 +234,15 @@ class Trainer:
         n = x.shape[0] // self.world
         return x[self.rank * n:(self.rank + 1) * n]
 
-    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = self._local(self.global_batch_indices(step))
-        if self.dataset.images is not None:
-            x = self.dataset.images[idx].float() / 127.5 - 1
-            y = self.dataset.labels[idx]
-        else:
-            items = [self.dataset[int(i)] for i in idx]
-            x, y = torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-        return x.to(self.device), y.to(self.device)
+    def _batch(self, step: int) -> tuple[Tensor, dict]:
+        x, cond = self.dataset.batch(self._local(self.global_batch_indices(step)))
+        return x.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
 
     # --- one step of Algorithm 1 --------------------------------------------------------------
     def loss_and_backward(self) -> Tensor:
         """Forward and backward of the current step; returns the global mean loss (a 0-d tensor)."""
         cfg, B = self.cfg, self.cfg.train.batch_size
-        x0, y = self._batch(self.step)
+        x0, cond = self._batch(self.step)
         flip = torch.rand(B, generator=self.generator) < 0.5
         T = self.denoiser.schedule.T
         if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser":  # importance-sampled steps (Nichol & Dhariwal, sec. 3.3)
@@ -252,16 +256,16 @@ class Trainer:
         t, eps = self._local(t), self._local(eps).to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             if cfg.model.kind == "classifier":
-                per_example = classifier_loss(self.net, self.denoiser.schedule, x0, y, t, eps)
+                per_example = classifier_loss(self.net, self.denoiser.schedule, x0, cond["label"], t, eps)
             elif cfg.train.loss == "simple":
                 per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting,
-                                       min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(y, B))
+                                       min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(cond, B))
             elif cfg.train.loss == "hybrid":
                 per_example = hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, weighting=cfg.train.loss_weighting,
-                                          min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(y, B))
+                                          min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(cond, B))
             else:
                 steps_local = self._local(steps)
-                vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps_local, eps, **self._condition(y, B)), x0)
+                vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps_local, eps, **self._condition(cond, B)), x0)
                 self.importance.update(steps, self._gather(vlb))
                 per_example = vlb * self._local(is_weight).to(vlb)
         loss = per_example.mean()
@@ -284,16 +288,17 @@ class Trainer:
         dist.all_gather(parts, local.detach().contiguous())
         return torch.cat(parts)
 
-    def _condition(self, y: Tensor, B: int) -> dict:
-        """The labels of a class-conditional model, each replaced by the null label with probability
-        train.label_dropout (Ho & Salimans 2022, Algorithm 1): one network learns p(x | y) and p(x)."""
-        if not getattr(self.model, "num_classes", 0):
-            return {}
-        p = self.cfg.train.label_dropout
-        if p > 0:
-            drop = self._local(torch.rand(B, generator=self.generator) < p).to(self.device)
-            y = torch.where(drop, torch.full_like(y, self.model.null_label), y)
-        return {"y": y}
+    def _condition(self, cond: dict, B: int) -> dict:
+        """The batch's condition restricted to the keys the model takes, each key replaced by its null value with its
+        probability train.condition_dropout[key] (Ho & Salimans 2022, Algorithm 1, line 3, one probability per key):
+        one network learns p(x | c) and p(x). One draw of B uniforms per key with p > 0, in sorted key order."""
+        spec = self.model.condition_spec
+        takes = set(spec.keys) | ({"context_mask"} if spec.context_dim else set())
+        cond = {k: v for k, v in cond.items() if k in takes}
+        p = self.cfg.train.condition_dropout
+        dropped = {key: self._local(torch.rand(B, generator=self.generator) < p[key]).to(self.device)
+                   for key in sorted(p) if p[key] > 0}
+        return spec.drop(cond, dropped)
 
     def train_step(self) -> dict:
         loss = self.loss_and_backward()

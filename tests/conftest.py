@@ -57,14 +57,14 @@ class GaussianMixture:
         d2 = ((x[:, None, :] - a[:, :, None] * self.mu[None]) ** 2).sum(-1)
         return self.pi.log() - d2 / (2 * v) - self.D / 2 * torch.log(2 * torch.pi * v)
 
-    def eps(self, x, index, y=None):
+    def eps(self, x, index, label=None):
         shape, dtype = x.shape, x.dtype
         xf = x.flatten(1).to(torch.float64)
         a, s = self._scales(index, xf)
         r = torch.softmax(self.logits(x, index), dim=1)
-        if y is not None:
-            onehot = torch.nn.functional.one_hot(y.clamp(max=self.K - 1), self.K).to(torch.float64)
-            r = torch.where((y == self.K)[:, None], r, onehot)
+        if label is not None:  # the component's index; K, the null label, is the whole mixture
+            onehot = torch.nn.functional.one_hot(label.clamp(max=self.K - 1), self.K).to(torch.float64)
+            r = torch.where((label == self.K)[:, None], r, onehot)
         v = a**2 * self.s**2 + s**2
         x0_k = self.mu[None] + (a * self.s**2 / v)[:, :, None] * (xf[:, None, :] - a[:, :, None] * self.mu[None])
         x0 = (r[:, :, None] * x0_k).sum(1)

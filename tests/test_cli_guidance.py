@@ -19,7 +19,7 @@ from test_cli import TINY, _sets
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cond") / "run"
-    assert main(["train", "configs/mnist_cond.toml", *_sets(TINY), "--set", "train.label_dropout=0.5",
+    assert main(["train", "configs/mnist_cond.toml", *_sets(TINY), "--set", "train.condition_dropout={label=0.5}",
                  "--set", "sample.steps=4", "--out", str(out)]) == 0
     return out
 
@@ -103,10 +103,10 @@ def test_classifier_run_trains_and_guides(clf_run, cond_run, tmp_path, capsys):
 
 def test_label_dropout_replaces_labels_with_the_null_label(cond_run):
     cfg, den, num_classes = load_run(cond_run)
-    assert den.net.null_label == num_classes == 10
+    assert den.net.condition_spec.num_classes == num_classes == 10  # so the null label is 10
     trainer = Trainer(cfg, cond_run, progress=False)
     y = torch.arange(16) % 10
-    dropped = [trainer._condition(y, 16)["y"] for _ in range(20)]
+    dropped = [trainer._condition({"label": y}, 16)["label"] for _ in range(20)]
     share = float(torch.stack([(d == 10).double().mean() for d in dropped]).mean())
     assert share == pytest.approx(0.5, abs=0.1)
     assert all(torch.equal(d[d != 10], y[d != 10]) for d in dropped)

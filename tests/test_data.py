@@ -47,9 +47,10 @@ def load_one(tmp_path: Path, img: Image.Image, name: str = "img.png", size: int 
 
 
 def check_item(ds: ImageDataset, channels: int, size: int) -> None:
-    x, y = ds[0]
+    x, cond = ds[0]
+    y = cond["label"]
     assert x.shape == (channels, size, size) and x.dtype == torch.float32
-    assert y.dtype == torch.int64 and y.ndim == 0
+    assert y.dtype == torch.int64 and y.ndim == 0 and ds.condition_keys == ("label",)
     assert -1.0 <= x.min() and x.max() <= 1.0
 
 
@@ -68,8 +69,8 @@ def test_mnist_default_shapes_labels_and_values():
     with gzip.open(mnist.DATA_PATH, "rt") as f:
         rows = [np.array(next(f).split(","), dtype=float) for _ in range(3)]
     for i, row in enumerate(rows):
-        x, y = ds[i]
-        assert int(y) == row[-1]
+        x, cond = ds[i]
+        assert int(cond["label"]) == row[-1]
         np.testing.assert_allclose(x.numpy().ravel(), row[:-1] / 127.5 - 1.0, atol=1e-6)
     assert x.min() == -1.0 and x.max() == 1.0
 
@@ -90,7 +91,7 @@ def test_digits_scaled_from_0_16_to_full_range():
     assert len(ds) == 1797 and ds.num_classes == 10
     digits = load_digits()
     np.testing.assert_array_equal(pixels(ds[5][0])[0], np.rint(digits.images[5] * 255 / 16))
-    assert [int(ds[i][1]) for i in range(20)] == digits.target[:20].tolist()
+    assert [int(ds[i][1]["label"]) for i in range(20)] == digits.target[:20].tolist()
 
 
 def test_digits_upscaled():
@@ -248,7 +249,7 @@ def test_subfolders_are_classes(tmp_path):
         ds = load_dataset(folder_cfg(tmp_path, channels=3))
     check_item(ds, 3, 8)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2
-    items = [(int(pixels(x)[0, 0, 0]), int(y)) for x, y in ds]
+    items = [(int(pixels(x)[0, 0, 0]), int(c["label"])) for x, c in ds]
     assert items == [(20, 0), (40, 0), (10, 1), (30, 1)]  # sorted paths, labels by class
 
 
@@ -257,7 +258,7 @@ def test_images_in_root_make_it_unlabeled(tmp_path):
     save(gray(20), tmp_path / "cat" / "a.png")
     ds = load_dataset(folder_cfg(tmp_path))
     assert len(ds) == 2 and ds.num_classes == 0 and ds.class_names == []
-    assert all(int(y) == 0 for _, y in ds)
+    assert all(c == {} for _, c in ds) and ds.condition_keys == ()  # unlabelled: no condition
 
 
 def write_corrupt_files(folder: Path) -> list[str]:
@@ -339,12 +340,15 @@ def test_lazy_and_in_memory_identical(tmp_path, monkeypatch):
         assert lazy.images is None and len(lazy.files) == 4
         assert len(eager) == len(lazy) == 4 and eager.class_names == lazy.class_names == ["a", "b"]
         for (xe, ye), (xl, yl) in zip(eager, lazy):
-            assert torch.equal(xe, xl) and torch.equal(ye, yl)
+            assert torch.equal(xe, xl) and torch.equal(ye["label"], yl["label"])
+        idx = torch.tensor([3, 0, 2])
+        (xe, ce), (xl, cl) = eager.batch(idx), lazy.batch(idx)  # the batched path: the same data either way
+        assert torch.equal(xe, xl) and torch.equal(ce["label"], cl["label"]) and ce["label"].tolist() == [1, 0, 1]
 
 
 def test_works_with_dataloader(tmp_path):
     for k in range(5):
         save(gray(k * 50), tmp_path / f"{k}.png")
-    x, y = next(iter(torch.utils.data.DataLoader(load_dataset(folder_cfg(tmp_path)), batch_size=5)))
-    assert x.shape == (5, 1, 8, 8) and y.tolist() == [0] * 5
+    x, cond = next(iter(torch.utils.data.DataLoader(load_dataset(folder_cfg(tmp_path)), batch_size=5)))
+    assert x.shape == (5, 1, 8, 8) and cond == {}
     assert torch.allclose(x[:, 0, 0, 0], torch.tensor([k * 50 / 127.5 - 1 for k in range(5)]))

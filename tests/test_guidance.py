@@ -31,11 +31,11 @@ def test_guided_eps_formula():
 def test_cfg_matches_its_definition_and_w0_is_the_conditional(mix, t):
     den = Denoiser(mix.eps, mix.schedule)
     x, y = points(), torch.full((64,), 1)
-    cond = den(x, t, y=y)
-    uncond = den(x, t, y=torch.full((64,), mix.K))
-    at0 = ClassifierFreeGuidance(den, 0.0, y, null_label=mix.K)(x, t)
+    cond = den(x, t, label=y)
+    uncond = den(x, t, label=torch.full((64,), mix.K))
+    at0 = ClassifierFreeGuidance(den, 0.0, {"label": y}, {"label": torch.full((64,), mix.K)})(x, t)
     torch.testing.assert_close(at0.eps, cond.eps)
-    w = ClassifierFreeGuidance(den, 3.0, y, null_label=mix.K)(x, t)
+    w = ClassifierFreeGuidance(den, 3.0, {"label": y}, {"label": torch.full((64,), mix.K)})(x, t)
     torch.testing.assert_close(w.eps, 4 * cond.eps - 3 * uncond.eps)
     torch.testing.assert_close(w.x0, 4 * cond.x0 - 3 * uncond.x0)  # x_0 follows eps (affine in it at fixed x_t)
 
@@ -49,7 +49,7 @@ def test_cfg_at_w0_samples_the_class_and_larger_w_concentrates_on_it(mix):
     ts = mix.schedule.timesteps(20, "log_snr")
     shares, posteriors = [], []
     for w in (0.0, 1.0, 4.0):
-        x0 = SAMPLERS["dpmpp-2m"](ClassifierFreeGuidance(den, w, y, null_label=mix.K), x_T, ts).flatten(1)
+        x0 = SAMPLERS["dpmpp-2m"](ClassifierFreeGuidance(den, w, {"label": y}, {"label": torch.full_like(y, mix.K)}), x_T, ts).flatten(1)
         shares.append(float((mix.component(x0) == 2).double().mean()))
         posteriors.append(float(torch.softmax(mix.logits(x0.view(-1, 2, 1, 1), torch.tensor(-1.0)), 1)[:, 2].mean()))
         if w == 0:
@@ -66,7 +66,7 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional(
     den = Denoiser(mix.eps, mix.schedule)
     x, y = points(seed=2), torch.arange(64) % 3
     guided = ClassifierGuidance(den, mix.logits, y, scale=1.0)(x, t)
-    exact = den(x, t, y=y)
+    exact = den(x, t, label=y)
     torch.testing.assert_close(guided.eps, exact.eps, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(guided.x0, exact.x0, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ClassifierGuidance(den, mix.logits, y, scale=0.0)(x, t).eps, den(x, t).eps)
@@ -96,10 +96,10 @@ def test_dynamic_threshold_closed_form():
 def test_threshold_wrappers_keep_eps_consistent_and_compose(mix):
     den = Denoiser(mix.eps, mix.schedule)
     x, y = points(seed=4) * 3, torch.arange(64) % 3
-    for wrapped in (ClipX0(den), DynamicThreshold(ClassifierFreeGuidance(den, 2.0, y, mix.K), 0.9)):
+    for wrapped in (ClipX0(den), DynamicThreshold(ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": torch.full_like(y, mix.K)}), 0.9)):
         p = wrapped(x, 0.3)
         a, s = float(mix.schedule.alpha(0.3)), float(mix.schedule.sigma(0.3))
         torch.testing.assert_close(x, a * p.x0 + s * p.eps)
         assert float(p.x0.abs().max()) <= 1 + 1e-12
-    cond = Conditioned(den, y=y)
-    torch.testing.assert_close(cond(x, 0.3).eps, den(x, 0.3, y=y).eps)
+    cond = Conditioned(den, label=y)
+    torch.testing.assert_close(cond(x, 0.3).eps, den(x, 0.3, label=y).eps)

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuse import metrics as M
+from diffuse.nets import digits as D
 from diffuse.data import DataConfig, load_dataset
 
 
@@ -95,7 +96,7 @@ def heldout_classifier(digits):
     """The default recipe trained on 4,000 digits; the other 1,000 (100 per class) are held out."""
     x, y = digits
     test = torch.arange(len(y)) % 5 == 4
-    return M.train_digit_classifier(x[~test], y[~test], **M._RECIPE), x[test], y[test]
+    return M.train_digit_classifier(x[~test], y[~test], **D._RECIPE), x[test], y[test]
 
 
 def test_digit_classifier_heldout_accuracy(heldout_classifier):
@@ -105,6 +106,7 @@ def test_digit_classifier_heldout_accuracy(heldout_classifier):
 
 
 def test_digit_classifier_shapes_and_resize():
+    assert M.DigitClassifier is D.DigitClassifier and M.digit_classifier is D.digit_classifier  # metrics re-exports it
     net = M.DigitClassifier().eval()
     for side in (28, 32, 8):
         x = torch.rand(3, 1, side, side) * 2 - 1
@@ -114,33 +116,33 @@ def test_digit_classifier_shapes_and_resize():
 
 
 def test_digit_classifier_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "_RECIPE", {**M._RECIPE, "epochs": 1})  # the caching, not the accuracy, is tested here
+    monkeypatch.setattr(D, "_RECIPE", {**D._RECIPE, "epochs": 1})  # the caching, not the accuracy, is tested here
     monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
-    first = M.digit_classifier()
+    first = D.digit_classifier()
     (cached,) = tmp_path.iterdir()  # one file, no temp files left behind
-    assert cached.name.startswith(f"digit_classifier-v{M._VERSION}-") and cached.suffix == ".safetensors"
+    assert cached.name.startswith(f"digit_classifier-v{D._VERSION}-") and cached.suffix == ".safetensors"
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier must be loaded, not retrained")
 
     with monkeypatch.context() as m:
-        m.setattr(M, "train_digit_classifier", no_training)
-        second = M.digit_classifier()
+        m.setattr(D, "train_digit_classifier", no_training)
+        second = D.digit_classifier()
     assert not second.training and not any(p.requires_grad for p in second.parameters())
     for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
 
     cached.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable digit-classifier cache"):
-        third = M.digit_classifier(tmp_path)
+        third = D.digit_classifier(tmp_path)
     assert torch.equal(third.head.weight, first.head.weight)  # deterministic retraining, cache rewritten
-    assert M.digit_classifier(tmp_path) is not None and len(list(tmp_path.iterdir())) == 1
+    assert D.digit_classifier(tmp_path) is not None and len(list(tmp_path.iterdir())) == 1
 
 
 def test_cache_name_changes_with_recipe(tmp_path, monkeypatch):
-    before = M._cache_file(tmp_path)
-    monkeypatch.setattr(M, "_RECIPE", {**M._RECIPE, "lr": 1e-3})
-    assert M._cache_file(tmp_path) != before
+    before = D._cache_file(tmp_path)
+    monkeypatch.setattr(D, "_RECIPE", {**D._RECIPE, "lr": 1e-3})
+    assert D._cache_file(tmp_path) != before
 
 
 # --- FID in the classifier's feature space ----------------------------------------------------

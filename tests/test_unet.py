@@ -156,13 +156,13 @@ def test_timestep_embedding():
 
 def test_class_conditional_output_depends_on_y():
     net = perturb(UNet(small_cfg(class_conditional=True), in_channels=1, image_size=8, num_classes=10)).eval()
-    assert net.num_classes == 10 and net.label_emb.num_embeddings == 11 and net.null_label == 10
+    assert net.num_classes == 10 and net.label_emb.num_embeddings == 11 and net.condition_spec.keys == ("label",)
     x, t = inputs(4)
-    a = net(x, t, torch.tensor([0, 0, 0, 0]))
-    b = net(x, t, torch.tensor([0, 5, 0, 5]))
+    a = net(x, t, label=torch.tensor([0, 0, 0, 0]))
+    b = net(x, t, label=torch.tensor([0, 5, 0, 5]))
     torch.testing.assert_close(a[0::2], b[0::2])
     assert (a[1::2] - b[1::2]).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="class-conditional.*pass class labels y"):
+    with pytest.raises(ValueError, match=r"conditioned on \['label'\]: pass \['label'\]"):
         net(x, t)
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..condition import ConditionSpec
+
 
 @dataclass
 class UNetConfig:
@@ -37,6 +39,10 @@ class UNetConfig:
     kind: Literal["denoiser", "classifier"] = "denoiser"           # the U-Net, or its encoder as a noisy classifier (nets.classifier)
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
+    cond_channels: int = 0                                          # channels of a condition image concatenated to x_t (SR3, Palette); 0: none
+    scalar_inputs: int = 0                                          # scalars per example embedded like the time (cascade noise level); 0: none
+    context_dim: int = 0                                            # width d of a cross-attention context (B, M, d), e.g. text tokens; 0: none
+    cross_attention_resolutions: list[int] = field(default_factory=list)  # feature-map sizes with cross-attention on the context
     prediction: Literal["eps", "x0", "v", "flow", "edm"] = "eps"    # what the network outputs (DDPM: eps; Salimans & Ho 2022: v;
     #                                                                 flow: eps - x_0, rectified flow; edm: F of EDM's preconditioning)
     sigma_data: float = 0.5                                         # prediction "edm": the data's std (Karras et al. 2022: 0.5)
@@ -127,6 +133,29 @@ class Attention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+class CrossAttention(nn.Module):
+    """Cross-attention from the image features to a context (Rombach et al. 2022, sec. 3.3), residual:
+        Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,  Q = W_Q phi(z_t),  K = W_K tau(y),  V = W_V tau(y)
+    with phi(z_t) the (normalised) feature map at H*W positions and tau(y) (B, M, context_dim) the context tokens;
+    a context_mask (B, M), True for real tokens, keeps padding out of the softmax. Zero-initialised output."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int):
+        super().__init__()
+        self.heads = num_heads
+        self.norm = _norm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        d = C // self.heads
+        q = self.q(self.norm(x)).reshape(B, self.heads, d, H * W).transpose(-1, -2)  # (B, heads, HW, d)
+        k, v = self.kv(context.to(x.dtype)).reshape(B, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, M, d)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -146,18 +175,33 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """The residual blocks (each optionally followed by attention) of one resolution."""
+    """The residual blocks of one resolution, each optionally followed by self-attention and by cross-attention
+    on the context (context_dim > 0)."""
 
-    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int):
+    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int, context_dim: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(
             Attention(b.conv2.out_channels, num_heads, groups) if attend else nn.Identity() for b in blocks
         )
+        if context_dim:
+            self.cross = nn.ModuleList(CrossAttention(b.conv2.out_channels, context_dim, num_heads, groups) for b in blocks)
+
+    def block(self, i: int, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Residual block i, then its attention and cross-attention (where this level has them)."""
+        h = self.attns[i](self.blocks[i](h, emb))
+        return self.cross[i](h, context, mask) if hasattr(self, "cross") else h
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t[, y]): (B, C, H, W), (B,) step indices, optional (B,) labels -> (B, out_channels, H, W)."""
+    """eps_theta(x_t, t, **cond): (B, C, H, W), (B,) model times, a condition dict -> (B, out_channels, H, W).
+
+    The condition (condition.py) holds what `condition_spec` lists: `label` (B,) embedded and added to the time
+    embedding (with a null label for classifier-free guidance), `image` (B, cond_channels, H, W) concatenated to
+    x_t (Saharia et al. 2021, SR3), `scalars` (B, k) embedded like the time and added, `context` (B, M, d) [and
+    `context_mask` (B, M)] attended by cross-attention at cross_attention_resolutions (Rombach et al. 2022, sec.
+    3.3). A key the model does not take, or a missing one, is a ValueError naming it.
+    """
 
     def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0, out_channels: int | None = None):
         super().__init__()
@@ -168,10 +212,14 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes if cfg.class_conditional else 0
+        self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs, cfg.context_dim)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
-        self.conv_in = nn.Conv2d(in_channels * p * p, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d((in_channels + cfg.cond_channels) * p * p, ch, 3, padding=1)
+        if cfg.scalar_inputs:  # each scalar gets a sinusoidal embedding like the time's; one MLP maps them all
+            self.scalar_mlp = nn.Sequential(nn.Linear(cfg.scalar_inputs * ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        xres, ctx = cfg.cross_attention_resolutions, cfg.context_dim
 
         widths = [ch * m for m in cfg.channel_mult]
         skips = [ch]  # widths of the activations the expanding path will concatenate
@@ -183,7 +231,7 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(w_in, w, emb_dim, cfg.dropout, groups))
                 w_in = w
                 skips.append(w)
-            self.down.append(Level(blocks, res in cfg.attention_resolutions, heads, groups))
+            self.down.append(Level(blocks, res in cfg.attention_resolutions, heads, groups, ctx if res in xres else 0))
             last = i == len(widths) - 1
             self.downsample.append(nn.Identity() if last else Downsample(w))
             if not last:
@@ -193,6 +241,8 @@ class UNet(nn.Module):
         self.mid1 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
         self.mid_attn = Attention(w_in, heads, groups)
         self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
+        if res in xres:
+            self.mid_cross = CrossAttention(w_in, ctx, heads, groups)
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
@@ -200,45 +250,46 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(ResBlock(w_in + skips.pop(), w, emb_dim, cfg.dropout, groups))
                 w_in = w
-            self.up.append(Level(blocks, res in cfg.attention_resolutions, heads, groups))
+            self.up.append(Level(blocks, res in cfg.attention_resolutions, heads, groups, ctx if res in xres else 0))
             self.upsample.append(Upsample(w) if i > 0 else nn.Identity())
             if i > 0:
                 res *= 2
         self.norm_out = _norm(groups, w_in)
         self.conv_out = _zero(nn.Conv2d(w_in, (in_channels if out_channels is None else out_channels) * p * p, 3, padding=1))
 
-    @property
-    def null_label(self) -> int | None:
-        """The label index that means "unconditional" (trained through train.label_dropout); None if unconditional."""
-        return self.num_classes if self.num_classes else None
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         factor = self.cfg.patch_size * 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"image sides {tuple(x.shape[-2:])} must be divisible by {factor} (patch_size "
                              f"{self.cfg.patch_size} times one halving per level of channel_mult {self.cfg.channel_mult})")
+        self.condition_spec.check(cond, x)
         emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels))  # (B, 4C)
         if self.label_emb is not None:
-            if y is None:
-                raise ValueError("this model is class-conditional: pass class labels y")
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"labels y must have shape ({x.shape[0]},), one per image, got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(cond["label"])
+        if self.cfg.scalar_inputs:  # scalars in [0, 1] see the frequencies model times in [0, 1000) see
+            s = cond["scalars"].float() * 1000
+            emb = emb + self.scalar_mlp(torch.cat([timestep_embedding(s[:, i], self.cfg.channels)
+                                                   for i in range(s.shape[1])], dim=1))
+        if self.cfg.cond_channels:
+            x = torch.cat([x, cond["image"].to(x.dtype)], dim=1)
+        context, mask = cond.get("context"), cond.get("context_mask")
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         hs = [h]
         for level, down in zip(self.down, self.downsample):
-            for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, emb))
+            for i in range(len(level.blocks)):
+                h = level.block(i, h, emb, context, mask)
                 hs.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        if hasattr(self, "mid_cross"):
+            h = self.mid_cross(h, context, mask)
         for level, up in zip(self.up, self.upsample):
-            for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            for i in range(len(level.blocks)):
+                h = level.block(i, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
             h = up(h)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
 
@@ -267,5 +318,13 @@ def _validate(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
     bad = [r for r in cfg.attention_resolutions if r not in sizes]
     if bad:
         raise ValueError(f"model.attention_resolutions {bad} are not feature-map sizes of this U-Net; choose from {sizes}")
+    if cfg.cond_channels < 0 or cfg.scalar_inputs < 0 or cfg.context_dim < 0:
+        raise ValueError("model.cond_channels, model.scalar_inputs and model.context_dim must be >= 0 (0: not used)")
+    bad = [r for r in cfg.cross_attention_resolutions if r not in sizes]
+    if bad:
+        raise ValueError(f"model.cross_attention_resolutions {bad} are not feature-map sizes of this U-Net; choose from {sizes}")
+    if bool(cfg.context_dim) != bool(cfg.cross_attention_resolutions):
+        raise ValueError("cross-attention needs both model.context_dim (the context's width) and "
+                         f"model.cross_attention_resolutions (where to attend; from {sizes}); set both or neither")
     if cfg.class_conditional and num_classes < 1:
         raise ValueError("model.class_conditional needs a labelled dataset (class sub-folders, mnist or digits)")
