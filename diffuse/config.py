@@ -43,7 +43,7 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-3m", "dpmpp-2s", "euler
 class SampleConfig:
     sampler: SamplerName = "ddim"                            # see samplers.SAMPLERS / `diffuse sample --help`
     steps: int = 50                                          # grid steps; 0 = every step (ddpm, linear schedule: Algorithm 2 exactly)
-    spacing: Spacing = "trailing"                            # how the grid is picked (schedule.Schedule.timesteps); trailing starts at the top for any step count
+    spacing: Spacing = "trailing"                            # how the grid is picked (schedule.Schedule.grid); trailing starts at the top for any step count
     eta: float = 0.0                                         # DDIM / Euler-ancestral stochasticity (DDIM: 0 deterministic, 1 = DDPM-like)
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"   # DDPM sigma_t^2
     clip: bool = True                                        # clip predicted x_0 to the data range [-1, 1] (Ho et al. 2020 code)
@@ -150,6 +150,8 @@ def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
         for key, value in values.items():
             if (section, key) == ("train", "label_dropout"):  # the name before conditions were dicts (saved runs use it)
                 key, value = "condition_dropout", ({"label": value} if value else {})
+            if (section, key) == ("schedule", "timesteps"):  # T's name before "timesteps" meant only sampling grids
+                key = "T"
             _set(sections[section], section, key, value)
     return cfg
 
@@ -191,7 +193,7 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     if sc.kind != "cosine":
         out.append(("schedule.max_beta", f'schedule.kind = "{sc.kind}" has no discrete cosine betas', 'set schedule.kind = "cosine" or remove it'))
     if sc.kind not in ("linear", "cosine"):
-        out.append(("schedule.timesteps", f'schedule.kind = "{sc.kind}" is a continuous-time process with no T steps', "remove it"))
+        out.append(("schedule.T", f'schedule.kind = "{sc.kind}" is a continuous-time process with no T steps', "remove it"))
     if sc.kind != "edm":
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not EDM', 'set schedule.kind = "edm" or remove it')
                 for k in ("sigma_min", "sigma_max", "p_mean", "p_std")]

@@ -95,13 +95,15 @@ class ImageDataset(Dataset):
         return self.images[idx].float() / 127.5 - 1.0, ({"label": self.labels[idx]} if self.num_classes else {})
 
 
-def check_images(x: torch.Tensor, name: str) -> None:
-    """Raise ValueError unless x is a finite (N >= 2, C, H, W) batch of images in [-1, 1] (the toolkit's pixel range)."""
+def check_images(x: torch.Tensor, name: str, min_n: int = 2) -> None:
+    """Raise ValueError unless x is a finite (N, C, H, W) batch of images in [-1, 1] (the toolkit's pixel range) with
+    N >= min_n (2 by default: the metrics' covariances need at least two)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"{name} must be a tensor of images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}; "
                          "add a channel axis with x[:, None] for (N, H, W)")
-    if x.shape[0] < 2:
-        raise ValueError(f"{name} holds {x.shape[0]} image(s); a covariance needs at least 2 (use many more than the feature dimension)")
+    if x.shape[0] < min_n:
+        raise ValueError(f"{name} holds {x.shape[0]} image(s); " + ("a covariance needs at least 2 (use many more than "
+                         "the feature dimension)" if min_n == 2 else f"at least {min_n} are needed"))
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or inf values")
     lo, hi = x.min().item(), x.max().item()

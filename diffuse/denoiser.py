@@ -16,7 +16,7 @@ branch on them (DESIGN.md, "The interfaces"). With x_t = alpha_t x_0 + sigma_t e
     score:      grad log q(x_t) ~= -eps / sigma_t                (Song et al. 2021, eq. 5 / lecture 001)
 
 A network with a learned variance (Nichol & Dhariwal 2021, sec. 3.1) returns twice the channels:
-its prediction, then v, read as v_interp = (v + 1) / 2 so that an output in [-1, 1] spans
+its prediction, then v, read as variance_mix = (v + 1) / 2 so that an output in [-1, 1] spans
 [log beta-tilde, log beta] (eq. 15; the sampler or bound that knows the step mixes the two).
 """
 
@@ -37,11 +37,11 @@ PREDICTION_TYPES = ("eps", "x0", "v", "flow", "edm")
 @dataclass
 class Prediction:
     """What a denoiser says about x_t: the clean image and the noise that was added, and, for a
-    learned-variance network, v_interp: log Sigma = v log beta_t + (1 - v) log beta-tilde_t (eq. 15)."""
+    learned-variance network, variance_mix: log Sigma = v log beta_t + (1 - v) log beta-tilde_t (eq. 15)."""
 
     x0: Tensor
     eps: Tensor
-    v_interp: Tensor | None = None
+    variance_mix: Tensor | None = None
 
 
 def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -164,7 +164,7 @@ class Denoiser:
         self.sigma_data = sigma_data  # the data's std, for the "edm" preconditioning (EDM: 0.5)
 
     def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
-        """The network's own output at (x_t, t), one time per example, and v_interp (None without a learned variance)."""
+        """The network's own output at (x_t, t), one time per example, and variance_mix (None without a learned variance)."""
         t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
         if self.prediction == "edm":  # the network sees c_in y = c_in x_t / alpha_t (Karras et al. 2022, table 1)
             alpha, sigma = scales(self.schedule, t, x_t)
@@ -187,9 +187,9 @@ class Denoiser:
 
     def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction:
         alpha, sigma = scales(self.schedule, t, x_t)
-        raw, v_interp = self.output(x_t, t, **cond)
+        raw, variance_mix = self.output(x_t, t, **cond)
         pred = predict(raw, x_t, alpha, sigma, self.prediction, self.sigma_data)
-        pred.v_interp = v_interp
+        pred.variance_mix = variance_mix
         return pred
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:

@@ -20,12 +20,12 @@ from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
 def _with_x0(x_t: Tensor, t, x0: Tensor, schedule, like: Prediction) -> Prediction:
     """A prediction with this x_0, eps re-derived, and `like`'s learned variance (guidance changes the mean only)."""
     alpha, sigma = scales(schedule, t, x_t)
-    return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma), v_interp=like.v_interp)
+    return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma), variance_mix=like.variance_mix)
 
 
 def _with_eps(x_t: Tensor, t, eps: Tensor, schedule, like: Prediction) -> Prediction:
     alpha, sigma = scales(schedule, t, x_t)
-    return Prediction(x0=eps_to_x0(x_t, eps, alpha, sigma), eps=eps, v_interp=like.v_interp)
+    return Prediction(x0=eps_to_x0(x_t, eps, alpha, sigma), eps=eps, variance_mix=like.variance_mix)
 
 
 class Conditioned:
@@ -101,7 +101,7 @@ class ClassifierFreeGuidance:
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
                              **concat_conditions(more, more))
         eps = guided_eps(both.eps[:B], both.eps[B:], self.w)
-        cond_v = None if both.v_interp is None else both.v_interp[:B]  # the conditional model's variance (as GLIDE)
+        cond_v = None if both.variance_mix is None else both.variance_mix[:B]  # the conditional model's variance (as GLIDE)
         return _with_eps(x_t, t, eps, self.schedule, Prediction(both.x0[:B], both.eps[:B], cond_v))
 
 

@@ -49,17 +49,17 @@ def prior_kl(schedule: Schedule, x0: Tensor) -> Tensor:
     return kl.flatten(1).sum(1)
 
 
-def model_log_variance(schedule: Schedule, n: Tensor, v_interp: Tensor | None, like: Tensor, fixed: str = "beta_tilde") -> Tensor:
+def model_log_variance(schedule: Schedule, n: Tensor, variance_mix: Tensor | None, like: Tensor, fixed: str = "beta_tilde") -> Tensor:
     """log Sigma_theta(x_t, t) at the discrete steps n (B,): learned (eq. 15 of Nichol & Dhariwal 2021) or fixed
     (beta-tilde or beta). beta-tilde_1 = 0, so step 1 uses beta-tilde_2, as Ho et al.'s and Nichol & Dhariwal's code do."""
     n = n.long().cpu()
     beta_tilde = (1 - schedule.alphabar[n - 1]) / (1 - schedule.alphabar[n]) * schedule.betas[n]
     beta_tilde_2 = (1 - schedule.alphabar[1]) / (1 - schedule.alphabar[2]) * schedule.betas[2]
     log_tilde = torch.where(n == 1, beta_tilde_2, beta_tilde).log()
-    log_beta = torch.where(n == 1, beta_tilde_2, schedule.betas[n]).log() if v_interp is None else schedule.betas[n].log()
+    log_beta = torch.where(n == 1, beta_tilde_2, schedule.betas[n]).log() if variance_mix is None else schedule.betas[n].log()
     log_tilde, log_beta = (append_dims(v, like).to(like) for v in (log_tilde, log_beta))
-    if v_interp is not None:
-        return v_interp * log_beta + (1 - v_interp) * log_tilde
+    if variance_mix is not None:
+        return variance_mix * log_beta + (1 - variance_mix) * log_tilde
     if fixed not in ("beta_tilde", "beta"):
         raise ValueError(f"the fixed variance must be 'beta_tilde' or 'beta', got {fixed!r}")
     return (log_tilde if fixed == "beta_tilde" else log_beta).expand_as(like)
@@ -76,14 +76,14 @@ def vlb_term(denoiser, x0: Tensor, n: Tensor, eps: Tensor, *, fixed_variance: st
         raise ValueError(f"vlb steps must be in 1..{T}")
     t, s = n.double() / T, (n.double() - 1) / T
     x_t = schedule.q_sample(x0, t, eps)
-    raw, v_interp = denoiser.output(x_t, t, **cond) if output is None else output
+    raw, variance_mix = denoiser.output(x_t, t, **cond) if output is None else output
     if detach_mean:
         raw = raw.detach()
     alpha, sigma = scales(schedule, t, x0)
     pred = predict(raw, x_t, alpha, sigma, denoiser.prediction)
     c = [append_dims(v, x0).to(x0) for v in posterior(schedule.alpha(t), schedule.sigma(t), schedule.alpha(s), schedule.sigma(s))]
     true_mean, model_mean = c[0] * x0 + c[1] * x_t, c[0] * pred.x0 + c[1] * x_t
-    model_logvar = model_log_variance(schedule, n, v_interp, x0, fixed_variance)
+    model_logvar = model_log_variance(schedule, n, variance_mix, x0, fixed_variance)
     true_logvar = c[2].clamp_min(1e-30).log().expand_as(x0)
     kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).sum(1)
     decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).sum(1)

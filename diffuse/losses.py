@@ -14,13 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .likelihood import bits_per_dim, vlb_term
-from .schedule import NoiseSchedule, Schedule
-
-
-def sample_timesteps(schedule: NoiseSchedule, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """n training times from the process's own distribution (`NoiseSchedule.sample_t`): for DDPM t = k / T with
-    k ~ Uniform{1, ..., T} (Algorithm 1, line 3); EDM's log-normal sigma; flow's uniform or logit-normal t."""
-    return schedule.sample_t(n, generator)
+from .schedule import Schedule
 
 
 def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:

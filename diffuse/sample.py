@@ -101,7 +101,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
              spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
-             **options) -> Tensor:
+             grid: Tensor | None = None, **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config).
@@ -118,7 +118,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     `start` = (x_start (n, C, H, W), t_start in [0, 1]) runs only the part of the grid below t_start, from
     x_start at t_start (SDEdit: x_start a draw of q(x_t_start | x_0) of a guide image); t_start = 0 returns
     x_start, t_start at or above the grid's top is an ordinary run from x_start. `project(x_s, s) -> x_s` is
-    applied after every step (inpainting, RePaint, ILVR; see samplers.base.walk). The noise drawn for x_T is
+    applied after every step (inpainting, RePaint, ILVR; see samplers.base.walk). `grid` replaces the grid of `steps`
+    and `spacing` with explicit times (decreasing to 0, with jumps back up allowed: RePaint's resampling). The noise drawn for x_T is
     drawn either way, so a run with a start uses the same noise stream as one without.
 
     Raises ValueError for a bad sampler, option, guidance weight, label set or condition; NonFiniteSample, naming the
@@ -133,7 +134,12 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     kw = info.check_options(options)
     # an adaptive solver takes only the ends of its grid: from the top to the first step, then the x_0 prediction
     schedule = denoiser.schedule
-    grid = schedule.timesteps(2, "linspace") if info.calls_per_step == 0 else schedule.timesteps(steps or None, spacing)
+    if grid is not None:  # an explicit grid, which may step back up (RePaint's resampling)
+        if info.calls_per_step == 0:
+            raise ValueError(f"{sampler} is an adaptive solver that picks its own steps; it takes no grid (use another sampler)")
+        grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    else:
+        grid = schedule.grid(2, "linspace") if info.calls_per_step == 0 else schedule.grid(steps or None, spacing)
     shortfall = schedule.start_shortfall(grid)
     if shortfall > 0.01 and start is None:  # a partial run (SDEdit) starts below the top on purpose
         warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "

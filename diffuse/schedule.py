@@ -40,7 +40,7 @@ class ScheduleConfig:
     kind: Literal["linear", "cosine", "vp_cosine", "edm", "flow"] = "linear"  # the noise process (SCHEDULE_KINDS):
     #   linear / cosine: discrete VP, Ho et al. 2020 / Nichol & Dhariwal 2021; vp_cosine: the cosine VP in continuous t;
     #   edm: VE with EDM's preconditioning and training sigmas (Karras et al. 2022); flow: rectified flow (Liu et al. 2022)
-    timesteps: int = 1000                        # linear, cosine: T, the number of discrete diffusion steps
+    T: int = 1000                                # linear, cosine: the number of discrete diffusion steps
     beta_start: float = 1e-4                     # linear: beta_1 (Ho et al.: 1e-4)
     beta_end: float = 0.02                       # linear: beta_T (Ho et al.: 0.02)
     cosine_s: float = 0.008                      # cosine, vp_cosine: offset s that keeps beta_1 from being tiny
@@ -54,9 +54,9 @@ class ScheduleConfig:
     logit_std: float = 1.0
 
 
-def linear_betas(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """beta_n increasing linearly from beta_1 to beta_T (Ho et al. 2020, sec. 4)."""
-    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
 def cosine_alphabar(t: Tensor, s: float = 0.008) -> Tensor:
@@ -65,16 +65,16 @@ def cosine_alphabar(t: Tensor, s: float = 0.008) -> Tensor:
     return f(t) / f(torch.zeros_like(t))
 
 
-def cosine_betas(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """beta_n = 1 - alphabar(n/T) / alphabar((n-1)/T), clipped at max_beta (Nichol & Dhariwal 2021, sec. 3.2)."""
-    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    t = torch.arange(T + 1, dtype=torch.float64) / T
     alphabar = cosine_alphabar(t, s)
     return (1 - alphabar[1:] / alphabar[:-1]).clamp(max=max_beta)
 
 
 class NoiseSchedule(ABC):
     """x_t = alpha(t) x_0 + sigma(t) eps for t in [0, 1] (DESIGN.md, "The one idea"): the interface every process
-    implements. Subclasses give alpha, sigma, t_from_log_snr (the inverse of lambda), model_time (the network's time
+    implements. Subclasses give alpha, sigma, t_from_log_snr (the inverse of log SNR), model_time (the network's time
     input), sample_t (the training distribution of t) and t_min (the last positive grid time); the rest follows.
 
     Processes: `Schedule` (discrete VP, DDPM), `VPCosine` (continuous VP), `EDM` (VE, Karras et al. 2022) and
@@ -115,8 +115,16 @@ class NoiseSchedule(ABC):
         return (self.alpha(t) / self.sigma(t)) ** 2
 
     def log_snr(self, t) -> Tensor:
-        """log(alpha_t^2 / sigma_t^2) = 2 lambda_t."""
+        """log SNR(t) = log(alpha_t^2 / sigma_t^2) = 2 lambda_t."""
         return 2 * (self.alpha(t).log() - self.sigma(t).log())
+
+    def lam(self, t) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t), half the log-SNR: DPM-Solver's time variable (Lu et al. 2022, sec. 3.1)."""
+        return self.log_snr(t) / 2
+
+    def t_from_lam(self, lam) -> Tensor:
+        """The time t with lambda_t = lam: the inverse of `lam` (DPM-Solver's t_lambda, Lu et al. 2022, sec. 3.4)."""
+        return self.t_from_log_snr(2 * torch.as_tensor(lam, dtype=torch.float64))
 
     def ve_sigma(self, t) -> Tensor:
         """sigma_t / alpha_t: the noise level of x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps (Karras et al. 2022, table 1)."""
@@ -142,10 +150,10 @@ class NoiseSchedule(ABC):
         """x_t = alpha_t x_0 + sigma_t eps, a draw from q(x_t | x_0) (Ho et al. 2020, eq. 4, for VP)."""
         return append_dims(self.alpha(t), x0).to(x0.dtype) * x0 + append_dims(self.sigma(t), x0).to(x0.dtype) * eps
 
-    def start_shortfall(self, timesteps: Tensor) -> float:
+    def start_shortfall(self, grid: Tensor) -> float:
         """alpha at a grid's first time minus alpha at t_top: how much signal x_t has there that the start
         x_T ~ N(0, prior_std^2 I) lacks (0 for grids that start at the top; ~1 for a one-step "leading" grid)."""
-        t0 = torch.as_tensor(timesteps, dtype=torch.float64).flatten()[0]
+        t0 = torch.as_tensor(grid, dtype=torch.float64).flatten()[0]
         return float(self.alpha(t0) - self.alpha(torch.tensor(self.t_top, dtype=torch.float64)))
 
     def _between_ends(self, spacing: str, u: Tensor, rho: float) -> Tensor:
@@ -166,7 +174,7 @@ class NoiseSchedule(ABC):
             t[-1] = ends[1]
         return t
 
-    def timesteps(self, steps: int | None = 50, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
+    def grid(self, steps: int | None = 50, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times from t_top, ending with t = 0. "trailing": uniform in t, t_top (1 - k/K);
         "linspace": uniform from t_top to t_min; "quadratic": t_min + (t_top - t_min) u^2 (dense near the data);
         "karras": EDM's rho grid in sigma_t / alpha_t between the two (Karras et al. 2022, eq. 5); "log_snr": uniform
@@ -216,8 +224,7 @@ class Schedule(NoiseSchedule):
             raise ValueError("every beta_t must lie in (0, 1); check beta_start / beta_end / max_beta")
         self.T = len(betas)
         self.betas = torch.cat([betas.new_zeros(1), betas])  # beta[n], beta[0] = 0
-        self.alphas = 1 - self.betas                          # alpha_n = 1 - beta_n
-        self.alphabar = torch.cumprod(self.alphas, 0)         # alphabar_n = prod_{s<=n} alpha_s (eq. 4)
+        self.alphabar = torch.cumprod(1 - self.betas, 0)      # alphabar_n = prod_{s<=n} (1 - beta_s) (eq. 4)
         self._log_alphabar = self.alphabar.log()
         # the top of every sampling grid: the last step n whose log-SNR is still >= log_snr_min (at least step 1)
         log_snr_n = self._log_alphabar[1:] - torch.log1p(-self.alphabar[1:])
@@ -244,14 +251,14 @@ class Schedule(NoiseSchedule):
         return (torch.as_tensor(model_time).to(torch.float64) + 1) / self.T
 
     @classmethod
-    def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
         """The schedule of Ho et al. (2020): beta from 1e-4 to 0.02 over T = 1000 steps."""
-        return cls(linear_betas(timesteps, beta_start, beta_end))
+        return cls(linear_betas(T, beta_start, beta_end))
 
     @classmethod
-    def cosine(cls, timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """The cosine schedule of Nichol & Dhariwal (2021), eq. 17."""
-        return cls(cosine_betas(timesteps, s, max_beta))
+        return cls(cosine_betas(T, s, max_beta))
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> NoiseSchedule:
@@ -260,16 +267,16 @@ class Schedule(NoiseSchedule):
 
     @classmethod
     def _discrete_from_config(cls, cfg: ScheduleConfig) -> Schedule:
-        if cfg.timesteps < 1:
-            raise ValueError(f"schedule.timesteps must be >= 1, got {cfg.timesteps}")
+        if cfg.T < 1:
+            raise ValueError(f"schedule.T must be >= 1, got {cfg.T}")
         if cfg.kind == "linear":
             if not 0 < cfg.beta_start <= cfg.beta_end < 1:
                 raise ValueError(
                     f"schedule.beta_start / beta_end must satisfy 0 < start <= end < 1, got {cfg.beta_start}, {cfg.beta_end}"
                 )
-            return cls.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+            return cls.linear(cfg.T, cfg.beta_start, cfg.beta_end)
         if cfg.kind == "cosine":
-            return cls.cosine(cfg.timesteps, cfg.cosine_s, cfg.max_beta)
+            return cls.cosine(cfg.T, cfg.cosine_s, cfg.max_beta)
         raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
 
     # --- continuous time ------------------------------------------------------------------
@@ -299,7 +306,7 @@ class Schedule(NoiseSchedule):
         return ab / (1 - ab)
 
     def log_snr(self, t: Tensor) -> Tensor:
-        """lambda_t = log(alpha_t^2 / sigma_t^2)."""
+        """log SNR(t) = log(alpha_t^2 / sigma_t^2) = log alphabar_t - log(1 - alphabar_t), exact at alphabar near 1."""
         ab = self.alphabar_at(t)
         return ab.log() - torch.log1p(-ab)
 
@@ -329,7 +336,7 @@ class Schedule(NoiseSchedule):
         return (lo + (y - rising[lo]) / (rising[hi] - rising[lo])) / self.T
 
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
-        """The time t with lambda_t = log_snr (alphabar = sigmoid(lambda)); DPM-Solver's t_lambda (Lu et al. 2022, sec. 3.4)."""
+        """The time t with log SNR(t) = log_snr (alphabar = sigmoid(log SNR))."""
         return self.t_from_log_alphabar(torch.nn.functional.logsigmoid(torch.as_tensor(log_snr, dtype=torch.float64)))
 
     def t_from_ve_sigma(self, ve_sigma: Tensor) -> Tensor:
@@ -340,17 +347,17 @@ class Schedule(NoiseSchedule):
         """A network's time input for continuous t: the 0-based step index n - 1 = t * T - 1.
 
         DDPM networks and diffusers' schedulers number the steps 0..T-1, so step n (t = n/T)
-        is fed as n - 1. This and `timesteps_from_indices` are the only places that convert.
+        is fed as n - 1. This and `grid_from_indices` are the only places that convert.
         """
         return torch.as_tensor(t, dtype=torch.float64) * self.T - 1
 
-    def timesteps_from_indices(self, indices) -> Tensor:
+    def grid_from_indices(self, indices) -> Tensor:
         """Continuous times for 0-based step indices (diffusers' `timesteps`), followed by t = 0."""
         idx = torch.as_tensor(indices, dtype=torch.float64)
         return torch.cat([(idx + 1) / self.T, idx.new_zeros(1)])
 
     # --- sampling grids -------------------------------------------------------------------
-    def timesteps(self, steps: int | None = None, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
+    def grid(self, steps: int | None = None, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times ending with t = 0 (so `steps` denoiser calls for a one-stage sampler).
 
         Grids run over the steps n = 1..N, N = `top_step` (T unless the schedule's last steps fall below
@@ -391,7 +398,7 @@ class Schedule(NoiseSchedule):
             return torch.cat([t, t.new_zeros(1)])
         else:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-        return self.timesteps_from_indices(idx.flip(0))
+        return self.grid_from_indices(idx.flip(0))
 
     # --- the forward process --------------------------------------------------------------
     def q_step(self, x_prev: Tensor, n: int, eps: Tensor) -> Tensor:

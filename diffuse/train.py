@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
 from .likelihood import bits_per_dim, vlb_term
-from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple, sample_timesteps
+from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
     build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
@@ -209,7 +209,7 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(t.seed)  # t, eps and flips of every step
-        self.importance = ImportanceSampler(cfg.schedule.timesteps)  # train.loss = "vlb": p(t) from recent L_t
+        self.importance = ImportanceSampler(cfg.schedule.T)  # train.loss = "vlb": p(t) from recent L_t
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self._try_resume(inexact_resume)
@@ -249,7 +249,7 @@ class Trainer:
             steps, is_weight = self.importance.sample(B, self.generator)
             t = steps.double() / T
         else:
-            t = sample_timesteps(self.denoiser.schedule, B, self.generator)
+            t = self.denoiser.schedule.sample_t(B, self.generator)  # Algorithm 1, line 3 (or the process's own p(t))
         eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)

@@ -22,7 +22,7 @@ from test_cli import TINY, _sets
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "run"
-    assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "schedule.timesteps=50", "--out", str(out)]) == 0
+    assert main(["train", "configs/mnist.toml", *_sets(TINY), "--set", "schedule.T=50", "--out", str(out)]) == 0
     return out
 
 
@@ -125,7 +125,7 @@ def test_non_finite_samples_stop_with_the_step(cond_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp-2m", "ode-rk45"])
 def test_a_network_that_goes_nan_is_caught_where_it_happens(sampler):
-    s = Schedule.linear(timesteps=100)
+    s = Schedule.linear(T=100)
 
     def net(x, index):  # NaN below step 50 (t < 0.5)
         return torch.where(index.view(-1, 1, 1, 1) < 49, torch.full_like(x, math.nan), 0.1 * x)

@@ -30,7 +30,7 @@ def test_defaults_round_trip(tmp_path):
 def test_modified_config_round_trips_with_types(tmp_path):
     cfg = apply_overrides(RunConfig(), [
         "data.source=folder", "data.path=/tmp/my images/x", "data.image_size=16", "data.channels=3",
-        "schedule.kind=cosine", "schedule.timesteps=400",
+        "schedule.kind=cosine", "schedule.T=400",
         "model.channel_mult=[1, 3]", "model.attention_resolutions=[]", "model.dropout=0.25",
         "model.class_conditional=true", "model.prediction=v",
         "train.lr=3.5e-5", "train.time_limit=12", "train.hflip=true", "train.loss_weighting=min_snr",

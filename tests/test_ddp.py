@@ -36,7 +36,7 @@ def tiny_cfg(images: Path):
 
     return apply_overrides(RunConfig(), [
         "data.source=folder", f"data.path={json.dumps(str(images))}", "data.image_size=8", "data.channels=1",
-        "schedule.timesteps=100",
+        "schedule.T=100",
         "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
         "model.attention_resolutions=[4]", "model.dropout=0.2",
         "train.batch_size=8", f"train.steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=2", "train.hflip=true",

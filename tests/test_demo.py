@@ -40,5 +40,5 @@ def test_reverse_trajectory_keeps_x_t_above_predicted_x0():
     strip, frames, out = demo.reverse_trajectory(den, 2, (1, 4, 4), sampler="ddim", steps=6, frames=3, clip=False)
     assert len(frames) == 7 and torch.equal(frames[-1], out)  # x_T and one frame per step
     rows = strip.view(2, 2, 3, 1, 4, 4)  # (sample, [x_t, x0_hat], frame, C, H, W)
-    t0 = s.timesteps(6)[0]
+    t0 = s.grid(6)[0]
     torch.testing.assert_close(rows[:, 1, 0], rows[:, 0, 0] / s.alpha(t0).float())

@@ -120,7 +120,7 @@ def test_vlb_decreases_during_training(tmp_path):
     from diffuse.likelihood import vlb_bits_per_dim
     from diffuse.sample import build_denoiser
 
-    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["model.prediction=eps", "schedule.timesteps=100",
+    cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["model.prediction=eps", "schedule.T=100",
                                                                      "train.lr=2e-3", "train.checkpoint_every=1000"])
     trainer = Trainer(cfg, tmp_path, progress=False)
     x0 = torch.stack([trainer.dataset[i][0] for i in range(8)])

@@ -46,7 +46,7 @@ def test_cfg_at_w0_samples_the_class_and_larger_w_concentrates_on_it(mix):
     den = Denoiser(mix.eps, mix.schedule)
     x_T = torch.randn(3000, 2, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.full((3000,), 2)  # the smallest component, pi = 0.2
-    ts = mix.schedule.timesteps(20, "log_snr")
+    ts = mix.schedule.grid(20, "log_snr")
     shares, posteriors = [], []
     for w in (0.0, 1.0, 4.0):
         x0 = SAMPLERS["dpmpp-2m"](ClassifierFreeGuidance(den, w, {"label": y}, {"label": torch.full_like(y, mix.K)}), x_T, ts).flatten(1)
@@ -77,7 +77,7 @@ def test_classifier_guided_sampling_draws_the_class(mix):
     x_T = torch.randn(2000, 2, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = torch.full((2000,), 1)
     kw, steps, spacing = ACCURATE["ddim"]
-    x0 = SAMPLERS["ddim"](ClassifierGuidance(den, mix.logits, y, 1.0), x_T, mix.schedule.timesteps(steps, spacing))
+    x0 = SAMPLERS["ddim"](ClassifierGuidance(den, mix.logits, y, 1.0), x_T, mix.schedule.grid(steps, spacing))
     assert float((mix.component(x0.flatten(1)) == 1).double().mean()) > 0.99
     torch.testing.assert_close(x0.flatten(1).mean(0), mix.mu[1], atol=0.03, rtol=0)
 

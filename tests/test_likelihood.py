@@ -99,7 +99,7 @@ def test_ddpm_uses_the_learned_variance():
     s = Schedule.linear()
     eps_fn = gaussian_eps(s, MU, STD)
     x_T = torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ts = s.timesteps(50)
+    ts = s.grid(50)
     for v, variance in ((-1.0, "beta_tilde"), (1.0, "beta")):
         learned = ddpm.sample(Denoiser(learned_net(v, eps_fn), s, learned_variance=True), x_T, ts,
                               generator=torch.Generator().manual_seed(1), variance="beta_tilde")

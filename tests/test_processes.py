@@ -3,6 +3,8 @@ the prediction types written for general (alpha, sigma); every (alpha, sigma) sa
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -11,8 +13,8 @@ from diffuse.denoiser import PREDICTION_TYPES, edm_scalings, predict, scales, tr
 from diffuse.samplers import SAMPLERS
 from diffuse.schedule import EDM, Flow, VPCosine, cosine_alphabar
 
-from conftest import GaussianMixture
-from test_solvers import MIXTURE, mixture_covariance
+from conftest import GaussianMixture, gaussian_eps
+from test_solvers import MIXTURE, exact_flow_end, mixture_covariance
 
 PROCESSES = {"linear": Schedule.linear, "vp_cosine": VPCosine, "edm": EDM, "flow": Flow}
 
@@ -47,7 +49,7 @@ def test_inverses_and_grids(kind):
     torch.testing.assert_close(s.t_from_model_time(s.model_time(t)), t, rtol=1e-9, atol=1e-12)
     for spacing in ("trailing", "linspace", "quadratic", "karras", "log_snr"):
         for steps in (1, 7, 20):
-            ts = s.timesteps(steps, spacing)
+            ts = s.grid(steps, spacing)
             assert len(ts) == steps + 1 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all())
             assert float(ts[0]) == pytest.approx(s.t_top) and float(s.log_snr(ts[0])) >= -10.2 - 1e-9
 
@@ -102,7 +104,7 @@ def covariance_error(kind, prediction, name, steps, spacing="trailing", n=4000):
     s = den.schedule
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(n, 2, 1, 1, generator=g, dtype=torch.float64) * s.prior_std
-    x0 = SAMPLERS[name](den, x_T, s.timesteps(steps, spacing), generator=g).flatten(1)
+    x0 = SAMPLERS[name](den, x_T, s.grid(steps, spacing), generator=g).flatten(1)
     return float((torch.cov(x0.T) - mixture_covariance(mix)).norm())
 
 
@@ -119,6 +121,33 @@ def test_every_deterministic_sampler_converges_on_every_process(kind, prediction
     assert errors[1] < errors[0] and errors[1] < (0.06 if name in ("ddim", "euler") else 0.035), errors
 
 
+ORDERS = [("ddim", {}, 1), ("euler", {}, 1), ("heun", {}, 2), ("dpm2", {}, 2), ("dpmpp-2m", {}, 2), ("dpmpp-2s", {}, 2),
+          ("dpmpp-3m", {"reference_3m": False}, 3), ("dpmpp-3m", {}, 2)]
+
+
+@pytest.mark.parametrize("name,kw,order", ORDERS)
+@pytest.mark.parametrize("kind", ["vp_cosine", "edm", "flow"])
+def test_every_ode_solver_has_its_order_on_every_process(kind, name, kw, order):
+    """Gaussian data N(0.5, 0.3^2), whose probability-flow ODE is known in closed form on any (alpha, sigma) process
+    (test_solvers.exact_flow_end): the error against it at 32, 64 and 128 log-SNR-uniform steps falls with the
+    solver's order as the log-log slope (1 for DDIM and Euler, 2 for Heun, DPM2, 2M, 2S; the text-book 3M gains an
+    order more on equal lambda steps, where its error terms cancel)."""
+    s = PROCESSES[kind]()
+    mu, std = 0.5, 0.3
+    den = Denoiser(gaussian_eps(s, mu, std), s)
+    x_T = torch.linspace(-3, 3, 101, dtype=torch.float64).view(-1, 1, 1, 1) * s.prior_std
+    errors = []
+    for n in (32, 64, 128):
+        grid = s.grid(n, "log_snr")  # the step into 0 returns the x_0 prediction at the last positive time
+        reference = den(exact_flow_end(x_T, s, float(grid[0]), float(grid[-2]), mu, std), float(grid[-2])).x0
+        errors.append(float((SAMPLERS[name](den, x_T, grid, **kw) - reference).abs().max()))
+    slopes = -np.diff(np.log(errors)) / np.log(2)
+    if order == 3:
+        assert slopes.min() > 2.7, errors
+    else:
+        assert slopes[-1] == pytest.approx(order, abs=0.15), errors
+
+
 @pytest.mark.parametrize("kind,prediction", [("vp_cosine", "eps"), ("edm", "edm"), ("flow", "flow")])
 def test_ancestral_samplers_run_on_every_process(kind, prediction):
     for name in ("ddpm", "euler-ancestral"):
@@ -126,7 +155,7 @@ def test_ancestral_samplers_run_on_every_process(kind, prediction):
         s = den.schedule
         g = torch.Generator().manual_seed(0)
         x_T = torch.randn(4000, 2, 1, 1, generator=g, dtype=torch.float64) * s.prior_std
-        x0 = SAMPLERS[name](den, x_T, s.timesteps(200, "karras" if kind == "edm" else "trailing"), generator=g).flatten(1)
+        x0 = SAMPLERS[name](den, x_T, s.grid(200, "karras" if kind == "edm" else "trailing"), generator=g).flatten(1)
         assert float((torch.cov(x0.T) - mixture_covariance(mix)).norm()) < 0.06, (kind, name)
 
 
@@ -134,7 +163,7 @@ def test_euler_on_the_flow_ode_is_ddim():
     """On rectified flow, Euler in t on dx/dt = u = eps - x_0 (Liu et al. 2022), Euler in sigma / alpha and DDIM are one
     update: x_s = x_t + (s - t) u = (1 - s) x0 + s eps. Equal to float64 precision."""
     den, _ = exact_denoiser("flow", "flow")
-    grid = den.schedule.timesteps(12)
+    grid = den.schedule.grid(12)
     x_T = torch.randn(500, 2, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = x_T
     for t, s in zip(grid[:-1].tolist(), grid[1:].tolist()):
@@ -149,14 +178,14 @@ def test_euler_on_the_flow_ode_is_ddim():
 def test_vp_only_samplers_say_so(kind, name):
     den, _ = exact_denoiser(kind, "eps")
     with pytest.raises(ValueError, match=f"integrates the variance-preserving SDE, and this model's process is {kind}"):
-        SAMPLERS[name](den, torch.zeros(2, 2, 1, 1, dtype=torch.float64), den.schedule.timesteps(2, "linspace"))
+        SAMPLERS[name](den, torch.zeros(2, 2, 1, 1, dtype=torch.float64), den.schedule.grid(2, "linspace"))
 
 
 def test_vp_sde_samplers_run_on_continuous_vp():
     den, mix = exact_denoiser("vp_cosine", "eps")
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(4000, 2, 1, 1, generator=g, dtype=torch.float64)
-    x0 = SAMPLERS["sde-em"](den, x_T, den.schedule.timesteps(500), generator=g).flatten(1)
+    x0 = SAMPLERS["sde-em"](den, x_T, den.schedule.grid(500), generator=g).flatten(1)
     assert float((torch.cov(x0.T) - mixture_covariance(mix)).norm()) < 0.06
 
 
@@ -164,9 +193,9 @@ def test_bad_names_are_refused():
     with pytest.raises(ValueError, match="prediction must be one of eps, x0, v, flow, edm, got 'score'"):
         Denoiser(None, Flow(), prediction="score")
     with pytest.raises(ValueError, match='spacing "leading" numbers discrete steps'):
-        Flow().timesteps(10, "leading")
+        Flow().grid(10, "leading")
     with pytest.raises(ValueError, match="has no 'every step'"):
-        EDM().timesteps(None)
+        EDM().grid(None)
 
 
 @pytest.mark.parametrize("config", ["configs/mnist_flow.toml", "configs/mnist_edm.toml"])

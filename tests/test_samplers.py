@@ -28,9 +28,9 @@ def reference_trajectory(scheduler, x, generator):
     return xs
 
 
-def our_trajectory(sampler, schedule, x, timesteps, generator, **kw):
+def our_trajectory(sampler, schedule, x, grid, generator, **kw):
     xs = []
-    sampler(Denoiser(toy_eps, schedule), x, timesteps, generator=generator,
+    sampler(Denoiser(toy_eps, schedule), x, grid, generator=generator,
             callback=lambda step: xs.append(step.x_next), **kw)
     return xs
 
@@ -60,7 +60,7 @@ def test_ddpm_matches_diffusers(kind, variance, steps):
     ref.set_timesteps(steps or 1000)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = reference_trajectory(ref, x_T, torch.Generator().manual_seed(1))
-    ours = our_trajectory(ddpm.sample, schedule, x_T, schedule.timesteps_from_indices(ref.timesteps),
+    ours = our_trajectory(ddpm.sample, schedule, x_T, schedule.grid_from_indices(ref.timesteps),
                           torch.Generator().manual_seed(1), variance=variance)
     assert len(ours) == len(expected)
     for a, b in zip(ours, expected):
@@ -75,8 +75,8 @@ def test_ddim_matches_diffusers(eta, spacing):
     schedule = Schedule.linear()
     ref = float64_tables(DDIMScheduler(**_diffusers_kw("linear"), set_alpha_to_one=True, timestep_spacing=spacing), schedule)
     ref.set_timesteps(50)
-    timesteps = schedule.timesteps(50, spacing)
-    assert torch.allclose(timesteps, schedule.timesteps_from_indices(ref.timesteps))  # same grid, built by us
+    grid = schedule.grid(50, spacing)
+    assert torch.allclose(grid, schedule.grid_from_indices(ref.timesteps))  # same grid, built by us
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     g_ref = torch.Generator().manual_seed(2)
     expected = []
@@ -84,7 +84,7 @@ def test_ddim_matches_diffusers(eta, spacing):
     for t in ref.timesteps:
         x = ref.step(toy_eps(x, t.reshape(1).expand(4)), t, x, eta=eta, generator=g_ref).prev_sample
         expected.append(x)
-    ours = our_trajectory(ddim.sample, schedule, x_T, timesteps, torch.Generator().manual_seed(2), eta=eta)
+    ours = our_trajectory(ddim.sample, schedule, x_T, grid, torch.Generator().manual_seed(2), eta=eta)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -96,7 +96,7 @@ def test_samplers_recover_gaussian_data(name, kw, steps):
     mu, std = 0.5, 0.3
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(20_000, 1, 1, 1, generator=g, dtype=torch.float64)
-    x0 = SAMPLERS[name](Denoiser(gaussian_eps(schedule, mu, std), schedule), x_T, schedule.timesteps(steps),
+    x0 = SAMPLERS[name](Denoiser(gaussian_eps(schedule, mu, std), schedule), x_T, schedule.grid(steps),
                         generator=g, **kw)
     assert float(x0.mean()) == pytest.approx(mu, abs=0.01)
     assert float(x0.std()) == pytest.approx(std, rel=0.03)
@@ -112,7 +112,7 @@ def test_sub_grid_error_shrinks_with_steps(name, kw, spacing):
     for steps in (20, 100, 500):
         g = torch.Generator().manual_seed(4)
         x_T = torch.randn(20_000, 1, 1, 1, generator=g, dtype=torch.float64)
-        x0 = SAMPLERS[name](den, x_T, schedule.timesteps(steps, spacing), generator=g, **kw)
+        x0 = SAMPLERS[name](den, x_T, schedule.grid(steps, spacing), generator=g, **kw)
         errors.append(abs(float(x0.std()) - 0.3))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01
 
@@ -126,7 +126,7 @@ def test_sampler_contract(name):
     """Shapes, determinism under a seed, one callback per step, and the last step lands on t = 0."""
     schedule = Schedule.linear()
     den = Denoiser(toy_eps, schedule)
-    ts = schedule.timesteps(10)
+    ts = schedule.grid(10)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     steps = []
     kw = STOCHASTIC.get(name, {})
@@ -154,7 +154,7 @@ def test_bad_grids_are_refused():
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         ddim.sample(den, x, torch.tensor([1.2, 0.0]))
     with pytest.raises(ValueError, match="variance"):
-        ddpm.sample(den, x, schedule.timesteps(5), variance="large")
+        ddpm.sample(den, x, schedule.grid(5), variance="large")
 
 
 # --- the one walk: start, projection, jumps back up ----------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_walk_with_a_projection_equals_a_hand_written_loop():
     RePaint, Lugmayr et al. 2022, eq. 8) equals the same loop written out."""
     schedule = Schedule.linear()
     den = Denoiser(toy_eps, schedule)
-    grid = schedule.timesteps(10)
+    grid = schedule.grid(10)
     known = torch.linspace(-1, 1, math.prod(SHAPE), dtype=torch.float64).reshape(SHAPE)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mask = torch.zeros(SHAPE, dtype=torch.bool)
@@ -205,7 +205,7 @@ def test_generate_from_a_start(sampler):
                              torch.tensor(t0), torch.randn((n, *shape), generator=torch.Generator().manual_seed(2)))
     calls = []
     x0 = generate(den, n, shape, sampler=sampler, steps=20, clip=False, seed=0, start=(x_t0, t0), callback=calls.append)
-    assert calls[0].t == pytest.approx(t0) and len(calls) == 1 + int((schedule.timesteps(20) < t0).sum()) - 1
+    assert calls[0].t == pytest.approx(t0) and len(calls) == 1 + int((schedule.grid(20) < t0).sum()) - 1
     # the same distribution as the full run (whose last step, from t = 1/20, shrinks the spread below 0.3)
     assert float(x0.mean()) == pytest.approx(float(plain.mean()), abs=0.02)
     assert float(x0.std()) == pytest.approx(float(plain.std()), rel=0.04)
@@ -219,7 +219,7 @@ def test_a_jump_back_up_draws_from_the_forward_process(sampler):
     schedule = Schedule.linear()
     mu, std = 0.5, 0.3
     den = Denoiser(gaussian_eps(schedule, mu, std), schedule)
-    top = schedule.timesteps(200)  # fine enough that the last step's shrinkage of the spread is < 1%
+    top = schedule.grid(200)  # fine enough that the last step's shrinkage of the spread is < 1%
     grid = torch.cat([top[top >= 0.3], torch.tensor([0.7], dtype=torch.float64), top[top < 0.7]])
     x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     steps = []
@@ -241,9 +241,9 @@ def test_every_grid_sampler_takes_a_projection_and_the_adaptive_one_refuses_it()
     for name, info in SAMPLERS.items():
         if info.calls_per_step == 0:
             with pytest.raises(ValueError, match="no step to project after"):
-                info(den, x_T, schedule.timesteps(2, "linspace"), project=lambda x, s: x)
+                info(den, x_T, schedule.grid(2, "linspace"), project=lambda x, s: x)
             continue
         seen = []
-        out = info(den, x_T, schedule.timesteps(4), generator=torch.Generator().manual_seed(0),
+        out = info(den, x_T, schedule.grid(4), generator=torch.Generator().manual_seed(0),
                    project=lambda x, s: seen.append(s) or torch.zeros_like(x))
-        assert seen == schedule.timesteps(4)[1:].tolist() and torch.equal(out, torch.zeros_like(x_T)), name
+        assert seen == schedule.grid(4)[1:].tolist() and torch.equal(out, torch.zeros_like(x_T)), name

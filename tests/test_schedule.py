@@ -73,7 +73,7 @@ def test_posterior_is_the_bayes_posterior_by_monte_carlo():
 def test_closed_form_forward_matches_markov_chain_by_monte_carlo():
     """q(x_t | x_0) in one step (eq. 4) has the mean and variance of t steps of q(x_n | x_{n-1}) (eq. 2)."""
     g = torch.Generator().manual_seed(1)
-    s = Schedule.linear(timesteps=200, beta_start=1e-3, beta_end=0.04)
+    s = Schedule.linear(T=200, beta_start=1e-3, beta_end=0.04)
     x0 = torch.full((100_000,), 0.8, dtype=torch.float64)
     x = x0.clone()
     for n in range(1, 121):
@@ -92,7 +92,7 @@ def test_closed_form_forward_matches_markov_chain_by_monte_carlo():
 ])
 def test_timestep_grids(spacing, expected):
     s = Schedule.linear()
-    ts = s.timesteps(10, spacing)
+    ts = s.grid(10, spacing)
     assert ts[-1] == 0 and len(ts) == 11
     idx = torch.round(s.model_time(ts[:-1])).long().tolist()
     assert idx == expected
@@ -100,7 +100,7 @@ def test_timestep_grids(spacing, expected):
 
 def test_full_grid_and_model_time_ends():
     s = Schedule.linear()
-    ts = s.timesteps()
+    ts = s.grid()
     assert len(ts) == 1001 and float(ts[0]) == 1.0 and float(ts[-2]) == pytest.approx(1e-3)
     assert float(s.model_time(ts[0])) == pytest.approx(999) and float(s.model_time(ts[-2])) == pytest.approx(0)
 
@@ -111,9 +111,9 @@ def test_bad_config_values():
     with pytest.raises(ValueError, match="beta_start"):
         Schedule.from_config(ScheduleConfig(beta_start=0.1, beta_end=0.01))
     with pytest.raises(ValueError, match="steps"):
-        Schedule.linear().timesteps(0)
+        Schedule.linear().grid(0)
     with pytest.raises(ValueError, match="spacing"):
-        Schedule.linear().timesteps(10, "bogus")
+        Schedule.linear().grid(10, "bogus")
 
 
 STEP_COUNTS = (1, 2, 3, 7, 13, 20, 33, 50, 333, 999, 1000)  # many do not divide T = 1000
@@ -128,9 +128,9 @@ def test_every_grid_starts_at_the_top_for_every_step_count(kind, spacing):
     for steps in STEP_COUNTS:
         if steps > s.top_step:
             with pytest.raises(ValueError, match=f"between 1 and N = {s.top_step}"):
-                s.timesteps(steps, spacing)
+                s.grid(steps, spacing)
             continue
-        ts = s.timesteps(steps, spacing)
+        ts = s.grid(steps, spacing)
         assert len(ts) == steps + 1 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all()), (steps, ts)
         assert float(ts[0]) == pytest.approx(s.top_step / s.T, abs=1e-12), (steps, float(ts[0]))
         assert s.start_shortfall(ts) == pytest.approx(0, abs=1e-12)
@@ -140,10 +140,10 @@ def test_leading_keeps_its_published_meaning_and_measures_its_shortfall():
     """"leading" is DDIM's and diffusers' grid 1 + k T//K: it never reaches step T, and with few steps it starts
     where x_t still holds data (alpha = 1 at K = 1). generate() warns about it (test_bad_values.py)."""
     s = Schedule.linear()
-    assert s.timesteps(1, "leading").tolist() == [0.001, 0.0]
-    assert s.start_shortfall(s.timesteps(1, "leading")) > 0.99
-    assert s.start_shortfall(s.timesteps(3, "leading")) == pytest.approx(float(s.alpha(torch.tensor(0.667)) - s.alpha(torch.tensor(1.0))))
-    assert s.start_shortfall(s.timesteps(50, "leading")) < 0.01
+    assert s.grid(1, "leading").tolist() == [0.001, 0.0]
+    assert s.start_shortfall(s.grid(1, "leading")) > 0.99
+    assert s.start_shortfall(s.grid(3, "leading")) == pytest.approx(float(s.alpha(torch.tensor(0.667)) - s.alpha(torch.tensor(1.0))))
+    assert s.start_shortfall(s.grid(50, "leading")) < 0.01
 
 
 def test_one_step_from_pure_noise_gives_the_data_mean():
@@ -158,7 +158,7 @@ def test_one_step_from_pure_noise_gives_the_data_mean():
     den = Denoiser(gaussian_eps(s, 0.5, 0.5), s)
     x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for spacing in ("trailing", "linspace", "quadratic", "karras", "log_snr"):
-        x0 = ddim.sample(den, x_T, s.timesteps(1, spacing))
+        x0 = ddim.sample(den, x_T, s.grid(1, spacing))
         assert float(x0.mean()) == pytest.approx(0.5, abs=0.01), spacing
 
 
@@ -171,4 +171,4 @@ def test_cosine_grids_stop_at_log_snr_min():
     assert lin.top_step == 1000 and cos.top_step == 996
     assert float(cos.log_snr(torch.tensor(996 / 1000))) >= LOG_SNR_MIN > float(cos.log_snr(torch.tensor(997 / 1000)))
     assert Schedule(cosine_betas(), log_snr_min=-math.inf).top_step == 1000
-    assert len(cos.timesteps()) == 997 and float(cos.timesteps()[0]) == pytest.approx(0.996)
+    assert len(cos.grid()) == 997 and float(cos.grid()[0]) == pytest.approx(0.996)

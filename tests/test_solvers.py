@@ -31,9 +31,9 @@ def diffusers_run(scheduler, x, generator):
     return xs
 
 
-def ours_run(fn, schedule, x_T, timesteps, generator, **kw):
+def ours_run(fn, schedule, x_T, grid, generator, **kw):
     xs = []
-    fn(Denoiser(toy_eps, schedule), x_T, timesteps, generator=generator, callback=lambda s: xs.append(s), **kw)
+    fn(Denoiser(toy_eps, schedule), x_T, grid, generator=generator, callback=lambda s: xs.append(s), **kw)
     return xs
 
 
@@ -45,7 +45,7 @@ def test_dpm_solver_pp_matches_diffusers(order, steps):
     ref.set_timesteps(steps)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     expected = diffusers_run(ref, x_T, None)
-    ours = ours_run(dpm_solver.sample, schedule, x_T, schedule.timesteps_from_indices(ref.timesteps), None, order=order,
+    ours = ours_run(dpm_solver.sample, schedule, x_T, schedule.grid_from_indices(ref.timesteps), None, order=order,
                     reference_3m=True)
     assert len(ours) == len(expected) == steps
     for a, b in zip(ours, expected):
@@ -61,12 +61,12 @@ def test_sigma_samplers_match_diffusers(name, cls, spacing):
     schedule = Schedule.linear()
     ref = float64_tables(cls(**LINEAR, timestep_spacing=spacing), schedule)
     ref.set_timesteps(25)
-    timesteps = schedule.timesteps(25, spacing)
-    assert torch.allclose(timesteps, schedule.timesteps_from_indices(ref.timesteps[::2] if name == "heun" else ref.timesteps))
+    grid = schedule.grid(25, spacing)
+    assert torch.allclose(grid, schedule.grid_from_indices(ref.timesteps[::2] if name == "heun" else ref.timesteps))
     y_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * ref.init_noise_sigma
     expected = diffusers_run(ref, y_T, torch.Generator().manual_seed(3))
-    x_T = y_T * float(schedule.alpha(timesteps[0]))  # the same start, in x
-    ours = ours_run(SAMPLERS[name], schedule, x_T, timesteps, torch.Generator().manual_seed(3))
+    x_T = y_T * float(schedule.alpha(grid[0]))  # the same start, in x
+    ours = ours_run(SAMPLERS[name], schedule, x_T, grid, torch.Generator().manual_seed(3))
     assert len(ours) == len(expected) == 25
     same = len(ours)
     if name == "heun":  # ours steps by Euler where sigma shrinks more than 10-fold (karras.MIN_SIGMA_RATIO); diffusers does not
@@ -99,7 +99,7 @@ def test_samplers_recover_gaussian_data(name):
     schedule = Schedule.linear()
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(20_000, 1, 1, 1, generator=g, dtype=torch.float64)
-    x0 = SAMPLERS[name](Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule), x_T, schedule.timesteps(steps, spacing),
+    x0 = SAMPLERS[name](Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule), x_T, schedule.grid(steps, spacing),
                         generator=g, **kw)
     assert float(x0.mean()) == pytest.approx(0.5, abs=0.01)
     assert float(x0.std()) == pytest.approx(0.3, rel=0.03)
@@ -117,7 +117,7 @@ def test_samplers_recover_mixture_weights_and_means(name):
     mix = GaussianMixture(schedule, **MIXTURE)
     g = torch.Generator().manual_seed(4)
     x_T = torch.randn(4000, 2, 1, 1, generator=g, dtype=torch.float64)
-    x0 = SAMPLERS[name](Denoiser(mix.eps, schedule), x_T, schedule.timesteps(steps, spacing), generator=g, **kw).flatten(1)
+    x0 = SAMPLERS[name](Denoiser(mix.eps, schedule), x_T, schedule.grid(steps, spacing), generator=g, **kw).flatten(1)
     k = mix.component(x0)
     share = torch.bincount(k, minlength=3).double() / len(k)
     torch.testing.assert_close(share, mix.pi, atol=0.035, rtol=0)
@@ -152,7 +152,7 @@ def test_ode_solvers_converge_at_their_order(name, kw, order):
     x_T = torch.linspace(-3, 3, 101, dtype=torch.float64).view(-1, 1, 1, 1)
     t1 = 1 / schedule.T
     reference = den(exact_flow_end(x_T, schedule, 1.0, t1, mu, std), t1).x0
-    errors = [float((SAMPLERS[name](den, x_T, schedule.timesteps(n, "log_snr"), **kw) - reference).abs().max())
+    errors = [float((SAMPLERS[name](den, x_T, schedule.grid(n, "log_snr"), **kw) - reference).abs().max())
               for n in (64, 128, 256)]
     slopes = -np.diff(np.log(errors)) / np.log(2)
     if order == 3:  # on equal lambda steps the corrected 3M even gains an order (error terms cancel)
@@ -182,7 +182,7 @@ def test_heun_churn_adds_noise_and_stays_accurate():
     schedule = Schedule.linear()
     den = Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule)
     x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ts = schedule.timesteps(80, "karras")
+    ts = schedule.grid(80, "karras")
     a = karras.heun(den, x_T, ts, s_churn=10, generator=torch.Generator().manual_seed(1))
     b = karras.heun(den, x_T, ts, s_churn=10, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(a, b)
@@ -225,7 +225,7 @@ def test_probability_flow_ode_reaches_the_exact_solution_and_counts_evaluations(
     den = CountCalls(Denoiser(gaussian_eps(schedule, mu, std), schedule))
     x_T = torch.linspace(-3, 3, 51, dtype=torch.float64).view(-1, 1, 1, 1)
     steps = []
-    grid = schedule.timesteps(2, "linspace")  # [1, 1/T, 0]
+    grid = schedule.grid(2, "linspace")  # [1, 1/T, 0]
     out = sde.probability_flow(den, x_T, grid, rtol=1e-7, atol=1e-7, callback=steps.append)
     t1 = 1 / schedule.T
     reference = Denoiser(gaussian_eps(schedule, mu, std), schedule)(exact_flow_end(x_T, schedule, 1.0, t1, mu, std), t1).x0
@@ -268,7 +268,7 @@ def test_samplers_do_not_depend_on_the_prediction_type(name):
         return v_target(x0_fn(x, index), eps_fn(x, index), a, s)
 
     x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grid = schedule.timesteps(2 if name == "ode-rk45" else 8, "linspace")
+    grid = schedule.grid(2 if name == "ode-rk45" else 8, "linspace")
     out = [SAMPLERS[name](Denoiser(fn, schedule, prediction), x_T, grid, generator=torch.Generator().manual_seed(1))
            for fn, prediction in ((eps_fn, "eps"), (x0_fn, "x0"), (v_fn, "v"))]
     # to 1e-6: at fractional times the functions read their time back from the float32 model time
@@ -306,7 +306,7 @@ def covariance_error(kind: str, prediction: str, name: str, spacing: str, steps:
     den = Denoiser(mixture_net(mix, schedule, prediction, scale), schedule, prediction=prediction)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(n, 2, 1, 1, generator=g, dtype=torch.float64)
-    grid = schedule.timesteps(2, "linspace") if name == "ode-rk45" else schedule.timesteps(steps, spacing)
+    grid = schedule.grid(2, "linspace") if name == "ode-rk45" else schedule.grid(steps, spacing)
     kw = {"rtol": 1e-4, "atol": 1e-4, **options} if name == "ode-rk45" else options
     x0 = SAMPLERS[name](den, x_T, grid, generator=g, **kw).flatten(1)
     if not bool(torch.isfinite(x0).all()):

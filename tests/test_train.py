@@ -18,7 +18,7 @@ from diffuse.train import EMA, NonFiniteLoss, ResumeError, Trainer, _validate
 
 BASE = [
     "data.source=digits", "data.image_size=8", "data.channels=1",
-    "schedule.timesteps=100",
+    "schedule.T=100",
     "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
     "model.attention_resolutions=[4]", "model.dropout=0.2",
     "train.batch_size=8", "train.steps=6", "train.lr=2e-3", "train.warmup_steps=5", "train.hflip=true",
@@ -152,7 +152,7 @@ def test_changed_config_refuses_to_resume(tmp_path):
     Trainer(cfg, tmp_path, progress=False).fit()
     before = (tmp_path / "config.toml").read_text()
     for override, key in [("train.lr=1e-3", "train.lr"), ("model.dropout=0.1", "model.dropout"),
-                          ("train.hflip=false", "train.hflip"), ("schedule.timesteps=50", "schedule.timesteps")]:
+                          ("train.hflip=false", "train.hflip"), ("schedule.T=50", "schedule.T")]:
         with pytest.raises(ResumeError, match=key.replace(".", r"\.")):
             Trainer(tiny_cfg("train.steps=2", override), tmp_path, progress=False)
     assert (tmp_path / "config.toml").read_text() == before  # a refused resume leaves the saved config alone

@@ -40,7 +40,7 @@ def test_cifar10_config_has_the_papers_hyperparameters():
     cfg = load_config(ROOT / "configs" / "ddpm_cifar10.toml")
     t, m, s, d = cfg.train, cfg.model, cfg.schedule, cfg.data
     assert (d.image_size, d.channels) == (32, 3)
-    assert (s.kind, s.timesteps, s.beta_start, s.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    assert (s.kind, s.T, s.beta_start, s.beta_end) == ("linear", 1000, 1e-4, 0.02)
     assert (t.lr, t.warmup_steps, t.batch_size, t.grad_clip, t.ema_decay) == (2e-4, 5000, 128, 1.0, 0.9999)
     assert t.weight_decay == 0 and t.hflip and t.loss_weighting == "none" and t.steps == 800_000
     assert (m.channels, m.channel_mult, m.num_res_blocks, m.attention_resolutions) == (128, [1, 2, 2, 2], 2, [16])

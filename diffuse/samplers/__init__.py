@@ -1,4 +1,4 @@
-"""Samplers: pure functions sample(denoiser, x_T, timesteps, *, generator, callback) -> x_0.
+"""Samplers: pure functions sample(denoiser, x_T, grid, *, generator, callback) -> x_0.
 
 They call the denoiser and read alpha_t, sigma_t from its schedule, nothing else: no network,
 no prediction type, no hidden state between calls. `SAMPLERS` names each one for the CLI, with

@@ -50,13 +50,13 @@ class GridStep(NamedTuple):
     sigma_s: float
 
 
-def grid_steps(schedule, timesteps: Tensor, *, jumps: bool = False) -> Iterator[GridStep]:
+def grid_steps(schedule, grid: Tensor, *, jumps: bool = False) -> Iterator[GridStep]:
     """Walk consecutive pairs (t, s) of a grid of times in [0, 1] that ends at t = 0; scales in float64 as floats.
 
     The grid decreases strictly, or, with `jumps`, may step back up (never stays put). Raises ValueError
     for a grid of fewer than two times, one that does not end at 0, or times out of order or outside [0, 1].
     """
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
     if len(ts) < 2:
         raise ValueError("a sampling grid needs at least two times: the start and the final t = 0")
     if ts[-1] != 0:
@@ -87,7 +87,7 @@ def forward_jump(x: Tensor, step: GridStep, generator: torch.Generator | None) -
     return (step.alpha_s / step.alpha_t) * x + math.sqrt(max(var, 0.0)) * gaussian_like(x, generator)
 
 
-def walk(schedule, x: Tensor, timesteps: Tensor, update: Update, *, generator: torch.Generator | None = None,
+def walk(schedule, x: Tensor, grid: Tensor, update: Update, *, generator: torch.Generator | None = None,
          callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """The one sampling loop: every sampler is this walk with its own `update` (DESIGN.md, "one shared walk").
 
@@ -99,7 +99,7 @@ def walk(schedule, x: Tensor, timesteps: Tensor, update: Update, *, generator: t
     Each move is reported once to `callback` as a Step (x0 is None on a jump). A grid [0] is no move at all:
     x is returned as it is. Noise comes only from `generator`. Returns x at t = 0.
     """
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
     if len(ts) == 1 and float(ts[0]) == 0:
         return x
     history: list = []

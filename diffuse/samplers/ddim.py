@@ -19,7 +19,7 @@ from .base import OPTIONS, Callback, GridStep, Project, gaussian_like, walk
 def sample(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     eta: float = 0.0,  # 0: deterministic DDIM; 1: DDPM-like ancestral noise (Song et al. 2021, eq. 16)
     generator: torch.Generator | None = None,
@@ -37,4 +37,4 @@ def sample(
             x_next = x_next + noise_std * gaussian_like(x, generator)
         return x_next, pred
 
-    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(denoiser.schedule, x_T, grid, update, generator=generator, callback=callback, project=project)

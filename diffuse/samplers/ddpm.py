@@ -22,7 +22,7 @@ from .base import OPTIONS, Callback, GridStep, Project, gaussian_like, walk
 def sample(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     variance: Literal["beta_tilde", "beta"] = "beta_tilde",  # sigma_t^2: posterior beta-tilde_t (lower bound) or beta_t (upper); Ho et al. sec. 3.2
     generator: torch.Generator | None = None,
@@ -40,12 +40,12 @@ def sample(
         a_t, s_t, a_s, s_s = step.alpha_t, step.sigma_t, step.alpha_s, step.sigma_s
         c_x0, c_xt, beta_tilde = posterior(a_t, s_t, a_s, s_s)
         mean = c_x0 * pred.x0 + c_xt * x  # mu~_t(x_t, x0_hat), eq. 7
-        if step.s > 0 and pred.v_interp is not None:
-            log_var = interpolated_log_variance(pred.v_interp, a_t, s_t, a_s, s_s)
+        if step.s > 0 and pred.variance_mix is not None:
+            log_var = interpolated_log_variance(pred.variance_mix, a_t, s_t, a_s, s_s)
             return mean + (0.5 * log_var).exp() * gaussian_like(x, generator), pred
         if step.s > 0:
             var = beta_tilde if variance == "beta_tilde" else transition_variance(a_t, s_t, a_s, s_s)
             return mean + var**0.5 * gaussian_like(x, generator), pred
         return mean, pred
 
-    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(denoiser.schedule, x_T, grid, update, generator=generator, callback=callback, project=project)

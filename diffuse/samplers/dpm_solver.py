@@ -39,8 +39,8 @@ from torch import Tensor
 from .base import OPTIONS, Callback, GridStep, Project, walk
 
 
-def log_snr(alpha: float, sigma: float) -> float:
-    """lambda = log(alpha / sigma); +inf at clean data."""
+def lam(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), half the log-SNR (Lu et al. 2022, sec. 3.1); +inf at clean data."""
     return math.log(alpha / sigma) if sigma > 0 else math.inf
 
 
@@ -89,7 +89,7 @@ def multistep_update(x: Tensor, x0s: list[Tensor], hs: list[float], sigma_t: flo
 def sample(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     order: int = 2,                  # 1 (DDIM), 2 (DPM-Solver++(2M)) or 3 (3M)
     lower_order_final: bool = True,  # lower orders on the last steps of grids shorter than 15 steps
@@ -106,7 +106,7 @@ def sample(
 
     def update(step: GridStep, x: Tensor, history: list):
         pred = denoiser(x, step.t)
-        lam_t, lam_s = log_snr(step.alpha_t, step.sigma_t), log_snr(step.alpha_s, step.sigma_s)
+        lam_t, lam_s = lam(step.alpha_t, step.sigma_t), lam(step.alpha_s, step.sigma_s)
         history[:] = [(lam_t, pred.x0), *history][:order]  # newest first; emptied by the walk after a jump back up
         lams, x0s = [lam for lam, _ in history], [x0 for _, x0 in history]
         k = len(history)
@@ -117,13 +117,13 @@ def sample(
         hs = [lams[j] - lams[j + 1] for j in range(k - 1)]
         return multistep_update(x, x0s[:k], hs, step.sigma_t, step.alpha_s, step.sigma_s, h, reference_3m), pred
 
-    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(denoiser.schedule, x_T, grid, update, generator=generator, callback=callback, project=project)
 
 
 def sample_2s(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     generator: torch.Generator | None = None,  # unused: the solver is deterministic
     callback: Callback | None = None,
@@ -135,13 +135,13 @@ def sample_2s(
 
     def update(step: GridStep, x: Tensor, history: list):
         pred = denoiser(x, step.t)
-        lam_t, lam_s = log_snr(step.alpha_t, step.sigma_t), log_snr(step.alpha_s, step.sigma_s)
+        lam_t, lam_s = lam(step.alpha_t, step.sigma_t), lam(step.alpha_s, step.sigma_s)
         h = lam_s - lam_t
         if step.sigma_s == 0:
             return first_order_update(x, pred.x0, step.sigma_t, step.alpha_s, step.sigma_s, h), pred
-        t_mid = float(schedule.t_from_log_snr(2 * (lam_t + h / 2)))  # the schedule's log-SNR is 2 lambda
+        t_mid = float(schedule.t_from_lam(lam_t + h / 2))
         alpha_m, sigma_m = float(schedule.alpha(t_mid)), float(schedule.sigma(t_mid))
         u = first_order_update(x, pred.x0, step.sigma_t, alpha_m, sigma_m, h / 2)
         return first_order_update(x, denoiser(u, t_mid).x0, step.sigma_t, step.alpha_s, step.sigma_s, h), pred
 
-    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(schedule, x_T, grid, update, generator=generator, callback=callback, project=project)

@@ -5,7 +5,7 @@ level sigma = sigma_t / alpha_t (Schedule.ve_sigma). In y and sigma the probabil
     dy / dsigma = (y - D(y; sigma)) / sigma = eps_hat              (Karras et al. 2022, eq. 3 / table 1)
 so every step below moves y along eps_hat, the denoiser's noise prediction. A step reads x_t,
 works on y = x_t / alpha_t and hands back x_s = alpha_s y_s; the last step (sigma = 0) returns y.
-Grids come from Schedule.timesteps (spacing "karras" is EDM's eq. 5).
+Grids come from Schedule.grid (spacing "karras" is EDM's eq. 5).
 """
 
 from __future__ import annotations
@@ -70,17 +70,17 @@ def _in_sigma(denoiser, move) -> Update:
     return update
 
 
-def euler(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
+def euler(denoiser, x_T: Tensor, grid: Tensor, *, generator: torch.Generator | None = None,
           callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """Euler on the probability-flow ODE in sigma (EDM Algorithm 1 without the correction): one call per step."""
     update = _in_sigma(denoiser, lambda y, sig, sig_next, pred, step: euler_step(y, pred.eps, sig, sig_next))
-    return walk(denoiser.schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(denoiser.schedule, x_T, grid, update, generator=generator, callback=callback, project=project)
 
 
 def heun(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     s_churn: float = 0.0,          # total added noise over the run (EDM Algorithm 2); 0 = the deterministic Algorithm 1
     s_tmin: float = 0.0,           # churn only where s_tmin <= sigma <= s_tmax
@@ -120,10 +120,10 @@ def heun(
             y_next = heun_step(y, pred.eps, ve.at_time(y_next, step.s), sig, sig_next)
         return step.alpha_s * y_next, pred
 
-    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(schedule, x_T, grid, update, generator=generator, callback=callback, project=project)
 
 
-def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
+def dpm2(denoiser, x_T: Tensor, grid: Tensor, *, generator: torch.Generator | None = None,
          callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """DPM-Solver-2 in sigma (Lu et al. 2022a, Algorithm 1 as Karras et al. 2022 use it, sec. 3 / k-diffusion's
     sample_dpm_2): an Euler half-step to the geometric midpoint sigma_mid = sqrt(sigma sigma_next), then the full
@@ -138,11 +138,11 @@ def dpm2(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator
         y_mid = euler_step(y, pred.eps, sig, sig_mid)
         return euler_step(y, ve.at_sigma(y_mid, sig_mid), sig, sig_next)
 
-    return walk(denoiser.schedule, x_T, timesteps, _in_sigma(denoiser, move), generator=generator, callback=callback,
+    return walk(denoiser.schedule, x_T, grid, _in_sigma(denoiser, move), generator=generator, callback=callback,
                 project=project)
 
 
-def euler_ancestral(denoiser, x_T: Tensor, timesteps: Tensor, *, eta: float = 1.0,
+def euler_ancestral(denoiser, x_T: Tensor, grid: Tensor, *, eta: float = 1.0,
                     generator: torch.Generator | None = None, callback: Callback | None = None,
                     project: Project | None = None) -> Tensor:
     """Euler ancestral: Euler down to sigma_down, then fresh noise of std sigma_up (`ancestral_sigmas`); one call per step."""
@@ -153,5 +153,5 @@ def euler_ancestral(denoiser, x_T: Tensor, timesteps: Tensor, *, eta: float = 1.
         y_next = euler_step(y, pred.eps, sig, down)
         return y_next + up * gaussian_like(y, generator) if up > 0 else y_next
 
-    return walk(denoiser.schedule, x_T, timesteps, _in_sigma(denoiser, move), generator=generator, callback=callback,
+    return walk(denoiser.schedule, x_T, grid, _in_sigma(denoiser, move), generator=generator, callback=callback,
                 project=project)

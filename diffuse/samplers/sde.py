@@ -52,10 +52,10 @@ def euler_maruyama_step(schedule, x: Tensor, pred, t: float, s: float, sigma_t: 
     return x - reverse_drift(x, pred.eps, f, g2, sigma_t, ode=False) * dt + math.sqrt(g2 * dt) * gaussian_like(x, generator)
 
 
-def euler_maruyama(denoiser, x_T: Tensor, timesteps: Tensor, *, generator: torch.Generator | None = None,
+def euler_maruyama(denoiser, x_T: Tensor, grid: Tensor, *, generator: torch.Generator | None = None,
                    callback: Callback | None = None, project: Project | None = None) -> Tensor:
     """Euler-Maruyama on the reverse SDE (`euler_maruyama_step`): one call per step."""
-    return predictor_corrector(denoiser, x_T, timesteps, corrector_steps=0, generator=generator, callback=callback,
+    return predictor_corrector(denoiser, x_T, grid, corrector_steps=0, generator=generator, callback=callback,
                                project=project)
 
 
@@ -69,7 +69,7 @@ def langevin_step_size(score: Tensor, z: Tensor, snr: float, alpha: float) -> fl
 def predictor_corrector(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     snr: float = 0.16,           # the corrector's signal-to-noise ratio r (Song et al.: 0.16 for VP on CIFAR-10)
     corrector_steps: int = 1,    # Langevin steps at each time (Song et al.: 1)
@@ -97,7 +97,7 @@ def predictor_corrector(
         pred = denoiser(x, step.t)
         return euler_maruyama_step(schedule, x, pred, step.t, step.s, step.sigma_t, generator), pred
 
-    return walk(schedule, x_T, timesteps, update, generator=generator, callback=callback, project=project)
+    return walk(schedule, x_T, grid, update, generator=generator, callback=callback, project=project)
 
 
 def time_at(schedule, l: float) -> float:
@@ -114,7 +114,7 @@ def pf_ode_drift_in_l(x: Tensor, pred, l: float) -> Tensor:
 def probability_flow(
     denoiser,
     x_T: Tensor,
-    timesteps: Tensor,
+    grid: Tensor,
     *,
     rtol: float = 1e-5,  # RK45 tolerances (Song et al. 2021: 1e-5 for sampling)
     atol: float = 1e-5,
@@ -137,7 +137,7 @@ def probability_flow(
     if project is not None:
         raise ValueError("ode-rk45 chooses its own steps, so there is no step to project after; use a sampler with a "
                          "grid (ddim, dpmpp-2m, ...) for inpainting, RePaint or ILVR")
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
     list(grid_steps(denoiser.schedule, ts))  # validate the grid
     schedule = denoiser.schedule
     t_end = float(ts[-2])
