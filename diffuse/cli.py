@@ -1,8 +1,9 @@
-"""The `diffuse` command: train, sample, eval, demo.
+"""The `diffuse` command: train, sample, edit, eval, demo.
 
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
+    diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse demo [--out DIR]
 """
@@ -85,21 +86,25 @@ def number(kind: type = float, *, low: float | None = None, above: bool = False,
     return parse
 
 
-def _sample(args) -> None:
-    import torch
-    from tqdm import tqdm
-
-    from .samplers import CountCalls
-    from .sample import check_guidance, default_labels, generate, load_classifier, load_run, run_config
-    from .visualize import save_grid, to_unit
-
-    out = Path(args.out)
+def _check_out(out: Path) -> None:
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file in it, e.g. {out / 'samples.png'}")
+
+
+def _sampling(args, n: int):
+    """What `sample` and `edit` share: the run's config and denoiser and generate's keyword arguments, resolved from the
+    command line and the run's [sample] section, every flag checked before the model loads. Returns (cfg, counted
+    denoiser, generate kwargs, progress bar)."""
+    import torch
+    from tqdm import tqdm
+
+    from .samplers import CountCalls
+    from .sample import check_guidance, default_labels, load_classifier, load_run, run_config
+
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
-    s, d = cfg.sample, cfg.data
+    s = cfg.sample
     sampler = args.sampler or s.sampler
     _refuse_unused(args, sampler)
     options = {"eta": s.eta, "variance": s.variance}
@@ -127,23 +132,81 @@ def _sample(args) -> None:
             raise ValueError("--label needs a class-conditional model or a --classifier to guide with")
         if not 0 <= args.label < num_classes:
             raise ValueError(f"--label must be a class index in 0..{num_classes - 1}, got {args.label}")
-        labels = torch.full((args.n,), args.label)
+        labels = torch.full((n,), args.label)
     elif conditional or classifier is not None:
-        labels = default_labels(args.n, num_classes)
+        labels = default_labels(n, num_classes)
     steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
     counted = CountCalls(den)
     bar = tqdm(total=(steps or getattr(den.schedule, "top_step", None)) if SAMPLERS[sampler].calls_per_step else None,
                unit="step", desc=sampler)
-    x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), sampler=sampler, steps=steps,
-                 spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn, labels=labels, guidance=guidance,
-                 classifier=classifier, seed=args.seed, device=device, callback=lambda step: bar.update(1), **options)
-    bar.close()
+    kw = dict(sampler=sampler, steps=steps, spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn,
+              labels=labels, guidance=guidance, classifier=classifier, seed=args.seed, device=device,
+              callback=lambda step: bar.update(1), **options)
+    return cfg, counted, kw, bar
+
+
+def _write(x, out: Path) -> None:
+    from .visualize import save_grid, to_unit
+
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, to_unit(x).numpy())
     else:
         save_grid(x, out)
+
+
+def _sample(args) -> None:
+    from .sample import generate
+
+    out = Path(args.out)
+    _check_out(out)
+    cfg, counted, kw, bar = _sampling(args, args.n)
+    d = cfg.data
+    x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), **kw)
+    bar.close()
+    _write(x, out)
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
+
+
+def _edit(args) -> None:
+    """`diffuse edit sdedit|inpaint|ilvr RUN ...`: n edits of one input image (tasks/editing.py), the outputs as
+    OUT and a before/after figure beside it (OUT's name + _before_after.png)."""
+    import torch
+
+    from . import tasks
+    from .data import load_image, load_mask
+    from .sample import run_config
+    from .visualize import save_grid
+
+    out = Path(args.out)
+    _check_out(out)
+    cfg = run_config(args.run)
+    d = cfg.data
+    source = args.reference if args.task == "ilvr" else args.image
+    image, geometry = load_image(source, d.channels, d.image_size)  # checked before the model loads
+    mask = load_mask(args.mask, geometry) if args.task == "inpaint" else None
+    if args.task == "sdedit" and not 0 <= args.strength <= 1:
+        raise ValueError(f"--strength must be in [0, 1] (0: the image itself, 1: unconditional sampling), got {args.strength}")
+    if args.task == "ilvr":
+        tasks.low_pass(image, args.factor)  # a factor that does not divide the size fails here
+    if args.task == "inpaint":
+        tasks.editing.check_mask(mask, image)
+    _, counted, kw, bar = _sampling(args, args.n)
+    batch = image.expand(args.n, *image.shape[1:]).to(kw["device"])
+    if args.task == "sdedit":
+        x = tasks.sdedit(counted, batch, args.strength, **kw)
+        before = [image]
+    elif args.task == "inpaint":
+        x = tasks.inpaint(counted, batch, mask, jump_length=args.repaint_length, jump_n_samples=args.repaint_jumps, **kw)
+        before = [image * mask]  # the region to generate shown as mid-grey (0 in [-1, 1])
+    else:
+        x = tasks.ilvr(counted, batch, args.factor, t_stop=args.t_stop, **kw)
+        before = [image, tasks.low_pass(image, args.factor)]  # the reference and the low-pass the outputs share
+    bar.close()
+    _write(x, out)
+    figure = out.with_name(out.stem + "_before_after.png")
+    save_grid(torch.cat([b.to(x) for b in before] + [x]), figure, nrow=len(before) + args.n, scale=4)
+    print(f"wrote {args.n} {args.task} outputs to {out} and the input beside them to {figure} ({counted.calls} denoiser calls)")
 
 
 def _eval(args) -> None:
@@ -274,20 +337,8 @@ def device_arg(text: str) -> str:
     return text
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffuse", description="Denoising diffusion models: train, sample, demo.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a model from a TOML config into a run folder (resumes an existing one)")
-    t.add_argument("config", help="TOML config, e.g. configs/mnist.toml or RUN/config.toml")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4 (repeatable)")
-    t.add_argument("--out", required=True, help="run folder (created, or resumed if it holds a run)")
-    t.add_argument("--inexact-resume", action="store_true", help="resume from the weights even if training state is missing or the config changed")
-    t.set_defaults(func=_train)
-
-    s = sub.add_parser("sample", help="draw samples from a trained run")
-    s.add_argument("run", help="run folder written by `diffuse train`")
-    s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
+def _sampling_flags(s: argparse.ArgumentParser) -> None:
+    """The flags of `sample` and `edit`: sampler, grid, options, class and guidance, thresholding, seed, weights, device, out."""
     s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
                    help="default: the run's sample.sampler; one of: " + "; ".join(f"{k} ({v.about})" for k, v in SAMPLERS.items()))
     s.add_argument("--steps", type=number(int, low=0), help="grid steps (default: the run's sample.steps; 0 = every one of the T steps)")
@@ -303,7 +354,50 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffuse", description="Denoising diffusion models: train, sample, demo.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a TOML config into a run folder (resumes an existing one)")
+    t.add_argument("config", help="TOML config, e.g. configs/mnist.toml or RUN/config.toml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4 (repeatable)")
+    t.add_argument("--out", required=True, help="run folder (created, or resumed if it holds a run)")
+    t.add_argument("--inexact-resume", action="store_true", help="resume from the weights even if training state is missing or the config changed")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    s.add_argument("run", help="run folder written by `diffuse train`")
+    s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
+    _sampling_flags(s)
     s.set_defaults(func=_sample)
+
+    ed = sub.add_parser("edit", help="edit an image with a trained run, without training: sdedit, inpaint (RePaint), ilvr")
+    tasks_sub = ed.add_subparsers(dest="task", required=True)
+    about = {"sdedit": "SDEdit (Meng et al. 2022): noise a guide image (a sketch, strokes) to --strength, then denoise",
+             "inpaint": "fill the white region of --mask, keep the rest (RePaint, Lugmayr et al. 2022)",
+             "ilvr": "samples that share the --factor x --factor block means of --reference (ILVR, Choi et al. 2021)"}
+    for task, text in about.items():
+        tp = tasks_sub.add_parser(task, help=text, description=text)
+        tp.add_argument("run", help="run folder written by `diffuse train`")
+        if task == "ilvr":
+            tp.add_argument("--reference", required=True, help="reference image (resized to the model's size with a note)")
+            tp.add_argument("--factor", type=number(int, low=1), required=True, help="downsampling factor N of the low-pass filter; must divide the image size")
+            tp.add_argument("--t-stop", type=number(low=0, high=1), default=0.0, help="condition only while t >= this (0: every step)")
+        else:
+            tp.add_argument("--image", required=True, help="input image (resized to the model's size with a note)")
+        if task == "sdedit":
+            tp.add_argument("--strength", type=number(low=0, high=1), required=True,
+                            help="t0 / t_top in [0, 1]: 0 returns the image, 1 is unconditional sampling (about 0.4-0.6 for strokes)")
+        if task == "inpaint":
+            tp.add_argument("--mask", required=True, help="mask image of the same size as --image: white = generate, black = keep")
+            tp.add_argument("--repaint-jumps", type=number(int, low=1, high=100), default=1,
+                            help="RePaint's resamplings r per jump point (1: plain replacement; the paper: 10; costs ~r times the steps)")
+            tp.add_argument("--repaint-length", type=number(int, low=1), default=10, help="RePaint's jump length in grid steps (the paper: 10)")
+        tp.add_argument("--n", type=number(int, low=1), default=8, help="outputs of the one input (default 8)")
+        _sampling_flags(tp)
+        tp.set_defaults(func=_edit)
 
     e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim")
     e.add_argument("run", help="run folder written by `diffuse train`")

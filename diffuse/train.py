@@ -127,6 +127,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (schedule.T is None or cfg.sample.steps <= schedule.top_step,
          f"sample.steps = {cfg.sample.steps} is more than the schedule's {getattr(schedule, 'top_step', '')} "
          "sampling steps (Schedule.top_step); lower it, or 0 for every step"),
+        (schedule.kind != "edm" or cfg.sample.spacing in ("karras", "log_snr"),
+         f"sample.spacing = '{cfg.sample.spacing}' is uniform in t, and EDM's sigma = t sigma_max, so its grid would end at "
+         "sigma = sigma_max / steps (a blurred final prediction); use sample.spacing = 'karras' (EDM eq. 5) or 'log_snr'"),
         (schedule.T is not None or cfg.sample.steps >= 1,
          f"sample.steps = 0 means every discrete step, and the {schedule.kind} process is continuous: give a number"),
         (schedule.T is not None or (t.loss == "simple" and not cfg.model.learned_variance),

@@ -1,0 +1,5 @@
+"""Tasks built on a trained denoiser: editing without training (editing.py: SDEdit, inpainting/RePaint, ILVR)."""
+
+from .editing import ilvr, inpaint, low_pass, repaint_grid, sdedit
+
+__all__ = ["ilvr", "inpaint", "low_pass", "repaint_grid", "sdedit"]

@@ -1,0 +1,185 @@
+"""Training-free editing with any trained model: SDEdit, inpainting with RePaint's resampling, and ILVR.
+
+Each task composes the sampling walk (samplers.base.walk, through sample.generate) with a start point, a
+projection after each step or a grid that steps back up in time; none reaches inside the denoiser or the
+sampler, so every task runs with every sampler, guidance wrapper and noise process (lecture 002, "Image
+Editing" and "Conditional Generation"). Images are (B, C, H, W) in [-1, 1].
+
+    SDEdit   (Meng et al. 2022, Algorithm 1): x_{t0} ~ q(x_{t0} | x_g) of a guide image x_g, then the reverse
+             process from t0; strength = t0 / t_top: 0 returns the guide, 1 is unconditional sampling.
+    Inpaint  (Lugmayr et al. 2022, RePaint eq. 8-9): after every step, x_{t-1} = m * x^known_{t-1} + (1 - m) *
+             x^unknown_{t-1} with x^known_{t-1} ~ q(x_{t-1} | x_0) of the known image and m = 1 on known pixels;
+             RePaint's resampling (Algorithm 1, with the jump schedule of its code): every `jump_length` steps
+             the walk goes back up jump_length steps by q(x_t | x_{t-1}) and down again, `jump_n_samples` - 1
+             times, so the unknown region harmonises with the known one.
+    ILVR     (Choi et al. 2021, Algorithm 1; lecture 002): x_{t-1} <- phi_N(y_{t-1}) + x'_{t-1} - phi_N(x'_{t-1}),
+             y_{t-1} ~ q(y_{t-1} | y) of a reference y, phi_N a low-pass filter of factor N, for t above t_stop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import check_images
+from ..sample import generate
+from ..samplers.base import Project
+from ..schedule import NoiseSchedule
+
+
+def _noise(shape, generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(like)
+
+
+# --- SDEdit ------------------------------------------------------------------------------------------------
+def sdedit_time(schedule: NoiseSchedule, strength: float) -> float:
+    """t0 = strength * t_top: the time SDEdit noises its guide to (strength in [0, 1]; 1 is the grids' top)."""
+    if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+        raise ValueError(f"the SDEdit strength must be a number in [0, 1] (0: the guide itself, 1: unconditional "
+                         f"sampling), got {strength!r}")
+    return float(strength) * schedule.t_top
+
+
+def sdedit(denoiser, guide: Tensor, strength: float, *, seed: int = 0, device: str | torch.device = "cpu",
+           **generate_kw) -> Tensor:
+    """SDEdit (Meng et al. 2022): the guide x_g (n, C, H, W) in [-1, 1] (a stroke painting, a rough sketch) noised to
+    t0 = strength * t_top with q(x_t0 | x_g) = N(alpha_t0 x_g, sigma_t0^2 I), then denoised by `generate` from t0.
+
+    The noise is the stream of an ordinary run with this seed (its x_T / prior_std), so strength 1 is exactly the
+    unconditional run of the same seed (started from the prior, as every run) and strength 0 returns the guide.
+    `generate_kw`: sampler, steps, labels, guidance, ... as in `generate`. Raises ValueError for a strength outside
+    [0, 1] or a guide that is not a finite image batch.
+    """
+    check_images(guide, "the guide image", min_n=1)
+    t0 = sdedit_time(denoiser.schedule, strength)
+    n, shape = guide.shape[0], tuple(guide.shape[1:])
+    if strength == 1:
+        return generate(denoiser, n, shape, seed=seed, device=device, **generate_kw)
+    g = torch.Generator(device).manual_seed(seed)
+    z = torch.randn((n, *shape), generator=g, device=device)  # generate's own first draw: its x_T / prior_std
+    guide = guide.to(device=device, dtype=z.dtype)
+    x_t0 = denoiser.schedule.q_sample(guide, torch.tensor(t0, dtype=torch.float64), z)
+    return generate(denoiser, n, shape, seed=seed, device=device, start=(x_t0, t0), **generate_kw)
+
+
+# --- inpainting and RePaint --------------------------------------------------------------------------------------
+def check_mask(mask: Tensor, image: Tensor) -> Tensor:
+    """The known-pixel mask m (1 known, 0 to generate) as a float tensor broadcastable to image (B, C, H, W): it may be
+    (H, W), (1 or B, 1 or C, H, W). Raises ValueError for another size, values other than 0 and 1, or a mask that is
+    all known (nothing to inpaint) or all unknown (plain sampling)."""
+    m = torch.as_tensor(mask)
+    if m.ndim == 2:
+        m = m[None, None]
+    if (m.ndim != 4 or tuple(m.shape[-2:]) != tuple(image.shape[-2:]) or m.shape[0] not in (1, image.shape[0])
+            or m.shape[1] not in (1, image.shape[1])):
+        raise ValueError(f"the mask must have the image's size {tuple(image.shape[-2:])} (as (H, W) or (B|1, C|1, H, W)), "
+                         f"got {tuple(torch.as_tensor(mask).shape)}")
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("the mask must hold only 0 (generate) and 1 (keep)")
+    if bool((m == 1).all()):
+        raise ValueError("the mask keeps every pixel: nothing to inpaint; mark the region to generate")
+    if bool((m == 0).all()):
+        raise ValueError("the mask keeps no pixel: that is unconditional sampling (`diffuse sample`); mark the pixels to keep")
+    return m.to(image.dtype)
+
+
+def inpaint_projection(schedule: NoiseSchedule, known: Tensor, mask: Tensor, generator: torch.Generator) -> Project:
+    """x_s <- m * x^known_s + (1 - m) * x_s with x^known_s ~ q(x_s | x_0 = known) (Lugmayr et al. 2022, eq. 8-9); at
+    s = 0 the known pixels are the known image exactly."""
+    m = check_mask(mask, known)
+
+    def project(x_s: Tensor, s: float) -> Tensor:
+        x_known = schedule.q_sample(known.to(x_s), torch.tensor(s, dtype=torch.float64), _noise(x_s.shape, generator, x_s))
+        return m.to(x_s) * x_known + (1 - m.to(x_s)) * x_s
+
+    return project
+
+
+def repaint_grid(grid: Tensor, jump_length: int = 10, jump_n_samples: int = 10) -> Tensor:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, sec. 4.2 and its code's jump schedule) over a decreasing grid
+    g_0 > ... > g_K = 0: going down level by level, on arriving at levels 1, 1 + L, 1 + 2L, ... (<= K - L; level k is
+    g_{K-k}) the walk climbs back up L levels, one q(x_s | x_t) at a time, and comes down again; jump_n_samples - 1
+    times at each such level. jump_n_samples = 1 is the grid itself. The paper uses T = 250, L = 10, r = 10.
+    """
+    g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if jump_length < 1 or jump_n_samples < 1:
+        raise ValueError(f"RePaint needs jump_length >= 1 and jump_n_samples >= 1, got {jump_length}, {jump_n_samples}")
+    K = len(g) - 1
+    jumps = {level: jump_n_samples - 1 for level in range(1, K - jump_length + 1, jump_length)}
+    levels, level = [K], K
+    while level > 0:
+        level -= 1
+        levels.append(level)
+        if jumps.get(level, 0) > 0:
+            jumps[level] -= 1
+            for _ in range(jump_length):
+                level += 1
+                levels.append(level)
+    return g[[K - k for k in levels]]
+
+
+def inpaint(denoiser, image: Tensor, mask: Tensor, *, jump_length: int = 10, jump_n_samples: int = 1, seed: int = 0,
+            device: str | torch.device = "cpu", sampler: str = "ddim", steps: int | None = 50, spacing: str | None = None,
+            **generate_kw) -> Tensor:
+    """Fill the pixels where mask = 0 of image (n, C, H, W) in [-1, 1], keeping those where mask = 1: the known
+    region is replaced by its noised version after every step (RePaint eq. 8-9); jump_n_samples > 1 adds RePaint's
+    resampling (`repaint_grid`), which costs about jump_n_samples times the network calls. Works with every
+    sampler (multistep solvers restart their history after each jump). Raises ValueError for a bad mask
+    (`check_mask`) or resampling setting; ode-rk45 takes no projection."""
+    check_images(image, "the image", min_n=1)
+    m = check_mask(mask, image)
+    image = image.to(device)
+    g = torch.Generator(device).manual_seed(seed + 1)  # the known region's noise: its own stream, after x_T's
+    project = inpaint_projection(denoiser.schedule, image, m.to(device), g)
+    n, shape = image.shape[0], tuple(image.shape[1:])
+    if jump_n_samples == 1:
+        return generate(denoiser, n, shape, sampler=sampler, steps=steps, spacing=spacing, seed=seed, device=device,
+                        project=project, **generate_kw)
+    grid = repaint_grid(denoiser.schedule.grid(steps or None, spacing), jump_length, jump_n_samples)
+    return generate(denoiser, n, shape, sampler=sampler, steps=steps, spacing=spacing, seed=seed, device=device,
+                    project=project, grid=grid, **generate_kw)
+
+
+# --- ILVR ------------------------------------------------------------------------------------------------------
+def low_pass(x: Tensor, factor: int) -> Tensor:
+    """phi_N(x): the mean of each N x N block, repeated over the block (downsample by N, upsample back): the
+    orthogonal projection onto images constant on N x N blocks, so phi_N(phi_N(x)) = phi_N(x). (ILVR uses a
+    bicubic resizer, a smoother low-pass of the same factor.)"""
+    if factor < 1 or x.shape[-1] % factor or x.shape[-2] % factor:
+        raise ValueError(f"the ILVR factor N = {factor} must be >= 1 and divide the image size {tuple(x.shape[-2:])}")
+    return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
+
+
+def ilvr_projection(schedule: NoiseSchedule, reference: Tensor, factor: int, generator: torch.Generator,
+                    t_stop: float = 0.0) -> Project:
+    """x_s <- phi_N(y_s) + x_s - phi_N(x_s) with y_s ~ q(y_s | y) of the reference y (Choi et al. 2021, Algorithm 1,
+    line 5), applied while s >= t_stop (ILVR's conditioning range; t_stop = 0: every step, so the output's low-pass
+    phi_N(x_0) is the reference's exactly)."""
+    low_pass(reference, factor)  # checks the factor
+
+    def project(x_s: Tensor, s: float) -> Tensor:
+        if s < t_stop:
+            return x_s
+        y_s = schedule.q_sample(reference.to(x_s), torch.tensor(s, dtype=torch.float64), _noise(x_s.shape, generator, x_s))
+        return low_pass(y_s, factor) + x_s - low_pass(x_s, factor)
+
+    return project
+
+
+def ilvr(denoiser, reference: Tensor, factor: int, *, t_stop: float = 0.0, seed: int = 0,
+         device: str | torch.device = "cpu", **generate_kw) -> Tensor:
+    """ILVR (Choi et al. 2021): samples whose N x N block means follow the reference (n, C, H, W) in [-1, 1] through
+    the whole walk, so the outputs share its coarse structure and vary in the detail below the factor (more
+    diversity for larger N). t_stop in [0, 1]: stop conditioning below it (ILVR's range). Raises ValueError for a
+    factor that does not divide the size or a t_stop outside [0, 1]."""
+    check_images(reference, "the reference image", min_n=1)
+    if not (isinstance(t_stop, (int, float)) and 0 <= t_stop <= 1) or math.isnan(t_stop):
+        raise ValueError(f"t_stop must be in [0, 1], got {t_stop!r}")
+    reference = reference.to(device)
+    g = torch.Generator(device).manual_seed(seed + 1)
+    project = ilvr_projection(denoiser.schedule, reference, factor, g, t_stop)
+    return generate(denoiser, reference.shape[0], tuple(reference.shape[1:]), seed=seed, device=device, project=project,
+                    **generate_kw)
