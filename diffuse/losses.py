@@ -31,12 +31,16 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
 
 
 def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "none",
-             min_snr_gamma: float = 5.0, raw: Tensor | None = None, **cond) -> Tensor:
-    """Per-example mean squared error of the network's output against its target at x_t (B,). `raw`: the network's
+             min_snr_gamma: float = 5.0, raw: Tensor | None = None, norm: str = "l2", **cond) -> Tensor:
+    """Per-example mean squared (norm "l2", Ho et al. 2020, eq. 14) or absolute (norm "l1", Palette's option,
+    Saharia et al. 2022, sec. 5.1) error of the network's output against its target at x_t (B,). `raw`: the network's
     output at x_t = q_sample(x0, t, eps) when the caller has run it already (the hybrid loss), else it is run here."""
+    if norm not in ("l2", "l1"):
+        raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")
     if raw is None:
         raw = denoiser.raw(denoiser.schedule.q_sample(x0, t, eps), t, **cond)
-    err = (raw.float() - denoiser.target(x0, eps, t).float()) ** 2
+    diff = raw.float() - denoiser.target(x0, eps, t).float()
+    err = diff.abs() if norm == "l1" else diff**2
     loss = err.flatten(1).mean(1)
     if weighting == "min_snr":
         loss = loss * min_snr_weight(denoiser.schedule.snr(t), min_snr_gamma, denoiser.prediction).to(loss)

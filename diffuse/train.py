@@ -39,6 +39,7 @@ from .nets.unet import ShardedDropout
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
     build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
 from .samplers import SAMPLERS
+from .tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
 from .schedule import Schedule
 from .visualize import plot_loss, save_grid
 
@@ -106,7 +107,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     schedule = Schedule.from_config(cfg.schedule)
     spec = condition_spec(cfg, dataset.num_classes)
     unknown_drop = sorted(k for k in t.condition_dropout if k not in spec.keys)
-    missing = [k for k in spec.keys if k not in dataset.condition_keys] if cfg.model.kind == "denoiser" else []
+    check_task(cfg.task, cfg.data.channels, cfg.data.image_size, cfg.model.cond_channels, cfg.model.scalar_inputs)
+    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task))
+    missing = [k for k in spec.keys if k not in yields] if cfg.model.kind == "denoiser" else []
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -145,8 +148,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
          f"train.condition_dropout probabilities must be in [0, 1), got {t.condition_dropout}"),
         (not unknown_drop, f"train.condition_dropout names {unknown_drop}, which the model does not take; its condition keys "
                            f"are {list(spec.keys)}" + (" (set model.class_conditional = true for 'label')" if "label" in unknown_drop else "")),
-        (not missing, f"the model takes the condition key(s) {missing} but the dataset yields only {list(dataset.condition_keys)}; "
-                      "pass a dataset that yields them (Trainer(..., dataset=...)) or remove them from [model]"),
+        (not missing, f"the model takes the condition key(s) {missing} but the data yields only {list(yields)}; set "
+                      "[task] kind (superres, colorize, inpaint, uncrop, jpeg: a condition image made from each training "
+                      "image), pass a dataset that yields them (Trainer(..., dataset=...)), or remove them from [model]"),
         (cfg.model.kind == "denoiser" or dataset.num_classes >= 2,
          "model.kind = 'classifier' needs a labelled dataset (class sub-folders, mnist or digits)"),
         (cfg.sample.guidance >= 0, f"sample.guidance must be >= 0, got {cfg.sample.guidance}"),
@@ -256,12 +260,15 @@ class Trainer:
         eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        if cfg.task.kind != "none":  # the condition image made from the (flipped) x_0: one seed per example, global batch
+            seeds = self._local(torch.randint(0, 2**62, (B,), generator=self.generator))
+            cond.update(training_condition(cfg.task, x0, seeds, self.denoiser.schedule))
         t, eps = self._local(t), self._local(eps).to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             if cfg.model.kind == "classifier":
                 per_example = classifier_loss(self.net, self.denoiser.schedule, x0, cond["label"], t, eps)
             elif cfg.train.loss == "simple":
-                per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting,
+                per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting, norm=cfg.train.loss_norm,
                                        min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(cond, B))
             elif cfg.train.loss == "hybrid":
                 per_example = hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, weighting=cfg.train.loss_weighting,
@@ -370,11 +377,21 @@ class Trainer:
         draws the classes in turn, with the config's guidance."""
         if not self.is_main:
             return None
-        s, d = self.cfg.sample, self.cfg.data
-        x = generate(build_denoiser(self.cfg, self.ema.model), s.n, (d.channels, d.image_size, d.image_size),
-                     labels=default_labels(s.n, self.model.num_classes), seed=self.cfg.train.seed, device=self.device,
-                     **sample_config_kwargs(s))
-        return save_grid(x, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        s, d, task = self.cfg.sample, self.cfg.data, self.cfg.task
+        n, cond, shown = s.n, None, []
+        if task.kind != "none":  # the first n training images' conditions: rows of inputs, outputs and the truth
+            idx = torch.arange(min(s.n, len(self.dataset)))
+            truth, _ = self.dataset.batch(idx)
+            truth = truth.to(self.device)
+            cond = training_condition(task, truth, idx, self.denoiser.schedule,
+                                      level=task.aug_level if task.noise_aug_max > 0 else None)
+            n, shown = len(idx), [viewable(cond["image"], d.channels), truth]
+        x = generate(build_denoiser(self.cfg, self.ema.model), n, (d.channels, d.image_size, d.image_size),
+                     labels=default_labels(n, self.model.num_classes), cond=cond, seed=self.cfg.train.seed,
+                     device=self.device, **sample_config_kwargs(s))
+        rows = [shown[0], x, shown[1]] if shown else [x]
+        return save_grid(torch.cat(rows), self.run_dir / "samples" / f"step_{self.step:08d}.png",
+                         nrow=n if shown else None)
 
     # --- checkpoints --------------------------------------------------------------------------
     def last_checkpoint(self) -> str:

@@ -233,7 +233,7 @@ def test_a_conditioned_model_trains_saves_and_samples(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("train.condition_dropout={image=0.1}", r"names \['image'\], which the model does not take; its condition keys are \['label'\]"),
     ("train.condition_dropout={label=1.0}", r"probabilities must be in \[0, 1\)"),
-    ("model.cond_channels=1", r"takes the condition key\(s\) \['image'\] but the dataset yields only \['label'\]"),
+    ("model.cond_channels=1", r"takes the condition key\(s\) \['image'\] but the data yields only \['label'\]"),
 ])
 def test_bad_condition_settings_are_named(tmp_path, override, match):
     cfg = apply_overrides(RunConfig(), BASE + ["model.class_conditional=true", override])
