@@ -282,7 +282,9 @@ def _eval(args) -> None:
 
     from . import metrics
     from .data import load_dataset
+    from .guidance import Conditioned
     from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
+    from .tasks.image_to_image import training_condition
     from .sample import check_guidance, default_labels, generate, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 
@@ -313,14 +315,24 @@ def _eval(args) -> None:
                          "both counts, so compare it only with figures of the same counts (n_real, n_fake in eval.json)"
                          if args.metric in ("fid", "kid", "pr") else f"the figure is the mean over those {len(real)}"),
                       UserWarning, stacklevel=1)
+    # a task model is measured given its input made from each real image: log p(x | y), samples of p(x | y)
+    task_cond = {} if cfg.task.kind == "none" else training_condition(
+        cfg.task, real.to(device), pick[:len(real)], den.schedule, level=cfg.task.aug_level if cfg.task.noise_aug_max > 0 else None)
+    if task_cond:
+        record["condition"] = f"task {cfg.task.kind}: the input made from each real image"
     if args.metric in ("nll", "vlb"):
         x0 = real.to(device)
+        cond = dict(task_cond)
+        if cfg.model.class_conditional and num_classes:  # the null label: log p(x), comparable with unconditional models
+            cond["label"] = torch.full((len(x0),), num_classes, device=device)
+            record["condition"] = "the null label (the unconditional density)" + (" and " + record["condition"] if task_cond else "")
         if args.metric == "nll":
             rtol = 1e-5 if args.rtol is None else args.rtol
-            bpd, nfe = ode_bits_per_dim(den, x0, rtol=rtol, atol=rtol, generator=torch.Generator().manual_seed(args.seed))
+            bpd, nfe = ode_bits_per_dim(Conditioned(den, **cond), x0, rtol=rtol, atol=rtol,
+                                        generator=torch.Generator().manual_seed(args.seed))
             record.update(bits_per_dim=float(bpd.mean()), bits_per_dim_std=float(bpd.std()), nfe=nfe, rtol=rtol)
         else:
-            out = vlb_bits_per_dim(den, x0, samples=args.vlb_samples, generator=torch.Generator().manual_seed(args.seed))
+            out = vlb_bits_per_dim(den, x0, samples=args.vlb_samples, generator=torch.Generator().manual_seed(args.seed), **cond)
             record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
                           prior_bits_per_dim=float(out["prior"].mean()), terms="all" if args.vlb_samples is None else args.vlb_samples)
     else:
@@ -335,8 +347,10 @@ def _eval(args) -> None:
         kw = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps, "spacing": args.spacing or s.spacing}
         if args.guidance is not None:
             kw["guidance"] = args.guidance
-        fake = generate(den, args.n, (d.channels, d.image_size, d.image_size), seed=args.seed, device=device,
-                        labels=default_labels(args.n, num_classes if cfg.model.class_conditional else 0), **kw)
+        n_fake = len(real) if task_cond else args.n  # one sample per real image's input
+        fake = generate(den, n_fake, (d.channels, d.image_size, d.image_size), seed=args.seed, device=device,
+                        labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0),
+                        cond=task_cond or None, **kw)
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0

@@ -44,9 +44,10 @@ class ConditionSpec:
                  "context": self.context_dim}
         return tuple(k for k, n in given.items() if n)
 
-    def check(self, cond: dict, x: Tensor) -> None:
-        """Raise ValueError naming the key for an unknown or missing key, or a value of the wrong shape, dtype or range
-        for a batch x (B, C, H, W)."""
+    def check(self, cond: dict, x: Tensor, values: bool = False) -> None:
+        """Raise ValueError naming the key for an unknown or missing key, or a value of the wrong shape or dtype for a
+        batch x (B, C, H, W); with `values`, also labels out of range and context masks that attend nothing (these read
+        the tensors, a device sync: `generate` checks them once, the network's forward only the shapes)."""
         takes = self.keys + (("context_mask",) if self.context_dim else ())
         unknown = [k for k in cond if k not in takes]
         if unknown:
@@ -63,7 +64,7 @@ class ConditionSpec:
             if label.shape != (B,) or label.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"label must be an integer tensor of shape ({B},), one class per image, got "
                                  f"{label.dtype} {tuple(label.shape)}")
-            if label.numel() and not (0 <= int(label.min()) and int(label.max()) <= self.num_classes):
+            if values and label.numel() and not (0 <= int(label.min()) and int(label.max()) <= self.num_classes):
                 raise ValueError(f"labels must lie in 0..{self.num_classes - 1} (or {self.num_classes}, the null label), "
                                  f"got {int(label.min())}..{int(label.max())}")
         if self.image_channels:
@@ -83,7 +84,7 @@ class ConditionSpec:
                 if mask.dtype != torch.bool or tuple(mask.shape) != tuple(ctx.shape[:2]):
                     raise ValueError(f"context_mask must be a bool tensor of shape {tuple(ctx.shape[:2])}, got "
                                      f"{mask.dtype} {tuple(mask.shape)}")
-                if not bool(mask.any(1).all()):
+                if values and not bool(mask.any(1).all()):
                     raise ValueError("every context_mask row needs at least one True (attended) token")
 
     def null_value(self, key: str, value: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ class TaskConfig:
     aug_level: float = 0.0              # superres with augmentation: the level s the low-resolution input gets at sampling
     mask: Literal["free_form", "box", "mixed"] = "mixed"   # inpaint: the masks drawn in training
     keep: float = 0.5                   # uncrop: the side of the kept centre box, as a fraction of the image side
-    jpeg_quality: list[int] = field(default_factory=lambda: [10, 50])  # jpeg: qualities drawn uniformly from [lo, hi]
+    jpeg_quality: list[int] = field(default_factory=lambda: [5, 30])  # jpeg: qualities drawn uniformly from [lo, hi] (Palette: 5..30)
 
 
 @dataclass
@@ -82,9 +82,19 @@ class TrainConfig:
     loss: Literal["simple", "hybrid", "vlb"] = "simple"  # L_simple (Ho et al.); + lambda L_vlb (Nichol & Dhariwal, learned variance); L_vlb alone
     vlb_lambda: float = 0.001       # lambda of the hybrid loss (Nichol & Dhariwal 2021: 0.001)
     loss_norm: Literal["l2", "l1"] = "l2"  # L_simple's norm: squared error (Ho et al.) or absolute (Palette's option)
-    loss_weighting: Literal["none", "min_snr"] = "none"  # L_simple (Ho et al.) or min-SNR-gamma (Hang et al. 2023)
+    loss_weighting: Literal["none", "min_snr", "p2", "edm"] = "none"  # the weight on the x_0 error over t: none (each
+    #                                 target's plain loss; eps: Ho et al.'s L_simple), min-SNR-gamma (Hang et al. 2023), P2 (Choi
+    #                                 et al. 2022) or EDM's lambda(sigma) (Karras et al. 2022), written for every prediction type
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
+    p2_k: float = 1.0               # P2 weighting 1 / (k + SNR)^gamma on the eps-loss: k (Choi et al. 2022: 1)
+    p2_gamma: float = 1.0           # and gamma (Choi et al. 2022: 0.5 or 1)
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
+    offset_noise: float = 0.0       # training noise eps + offset * (one N(0, 1) per image and channel): lets the model
+    #                                 change an image's mean brightness (Guttenberg 2023; typical 0.05-0.1); 0 = off
+    grad_accumulation: int = 1      # micro-batches per step: the same step as the whole batch in less memory (equal to
+    #                                 float rounding without dropout; with dropout each micro-batch draws its own masks)
+    lr_schedule: Literal["constant", "cosine", "inverse_sqrt"] = "constant"  # after warm-up: constant (DDPM), cosine to 0 at
+    #                                 train.steps, or lr / sqrt(max(step / warmup_steps, 1)) (EDM2's decay, Karras et al. 2024)
     condition_dropout: dict[str, float] = field(default_factory=dict)  # per condition key, the probability of its null value,
     #                                 e.g. {label = 0.1}: one net learns p(x | c) and p(x) for classifier-free guidance (0.1-0.2)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA that supports it, else fp32
@@ -230,13 +240,17 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
         out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
                                                             "scalar_inputs", "context_dim", "cross_attention_resolutions")]
-        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "vlb_lambda", "condition_dropout")]
+        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda",
+                                                                 "condition_dropout")]
     else:
         if t.loss == "vlb":
             out += [(f"train.{k}", 'train.loss = "vlb" trains the bound alone, with importance-sampled t',
-                     'set train.loss = "simple" or "hybrid", or remove it') for k in ("loss_weighting", "min_snr_gamma")]
+                     'set train.loss = "simple" or "hybrid", or remove it') for k in ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma")]
         if t.loss_weighting != "min_snr":
             out.append(("train.min_snr_gamma", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "min_snr" or remove it'))
+        if t.loss_weighting != "p2":
+            out += [(f"train.{k}", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "p2" or remove it')
+                    for k in ("p2_k", "p2_gamma")]
         if t.loss != "hybrid":
             out.append(("train.vlb_lambda", f'train.loss = "{t.loss}" has no lambda L_vlb term', 'set train.loss = "hybrid" or remove it'))
         if m.learned_variance and t.loss == "simple":

@@ -202,10 +202,11 @@ def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
     return (~generate).float()[None, None]
 
 
-def _photo_crops(cfg: DataConfig) -> ImageDataset:
+def _photo_crops(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     """cfg.crops random image_size crops of the colour photos of scikit-image (PHOTOS), each photo first scaled so its
     shorter side is 4 x image_size (a crop then shows a part of the scene, not a speck of it); labelled by photo.
-    The crops are a fixed set (seed 0; flips come from train.hflip)."""
+    The crops are a fixed set (seed 0; another seed gives other crops of the same photos, e.g. for evaluation; flips
+    come from train.hflip)."""
     try:
         import skimage.data
     except ImportError:
@@ -220,7 +221,7 @@ def _photo_crops(cfg: DataConfig) -> ImageDataset:
         scale = 4 * size / min(img.size)
         photos.append(np.asarray(img.resize((round(img.width * scale), round(img.height * scale)),
                                             Image.Resampling.BICUBIC, reducing_gap=3.0)))
-    g = np.random.default_rng(0)
+    g = np.random.default_rng(seed)
     areas = np.array([p.shape[0] * p.shape[1] for p in photos], dtype=np.float64)
     which = g.choice(len(photos), size=cfg.crops, p=areas / areas.sum())
     crops = []

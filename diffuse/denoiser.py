@@ -93,6 +93,24 @@ def edm_scalings(ve_sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, T
     return sigma_data**2 / norm**2, ve_sigma * sigma_data / norm, 1 / norm
 
 
+def x0_error_scale(alpha: Tensor, sigma: Tensor, prediction: PredictionType, sigma_data: float = 0.5) -> Tensor:
+    """c(t) with ||target error||^2 = c(t) ||x_0 error||^2 at a fixed x_t, for a network of this prediction type, read
+    off the conversions above: eps alpha^2 / sigma^2 (= SNR; eq. 15 of Ho et al. 2020), x0 1, v (alpha^2 + sigma^2)^2
+    / sigma^2 (SNR + 1 for VP), flow (alpha + sigma)^2 / sigma^2 (1 / t^2 for rectified flow), edm 1 / c_out^2 (EDM's
+    lambda(sigma), Karras et al. 2022, table 1). A loss weighting divides it out to put its own weight on x_0."""
+    if prediction == "eps":
+        return alpha**2 / sigma**2
+    if prediction == "x0":
+        return torch.ones_like(alpha)
+    if prediction == "v":
+        return (alpha**2 + sigma**2) ** 2 / sigma**2
+    if prediction == "flow":
+        return (alpha + sigma) ** 2 / sigma**2
+    if prediction == "edm":
+        return 1 / edm_scalings(sigma / alpha, sigma_data)[1] ** 2
+    raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+
+
 def eps_to_score(eps: Tensor, sigma: Tensor) -> Tensor:
     """The score of q(x_t): grad_x log q(x_t) = -eps / sigma_t (Song et al. 2021; Vincent 2011)."""
     return -eps / sigma

@@ -2,8 +2,8 @@
 
 L_simple (Ho et al. 2020, eq. 14; lecture 000 "Training Objective"):
     E_{t, x_0, eps} || eps - eps_theta(sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, t) ||^2
-with t ~ Uniform{1..T} (Algorithm 1). For x0- and v-networks the same regression is made on
-their own target; a weighting w(t) can re-balance noise levels (min-SNR-gamma).
+with t ~ Uniform{1..T} (Algorithm 1). For x0-, v-, flow- and EDM networks the same regression is made on
+their own target; a weighting w(t) can re-balance noise levels (min-SNR-gamma, P2, EDM's lambda).
 """
 
 from __future__ import annotations
@@ -14,27 +14,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .likelihood import bits_per_dim, vlb_term
+from .denoiser import x0_error_scale
 from .schedule import Schedule
 
 
-def min_snr_weight(snr: Tensor, gamma: float, prediction: str) -> Tensor:
-    """min-SNR-gamma weighting (Hang et al. 2023, eq. 9), written for each prediction type.
-
-    The intended weight on the x_0-error is min(SNR, gamma); an eps-loss already carries a factor
-    SNR and a v-loss a factor SNR + 1, so those are divided out.
-    """
-    if prediction not in ("eps", "x0", "v"):
-        raise ValueError(f"min-SNR weighting is written for eps, x0 and v networks, not {prediction!r}; use "
-                         "train.loss_weighting = 'none' (an 'edm' network's loss already carries EDM's weighting)")
-    clipped = snr.clamp(max=gamma)
-    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+WEIGHTINGS = ("none", "min_snr", "p2", "edm")
 
 
-def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "none",
-             min_snr_gamma: float = 5.0, raw: Tensor | None = None, norm: str = "l2", **cond) -> Tensor:
+def x0_weight(weighting: str, snr: Tensor, ve_sigma: Tensor, *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
+              p2_gamma: float = 1.0, sigma_data: float = 0.5) -> Tensor:
+    """lambda(t), the weight a weighting puts on the x_0 error ||x_theta - x_0||^2:
+        min_snr  min(SNR, gamma)                                (Hang et al. 2023, eq. 9; gamma = 5)
+        p2       SNR / (k + SNR)^gamma', i.e. 1 / (k + SNR)^gamma' on the eps-loss (Choi et al. 2022, eq. 8; k = 1)
+        edm      (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, sigma = sigma_t / alpha_t (Karras et al. 2022, table 1)"""
+    if weighting == "min_snr":
+        return snr.clamp(max=min_snr_gamma)
+    if weighting == "p2":
+        return snr / (p2_k + snr) ** p2_gamma
+    if weighting == "edm":
+        return (ve_sigma**2 + sigma_data**2) / (ve_sigma * sigma_data) ** 2
+    raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+
+
+def loss_weight(weighting: str, alpha: Tensor, sigma: Tensor, prediction: str, **kw) -> Tensor:
+    """The weight w(t) on a network's squared target error that makes its loss lambda(t) ||x_0 error||^2 (`x0_weight`):
+    lambda(t) / c(t) with c(t) the target's own scale (`denoiser.x0_error_scale`), for every prediction type and
+    process. "none" is 1: each target's plain loss (for eps: the x_0 weight SNR, Ho et al.'s L_simple)."""
+    if weighting == "none":
+        return torch.ones_like(alpha)
+    lam = x0_weight(weighting, (alpha / sigma) ** 2, sigma / alpha, **kw)
+    return lam / x0_error_scale(alpha, sigma, prediction, kw.get("sigma_data", 0.5))
+
+
+def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "none", min_snr_gamma: float = 5.0,
+             p2_k: float = 1.0, p2_gamma: float = 1.0, raw: Tensor | None = None, norm: str = "l2", **cond) -> Tensor:
     """Per-example mean squared (norm "l2", Ho et al. 2020, eq. 14) or absolute (norm "l1", Palette's option,
     Saharia et al. 2022, sec. 5.1) error of the network's output against its target at x_t (B,). `raw`: the network's
-    output at x_t = q_sample(x0, t, eps) when the caller has run it already (the hybrid loss), else it is run here."""
+    output at x_t = q_sample(x0, t, eps) when the caller has run it already (the hybrid loss), else it is run here.
+    `weighting` (none, min_snr, p2, edm) re-weights the noise levels (`loss_weight`), written for every target."""
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")
     if raw is None:
@@ -42,10 +59,11 @@ def l_simple(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, weighting: str = "
     diff = raw.float() - denoiser.target(x0, eps, t).float()
     err = diff.abs() if norm == "l1" else diff**2
     loss = err.flatten(1).mean(1)
-    if weighting == "min_snr":
-        loss = loss * min_snr_weight(denoiser.schedule.snr(t), min_snr_gamma, denoiser.prediction).to(loss)
-    elif weighting != "none":
-        raise ValueError(f"weighting must be 'none' or 'min_snr', got {weighting!r}")
+    if weighting != "none":
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0])
+        w = loss_weight(weighting, denoiser.schedule.alpha(tt), denoiser.schedule.sigma(tt), denoiser.prediction,
+                        min_snr_gamma=min_snr_gamma, p2_k=p2_k, p2_gamma=p2_gamma, sigma_data=denoiser.sigma_data)
+        loss = loss * w.to(loss)
     return loss
 
 
@@ -58,12 +76,13 @@ def classifier_loss(classifier, schedule: Schedule, x0: Tensor, y: Tensor, t: Te
 
 
 def hybrid_loss(denoiser, x0: Tensor, t: Tensor, eps: Tensor, *, lam: float = 0.001, weighting: str = "none",
-                min_snr_gamma: float = 5.0, **cond) -> Tensor:
+                min_snr_gamma: float = 5.0, p2_k: float = 1.0, p2_gamma: float = 1.0, **cond) -> Tensor:
     """L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1, lambda = 0.001), per example: the
     variance learns from L_vlb = T * L_{t-1} (in bits/dim) with the mean's gradient stopped, the mean from L_simple."""
     n = torch.round(t * denoiser.schedule.T).long()
     output = denoiser.output(denoiser.schedule.q_sample(x0, t, eps), t, **cond)  # one forward pass serves both terms
-    simple = l_simple(denoiser, x0, t, eps, weighting=weighting, min_snr_gamma=min_snr_gamma, raw=output[0], **cond)
+    simple = l_simple(denoiser, x0, t, eps, weighting=weighting, min_snr_gamma=min_snr_gamma, p2_k=p2_k,
+                      p2_gamma=p2_gamma, raw=output[0], **cond)
     vlb = bits_per_dim(vlb_term(denoiser, x0, n, eps, detach_mean=True, output=output, **cond), x0)
     return simple + lam * denoiser.schedule.T * vlb
 

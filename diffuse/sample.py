@@ -160,15 +160,18 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
             raise ValueError(f"t_start must lie in [0, 1], got {t_start}")
         if tuple(x_start.shape) != (n, *shape):
             raise ValueError(f"x_start must have shape {(n, *shape)} (n, C, H, W), got {tuple(x_start.shape)}")
-        if t_start < float(grid[0]):
-            grid = torch.cat([grid.new_tensor([t_start]), grid[grid < t_start]]) if t_start > 0 else grid.new_zeros(1)
+        if t_start == 0:
+            grid = grid.new_zeros(1)  # no move: x_start is returned
+        elif t_start < float(grid[0]):  # the grid from its first time below t_start on (a grid with jumps keeps them)
+            first = int(torch.nonzero(grid < t_start)[0])
+            grid = torch.cat([grid.new_tensor([t_start]), grid[first:]])
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, device=device)
     if schedule.prior_std != 1.0:  # VE: x_T ~ N(0, sigma_max^2 I) (Karras et al. 2022, Algorithm 1, line 1)
         x_T = x_T * schedule.prior_std
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
-    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier)
+    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:
@@ -191,7 +194,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     return info(den, x_T, grid, generator=g, callback=watch, **kw)
 
 
-def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier):
+def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier,
+                 shape: tuple | None = None):
     """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
     spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
     cond = dict(cond or {})
@@ -205,6 +209,8 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
     for key, value in {**cond, **(uncond or {})}.items():
         if value.ndim == 0 or value.shape[0] != n:
             raise ValueError(f"condition {key!r} must hold one value per sample, shape ({n}, ...), got {tuple(value.shape)}")
+    if spec is not None and shape is not None:  # once here, values included; the network checks shapes on every call
+        spec.check(cond, torch.empty((n, *shape), device="meta"), values=True)
     if classifier is not None:
         if labels is None:
             raise ValueError("classifier guidance needs the labels to guide towards")

@@ -17,6 +17,7 @@ and grad scaler exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -102,6 +103,21 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+def lr_factor(step: int, t) -> float:
+    """The learning rate at optimizer step `step` (0-based) over train.lr: a linear warm-up min(1, (step + 1) / warmup)
+    (DDPM: 5000 steps), times the decay of train.lr_schedule after it: "constant" 1; "cosine" (1 + cos(pi p)) / 2 with
+    p = (step - warmup) / (steps - warmup) (Loshchilov & Hutter 2017, no restarts; 0 at train.steps); "inverse_sqrt"
+    1 / sqrt(max(step / warmup, 1)) (EDM2's decay, Karras et al. 2024, with t_ref = the warm-up)."""
+    warm = t.warmup_steps
+    factor = min(1.0, (step + 1) / warm) if warm else 1.0
+    if t.lr_schedule == "cosine":
+        p = min(max((step - warm) / max(t.steps - warm, 1), 0.0), 1.0)
+        factor *= 0.5 * (1 + math.cos(math.pi * p))
+    elif t.lr_schedule == "inverse_sqrt":
+        factor /= math.sqrt(max(step / warm, 1.0))
+    return factor
+
+
 def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     t = cfg.train
     schedule = Schedule.from_config(cfg.schedule)
@@ -114,6 +130,11 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
         (t.batch_size % world == 0, f"train.batch_size = {t.batch_size} must be divisible by the number of processes ({world})"),
+        (t.grad_accumulation >= 1 and (t.batch_size // world) % t.grad_accumulation == 0,
+         f"train.grad_accumulation = {t.grad_accumulation} must be >= 1 and divide each process's batch "
+         f"(train.batch_size {t.batch_size} / {world} process(es) = {t.batch_size // world})"),
+        (t.lr_schedule != "inverse_sqrt" or t.warmup_steps >= 1,
+         "train.lr_schedule = 'inverse_sqrt' decays from the end of the warm-up: set train.warmup_steps >= 1"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
@@ -138,9 +159,8 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (schedule.T is not None or (t.loss == "simple" and not cfg.model.learned_variance),
          f"train.loss = '{t.loss}' and learned variances use the discrete bound (Ho et al. 2020, eq. 5) of the DDPM "
          f"schedules (linear, cosine); the {schedule.kind} process takes train.loss = 'simple'"),
-        (cfg.model.prediction not in ("flow", "edm") or t.loss_weighting == "none",
-         f"train.loss_weighting = '{t.loss_weighting}' is written for eps, x0 and v networks; with model.prediction = "
-         f"'{cfg.model.prediction}' use 'none' (an 'edm' network's loss already carries EDM's weighting)"),
+        (0 <= t.offset_noise <= 1, f"train.offset_noise must be in [0, 1] (typical 0.05-0.1), got {t.offset_noise}"),
+        (t.p2_k > 0 and t.p2_gamma >= 0, f"train.p2_k must be > 0 and train.p2_gamma >= 0, got {t.p2_k}, {t.p2_gamma}"),
         (t.loss != "hybrid" or cfg.model.learned_variance,
          "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
         (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
@@ -211,8 +231,7 @@ class Trainer:
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.denoiser = build_denoiser(cfg, self.net)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, t))
         self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(t.seed)  # t, eps and flips of every step
@@ -258,37 +277,54 @@ class Trainer:
         else:
             t = self.denoiser.schedule.sample_t(B, self.generator)  # Algorithm 1, line 3 (or the process's own p(t))
         eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
+        if cfg.train.offset_noise > 0:  # offset noise: a per-image, per-channel constant added to eps (Guttenberg 2023)
+            eps = eps + cfg.train.offset_noise * torch.randn((B, cfg.data.channels, 1, 1), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
         if cfg.task.kind != "none":  # the condition image made from the (flipped) x_0: one seed per example, global batch
             seeds = self._local(torch.randint(0, 2**62, (B,), generator=self.generator))
             cond.update(training_condition(cfg.task, x0, seeds, self.denoiser.schedule))
         t, eps = self._local(t), self._local(eps).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            if cfg.model.kind == "classifier":
-                per_example = classifier_loss(self.net, self.denoiser.schedule, x0, cond["label"], t, eps)
-            elif cfg.train.loss == "simple":
-                per_example = l_simple(self.denoiser, x0, t, eps, weighting=cfg.train.loss_weighting, norm=cfg.train.loss_norm,
-                                       min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(cond, B))
-            elif cfg.train.loss == "hybrid":
-                per_example = hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, weighting=cfg.train.loss_weighting,
-                                          min_snr_gamma=cfg.train.min_snr_gamma, **self._condition(cond, B))
-            else:
-                steps_local = self._local(steps)
-                vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps_local, eps, **self._condition(cond, B)), x0)
-                self.importance.update(steps, self._gather(vlb))
-                per_example = vlb * self._local(is_weight).to(vlb)
-        loss = per_example.mean()
-        global_loss = loss.detach().clone()
+        if cfg.model.kind == "denoiser":
+            cond = self._condition(cond, B)
+        steps_local = self._local(steps) if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser" else None
+        weight_local = self._local(is_weight) if steps_local is not None else None
+        n, k = x0.shape[0], cfg.train.grad_accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        parts, vlbs = [], []
+        for j, idx in enumerate(torch.arange(n).chunk(k)):  # micro-batches: the same examples and draws, fewer at once
+            sl = slice(int(idx[0]), int(idx[-1]) + 1)
+            sync = self.net.no_sync() if self.world > 1 and j < k - 1 else contextlib.nullcontext()  # DDP: reduce once
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                per_example, vlb = self._per_example(x0[sl], t[sl], eps[sl], {key: v[sl] for key, v in cond.items()},
+                                                     None if steps_local is None else steps_local[sl],
+                                                     None if weight_local is None else weight_local[sl])
+                self.scaler.scale(per_example.sum() / n).backward()  # the mean over the local batch, in parts
+            parts.append(per_example.detach())
+            vlbs.append(vlb)
+        if steps_local is not None:
+            self.importance.update(steps, self._gather(torch.cat(vlbs)))
+        global_loss = torch.cat(parts).mean()
         if self.world > 1:
             dist.all_reduce(global_loss)
             global_loss /= self.world
-        if not torch.isfinite(global_loss):
+        if not torch.isfinite(global_loss):  # raised before the optimizer steps: the step is not applied
             raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
                                 "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         return global_loss
+
+    def _per_example(self, x0: Tensor, t: Tensor, eps: Tensor, cond: dict, steps: Tensor | None,
+                     is_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The per-example loss of (a micro-batch of) the step, and the bound terms in bits/dim when training on L_vlb."""
+        cfg = self.cfg
+        if cfg.model.kind == "classifier":
+            return classifier_loss(self.net, self.denoiser.schedule, x0, cond["label"], t, eps), None
+        if cfg.train.loss == "simple":
+            return l_simple(self.denoiser, x0, t, eps, norm=cfg.train.loss_norm, **self._weighting(), **cond), None
+        if cfg.train.loss == "hybrid":
+            return hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, **self._weighting(), **cond), None
+        vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps, eps, **cond), x0)
+        return vlb * is_weight.to(vlb), vlb.detach()
 
     def _gather(self, local: Tensor) -> Tensor:
         """The global batch of a per-example tensor, from every process's slice."""
@@ -297,6 +333,11 @@ class Trainer:
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local.detach().contiguous())
         return torch.cat(parts)
+
+    def _weighting(self) -> dict:
+        """The loss weighting's keyword arguments for l_simple and hybrid_loss."""
+        t = self.cfg.train
+        return dict(weighting=t.loss_weighting, min_snr_gamma=t.min_snr_gamma, p2_k=t.p2_k, p2_gamma=t.p2_gamma)
 
     def _condition(self, cond: dict, B: int) -> dict:
         """The batch's condition restricted to the keys the model takes, each key replaced by its null value with its

@@ -81,8 +81,16 @@ def test_bad_conditions_are_named(change, match):
     net = full_net()
     x, t = inputs(4)
     cond = {k: v for k, v in {**full_cond(), **change}.items() if v is not None}
-    with pytest.raises(ValueError, match=match):
-        net(x, t, **cond)
+    with pytest.raises(ValueError, match=match):  # as generate checks a condition once, values included
+        SPEC.check(cond, x, values=True)
+    if "lie in" in match or "True" in match:  # values are read once per sampling run, not on every forward
+        net(x, t, **{k: v for k, v in cond.items() if k not in ("label", "context_mask")},
+            label=torch.zeros(4, dtype=torch.long))
+        with pytest.raises(ValueError, match=match):
+            generate(Denoiser(net, Schedule.linear(100)), 4, (1, 8, 8), cond=cond, steps=2)
+    else:
+        with pytest.raises(ValueError, match=match):
+            net(x, t, **cond)
 
 
 def test_unconditional_net_refuses_a_condition_by_name():

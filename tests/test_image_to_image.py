@@ -234,3 +234,22 @@ def test_a_cascade_samples_both_stages(sr_run, tmp_path, capsys):
     big_base = dataclasses.replace(run_config(base), data=dataclasses.replace(run_config(base).data, image_size=8))
     with pytest.raises(ValueError, match="stage 1 makes 1-channel 8x8 ones"):
         check_cascade([big_base, run_config(sr_run)])
+
+
+def test_eval_measures_a_task_model_given_its_inputs(sr_run):
+    import json
+    assert main(["eval", str(sr_run), "--metric", "kid", "--n", "8", "--steps", "2"]) == 0
+    record = json.loads((sr_run / "eval.json").read_text())[-1]
+    assert record["condition"].startswith("task superres") and record["n_fake"] == record["n_real"] == 8
+    assert main(["eval", str(sr_run), "--metric", "vlb", "--n", "2", "--vlb-samples", "2"]) == 0
+    assert np.isfinite(json.loads((sr_run / "eval.json").read_text())[-1]["bits_per_dim"])
+
+
+def test_likelihood_of_a_class_conditional_run_is_its_unconditional_density(tmp_path):
+    import json
+    run = tmp_path / "cond"
+    assert main(["train", "configs/mnist_cond.toml", *_sets(TINY_SR), "--out", str(run)]) == 0
+    for metric, extra in (("nll", ["--rtol", "1e-2"]), ("vlb", ["--vlb-samples", "2"])):
+        assert main(["eval", str(run), "--metric", metric, "--n", "2", *extra]) == 0
+        record = json.loads((run / "eval.json").read_text())[-1]
+        assert record["condition"].startswith("the null label") and np.isfinite(record["bits_per_dim"])
