@@ -34,7 +34,7 @@ from diffuse.config import apply_overrides, load_config
 from diffuse.data import ImageDataset, _photo_crops, load_dataset
 from diffuse.metrics import classifier_accuracy, digit_classifier, fid
 from diffuse.sample import generate, load_run
-from diffuse.tasks.image_to_image import downsample, input_condition, to_gray, training_condition, upsample
+from diffuse.tasks.image_to_image import downsample, input_condition, to_gray, training_condition, upsample, viewable
 from diffuse.train import Trainer
 from diffuse.visualize import save_grid, to_uint8
 
@@ -127,14 +127,21 @@ def held_out_photos(n: int) -> torch.Tensor:
     return _photo_crops(cfg, seed=1).batch(torch.arange(n))[0]
 
 
-def bench_jpeg(out: Path, budget: float, n: int) -> None:
-    run, figures = fit("jpeg_photos.toml", out / "jpeg_photos", budget)
+def photo_task(config: str, out: Path, budget: float, n: int):
+    """Train a photo task (reused if present), then one sample per held-out crop: (truth, condition image, outputs,
+    training figures), with a figure of the first ten (input, output, truth)."""
+    run, figures = fit(config, out / config.removesuffix(".toml"), budget)
     cfg, den, _ = load_run(run)
     x = held_out_photos(n)
-    compressed = training_condition(cfg.task, x, torch.arange(n), den.schedule)["image"]
-    restored = quantize(generate(den, n, (3, 32, 32), cond={"image": compressed}, sampler=cfg.sample.sampler,
-                                 steps=cfg.sample.steps, seed=0))
-    save_grid(torch.cat([compressed[:10], restored[:10], x[:10]]), out / "jpeg_photos.png", nrow=10, scale=3)
+    image = training_condition(cfg.task, x, torch.arange(n), den.schedule)["image"]
+    y = quantize(generate(den, n, (3, 32, 32), cond={"image": image}, sampler=cfg.sample.sampler, steps=cfg.sample.steps,
+                          seed=0))
+    save_grid(torch.cat([viewable(image[:10], 3), y[:10], x[:10]]), out / f"{run.name}.png", nrow=10, scale=3)
+    return x, image, y, figures
+
+
+def bench_jpeg(out: Path, budget: float, n: int) -> None:
+    x, compressed, restored, figures = photo_task("jpeg_photos.toml", out, budget, n)
     print(json.dumps({"task": "jpeg restoration, photo crops 32x32", **figures, "psnr_restored": round(psnr(restored, x), 2),
                       "psnr_jpeg_input": round(psnr(compressed, x), 2)}), flush=True)
 
@@ -146,13 +153,7 @@ def chroma(x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_colorize(out: Path, budget: float, n: int) -> None:
-    run, figures = fit("colorize_photos.toml", out / "colorize_photos", budget)
-    cfg, den, _ = load_run(run)
-    x = held_out_photos(n)
-    gray = training_condition(cfg.task, x, torch.arange(n), den.schedule)["image"]
-    colour = quantize(generate(den, n, (3, 32, 32), cond={"image": gray}, sampler=cfg.sample.sampler,
-                               steps=cfg.sample.steps, seed=0))
-    save_grid(torch.cat([gray[:10].expand(-1, 3, -1, -1), colour[:10], x[:10]]), out / "colorize_photos.png", nrow=10, scale=3)
+    x, gray, colour, figures = photo_task("colorize_photos.toml", out, budget, n)
     print(json.dumps({"task": "colorization, photo crops 32x32", **figures,
                       "chroma_error_output": round(float((chroma(colour) - chroma(x)).abs().mean()), 2),
                       "chroma_error_gray_input": round(float(chroma(x).abs().mean()), 2),

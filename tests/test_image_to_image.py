@@ -23,7 +23,7 @@ from diffuse.tasks.image_to_image import (border_mask, box_mask, check_cascade, 
 from diffuse.train import Trainer
 
 from test_cli import _sets
-from test_train import BASE, assert_same_state, run_interrupted, snapshot
+from test_train import BASE, check_exact_resume
 
 SCHEDULE = Schedule.linear()
 
@@ -167,13 +167,7 @@ SR = BASE + ["task.kind=superres", "task.noise_aug_max=0.3", "task.aug_level=0.1
 def test_a_superres_run_resumes_exactly_with_its_pairs(tmp_path):
     """The pairs (augmentation level and noise) are drawn from the trainer's generator per global batch, so a run
     killed after step 3 and resumed ends bit-identical to one run straight through."""
-    cfg = apply_overrides(RunConfig(), SR)
-    straight = Trainer(cfg, tmp_path / "straight", progress=False)
-    straight.fit()
-    run_interrupted(cfg, tmp_path / "resumed", kill_at=3)
-    resumed = Trainer(cfg, tmp_path / "resumed", progress=False)
-    resumed.fit()
-    assert_same_state(snapshot(resumed), snapshot(straight))
+    check_exact_resume(apply_overrides(RunConfig(), SR), tmp_path)
 
 
 def test_the_pairs_are_made_from_the_flipped_image(tmp_path, monkeypatch):

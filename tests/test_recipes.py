@@ -11,7 +11,7 @@ import torch
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.train import Trainer, lr_factor
 
-from test_train import BASE, assert_same_state, run_interrupted, snapshot
+from test_train import BASE, check_exact_resume
 
 
 def cfg(*overrides):
@@ -69,12 +69,7 @@ def test_exact_resume_with_the_new_options_on(tmp_path):
     config = cfg("train.checkpoint_every=3", "train.lr_schedule=cosine", "train.grad_accumulation=2",
                  "train.loss_weighting=p2", "train.p2_gamma=0.5", "model.class_conditional=true",
                  "train.condition_dropout={label=0.2}")
-    straight = Trainer(config, tmp_path / "straight", progress=False)
-    straight.fit()
-    run_interrupted(config, tmp_path / "resumed", kill_at=3)
-    resumed = Trainer(config, tmp_path / "resumed", progress=False)
-    resumed.fit()
-    assert_same_state(snapshot(resumed), snapshot(straight))
+    check_exact_resume(config, tmp_path)
 
 
 def test_offset_noise_adds_a_constant_per_image_and_channel(tmp_path, monkeypatch):

@@ -91,6 +91,16 @@ def run_interrupted(cfg: RunConfig, run_dir, kill_at: int) -> None:
     assert ckpt.latest_step(run_dir) == kill_at
 
 
+def check_exact_resume(cfg: RunConfig, root, kill_at: int = 3) -> None:
+    """A run killed after its checkpoint at `kill_at` and resumed ends bit-identical to one run straight through."""
+    straight = Trainer(cfg, root / "straight", progress=False)
+    straight.fit()
+    run_interrupted(cfg, root / "resumed", kill_at=kill_at)
+    resumed = Trainer(cfg, root / "resumed", progress=False)
+    resumed.fit()
+    assert_same_state(snapshot(resumed), snapshot(straight))
+
+
 # --- exact resume -----------------------------------------------------------------------------------------
 RESUME_CFG = ("train.checkpoint_every=3",)
 
