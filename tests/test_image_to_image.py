@@ -207,6 +207,9 @@ def test_edit_superres_from_the_cli(sr_run, tmp_path):
     out = tmp_path / "big.npy"
     assert main(["edit", "superres", str(sr_run), "--image", str(tmp_path / "low.png"), "--n", "2", "--out", str(out)]) == 0
     assert np.load(out).shape == (2, 1, 8, 8) and (tmp_path / "big_before_after.png").is_file()
+    assert main(["edit", "superres", str(sr_run), "--image", str(tmp_path / "low.png"), "--n", "2", "--mean",
+                 "--out", str(tmp_path / "mean.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mean.npy")[0], np.load(out).mean(0), atol=1e-6)  # same seed, averaged
     assert main(["edit", "colorize", str(sr_run), "--image", str(tmp_path / "low.png"), "--out", str(tmp_path / "c.png")]) == 2
     assert not (tmp_path / "c.png").exists()
 
