@@ -48,7 +48,7 @@ def check_task(task: TaskConfig, channels: int, image_size: int, model_cond_chan
     if model_cond_channels != need:
         raise ValueError(f"task.kind = '{task.kind}' on {channels}-channel images conditions on {need} image channel(s): "
                          f"set model.cond_channels = {need} (it is {model_cond_channels})")
-    scalars = 1 if task.kind == "superres" and task.noise_aug_max > 0 else 0
+    scalars = int("scalars" in condition_keys(task))
     if model_scalars != scalars:
         raise ValueError(f"task.noise_aug_max = {task.noise_aug_max} gives the network {scalars} scalar input(s) (the "
                          f"augmentation level): set model.scalar_inputs = {scalars}")
@@ -155,13 +155,8 @@ def superres_condition(low: Tensor, size: int, schedule=None, level: Tensor | fl
         return {"image": upsample(low, size)}
     s = torch.as_tensor(level, dtype=torch.float64).expand(low.shape[0])
     noise = torch.zeros_like(low) if noise is None else noise
-    noised = torch.where(append(s > 0, low), schedule.q_sample(low, s, noise), low)  # level 0: the image itself
+    noised = schedule.q_sample(low, s, noise)  # level 0: alpha = 1, sigma = 0, the image itself
     return {"image": upsample(noised, size), "scalars": s.to(low.dtype)[:, None]}
-
-
-def append(v: Tensor, like: Tensor) -> Tensor:
-    """v (B,) shaped to broadcast against like (B, ...)."""
-    return v.view(-1, *([1] * (like.ndim - 1))).to(like.device)
 
 
 def condition_keys(task: TaskConfig) -> tuple[str, ...]:
@@ -248,10 +243,9 @@ def read_cascade(folder) -> tuple[list, float | None]:
         aug_level = 0.1           # optional: the level every super-resolution stage's input gets (else each run's own)
 
     Raises FileNotFoundError or ValueError naming what is wrong."""
-    import sys
     from pathlib import Path
 
-    tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    from ..config import tomllib
     path = Path(folder) / CASCADE_FILE
     try:
         spec = tomllib.loads(path.read_text())
