@@ -25,9 +25,12 @@ from .train import NonFiniteLoss, ResumeError
 
 
 def _train(args) -> None:
-    from .train import train
+    from .train import dry_run, train
 
     cfg = apply_overrides(load_config(args.config), args.set or [])
+    if args.dry_run:
+        print(dry_run(cfg))
+        return
     run = train(cfg, args.out, inexact_resume=args.inexact_resume)
     print(f"run folder: {run}")
 
@@ -393,6 +396,13 @@ def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None
             raise ValueError(f"--{flag.replace('_', '-')} does nothing here: {why}; leave it out")
 
 
+def _ema(args) -> None:
+    from .posthoc_ema import write_run
+
+    out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
+    print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -446,6 +456,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4 (repeatable)")
     t.add_argument("--out", required=True, help="run folder (created, or resumed if it holds a run)")
     t.add_argument("--inexact-resume", action="store_true", help="resume from the weights even if training state is missing or the config changed")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the parameter count, FLOPs per image and peak memory of one training step, then stop "
+                        "(nothing is written to --out)")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
@@ -509,6 +522,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     e.set_defaults(func=_eval)
+
+    m = sub.add_parser("ema", help="rebuild an EMA of any length from a run's post-hoc EMA snapshots (EDM2) into a run folder")
+    m.add_argument("run", help="run folder trained with train.posthoc_ema (it holds RUN/ema_snapshots)")
+    m.add_argument("--sigma-rel", type=number(low=0, above=True, high=0.3), required=True,
+                   help="the EMA length as a fraction of training, e.g. 0.05 (EDM2's best are 0.05-0.15)")
+    m.add_argument("--step", type=number(int, low=1), help="rebuild the EMA at this snapshot's step (default: the last)")
+    m.add_argument("--out", required=True, help="output run folder, e.g. RUN/ema_005; `diffuse sample` and `eval` read it")
+    m.set_defaults(func=_ema)
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")

@@ -15,6 +15,9 @@ each key with its own probability (`drop`), classifier-free guidance runs cond b
                   features and K, V from the context (Rombach et al. 2022, sec. 3.3); null: zeros
     context_mask  (B, M) bool, True for real tokens (padding is not attended); optional, belongs to
                   the context: dropped with it, and its null attends every (zero) token
+    self_cond     (B, C, H, W) float, the model's own previous estimate of x_0, concatenated to x_t
+                  (self-conditioning, Chen et al. 2023, "Analog Bits", sec. 3); optional: its null, zeros,
+                  is "no estimate yet", what the first step of sampling and half the training steps see
 """
 
 from __future__ import annotations
@@ -24,22 +27,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask")
+CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask", "self_cond")
 
 
 @dataclass(frozen=True)
 class ConditionSpec:
     """The conditioning a network takes: class labels (num_classes > 0), image channels to concatenate to x_t,
-    scalars per example, and a cross-attention context of width context_dim. All zero: unconditional."""
+    scalars per example, a cross-attention context of width context_dim, and (self_condition) an optional previous
+    x_0 estimate. All zero: unconditional."""
 
     num_classes: int = 0
     image_channels: int = 0
     scalars: int = 0
     context_dim: int = 0
+    self_condition: bool = False
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The required keys, in CONDITION_KEYS order (context_mask, optional, is not listed)."""
+        """The required keys, in CONDITION_KEYS order (context_mask and self_cond, optional, are not listed)."""
         given = {"label": self.num_classes, "image": self.image_channels, "scalars": self.scalars,
                  "context": self.context_dim}
         return tuple(k for k, n in given.items() if n)
@@ -48,7 +53,7 @@ class ConditionSpec:
         """Raise ValueError naming the key for an unknown or missing key, or a value of the wrong shape or dtype for a
         batch x (B, C, H, W); with `values`, also labels out of range and context masks that attend nothing (these read
         the tensors, a device sync: `generate` checks them once, the network's forward only the shapes)."""
-        takes = self.keys + (("context_mask",) if self.context_dim else ())
+        takes = self.keys + (("context_mask",) if self.context_dim else ()) + (("self_cond",) if self.self_condition else ())
         unknown = [k for k in cond if k not in takes]
         if unknown:
             raise ValueError(f"this model does not take the condition key(s) {unknown}; it takes "
@@ -72,6 +77,9 @@ class ConditionSpec:
             if tuple(cond["image"].shape) != want:
                 raise ValueError(f"the condition image must have shape {want} (B, C_c, H, W like x_t), got "
                                  f"{tuple(cond['image'].shape)}")
+        if cond.get("self_cond") is not None and tuple(cond["self_cond"].shape) != tuple(x.shape):
+            raise ValueError(f"self_cond, the previous x_0 estimate, must have the shape of x_t {tuple(x.shape)}, got "
+                             f"{tuple(cond['self_cond'].shape)}")
         if self.scalars and tuple(cond["scalars"].shape) != (B, self.scalars):
             raise ValueError(f"scalars must have shape ({B}, {self.scalars}), got {tuple(cond['scalars'].shape)}")
         if self.context_dim:

@@ -78,6 +78,10 @@ class TrainConfig:
     grad_clip: float = 1.0          # max global gradient norm, 0 disables (DDPM: 1)
     ema_decay: float = 0.9999       # EMA of weights used for sampling (DDPM: 0.9999)
     ema_warmup: bool = True         # decay min(ema_decay, (1+n)/(10+n)) at step n, so short runs are not averaged with the init
+    posthoc_ema: list[float] = field(default_factory=list)  # sigma_rel of power-function EMA tracks saved as snapshots,
+    #                                 from which `diffuse ema` rebuilds any EMA length after training (EDM2, Karras et al.
+    #                                 2024, sec. 3: [0.05, 0.10]); [] = off
+    ema_snapshot_every: int = 500   # steps between post-hoc EMA snapshots (RUN/ema_snapshots; one is also written at the end)
     weight_decay: float = 0.0       # AdamW decoupled weight decay (DDPM: none)
     loss: Literal["simple", "hybrid", "vlb"] = "simple"  # L_simple (Ho et al.); + lambda L_vlb (Nichol & Dhariwal, learned variance); L_vlb alone
     vlb_lambda: float = 0.001       # lambda of the hybrid loss (Nichol & Dhariwal 2021: 0.001)
@@ -225,6 +229,8 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("schedule.max_beta", f'schedule.kind = "{sc.kind}" has no discrete cosine betas', 'set schedule.kind = "cosine" or remove it'))
     if sc.kind not in ("linear", "cosine"):
         out.append(("schedule.T", f'schedule.kind = "{sc.kind}" is a continuous-time process with no T steps', "remove it"))
+        out.append(("schedule.zero_terminal_snr", f'schedule.kind = "{sc.kind}" is not a discrete beta schedule (Lin et al. 2024 '
+                    "rescale betas)", 'use schedule.kind = "linear" or "cosine", or remove it'))
     if sc.kind != "edm":
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not EDM', 'set schedule.kind = "edm" or remove it')
                 for k in ("sigma_min", "sigma_max", "p_mean", "p_std")]
@@ -234,12 +240,16 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     elif sc.t_sampling == "uniform":
         out += [(f"schedule.{k}", 'schedule.t_sampling = "uniform" draws t without a logit-normal', "remove it")
                 for k in ("logit_mean", "logit_std")]
+    if not t.posthoc_ema:
+        out.append(("train.ema_snapshot_every", "train.posthoc_ema is empty (no power-function EMA tracks to snapshot)",
+                    "set train.posthoc_ema = [0.05, 0.10] or remove it"))
     if m.prediction != "edm":
         out.append(("model.sigma_data", f'model.prediction = "{m.prediction}" has no EDM preconditioning', 'set model.prediction = "edm" or remove it'))
     if m.kind == "classifier":
         why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
         out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
-                                                            "scalar_inputs", "context_dim", "cross_attention_resolutions")]
+                                                            "scalar_inputs", "context_dim", "cross_attention_resolutions",
+                                                            "self_condition")]
         out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda",
                                                                  "condition_dropout")]
     else:

@@ -175,6 +175,10 @@ class Denoiser:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, got {prediction!r}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if getattr(schedule, "zero_terminal_snr", False) and prediction in ("eps", "edm"):
+            raise ValueError(f'model.prediction = "{prediction}" reads x_0 through a division by alpha_t, and a zero-terminal-SNR '
+                             'schedule has alpha_T = 0 (Lin et al. 2024, sec. 3.2): use model.prediction = "v" (their choice), '
+                             '"x0" or "flow", or set schedule.zero_terminal_snr = false')
         self.net = net
         self.schedule = schedule
         self.prediction = prediction

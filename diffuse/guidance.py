@@ -38,6 +38,23 @@ class Conditioned:
         return self.denoiser(x_t, t, **self.cond, **more)
 
 
+class SelfConditioning:
+    """Self-conditioning at sampling (Chen et al. 2023, "Analog Bits", sec. 3 and Algorithm 2): every call passes the
+    x_0 estimate of the previous call as `self_cond` (none on the first), so each sampler hands the network its
+    previous estimate without knowing of it. The state lives for one sampling run: `generate` wraps afresh each time.
+    Innermost of the wrappers, so the conditional and unconditional halves of guidance each see their own estimate.
+    A call with another batch shape (an extra evaluation of a different size) starts from no estimate."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.schedule, self.previous = denoiser, denoiser.schedule, None
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        prev = self.previous if self.previous is not None and self.previous.shape == x_t.shape else None
+        pred = self.denoiser(x_t, t, **cond, **({} if prev is None else {"self_cond": prev}))
+        self.previous = pred.x0.detach()
+        return pred
+
+
 class ClipX0:
     """Static clipping of the predicted x_0 to the data range (Ho et al. 2020 code; Saharia et al. 2022, sec. 2.3)."""
 
@@ -72,7 +89,8 @@ class DynamicThreshold:
 
 
 def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
-    """eps~ = (1 + w) eps(x_t, c) - w eps(x_t) (Ho & Salimans 2022, eq. 6): w = 0 is the conditional model."""
+    """eps~ = (1 + w) eps(x_t, c) - w eps(x_t) (Ho & Salimans 2022, eq. 6): w = 0 is the conditional model. The same
+    combination of the two x_0 predictions is the x_0 that eps~ implies at the same x_t."""
     return (1 + w) * eps_cond - w * eps_uncond
 
 
@@ -100,9 +118,10 @@ class ClassifierFreeGuidance:
         tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
                              **concat_conditions(more, more))
-        eps = guided_eps(both.eps[:B], both.eps[B:], self.w)
+        # eps~ of eq. 6, and the x_0 it implies: the conversions are affine in the prediction at a fixed x_t, so the same
+        # weights on x_0 give exactly (x_t - sigma_t eps~) / alpha_t, without dividing by alpha_t (0 at zero terminal SNR)
         cond_v = None if both.variance_mix is None else both.variance_mix[:B]  # the conditional model's variance (as GLIDE)
-        return _with_eps(x_t, t, eps, self.schedule, Prediction(both.x0[:B], both.eps[:B], cond_v))
+        return Prediction(guided_eps(both.x0[:B], both.x0[B:], self.w), guided_eps(both.eps[:B], both.eps[B:], self.w), cond_v)
 
 
 def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,
@@ -131,10 +150,10 @@ class ClassifierGuidance:
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
         pred = self.denoiser(x_t, t, **cond)
-        if self.scale == 0:
+        alpha, sigma = scales(self.schedule, t, x_t)
+        if self.scale == 0 or not bool((alpha > 0).all()):  # at alpha_t = 0, x_t is independent of y: grad log p(y | x_t) = 0
             return pred
         tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
         model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
         grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.labels)
-        _, sigma = scales(self.schedule, t, x_t)
         return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule, pred)

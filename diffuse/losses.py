@@ -26,13 +26,14 @@ def x0_weight(weighting: str, snr: Tensor, ve_sigma: Tensor, *, min_snr_gamma: f
     """lambda(t), the weight a weighting puts on the x_0 error ||x_theta - x_0||^2:
         min_snr  min(SNR, gamma)                                (Hang et al. 2023, eq. 9; gamma = 5)
         p2       SNR / (k + SNR)^gamma', i.e. 1 / (k + SNR)^gamma' on the eps-loss (Choi et al. 2022, eq. 8; k = 1)
-        edm      (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, sigma = sigma_t / alpha_t (Karras et al. 2022, table 1)"""
+        edm      (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, sigma = sigma_t / alpha_t (Karras et al. 2022, table 1),
+                 computed as 1 / sigma_d^2 + SNR, finite at SNR = 0 (zero terminal SNR)"""
     if weighting == "min_snr":
         return snr.clamp(max=min_snr_gamma)
     if weighting == "p2":
         return snr / (p2_k + snr) ** p2_gamma
     if weighting == "edm":
-        return (ve_sigma**2 + sigma_data**2) / (ve_sigma * sigma_data) ** 2
+        return 1 / sigma_data**2 + snr
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
 
 

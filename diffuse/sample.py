@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, SampleConfig, load_config
 from .denoiser import Denoiser
 from .condition import ConditionSpec
-from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning
 from .nets.classifier import NoisyClassifier
 from .nets.unet import UNet
 from .samplers import SAMPLERS, NonFiniteSample, Step
@@ -39,7 +39,8 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
 def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
     """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
     m = cfg.model
-    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs, m.context_dim)
+    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs, m.context_dim,
+                         m.self_condition)
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
@@ -76,7 +77,7 @@ def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | Non
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
     c = ckpt.load_checkpoint(run_dir, step)
-    if ema:
+    if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
         warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
     num_classes = int(c.state["num_classes"])
     net = build_model(cfg, num_classes)
@@ -135,6 +136,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     kw = info.check_options(options)
     # an adaptive solver takes only the ends of its grid: from the top to the first step, then the x_0 prediction
     schedule = denoiser.schedule
+    info.check_schedule(schedule, sampler)
     if grid is not None:  # an explicit grid, which may step back up (RePaint's resampling)
         if info.calls_per_step == 0:
             raise ValueError(f"{sampler} is an adaptive solver that picks its own steps; it takes no grid (use another sampler)")
@@ -198,6 +200,8 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
                  shape: tuple | None = None):
     """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
     spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
+    if spec is not None and spec.self_condition:  # each call passes the previous x_0 estimate (Chen et al. 2023)
+        denoiser = SelfConditioning(denoiser)
     cond = dict(cond or {})
     if labels is not None:
         labels = torch.as_tensor(labels, device=device).long().expand(n)

@@ -52,11 +52,28 @@ class ScheduleConfig:
     t_sampling: Literal["uniform", "logit_normal"] = "logit_normal"  # flow: training t (Esser et al. 2024: logit-normal)
     logit_mean: float = 0.0                      # flow, logit_normal: t = sigmoid(logit_mean + logit_std z)
     logit_std: float = 1.0
+    zero_terminal_snr: bool = False              # linear, cosine: rescale to alphabar_T = 0 (Lin et al. 2024, Alg. 1);
+    #   needs model.prediction = "v" (or "x0", "flow") and a sampler that starts at alpha = 0 (not the VE-sigma or SDE ones)
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """beta_n increasing linearly from beta_1 to beta_T (Ho et al. 2020, sec. 4)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas rescaled so that alphabar_T = 0 (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+    flawed", Algorithm 1): sqrt(alphabar_n) is shifted by -sqrt(alphabar_T) and scaled by
+    sqrt(alphabar_1) / (sqrt(alphabar_1) - sqrt(alphabar_T)), which keeps alphabar_1 and the order of every SNR, and
+    makes the last step pure noise (SNR 0, beta_T = 1), so training sees the x_T that sampling starts from.
+    betas: (T,) in (0, 1), T >= 2; returns (T,) float64 with beta_T = 1."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if len(betas) < 2:
+        raise ValueError(f"zero-terminal-SNR rescaling needs T >= 2 steps (step 1 keeps its value), got T = {len(betas)}")
+    root = torch.cumprod(1 - betas, 0).sqrt()          # sqrt(alphabar_n), n = 1..T
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphabar = root**2
+    return 1 - torch.cat([alphabar[:1], alphabar[1:] / alphabar[:-1]])  # beta_n = 1 - alphabar_n / alphabar_{n-1}
 
 
 def cosine_alphabar(t: Tensor, s: float = 0.008) -> Tensor:
@@ -213,6 +230,11 @@ class Schedule(NoiseSchedule):
     Tables are indexed by n = 0..T with n = 0 the clean data (alphabar_0 = 1, beta_0 = 0), so
     `alphabar[n]` is the paper's alphabar_n. Between grid points log(alphabar) is interpolated
     linearly, which is exact at every t = n / T.
+
+    A zero-terminal-SNR schedule (`rescale_zero_terminal_snr`, beta_T = 1) has alphabar_T = 0: its last cell is
+    interpolated linearly in alphabar instead (log alphabar_T = -inf), so alpha(t) stays continuous and decreasing,
+    and its grids start at step T (alpha = 0, x_T = eps exactly), not below LOG_SNR_MIN: a v-, x0- or flow-network
+    reads x_0 there without dividing by alpha_T.
     """
 
     kind = "discrete VP"
@@ -222,15 +244,19 @@ class Schedule(NoiseSchedule):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("every beta_t must lie in (0, 1); check beta_start / beta_end / max_beta")
+        if not bool(((betas > 0) & (betas < 1)).all()) and not (
+                len(betas) >= 2 and bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and float(betas[-1]) == 1):
+            raise ValueError("every beta_t must lie in (0, 1) (beta_T = 1 only for a zero-terminal-SNR schedule); check "
+                             "beta_start / beta_end / max_beta")
         self.T = len(betas)
         self.betas = torch.cat([betas.new_zeros(1), betas])  # beta[n], beta[0] = 0
         self.alphabar = torch.cumprod(1 - self.betas, 0)      # alphabar_n = prod_{s<=n} (1 - beta_s) (eq. 4)
-        self._log_alphabar = self.alphabar.log()
-        # the top of every sampling grid: the last step n whose log-SNR is still >= log_snr_min (at least step 1)
+        self.zero_terminal_snr = float(self.alphabar[-1]) == 0
+        self._log_alphabar = self.alphabar.log()              # -inf at n = T for zero terminal SNR
+        # the top of every sampling grid: the last step n whose log-SNR is still >= log_snr_min (at least step 1);
+        # with zero terminal SNR step T itself, where x_T ~ N(0, I) is exact
         log_snr_n = self._log_alphabar[1:] - torch.log1p(-self.alphabar[1:])
-        self.top_step = max(1, int((log_snr_n >= log_snr_min).sum()))
+        self.top_step = self.T if self.zero_terminal_snr else max(1, int((log_snr_n >= log_snr_min).sum()))
         self.t_min = 1.0 / self.T
 
     @property
@@ -276,10 +302,12 @@ class Schedule(NoiseSchedule):
                 raise ValueError(
                     f"schedule.beta_start / beta_end must satisfy 0 < start <= end < 1, got {cfg.beta_start}, {cfg.beta_end}"
                 )
-            return cls.linear(cfg.T, cfg.beta_start, cfg.beta_end)
-        if cfg.kind == "cosine":
-            return cls.cosine(cfg.T, cfg.cosine_s, cfg.max_beta)
-        raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
+            betas = linear_betas(cfg.T, cfg.beta_start, cfg.beta_end)
+        elif cfg.kind == "cosine":
+            betas = cosine_betas(cfg.T, cfg.cosine_s, cfg.max_beta)
+        else:
+            raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
+        return cls(rescale_zero_terminal_snr(betas) if cfg.zero_terminal_snr else betas)
 
     # --- continuous time ------------------------------------------------------------------
     def _table_at(self, table: Tensor, t: Tensor) -> Tensor:
@@ -288,11 +316,16 @@ class Schedule(NoiseSchedule):
         n = (t * self.T).clamp(0, self.T)
         lo = n.floor().long().clamp(max=self.T - 1)
         w = n - lo
-        return table[lo] * (1 - w) + table[lo + 1] * w
+        return torch.where(w > 0, table[lo] + w * (table[lo + 1] - table[lo]), table[lo])  # exact (and finite) at w = 0
 
     def alphabar_at(self, t: Tensor) -> Tensor:
-        """alphabar(t), float64; log-linear between the T grid points."""
-        return self._table_at(self._log_alphabar, t).exp()
+        """alphabar(t), float64; log-linear between the T grid points (linear in the last cell of a zero-terminal-SNR
+        schedule, which ends at alphabar_T = 0)."""
+        ab = self._table_at(self._log_alphabar, t).exp()
+        if self.zero_terminal_snr:
+            n = (torch.as_tensor(t).to("cpu", torch.float64) * self.T).clamp(0, self.T)
+            ab = torch.where(n > self.T - 1, self.alphabar[-2] * (self.T - n), ab)
+        return ab
 
     def alpha(self, t: Tensor) -> Tensor:
         """alpha_t = sqrt(alphabar_t): the signal scale of x_t."""
@@ -327,15 +360,22 @@ class Schedule(NoiseSchedule):
         """
         t = torch.as_tensor(t).to("cpu", torch.float64)
         cell = (torch.ceil(t * self.T - 1e-9) - 1).clamp(0, self.T - 1).long()  # -1e-9: t = n/T in floats sits in cell n
-        return self.T * (self._log_alphabar[cell] - self._log_alphabar[cell + 1])
+        beta = self.T * (self._log_alphabar[cell] - self._log_alphabar[cell + 1])
+        if self.zero_terminal_snr:  # the last cell, linear in alphabar: -d log alphabar / dt = T / (T - n), inf at t = 1
+            beta = torch.where(cell == self.T - 1, self.T / (self.T - t * self.T), beta)
+        return beta
 
     def t_from_log_alphabar(self, log_alphabar: Tensor) -> Tensor:
         """The exact inverse of `alphabar_at` on its log-linear interpolation; clamped to t in [0, 1]."""
-        rising = -self._log_alphabar  # 0 = -log alphabar_0 < ... < -log alphabar_T
+        rising = -self._log_alphabar  # 0 = -log alphabar_0 < ... < -log alphabar_T (+inf for zero terminal SNR)
         y = (-torch.as_tensor(log_alphabar, dtype=torch.float64)).clamp(0, float(rising[-1]))
         hi = torch.searchsorted(rising, y).clamp(1, self.T)
         lo = hi - 1
-        return (lo + (y - rising[lo]) / (rising[hi] - rising[lo])) / self.T
+        t = (lo + (y - rising[lo]) / (rising[hi] - rising[lo])) / self.T
+        if self.zero_terminal_snr:  # the last cell is linear in alphabar: alphabar = alphabar_{T-1} (T - n)
+            last = (self.T - torch.exp(rising[-2] - y)) / self.T
+            t = torch.where(hi == self.T, last, t)
+        return t
 
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         """The time t with log SNR(t) = log_snr (alphabar = sigmoid(log SNR))."""
@@ -397,6 +437,10 @@ class Schedule(NoiseSchedule):
         elif spacing == "quadratic":
             idx = k + torch.round((N - steps) * u**2) if steps > 1 else k + N - 1
         elif spacing in ("karras", "log_snr"):
+            if self.zero_terminal_snr:
+                raise ValueError(f'spacing "{spacing}" is uniform in a power of sigma_t / alpha_t or in lambda, both infinite at '
+                                 "alphabar_T = 0 of a zero-terminal-SNR schedule; use trailing (Lin et al. 2024, sec. 3.3), "
+                                 "linspace or quadratic")
             t = self._between_ends(spacing, u, rho)  # from step N (t_top) to step 1 (t_min)
             return torch.cat([t, t.new_zeros(1)])
         else:

@@ -37,6 +37,7 @@ from .data import ImageDataset, load_dataset
 from .likelihood import bits_per_dim, vlb_term
 from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
+from .posthoc_ema import SIGMA_REL_MAX, PowerEMA
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
     build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
 from .samplers import SAMPLERS
@@ -140,6 +141,10 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
         (t.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {t.min_snr_gamma}"),
+        (all(0 < s <= SIGMA_REL_MAX for s in t.posthoc_ema) and len(set(t.posthoc_ema)) == len(t.posthoc_ema),
+         f"train.posthoc_ema lists the sigma_rel of each power-function EMA track, distinct values in (0, {SIGMA_REL_MAX:.4f}] "
+         f"(EDM2: [0.05, 0.10]), got {t.posthoc_ema}"),
+        (t.ema_snapshot_every >= 1, f"train.ema_snapshot_every must be >= 1, got {t.ema_snapshot_every}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"),
         (t.sample_every >= 0, f"train.sample_every must be >= 0, got {t.sample_every}"),
@@ -187,6 +192,15 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         SAMPLERS[cfg.sample.sampler].check_options({"eta": cfg.sample.eta, "variance": cfg.sample.variance})
     except ValueError as e:
         raise ValueError(f"sample.{e}") from None
+    if getattr(schedule, "zero_terminal_snr", False):
+        if cfg.model.kind == "denoiser" and cfg.model.prediction in ("eps", "edm"):
+            raise ValueError(f'schedule.zero_terminal_snr = true makes alpha_T = 0, where model.prediction = "{cfg.model.prediction}" '
+                             'cannot give x_0 (it divides by alpha_T; Lin et al. 2024, sec. 3.2): set model.prediction = "v"')
+        try:
+            SAMPLERS[cfg.sample.sampler].check_schedule(schedule, f"sample.sampler = '{cfg.sample.sampler}'")
+            schedule.grid(cfg.sample.steps or None, cfg.sample.spacing)
+        except ValueError as e:
+            raise ValueError(f"schedule.zero_terminal_snr = true: {e}") from None
 
 
 class Trainer:
@@ -228,6 +242,7 @@ class Trainer:
             if isinstance(m, ShardedDropout):
                 m.shard = (self.rank, self.world)
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
+        self.phema = PowerEMA(self.model, t.posthoc_ema) if t.posthoc_ema else None  # post-hoc EMA tracks (EDM2)
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.denoiser = build_denoiser(cfg, self.net)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -287,6 +302,9 @@ class Trainer:
         t, eps = self._local(t), self._local(eps).to(self.device)
         if cfg.model.kind == "denoiser":
             cond = self._condition(cond, B)
+        # self-conditioning: on half the steps (one draw per step, Chen et al. 2023, Algorithm 1) the model first
+        # estimates x_0 without it, and that estimate, without its gradient, is the extra input of the loss's pass
+        self_condition = cfg.model.self_condition and bool(torch.rand((), generator=self.generator) < 0.5)
         steps_local = self._local(steps) if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser" else None
         weight_local = self._local(is_weight) if steps_local is not None else None
         n, k = x0.shape[0], cfg.train.grad_accumulation
@@ -296,7 +314,10 @@ class Trainer:
             sl = slice(int(idx[0]), int(idx[-1]) + 1)
             sync = self.net.no_sync() if self.world > 1 and j < k - 1 else contextlib.nullcontext()  # DDP: reduce once
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                per_example, vlb = self._per_example(x0[sl], t[sl], eps[sl], {key: v[sl] for key, v in cond.items()},
+                part = {key: v[sl] for key, v in cond.items()}
+                if self_condition:
+                    part["self_cond"] = self._estimate(x0[sl], t[sl], eps[sl], part)
+                per_example, vlb = self._per_example(x0[sl], t[sl], eps[sl], part,
                                                      None if steps_local is None else steps_local[sl],
                                                      None if weight_local is None else weight_local[sl])
                 self.scaler.scale(per_example.sum() / n).backward()  # the mean over the local batch, in parts
@@ -325,6 +346,12 @@ class Trainer:
             return hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, **self._weighting(), **cond), None
         vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps, eps, **cond), x0)
         return vlb * is_weight.to(vlb), vlb.detach()
+
+    @torch.no_grad()
+    def _estimate(self, x0: Tensor, t: Tensor, eps: Tensor, cond: dict) -> Tensor:
+        """The model's own x_0 estimate at x_t = q_sample(x0, t, eps) without self-conditioning: sg(x_hat_0) of
+        Chen et al. 2023, Algorithm 1 (no gradient flows through it)."""
+        return self.denoiser(self.denoiser.schedule.q_sample(x0, t, eps), t, **cond).x0
 
     def _gather(self, local: Tensor) -> Tensor:
         """The global batch of a per-example tensor, from every process's slice."""
@@ -364,6 +391,8 @@ class Trainer:
         self.scaler.update()
         self.lr_schedule.step()
         self.ema.update(self.model, self.step)
+        if self.phema is not None:
+            self.phema.update(self.model, self.step + 1)  # its steps count from 1
         self.step += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_schedule.get_last_lr()[0]}
 
@@ -394,6 +423,9 @@ class Trainer:
                 if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind == "denoiser":
                     self.sample_grid()
                 out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
+                if self.phema is not None and self.is_main and (
+                        self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time):
+                    self.phema.save_snapshot(self.run_dir / "ema_snapshots", self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
                     self.save()
                 if out_of_time:
@@ -467,7 +499,8 @@ class Trainer:
         rng_tensors, rng_state = ckpt.capture_rng()
         state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
                          **{f"importance.{k}": v for k, v in self.importance.state_dict().items()},
-                         "generator": ckpt.generator_state(self.generator)}
+                         "generator": ckpt.generator_state(self.generator),
+                         **({f"phema.{k}": v for k, v in self.phema.state_dict().items()} if self.phema else {})}
         state = {
             "step": self.step,
             "num_classes": self.dataset.num_classes,
@@ -479,6 +512,7 @@ class Trainer:
             "history": self.history,
             "max_abs_weight": max_abs,
             "last_loss": self.history[-1][1] if self.history else None,
+            **({"phema": self.phema.metadata()} if self.phema else {}),
         }
         ckpt.save_checkpoint(self.run_dir, self.step,
                              {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "state": state_tensors},
@@ -497,6 +531,9 @@ class Trainer:
             self.lr_schedule.load_state_dict(s["lr_schedule"])
             self.scaler.load_state_dict(s["scaler"])
             ckpt.set_generator_state(self.generator, st["generator"])
+            if self.phema is not None:
+                self.phema.load_state_dict({k.removeprefix("phema."): v for k, v in st.items() if k.startswith("phema.")},
+                                           s["phema"])
             if "importance.history" in st:
                 self.importance.load_state_dict({"history": st["importance.history"], "count": st["importance.count"]})
             # restored last: building the model and data above drew from the global RNGs
@@ -521,7 +558,7 @@ class Trainer:
 
 # settings that change neither the weights nor the random draws of a step: free to change on resume
 _FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                             "num_workers"}}
+                             "num_workers", "ema_snapshot_every"}}
 
 
 def _trajectory_keys(cfg: RunConfig) -> dict:
@@ -533,6 +570,22 @@ def _trajectory_keys(cfg: RunConfig) -> dict:
 def _diff(a: dict, b: dict) -> str:
     out = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a for k in a[s] if a[s].get(k) != b.get(s, {}).get(k)]
     return "; ".join(out[:5]) + (f"; and {len(out) - 5} more" if len(out) > 5 else "")
+
+
+def dry_run(cfg: RunConfig, **kw) -> str:
+    """`diffuse train --dry-run`: one training step's footprint (footprint.step_footprint: parameters, FLOPs per image,
+    peak memory), measured on a throw-away run folder with the config's data, model and options; nothing else is
+    written. Raises as Trainer does for a bad config."""
+    import tempfile
+
+    from .footprint import step_footprint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, **kw)
+        trainer.model.train()
+        fp = step_footprint(trainer.train_step, trainer.model, cfg.train.batch_size // trainer.world, trainer.device)
+    return (f"{fp.describe()}; at train.batch_size = {cfg.train.batch_size}, {cfg.train.steps:,} steps are "
+            f"{fp.flops_per_image * cfg.train.batch_size * cfg.train.steps / 1e15:.3g} PFLOP")
 
 
 def train(cfg: RunConfig, run_dir: str | Path, **kw) -> Path:

@@ -68,8 +68,16 @@ def test_inverse_sqrt_needs_a_warm_up(tmp_path):
 def test_exact_resume_with_the_new_options_on(tmp_path):
     config = cfg("train.checkpoint_every=3", "train.lr_schedule=cosine", "train.grad_accumulation=2",
                  "train.loss_weighting=p2", "train.p2_gamma=0.5", "model.class_conditional=true",
-                 "train.condition_dropout={label=0.2}")
+                 "train.condition_dropout={label=0.2}", "train.offset_noise=0.1", "schedule.zero_terminal_snr=true",
+                 "model.prediction=v", "model.self_condition=true", "train.posthoc_ema=[0.05, 0.1]",
+                 "train.ema_snapshot_every=2")
     check_exact_resume(config, tmp_path)
+    from safetensors.torch import load_file
+    a, b = (sorted((tmp_path / run / "ema_snapshots").iterdir()) for run in ("straight", "resumed"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
+    for pa, pb in zip(a, b):
+        ta, tb = load_file(pa), load_file(pb)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_offset_noise_adds_a_constant_per_image_and_channel(tmp_path, monkeypatch):
@@ -89,3 +97,88 @@ def test_offset_noise_adds_a_constant_per_image_and_channel(tmp_path, monkeypatc
     assert float(means.var()) == pytest.approx(0.25 + 1 / 64, rel=0.15)
     with pytest.raises(ValueError, match=r"train.offset_noise must be in \[0, 1\]"):
         Trainer(cfg("train.offset_noise=2"), tmp_path / "bad", progress=False)
+
+
+# --- post-hoc EMA in training and `diffuse ema` -------------------------------------------------------------------
+def test_posthoc_ema_tracks_are_snapshotted_and_rebuilt_by_the_cli(tmp_path):
+    """The snapshot of a tracked sigma_rel at the last step is that track's EMA; `diffuse ema` of the same sigma_rel
+    rebuilds it (from both tracks' snapshots) to the profile error, writes a run folder that `sample` reads, and refuses
+    a sigma_rel the snapshots cannot rebuild, naming the range."""
+    from safetensors.torch import load_file
+
+    from diffuse.cli import main
+    from diffuse.posthoc_ema import list_snapshots, reconstruct
+    from diffuse.sample import load_run
+
+    config = cfg("train.steps=40", "train.posthoc_ema=[0.05, 0.10]", "train.ema_snapshot_every=4", "model.dropout=0")
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.fit()
+    snaps = list_snapshots(tmp_path / "run" / "ema_snapshots")
+    assert [s.step for s in snaps] == list(range(4, 41, 4)) and snaps[0].sigma_rels == (0.05, 0.10)
+    last = load_file(snaps[-1].path)
+    for name, p in trainer.phema.track(1).items():
+        torch.testing.assert_close(last[f"1.{name}"], p.float(), rtol=0, atol=0)
+    rebuilt = reconstruct(tmp_path / "run" / "ema_snapshots", 0.10)
+    direct = trainer.phema.track(1)
+    scale = max(float((direct[k] - trainer.model.state_dict()[k]).abs().max()) for k in direct)  # EMA vs raw weights
+    worst = max(float((rebuilt[k] - direct[k]).abs().max()) for k in direct)
+    assert worst < 0.1 * scale  # the rebuilt EMA is far closer to the tracked one than the raw weights are
+
+    assert main(["ema", str(tmp_path / "run"), "--sigma-rel", "0.1", "--out", str(tmp_path / "run" / "ema_010")]) == 0
+    _, den, _ = load_run(tmp_path / "run" / "ema_010")
+    for k, v in den.net.state_dict().items():
+        torch.testing.assert_close(v, rebuilt[k].to(v.dtype), rtol=0, atol=0)
+    out = tmp_path / "s.npy"
+    assert main(["sample", str(tmp_path / "run" / "ema_010"), "--n", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert out.is_file()
+    with pytest.raises(ValueError, match=r"cannot reconstruct sigma_rel=0.29.*rebuild sigma_rel in \[0\.\d+, 0\.\d+\]"):
+        reconstruct(tmp_path / "run" / "ema_snapshots", 0.29)
+    assert main(["ema", str(tmp_path / "run"), "--sigma-rel", "0.1", "--out", str(tmp_path / "run")]) == 2  # never over a run
+
+
+def test_bad_posthoc_ema_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"train.posthoc_ema lists the sigma_rel.*got \[0.5\]"):
+        Trainer(cfg("train.posthoc_ema=[0.5]"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="train.ema_snapshot_every must be >= 1"):
+        Trainer(cfg("train.posthoc_ema=[0.05]", "train.ema_snapshot_every=0"), tmp_path / "b", progress=False)
+    from diffuse.config import ConfigError
+    with pytest.raises(ConfigError, match="train.ema_snapshot_every.*train.posthoc_ema is empty"):
+        Trainer(cfg("train.ema_snapshot_every=7"), tmp_path / "c", progress=False)
+
+
+# --- memory: activation checkpointing and --dry-run ---------------------------------------------------------------
+def test_activation_checkpointing_gives_the_same_step_in_less_memory(tmp_path):
+    """With dropout on (the RNG is replayed in the recomputation), one step with model.checkpointing equals the plain
+    step bit for bit, its peak memory (footprint.peak_memory) is lower, and its FLOPs are higher (the recomputation)."""
+    from diffuse.footprint import count_flops, peak_memory
+
+    def trainer(name, *extra):
+        t = Trainer(cfg("model.dropout=0.3", "train.batch_size=16", "data.image_size=16",
+                              "model.attention_resolutions=[8]", *extra), tmp_path / name,
+                    progress=False)
+        t.model.train()
+        return t
+
+    plain, ckpt = trainer("plain"), trainer("ckpt", "model.checkpointing=true")
+    torch.manual_seed(5)
+    plain.loss_and_backward()
+    torch.manual_seed(5)
+    ckpt.loss_and_backward()
+    for (name, p), q in zip(plain.model.named_parameters(), ckpt.model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    memory = [peak_memory(t.loss_and_backward, "cpu") for t in (plain, ckpt)]
+    assert memory[1] < 0.7 * memory[0]
+    flops = [count_flops(t.loss_and_backward) for t in (plain, ckpt)]
+    assert flops[0] < flops[1] < 1.5 * flops[0]  # forward once more: at most 1/3 more than forward + backward (~3x)
+
+
+def test_dry_run_prints_the_footprint_and_writes_nothing(tmp_path, capsys):
+    from diffuse.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    args = ["train", str(config), "--out", str(tmp_path / "run"), "--dry-run"] + [f"--set={o}" for o in BASE]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "FLOP per training image" in out and "peak memory of one training step of batch 8" in out
+    assert not (tmp_path / "run").exists()

@@ -48,12 +48,13 @@ def snapshot(trainer: Trainer) -> dict:
         "lr_schedule": trainer.lr_schedule.state_dict(),
         "generator": trainer.generator.get_state().clone(),
         "torch_rng": torch.get_rng_state(),
+        "phema": {k: v.clone() for k, v in trainer.phema.state_dict().items()} if trainer.phema else {},
     }
 
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a["step"] == b["step"]
-    for group in ("model", "ema"):
+    for group in ("model", "ema", "phema"):
         assert a[group].keys() == b[group].keys()
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]), f"{group} {k} differs"

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..condition import ConditionSpec
@@ -47,6 +48,9 @@ class UNetConfig:
     #                                                                 flow: eps - x_0, rectified flow; edm: F of EDM's preconditioning)
     sigma_data: float = 0.5                                         # prediction "edm": the data's std (Karras et al. 2022: 0.5)
     learned_variance: bool = False                                  # also output v of Sigma (Nichol & Dhariwal 2021): twice the channels
+    self_condition: bool = False                                    # also take the previous x_0 estimate (Chen et al. 2023)
+    checkpointing: bool = False                                     # recompute each block's activations in the backward pass
+    #                                                                 instead of keeping them: less memory, ~1/3 more compute
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -200,7 +204,9 @@ class UNet(nn.Module):
     embedding (with a null label for classifier-free guidance), `image` (B, cond_channels, H, W) concatenated to
     x_t (Saharia et al. 2021, SR3), `scalars` (B, k) embedded like the time and added, `context` (B, M, d) [and
     `context_mask` (B, M)] attended by cross-attention at cross_attention_resolutions (Rombach et al. 2022, sec.
-    3.3). A key the model does not take, or a missing one, is a ValueError naming it.
+    3.3), and with self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to
+    x_t (zeros when absent; Chen et al. 2023). A key the model does not take, or a missing one, is a ValueError
+    naming it.
     """
 
     def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0, out_channels: int | None = None):
@@ -212,11 +218,12 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes if cfg.class_conditional else 0
-        self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs, cfg.context_dim)
+        self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs, cfg.context_dim,
+                                            cfg.self_condition)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
-        self.conv_in = nn.Conv2d((in_channels + cfg.cond_channels) * p * p, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d((in_channels * (2 if cfg.self_condition else 1) + cfg.cond_channels) * p * p, ch, 3, padding=1)
         if cfg.scalar_inputs:  # each scalar gets a sinusoidal embedding like the time's; one MLP maps them all
             self.scalar_mlp = nn.Sequential(nn.Linear(cfg.scalar_inputs * ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         xres, ctx = cfg.cross_attention_resolutions, cfg.context_dim
@@ -272,6 +279,9 @@ class UNet(nn.Module):
             s = cond["scalars"].float() * 1000
             emb = emb + self.scalar_mlp(torch.cat([timestep_embedding(s[:, i], self.cfg.channels)
                                                    for i in range(s.shape[1])], dim=1))
+        if self.cfg.self_condition:  # the previous x_0 estimate, zeros when there is none (Chen et al. 2023, sec. 3)
+            prev = cond.get("self_cond")
+            x = torch.cat([x, torch.zeros_like(x) if prev is None else prev.to(x.dtype)], dim=1)
         if self.cfg.cond_channels:
             x = torch.cat([x, cond["image"].to(x.dtype)], dim=1)
         context, mask = cond.get("context"), cond.get("context_mask")
@@ -279,19 +289,31 @@ class UNet(nn.Module):
         hs = [h]
         for level, down in zip(self.down, self.downsample):
             for i in range(len(level.blocks)):
-                h = level.block(i, h, emb, context, mask)
+                h = self._checkpointed(level.block, i, h, emb, context, mask)
                 hs.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        if hasattr(self, "mid_cross"):
-            h = self.mid_cross(h, context, mask)
+        h = self._checkpointed(self._middle, h, emb, context, mask)
         for level, up in zip(self.up, self.upsample):
             for i in range(len(level.blocks)):
-                h = level.block(i, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+                h = self._checkpointed(level.block, i, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
             h = up(h)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
+
+
+    def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        return self.mid_cross(h, context, mask) if hasattr(self, "mid_cross") else h
+
+    def _checkpointed(self, fn, *args):
+        """fn(*args), with model.checkpointing while training: activation checkpointing (Chen et al. 2016, "Training
+        deep nets with sublinear memory cost"), one block at a time, so the backward pass recomputes each block's
+        activations instead of keeping them. The RNG state is replayed, so dropout draws the same masks and the
+        gradients equal the plain path's."""
+        if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
 def _validate(cfg: UNetConfig, image_size: int, num_classes: int) -> None:

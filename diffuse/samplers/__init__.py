@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import ddim, ddpm, dpm_solver, karras, sde
-from .base import OPTIONS, Callback, CountCalls, NonFiniteSample, Option, Step
+from .base import OPTIONS, Callback, CountCalls, NonFiniteSample, Option, Step, require_positive_alpha
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class SamplerInfo:
     calls_per_step: int       # denoiser calls per grid step (0: adaptive)
     options: tuple[str, ...]  # keyword options it takes besides generator and callback (keys of OPTIONS)
     about: str
+    zero_snr: bool = True     # can start at alpha_T = 0 (a zero-terminal-SNR schedule); False: works in sigma / alpha
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -31,6 +32,11 @@ class SamplerInfo:
         """The options this sampler takes, each checked (ValueError for a bad value); the others are dropped."""
         return {k: OPTIONS[k].check(k, v) for k, v in options.items() if k in self.options}
 
+    def check_schedule(self, schedule, name: str) -> None:
+        """ValueError when this sampler cannot run on `schedule` (alpha_T = 0 for a sampler in sigma / alpha)."""
+        if not self.zero_snr:
+            require_positive_alpha(schedule, name)
+
 
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(ddpm.sample, 1, ("variance",), "ancestral, Ho et al. 2020 Algorithm 2"),
@@ -38,13 +44,13 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp-2m": SamplerInfo(functools.partial(dpm_solver.sample, order=2), 1, (), "DPM-Solver++(2M), Lu et al. 2022"),
     "dpmpp-3m": SamplerInfo(functools.partial(dpm_solver.sample, order=3), 1, ("reference_3m",), "DPM-Solver++ 3rd-order multistep"),
     "dpmpp-2s": SamplerInfo(dpm_solver.sample_2s, 2, (), "DPM-Solver++(2S), single-step, Lu et al. 2022"),
-    "euler": SamplerInfo(karras.euler, 1, (), "Euler in sigma, Karras et al. 2022"),
-    "heun": SamplerInfo(karras.heun, 2, ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Heun, EDM Algorithm 1 (2 with s_churn)"),
-    "dpm2": SamplerInfo(karras.dpm2, 2, (), "DPM-Solver-2 in sigma, Karras et al. 2022"),
-    "euler-ancestral": SamplerInfo(karras.euler_ancestral, 1, ("eta",), "Euler ancestral in sigma"),
-    "sde-em": SamplerInfo(sde.euler_maruyama, 1, (), "reverse VP-SDE by Euler-Maruyama, Song et al. 2021"),
-    "sde-pc": SamplerInfo(sde.predictor_corrector, 2, ("snr", "corrector_steps"), "predictor-corrector with Langevin, Song et al. 2021"),
-    "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)"),
+    "euler": SamplerInfo(karras.euler, 1, (), "Euler in sigma, Karras et al. 2022", zero_snr=False),
+    "heun": SamplerInfo(karras.heun, 2, ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Heun, EDM Algorithm 1 (2 with s_churn)", zero_snr=False),
+    "dpm2": SamplerInfo(karras.dpm2, 2, (), "DPM-Solver-2 in sigma, Karras et al. 2022", zero_snr=False),
+    "euler-ancestral": SamplerInfo(karras.euler_ancestral, 1, ("eta",), "Euler ancestral in sigma", zero_snr=False),
+    "sde-em": SamplerInfo(sde.euler_maruyama, 1, (), "reverse VP-SDE by Euler-Maruyama, Song et al. 2021", zero_snr=False),
+    "sde-pc": SamplerInfo(sde.predictor_corrector, 2, ("snr", "corrector_steps"), "predictor-corrector with Langevin, Song et al. 2021", zero_snr=False),
+    "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)", zero_snr=False),
 }
 
 __all__ = ["OPTIONS", "SAMPLERS", "Option", "SamplerInfo", "Callback", "CountCalls", "NonFiniteSample", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]

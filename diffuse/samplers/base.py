@@ -50,6 +50,15 @@ class GridStep(NamedTuple):
     sigma_s: float
 
 
+def require_positive_alpha(schedule, name: str) -> None:
+    """Samplers in the VE noise level sigma_t / alpha_t (karras.py) and the VP-SDE ones (beta(t) = -d log alphabar / dt)
+    are infinite at alpha_T = 0: a clear error on a zero-terminal-SNR schedule (Lin et al. 2024)."""
+    if getattr(schedule, "zero_terminal_snr", False):
+        raise ValueError(f"{name} works in sigma_t / alpha_t or the VP-SDE's beta(t), both infinite at the first step of a "
+                         "zero-terminal-SNR schedule (alphabar_T = 0); use ddim, ddpm, dpmpp-2m, dpmpp-3m or dpmpp-2s, "
+                         "or set schedule.zero_terminal_snr = false")
+
+
 def grid_steps(schedule, grid: Tensor, *, jumps: bool = False) -> Iterator[GridStep]:
     """Walk consecutive pairs (t, s) of a grid of times in [0, 1] that ends at t = 0; scales in float64 as floats.
 

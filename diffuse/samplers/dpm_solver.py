@@ -40,8 +40,12 @@ from .base import OPTIONS, Callback, GridStep, Project, walk
 
 
 def lam(alpha: float, sigma: float) -> float:
-    """lambda = log(alpha / sigma), half the log-SNR (Lu et al. 2022, sec. 3.1); +inf at clean data."""
-    return math.log(alpha / sigma) if sigma > 0 else math.inf
+    """lambda = log(alpha / sigma), half the log-SNR (Lu et al. 2022, sec. 3.1); +inf at clean data, -inf at pure noise
+    (the first step of a zero-terminal-SNR schedule, where h = inf makes the first-order update x_s = sigma_s x_T +
+    alpha_s x0: DDIM's step from alpha_T = 0)."""
+    if sigma <= 0:
+        return math.inf
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf
 
 
 def first_order_update(x: Tensor, x0: Tensor, sigma_t: float, alpha_s: float, sigma_s: float, h: float) -> Tensor:
@@ -58,10 +62,10 @@ type and stays zero-stable at any ratio; the limit is about accuracy, not stabil
 
 
 def stable_order(order: int, lams: list[float], h: float) -> int:
-    """The largest order <= `order` whose history gaps lams[j] - lams[j+1] (newest first) are all at least
-    MIN_STEP_RATIO times the step h."""
+    """The largest order <= `order` whose history gaps lams[j] - lams[j+1] (newest first) are all finite and at least
+    MIN_STEP_RATIO times the step h (the gap from lambda = -inf, a zero-terminal-SNR start, tells nothing of x0')."""
     k = 1
-    while k < order and (lams[k - 1] - lams[k]) >= MIN_STEP_RATIO * h:
+    while k < order and MIN_STEP_RATIO * h <= (lams[k - 1] - lams[k]) < math.inf:
         k += 1
     return k
 
@@ -130,14 +134,15 @@ def sample_2s(
     project: Project | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2): two denoiser calls per step, one at
-    the lambda midpoint s_mid; the step into t = 0 is first order (one call)."""
+    the lambda midpoint s_mid; the step into t = 0 and the step from alpha_T = 0 (lambda = -inf) are first order
+    (one call)."""
     schedule = denoiser.schedule
 
     def update(step: GridStep, x: Tensor, history: list):
         pred = denoiser(x, step.t)
         lam_t, lam_s = lam(step.alpha_t, step.sigma_t), lam(step.alpha_s, step.sigma_s)
         h = lam_s - lam_t
-        if step.sigma_s == 0:
+        if step.sigma_s == 0 or step.alpha_t == 0:  # into t = 0, or from alpha_T = 0 (no lambda midpoint): order 1
             return first_order_update(x, pred.x0, step.sigma_t, step.alpha_s, step.sigma_s, h), pred
         t_mid = float(schedule.t_from_lam(lam_t + h / 2))
         alpha_m, sigma_m = float(schedule.alpha(t_mid)), float(schedule.sigma(t_mid))

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import OPTIONS, Callback, GridStep, Project, Update, gaussian_like, walk
+from .base import OPTIONS, Callback, GridStep, Project, Update, gaussian_like, require_positive_alpha, walk
 
 
 MIN_SIGMA_RATIO = 0.1
@@ -61,6 +61,7 @@ class _VE:
 def _in_sigma(denoiser, move) -> Update:
     """The update that reads x_t as y = x_t / alpha_t at sigma = sigma_t / alpha_t, runs
     `move(y, sigma, sigma_next, pred, step) -> y_next`, and hands back x_s = alpha_s y_next."""
+    require_positive_alpha(denoiser.schedule, "this sampler")
 
     def update(step: GridStep, x: Tensor, history: list):
         pred = denoiser(x, step.t)
@@ -101,6 +102,7 @@ def heun(
     s_churn, s_tmin, s_tmax, s_noise = (OPTIONS[k].check(k, v) for k, v in
                                         (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)))
     schedule = denoiser.schedule
+    require_positive_alpha(schedule, "heun")
     ve = _VE(denoiser)
     sigma_max = float(schedule.ve_sigma(schedule.t_top))  # the highest noise level a grid starts from
 

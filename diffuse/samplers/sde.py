@@ -18,12 +18,15 @@ import torch
 from scipy.integrate import RK45
 from torch import Tensor
 
-from .base import OPTIONS, Callback, GridStep, NonFiniteSample, Project, Step, gaussian_like, grid_steps, walk
+from .base import (OPTIONS, Callback, GridStep, NonFiniteSample, Project, Step, gaussian_like, grid_steps,
+                   require_positive_alpha, walk)
 
 
 def require_vp(schedule, name: str) -> None:
     """The VP-SDE samplers and the likelihood integrate dx = -1/2 beta x dt + sqrt(beta) dw, which exists only for
-    variance-preserving processes: a clear error on the others."""
+    variance-preserving processes (with beta(t) finite: not at the first step of a zero-terminal-SNR schedule): a
+    clear error on the others."""
+    require_positive_alpha(schedule, name)
     if not getattr(schedule, "variance_preserving", False):
         raise ValueError(f"{name} integrates the variance-preserving SDE, and this model's process is "
                          f"{getattr(schedule, 'kind', type(schedule).__name__)}; use ddim, dpmpp-2m, euler or heun, "
