@@ -18,6 +18,9 @@ each key with its own probability (`drop`), classifier-free guidance runs cond b
     self_cond     (B, C, H, W) float, the model's own previous estimate of x_0, concatenated to x_t
                   (self-conditioning, Chen et al. 2023, "Analog Bits", sec. 3); optional: its null, zeros,
                   is "no estimate yet", what the first step of sampling and half the training steps see
+    augment       (B, k) float, the parameters of the augmentation applied to a training image (augment.LABELS;
+                  non-leaking augmentation, Karras et al. 2022, appendix F.2); optional: its null, zeros, is "not
+                  augmented", what sampling passes
 """
 
 from __future__ import annotations
@@ -27,24 +30,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask", "self_cond")
+CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask", "self_cond", "augment")
 
 
 @dataclass(frozen=True)
 class ConditionSpec:
     """The conditioning a network takes: class labels (num_classes > 0), image channels to concatenate to x_t,
-    scalars per example, a cross-attention context of width context_dim, and (self_condition) an optional previous
-    x_0 estimate. All zero: unconditional."""
+    scalars per example, a cross-attention context of width context_dim, and two optional keys: (self_condition) a
+    previous x_0 estimate and (augment, its width) the augmentation labels of training. All zero: unconditional."""
 
     num_classes: int = 0
     image_channels: int = 0
     scalars: int = 0
     context_dim: int = 0
     self_condition: bool = False
+    augment: int = 0
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The required keys, in CONDITION_KEYS order (context_mask and self_cond, optional, are not listed)."""
+        """The required keys, in CONDITION_KEYS order (context_mask, self_cond and augment, optional, are not listed)."""
         given = {"label": self.num_classes, "image": self.image_channels, "scalars": self.scalars,
                  "context": self.context_dim}
         return tuple(k for k, n in given.items() if n)
@@ -53,7 +57,8 @@ class ConditionSpec:
         """Raise ValueError naming the key for an unknown or missing key, or a value of the wrong shape or dtype for a
         batch x (B, C, H, W); with `values`, also labels out of range and context masks that attend nothing (these read
         the tensors, a device sync: `generate` checks them once, the network's forward only the shapes)."""
-        takes = self.keys + (("context_mask",) if self.context_dim else ()) + (("self_cond",) if self.self_condition else ())
+        takes = (self.keys + (("context_mask",) if self.context_dim else ()) + (("self_cond",) if self.self_condition else ())
+                 + (("augment",) if self.augment else ()))
         unknown = [k for k in cond if k not in takes]
         if unknown:
             raise ValueError(f"this model does not take the condition key(s) {unknown}; it takes "
@@ -80,6 +85,9 @@ class ConditionSpec:
         if cond.get("self_cond") is not None and tuple(cond["self_cond"].shape) != tuple(x.shape):
             raise ValueError(f"self_cond, the previous x_0 estimate, must have the shape of x_t {tuple(x.shape)}, got "
                              f"{tuple(cond['self_cond'].shape)}")
+        if cond.get("augment") is not None and tuple(cond["augment"].shape) != (B, self.augment):
+            raise ValueError(f"augment, the augmentation labels, must have shape ({B}, {self.augment}), got "
+                             f"{tuple(cond['augment'].shape)}")
         if self.scalars and tuple(cond["scalars"].shape) != (B, self.scalars):
             raise ValueError(f"scalars must have shape ({B}, {self.scalars}), got {tuple(cond['scalars'].shape)}")
         if self.context_dim:

@@ -93,6 +93,9 @@ class TrainConfig:
     p2_k: float = 1.0               # P2 weighting 1 / (k + SNR)^gamma on the eps-loss: k (Choi et al. 2022: 1)
     p2_gamma: float = 1.0           # and gamma (Choi et al. 2022: 0.5 or 1)
     hflip: bool = False             # random horizontal flips (DDPM CIFAR-10: yes; digits: no)
+    augment_p: float = 0.0          # non-leaking augmentation (Karras et al. 2022, app. F.2; augment.py): each of x/y-flip,
+    #                                 quarter turn, translation, scaling with this probability, its parameters given to the
+    #                                 network and zero at sampling (EDM CIFAR-10: 0.12); 0 = off
     offset_noise: float = 0.0       # training noise eps + offset * (one N(0, 1) per image and channel): lets the model
     #                                 change an image's mean brightness (Guttenberg 2023; typical 0.05-0.1); 0 = off
     grad_accumulation: int = 1      # micro-batches per step: the same step as the whole batch in less memory (equal to
@@ -106,6 +109,12 @@ class TrainConfig:
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
     log_every: int = 50             # steps between log lines / loss-curve updates
     sample_every: int = 10_000      # steps between sample grids (0: never)
+    fid_every: int = 0              # steps between FIDs of the EMA model on a fixed noise batch, logged, drawn on the loss
+    #                                 plot, and the best kept as the run folder RUN/best (0: never)
+    fid_samples: int = 500          # samples (and real training images) of that FID: more than the feature dimension
+    fid_steps: int = 0              # sampler steps of that FID (0: sample.steps; fewer make it cheaper, and it is only compared
+    #                                 with itself)
+    fid_features: str = "digits"    # its feature network: digits (1-channel data), inception:PATH or MODULE:ATTR (metrics.py)
     checkpoint_every: int = 5000    # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2       # committed checkpoints kept in the run folder
     num_workers: int = 0            # unused (data is decoded in the training process); kept so saved configs load, refused if set
@@ -240,6 +249,9 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     elif sc.t_sampling == "uniform":
         out += [(f"schedule.{k}", 'schedule.t_sampling = "uniform" draws t without a logit-normal', "remove it")
                 for k in ("logit_mean", "logit_std")]
+    if not t.fid_every:
+        out += [(f"train.{k}", "train.fid_every = 0 measures no FID during training", "set train.fid_every or remove it")
+                for k in ("fid_samples", "fid_steps", "fid_features")]
     if not t.posthoc_ema:
         out.append(("train.ema_snapshot_every", "train.posthoc_ema is empty (no power-function EMA tracks to snapshot)",
                     "set train.posthoc_ema = [0.05, 0.10] or remove it"))
@@ -250,6 +262,7 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
                                                             "scalar_inputs", "context_dim", "cross_attention_resolutions",
                                                             "self_condition")]
+        out.append(("train.augment_p", why, "remove it"))
         out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda",
                                                                  "condition_dropout")]
     else:

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import RunConfig, SampleConfig, load_config
 from .denoiser import Denoiser
+from .augment import LABELS as AUGMENT_LABELS
 from .condition import ConditionSpec
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning
 from .nets.classifier import NoisyClassifier
@@ -33,14 +34,19 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
     if cfg.model.kind == "classifier":
         return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
     return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes,
-                out_channels=d.channels * (2 if cfg.model.learned_variance else 1))
+                out_channels=d.channels * (2 if cfg.model.learned_variance else 1), augment_dim=augment_dim(cfg))
+
+
+def augment_dim(cfg: RunConfig) -> int:
+    """The width of the augmentation labels a config's network takes: len(augment.LABELS) with train.augment_p > 0."""
+    return len(AUGMENT_LABELS) if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser" else 0
 
 
 def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
     """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
     m = cfg.model
     return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs, m.context_dim,
-                         m.self_condition)
+                         m.self_condition, augment_dim(cfg))
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:

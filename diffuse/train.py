@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .augment import apply as augment_apply, draw as augment_draw
 from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
 from .likelihood import bits_per_dim, vlb_term
@@ -145,6 +146,11 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
          f"train.posthoc_ema lists the sigma_rel of each power-function EMA track, distinct values in (0, {SIGMA_REL_MAX:.4f}] "
          f"(EDM2: [0.05, 0.10]), got {t.posthoc_ema}"),
         (t.ema_snapshot_every >= 1, f"train.ema_snapshot_every must be >= 1, got {t.ema_snapshot_every}"),
+        (t.fid_every >= 0 and t.fid_steps >= 0, f"train.fid_every and train.fid_steps must be >= 0, got {t.fid_every}, {t.fid_steps}"),
+        (t.fid_samples >= 2, f"train.fid_samples must be >= 2 (and above the feature dimension, e.g. 500), got {t.fid_samples}"),
+        (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
+         f"train.fid_features = 'digits' measures 1-channel digits and the data has {cfg.data.channels} channels; give "
+         "train.fid_features = 'inception:PATH' (the FID Inception-v3 weights file) or 'MODULE:ATTR' (your feature network)"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"),
         (t.sample_every >= 0, f"train.sample_every must be >= 0, got {t.sample_every}"),
@@ -164,6 +170,7 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (schedule.T is not None or (t.loss == "simple" and not cfg.model.learned_variance),
          f"train.loss = '{t.loss}' and learned variances use the discrete bound (Ho et al. 2020, eq. 5) of the DDPM "
          f"schedules (linear, cosine); the {schedule.kind} process takes train.loss = 'simple'"),
+        (0 <= t.augment_p <= 1, f"train.augment_p must be a probability in [0, 1] (EDM: 0.12), got {t.augment_p}"),
         (0 <= t.offset_noise <= 1, f"train.offset_noise must be in [0, 1] (typical 0.05-0.1), got {t.offset_noise}"),
         (t.p2_k > 0 and t.p2_gamma >= 0, f"train.p2_k must be > 0 and train.p2_gamma >= 0, got {t.p2_k}, {t.p2_gamma}"),
         (t.loss != "hybrid" or cfg.model.learned_variance,
@@ -253,6 +260,9 @@ class Trainer:
         self.importance = ImportanceSampler(cfg.schedule.T)  # train.loss = "vlb": p(t) from recent L_t
         self.step = 0
         self.history: list[tuple[int, float]] = []
+        self.fid_history: list[tuple[int, float]] = []  # (step, FID) of train.fid_every
+        self.best_fid = math.inf
+        self._fid_reference = None  # (feature network, real mean, real covariance), made at the first FID
         self._try_resume(inexact_resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -296,12 +306,18 @@ class Trainer:
             eps = eps + cfg.train.offset_noise * torch.randn((B, cfg.data.channels, 1, 1), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        augment = None
+        if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser":  # non-leaking augmentation: x_0 and its labels
+            augment = self._local(augment_draw(B, cfg.data.image_size, cfg.train.augment_p, self.generator))
+            x0 = augment_apply(x0, augment)
         if cfg.task.kind != "none":  # the condition image made from the (flipped) x_0: one seed per example, global batch
             seeds = self._local(torch.randint(0, 2**62, (B,), generator=self.generator))
             cond.update(training_condition(cfg.task, x0, seeds, self.denoiser.schedule))
         t, eps = self._local(t), self._local(eps).to(self.device)
         if cfg.model.kind == "denoiser":
             cond = self._condition(cond, B)
+        if augment is not None:
+            cond["augment"] = augment.to(self.device, torch.float32)
         # self-conditioning: on half the steps (one draw per step, Chen et al. 2023, Algorithm 1) the model first
         # estimates x_0 without it, and that estimate, without its gradient, is the extra input of the loss's pass
         self_condition = cfg.model.self_condition and bool(torch.rand((), generator=self.generator) < 0.5)
@@ -420,8 +436,12 @@ class Trainer:
                         log.write(json.dumps(stats) + "\n")
                         log.flush()
                         self.history.append([self.step, stats["loss"]])
+                aside = time.perf_counter()  # sample grids and FIDs are not training: the images/s leave them out
                 if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind == "denoiser":
                     self.sample_grid()
+                if t.fid_every and self.step % t.fid_every == 0 and self.cfg.model.kind == "denoiser":
+                    self._track_fid(log)
+                last_log += time.perf_counter() - aside
                 out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
                 if self.phema is not None and self.is_main and (
                         self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time):
@@ -445,26 +465,73 @@ class Trainer:
         return bool(f.item())
 
     @torch.no_grad()
-    def sample_grid(self) -> Path | None:
-        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0); a conditional model
-        draws the classes in turn, with the config's guidance."""
-        if not self.is_main:
-            return None
+    def fixed_samples(self, n: int, steps: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """n samples of the EMA weights from the fixed noise of train.seed, with the run's [sample] settings (`steps` > 0
+        replaces sample.steps): a conditional model draws the classes in turn; a task model takes the conditions of the
+        first n training images. Returns (samples, [its inputs, the truth] for a task model, else [])."""
         s, d, task = self.cfg.sample, self.cfg.data, self.cfg.task
-        n, cond, shown = s.n, None, []
+        cond, shown = None, []
         if task.kind != "none":  # the first n training images' conditions: rows of inputs, outputs and the truth
-            idx = torch.arange(min(s.n, len(self.dataset)))
+            idx = torch.arange(min(n, len(self.dataset)))
             truth, _ = self.dataset.batch(idx)
             truth = truth.to(self.device)
             cond = training_condition(task, truth, idx, self.denoiser.schedule,
                                       level=task.aug_level if task.noise_aug_max > 0 else None)
             n, shown = len(idx), [viewable(cond["image"], d.channels), truth]
+        kwargs = sample_config_kwargs(s) | ({"steps": steps} if steps else {})
         x = generate(build_denoiser(self.cfg, self.ema.model), n, (d.channels, d.image_size, d.image_size),
                      labels=default_labels(n, self.model.num_classes), cond=cond, seed=self.cfg.train.seed,
-                     device=self.device, **sample_config_kwargs(s))
+                     device=self.device, **kwargs)
+        return x, shown
+
+    def sample_grid(self) -> Path | None:
+        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0): `fixed_samples` of sample.n,
+        a task model's inputs above and the truth below."""
+        if not self.is_main:
+            return None
+        x, shown = self.fixed_samples(self.cfg.sample.n)
+        n = x.shape[0]
         rows = [shown[0], x, shown[1]] if shown else [x]
         return save_grid(torch.cat(rows), self.run_dir / "samples" / f"step_{self.step:08d}.png",
                          nrow=n if shown else None)
+
+    # --- quality during training -------------------------------------------------------------
+    def measure_fid(self) -> float:
+        """FID (metrics.py) of train.fid_samples `fixed_samples` of the EMA weights against as many training images (the
+        first ones, whose conditions a task model gets), in train.fid_features' space; rank 0 only. With few samples
+        it is biased upward, so it is a curve to compare with itself, not a published FID."""
+        from .metrics import extract_features, feature_network, feature_statistics, frechet_distance
+
+        t = self.cfg.train
+        if self._fid_reference is None:
+            net = feature_network(t.fid_features, self.device)
+            real, _ = self.dataset.batch(torch.arange(min(t.fid_samples, len(self.dataset))))
+            features = extract_features(real, net)
+            if len(features) <= features.shape[1]:
+                warnings.warn(f"train.fid_samples = {t.fid_samples} images in a {features.shape[1]}-dimensional feature space: "
+                              f"the covariances are singular and the FID is strongly biased; use more than {features.shape[1]}",
+                              UserWarning, stacklevel=2)
+            self._fid_reference = (net, *feature_statistics(features))
+        net, mu, sigma = self._fid_reference
+        x, _ = self.fixed_samples(t.fid_samples, t.fid_steps)
+        return frechet_distance(mu, sigma, *feature_statistics(extract_features(x, net)))
+
+    def _track_fid(self, log) -> None:
+        """Measure the FID (rank 0), log it, and keep the weights of the best so far as the run folder RUN/best."""
+        if not self.is_main:
+            return
+        value = self.measure_fid()
+        self.fid_history.append([self.step, value])
+        if log is not None:
+            log.write(json.dumps({"step": self.step, "fid": value}) + "\n")
+            log.flush()
+        if value < self.best_fid:
+            self.best_fid = value
+            best = self.run_dir / "best"
+            best.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, best / "config.toml")
+            ckpt.save_checkpoint(best, self.step, {"model": self.model.state_dict(), "ema": self.ema.model.state_dict()},
+                                 {"step": self.step, "num_classes": self.dataset.num_classes, "fid": value}, keep=1)
 
     # --- checkpoints --------------------------------------------------------------------------
     def last_checkpoint(self) -> str:
@@ -494,7 +561,7 @@ class Trainer:
             raise NonFiniteLoss(f"the weights became non-finite by step {self.step}, so no checkpoint was written; "
                                 f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")
         if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
-            plot_loss(*zip(*self.history), self.run_dir / "loss.png")
+            plot_loss(*zip(*self.history), self.run_dir / "loss.png", fid=self.fid_history)
         opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
         rng_tensors, rng_state = ckpt.capture_rng()
         state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
@@ -510,6 +577,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state,
             "history": self.history,
+            "fid_history": self.fid_history,
+            "best_fid": self.best_fid if math.isfinite(self.best_fid) else None,
             "max_abs_weight": max_abs,
             "last_loss": self.history[-1][1] if self.history else None,
             **({"phema": self.phema.metadata()} if self.phema else {}),
@@ -539,6 +608,8 @@ class Trainer:
             # restored last: building the model and data above drew from the global RNGs
             ckpt.restore_rng({k.removeprefix("rng."): v for k, v in st.items() if k.startswith("rng.")}, s["rng"])
             self.history = [list(h) for h in s.get("history", [])]
+            self.fid_history = [list(h) for h in s.get("fid_history", [])]
+            self.best_fid = math.inf if s.get("best_fid") is None else float(s["best_fid"])
         except (KeyError, ValueError, RuntimeError) as e:
             if not inexact:
                 raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} lacks training state needed for an "
@@ -558,7 +629,8 @@ class Trainer:
 
 # settings that change neither the weights nor the random draws of a step: free to change on resume
 _FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                             "num_workers", "ema_snapshot_every"}}
+                             "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps",
+                             "fid_features"}}
 
 
 def _trajectory_keys(cfg: RunConfig) -> dict:

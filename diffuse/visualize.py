@@ -59,8 +59,9 @@ def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, sc
     return path
 
 
-def plot_loss(steps: list[int], losses: list[float], path: str | Path) -> None:
-    """Loss curve (log scale) with a running mean, as a PNG."""
+def plot_loss(steps: list[int], losses: list[float], path: str | Path, fid: list | None = None) -> None:
+    """Loss curve (log scale) with a running mean, as a PNG; with `fid` [(step, FID), ...], the FID during training
+    on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +76,12 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    if fid:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*fid), "o-", color="tab:red", lw=1.2, ms=3, label="FID (EMA)")
+        ax2.set_ylabel("FID during training", color="tab:red")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

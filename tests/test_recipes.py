@@ -3,11 +3,13 @@ resume with the new options on."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from diffuse import checkpoint as ckpt
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.train import Trainer, lr_factor
 
@@ -70,8 +72,9 @@ def test_exact_resume_with_the_new_options_on(tmp_path):
                  "train.loss_weighting=p2", "train.p2_gamma=0.5", "model.class_conditional=true",
                  "train.condition_dropout={label=0.2}", "train.offset_noise=0.1", "schedule.zero_terminal_snr=true",
                  "model.prediction=v", "model.self_condition=true", "train.posthoc_ema=[0.05, 0.1]",
-                 "train.ema_snapshot_every=2")
-    check_exact_resume(config, tmp_path)
+                 "train.ema_snapshot_every=2", "train.augment_p=0.3", "train.fid_every=3", "train.fid_samples=20")
+    with pytest.warns(UserWarning, match="strongly biased"):
+        check_exact_resume(config, tmp_path)
     from safetensors.torch import load_file
     a, b = (sorted((tmp_path / run / "ema_snapshots").iterdir()) for run in ("straight", "resumed"))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
@@ -182,3 +185,39 @@ def test_dry_run_prints_the_footprint_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parameters" in out and "FLOP per training image" in out and "peak memory of one training step of batch 8" in out
     assert not (tmp_path / "run").exists()
+
+
+# --- quality during training -----------------------------------------------------------------------------------------
+def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monkeypatch):
+    """Every train.fid_every steps the FID of the EMA model's fixed samples equals metrics.fid computed by hand on the
+    same samples and images; it goes to log.jsonl, and RUN/best holds the weights of the lowest, loadable by sample."""
+    from diffuse.metrics import feature_network, fid
+    from diffuse.sample import load_run
+
+    config = cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2")
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    values = iter([5.0, 3.0, 4.0])
+    real_measure = trainer.measure_fid
+    monkeypatch.setattr(trainer, "measure_fid", lambda: next(values))
+    trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "fid" in line]
+    assert logged == [{"step": 2, "fid": 5.0}, {"step": 4, "fid": 3.0}, {"step": 6, "fid": 4.0}]
+    assert trainer.best_fid == 3.0 and ckpt.latest_step(tmp_path / "run" / "best") == 4
+    _, den, _ = load_run(tmp_path / "run" / "best")
+    assert bool(torch.isfinite(next(den.net.parameters())).all())
+    # the measurement itself: fixed samples against the first training images, in the digit feature space
+    samples, _ = trainer.fixed_samples(130, 2)
+    real, _ = trainer.dataset.batch(torch.arange(130))
+    expected = fid(real, samples, feature_network("digits"))
+    assert real_measure() == pytest.approx(expected, rel=1e-9)
+    resumed = Trainer(cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2"),
+                      tmp_path / "run", progress=False)
+    assert resumed.best_fid == 3.0 and resumed.fid_history == [[2, 5.0], [4, 3.0], [6, 4.0]]
+
+
+def test_fid_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="fid_features = 'digits' measures 1-channel digits"):
+        Trainer(cfg("train.fid_every=5", "data.channels=3"), tmp_path / "a", progress=False)
+    from diffuse.config import ConfigError
+    with pytest.raises(ConfigError, match="train.fid_samples.*train.fid_every = 0"):
+        Trainer(cfg("train.fid_samples=100"), tmp_path / "b", progress=False)

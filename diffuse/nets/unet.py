@@ -205,11 +205,13 @@ class UNet(nn.Module):
     x_t (Saharia et al. 2021, SR3), `scalars` (B, k) embedded like the time and added, `context` (B, M, d) [and
     `context_mask` (B, M)] attended by cross-attention at cross_attention_resolutions (Rombach et al. 2022, sec.
     3.3), and with self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to
-    x_t (zeros when absent; Chen et al. 2023). A key the model does not take, or a missing one, is a ValueError
+    x_t (zeros when absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
+    augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent). A key the model does not take, or a missing one, is a ValueError
     naming it.
     """
 
-    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0, out_channels: int | None = None):
+    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0, out_channels: int | None = None,
+                 augment_dim: int = 0):
         super().__init__()
         _validate(cfg, image_size, num_classes)
         ch, groups, heads, p = cfg.channels, cfg.norm_groups, cfg.num_heads, cfg.patch_size
@@ -219,11 +221,13 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes if cfg.class_conditional else 0
         self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs, cfg.context_dim,
-                                            cfg.self_condition)
+                                            cfg.self_condition, augment_dim)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
         self.conv_in = nn.Conv2d((in_channels * (2 if cfg.self_condition else 1) + cfg.cond_channels) * p * p, ch, 3, padding=1)
+        if augment_dim:  # the augmentation labels, mapped linearly into the embedding (EDM's map_augment, no bias: 0 -> 0)
+            self.augment_map = nn.Linear(augment_dim, emb_dim, bias=False)
         if cfg.scalar_inputs:  # each scalar gets a sinusoidal embedding like the time's; one MLP maps them all
             self.scalar_mlp = nn.Sequential(nn.Linear(cfg.scalar_inputs * ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         xres, ctx = cfg.cross_attention_resolutions, cfg.context_dim
@@ -275,6 +279,8 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels))  # (B, 4C)
         if self.label_emb is not None:
             emb = emb + self.label_emb(cond["label"])
+        if cond.get("augment") is not None:  # absent at sampling: zeros, "not augmented"
+            emb = emb + self.augment_map(cond["augment"].to(emb.dtype))
         if self.cfg.scalar_inputs:  # scalars in [0, 1] see the frequencies model times in [0, 1000) see
             s = cond["scalars"].float() * 1000
             emb = emb + self.scalar_mlp(torch.cat([timestep_embedding(s[:, i], self.cfg.channels)
