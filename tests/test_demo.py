@@ -1,5 +1,6 @@
 """The demo's figures, on a tiny model (the real demo is timed by bench/, not here)."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -25,13 +26,25 @@ def test_first_of_each_class():
 
 
 def test_demo_writes_every_figure(tmp_path, monkeypatch):
-    cfg = apply_overrides(demo.demo_config(), TINY)
+    cfg = apply_overrides(demo.demo_config(), TINY + ["train.steps=40", "train.ema_snapshot_every=4"])
     monkeypatch.setattr(demo, "demo_config", lambda: cfg)
+    monkeypatch.setattr(demo, "DEMO_SIGMA_REL", 0.1)  # 0.03 needs the real demo's ~2,000 steps of snapshots
     paths = demo.run_demo(tmp_path, n_samples=10, progress=False)
     for name in ("samples", "forward process", "reverse trajectory", "denoising animation", "loss curve"):
         assert paths[name].is_file(), name
+    assert paths["sampled weights"] == tmp_path / "run" / "posthoc_ema"  # the figures use the rebuilt EMA
+    paths = demo.run_demo(tmp_path, n_samples=10, progress=False)  # a second call resumes and rebuilds it again
+    assert paths["sampled weights"] == tmp_path / "run" / "posthoc_ema"
     assert Image.open(paths["forward process"]).size[0] == 2 * (2 + 21 * 10)  # 21 columns of 8 px + padding, x2
     assert Image.open(paths["denoising animation"]).n_frames > 1
+
+
+def test_a_short_demo_falls_back_to_the_runs_ema(tmp_path, monkeypatch):
+    cfg = apply_overrides(demo.demo_config(), TINY)  # 4 steps: one snapshot, nothing to rebuild from
+    monkeypatch.setattr(demo, "demo_config", lambda: cfg)
+    with pytest.warns(UserWarning, match="the figures use the run's own EMA: post-hoc EMA needs >= 2 snapshots"):
+        paths = demo.run_demo(tmp_path, n_samples=10, progress=False)
+    assert paths["sampled weights"] == tmp_path / "run"
 
 
 def test_reverse_trajectory_keeps_x_t_above_predicted_x0():
