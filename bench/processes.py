@@ -52,7 +52,7 @@ def main() -> None:
             log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
             print(json.dumps({"process": name, "trained_s": round(seconds), "steps": log[-1]["step"],
                               "img_s": round(sum(r["images_per_s"] for r in log[1:]) / max(len(log) - 1, 1), 1),
-                              "last_loss": round(log[-1]["loss"], 4)}), flush=True)
+                              "last_loss": round([r for r in log if "loss" in r][-1]["loss"], 4)}), flush=True)
         cfg, den, num_classes = load_run(run)
         d, s = cfg.data, cfg.sample
         if real is None:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = {  # configs/mnist_cond.toml tracks post-hoc EMAs since this bench; before it, the first row added them
     "demo recipe": [],
     "offset noise 0.1": ["train.offset_noise=0.1"],
-    "zero terminal SNR": ["schedule.zero_terminal_snr=true"],
+    "zero terminal SNR": ["schedule.zero_terminal_snr=true", "train.loss_weighting=none"],  # min-SNR gives step T weight 0
     "self-conditioning": ["model.self_condition=true"],
     "cosine lr decay": ["train.lr_schedule=cosine", "train.steps=2100"],  # decays to 0 at about the budget's last step
     "augment p=0.12": ["train.augment_p=0.12"],

@@ -3,7 +3,8 @@
 Each wrapper takes a denoiser (anything with `schedule` and `__call__(x_t, t, **cond) ->
 Prediction`) and is one, so they compose: DynamicThreshold(ClassifierFreeGuidance(den, 3, cond, uncond)).
 A wrapper changes x_0 or eps and re-derives the other from x_t = alpha_t x_0 + sigma_t eps, so
-the prediction stays consistent with x_t (as improved-diffusion does when it clips).
+the prediction stays consistent with x_t (as improved-diffusion does when it clips); classifier-free guidance
+combines both predictions with the same weights, which is that consistency without a division by alpha_t.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class SelfConditioning:
     """Self-conditioning at sampling (Chen et al. 2023, "Analog Bits", sec. 3 and Algorithm 2): every call passes the
     x_0 estimate of the previous call as `self_cond` (none on the first), so each sampler hands the network its
     previous estimate without knowing of it. The state lives for one sampling run: `generate` wraps afresh each time.
-    Innermost of the wrappers, so the conditional and unconditional halves of guidance each see their own estimate.
+    Innermost of the wrappers, so the conditional and unconditional halves of guidance each see their own estimate,
+    and it feeds back the network's own, unclipped x_0 (the clipping of ClipX0 acts outside it), which is what
+    training feeds (the trainer's estimate is not clipped either).
     A call with another batch shape (an extra evaluation of a different size) starts from no estimate."""
 
     def __init__(self, denoiser):

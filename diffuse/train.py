@@ -44,7 +44,7 @@ from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the s
 from .samplers import SAMPLERS
 from .tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
 from .schedule import Schedule
-from .visualize import plot_loss, save_grid
+from .visualize import plot_loss, save_grid, to_uint8
 
 
 class NonFiniteLoss(RuntimeError):
@@ -203,6 +203,10 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         if cfg.model.kind == "denoiser" and cfg.model.prediction in ("eps", "edm"):
             raise ValueError(f'schedule.zero_terminal_snr = true makes alpha_T = 0, where model.prediction = "{cfg.model.prediction}" '
                              'cannot give x_0 (it divides by alpha_T; Lin et al. 2024, sec. 3.2): set model.prediction = "v"')
+        if cfg.model.kind == "denoiser" and t.loss_weighting in ("min_snr", "p2"):
+            raise ValueError(f"train.loss_weighting = '{t.loss_weighting}' weighs the x_0 error by a multiple of the SNR, 0 at "
+                             "the last step of a zero-terminal-SNR schedule, so the step sampling starts from would never "
+                             "be trained: use train.loss_weighting = 'none' (the plain v loss of Lin et al. 2024) or 'edm'")
         try:
             SAMPLERS[cfg.sample.sampler].check_schedule(schedule, f"sample.sampler = '{cfg.sample.sampler}'")
             schedule.grid(cfg.sample.steps or None, cfg.sample.spacing)
@@ -514,6 +518,7 @@ class Trainer:
             self._fid_reference = (net, *feature_statistics(features))
         net, mu, sigma = self._fid_reference
         x, _ = self.fixed_samples(t.fid_samples, t.fid_steps)
+        x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1  # 8-bit images, as `diffuse eval` scores
         return frechet_distance(mu, sigma, *feature_statistics(extract_features(x, net)))
 
     def _track_fid(self, log) -> None:
@@ -587,6 +592,28 @@ class Trainer:
                              {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "state": state_tensors},
                              state, keep=self.cfg.train.keep_checkpoints)
 
+    def _resume_posthoc_ema(self, c) -> None:
+        """Restore the post-hoc EMA tracks exactly (their profiles average every step since step 1, so they cannot
+        restart partway: ResumeError, even under --inexact-resume), drop snapshots newer than the checkpoint (written by
+        the interrupted run past it), and take the best FID from RUN/best (which may be newer than the checkpoint)."""
+        snaps = self.run_dir / "ema_snapshots"
+        if self.phema is not None:
+            st = {k.removeprefix("phema."): v for k, v in c.tensors["state"].items() if k.startswith("phema.")}
+            try:
+                self.phema.load_state_dict(st, c.state["phema"])
+            except (KeyError, ValueError) as e:
+                raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} has no post-hoc EMA tracks for "
+                                  f"train.posthoc_ema = {self.cfg.train.posthoc_ema} ({type(e).__name__}: {e}); the tracks "
+                                  "average every step from the first, so they cannot start now: resume with the run's own "
+                                  "train.posthoc_ema, or train a new run") from e
+        if self.is_main and snaps.is_dir():
+            for path in snaps.glob("phema_*.safetensors"):
+                if path.stem.split("_")[-1].isdigit() and int(path.stem.split("_")[-1]) > self.step:
+                    path.unlink()
+        best = self.run_dir / "best"
+        if ckpt.latest_step(best) is not None:
+            self.best_fid = float(ckpt.read_state(best, ckpt.latest_step(best))["fid"])
+
     def _try_resume(self, inexact: bool) -> None:
         if ckpt.latest_step(self.run_dir) is None:
             return
@@ -600,9 +627,6 @@ class Trainer:
             self.lr_schedule.load_state_dict(s["lr_schedule"])
             self.scaler.load_state_dict(s["scaler"])
             ckpt.set_generator_state(self.generator, st["generator"])
-            if self.phema is not None:
-                self.phema.load_state_dict({k.removeprefix("phema."): v for k, v in st.items() if k.startswith("phema.")},
-                                           s["phema"])
             if "importance.history" in st:
                 self.importance.load_state_dict({"history": st["importance.history"], "count": st["importance.count"]})
             # restored last: building the model and data above drew from the global RNGs
@@ -615,6 +639,7 @@ class Trainer:
                 raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} lacks training state needed for an "
                                   f"exact resume ({type(e).__name__}: {e}); pass --inexact-resume to continue from its weights") from e
             warnings.warn(f"inexact resume from step {self.step}: {e}")
+        self._resume_posthoc_ema(c)
         if inexact:  # the config may have changed: its lr and weight decay replace the ones in the checkpoint
             t, sched = self.cfg.train, self.lr_schedule
             sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)

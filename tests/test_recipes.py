@@ -69,7 +69,7 @@ def test_inverse_sqrt_needs_a_warm_up(tmp_path):
 
 def test_exact_resume_with_the_new_options_on(tmp_path):
     config = cfg("train.checkpoint_every=3", "train.lr_schedule=cosine", "train.grad_accumulation=2",
-                 "train.loss_weighting=p2", "train.p2_gamma=0.5", "model.class_conditional=true",
+                 "train.loss_weighting=edm", "model.class_conditional=true",
                  "train.condition_dropout={label=0.2}", "train.offset_noise=0.1", "schedule.zero_terminal_snr=true",
                  "model.prediction=v", "model.self_condition=true", "train.posthoc_ema=[0.05, 0.1]",
                  "train.ema_snapshot_every=2", "train.augment_p=0.3", "train.fid_every=3", "train.fid_samples=20")
@@ -139,6 +139,23 @@ def test_posthoc_ema_tracks_are_snapshotted_and_rebuilt_by_the_cli(tmp_path):
     assert main(["ema", str(tmp_path / "run"), "--sigma-rel", "0.1", "--out", str(tmp_path / "run")]) == 2  # never over a run
 
 
+def test_resume_drops_snapshots_past_the_checkpoint_and_refuses_new_tracks(tmp_path):
+    from diffuse.train import ResumeError
+
+    config = cfg("train.steps=8", "train.posthoc_ema=[0.05, 0.1]", "train.ema_snapshot_every=2", "train.checkpoint_every=4",
+                 "train.keep_checkpoints=5")
+    Trainer(config, tmp_path / "run", progress=False).fit()
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000008")  # as if killed after the snapshot of step 8
+    Trainer(config, tmp_path / "run", progress=False)  # resumes at step 4
+    assert sorted(p.name for p in (tmp_path / "run" / "ema_snapshots").glob("*.safetensors")) == [
+        "phema_00000002.safetensors", "phema_00000004.safetensors"]
+    changed = cfg("train.steps=8", "train.posthoc_ema=[0.05, 0.2]", "train.ema_snapshot_every=2", "train.checkpoint_every=4",
+                  "train.keep_checkpoints=5")
+    with pytest.raises(ResumeError, match="no post-hoc EMA tracks for train.posthoc_ema = \\[0.05, 0.2\\]"):
+        Trainer(changed, tmp_path / "run", progress=False, inexact_resume=True)
+
+
 def test_bad_posthoc_ema_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"train.posthoc_ema lists the sigma_rel.*got \[0.5\]"):
         Trainer(cfg("train.posthoc_ema=[0.5]"), tmp_path / "a", progress=False)
@@ -193,6 +210,7 @@ def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monke
     same samples and images; it goes to log.jsonl, and RUN/best holds the weights of the lowest, loadable by sample."""
     from diffuse.metrics import feature_network, fid
     from diffuse.sample import load_run
+    from diffuse.visualize import to_uint8
 
     config = cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2")
     trainer = Trainer(config, tmp_path / "run", progress=False)
@@ -207,12 +225,20 @@ def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monke
     assert bool(torch.isfinite(next(den.net.parameters())).all())
     # the measurement itself: fixed samples against the first training images, in the digit feature space
     samples, _ = trainer.fixed_samples(130, 2)
+    samples = torch.from_numpy(to_uint8(samples)).permute(0, 3, 1, 2).float() / 127.5 - 1  # scored as 8-bit images
     real, _ = trainer.dataset.batch(torch.arange(130))
     expected = fid(real, samples, feature_network("digits"))
     assert real_measure() == pytest.approx(expected, rel=1e-9)
     resumed = Trainer(cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2"),
                       tmp_path / "run", progress=False)
     assert resumed.best_fid == 3.0 and resumed.fid_history == [[2, 5.0], [4, 3.0], [6, 4.0]]
+    # RUN/best may be newer than the checkpoint a run resumes from: its FID is the best so far
+    state_path = next((tmp_path / "run" / "best" / "checkpoints").iterdir()) / "state.json"
+    ckpt.save_checkpoint(tmp_path / "run" / "best", 4, {"model": trainer.model.state_dict(), "ema": trainer.ema.model.state_dict()},
+                         {**json.loads(state_path.read_text()), "fid": 1.5}, keep=1)
+    again = Trainer(cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2"),
+                    tmp_path / "run", progress=False)
+    assert again.best_fid == 1.5
 
 
 def test_fid_settings_are_checked(tmp_path):

@@ -145,6 +145,8 @@ def cfg(*overrides):
     (["model.prediction=v", "sample.sampler=heun"], "sample.sampler = 'heun'.*zero-terminal-SNR"),
     (["model.prediction=v", "sample.sampler=ddim", "sample.spacing=karras"], 'spacing "karras"'),
     (["model.prediction=v", "schedule.kind=edm"], "zero_terminal_snr.*not a discrete beta schedule"),
+    (["model.prediction=v", "train.loss_weighting=min_snr"], "min_snr.*0 at the last step.*'none'"),
+    (["model.prediction=v", "train.loss_weighting=p2"], "p2.*never be trained"),
 ])
 def test_incompatible_training_options_are_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):

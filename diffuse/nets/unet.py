@@ -303,10 +303,15 @@ class UNet(nn.Module):
         h = self._checkpointed(self._middle, h, emb, context, mask)
         for level, up in zip(self.up, self.upsample):
             for i in range(len(level.blocks)):
-                h = self._checkpointed(level.block, i, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+                h = self._checkpointed(self._up_block, level, i, h, hs.pop(), emb, context, mask)
             h = up(h)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
 
+    @staticmethod
+    def _up_block(level: Level, i: int, h: Tensor, skip: Tensor, emb: Tensor, context: Tensor | None,
+                  mask: Tensor | None) -> Tensor:
+        """Block i of an expanding level on [h, skip] (the concatenation inside, so checkpointing does not keep it)."""
+        return level.block(i, torch.cat([h, skip], dim=1), emb, context, mask)
 
     def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
