@@ -21,7 +21,7 @@ from .schedule import Schedule
 WEIGHTINGS = ("none", "min_snr", "p2", "edm")
 
 
-def x0_weight(weighting: str, snr: Tensor, ve_sigma: Tensor, *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
+def x0_weight(weighting: str, snr: Tensor, *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
               p2_gamma: float = 1.0, sigma_data: float = 0.5) -> Tensor:
     """lambda(t), the weight a weighting puts on the x_0 error ||x_theta - x_0||^2:
         min_snr  min(SNR, gamma)                                (Hang et al. 2023, eq. 9; gamma = 5)
@@ -43,7 +43,7 @@ def loss_weight(weighting: str, alpha: Tensor, sigma: Tensor, prediction: str, *
     process. "none" is 1: each target's plain loss (for eps: the x_0 weight SNR, Ho et al.'s L_simple)."""
     if weighting == "none":
         return torch.ones_like(alpha)
-    lam = x0_weight(weighting, (alpha / sigma) ** 2, sigma / alpha, **kw)
+    lam = x0_weight(weighting, (alpha / sigma) ** 2, **kw)
     return lam / x0_error_scale(alpha, sigma, prediction, kw.get("sigma_data", 0.5))
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from diffuse.checkpoint import _fsync_dir
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
-           "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range"]
+           "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps", "write_run"]
 
 GAMMA_MIN = (math.sqrt(5) - 3) / 2
 """gamma where sigma_rel(gamma) peaks: d/dgamma log sigma_rel^2 = 0 gives gamma^2 + 3 gamma + 1 = 0."""
@@ -207,20 +207,28 @@ class Snapshot:
     gammas: tuple[float, ...]
 
 
+def snapshot_steps(directory) -> dict[int, Path]:
+    """{step: path} of the snapshot files in DIR by their names (phema_NNNNNNNN.safetensors), without reading them;
+    {} when DIR does not exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in directory.iterdir() if (m := _SNAP_RE.fullmatch(p.name))}
+
+
 def list_snapshots(directory) -> list[Snapshot]:
     """The snapshots in DIR, by step. Raises ValueError naming the file when one is unreadable or its metadata is
     wrong (truncated, not safetensors, step not matching its name). Tensor bytes carry no checksum: a flipped bit
     inside the data goes unnoticed. FileNotFoundError when DIR does not exist."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"no post-hoc EMA snapshot folder {directory}")
     out = []
-    for path in sorted(Path(directory).iterdir()):
-        m = _SNAP_RE.fullmatch(path.name)
-        if not m:
-            continue
+    for step, path in sorted(snapshot_steps(directory).items()):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 keys = set(f.keys())
-            if meta.get("format") != FORMAT or int(meta["step"]) != int(m.group(1)):
+            if meta.get("format") != FORMAT or int(meta["step"]) != step:
                 raise ValueError(f"format {meta.get('format')!r}, step {meta.get('step')!r}")
             gammas = tuple(float(g) for g in json.loads(meta["gammas"]))
             sigma_rels = tuple(float(s) for s in json.loads(meta["sigma_rels"]))
@@ -229,8 +237,8 @@ def list_snapshots(directory) -> list[Snapshot]:
                 raise ValueError("tracks in the metadata do not match the tensors")
         except Exception as e:
             raise ValueError(f"corrupt post-hoc EMA snapshot {path}: {type(e).__name__}: {e}") from e
-        out.append(Snapshot(path, int(m.group(1)), sigma_rels, gammas))
-    return sorted(out, key=lambda s: s.step)
+        out.append(Snapshot(path, step, sigma_rels, gammas))
+    return out
 
 
 def _usable(directory, step):

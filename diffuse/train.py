@@ -38,7 +38,7 @@ from .data import ImageDataset, load_dataset
 from .likelihood import bits_per_dim, vlb_term
 from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
-from .posthoc_ema import SIGMA_REL_MAX, PowerEMA
+from .posthoc_ema import SIGMA_REL_MAX, PowerEMA, snapshot_steps
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
     build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
 from .samplers import SAMPLERS
@@ -596,7 +596,6 @@ class Trainer:
         """Restore the post-hoc EMA tracks exactly (their profiles average every step since step 1, so they cannot
         restart partway: ResumeError, even under --inexact-resume), drop snapshots newer than the checkpoint (written by
         the interrupted run past it), and take the best FID from RUN/best (which may be newer than the checkpoint)."""
-        snaps = self.run_dir / "ema_snapshots"
         if self.phema is not None:
             st = {k.removeprefix("phema."): v for k, v in c.tensors["state"].items() if k.startswith("phema.")}
             try:
@@ -606,9 +605,9 @@ class Trainer:
                                   f"train.posthoc_ema = {self.cfg.train.posthoc_ema} ({type(e).__name__}: {e}); the tracks "
                                   "average every step from the first, so they cannot start now: resume with the run's own "
                                   "train.posthoc_ema, or train a new run") from e
-        if self.is_main and snaps.is_dir():
-            for path in snaps.glob("phema_*.safetensors"):
-                if path.stem.split("_")[-1].isdigit() and int(path.stem.split("_")[-1]) > self.step:
+        if self.is_main:
+            for step, path in snapshot_steps(self.run_dir / "ema_snapshots").items():
+                if step > self.step:
                     path.unlink()
         best = self.run_dir / "best"
         if ckpt.latest_step(best) is not None:

@@ -54,4 +54,4 @@ def test_known_special_cases():
     torch.testing.assert_close(loss_weight("edm", alpha, sigma, "edm"), torch.ones(3, dtype=torch.float64))
     assert torch.equal(loss_weight("none", alpha, sigma, "flow"), torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="weighting must be one of none, min_snr, p2, edm"):
-        x0_weight("snr", snr, snr)
+        x0_weight("snr", snr)
