@@ -5,6 +5,7 @@
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
     diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
+    diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1]     (the local web UI; pip install -e ".[ui]")
     diffuse demo [--out DIR]
 """
 
@@ -159,7 +160,7 @@ def _write(x, out: Path) -> None:
 
 
 def _sample(args) -> None:
-    from .sample import generate
+    from .sample import generate_in_chunks
     from .tasks.image_to_image import CASCADE_FILE
 
     out = Path(args.out)
@@ -168,7 +169,10 @@ def _sample(args) -> None:
         return _sample_cascade(args, out)
     cfg, counted, kw, bar = _sampling(args, args.n)
     d = cfg.data
-    x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), **kw)
+    chunks = -(-args.n // (args.batch_size or args.n))
+    if bar.total and chunks > 1:
+        bar.total *= chunks
+    x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=args.batch_size, **kw)
     bar.close()
     _write(x, out)
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
@@ -280,6 +284,7 @@ def _edit_name(kind: str) -> str:
 
 
 def _eval(args) -> None:
+    import dataclasses
     import datetime
     import json
 
@@ -290,7 +295,8 @@ def _eval(args) -> None:
     from .guidance import Conditioned
     from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
     from .tasks.image_to_image import training_condition
-    from .sample import check_guidance, default_labels, generate, load_run, run_config, sample_config_kwargs
+    from .pretrained import is_model_folder
+    from .sample import check_guidance, default_labels, generate_in_chunks, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 
     sample_metric = args.metric in ("fid", "kid", "is", "pr")
@@ -306,10 +312,17 @@ def _eval(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     s, d = cfg.sample, cfg.data
-    data = load_dataset(d)
-    g = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(len(data), generator=g)[:args.n]
-    real = torch.stack([data[int(i)][0] for i in pick])
+    if args.real is not None:  # the run's own shape, the user's images
+        d = dataclasses.replace(d, source="folder", path=args.real)
+    elif is_model_folder(args.run) and args.metric != "is":  # IS reads no real images
+        raise ValueError(f"{args.run} is a diffusers model folder, which names no data set; pass --real FOLDER, the real "
+                         "images to compare with (e.g. the CIFAR-10 training images saved as PNG files)")
+    if args.real is None and is_model_folder(args.run):
+        pick, real = torch.zeros(0, dtype=torch.long), torch.zeros(0, d.channels, d.image_size, d.image_size)
+    else:
+        data = load_dataset(d)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+        real = torch.stack([data[int(i)][0] for i in pick])
     record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
                     "date": datetime.date.today().isoformat()}
     if len(real) < args.n and args.metric != "is":  # IS reads no real images
@@ -353,9 +366,9 @@ def _eval(args) -> None:
         if args.guidance is not None:
             kw["guidance"] = args.guidance
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
-        fake = generate(den, n_fake, (d.channels, d.image_size, d.image_size), seed=args.seed, device=device,
-                        labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0),
-                        cond=task_cond or None, **kw)
+        fake = generate_in_chunks(den, n_fake, (d.channels, d.image_size, d.image_size), chunk=args.batch_size,
+                                  seed=args.seed, device=device, cond=task_cond or None,
+                                  labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0), **kw)
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0
@@ -401,6 +414,12 @@ def _ema(args) -> None:
 
     out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
     print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")
+
+
+def _serve(args) -> None:
+    from .webui import serve
+
+    serve(args.runs, host=args.host, port=args.port, device=args.device)
 
 
 def _demo(args) -> None:
@@ -464,6 +483,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run folder written by `diffuse train`")
     s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
+    s.add_argument("--batch-size", type=number(int, low=1),
+                   help="draw in chunks of this many (default: all at once); chunk k > 0 has its own seed from (--seed, k)")
     _sampling_flags(s)
     s.set_defaults(func=_sample)
 
@@ -512,6 +533,11 @@ def parser() -> argparse.ArgumentParser:
                         "pt_inception-2015-12-05-6726825d.pth; PATH defaults to $DIFFUSE_INCEPTION_WEIGHTS), "
                         "or MODULE:ATTR / FILE.py:ATTR (your nn.Module, or a function returning one)")
     e.add_argument("--n", type=number(int, low=2), default=1000, help="images (default 1000)")
+    e.add_argument("--real", metavar="FOLDER",
+                   help="the real images to compare with or to measure (default: the run's data set; a diffusers model "
+                        "folder needs it), fitted to the run's image size and channels")
+    e.add_argument("--batch-size", type=number(int, low=1),
+                   default=1000, help="draw the samples in chunks of this many (default 1000); chunk k > 0 has its own seed from (--seed, k)")
     e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
     e.add_argument("--steps", type=number(int, low=0), help="sampler steps (default: the run's; 0 = every one of the T steps)")
     e.add_argument("--spacing", choices=list(SPACINGS))
@@ -530,6 +556,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step", type=number(int, low=1), help="rebuild the EMA at this snapshot's step (default: the last)")
     m.add_argument("--out", required=True, help="output run folder, e.g. RUN/ema_005; `diffuse sample` and `eval` read it")
     m.set_defaults(func=_ema)
+
+    w = sub.add_parser("serve", help="a local web page to sample, edit and inspect runs (Gradio; the [ui] extra)")
+    w.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or diffusers model folders) to offer")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=number(int, low=1, high=65535), default=7860, help="port (default 7860)")
+    w.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
+    w.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")

@@ -24,7 +24,7 @@ import tomli_w
 
 from .data import DataConfig
 from .nets.unet import UNetConfig
-from .schedule import ScheduleConfig, Spacing
+from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -229,17 +229,18 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     if d.path and d.source != "folder":
         out.append(("data.path", f'data.source = "{d.source}" trains on the bundled {d.source} images',
                     'set data.source = "folder" to train on the folder, or remove data.path'))
-    if sc.kind != "linear":
-        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no linear betas', 'set schedule.kind = "linear" or remove it')
+    if sc.kind not in ("linear", "scaled_linear", "sigmoid"):
+        out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no betas from beta_start to beta_end',
+                 'set schedule.kind = "linear" (or "scaled_linear", "sigmoid") or remove it')
                 for k in ("beta_start", "beta_end")]
     if sc.kind not in ("cosine", "vp_cosine"):
         out.append(("schedule.cosine_s", f'schedule.kind = "{sc.kind}" is not a cosine schedule', 'set schedule.kind = "cosine" or remove it'))
     if sc.kind != "cosine":
         out.append(("schedule.max_beta", f'schedule.kind = "{sc.kind}" has no discrete cosine betas', 'set schedule.kind = "cosine" or remove it'))
-    if sc.kind not in ("linear", "cosine"):
+    if sc.kind not in DISCRETE_KINDS:
         out.append(("schedule.T", f'schedule.kind = "{sc.kind}" is a continuous-time process with no T steps', "remove it"))
         out.append(("schedule.zero_terminal_snr", f'schedule.kind = "{sc.kind}" is not a discrete beta schedule (Lin et al. 2024 '
-                    "rescale betas)", 'use schedule.kind = "linear" or "cosine", or remove it'))
+                    "rescale betas)", 'use schedule.kind = "linear" or "cosine" (or another of ' + ", ".join(DISCRETE_KINDS) + "), or remove it"))
     if sc.kind != "edm":
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" is not EDM', 'set schedule.kind = "edm" or remove it')
                 for k in ("sigma_min", "sigma_max", "p_mean", "p_std")]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import pretrained
 from .config import RunConfig, SampleConfig, load_config
 from .denoiser import Denoiser
 from .augment import LABELS as AUGMENT_LABELS
@@ -55,8 +56,11 @@ def build_denoiser(cfg: RunConfig, net) -> Denoiser:
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
-    """The config saved in a run folder (FileNotFoundError naming the fix when it is not a run folder)."""
+    """The config saved in a run folder, or read from a diffusers model folder (pretrained.read_config);
+    FileNotFoundError naming the fix when it is neither."""
     run_dir = Path(run_dir)
+    if pretrained.is_model_folder(run_dir):
+        return pretrained.read_config(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
     return load_config(run_dir / "config.toml")
@@ -79,6 +83,12 @@ def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
+        if kind != "denoiser":
+            raise ValueError(f"{run_dir} is a diffusers denoiser, not a noisy classifier; pass a classifier run")
+        if step is not None:
+            raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
+        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
     if cfg.model.kind != kind:
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
@@ -200,6 +210,33 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     if project is not None:
         kw["project"] = project
     return info(den, x_T, grid, generator=g, callback=watch, **kw)
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    """The seed of chunk k of a draw made in chunks (`generate_in_chunks`): chunk 0 keeps `seed`, so a draw that fits in
+    one chunk is the draw `generate` makes; later chunks get independent seeds from numpy's SeedSequence of (seed, k)."""
+    import numpy as np
+
+    return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generate_in_chunks(denoiser, n: int, shape: tuple[int, ...], *, chunk: int | None = None, seed: int = 0,
+                       labels: Tensor | None = None, cond: dict | None = None, **kw) -> Tensor:
+    """`generate` for n samples in chunks of at most `chunk` (None: all at once), so that 50,000 samples for a
+    published FID fit in memory. Chunk k is drawn with seed `chunk_seed(seed, k)`; labels (n,) and each cond value
+    (n, ...) are split alike. Returns (n, C, H, W) on the CPU. Raises ValueError for chunk < 1, and as `generate`."""
+    chunk = n if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"the chunk size must be >= 1, got {chunk}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().expand(n)
+    out = []
+    for k, lo in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - lo)
+        part = {key: v[lo:lo + m] for key, v in (cond or {}).items()} or None
+        out.append(generate(denoiser, m, shape, seed=chunk_seed(seed, k), cond=part,
+                            labels=None if labels is None else labels[lo:lo + m], **kw).cpu())
+    return torch.cat(out)
 
 
 def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier,

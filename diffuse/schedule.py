@@ -37,12 +37,13 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["linear", "cosine", "vp_cosine", "edm", "flow"] = "linear"  # the noise process (SCHEDULE_KINDS):
-    #   linear / cosine: discrete VP, Ho et al. 2020 / Nichol & Dhariwal 2021; vp_cosine: the cosine VP in continuous t;
+    kind: Literal["linear", "cosine", "scaled_linear", "sigmoid", "vp_cosine", "edm", "flow"] = "linear"  # the noise
+    #   process (SCHEDULE_KINDS): linear / cosine: discrete VP, Ho et al. 2020 / Nichol & Dhariwal 2021; scaled_linear:
+    #   Stable Diffusion's (Rombach et al. 2022); sigmoid: GeoDiff's (Xu et al. 2022); vp_cosine: the cosine VP in continuous t;
     #   edm: VE with EDM's preconditioning and training sigmas (Karras et al. 2022); flow: rectified flow (Liu et al. 2022)
-    T: int = 1000                                # linear, cosine: the number of discrete diffusion steps
-    beta_start: float = 1e-4                     # linear: beta_1 (Ho et al.: 1e-4)
-    beta_end: float = 0.02                       # linear: beta_T (Ho et al.: 0.02)
+    T: int = 1000                                # the discrete kinds (DISCRETE_KINDS): the number of diffusion steps
+    beta_start: float = 1e-4                     # linear, scaled_linear, sigmoid: beta_1 (Ho et al.: 1e-4; SD: 0.00085)
+    beta_end: float = 0.02                       # linear, scaled_linear, sigmoid: beta_T (Ho et al.: 0.02; SD: 0.012)
     cosine_s: float = 0.008                      # cosine, vp_cosine: offset s that keeps beta_1 from being tiny
     max_beta: float = 0.999                      # cosine: betas are clipped here to avoid a singularity at t = T
     sigma_min: float = 0.002                     # edm: the lowest noise level of a sampling grid (EDM: 0.002)
@@ -52,13 +53,25 @@ class ScheduleConfig:
     t_sampling: Literal["uniform", "logit_normal"] = "logit_normal"  # flow: training t (Esser et al. 2024: logit-normal)
     logit_mean: float = 0.0                      # flow, logit_normal: t = sigmoid(logit_mean + logit_std z)
     logit_std: float = 1.0
-    zero_terminal_snr: bool = False              # linear, cosine: rescale to alphabar_T = 0 (Lin et al. 2024, Alg. 1);
+    zero_terminal_snr: bool = False              # the discrete kinds: rescale to alphabar_T = 0 (Lin et al. 2024, Alg. 1);
     #   needs model.prediction = "v" (or "x0", "flow") and a sampler that starts at alpha = 0 (not the VE-sigma or SDE ones)
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """beta_n increasing linearly from beta_1 to beta_T (Ho et al. 2020, sec. 4)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """beta_n = (sqrt(beta_1) + (n - 1)/(T - 1) (sqrt(beta_T) - sqrt(beta_1)))^2: linear in sqrt(beta), the schedule of
+    latent diffusion and Stable Diffusion (Rombach et al. 2022; diffusers' "scaled_linear")."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def sigmoid_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """beta_n = beta_1 + (beta_T - beta_1) sigmoid(-6 + 12 (n - 1)/(T - 1)) (Xu et al. 2022, GeoDiff; diffusers'
+    "sigmoid"): slow at both ends, steep in the middle."""
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -297,12 +310,13 @@ class Schedule(NoiseSchedule):
     def _discrete_from_config(cls, cfg: ScheduleConfig) -> Schedule:
         if cfg.T < 1:
             raise ValueError(f"schedule.T must be >= 1, got {cfg.T}")
-        if cfg.kind == "linear":
+        if cfg.kind in ("linear", "scaled_linear", "sigmoid"):
             if not 0 < cfg.beta_start <= cfg.beta_end < 1:
                 raise ValueError(
                     f"schedule.beta_start / beta_end must satisfy 0 < start <= end < 1, got {cfg.beta_start}, {cfg.beta_end}"
                 )
-            betas = linear_betas(cfg.T, cfg.beta_start, cfg.beta_end)
+            betas = {"linear": linear_betas, "scaled_linear": scaled_linear_betas,
+                     "sigmoid": sigmoid_betas}[cfg.kind](cfg.T, cfg.beta_start, cfg.beta_end)
         elif cfg.kind == "cosine":
             betas = cosine_betas(cfg.T, cfg.cosine_s, cfg.max_beta)
         else:
@@ -583,12 +597,13 @@ class Flow(NoiseSchedule):
         return t.clamp(self.t_min, 1.0)
 
 
-SCHEDULE_KINDS = ("linear", "cosine", "vp_cosine", "edm", "flow")
+DISCRETE_KINDS = ("linear", "cosine", "scaled_linear", "sigmoid")  # beta schedules of T steps (the Schedule class)
+SCHEDULE_KINDS = (*DISCRETE_KINDS, "vp_cosine", "edm", "flow")
 
 
 def schedule_from_config(cfg: ScheduleConfig) -> NoiseSchedule:
-    """The process a [schedule] section names: discrete VP (linear, cosine; T steps), continuous VP cosine, EDM, flow."""
-    if cfg.kind in ("linear", "cosine"):
+    """The process a [schedule] section names: discrete VP (DISCRETE_KINDS; T steps), continuous VP cosine, EDM, flow."""
+    if cfg.kind in DISCRETE_KINDS:
         return Schedule._discrete_from_config(cfg)
     if cfg.kind == "vp_cosine":
         return VPCosine(cfg.cosine_s)
