@@ -53,6 +53,20 @@ def parse_threshold(text: str) -> tuple[bool, float]:
     return False, value
 
 
+def guidance_interval(text: str) -> tuple[float, ...]:
+    """An argparse `type` for --guidance-interval: 'LO,HI' -> (lo, hi), noise levels sigma/alpha with 0 <= lo < hi
+    (HI may be inf); 'all' -> () (guidance at every level)."""
+    if text.strip() == "all":
+        return ()
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (two numbers, e.g. 0.3,5) or all") from None
+    if not (0 <= lo < hi and math.isfinite(lo)) or math.isnan(hi):
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI with LO finite, got {text!r}")
+    return lo, hi
+
+
 def parse_options(pairs: list[str], sampler: str) -> dict:
     """--opt KEY=VALUE pairs -> sampler keyword options, each checked against what the sampler takes and the
     values the option allows (type, finite, range)."""
@@ -121,6 +135,7 @@ def _sampling(args, n: int):
     if args.no_clip:
         clip = False
     guidance = s.guidance if args.guidance is None else args.guidance
+    interval = tuple(s.guidance_interval) if args.guidance_interval is None else args.guidance_interval
     check_guidance(cfg, guidance, classifier=args.classifier is not None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
@@ -144,7 +159,7 @@ def _sampling(args, n: int):
     bar = tqdm(total=(steps or getattr(den.schedule, "top_step", None)) if SAMPLERS[sampler].calls_per_step else None,
                unit="step", desc=sampler)
     kw = dict(sampler=sampler, steps=steps, spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn,
-              labels=labels, guidance=guidance, classifier=classifier, seed=args.seed, device=device,
+              labels=labels, guidance=guidance, guidance_interval=interval or None, classifier=classifier, seed=args.seed, device=device,
               callback=lambda step: bar.update(1), **options)
     return cfg, counted, kw, bar
 
@@ -365,6 +380,8 @@ def _eval(args) -> None:
         kw = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps, "spacing": args.spacing or s.spacing}
         if args.guidance is not None:
             kw["guidance"] = args.guidance
+        if args.guidance_interval is not None:
+            kw["guidance_interval"] = args.guidance_interval or None
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
         fake = generate_in_chunks(den, n_fake, (d.channels, d.image_size, d.image_size), chunk=args.batch_size,
                                   seed=args.seed, device=device, cond=task_cond or None,
@@ -399,7 +416,7 @@ def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None
         unused += [(f, f"{sampler} chooses its own steps (set its tolerance with --opt rtol=...)") for f in ("steps", "spacing")]
     if metric in ("nll", "vlb"):
         unused += [(f, f"--metric {metric} measures real images and draws no samples")
-                   for f in ("sampler", "steps", "spacing", "guidance", "features")]
+                   for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "features")]
     if metric is not None and metric != "nll":
         unused.append(("rtol", "only --metric nll solves an ODE"))
     if metric is not None and metric != "vlb":
@@ -457,6 +474,9 @@ def _sampling_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a sampler option, e.g. s_churn=10 for heun (repeatable)")
     s.add_argument("--label", type=number(int, low=0), help="draw this class (class-conditional model or --classifier); default: all classes in turn")
     s.add_argument("--guidance", type=number(low=0), help="guidance weight: classifier-free w, or the classifier scale with --classifier")
+    s.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
+                   help="classifier-free guidance only at noise levels sigma/alpha in (LO, HI] (Kynkaanniemi et al. 2024; "
+                        "e.g. 0.3,5); all: every level (default: the run's sample.guidance_interval)")
     s.add_argument("--classifier", metavar="RUN", help="a noisy-classifier run (model.kind = 'classifier') for classifier guidance")
     s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
     s.add_argument("--seed", type=SEED, default=0)
@@ -542,6 +562,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=number(int, low=0), help="sampler steps (default: the run's; 0 = every one of the T steps)")
     e.add_argument("--spacing", choices=list(SPACINGS))
     e.add_argument("--guidance", type=number(low=0), help="classifier-free guidance weight (default: the run's)")
+    e.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
+                   help="guide only at noise levels sigma/alpha in (LO, HI]; all: every level (default: the run's)")
     e.add_argument("--rtol", type=number(low=0, above=True, high=1), help="nll: the ODE solver's tolerance (default 1e-5)")
     e.add_argument("--vlb-samples", type=number(int, low=1), help="vlb: estimate from this many random steps (default: all T terms)")
     e.add_argument("--seed", type=SEED, default=0)

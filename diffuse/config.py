@@ -50,6 +50,8 @@ class SampleConfig:
     clip: bool = True                                        # clip predicted x_0 to the data range [-1, 1] (Ho et al. 2020 code)
     dynamic_threshold: float = 0.0                           # percentile p of dynamic thresholding (Imagen: 0.995); 0 = off (then `clip`)
     guidance: float = 0.0                                    # classifier-free guidance weight w for class-conditional models
+    guidance_interval: list[float] = field(default_factory=list)  # [lo, hi]: guide only where sigma/alpha is in (lo, hi]
+    #                                                          (Kynkaanniemi et al. 2024); [] = at every noise level
     n: int = 64                                              # images in periodic sample grids
 
 
@@ -299,6 +301,8 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("train.loss_norm", f'train.loss = "{t.loss}" is not L_simple', 'set train.loss = "simple" or remove it'))
     out.append(("train.num_workers", "the images are decoded once when the data loads (or per batch in the training "
                 "process for folders too large for memory), so there are no loader workers", "remove it"))
+    if smp.guidance_interval and not smp.guidance:
+        out.append(("sample.guidance_interval", "sample.guidance = 0 guides nowhere", "set sample.guidance > 0 or remove it"))
     if smp.dynamic_threshold > 0:
         out.append(("sample.clip", "sample.dynamic_threshold > 0 replaces clipping", "remove it"))
     takes = SAMPLERS[smp.sampler].options

@@ -91,9 +91,10 @@ class DynamicThreshold:
         return _with_x0(x_t, t, dynamic_threshold(pred.x0, self.percentile), self.schedule, pred)
 
 
-def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
+def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float | Tensor) -> Tensor:
     """eps~ = (1 + w) eps(x_t, c) - w eps(x_t) (Ho & Salimans 2022, eq. 6): w = 0 is the conditional model. The same
-    combination of the two x_0 predictions is the x_0 that eps~ implies at the same x_t."""
+    combination of the two x_0 predictions is the x_0 that eps~ implies at the same x_t. w: a number, or one per
+    example shaped (B, 1, ..., 1)."""
     return (1 + w) * eps_cond - w * eps_uncond
 
 
@@ -106,25 +107,38 @@ class ClassifierFreeGuidance:
     super-resolution model can be guided on its class while both halves see the same low-resolution image. The
     network must have been trained with dropout on those keys (train.condition_dropout) so that their null values
     give the unconditional model. With cond = uncond it is the conditional model for every w.
+
+    `interval` = (lo, hi) applies the guidance only where the noise level sigma_t / alpha_t lies in (lo, hi], and the
+    conditional model (one network call) elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+    interval improves sample and distribution quality in diffusion models", sec. 4: guidance at high noise collapses
+    variety, at low noise it does little). None: every noise level. Raises ValueError unless 0 <= lo < hi.
     """
 
-    def __init__(self, denoiser, w: float, cond: dict, uncond: dict):
+    def __init__(self, denoiser, w: float, cond: dict, uncond: dict, interval: tuple[float, float] | None = None):
         if set(cond) != set(uncond):
             raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+        if interval is not None and not 0 <= interval[0] < interval[1]:
+            raise ValueError(f"the guidance interval (lo, hi] of noise levels sigma/alpha needs 0 <= lo < hi, got {tuple(interval)}")
         self.denoiser, self.schedule = denoiser, denoiser.schedule
-        self.w, self.cond, self.uncond = float(w), cond, uncond
+        self.w, self.cond, self.uncond, self.interval = float(w), cond, uncond, interval
 
     def __call__(self, x_t: Tensor, t, **more) -> Prediction:
-        if self.w == 0:
-            return self.denoiser(x_t, t, **self.cond, **more)
         B = x_t.shape[0]
         tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
+        w = self.w
+        if self.interval is not None and w:  # w on the examples whose noise level is inside (lo, hi], 0 elsewhere
+            level = self.schedule.ve_sigma(tt)
+            inside = (level > self.interval[0]) & (level <= self.interval[1])
+            w = 0.0 if not bool(inside.any()) else w if bool(inside.all()) else \
+                (self.w * inside).to(device=x_t.device, dtype=x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+        if isinstance(w, float) and w == 0:
+            return self.denoiser(x_t, t, **self.cond, **more)
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
                              **concat_conditions(more, more))
         # eps~ of eq. 6, and the x_0 it implies: the conversions are affine in the prediction at a fixed x_t, so the same
         # weights on x_0 give exactly (x_t - sigma_t eps~) / alpha_t, without dividing by alpha_t (0 at zero terminal SNR)
         cond_v = None if both.variance_mix is None else both.variance_mix[:B]  # the conditional model's variance (as GLIDE)
-        return Prediction(guided_eps(both.x0[:B], both.x0[B:], self.w), guided_eps(both.eps[:B], both.eps[B:], self.w), cond_v)
+        return Prediction(guided_eps(both.x0[:B], both.x0[B:], w), guided_eps(both.eps[:B], both.eps[B:], w), cond_v)
 
 
 def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,

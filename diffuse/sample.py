@@ -118,7 +118,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
              spacing: str | None = None, clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
-             grid: Tensor | None = None, **options) -> Tensor:
+             grid: Tensor | None = None, guidance_interval: tuple[float, float] | None = None, **options) -> Tensor:
     """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config); spacing None is the
@@ -128,7 +128,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     label for all) is short for cond["label"]. Guidance w > 0 applies classifier-free guidance of cond against
     `uncond` (default: every key of cond at its null value, the network's `condition_spec.null`), or, with
     `classifier` (x_t, model_time) -> logits, classifier guidance towards `labels` at scale w (the denoiser may then
-    be unconditional). The guided x_0 is
+    be unconditional). `guidance_interval` (lo, hi) limits classifier-free guidance to the noise levels
+    sigma_t / alpha_t in (lo, hi] (Kynkaanniemi et al. 2024), which also saves the unconditional call outside it. The guided x_0 is
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
     `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
     sampler does not take are ignored, so a config's defaults can be passed to any sampler.
@@ -189,7 +190,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         x_T = x_T * schedule.prior_std
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
-    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape)
+    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:
@@ -240,7 +241,7 @@ def generate_in_chunks(denoiser, n: int, shape: tuple[int, ...], *, chunk: int |
 
 
 def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier,
-                 shape: tuple | None = None):
+                 shape: tuple | None = None, interval: tuple[float, float] | None = None):
     """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
     spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
     if spec is not None and spec.self_condition:  # each call passes the previous x_0 estimate (Chen et al. 2023)
@@ -259,6 +260,9 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
     if spec is not None and shape is not None:  # once here, values included; the network checks shapes on every call
         spec.check(cond, torch.empty((n, *shape), device="meta"), values=True)
     if classifier is not None:
+        if interval is not None:
+            raise ValueError("a guidance interval limits classifier-free guidance; classifier guidance takes none (leave "
+                             "--guidance-interval out)")
         if labels is None:
             raise ValueError("classifier guidance needs the labels to guide towards")
         return ClassifierGuidance(Conditioned(denoiser, **cond), classifier, labels, guidance)
@@ -270,7 +274,8 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
         if spec is None:
             raise ValueError("classifier-free guidance of a network without a condition_spec needs uncond, the null condition")
         uncond = spec.null(cond)
-    return ClassifierFreeGuidance(denoiser, guidance, cond, {k: torch.as_tensor(v, device=device) for k, v in uncond.items()})
+    return ClassifierFreeGuidance(denoiser, guidance, cond, {k: torch.as_tensor(v, device=device) for k, v in uncond.items()},
+                                  interval)
 
 
 EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
@@ -308,4 +313,4 @@ def sample_config_kwargs(s: SampleConfig) -> dict:
     """`generate`'s keyword arguments for a run's [sample] section (sampler, steps, spacing, thresholding, guidance and
     the sampler options); callers override what their command line says."""
     return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
-                guidance=s.guidance, eta=s.eta, variance=s.variance)
+                guidance=s.guidance, guidance_interval=tuple(s.guidance_interval) or None, eta=s.eta, variance=s.variance)

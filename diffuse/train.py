@@ -186,6 +186,10 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (cfg.model.kind == "denoiser" or dataset.num_classes >= 2,
          "model.kind = 'classifier' needs a labelled dataset (class sub-folders, mnist or digits)"),
         (cfg.sample.guidance >= 0, f"sample.guidance must be >= 0, got {cfg.sample.guidance}"),
+        (not cfg.sample.guidance_interval or (len(cfg.sample.guidance_interval) == 2
+                                              and 0 <= cfg.sample.guidance_interval[0] < cfg.sample.guidance_interval[1]),
+         f"sample.guidance_interval must be [lo, hi] with 0 <= lo < hi (noise levels sigma/alpha), or [] for every level; "
+         f"got {cfg.sample.guidance_interval}"),
         (cfg.sample.guidance == 0 or any(t.condition_dropout.values()),
          "sample.guidance > 0 needs a model trained with condition dropout, e.g. train.condition_dropout = {label = 0.1} "
          "(the null condition is then the unconditional model)"),

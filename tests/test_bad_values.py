@@ -44,7 +44,10 @@ def _parse_error(argv, capsys) -> str:
 # --- 4. option values: checked when parsed ---------------------------------------------------------------------
 @pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--eta", "inf"), ("--eta", "-1"), ("--eta", "abc"),
                                         ("--guidance", "inf"), ("--guidance", "nan"), ("--n", "0"), ("--n", "2.5"),
-                                        ("--steps", "-1"), ("--seed", "-3"), ("--label", "-1")])
+                                        ("--steps", "-1"), ("--seed", "-3"), ("--label", "-1"),
+                                        ("--guidance-interval", "5,1"), ("--guidance-interval", "nan,1"),
+                                        ("--guidance-interval", "1"), ("--guidance-interval", "a,b"),
+                                        ("--batch-size", "0")])
 def test_sample_refuses_bad_numbers_when_parsed(run, tmp_path, capsys, flag, value):
     err = _parse_error(["sample", str(run), flag, value, "--out", str(tmp_path / "x.png")], capsys)
     assert f"diffuse sample: error: argument {flag}" in err

@@ -60,6 +60,9 @@ def test_label_guidance_and_threshold(cond_run, tmp_path, capsys):
     d = sample("--label", "3", "--guidance", "2", "--threshold", "dynamic:0.9")
     assert not np.allclose(b, d)
     np.testing.assert_array_equal(sample("--label", "3", "--guidance", "2"), b)
+    # a guidance interval over every noise level is plain guidance, one over none is w = 0 (Kynkaanniemi et al. 2024)
+    np.testing.assert_allclose(sample("--label", "3", "--guidance", "2", "--guidance-interval", "0,inf"), b, atol=1e-6)
+    np.testing.assert_allclose(sample("--label", "3", "--guidance", "2", "--guidance-interval", "1e6,1e7"), a, atol=1e-6)
 
 
 def test_guidance_inputs_are_checked(cond_run, tmp_path, capsys):

@@ -40,6 +40,47 @@ def test_cfg_matches_its_definition_and_w0_is_the_conditional(mix, t):
     torch.testing.assert_close(w.x0, 4 * cond.x0 - 3 * uncond.x0)  # x_0 follows eps (affine in it at fixed x_t)
 
 
+def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside(mix):
+    """Kynkaanniemi et al. 2024: eps~ of eq. 6 where lo < sigma_t/alpha_t <= hi, the conditional model (in one network
+    call) elsewhere, per example when a batch mixes noise levels."""
+    calls = []
+
+    def eps(x, index, label=None):
+        calls.append(len(x))
+        return mix.eps(x, index, label)
+
+    den = Denoiser(eps, mix.schedule)
+    x, y, null = points(), torch.full((64,), 1), torch.full((64,), mix.K)
+    t = torch.tensor([0.05] * 32 + [0.6] * 32, dtype=torch.float64)
+    level = mix.schedule.ve_sigma(t)
+    lo, hi = float(level[0]) * 2, float(level[-1]) * 2  # the second half inside, the first half below
+    full = ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": null})(x, t)
+    cond = den(x, t, label=y)
+    got = ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": null}, interval=(lo, hi))(x, t)
+    torch.testing.assert_close(got.eps[32:], full.eps[32:])
+    torch.testing.assert_close(got.eps[:32], cond.eps[:32])
+    torch.testing.assert_close(got.x0[:32], cond.x0[:32])
+    calls.clear()
+    outside = ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": null}, interval=(lo, hi))(x, 0.05)
+    assert calls == [64]  # one conditional call, no unconditional half
+    torch.testing.assert_close(outside.eps, den(x, 0.05, label=y).eps)
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": null}, interval=(3.0, 1.0))
+
+
+def test_generate_with_a_guidance_interval(mix):
+    """An interval that holds every level of the grid is plain guidance; one that holds none is w = 0."""
+    from diffuse.sample import generate
+
+    den = Denoiser(mix.eps, mix.schedule)
+    kw = dict(sampler="ddim", steps=10, cond={"label": torch.full((16,), 1)}, seed=3, clip=False, uncond={"label": torch.full((16,), mix.K)})
+    plain = generate(den, 16, (2, 1, 1), guidance=2.0, **kw)
+    torch.testing.assert_close(generate(den, 16, (2, 1, 1), guidance=2.0, guidance_interval=(0.0, 1e9), **kw), plain)
+    none = generate(den, 16, (2, 1, 1), guidance=2.0, guidance_interval=(1e8, 1e9), **kw)
+    torch.testing.assert_close(none, generate(den, 16, (2, 1, 1), guidance=0.0, **kw))
+    assert not torch.allclose(none, plain)
+
+
 def test_cfg_at_w0_samples_the_class_and_larger_w_concentrates_on_it(mix):
     """Sampling with w = 0 gives component k's distribution; growing w puts ever more mass on k
     (p(x|k)^(1+w) / p(x)^w sharpens p(k | x)) and pulls samples away from the other components."""
