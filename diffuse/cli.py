@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, apply_overrides, load_config
+from .sample import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
 from .train import NonFiniteLoss, ResumeError
@@ -175,16 +176,20 @@ def _write(x, out: Path) -> None:
 
 
 def _sample(args) -> None:
-    from .sample import generate_in_chunks
+    from .sample import generate_in_chunks, run_config
     from .tasks.image_to_image import CASCADE_FILE
 
     out = Path(args.out)
     _check_out(out)
     if (Path(args.run) / CASCADE_FILE).is_file():
         return _sample_cascade(args, out)
+    kind = run_config(args.run).task.kind
+    if kind != "none":
+        raise ValueError(f"{args.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input image, so "
+                         f"use `diffuse edit {_edit_name(kind)} {args.run} --image IMAGE --out OUT.png`")
     cfg, counted, kw, bar = _sampling(args, args.n)
     d = cfg.data
-    chunks = -(-args.n // (args.batch_size or args.n))
+    chunks = -(-args.n // args.batch_size)
     if bar.total and chunks > 1:
         bar.total *= chunks
     x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=args.batch_size, **kw)
@@ -503,8 +508,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run folder written by `diffuse train`")
     s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
-    s.add_argument("--batch-size", type=number(int, low=1),
-                   help="draw in chunks of this many (default: all at once); chunk k > 0 has its own seed from (--seed, k)")
+    s.add_argument("--batch-size", type=number(int, low=1), default=CHUNK,
+                   help=f"draw in chunks of this many (default {CHUNK}, fast on CPUs); chunk k > 0 has its own seed from (--seed, k)")
     _sampling_flags(s)
     s.set_defaults(func=_sample)
 
@@ -556,8 +561,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--real", metavar="FOLDER",
                    help="the real images to compare with or to measure (default: the run's data set; a diffusers model "
                         "folder needs it), fitted to the run's image size and channels")
-    e.add_argument("--batch-size", type=number(int, low=1),
-                   default=1000, help="draw the samples in chunks of this many (default 1000); chunk k > 0 has its own seed from (--seed, k)")
+    e.add_argument("--batch-size", type=number(int, low=1), default=CHUNK,
+                   help=f"draw the samples in chunks of this many (default {CHUNK}); chunk k > 0 has its own seed from (--seed, k)")
     e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
     e.add_argument("--steps", type=number(int, low=0), help="sampler steps (default: the run's; 0 = every one of the T steps)")
     e.add_argument("--spacing", choices=list(SPACINGS))

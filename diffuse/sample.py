@@ -213,6 +213,12 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     return info(den, x_T, grid, generator=g, callback=watch, **kw)
 
 
+CHUNK = 128
+"""Samples per chunk when `diffuse sample` and `eval` draw many (generate_in_chunks): on a 2-core CPU the demo network
+runs several times faster on batches of 128-256 images than on one batch of 2,000, whose activations overflow the
+caches (bench/RESULTS.md, issue 19); classifier-free guidance doubles the network's batch."""
+
+
 def chunk_seed(seed: int, k: int) -> int:
     """The seed of chunk k of a draw made in chunks (`generate_in_chunks`): chunk 0 keeps `seed`, so a draw that fits in
     one chunk is the draw `generate` makes; later chunks get independent seeds from numpy's SeedSequence of (seed, k)."""

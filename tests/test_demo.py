@@ -6,17 +6,19 @@ from PIL import Image
 
 from diffuse import Denoiser, Schedule, demo
 from diffuse.config import apply_overrides
+from diffuse.schedule import Flow
 
 from test_cli import TINY
 
 
-def test_forward_strip_columns_follow_the_closed_form():
-    s = Schedule.linear()
+@pytest.mark.parametrize("s", [Schedule.linear(), Flow()], ids=["vp", "flow"])
+def test_forward_strip_columns_follow_the_closed_form(s):
+    """Columns x_t = alpha_t x_0 + sigma_t eps at t = k/20 with one eps per row, for a discrete and a continuous process."""
     x0 = torch.full((2, 1, 4, 4), 0.5)
-    strip = demo.forward_strip(s, x0, every=50).view(2, 21, 1, 4, 4)
+    strip = demo.forward_strip(s, x0, cols=20).view(2, 21, 1, 4, 4)
     assert torch.equal(strip[:, 0], x0)
     eps = (strip[:, 1] - s.alpha(torch.tensor(0.05)).float() * x0) / s.sigma(torch.tensor(0.05)).float()
-    eps_last = (strip[:, -1] - s.alpha(torch.tensor(1.0)).float() * x0) / s.sigma(torch.tensor(1.0)).float()
+    eps_last = (strip[:, -2] - s.alpha(torch.tensor(0.95)).float() * x0) / s.sigma(torch.tensor(0.95)).float()
     torch.testing.assert_close(eps, eps_last, rtol=1e-4, atol=1e-4)  # the same noise along a row
 
 

@@ -214,6 +214,12 @@ def test_edit_superres_from_the_cli(sr_run, tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+def test_sample_on_a_task_run_names_the_edit_command(sr_run, tmp_path, capsys):
+    assert main(["sample", str(sr_run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    assert f"use `diffuse edit superres {sr_run} --image IMAGE" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_a_cascade_samples_both_stages(sr_run, tmp_path, capsys):
     base = tmp_path / "casc" / "base"
     assert main(["train", "configs/cascade_base.toml", *_sets(TINY_SR + ["data.image_size=4", "model.attention_resolutions=[2]"]),
@@ -244,8 +250,8 @@ def test_eval_measures_a_task_model_given_its_inputs(sr_run):
 
 def test_likelihood_of_a_class_conditional_run_is_its_unconditional_density(tmp_path):
     import json
-    run = tmp_path / "cond"
-    assert main(["train", "configs/mnist_cond.toml", *_sets(TINY_SR), "--out", str(run)]) == 0
+    run = tmp_path / "cond"  # the likelihood needs a VP process: the VP twin of the demo
+    assert main(["train", "configs/mnist_cond_vp.toml", *_sets(TINY_SR), "--out", str(run)]) == 0
     for metric, extra in (("nll", ["--rtol", "1e-2"]), ("vlb", ["--vlb-samples", "2"])):
         assert main(["eval", str(run), "--metric", metric, "--n", "2", *extra]) == 0
         record = json.loads((run / "eval.json").read_text())[-1]

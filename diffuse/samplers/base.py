@@ -133,13 +133,15 @@ def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 class CountCalls:
-    """A denoiser that counts its calls: a sampler's number of function evaluations (NFE)."""
+    """A denoiser that counts its calls (a sampler's number of function evaluations, NFE) and the images they carry
+    (`images`: classifier-free guidance sends 2B per call)."""
 
     def __init__(self, denoiser):
-        self.denoiser, self.schedule, self.calls = denoiser, denoiser.schedule, 0
+        self.denoiser, self.schedule, self.calls, self.images = denoiser, denoiser.schedule, 0, 0
 
     def __call__(self, x_t: Tensor, t, **cond):
         self.calls += 1
+        self.images += x_t.shape[0]
         return self.denoiser(x_t, t, **cond)
 
     def __getattr__(self, name: str):  # the wrapped denoiser's other attributes (net, prediction, ...)

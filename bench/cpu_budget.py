@@ -1,0 +1,92 @@
+"""Issue 19, "half the demo's FID in the same 10 minutes, and 1,000 samples several times faster": today's demo recipe
+(configs/mnist_cond_vp.toml, a frozen copy of configs/mnist_cond.toml before the issue) against the demo's recipe now
+(configs/mnist_cond.toml), trained one after the other for --budget seconds each in one run.
+
+For each recipe, as `diffuse demo` and `diffuse sample RUN --n 1000` do it: train; rebuild the post-hoc EMA the demo
+samples with (demo.DEMO_SIGMA_REL) when the recipe tracks one; draw --n samples with the run's default sampler, labels
+0..9 in turn, at the recipe's guidance and without guidance, in the chunks the CLI uses (today: all at once; now:
+sample.CHUNK). Prints training steps and images/s, the forward rate inside a training step (3 x images/s: the
+backward pass costs about two forwards), sampling seconds, network images x steps per second in sampling, FID against
+the 5,000 bundled digits in the digit-classifier feature space (samples rounded to 8 bits), the classifier's accuracy
+on the intended labels and its class histogram.
+
+    python bench/cpu_budget.py --budget 480 --n 1000 --out bench/out/cpu_budget
+
+Run it alone: it times training and sampling by wall clock. Prints one JSON line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from diffuse.config import apply_overrides, load_config
+from diffuse.data import load_dataset
+from diffuse.demo import DEMO_SIGMA_REL
+from diffuse.metrics import digit_classifier, fid
+from diffuse.posthoc_ema import write_run
+from diffuse.sample import CHUNK, generate_in_chunks, load_run, sample_config_kwargs
+from diffuse.samplers import CountCalls
+from diffuse.train import train
+from diffuse.visualize import to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", None),  # (config, sampling chunk: None = all at once)
+           "now": (ROOT / "configs" / "mnist_cond.toml", CHUNK)}
+
+
+def train_recipe(config: Path, run: Path, budget: float) -> dict:
+    """Train a recipe for `budget` seconds (skipped when `run` holds a finished run); its steps and images/s."""
+    if not (run / "config.toml").is_file():
+        train(apply_overrides(load_config(config), [f"train.time_limit={budget}"]), run, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in log[1:] if "images_per_s" in r]
+    img_s = sum(rates) / max(len(rates), 1)
+    return {"train_steps": log[-1]["step"], "train_img_s": round(img_s, 1), "train_forward_img_s": round(3 * img_s, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget", type=float, default=480)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_budget"))
+    p.add_argument("--only", choices=list(RECIPES), help="one recipe (default: both, today's first)")
+    args = p.parse_args()
+    classifier = digit_classifier()
+    real = None
+    for name, (config, chunk) in RECIPES.items():
+        if args.only and name != args.only:
+            continue
+        run = Path(args.out) / name
+        row = {"recipe": name, **train_recipe(config, run, args.budget)}
+        cfg = load_config(run / "config.toml")
+        weights = write_run(run, DEMO_SIGMA_REL, run / "posthoc_ema") if cfg.train.posthoc_ema else run
+        cfg, den, num_classes = load_run(weights)
+        d, s = cfg.data, cfg.sample
+        if real is None:
+            real = torch.stack([x for x, _ in load_dataset(d)])
+        labels = torch.arange(args.n) % num_classes
+        for w in (s.guidance, 0.0):
+            counted = CountCalls(den)
+            kw = {**sample_config_kwargs(s), "guidance": w}
+            start = time.perf_counter()
+            x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=chunk, labels=labels, **kw)
+            seconds = time.perf_counter() - start
+            x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                predicted = classifier(x).argmax(1)
+            print(json.dumps({**row, "sampler": s.sampler, "sample_steps": s.steps, "guidance": w,
+                              "interval": list(s.guidance_interval) if w else [], "chunk": chunk or args.n,
+                              "sample_s": round(seconds, 1), "net_images_per_call": counted.images / max(counted.calls, 1),
+                              "sample_forward_img_s": round(counted.images / seconds, 1),
+                              "fid": round(fid(real, x, classifier), 2),
+                              "accuracy": round(float((predicted == labels).double().mean()), 4),
+                              "histogram": torch.bincount(predicted, minlength=num_classes).tolist()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

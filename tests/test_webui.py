@@ -1,0 +1,438 @@
+"""`diffuse serve`: the web UI's plans reproduce the command line exactly, and the page works in a real browser.
+
+The browser tests drive headless Chromium with Selenium against the app served on 127.0.0.1 with a tiny trained
+run: the page loads (and asks nothing of the internet), a sample is drawn and shown with its command line, a mask is
+drawn with the mouse and inpainted, a job is cancelled and frees the device, and a bad upload shows a message while
+the server goes on serving. Without Chromium they skip, naming `apt-get install chromium chromium-driver`; with
+DIFFUSE_REQUIRE_BROWSER=1 (CI) they fail instead.
+
+    python tests/test_webui.py RUN [--out docs/screenshots]     (the README's screenshots of the Sample and Edit tabs)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffuse import cli
+from diffuse.sample import generate
+from diffuse.visualize import save_grid
+from diffuse.webui import (INSTALL, EditRequest, Models, SampleRequest, build_app, check_samplable, edit_plan,
+                           edit_tasks, editor_files, editor_value, read_upload, run_edit, run_summary, sample_plan)
+
+REQUIRE_BROWSER = os.environ.get("DIFFUSE_REQUIRE_BROWSER") == "1"
+BROWSER_INSTALL = "apt-get install chromium chromium-driver"
+TINY = ["data.source=digits", "data.image_size=8", "model.channels=8", "model.channel_mult=[1,2]",
+        "model.attention_resolutions=[4]", "model.norm_groups=4", "train.batch_size=16", "train.steps=4",
+        "train.warmup_steps=2", "train.log_every=2", "train.checkpoint_every=2", "train.sample_every=2",
+        "train.ema_snapshot_every=2", "train.time_limit=0", "sample.steps=5", "sample.n=8"]
+WAIT = 60  # seconds any one thing on the page may take on a busy 2-core machine
+
+
+def browser_test(test):
+    """The four browser tests take about 40 s together on 2 CPU cores (slow); Gradio's own deprecation warnings from
+    its server threads (pandas) are not theirs."""
+    return pytest.mark.slow(pytest.mark.filterwarnings("ignore::Warning:gradio")(test))
+
+
+def unavailable(what: str, install: str):
+    """Skip, naming the install command; fail instead where the browser tests must run (DIFFUSE_REQUIRE_BROWSER=1)."""
+    message = f"{what}; install it with `{install}`"
+    if REQUIRE_BROWSER:
+        pytest.fail(f"{message} (DIFFUSE_REQUIRE_BROWSER=1 requires the browser tests to run)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny class-conditional run (digits at 8x8, 4 steps), with sample grids over training."""
+    out = tmp_path_factory.mktemp("webui") / "run"
+    sets = [a for item in TINY for a in ("--set", item)]
+    assert cli.main(["train", "configs/mnist_cond.toml", *sets, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(run):
+    return Models([str(run)], "cpu")
+
+
+@pytest.fixture(scope="module")
+def model(models, run):
+    return models.get(str(run))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# --- the plans reproduce the command line ------------------------------------------------------------------------
+@pytest.mark.parametrize("req", [dict(n=6, sampler="ddim", steps=4, label=3, seed=5, guidance=2.0),
+                                 dict(n=5, seed=7, ema=False)])
+def test_the_sample_command_draws_the_same_pixels(run, models, tmp_path, req):
+    model = models.get(str(run), ema=req.get("ema", True))
+    plan = sample_plan(SampleRequest(str(run), **req), model.cfg, model.num_classes, "cpu")
+    x = generate(model.denoiser, req["n"], plan.shape, **plan.kwargs)
+    save_grid(x, tmp_path / "ui.png")
+    argv = shlex.split(plan.command)
+    assert argv[:3] == ["diffuse", "sample", str(run)] and argv[-2:] == ["--out", "samples.png"]
+    assert ("--label" in argv) == ("label" in req) and ("--no-ema" in argv) == (req.get("ema") is False)
+    argv[-1] = str(tmp_path / "cli.png")
+    cli.parser().parse_args(argv[1:])  # every flag is one the CLI takes
+    assert cli.main(argv[1:]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+
+
+def test_the_edit_command_makes_the_same_outputs(run, model, tmp_path):
+    digit = Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8)))  # 8x8 checks
+    value, size = editor_value(digit)
+    layer = Image.new("RGBA", value["background"].size)
+    layer.paste((255, 255, 255, 255), (0, 0, 100, 60))  # a stroke over the top left, on the scaled-up image
+    value["layers"] = [layer]
+    image, mask = editor_files(value, size, tmp_path, strokes=False)
+    np.testing.assert_array_equal(pixels(image), np.asarray(digit))  # the image back at its own size, exactly
+    drawn = pixels(mask) > 0
+    assert drawn[:2, :4].all() and drawn.sum() == 2 * 4  # every pixel the stroke touches, and no other
+    req = EditRequest(str(run), task="inpaint", image=image, mask=mask, n=3, seed=2, sampler="ddim", steps=4)
+    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
+    x, before = run_edit(req, plan, model.cfg, model.denoiser)
+    assert x.shape == (3, 1, 8, 8) and len(before) == 1
+    np.testing.assert_array_equal(x[:, :, ~torch.from_numpy(drawn)].numpy(),  # the kept pixels are the image's
+                                  plan.image.expand(3, -1, -1, -1)[:, :, ~torch.from_numpy(drawn)].numpy())
+    save_grid(x, tmp_path / "ui.png")
+    argv = plan.argv[:-1] + [str(tmp_path / "cli.png")]
+    assert argv[:3] == ["edit", "inpaint", str(run)] and cli.main(argv) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+
+
+def test_a_trained_task_run_edits_as_the_command_line_does(tmp_path):
+    sets = ["data.source=digits", "data.image_size=8", "model.channels=8", "model.channel_mult=[1,2]",
+            "model.attention_resolutions=[4]", "model.norm_groups=4", "train.batch_size=8", "train.steps=2",
+            "train.warmup_steps=1", "train.checkpoint_every=2", "train.time_limit=0", "sample.steps=3"]
+    run = str(tmp_path / "sr")
+    assert cli.main(["train", "configs/sr_digits.toml", *[a for s in sets for a in ("--set", s)], "--out", run]) == 0
+    model = Models([run], "cpu").get(run)
+    assert edit_tasks(model.cfg) == ["superres"]
+    with pytest.raises(ValueError, match="is a superres run .* use it on the Edit tab"):
+        check_samplable(run, model.cfg)
+    Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).save(tmp_path / "low.png")
+    req = EditRequest(run, task="superres", image=str(tmp_path / "low.png"), n=2, seed=1)
+    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
+    x, before = run_edit(req, plan, model.cfg, model.denoiser)
+    save_grid(x, tmp_path / "ui.png")
+    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+
+
+def test_a_diffusers_model_folder_is_served_as_a_run(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                          norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "ddpm")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "ddpm")
+    folder = str(tmp_path / "ddpm")
+    model = Models([folder], "cpu").get(folder)
+    plan = sample_plan(SampleRequest(folder, n=3, sampler="ddim", steps=4, spacing="trailing", seed=2), model.cfg, model.num_classes, "cpu")
+    save_grid(generate(model.denoiser, 3, plan.shape, **plan.kwargs), tmp_path / "ui.png")
+    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+    info = run_summary(folder, model.cfg)
+    assert "a diffusers model folder" in info["about"] and "[schedule]" in info["config"] and info["grids"] == []
+
+
+def test_bad_inputs_give_clear_messages(run, model, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image\n")
+    with pytest.raises(ValueError, match="notes.png is not a readable image .*upload a PNG or JPEG"):
+        read_upload(str(bad))
+    Image.new("L", (8, 8)).save(tmp_path / "image.png")
+    Image.new("L", (16, 8), 255).save(tmp_path / "mask.png")
+    req = EditRequest(str(run), task="inpaint", image=str(tmp_path / "image.png"), mask=str(tmp_path / "mask.png"))
+    with pytest.raises(ValueError, match="is 16x8 but the image .* is 8x8; draw the mask on the image itself"):
+        edit_plan(req, model.cfg, model.num_classes, "cpu")
+    req.task = "superres"
+    with pytest.raises(ValueError, match="offers inpaint, sdedit, ilvr, not superres"):
+        edit_plan(req, model.cfg, model.num_classes, "cpu")
+    for change, message in [(dict(label=10), "the class label must be a whole number between 0 and 9"),
+                            (dict(sampler="nope"), "unknown sampler 'nope'"),
+                            (dict(steps=2.5), "steps must be a whole number"),
+                            (dict(seed=None), "the seed must be")]:
+        with pytest.raises(ValueError, match=message):
+            sample_plan(SampleRequest(str(run), **change), model.cfg, model.num_classes, "cpu")
+
+
+def test_without_gradio_the_error_names_the_install_command(run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    assert cli.main(["serve", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffuse serve: error: the web UI needs Gradio") and INSTALL in err and "\n" not in err
+    monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(__version__="5.50.0"))
+    with pytest.raises(ValueError, match=r"needs Gradio 6 or newer, found 5.50.0 .*pip install -U \"gradio>=6\""):
+        build_app([str(run)])
+
+
+# --- the page in a real browser ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(run):
+    """The app of `diffuse serve RUN --device cpu`, on a free port of 127.0.0.1; its URL."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        unavailable("gradio is not installed", 'pip install -e ".[test,ui]"')
+    from diffuse.webui import launch
+
+    app = build_app([str(run)], device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(app, port=port)
+    yield app, f"http://127.0.0.1:{port}"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Selenium, logging its network requests."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed", 'pip install -e ".[test,ui]"')
+    chrome = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if chrome is None or driver is None:
+        unavailable(f"no headless browser for the web UI tests ({'chromedriver' if chrome else 'chromium'} not found)",
+                    BROWSER_INSTALL)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900",
+                "--disable-background-networking", "--disable-component-update"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    d = webdriver.Chrome(service=Service(driver), options=options)
+    yield d
+    d.quit()
+
+
+def wait(d, condition, what: str, timeout: float = WAIT, errors: bool = True):
+    """Wait for condition(d); with `errors`, an error message on the page fails at once, quoting it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def check(d):
+        if errors and "Error" in toasts(d):
+            raise AssertionError(f"the page shows an error while waiting for {what}: {toasts(d)}")
+        return condition(d)
+
+    return WebDriverWait(d, timeout, poll_frequency=0.2).until(check, message=f"waited {timeout} s for {what}")
+
+
+def text_of(d, elem_id: str) -> str:
+    """A textbox's value, or an element's text."""
+    from selenium.webdriver.common.by import By
+
+    found = d.find_elements(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input")
+    return (found[0].get_attribute("value") if found else d.find_element(By.ID, elem_id).text) or ""
+
+
+def set_value(d, elem_id: str, value) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = d.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
+
+
+def open_tab(d, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait(d, lambda d: [t for t in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name],
+         f"the {name} tab", errors=False)[0].click()
+
+
+def toasts(d) -> str:
+    from selenium.webdriver.common.by import By
+
+    return "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body'], .toast-body"))
+
+
+def sample(d, seed: int, errors: bool = True) -> str:
+    """Draw samples with this seed on the Sample tab; the command line shown under them."""
+    from selenium.webdriver.common.by import By
+
+    open_tab(d, "Sample")
+    set_value(d, "s-seed", seed)
+    d.find_element(By.ID, "s-go").click()
+    wait(d, lambda d: f"--seed {seed} " in text_of(d, "s-command"), f"the samples of seed {seed}", errors=errors)
+    assert d.find_elements(By.CSS_SELECTOR, "#s-image img")  # the grid is shown
+    return text_of(d, "s-command")
+
+
+def close_messages(d) -> None:
+    from selenium.webdriver.common.by import By
+
+    for button in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-close']"):
+        button.click()
+
+
+def paint_and_inpaint(d, strokes: list[tuple[int, int, int, int]], tries: int = 3) -> str:
+    """Paint strokes (x, y, dx, dy from the canvas centre) on the Edit tab's image with the mouse, inpaint, and return
+    the command line shown. Headless Chromium may get the strokes in before the editor has drawn a fresh image, which
+    then drops them and the page says nothing is drawn: the strokes are painted again, up to `tries` times."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    for _ in range(tries):
+        canvas = d.find_elements(By.CSS_SELECTOR, "#e-editor canvas")[0]
+        for x, y, dx, dy in strokes:
+            ActionChains(d).move_to_element_with_offset(canvas, x, y).click_and_hold().move_by_offset(dx, dy).release() \
+                .perform()
+        d.find_element(By.ID, "e-go").click()
+        wait(d, lambda d: "diffuse edit inpaint" in text_of(d, "e-command") or "Error" in toasts(d), "the inpainting",
+             timeout=300, errors=False)
+        if "diffuse edit inpaint" in text_of(d, "e-command"):
+            return text_of(d, "e-command")
+        assert "nothing is drawn" in toasts(d), f"the page shows an error: {toasts(d)}"
+        close_messages(d)
+        time.sleep(1.0)
+    raise AssertionError(f"the strokes never reached the editor in {tries} tries")
+
+
+def upload_to_editor(d, upload: Path) -> None:
+    """Upload an image file on the Edit tab and wait until the editor holds it."""
+    from selenium.webdriver.common.by import By
+
+    open_tab(d, "Edit")
+    d.find_element(By.CSS_SELECTOR, "#e-upload input[type=file]").send_keys(str(upload))
+    wait(d, lambda d: f"{upload.name}: " in text_of(d, "e-status"), "the image in the editor")
+    time.sleep(1.0)  # the editor draws it
+
+
+@browser_test
+def test_the_page_samples_and_shows_the_command(browser, server, model, run):
+    app, url = server
+    t0 = time.monotonic()
+    browser.get(url)
+    command = sample(browser, seed=3)
+    expected = sample_plan(SampleRequest(str(run), seed=3), model.cfg, model.num_classes, "cpu", device_flag=True)
+    assert command == expected.command
+    folder = sorted(app.webui.folder.glob("sample_*"))[-1]
+    assert (folder / "samples.png").is_file() and (folder / "trajectory.gif").is_file()
+    open_tab(browser, "Runs")
+    wait(browser, lambda d: "class_conditional = true" in d.page_source, "the run's config")
+    hosts = {json.loads(e["message"])["message"]["params"]["request"]["url"].split("/")[2]
+             for e in browser.get_log("performance") if '"Network.requestWillBeSent"' in e["message"]}
+    assert hosts <= {url.split("/")[2], ""}, f"the page asked other hosts: {hosts}"  # "": data: URLs
+    print(f"page load and one sample: {time.monotonic() - t0:.1f} s")
+
+
+@browser_test
+def test_a_drawn_mask_is_inpainted(browser, server, run, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app, url = server
+    browser.get(url)
+    Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).save(tmp_path / "in.png")
+    upload_to_editor(browser, tmp_path / "in.png")
+    command = paint_and_inpaint(browser, [(-50, -30, 90, 0), (40, -30, 0, 50)])
+    assert browser.find_elements(By.CSS_SELECTOR, "#e-image img") and browser.find_elements(By.CSS_SELECTOR, "#e-figure img")
+    assert "--image input.png --mask mask.png" in command
+    folder = sorted(app.webui.folder.glob("edit_*"))[-1]
+    mask = pixels(folder / "mask.png") > 0
+    assert mask.shape == (32, 32) and 0 < mask.mean() < 0.5  # the strokes, on the image's own pixels
+    assert pixels(folder / "input.png").shape == (32, 32)
+
+
+@browser_test
+def test_cancel_stops_a_job_and_frees_the_device(browser, server):
+    from selenium.webdriver.common.by import By
+
+    app, url = server
+    browser.get(url)
+    open_tab(browser, "Sample")
+    set_value(browser, "s-steps", 1000)  # 1000 steps for 64 images: long enough to cancel
+    set_value(browser, "s-n", 64)
+    browser.find_element(By.ID, "s-go").click()
+    wait(browser, lambda d: "step" in text_of(d, "s-status"), "the first steps")
+    browser.find_element(By.ID, "s-cancel").click()
+    wait(browser, lambda d: "cancelled" in text_of(d, "s-status"), "the cancellation")
+    wait(browser, lambda d: not app.webui.device_lock.locked(), "the job's worker to stop", timeout=10)
+    set_value(browser, "s-steps", 5)
+    assert "--steps 5 " in sample(browser, seed=4)  # the device is free for the next job
+
+
+@browser_test
+def test_a_bad_upload_shows_a_message_and_the_server_goes_on(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app, url = server
+    browser.get(url)
+    bad = tmp_path / "digit.png"
+    bad.write_text("this is a text file, not an image\n")
+    open_tab(browser, "Edit")
+    browser.find_element(By.CSS_SELECTOR, "#e-upload input[type=file]").send_keys(str(bad))
+    wait(browser, lambda d: "digit.png is not a readable image" in toasts(d), "the message about the bad file",
+         errors=False)
+    assert "upload a PNG or JPEG file" in toasts(browser) and "Traceback" not in browser.page_source
+    assert "--seed 11 " in sample(browser, seed=11, errors=False)  # (the message may still be showing)
+
+
+# --- the README's screenshots ----------------------------------------------------------------------------------------
+def screenshots(runs: list[str], out: Path, device: str = "cpu") -> list[Path]:
+    """Serve `runs`, draw samples and inpaint a drawn mask in headless Chromium, and save the Sample and Edit tabs
+    (1200 x 900) as out/sample_tab.png and out/edit_tab.png."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from diffuse.webui import launch
+
+    app = build_app(runs, device=device)
+    launch(app, port=7861)
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900",
+                "--hide-scrollbars"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        d.get("http://127.0.0.1:7861")
+        sample(d, seed=0)
+        d.execute_script("document.querySelector('#s-image').scrollIntoView({block: 'center'})")
+        time.sleep(1.0)
+        d.save_screenshot(str(out / "sample_tab.png"))
+        open_tab(d, "Edit")
+        d.find_element(By.CSS_SELECTOR, "#e-use").click()  # the first sample, into the editor
+        wait(d, lambda d: "sample #1" in text_of(d, "e-status"), "the sample in the editor")
+        time.sleep(1.0)
+        paint_and_inpaint(d, [(-60, -10, 120, 0)])
+        d.execute_script("document.querySelector('#e-editor').scrollIntoView({block: 'start'})")
+        time.sleep(1.0)
+        d.save_screenshot(str(out / "edit_tab.png"))
+    finally:
+        d.quit()
+        app.close()
+    return [out / "sample_tab.png", out / "edit_tab.png"]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="screenshots of the web UI's Sample and Edit tabs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="docs/screenshots")
+    a = p.parse_args()
+    print("\n".join(str(path) for path in screenshots(a.runs, Path(a.out))))
