@@ -125,13 +125,15 @@ class ClassifierFreeGuidance:
     def __call__(self, x_t: Tensor, t, **more) -> Prediction:
         B = x_t.shape[0]
         tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
-        w = self.w
-        if self.interval is not None and w:  # w on the examples whose noise level is inside (lo, hi], 0 elsewhere
+        w = self.w  # a number, or per example: w inside the interval (lo, hi], 0 outside
+        if self.interval is not None and w:
             level = self.schedule.ve_sigma(tt)
             inside = (level > self.interval[0]) & (level <= self.interval[1])
-            w = 0.0 if not bool(inside.any()) else w if bool(inside.all()) else \
-                (self.w * inside).to(device=x_t.device, dtype=x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
-        if isinstance(w, float) and w == 0:
+            if not bool(inside.any()):
+                w = 0.0
+            elif not bool(inside.all()):
+                w = (w * inside).to(device=x_t.device, dtype=x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+        if not torch.is_tensor(w) and w == 0:  # the conditional model alone: one network call
             return self.denoiser(x_t, t, **self.cond, **more)
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
                              **concat_conditions(more, more))
