@@ -106,7 +106,7 @@ class TrainConfig:
     #                                 train.steps, or lr / sqrt(max(step / warmup_steps, 1)) (EDM2's decay, Karras et al. 2024)
     condition_dropout: dict[str, float] = field(default_factory=dict)  # per condition key, the probability of its null value,
     #                                 e.g. {label = 0.1}: one net learns p(x | c) and p(x) for classifier-free guidance (0.1-0.2)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA that supports it, else fp32
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32
     seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
     log_every: int = 50             # steps between log lines / loss-curve updates
