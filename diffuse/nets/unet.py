@@ -37,13 +37,18 @@ class UNetConfig:
     num_heads: int = 1                                              # attention heads (DDPM: 1)
     dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
     norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
-    kind: Literal["denoiser", "classifier"] = "denoiser"           # the U-Net, or its encoder as a noisy classifier (nets.classifier)
+    kind: Literal["denoiser", "classifier", "autoencoder"] = "denoiser"  # the U-Net, its encoder as a noisy classifier
+    #                                                                 (nets.classifier), or a run of the [autoencoder] (latent.py)
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
     cond_channels: int = 0                                          # channels of a condition image concatenated to x_t (SR3, Palette); 0: none
     scalar_inputs: int = 0                                          # scalars per example embedded like the time (cascade noise level); 0: none
     context_dim: int = 0                                            # width d of a cross-attention context (B, M, d), e.g. text tokens; 0: none
     cross_attention_resolutions: list[int] = field(default_factory=list)  # feature-map sizes with cross-attention on the context
+    text_encoder: Literal["", "minilm", "chars"] = ""               # the context from a caption (text.py): frozen MiniLM-L6 (context_dim
+    #                                                                 384, the [text] extra) or a small trainable byte-level encoder
+    #                                                                 of width context_dim trained with the U-Net; "" = none
+    max_tokens: int = 16                                            # tokens per caption the text encoder takes (special tokens included)
     prediction: Literal["eps", "x0", "v", "flow", "edm"] = "eps"    # what the network outputs (DDPM: eps; Salimans & Ho 2022: v;
     #                                                                 flow: eps - x_0, rectified flow; edm: F of EDM's preconditioning)
     sigma_data: float = 0.5                                         # prediction "edm": the data's std (Karras et al. 2022: 0.5)
@@ -204,7 +209,7 @@ class UNet(nn.Module):
     embedding (with a null label for classifier-free guidance), `image` (B, cond_channels, H, W) concatenated to
     x_t (Saharia et al. 2021, SR3), `scalars` (B, k) embedded like the time and added, `context` (B, M, d) [and
     `context_mask` (B, M)] attended by cross-attention at cross_attention_resolutions (Rombach et al. 2022, sec.
-    3.3), and with self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to
+    3.3) or, with a text_encoder, `text` (B, max_tokens) token ids that it turns into that context, and with self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to
     x_t (zeros when absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
     augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent). A key the model does not take, or a missing one, is a ValueError
     naming it.
@@ -220,8 +225,19 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes if cfg.class_conditional else 0
-        self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs, cfg.context_dim,
-                                            cfg.self_condition, augment_dim)
+        self.text_encoder = None
+        if cfg.text_encoder:  # tau_theta: captions -> the cross-attention context (Rombach et al. 2022, sec. 3.3)
+            from ..text import text_encoder
+
+            width = {"dim": cfg.context_dim} if cfg.text_encoder == "chars" else {}  # MiniLM's width is its own
+            self.text_encoder = text_encoder(cfg.text_encoder, cfg.max_tokens, **width)
+            if self.text_encoder.dim != cfg.context_dim:
+                raise ValueError(f"model.text_encoder = '{cfg.text_encoder}' gives token states of width {self.text_encoder.dim}: "
+                                 f"set model.context_dim = {self.text_encoder.dim}")
+            null_text = tuple(int(i) for i in self.text_encoder.tokenize([""])[0] if i)
+        text = (cfg.max_tokens, null_text) if cfg.text_encoder else (0, ())
+        self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs,
+                                            0 if cfg.text_encoder else cfg.context_dim, cfg.self_condition, augment_dim, *text)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
@@ -290,7 +306,8 @@ class UNet(nn.Module):
             x = torch.cat([x, torch.zeros_like(x) if prev is None else prev.to(x.dtype)], dim=1)
         if self.cfg.cond_channels:
             x = torch.cat([x, cond["image"].to(x.dtype)], dim=1)
-        context, mask = cond.get("context"), cond.get("context_mask")
+        context, mask = self.text_encoder(cond["text"]) if self.text_encoder is not None else (cond.get("context"),
+                                                                                                 cond.get("context_mask"))
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         hs = [h]
         for level, down in zip(self.down, self.downsample):
@@ -356,6 +373,11 @@ def _validate(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
     bad = [r for r in cfg.cross_attention_resolutions if r not in sizes]
     if bad:
         raise ValueError(f"model.cross_attention_resolutions {bad} are not feature-map sizes of this U-Net; choose from {sizes}")
+    if cfg.text_encoder and not cfg.context_dim:
+        raise ValueError(f"model.text_encoder = '{cfg.text_encoder}' needs cross-attention: set model.context_dim (384 for "
+                         "minilm, the encoder's width such as 64 for chars) and model.cross_attention_resolutions")
+    if cfg.text_encoder and cfg.max_tokens < 2:
+        raise ValueError(f"model.max_tokens must be >= 2 (special tokens included), got {cfg.max_tokens}")
     if bool(cfg.context_dim) != bool(cfg.cross_attention_resolutions):
         raise ValueError("cross-attention needs both model.context_dim (the context's width) and "
                          f"model.cross_attention_resolutions (where to attend; from {sizes}); set both or neither")

