@@ -133,6 +133,8 @@ class LatentConfig:
     scale_factor: float = 0.0   # z = scale_factor * E(x); 0 = 1 / std of the training latents, estimated when training starts
     #                             and saved in the run's config (Rombach et al. 2022, app. D.1: unit-variance latents)
     cache: bool = True          # encode the training images once (RUN/latents.safetensors) instead of at every step
+    autoencoder_step: int = 0   # the autoencoder checkpoint this model is trained on and decodes with; 0 = its newest when
+    #                             training starts, then saved in the run's config (more autoencoder training does not change it)
 
 
 @dataclass
@@ -332,7 +334,7 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
                  'set model.kind = "autoencoder", or name a trained one in latent.autoencoder') for f in dataclasses.fields(cfg.autoencoder)]
     if not cfg.latent.autoencoder:
         out += [(f"latent.{k}", "latent.autoencoder is empty (the model works on pixels)",
-                 "name the autoencoder run in latent.autoencoder or remove it") for k in ("scale_factor", "cache")]
+                 "name the autoencoder run in latent.autoencoder or remove it") for k in ("scale_factor", "cache", "autoencoder_step")]
     takes = SAMPLERS[smp.sampler].options
     for key in ("eta", "variance"):
         if key not in takes:

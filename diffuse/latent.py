@@ -253,9 +253,11 @@ class AutoencoderTrainer:
         self.step, self.history = int(c.state["step"]), [list(h) for h in c.state.get("history", [])]
 
 
-def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, Autoencoder]:
-    """(config, autoencoder in eval mode without gradients) of an autoencoder run. FileNotFoundError when the folder
-    holds no run or no checkpoint, ValueError when it is another kind of run (each naming the fix)."""
+def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None
+                     ) -> tuple[RunConfig, Autoencoder]:
+    """(config, autoencoder in eval mode without gradients) of an autoencoder run, at checkpoint `step` (None: the
+    newest). FileNotFoundError when the folder holds no run or no such checkpoint, ValueError when it is another kind of
+    run (each naming the fix)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir} is not an autoencoder run (no config.toml); train one with "
@@ -265,7 +267,13 @@ def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu") ->
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} run, not an autoencoder (model.kind = 'autoencoder'); name an "
                          "autoencoder run, e.g. one trained with `diffuse train configs/ae_mnist.toml`")
     model = Autoencoder(cfg.autoencoder, cfg.data.channels)
-    model.load_state_dict(ckpt.load_checkpoint(run_dir).tensors["model"])
+    if step is not None and step not in ckpt._candidates(run_dir / ckpt.CHECKPOINTS):
+        kept = sorted(ckpt._candidates(run_dir / ckpt.CHECKPOINTS))
+        raise FileNotFoundError(f"the autoencoder run {run_dir} no longer holds checkpoint {step} (it holds {kept or 'none'}; "
+                                "train.keep_checkpoints pruned it when the autoencoder trained on, or the run was replaced); "
+                                "a latent model only decodes with the autoencoder it was trained on: restore that "
+                                "checkpoint, or train the latent model again (latent.autoencoder_step = 0 takes the newest)")
+    model.load_state_dict(ckpt.load_checkpoint(run_dir, step).tensors["model"])
     return cfg, model.to(device).eval().requires_grad_(False)
 
 
@@ -374,6 +382,27 @@ def resolve_autoencoder(cfg: RunConfig, base: Path | None = None) -> Path:
     return path.resolve()
 
 
+def resolve_latent_config(cfg: RunConfig, saved: RunConfig | None = None) -> RunConfig:
+    """A copy of a latent-diffusion config with what training fixes resolved, so that a resume compares like with like:
+    latent.autoencoder as an absolute path, sample.clip off (latents have no [-1, 1] range), and, when 0, the saved
+    run's latent.scale_factor and latent.autoencoder_step (resuming), else the autoencoder's newest checkpoint step
+    (FileNotFoundError naming the fix when it has none). The scale itself is estimated by prepare_latent_training."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.latent.autoencoder, cfg.sample.clip = str(resolve_autoencoder(cfg)), False
+    if saved is not None:
+        cfg.latent.scale_factor = cfg.latent.scale_factor or saved.latent.scale_factor
+        cfg.latent.autoencoder_step = cfg.latent.autoencoder_step or saved.latent.autoencoder_step
+    if not cfg.latent.autoencoder_step:
+        step = ckpt.latest_step(cfg.latent.autoencoder)
+        if step is None:
+            raise FileNotFoundError(f"the autoencoder run {cfg.latent.autoencoder} holds no checkpoint yet; let its training "
+                                    "save one (it does at train.checkpoint_every and at the end) before training on it")
+        cfg.latent.autoencoder_step = step
+    return cfg
+
+
 def check_latent_config(cfg: RunConfig, ae_cfg: RunConfig) -> None:
     """ValueError naming the mismatch when a latent-diffusion config does not fit its autoencoder run: other images
     (data.channels, data.image_size), a trained image-to-image task, flips or augmentation of latents, clipping."""
@@ -415,7 +444,7 @@ def space(cfg: RunConfig, device: str | torch.device = "cpu") -> PixelSpace | La
     if not cfg.latent.scale_factor:
         raise ValueError("latent.scale_factor = 0 (estimate it) is resolved when the run trains; load the trained run's own "
                          "config (RUN/config.toml), which holds the estimate")
-    ae_cfg, ae = load_autoencoder(resolve_autoencoder(cfg), device)
+    ae_cfg, ae = load_autoencoder(resolve_autoencoder(cfg), device, cfg.latent.autoencoder_step or None)
     check_latent_config(cfg, ae_cfg)
     return LatentSpace(ae, cfg.latent.scale_factor, d.channels, d.image_size)
 
@@ -467,19 +496,13 @@ def encode_dataset(dataset, latent_space: LatentSpace, cache: Path | None, sourc
 
 
 def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, saved: RunConfig | None = None):
-    """A latent-diffusion config made ready to train: latent.autoencoder as an absolute path, latent.scale_factor
-    estimated when 0 (from the saved config when resuming, else 1 / std of the training latents), sample.clip off.
-    Returns (config, LatentSpace, LatentDataset of the encoded images)."""
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    cfg.latent.autoencoder = str(resolve_autoencoder(cfg))
-    ae_cfg, ae = load_autoencoder(cfg.latent.autoencoder, device)
+    """A latent-diffusion config made ready to train (resolve_latent_config: the autoencoder's path and checkpoint step
+    pinned, sample.clip off), with latent.scale_factor estimated when 0 and not saved: 1 / std of the training latents
+    (Rombach et al. 2022, app. D.1). Returns (config, LatentSpace, the training set of latents)."""
+    cfg = resolve_latent_config(cfg, saved)
+    step = cfg.latent.autoencoder_step
+    ae_cfg, ae = load_autoencoder(cfg.latent.autoencoder, device, step)
     check_latent_config(cfg, ae_cfg)
-    cfg.sample.clip = False
-    if not cfg.latent.scale_factor and saved is not None and saved.latent.scale_factor:
-        cfg.latent.scale_factor = saved.latent.scale_factor
-    step = ckpt.latest_step(cfg.latent.autoencoder)
     source = {"autoencoder": cfg.latent.autoencoder, "step": step, "data": vars(cfg.data)}
     unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
     if not cfg.latent.cache:

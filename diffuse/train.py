@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .augment import apply as augment_apply, draw as augment_draw
 from .config import RunConfig, check_unused, load_config, save_config, to_dict
 from .data import ImageDataset, load_dataset
-from .latent import PixelSpace, check_latent_config, prepare_latent_training, resolve_autoencoder
+from .latent import PixelSpace, check_latent_config, prepare_latent_training, resolve_latent_config
 from .likelihood import bits_per_dim, vlb_term
 from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
@@ -272,10 +272,7 @@ class Trainer:
         saved = self.run_dir / "config.toml"
         saved_cfg = load_config(saved) if saved.is_file() else None
         if cfg.latent.autoencoder:  # as prepare_latent_training will resolve it, so that a resume compares like with like
-            cfg = copy.deepcopy(cfg)
-            cfg.latent.autoencoder, cfg.sample.clip = str(resolve_autoencoder(cfg)), False
-            if not cfg.latent.scale_factor and saved_cfg is not None:
-                cfg.latent.scale_factor = saved_cfg.latent.scale_factor
+            cfg = resolve_latent_config(cfg, saved_cfg)
         if saved_cfg is not None:
             changed = _diff(_trajectory_keys(saved_cfg), _trajectory_keys(cfg))
             if changed and not inexact_resume:

@@ -16,7 +16,7 @@ from diffuse.config import RunConfig, apply_overrides, load_config, save_config
 from diffuse.latent import (AutoencoderTrainer, LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
                             load_autoencoder, space)
 from diffuse.sample import generate, load_run, sample_config_kwargs
-from diffuse.train import train
+from diffuse.train import ResumeError, train
 
 AE = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=autoencoder",
       "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2", "autoencoder.num_res_blocks=1",
@@ -148,6 +148,28 @@ def test_latent_run_resumes_with_its_relative_config(tmp_path, ae_run, monkeypat
     first = load_config(run / "config.toml").latent.scale_factor
     train(ldm_cfg("run", "train.steps=4"), run, progress=False)  # the same config: resumes, no ResumeError
     assert ckpt.latest_step(run) == 4 and load_config(run / "config.toml").latent.scale_factor == first
+
+
+def test_latent_run_pins_its_autoencoder_checkpoint(tmp_path):
+    # the latent model decodes with the autoencoder it was trained on, not one trained on since (whose latents differ)
+    ae = tmp_path / "ae"
+    train(ae_cfg(), ae, progress=False)
+    run = tmp_path / "ldm"
+    train(ldm_cfg(ae), run, progress=False)
+    assert load_config(run / "config.toml").latent.autoencoder_step == 6
+    train(ae_cfg("train.steps=10", "train.checkpoint_every=2", "train.keep_checkpoints=10"), ae, progress=False)
+    assert ckpt.latest_step(ae) == 10
+    pinned = space(load_config(run / "config.toml")).autoencoder.state_dict()
+    for k, v in ckpt.load_checkpoint(ae, 6).tensors["model"].items():
+        torch.testing.assert_close(pinned[k], v)  # step 6's weights, although step 10 is newer
+    assert any(not torch.equal(pinned[k], v) for k, v in ckpt.load_checkpoint(ae).tensors["model"].items())
+    train(ldm_cfg(ae, "train.steps=6"), run, progress=False)  # a plain resume keeps the pin
+    assert ckpt.latest_step(run) == 6 and load_config(run / "config.toml").latent.autoencoder_step == 6
+    with pytest.raises(ResumeError, match="autoencoder_step"):  # resuming on another autoencoder step is refused
+        train(ldm_cfg(ae, "train.steps=8", "latent.autoencoder_step=10"), run, progress=False)
+    train(ae_cfg("train.steps=12", "train.keep_checkpoints=1"), ae, progress=False)  # trains on; step 6 is pruned
+    with pytest.raises(FileNotFoundError, match=r"no longer holds checkpoint 6 \(it holds \[12\].*train the latent model again"):
+        space(load_config(run / "config.toml"))
 
 
 def test_cli_samples_are_the_decoded_latents(ldm_run, tmp_path):
