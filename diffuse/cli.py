@@ -122,7 +122,7 @@ def _sampling(args, n: int):
 
     from .samplers import CountCalls
     from .latent import space
-    from .sample import check_guidance, default_labels, load_classifier, load_run, run_config
+    from .sample import check_guidance, default_labels, load_classifier, load_run, prompt_condition, run_config
 
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
     s = cfg.sample
@@ -155,12 +155,7 @@ def _sampling(args, n: int):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     latent_space = space(cfg, device)
-    text_cond = {}
-    if prompt is not None:  # the prompt's tokens for every sample; the negative prompt replaces "" as the null
-        tokenize = den.net.text_encoder.tokenize
-        text_cond = {"cond": {"text": tokenize([prompt] * n).to(device)}}
-        if negative is not None:
-            text_cond["uncond"] = {"text": tokenize([negative] * n).to(device)}
+    text_cond = {} if prompt is None else prompt_condition(den, n, prompt, negative, device)
     conditional = cfg.model.class_conditional and num_classes > 0
     classifier, labels = None, None
     if args.classifier is not None:
@@ -266,6 +261,7 @@ def _edit(args) -> None:
 
     from . import tasks
     from .data import load_image, load_mask
+    from .latent import latent_edit
     from .sample import generate, run_config
     from .tasks.image_to_image import input_condition, viewable
     from .visualize import save_grid
@@ -295,8 +291,11 @@ def _edit(args) -> None:
         tasks.editing.check_mask(mask, image)
     _, counted, kw, bar, latent_space = _sampling(args, args.n)
     batch = image.expand(args.n, *image.shape[1:]).to(kw["device"])
-    if latent_space.latent:  # the editing tasks run on z = s E(x) (latent.py), their outputs are decoded below
-        x = _edit_latent(args, counted, kw, latent_space, image, batch, mask)
+    if latent_space.latent:  # the editing tasks run on z = s E(x), their outputs decoded (latent.latent_edit)
+        own = {"sdedit": lambda: dict(strength=args.strength),  # each task's own flags
+               "ilvr": lambda: dict(factor=args.factor, options={"t_stop": args.t_stop}),
+               "inpaint": lambda: dict(options={"jump_length": args.repaint_length, "jump_n_samples": args.repaint_jumps})}
+        x = latent_edit(args.task, counted, latent_space, batch, mask, **own[args.task](), **kw)
         before = [image * mask] if args.task == "inpaint" else [image]
     elif trained is not None:
         g = torch.Generator(kw["device"]).manual_seed(args.seed + 1)  # the augmentation noise of a cascade's stage 2
@@ -319,31 +318,6 @@ def _edit(args) -> None:
     figure = out.with_name(out.stem + "_before_after.png")
     save_grid(torch.cat([b.to(x) for b in before] + [x]), figure, nrow=len(before) + len(x), scale=4)
     print(f"wrote {'the mean of ' if args.mean else ''}{args.n} {args.task} outputs to {out} and the input beside them to {figure} ({counted.calls} denoiser calls)")
-
-
-def _edit_latent(args, counted, kw, latent_space, image, batch, mask):
-    """sdedit, inpaint and ilvr of a latent-diffusion run: the guide, the known image or the reference encoded, a
-    latent mask that keeps the f x f cells wholly kept, ILVR's low-pass over factor / f latent cells; the outputs
-    decoded, and inpainting's kept pixels pasted back exactly."""
-    from . import tasks
-
-    f = latent_space.image_shape[-1] // latent_space.shape[-1]
-    z = latent_space.encode(batch)
-    if args.task == "sdedit":
-        return latent_space.decode(tasks.sdedit(counted, z, args.strength, pixels=False, **kw))
-    if args.task == "inpaint":
-        m = latent_space.mask(mask)
-        if not bool(m.any()):
-            raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
-                             "has nothing to keep; mark a larger region to keep")
-        x = latent_space.decode(tasks.inpaint(counted, z, m, jump_length=args.repaint_length,
-                                              jump_n_samples=args.repaint_jumps, pixels=False, **kw))
-        m = tasks.editing.check_mask(mask, image).to(x)
-        return m * image.to(x) + (1 - m) * x  # the kept pixels exactly, as pixel-space inpainting returns them
-    if args.factor % f or latent_space.shape[-1] % (args.factor // f):
-        raise ValueError(f"--factor {args.factor}: a latent-diffusion run low-passes its latents, so the factor must be a "
-                         f"multiple of its downsampling f = {f} whose quotient divides the latent side {latent_space.shape[-1]}")
-    return latent_space.decode(tasks.ilvr(counted, z, args.factor // f, t_stop=args.t_stop, pixels=False, **kw))
 
 
 def _edit_name(kind: str) -> str:

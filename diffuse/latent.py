@@ -449,6 +449,51 @@ def space(cfg: RunConfig, device: str | torch.device = "cpu") -> PixelSpace | La
     return LatentSpace(ae, cfg.latent.scale_factor, d.channels, d.image_size)
 
 
+def latent_factor(factor: int, latent_shape: tuple[int, ...], image_size: int) -> int:
+    """ILVR's factor N in pixels as a factor over latent cells, N / f, for latents of shape (c, H/f, W/f) of images of
+    side image_size. ValueError naming the fix unless N is a multiple of f whose quotient divides the latent side."""
+    side = latent_shape[-1]
+    f = image_size // side
+    if factor < 1 or factor % f or side % (factor // f):
+        raise ValueError(f"ILVR factor {factor}: a latent-diffusion run low-passes its latents, so the factor must be a "
+                         f"multiple of its downsampling f = {f} whose quotient divides the latent side {side} (e.g. "
+                         f"{', '.join(str(f * k) for k in range(1, side + 1) if side % k == 0)})")
+    return factor // f
+
+
+def latent_edit(task: str, denoiser, latent_space: LatentSpace, image: Tensor, mask: Tensor | None = None, *,
+                strength: float = 0.5, factor: int = 2, options: dict | None = None, **generate_kw) -> Tensor:
+    """An editing task of tasks/editing.py run in latent space (Rombach et al. 2022, sec. 4.5: the editing tasks of the
+    pixel models work on z = s E(x) through the same denoiser): "sdedit" of the guide, "inpaint" of the known image,
+    "ilvr" of the reference, each image (n, C, H, W) in [-1, 1] encoded first; the outputs decoded (n, C, H, W).
+    Inpainting keeps a latent cell where the mask (1 = keep, (H, W) or broadcastable to the image) keeps all of its
+    f x f pixels (LatentSpace.mask), then pastes the kept pixels back exactly, as pixel-space inpainting returns them.
+    ILVR low-passes the latents over factor / f cells, so `factor` must be a multiple of f whose quotient divides the
+    latent side. `options` go to the task (jump_length, jump_n_samples; t_stop); generate_kw to the sampler.
+    ValueError naming the fix for a mask that keeps no whole cell or a factor that does not fit."""
+    from . import tasks
+
+    f = latent_space.image_shape[-1] // latent_space.shape[-1]
+    options = options or {}
+    if task == "ilvr":
+        latent_factor(factor, latent_space.shape, latent_space.image_shape[-1])
+    if task == "inpaint":
+        m = latent_space.mask(mask)
+        if not bool(m.any()):
+            raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
+                             "has nothing to keep; mark a larger region to keep")
+    z = latent_space.encode(image)
+    if task == "sdedit":
+        return latent_space.decode(tasks.sdedit(denoiser, z, strength, pixels=False, **options, **generate_kw))
+    if task == "ilvr":
+        return latent_space.decode(tasks.ilvr(denoiser, z, factor // f, pixels=False, **options, **generate_kw))
+    if task != "inpaint":
+        raise ValueError(f"unknown edit {task!r} for a latent-diffusion run; choose sdedit, inpaint or ilvr")
+    x = latent_space.decode(tasks.inpaint(denoiser, z, m, pixels=False, **options, **generate_kw))
+    keep = tasks.editing.check_mask(mask, image).to(x)
+    return keep * image.to(x) + (1 - keep) * x
+
+
 # --- latent training data ------------------------------------------------------------------------------------------------
 class LatentDataset:
     """A dataset whose images are replaced by latents (N, c, h, w), with the base dataset's conditions (labels,

@@ -322,6 +322,21 @@ def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
                   UserWarning, stacklevel=3)
 
 
+def prompt_condition(denoiser, n: int, prompt: str, negative: str | None = None,
+                     device: str | torch.device = "cpu") -> dict:
+    """generate's `cond` (and `uncond`) for a text-conditional run (model.text_encoder, Rombach et al. 2022, sec. 3.3):
+    the prompt's tokens (n, M) for every sample under the key "text"; a negative prompt's tokens as the null condition
+    of classifier-free guidance, in place of the empty caption (Ho & Salimans 2022). ValueError when the denoiser's
+    network has no text encoder."""
+    encoder = getattr(getattr(denoiser, "net", None), "text_encoder", None)
+    if encoder is None:
+        raise ValueError("a prompt needs a text-conditional run (model.text_encoder); this run takes no captions")
+    out = {"cond": {"text": encoder.tokenize([prompt] * n).to(device)}}
+    if negative is not None:
+        out["uncond"] = {"text": encoder.tokenize([negative] * n).to(device)}
+    return out
+
+
 def default_labels(n: int, num_classes: int) -> Tensor | None:
     """The labels of n samples from a model with num_classes classes: every class in turn (0, 1, ..., 0, ...); None
     for an unconditional model."""

@@ -3,8 +3,9 @@
     diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda]   (pip install -e ".[ui]")
 
 The page has three tabs:
-    Sample  the run, sampler, steps, spacing, guidance weight, class label, seed and number of images; the predicted
-            x_0 shown as it forms, a progress bar, the final grid and a GIF of the trajectory x_t to download, and
+    Sample  the run, sampler, steps, spacing, guidance weight, class label (or, for a text-conditional run, the
+            prompt and a negative prompt), seed and number of images; the predicted x_0 shown as it forms (decoded,
+            for a latent-diffusion run), a progress bar, the final grid and a GIF of the trajectory x_t to download, and
             the `diffuse sample ...` command line that reproduces the grid pixel for pixel.
     Edit    an uploaded image (or one of the last samples) in an image editor: inpaint the drawn region, SDEdit the
             drawn strokes, ILVR on the image as reference, or the trained task of a superres / colorize / uncrop /
@@ -52,7 +53,9 @@ from . import pretrained, tasks
 from .cli import TRAINED_TASKS
 from .config import to_dict
 from .data import load_image, load_mask
-from .sample import check_guidance, default_labels, generate, load_run, run_config, sample_config_kwargs
+from .latent import diffusion_shape, latent_edit, latent_factor, space
+from .sample import (check_guidance, default_labels, generate, load_run, prompt_condition, run_config,
+                     sample_config_kwargs)
 from .samplers import SAMPLERS, CountCalls, Step
 from .schedule import SPACINGS
 from .tasks.image_to_image import input_condition, viewable
@@ -107,6 +110,8 @@ class SampleRequest:
     label: int | None = None       # None: every class in turn (class-conditional runs)
     seed: int = 0
     ema: bool = True
+    prompt: str | None = None      # the caption to draw (text-conditional runs; "" or None: not given)
+    negative_prompt: str | None = None  # guided away from, in place of the empty caption
 
 
 @dataclass
@@ -134,6 +139,8 @@ class Plan:
     flags: list[str]                  # its sampling flags (--n ... --seed ...), shared by sample and edit
     image: Tensor | None = None       # (1, C', h, w) in [-1, 1]: the edit's input (ilvr: the reference)
     mask: Tensor | None = None        # (1, 1, H, W), 1 = keep
+    prompt: str | None = None         # a text-conditional run's caption, and its negative prompt
+    negative_prompt: str | None = None
 
     @property
     def command(self) -> str:
@@ -171,6 +178,16 @@ def sample_plan(req: SampleRequest, cfg, num_classes: int, device: str, device_f
     seed = _number(req.seed, int, "the seed", 0, 2**63 - 1)
     guidance = _number(s.guidance if req.guidance is None else req.guidance, float, "the guidance weight", 0)
     check_guidance(cfg, guidance, classifier=False)
+    text = bool(cfg.model.text_encoder)
+    prompt, negative = req.prompt or None, req.negative_prompt or None  # an empty box is no prompt
+    if not text and (prompt or negative):
+        raise ValueError(f"{req.run} is not text-conditional (model.text_encoder), so it takes no prompt; clear the prompt "
+                         "boxes" + (" and choose a class label" if cfg.model.class_conditional else ""))
+    if text and prompt is None:
+        raise ValueError(f'{req.run} is a text-conditional run: type what to draw in the prompt box, e.g. "a red circle"')
+    if negative is not None and not guidance:
+        raise ValueError("a negative prompt replaces the empty caption of classifier-free guidance, so it needs a guidance "
+                         "weight above 0")
     conditional = cfg.model.class_conditional and num_classes > 0
     if req.label is not None:
         if not conditional:
@@ -187,14 +204,16 @@ def sample_plan(req: SampleRequest, cfg, num_classes: int, device: str, device_f
     argv += ["--seed", str(seed)]
     if req.label is not None:
         argv += ["--label", str(label)]
-    if conditional or guidance:
+    if prompt is not None:
+        argv += ["--prompt", prompt] + (["--negative-prompt", negative] if negative is not None else [])
+    if conditional or text or guidance:
         argv += ["--guidance", repr(guidance)]  # repr: the shortest text that reads back as the same float
     if not req.ema:
         argv.append("--no-ema")
     if device_flag:
         argv += ["--device", device]
-    d = cfg.data
-    return Plan(kwargs, (d.channels, d.image_size, d.image_size), ["sample", req.run, *argv, "--out", "samples.png"], argv)
+    return Plan(kwargs, diffusion_shape(cfg), ["sample", req.run, *argv, "--out", "samples.png"], argv,
+                prompt=prompt, negative_prompt=negative)
 
 
 def check_samplable(run: str, cfg) -> None:
@@ -247,7 +266,10 @@ def edit_plan(req: EditRequest, cfg, num_classes: int, device: str, device_flag:
         mask = load_mask(req.mask, geometry)
         tasks.editing.check_mask(mask, image)
     if req.task == "ilvr":
-        tasks.low_pass(image, _number(req.factor, int, "the ILVR factor", 1))  # a factor that does not divide fails here
+        factor = _number(req.factor, int, "the ILVR factor", 1)
+        tasks.low_pass(image, factor)  # a factor that does not divide fails here
+        if cfg.latent.autoencoder:
+            latent_factor(factor, diffusion_shape(cfg), cfg.data.image_size)
     strength = _number(req.strength, float, "the SDEdit strength", 0, 1)
     plan = sample_plan(req, cfg, num_classes, device, device_flag)
     plan.image, plan.mask = image, mask
@@ -264,14 +286,36 @@ def edit_plan(req: EditRequest, cfg, num_classes: int, device: str, device_flag:
     return plan
 
 
-def run_edit(req: EditRequest, plan: Plan, cfg, denoiser, callback=None) -> tuple[Tensor, list[Tensor]]:
+def _generate_kw(plan: Plan, model, n: int, callback) -> dict:
+    """generate's keyword arguments of a plan: its sampling choices, the callback, and a text run's prompt condition."""
+    text = {} if plan.prompt is None else prompt_condition(model.denoiser, n, plan.prompt, plan.negative_prompt,
+                                                           plan.kwargs["device"])
+    return {**plan.kwargs, "callback": callback, **text}
+
+
+def run_sample(req: SampleRequest, plan: Plan, model, denoiser=None, callback=None) -> Tensor:
+    """The samples, as `diffuse sample` draws them (cli._sample): n of them generated in the run's space (pixels, or
+    the latents of a latent-diffusion run, decoded) with the prompt's condition; (n, C, H, W) in [-1, 1]. `denoiser`
+    (default model.denoiser) may wrap the model's, e.g. to count calls."""
+    n = int(req.n)
+    return model.space.decode(generate(denoiser or model.denoiser, n, plan.shape, **_generate_kw(plan, model, n, callback)))
+
+
+def run_edit(req: EditRequest, plan: Plan, model, denoiser=None, callback=None) -> tuple[Tensor, list[Tensor]]:
     """The edit itself, as `diffuse edit` runs it (cli._edit): n outputs (n, C, H, W) in [-1, 1] and the images the
-    before/after figure shows before them (the input, the masked input, or the reference and its low-pass)."""
-    kw = {**plan.kwargs, "callback": callback}
-    d, n, device, image = cfg.data, int(req.n), kw["device"], plan.image
-    batch = image.expand(n, *image.shape[1:]).to(device)
+    before/after figure shows before them (the input, the masked input, or the reference and its low-pass). A
+    latent-diffusion run edits its latents (latent.latent_edit)."""
+    cfg, denoiser = model.cfg, denoiser or model.denoiser
+    d, n, image = cfg.data, int(req.n), plan.image
+    kw = _generate_kw(plan, model, n, callback)
+    batch = image.expand(n, *image.shape[1:]).to(kw["device"])
+    if model.space.latent:
+        own = {"sdedit": dict(strength=float(req.strength)), "ilvr": dict(factor=int(req.factor)),
+               "inpaint": dict(options={"jump_n_samples": int(req.repaint_jumps)})}[req.task]
+        x = latent_edit(req.task, denoiser, model.space, batch, plan.mask, **own, **kw)
+        return x, [image * plan.mask] if req.task == "inpaint" else [image]
     if cfg.task.kind != "none":
-        g = torch.Generator(device).manual_seed(kw["seed"] + 1)  # as the CLI: the augmentation noise of a cascade stage
+        g = torch.Generator(kw["device"]).manual_seed(kw["seed"] + 1)  # as the CLI: the augmentation noise of a cascade stage
         cond = input_condition(cfg.task, batch, d.image_size, denoiser.schedule, mask=plan.mask, generator=g)
         x = generate(denoiser, n, plan.shape, cond=cond, **kw)
         return x, [viewable(cond["image"][:1], d.channels)]
@@ -294,6 +338,7 @@ class Model:
     denoiser: object
     num_classes: int
     notes: list[str]
+    space: object = None  # latent.PixelSpace, or the LatentSpace a latent-diffusion run's samples are decoded from
 
 
 class Models:
@@ -311,10 +356,6 @@ class Models:
             if cfg.model.kind != "denoiser":
                 raise ValueError(f"{run} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a denoiser to "
                                  "sample from; serve denoiser runs")
-            if cfg.latent.autoencoder or cfg.model.text_encoder:
-                raise ValueError(f"{run} is a {'latent-diffusion' if cfg.latent.autoencoder else 'text-conditional'} run, "
-                                 "which this page does not offer yet (no decoder view, no prompt box); use `diffuse "
-                                 f"sample {run}{' --prompt TEXT' if cfg.model.text_encoder else ''} --out OUT.png`")
         self._loaded: dict[tuple[str, bool], Model] = {}
         self._lock = threading.Lock()
 
@@ -327,7 +368,8 @@ class Models:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     cfg, den, num_classes = load_run(run, ema=ema, device=self.device)
-                self._loaded[run, ema] = Model(cfg, den, num_classes, [str(w.message) for w in caught])
+                    decoder = space(cfg, self.device)  # a latent-diffusion run's autoencoder, loaded once too
+                self._loaded[run, ema] = Model(cfg, den, num_classes, [str(w.message) for w in caught], decoder)
             return self._loaded[run, ema]
 
 
@@ -579,9 +621,20 @@ def build_app(runs: list[str], device: str | None = None):
         model = ui.models.get(run)
         cfg, s = model.cfg, model.cfg.sample
         conditional = cfg.model.class_conditional and model.num_classes > 0
+        text = bool(cfg.model.text_encoder)
         return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, conditional=conditional,
                     labels=[ALL_CLASSES] + [str(k) for k in range(model.num_classes)] if conditional else [ALL_CLASSES],
-                    guidance_ok=conditional and bool(cfg.train.condition_dropout.get("label")))
+                    guidance_ok=(conditional and bool(cfg.train.condition_dropout.get("label")))
+                    or (text and bool(cfg.train.condition_dropout.get("text"))), text=text)
+
+    def prompt_controls(run: str, prefix: str) -> list:
+        """The prompt and negative-prompt boxes, shown for a text-conditional run."""
+        c = run_choices(run)
+        prompt = gr.Textbox(label="prompt", placeholder="a red circle above a blue square", visible=c["text"],
+                            elem_id=f"{prefix}-prompt")
+        negative = gr.Textbox(label="negative prompt (optional: guided away from, in place of the empty caption)",
+                              visible=c["text"], elem_id=f"{prefix}-negative")
+        return [prompt, negative]
 
     def sampling_controls(run: str, n: int, prefix: str) -> list:
         """Sampler, steps, spacing, guidance, label, seed, n and EMA fields, set to the run's defaults, in rows."""
@@ -605,18 +658,27 @@ def build_app(runs: list[str], device: str | None = None):
         c = run_choices(run)
         return (gr.Dropdown(value=c["sampler"]), gr.Number(value=c["steps"]), gr.Dropdown(value=c["spacing"]),
                 gr.Number(value=c["guidance"], interactive=c["guidance_ok"]),
-                gr.Dropdown(choices=c["labels"], value=ALL_CLASSES, interactive=c["conditional"]))
+                gr.Dropdown(choices=c["labels"], value=ALL_CLASSES, interactive=c["conditional"]),
+                gr.Textbox(visible=c["text"]), gr.Textbox(visible=c["text"]))
 
-    def request(cls, run, sampler, steps, spacing, guidance, label, seed, n, ema, **extra):
+    def request(cls, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, **extra):
+        cfg = ui.models.configs.get(run)  # a run not served fails in ui.models.get, by name
+        text = cfg is not None and bool(cfg.model.text_encoder)  # hidden prompt boxes of another run say nothing
         return cls(run=run, n=n, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                   label=None if label in (None, ALL_CLASSES) else label, seed=seed, ema=bool(ema), **extra)
+                   label=None if label in (None, ALL_CLASSES) else label, seed=seed, ema=bool(ema),
+                   prompt=prompt if text else None, negative_prompt=negative if text else None, **extra)
+
+    def decoded(req, x0: Tensor) -> Tensor:
+        """A preview of the predicted x_0 as an image: a latent-diffusion run's latents decoded (the model is loaded by
+        the time its job reports a step)."""
+        return ui.models.get(req.run, req.ema).space.decode(x0)
 
     def status(text: str, step: Step | None = None) -> str:
         return text if step is None else f"step {step.index + 1}{f' of {step.total}' if step.total else ''}: {text}"
 
     # ---- Sample: generate with previews; the grid, the trajectory GIF and the command line
-    def sample(run, sampler, steps, spacing, guidance, label, seed, n, ema, progress=gr.Progress()):
-        req = request(SampleRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema)
+    def sample(run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, progress=gr.Progress()):
+        req = request(SampleRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative)
         folder = ui.job_folder("sample")
 
         def work(report):
@@ -635,14 +697,14 @@ def build_app(runs: list[str], device: str | None = None):
                     frames.append(step.x_next.cpu())  # the trajectory x_t, ending at the samples
 
             counted = CountCalls(model.denoiser)
-            x = generate(counted, int(req.n), plan.shape, callback=callback, **plan.kwargs).cpu()
+            x = run_sample(req, plan, model, counted, callback=callback).cpu()
             save_grid(x, folder / "samples.png")  # what `diffuse sample ... --out samples.png` writes
-            save_gif(frames, folder / "trajectory.gif")
+            save_gif([model.space.decode(f) for f in frames], folder / "trajectory.gif")  # latents decoded
             return dict(x=x, plan=plan, calls=counted.calls)
 
         def outputs(kind, r):
             if kind == "preview":
-                return {s_image: display(r.x0), s_status: status("the predicted x_0", r)}
+                return {s_image: display(decoded(req, r.x0)), s_status: status("the predicted x_0", r)}
             if kind != "done":
                 return {s_status: "cancelled" if kind == "cancelled" else gr.update()}  # a tick: no change
             return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command,
@@ -674,8 +736,16 @@ def build_app(runs: list[str], device: str | None = None):
         return into_editor(grid(samples[k - 1:k], pad=0), f"sample #{k}")
 
     def factors(run: str) -> list[int]:
-        side = ui.models.configs[run].data.image_size
-        return [k for k in range(2, side + 1) if side % k == 0] or [1]
+        """ILVR factors that divide the image size (for a latent-diffusion run: multiples of its f, latent.latent_factor)."""
+        cfg = ui.models.configs[run]
+        side = cfg.data.image_size
+
+        def fits(k: int) -> bool:
+            try:
+                return side % k == 0 and (not cfg.latent.autoencoder or bool(latent_factor(k, diffusion_shape(cfg), side)))
+            except ValueError:
+                return False
+        return [k for k in range(2, side + 1) if fits(k)] or [1]
 
     def on_edit_run(run: str) -> tuple:
         offered = edit_tasks(ui.models.configs[run])
@@ -688,7 +758,7 @@ def build_app(runs: list[str], device: str | None = None):
                 gr.File(visible=task == "inpaint"))
 
     def edit(run, task, value, size, mask_file, strength, factor, jumps, sampler, steps, spacing, guidance, label,
-             seed, n, ema, progress=gr.Progress()):
+             seed, n, ema, prompt, negative, progress=gr.Progress()):
         folder = ui.job_folder("edit")
         try:
             image, drawn = editor_files(value, size, folder, strokes=task == "sdedit")
@@ -702,7 +772,7 @@ def build_app(runs: list[str], device: str | None = None):
                 raise page_error(gr, "nothing is drawn: paint the region to generate on the image (or upload a mask file "
                                "of the image's size)")
             mask = mask or drawn
-        req = request(EditRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema, task=task,
+        req = request(EditRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, task=task,
                       image=image, mask=mask, strength=strength, factor=factor or 1, repaint_jumps=jumps or 1)
 
         def work(report):
@@ -711,7 +781,7 @@ def build_app(runs: list[str], device: str | None = None):
             for note in model.notes:
                 warnings.warn(note)
             counted = CountCalls(model.denoiser)
-            x, before = run_edit(req, plan, model.cfg, counted, callback=report)
+            x, before = run_edit(req, plan, model, counted, callback=report)
             x = x.cpu()
             save_grid(x, folder / "edited.png")
             save_grid(torch.cat([b.cpu().to(x) for b in before] + [x]), folder / "edited_before_after.png",
@@ -720,7 +790,7 @@ def build_app(runs: list[str], device: str | None = None):
 
         def outputs(kind, r):
             if kind == "preview":
-                return {e_image: display(r.x0), e_status: status("the predicted x_0", r)}
+                return {e_image: display(decoded(req, r.x0)), e_status: status("the predicted x_0", r)}
             if kind != "done":
                 return {e_status: "cancelled" if kind == "cancelled" else gr.update()}
             argv = [Path(a).name if a in (req.image, req.mask) else a for a in r["plan"].argv]
@@ -747,7 +817,8 @@ def build_app(runs: list[str], device: str | None = None):
                 with gr.Row():
                     with gr.Column(scale=1):
                         s_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="s-run")
-                        s_controls = sampling_controls(first, 16, "s")
+                        s_prompts = prompt_controls(first, "s")
+                        s_controls = sampling_controls(first, 16, "s") + s_prompts
                         with gr.Row():
                             s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
                             s_cancel = gr.Button("Cancel", variant="stop", elem_id="s-cancel")
@@ -781,8 +852,9 @@ def build_app(runs: list[str], device: str | None = None):
                                             label="RePaint resamplings (1: plain replacement)")
                         e_mask_file = gr.File(label="or a mask file of the image's size (white = generate)",
                                               type="filepath", visible=offered[0] == "inpaint", elem_id="e-mask-file")
+                        e_prompts = prompt_controls(first, "e")
                         with gr.Accordion("sampling", open=False):
-                            e_controls = sampling_controls(first, 8, "e")
+                            e_controls = sampling_controls(first, 8, "e") + e_prompts
                         with gr.Row():
                             e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
                             e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
@@ -816,11 +888,11 @@ def build_app(runs: list[str], device: str | None = None):
                 r_config = gr.Code(info[1], label="config.toml", interactive=False, max_lines=30)
 
         jobs = dict(concurrency_limit=1, concurrency_id="device")  # one job at a time on the device; the rest queue
-        s_run.change(on_run, s_run, s_controls[:5], queue=False)
+        s_run.change(on_run, s_run, [*s_controls[:5], *s_prompts], queue=False)
         s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
                            show_progress_on=[s_status], **jobs)
         s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
-        e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5]], queue=False)
+        e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
         e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_jumps, e_mask_file], queue=False)
         e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
         e_use.click(use_sample, [last, e_k], [e_editor, e_size, e_status])

@@ -202,6 +202,16 @@ def test_latent_inpainting_returns_the_kept_pixels_exactly(ldm_run, tmp_path):
                  "--out", str(tmp_path / "sd.png")]) == 0
 
 
+def test_latent_ilvr_takes_factors_over_latent_cells(ldm_run, tmp_path, capsys):
+    Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "ref.png")
+    edit = ["edit", "ilvr", str(ldm_run), "--reference", str(tmp_path / "ref.png"), "--n", "2"]
+    assert main(edit + ["--factor", "4", "--out", str(tmp_path / "a.png")]) == 0  # f = 2: a factor of 2 latent cells
+    assert main(edit + ["--factor", "1", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert "ILVR factor 1: " in err and "multiple of its downsampling f = 2" in err and "(e.g. 2, 4, 8)" in err
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_latent_eval_fid_decodes(ldm_run):
     assert main(["eval", str(ldm_run), "--metric", "fid", "--n", "20"]) == 0
     record = json.loads((ldm_run / "eval.json").read_text())[-1]

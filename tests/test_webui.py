@@ -30,7 +30,8 @@ from diffuse import cli
 from diffuse.sample import generate
 from diffuse.visualize import save_grid
 from diffuse.webui import (INSTALL, EditRequest, Models, SampleRequest, build_app, check_samplable, edit_plan,
-                           edit_tasks, editor_files, editor_value, read_upload, run_edit, run_summary, sample_plan)
+                           edit_tasks, editor_files, editor_value, read_upload, run_edit, run_sample, run_summary,
+                           sample_plan)
 
 REQUIRE_BROWSER = os.environ.get("DIFFUSE_REQUIRE_BROWSER") == "1"
 BROWSER_INSTALL = "apt-get install chromium chromium-driver"
@@ -107,7 +108,7 @@ def test_the_edit_command_makes_the_same_outputs(run, model, tmp_path):
     assert drawn[:2, :4].all() and drawn.sum() == 2 * 4  # every pixel the stroke touches, and no other
     req = EditRequest(str(run), task="inpaint", image=image, mask=mask, n=3, seed=2, sampler="ddim", steps=4)
     plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
-    x, before = run_edit(req, plan, model.cfg, model.denoiser)
+    x, before = run_edit(req, plan, model)
     assert x.shape == (3, 1, 8, 8) and len(before) == 1
     np.testing.assert_array_equal(x[:, :, ~torch.from_numpy(drawn)].numpy(),  # the kept pixels are the image's
                                   plan.image.expand(3, -1, -1, -1)[:, :, ~torch.from_numpy(drawn)].numpy())
@@ -130,7 +131,7 @@ def test_a_trained_task_run_edits_as_the_command_line_does(tmp_path):
     Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).save(tmp_path / "low.png")
     req = EditRequest(run, task="superres", image=str(tmp_path / "low.png"), n=2, seed=1)
     plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
-    x, before = run_edit(req, plan, model.cfg, model.denoiser)
+    x, before = run_edit(req, plan, model)
     save_grid(x, tmp_path / "ui.png")
     assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
@@ -174,6 +175,78 @@ def test_bad_inputs_give_clear_messages(run, model, tmp_path):
             sample_plan(SampleRequest(str(run), **change), model.cfg, model.num_classes, "cpu")
 
 
+@pytest.fixture(scope="module")
+def text_ldm(tmp_path_factory):
+    """A tiny text-to-image latent-diffusion run: a KL autoencoder of 16x16 shapes (f = 4: 2 x 4 x 4 latents) and a
+    flow model with the byte-level text encoder on its latents, 2 steps each."""
+    folder = tmp_path_factory.mktemp("text_ldm")
+    shapes = ["data.source=shapes", "data.crops=32", "data.image_size=16", "data.channels=3", "train.batch_size=8",
+              "train.steps=2", "train.warmup_steps=0", "train.log_every=1000", "train.sample_every=0",
+              "train.checkpoint_every=1000", "train.time_limit=0"]
+    ae = ["model.kind=autoencoder", "autoencoder.channels=[8, 8, 16]", "autoencoder.latent_channels=2",
+          "autoencoder.num_res_blocks=1", "autoencoder.norm_groups=4", "autoencoder.disc_weight=0"]
+    assert cli.main(["train", "configs/ae_shapes.toml", *[a for s in shapes + ae for a in ("--set", s)],
+                     "--out", str(folder / "ae")]) == 0
+    ldm = [f"latent.autoencoder={folder / 'ae'}", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
+           "model.norm_groups=4", "model.attention_resolutions=[]", "model.context_dim=16",
+           "model.cross_attention_resolutions=[4]", "sample.steps=3"]
+    assert cli.main(["train", "configs/ldm_shapes.toml", *[a for s in shapes + ldm for a in ("--set", s)],
+                     "--out", str(folder / "ldm")]) == 0
+    return str(folder / "ldm")
+
+
+def test_a_latent_text_run_samples_and_edits_as_the_command_line_does(text_ldm, tmp_path):
+    model = Models([text_ldm], "cpu").get(text_ldm)
+    assert model.space.latent and model.space.shape == (2, 4, 4)
+    req = SampleRequest(text_ldm, n=3, seed=4, prompt="a red circle above a blue square", negative_prompt="a green square")
+    plan = sample_plan(req, model.cfg, model.num_classes, "cpu")
+    assert plan.shape == (2, 4, 4)
+    argv = shlex.split(plan.command)
+    assert argv[argv.index("--prompt") + 1] == req.prompt and argv[argv.index("--negative-prompt") + 1] == req.negative_prompt
+    x = run_sample(req, plan, model)
+    assert x.shape == (3, 3, 16, 16)  # decoded
+    save_grid(x, tmp_path / "ui.png")
+    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+    # the prompt matters: another caption (or none as the negative) draws other pixels from the same seed
+    other = SampleRequest(text_ldm, n=3, seed=4, prompt="three small white triangles")
+    assert not torch.equal(run_sample(other, sample_plan(other, model.cfg, model.num_classes, "cpu"), model), x)
+
+    Image.fromarray((np.indices((16, 16)).sum(0) * 8).astype(np.uint8)).convert("RGB").save(tmp_path / "in.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 6:] = 255  # generate the right part: only the left 4x4-pixel cells are wholly kept
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    req = EditRequest(text_ldm, task="inpaint", image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), n=2,
+                      seed=1, prompt="a small red square")
+    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
+    x, before = run_edit(req, plan, model)
+    keep = torch.from_numpy(mask == 0)
+    np.testing.assert_array_equal(x[..., keep].numpy(), plan.image.expand(2, -1, -1, -1)[..., keep].numpy())  # exactly kept
+    save_grid(x, tmp_path / "ui_edit.png")
+    argv = plan.argv[:-1] + [str(tmp_path / "cli_edit.png")]
+    assert "--prompt" in argv and cli.main(argv) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli_edit.png"), pixels(tmp_path / "ui_edit.png"))
+
+
+def test_latent_and_text_runs_give_clear_messages(text_ldm, run, model, tmp_path):
+    ldm = Models([text_ldm], "cpu").get(text_ldm)
+    with pytest.raises(ValueError, match="is a text-conditional run: type what to draw in the prompt box"):
+        sample_plan(SampleRequest(text_ldm, prompt=""), ldm.cfg, ldm.num_classes, "cpu")
+    with pytest.raises(ValueError, match="negative prompt .* needs a guidance weight above 0"):
+        sample_plan(SampleRequest(text_ldm, prompt="a red circle", negative_prompt="a square", guidance=0),
+                    ldm.cfg, ldm.num_classes, "cpu")
+    with pytest.raises(ValueError, match="is not text-conditional .* takes no prompt; clear the prompt boxes and choose a "
+                                         "class label"):
+        sample_plan(SampleRequest(str(run), prompt="a seven"), model.cfg, model.num_classes, "cpu")
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    req = EditRequest(text_ldm, task="ilvr", image=str(tmp_path / "in.png"), factor=2, prompt="a red circle")
+    with pytest.raises(ValueError, match=r"ILVR factor 2: .* multiple of its downsampling f = 4 .*\(e.g. 4, 8, 16\)"):
+        edit_plan(req, ldm.cfg, ldm.num_classes, "cpu")
+    req.factor, req.n = 8, 2  # 2 latent cells: accepted, and the outputs are decoded images
+    x, before = run_edit(req, edit_plan(req, ldm.cfg, ldm.num_classes, "cpu"), ldm)
+    assert x.shape == (2, 3, 16, 16) and len(before) == 1
+
+
 def test_without_gradio_the_error_names_the_install_command(run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     assert cli.main(["serve", str(run)]) == 2
@@ -185,21 +258,26 @@ def test_without_gradio_the_error_names_the_install_command(run, monkeypatch, ca
 
 
 # --- the page in a real browser ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(run):
-    """The app of `diffuse serve RUN --device cpu`, on a free port of 127.0.0.1; its URL."""
+def serve(runs: list[str]):
+    """The app of `diffuse serve RUN ... --device cpu`, launched on a free port of 127.0.0.1: (app, its URL)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         unavailable("gradio is not installed", 'pip install -e ".[test,ui]"')
     from diffuse.webui import launch
 
-    app = build_app([str(run)], device="cpu")
+    app = build_app(runs, device="cpu")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(app, port=port)
-    yield app, f"http://127.0.0.1:{port}"
+    return app, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    app, url = serve([str(run)])
+    yield app, url
     app.close()
 
 
@@ -388,6 +466,28 @@ def test_a_bad_upload_shows_a_message_and_the_server_goes_on(browser, server, tm
          errors=False)
     assert "upload a PNG or JPEG file" in toasts(browser) and "Traceback" not in browser.page_source
     assert "--seed 11 " in sample(browser, seed=11, errors=False)  # (the message may still be showing)
+
+
+@browser_test
+def test_the_page_draws_a_prompt_with_a_latent_text_run(browser, text_ldm):
+    from selenium.webdriver.common.by import By
+
+    app, url = serve([text_ldm])
+    try:
+        browser.get(url)
+        open_tab(browser, "Sample")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#s-prompt textarea, #s-prompt input"), "the prompt box")
+        browser.find_element(By.CSS_SELECTOR, "#s-prompt textarea, #s-prompt input").send_keys("a red circle on the left")
+        command = sample(browser, seed=6)
+        model = app.webui.models.get(text_ldm)
+        req = SampleRequest(text_ldm, seed=6, prompt="a red circle on the left")
+        assert command == sample_plan(req, model.cfg, model.num_classes, "cpu", device_flag=True).command
+        assert "--prompt 'a red circle on the left'" in command
+        folder = sorted(app.webui.folder.glob("sample_*"))[-1]
+        again = save_grid(run_sample(req, sample_plan(req, model.cfg, 0, "cpu"), model), folder / "again.png")
+        np.testing.assert_array_equal(pixels(folder / "samples.png"), pixels(again))  # the decoded samples of that prompt
+    finally:
+        app.close()
 
 
 # --- the README's screenshots ----------------------------------------------------------------------------------------
