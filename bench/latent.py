@@ -45,7 +45,7 @@ def train_for(config: str, overrides: list[str], run: Path, seconds: float) -> d
     """Train `config` for `seconds` into `run` (skipped when it holds a finished run); steps, images/s and seconds."""
     if not (run / "config.toml").is_file():
         train(apply_overrides(load_config(CONFIGS / config), [*overrides, f"train.time_limit={seconds}"]), run, progress=False)
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "time" in r]  # not held-out rows
     rates = [r["images_per_s"] for r in log[1:] if "images_per_s" in r] or [log[-1]["images_per_s"]]
     return {"steps": log[-1]["step"], "img_s": round(sum(rates) / len(rates), 1), "seconds": round(log[-1]["time"], 1)}
 

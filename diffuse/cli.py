@@ -121,7 +121,7 @@ def _sampling(args, n: int):
     from tqdm import tqdm
 
     from .samplers import CountCalls
-    from .latent import space
+    from .latent import check_same_space, space
     from .sample import check_guidance, default_labels, load_classifier, load_run, prompt_condition, run_config
 
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
@@ -152,6 +152,8 @@ def _sampling(args, n: int):
                          "weight: pass --guidance W (e.g. 4)")
     interval = tuple(s.guidance_interval) if args.guidance_interval is None else args.guidance_interval
     check_guidance(cfg, guidance, classifier=args.classifier is not None)
+    if args.classifier is not None:  # it must read what this run diffuses (pixels, or the same latents)
+        check_same_space(cfg, run_config(args.classifier), f"the classifier {args.classifier}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     latent_space = space(cfg, device)

@@ -328,7 +328,7 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
                 for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
         out += [(f"train.{k}", why, "remove it") for k in (
             "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
-            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_every", "hflip")]
+            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_steps", "hflip")]
     else:
         out += [(f"autoencoder.{f.name}", f'model.kind = "{m.kind}" does not train an autoencoder',
                  'set model.kind = "autoencoder", or name a trained one in latent.autoencoder') for f in dataclasses.fields(cfg.autoencoder)]

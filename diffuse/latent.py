@@ -58,8 +58,9 @@ class AutoencoderTrainer:
     holds one). One step (autoencoder.py's module docstring): Adam on the autoencoder's loss, then, once the GAN is on
     (autoencoder.disc_start), Adam on the discriminator's hinge loss; both with betas (0.5, 0.9) (taming-transformers
     and LDM), train.lr with train.warmup_steps, train.grad_clip on the autoencoder. Logs loss terms, PSNR of the batch
-    and, for VQ, the codebook usage and perplexity of the batch; sample grids (train.sample_every) show held-out images
-    above their reconstructions. One process (no torchrun: the VQ codebook's EMA would need its counts reduced)."""
+    and, for VQ, the codebook usage and perplexity of the batch; every train.fid_every steps the held-out scores
+    (PSNR, rFID, usage; `reconstruction_scores`); sample grids (train.sample_every) show held-out images above their
+    reconstructions. One process (no torchrun: the VQ codebook's EMA would need its counts reduced)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, dataset: ImageDataset | None = None,
                  inexact_resume: bool = False):
@@ -90,7 +91,12 @@ class AutoencoderTrainer:
                         (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
                         (t.log_every >= 1 and t.checkpoint_every >= 1 and t.sample_every >= 0 and t.keep_checkpoints >= 1,
                          "train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1, train.sample_every >= 0"),
-                        (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}")):
+                        (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
+                        (t.fid_every >= 0 and t.fid_samples >= 2, "train.fid_every must be >= 0 and train.fid_samples >= 2"),
+                        (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
+                         f"train.fid_features = 'digits' is the feature space of 1-channel digits and the data have "
+                         f"{cfg.data.channels} channels; set train.fid_features = 'inception:PATH' (or MODULE:ATTR), or "
+                         "train.fid_every = 0")):
             if not ok:
                 raise ValueError(msg)
         torch.manual_seed(t.seed)
@@ -111,6 +117,11 @@ class AutoencoderTrainer:
             raise ValueError("train.mixed_precision = 'fp16' is not used for autoencoders (the adaptive GAN weight divides "
                              "gradient norms); use 'bf16', 'auto' or 'no'")
         self.generator = torch.Generator().manual_seed(t.seed)
+        self.feature_net = None
+        if t.fid_every:  # loaded now: a bad feature spec fails before training
+            from . import metrics
+
+            self.feature_net = metrics.feature_network(t.fid_features, self.device)
         self.step, self.history = 0, []
         if ckpt.latest_step(self.run_dir) is not None:
             self._resume()
@@ -186,6 +197,11 @@ class AutoencoderTrainer:
                         aside = time.perf_counter()
                         self.reconstruction_grid()
                         last += time.perf_counter() - aside
+                    if t.fid_every and self.step % t.fid_every == 0:
+                        aside = time.perf_counter()
+                        log.write(json.dumps({"step": self.step, "held_out": self.held_out_scores()}) + "\n")
+                        log.flush()
+                        last += time.perf_counter() - aside
                     out_of_time = t.time_limit > 0 and time.perf_counter() - start >= t.time_limit
                     if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
                         self.save()
@@ -194,6 +210,16 @@ class AutoencoderTrainer:
             finally:
                 bar.close()
         return self.run_dir
+
+    def held_out_scores(self) -> dict:
+        """reconstruction_scores (PSNR, rFID in train.fid_features, latent std; VQ usage and perplexity) of the first
+        train.fid_samples held-out images, logged every train.fid_every steps."""
+        x, _ = self.dataset.batch(self.test_idx[:self.cfg.train.fid_samples])
+        self.model.eval()
+        try:
+            return reconstruction_scores(self.model, x, self.feature_net)
+        finally:
+            self.model.train()
 
     @torch.no_grad()
     def reconstruction_grid(self, n: int = 16) -> Path:
@@ -286,28 +312,41 @@ def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, devic
     positions. Returns the record (JSON-ready)."""
     from . import metrics
     from .data import load_dataset
-    from .visualize import to_uint8
 
     cfg, ae = load_autoencoder(run_dir, device)
     data = load_dataset(cfg.data)
     _, test = held_out(len(data))
     x, _ = data.batch(test)
+    features = features or ("digits" if cfg.data.channels == 1 else None)
+    net = metrics.feature_network(features, device) if features is not None else None
+    return {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "factor": cfg.autoencoder.factor,
+            **reconstruction_scores(ae, x, net), **({"features": features} if features else {})}
+
+
+@torch.no_grad()
+def reconstruction_scores(ae: Autoencoder, x: Tensor, feature_net: torch.nn.Module | None = None) -> dict:
+    """An autoencoder's scores on held-out images x (N, C, H, W) in [-1, 1]: n_held_out, latent_shape, PSNR of D(E(x))
+    (dB, mean over images), the latents' std and latent_scale_factor (Rombach et al. 2022, app. D.1), for VQ the
+    codebook usage and perplexity over all positions (van den Oord et al. 2017), and with `feature_net` the rFID: FID
+    (Heusel et al. 2017) of the reconstructions, rounded to 8 bits as saved images are, against x. ValueError for
+    rFID of fewer than 2 images."""
+    from . import metrics
+    from .visualize import to_uint8
+
+    device = next(ae.parameters()).device
     z = torch.cat([ae.encode(part.to(device)) for part in x.split(ENCODE_BATCH)])
     rec = torch.cat([ae.decode(part).clamp(-1, 1).cpu() for part in z.split(ENCODE_BATCH)])
     rec = torch.from_numpy(to_uint8(rec)).permute(0, 3, 1, 2).float() / 127.5 - 1  # as a saved image would be
-    record = {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "n_held_out": len(x),
-              "factor": cfg.autoencoder.factor, "latent_shape": list(z.shape[1:]),
-              "psnr": float(psnr(x, rec).mean()), "latent_std": float(z.double().std()),
-              "latent_scale_factor": latent_scale_factor(z)}
+    record = {"n_held_out": len(x), "latent_shape": list(z.shape[1:]), "psnr": float(psnr(x, rec).mean()),
+              "latent_std": float(z.double().std()), "latent_scale_factor": latent_scale_factor(z)}
     if ae.quantizer is not None:
         counts = sum(ae.quantizer(part, update=False).counts for part in z.split(ENCODE_BATCH))
         record.update(codebook_usage=float(codebook_usage(counts)), perplexity=float(perplexity(counts)),
-                      codebook_size=cfg.autoencoder.codebook_size)
-    features = features or ("digits" if cfg.data.channels == 1 else None)
-    if features is not None:
+                      codebook_size=len(ae.quantizer.codebook))
+    if feature_net is not None:
         if len(x) < 2:
-            raise ValueError(f"rFID needs at least 2 held-out images, the run holds out {len(x)}")
-        record.update(rfid=metrics.fid(x, rec, metrics.feature_network(features, device)), features=features)
+            raise ValueError(f"rFID needs at least 2 held-out images, got {len(x)}")
+        record["rfid"] = metrics.fid(x, rec, feature_net)
     return record
 
 
@@ -421,6 +460,26 @@ def check_latent_config(cfg: RunConfig, ae_cfg: RunConfig) -> None:
     for bad, why, fix in refused:
         if bad:
             raise ValueError(f"latent diffusion ({cfg.latent.autoencoder}): {why}; {fix}")
+
+
+def check_same_space(cfg: RunConfig, other: RunConfig, name: str) -> None:
+    """A run used beside a diffusion run (a noisy classifier guiding it) sees the same variable: both pixels of one
+    shape, or both latents of one autoencoder checkpoint at one scale factor (a classifier trained on pixels cannot
+    read latents, nor one trained on other latents these). ValueError naming `name` and the fix otherwise."""
+    mine, theirs = diffusion_shape(cfg), diffusion_shape(other)
+    where = lambda c: (f"latents of {c.latent.autoencoder} (step {c.latent.autoencoder_step}, scale {c.latent.scale_factor:.6g})"  # noqa: E731
+                       if c.latent.autoencoder else "pixels")
+    same = (mine == theirs and bool(cfg.latent.autoencoder) == bool(other.latent.autoencoder)
+            and (not cfg.latent.autoencoder or (
+                resolve_autoencoder(cfg) == resolve_autoencoder(other)
+                and cfg.latent.autoencoder_step == other.latent.autoencoder_step
+                and math.isclose(cfg.latent.scale_factor, other.latent.scale_factor, rel_tol=1e-6))))
+    if not same:
+        fix = (f"train it with --set latent.autoencoder={cfg.latent.autoencoder} --set latent.autoencoder_step="
+               f"{cfg.latent.autoencoder_step} --set latent.scale_factor={cfg.latent.scale_factor!r}"
+               if cfg.latent.autoencoder else "train it on the images (without latent.autoencoder)")
+        raise ValueError(f"{name} was trained on {where(other)} of shape {theirs}, but this run diffuses {where(cfg)} of "
+                         f"shape {mine}; {fix}")
 
 
 def latent_shape(cfg: RunConfig) -> tuple[int, int, int]:

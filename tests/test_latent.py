@@ -12,9 +12,11 @@ from PIL import Image
 from diffuse import checkpoint as ckpt
 from diffuse.autoencoder import Autoencoder, AutoencoderConfig
 from diffuse.cli import main
-from diffuse.config import RunConfig, apply_overrides, load_config, save_config
+from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
+from diffuse.data import load_dataset
 from diffuse.latent import (AutoencoderTrainer, LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
-                            load_autoencoder, space)
+                            load_autoencoder, reconstruction_scores, space)
+from diffuse.metrics import feature_network
 from diffuse.sample import generate, load_run, sample_config_kwargs
 from diffuse.train import ResumeError, train
 
@@ -98,6 +100,25 @@ def test_vq_run_reports_codebook_usage(tmp_path):
     assert main(["eval", str(run)]) == 0
     record = json.loads((run / "eval.json").read_text())[-1]
     assert 0 < record["codebook_usage"] <= 1 and record["codebook_size"] == 16 and record["metric"] == "reconstruction"
+
+
+def test_held_out_scores_are_logged_every_fid_every_steps(tmp_path):
+    run = tmp_path / "vq"
+    train(ae_cfg("autoencoder.kind=vq", "autoencoder.codebook_size=16", "train.fid_every=3", "train.fid_samples=50"), run,
+          progress=False)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    held = [r for r in rows if "held_out" in r]
+    assert [r["step"] for r in held] == [3, 6] and [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    _, ae = load_autoencoder(run)  # step 6: the logged scores are the held-out scores of these weights
+    x, _ = load_dataset(load_config(run / "config.toml").data).batch(held_out(1797)[1][:50])
+    want = reconstruction_scores(ae, x, feature_network("digits"))
+    assert held[-1]["held_out"]["n_held_out"] == 50
+    for key in ("psnr", "rfid", "codebook_usage", "perplexity", "latent_std"):
+        assert held[-1]["held_out"][key] == pytest.approx(want[key], rel=1e-6), key
+    with pytest.raises(ValueError, match="fid_features = 'digits' is the feature space of 1-channel digits"):
+        train(ae_cfg("train.fid_every=3", "data.channels=3"), tmp_path / "rgb", progress=False)
+    with pytest.raises(ConfigError, match="train.fid_steps"):
+        train(ae_cfg("train.fid_every=3", "train.fid_steps=5"), tmp_path / "steps", progress=False)
 
 
 # --- the latent space ----------------------------------------------------------------------------------------
@@ -210,6 +231,42 @@ def test_latent_ilvr_takes_factors_over_latent_cells(ldm_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ILVR factor 1: " in err and "multiple of its downsampling f = 2" in err and "(e.g. 2, 4, 8)" in err
     assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("process", [["schedule.kind=linear", "model.prediction=eps"],
+                                     ["schedule.kind=edm", "model.prediction=edm", "sample.spacing=karras"]])
+def test_vp_and_edm_processes_run_on_latents(tmp_path, ae_run, process):
+    # the process is the denoiser's business: VP (discrete, eps) and EDM (sigma, preconditioned) train and sample on
+    # latents as flow does, the CLI's samples being the decoded latents of the library's generate, never clipped
+    run = tmp_path / "ldm"
+    train(ldm_cfg(ae_run, *process), run, progress=False)
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(run), "--n", "2", "--seed", "3", "--out", str(out)]) == 0
+    import numpy as np
+
+    cfg, den, _ = load_run(run)
+    assert cfg.sample.clip is False and cfg.schedule.kind == process[0].split("=")[1]
+    s = space(cfg)
+    z = generate(den, 2, s.shape, **sample_config_kwargs(cfg.sample), labels=torch.arange(2), seed=3)
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), (s.decode(z) + 1) / 2, atol=1e-5, rtol=0)
+
+
+def test_classifier_guidance_on_latents_needs_a_classifier_of_the_same_latents(tmp_path, ae_run, ldm_run, capsys):
+    cls = ["data.source=digits", "data.image_size=8", "model.kind=classifier", "model.channels=8", "model.channel_mult=[1]",
+           "model.num_res_blocks=1", "model.norm_groups=4", "model.attention_resolutions=[]", "train.steps=2",
+           "train.batch_size=8", "schedule.kind=flow", "train.sample_every=0", "train.log_every=1000"]
+    train(apply_overrides(RunConfig(), cls), tmp_path / "pixels", progress=False)
+    train(apply_overrides(RunConfig(), cls + [f"latent.autoencoder={ae_run}"]), tmp_path / "latents", progress=False)
+    sample = ["sample", str(ldm_run), "--label", "3", "--n", "2", "--seed", "1"]
+    assert main(sample + ["--guidance", "2", "--classifier", str(tmp_path / "pixels"), "--out", str(tmp_path / "a.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on pixels of shape (1, 8, 8), but this run diffuses latents of" in err
+    assert "train it with --set latent.autoencoder=" in err and not (tmp_path / "a.npy").exists()
+    assert main(sample + ["--guidance", "2", "--classifier", str(tmp_path / "latents"), "--out", str(tmp_path / "b.npy")]) == 0
+    assert main(sample + ["--guidance", "0", "--out", str(tmp_path / "c.npy")]) == 0
+    import numpy as np
+
+    assert not np.array_equal(np.load(tmp_path / "b.npy"), np.load(tmp_path / "c.npy"))  # the classifier's gradient moved them
 
 
 def test_latent_eval_fid_decodes(ldm_run):
