@@ -8,7 +8,8 @@ space against the 5,000 bundled digits as each model's data config renders them 
 latent model's 32x32: resampling 32 -> 28 alone moves real digits by ~110 in this feature space, while two disjoint
 real sets at one size are 6-9 apart; so the demo's recipe also trains at 32x32, "pixel-32"), accuracy on the intended labels, sampling seconds per image (decoding included).
 
-shapes: text-to-image on the captioned shapes: configs/ae_shapes.toml + configs/ldm_shapes.toml (latent) against
+shapes: text-to-image on the captioned shapes: configs/ae_shapes.toml + configs/ldm_shapes.toml with the byte-level
+"chars" text encoder (latent) against
 configs/text_shapes.toml (pixels), each given --budget seconds in all (the autoencoder's counted for the latent model);
 prompt-following accuracy (captions.prompt_scores, "all" criteria) of --n held-out captions against the guidance
 weight; the pixel model also trains for --pixel-factor x --budget with a checkpoint every --every steps, and the
@@ -17,6 +18,7 @@ accuracy.
 
     python bench/latent.py digits --budget 480 --ae-budget 150
     python bench/latent.py shapes --budget 600 --ae-budget 150 --n 500
+    python bench/latent.py encoders --n 500      (after shapes: its chars model against MiniLM-L6, same steps)
 
 Run it alone: it times training and sampling by wall clock. Prints one JSON line per row.
 """
@@ -111,7 +113,9 @@ def shapes(args) -> None:
     out = Path(args.out) / "shapes"
     _, captions = shapes_data(args.n, 32, seed=12345)  # scenes the training set (seed 0) does not hold
     ae = train_for("ae_shapes.toml", [], out / "ae", args.ae_budget)
-    latent = train_for("ldm_shapes.toml", [f"latent.autoencoder={out / 'ae'}"], out / "latent", args.budget - ae["seconds"])
+    chars = ["model.text_encoder=chars", "model.context_dim=64"]  # the encoder that needs nothing; `encoders`: MiniLM
+    latent = train_for("ldm_shapes.toml", [f"latent.autoencoder={out / 'ae'}", *chars], out / "latent",
+                       args.budget - ae["seconds"])
     best = (-1.0, 0.0)
     for w in args.weights:
         acc, parts, seconds = accuracy(out / "latent", captions, w)
@@ -129,9 +133,31 @@ def shapes(args) -> None:
                           "sample_s_per_image": round(seconds / args.n, 4)}), flush=True)
 
 
+def encoders(args) -> None:
+    """The shapes latent model's text encoder: "chars" (trained with the U-Net; the run of `shapes`) against the frozen
+    MiniLM-L6 of the [text] extra (model.context_dim = 384), on the same autoencoder for the same number of steps as
+    the chars run took in its budget, so the comparison does not hang on the machine's speed that hour."""
+    import diffuse.checkpoint as ckpt
+
+    out = Path(args.out) / "shapes"
+    _, captions = shapes_data(args.n, 32, seed=12345)
+    steps = ckpt.latest_step(out / "latent")
+    if steps is None:
+        raise SystemExit(f"no chars run in {out / 'latent'}: run `python bench/latent.py shapes` first")
+    run = out / "latent-minilm"
+    if not (run / "config.toml").is_file():
+        overrides = [f"latent.autoencoder={out / 'ae'}", "model.text_encoder=minilm", "model.context_dim=384",
+                     f"train.steps={steps}", "train.time_limit=0"]
+        train(apply_overrides(load_config(CONFIGS / "ldm_shapes.toml"), overrides), run, progress=False)
+    for w in args.weights:
+        acc, parts, seconds = accuracy(run, captions, w)
+        print(json.dumps({"task": "encoders", "model": "latent-minilm", "steps": steps, "guidance": w, "accuracy": round(acc, 4),
+                          "criteria": parts, "sample_s_per_image": round(seconds / args.n, 4)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["digits", "shapes"])
+    p.add_argument("task", choices=["digits", "shapes", "encoders"])
     p.add_argument("--budget", type=float, default=480, help="seconds of CPU training per model, autoencoder included")
     p.add_argument("--ae-budget", type=float, default=150)
     p.add_argument("--n", type=int, default=1000)
@@ -140,7 +166,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=500)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "latent"))
     args = p.parse_args()
-    {"digits": digits, "shapes": shapes}[args.task](args)
+    {"digits": digits, "shapes": shapes, "encoders": encoders}[args.task](args)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def text_ldm(tmp_path_factory):
           "autoencoder.num_res_blocks=1", "autoencoder.norm_groups=4", "autoencoder.disc_weight=0"]
     assert cli.main(["train", "configs/ae_shapes.toml", *[a for s in shapes + ae for a in ("--set", s)],
                      "--out", str(folder / "ae")]) == 0
-    ldm = [f"latent.autoencoder={folder / 'ae'}", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
+    ldm = [f"latent.autoencoder={folder / 'ae'}", "model.text_encoder=chars", "model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
            "model.norm_groups=4", "model.attention_resolutions=[]", "model.context_dim=16",
            "model.cross_attention_resolutions=[4]", "sample.steps=3"]
     assert cli.main(["train", "configs/ldm_shapes.toml", *[a for s in shapes + ldm for a in ("--set", s)],
