@@ -188,8 +188,11 @@ class Quantized:
 
 def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
     """k(z) = argmin_j ||z - e_j||^2 for z (N, c) and codebook (K, c) -> (N,) (van den Oord et al. 2017, eqs. 1-2),
-    with ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
-    d2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)[None]
+    with ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, in fp32 even under autocast: in bf16 the small cross term is lost and
+    ~2.5% of positions get another code (so the EMA update and the commitment loss would use wrong assignments)."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, codebook = z.float(), codebook.float()
+        d2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)[None]
     return d2.argmin(dim=1)
 
 

@@ -23,6 +23,7 @@ sample.clip = false).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -93,6 +94,9 @@ class AutoencoderTrainer:
                          "train.log_every, train.checkpoint_every and train.keep_checkpoints must be >= 1, train.sample_every >= 0"),
                         (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
                         (t.fid_every >= 0 and t.fid_samples >= 2, "train.fid_every must be >= 0 and train.fid_samples >= 2"),
+                        (not t.fid_every or len(self.test_idx) >= 2,
+                         f"train.fid_every needs at least 2 held-out images for an rFID and the last tenth of "
+                         f"{len(self.dataset)} images holds {len(self.test_idx)}; use more images or train.fid_every = 0"),
                         (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
                          f"train.fid_features = 'digits' is the feature space of 1-channel digits and the data have "
                          f"{cfg.data.channels} channels; set train.fid_features = 'inception:PATH' (or MODULE:ATTR), or "
@@ -607,10 +611,15 @@ def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, save
     step = cfg.latent.autoencoder_step
     ae_cfg, ae = load_autoencoder(cfg.latent.autoencoder, device, step)
     check_latent_config(cfg, ae_cfg)
-    source = {"autoencoder": cfg.latent.autoencoder, "step": step, "data": vars(cfg.data)}
+    manifest = ckpt._candidates(Path(cfg.latent.autoencoder) / ckpt.CHECKPOINTS)[step] / ckpt.MANIFEST
+    source = {"autoencoder": cfg.latent.autoencoder, "step": step, "data": vars(cfg.data),  # the weights by their hashes
+              "weights": hashlib.sha256(manifest.read_bytes()).hexdigest(), "n": len(dataset)}
     unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
-    if not cfg.latent.cache:
-        sample = encode_dataset(dataset, unscaled, None, source) if not cfg.latent.scale_factor else None
+    if not cfg.latent.cache:  # the scale estimated on what trains: seeded posterior samples (Rombach et al. 2022, app. D.1)
+        sampled = EncodingDataset(dataset, unscaled)
+        sample = None if cfg.latent.scale_factor else torch.cat(
+            [sampled.batch(torch.arange(lo, min(lo + ENCODE_BATCH, len(dataset))))[0].cpu()
+             for lo in range(0, len(dataset), ENCODE_BATCH)])
     else:
         sample = encode_dataset(dataset, unscaled, run_dir / "latents.safetensors", source)
     if not cfg.latent.scale_factor:

@@ -139,7 +139,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
 
     `cond` is a condition dict (condition.py) of the network, each value batched (n, ...); `labels` (n,) (or one
     label for all) is short for cond["label"]. Guidance w > 0 applies classifier-free guidance of cond against
-    `uncond` (default: every key of cond at its null value, the network's `condition_spec.null`), or, with
+    `uncond` (every key of cond that uncond does not give at its null value, the network's `condition_spec.null`; a
+    negative prompt gives "text" and leaves a label null), or, with
     `classifier` (x_t, model_time) -> logits, classifier guidance towards `labels` at scale w (the denoiser may then
     be unconditional). `guidance_interval` (lo, hi) limits classifier-free guidance to the noise levels
     sigma_t / alpha_t in (lo, hi] (Kynkaanniemi et al. 2024), which also saves the unconditional call outside it. The guided x_0 is
@@ -241,10 +242,11 @@ def chunk_seed(seed: int, k: int) -> int:
 
 
 def generate_in_chunks(denoiser, n: int, shape: tuple[int, ...], *, chunk: int | None = None, seed: int = 0,
-                       labels: Tensor | None = None, cond: dict | None = None, **kw) -> Tensor:
+                       labels: Tensor | None = None, cond: dict | None = None, uncond: dict | None = None,
+                       **kw) -> Tensor:
     """`generate` for n samples in chunks of at most `chunk` (None: all at once), so that 50,000 samples for a
-    published FID fit in memory. Chunk k is drawn with seed `chunk_seed(seed, k)`; labels (n,) and each cond value
-    (n, ...) are split alike. Returns (n, C, H, W) on the CPU. Raises ValueError for chunk < 1, and as `generate`."""
+    published FID fit in memory. Chunk k is drawn with seed `chunk_seed(seed, k)`; labels (n,) and each cond and
+    uncond value (n, ...) are split alike. Returns (n, C, H, W) on the CPU. Raises ValueError for chunk < 1, and as `generate`."""
     chunk = n if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"the chunk size must be >= 1, got {chunk}")
@@ -254,7 +256,8 @@ def generate_in_chunks(denoiser, n: int, shape: tuple[int, ...], *, chunk: int |
     for k, lo in enumerate(range(0, n, chunk)):
         m = min(chunk, n - lo)
         part = {key: v[lo:lo + m] for key, v in (cond or {}).items()} or None
-        out.append(generate(denoiser, m, shape, seed=chunk_seed(seed, k), cond=part,
+        null = None if uncond is None else {key: v[lo:lo + m] for key, v in uncond.items()}
+        out.append(generate(denoiser, m, shape, seed=chunk_seed(seed, k), cond=part, uncond=null,
                             labels=None if labels is None else labels[lo:lo + m], **kw).cpu())
     return torch.cat(out)
 
@@ -289,10 +292,10 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
         return Conditioned(denoiser, **cond)
     if not cond:
         raise ValueError("guidance needs a condition to guide towards (e.g. --label 7)")
-    if uncond is None:
-        if spec is None:
-            raise ValueError("classifier-free guidance of a network without a condition_spec needs uncond, the null condition")
-        uncond = spec.null(cond)
+    if uncond is None and spec is None:
+        raise ValueError("classifier-free guidance of a network without a condition_spec needs uncond, the null condition")
+    if spec is not None:  # every condition not given an unconditional value (a negative prompt) at its null
+        uncond = {**spec.null(cond), **(uncond or {})}
     return ClassifierFreeGuidance(denoiser, guidance, cond, {k: torch.as_tensor(v, device=device) for k, v in uncond.items()},
                                   interval)
 

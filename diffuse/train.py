@@ -352,7 +352,7 @@ class Trainer:
             t = self.denoiser.schedule.sample_t(B, self.generator)  # Algorithm 1, line 3 (or the process's own p(t))
         eps = torch.randn((B, *self.space.shape), generator=self.generator)
         if cfg.train.offset_noise > 0:  # offset noise: a per-image, per-channel constant added to eps (Guttenberg 2023)
-            eps = eps + cfg.train.offset_noise * torch.randn((B, cfg.data.channels, 1, 1), generator=self.generator)
+            eps = eps + cfg.train.offset_noise * torch.randn((B, self.space.shape[0], 1, 1), generator=self.generator)
         if cfg.train.hflip:
             x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
         augment = None

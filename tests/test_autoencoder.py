@@ -24,6 +24,7 @@ from diffuse.autoencoder import (
     hinge_d_loss,
     hinge_g_loss,
     latent_scale_factor,
+    nearest_code,
     perplexity,
     psnr,
 )
@@ -351,3 +352,15 @@ def test_bad_config_values_name_the_field(field, value):
         check_config(cfg)
     with pytest.raises(ValueError, match="autoencoder"):
         Autoencoder(cfg, 1)
+
+
+def test_nearest_code_is_exact_under_bf16_autocast():
+    # the distance expansion in bf16 loses the small cross term; the assignment is computed in fp32 regardless
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(4096, 4, generator=g), torch.randn(256, 4, generator=g) * 0.5
+    want = torch.cdist(z.double(), codebook.double()).argmin(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_code(z, codebook)
+        bf16 = (z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)[None]).argmin(1)
+    assert torch.equal(got, want)
+    assert (bf16 != want).any()  # what the expansion would have assigned in bf16: the case is a real one

@@ -193,6 +193,31 @@ def test_latent_run_pins_its_autoencoder_checkpoint(tmp_path):
         space(load_config(run / "config.toml"))
 
 
+def test_offset_noise_is_drawn_per_latent_channel(tmp_path):
+    # a latent run's eps has the latent's channels: 3-channel shapes, 2-channel latents (an offset of the data's 3
+    # channels would not even broadcast)
+    rgb = ["data.source=shapes", "data.crops=32", "data.image_size=16", "data.channels=3"]
+    train(ae_cfg(*rgb, "autoencoder.disc_weight=0", "train.steps=2"), tmp_path / "ae", progress=False)
+    train(ldm_cfg(tmp_path / "ae", *rgb, "model.class_conditional=false", "train.condition_dropout={}",
+                  "train.offset_noise=0.1", "train.steps=2"), tmp_path / "ldm", progress=False)
+    assert ckpt.latest_step(tmp_path / "ldm") == 2
+
+
+def test_uncached_latents_scale_to_unit_variance_of_posterior_samples(tmp_path, ae_run):
+    # latent.cache = false trains on posterior samples mu + sigma eps, so the scale is 1 / their std (LDM app. D.1),
+    # not 1 / std(mu)
+    run = tmp_path / "ldm"
+    train(ldm_cfg(ae_run, "latent.cache=false", "train.steps=1"), run, progress=False)
+    s = load_config(run / "config.toml").latent.scale_factor
+    _, ae = load_autoencoder(ae_run)
+    x, _ = load_dataset(load_config(run / "config.toml").data).batch(torch.arange(1797))
+    with torch.no_grad():
+        q = ae.posterior(x)
+    var = q.mean.double().var(correction=0) + q.std.double().pow(2).mean()  # var(mu + sigma eps) over the data
+    assert s == pytest.approx(float(var.rsqrt()), rel=0.01)
+    assert s < 1 / float(q.mean.double().std())  # smaller than the modes' scale: the posterior's own variance counts
+
+
 def test_cli_samples_are_the_decoded_latents(ldm_run, tmp_path):
     out = tmp_path / "x.npy"
     assert main(["sample", str(ldm_run), "--n", "3", "--seed", "5", "--out", str(out)]) == 0

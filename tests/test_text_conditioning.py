@@ -116,6 +116,36 @@ def test_cli_prompt_and_negative_prompt(text_run, tmp_path, capsys):
     assert not any((tmp_path / f"{k}.png").exists() for k in "cdef")
 
 
+def test_a_negative_prompt_is_split_with_the_chunks(text_run, tmp_path):
+    # generate_in_chunks splits uncond as it splits cond: chunk 0 of --n 5 --batch-size 2 is the --n 2 draw
+    import numpy as np
+
+    flags = ["sample", str(text_run), "--prompt", "a red circle", "--negative-prompt", "a blue square", "--batch-size", "2"]
+    assert main(flags + ["--n", "5", "--out", str(tmp_path / "five.npy")]) == 0
+    assert main(flags + ["--n", "2", "--out", str(tmp_path / "two.npy")]) == 0
+    five, two = np.load(tmp_path / "five.npy"), np.load(tmp_path / "two.npy")
+    assert five.shape == (5, 3, 16, 16)
+    np.testing.assert_array_equal(five[:2], two)
+
+
+def test_a_negative_prompt_leaves_the_other_conditions_null(tmp_path):
+    # a model of captions and classes: the unconditional branch is every condition at its null except the caption,
+    # which the negative prompt replaces (the label is not guided away from)
+    run = tmp_path / "both"
+    train(text_cfg("data.source=digits", "data.crops=4096", "data.channels=1", "model.class_conditional=true",
+                   "train.condition_dropout={text = 0.5, label = 0.5}"), run, progress=False)
+    _, den, _ = load_run(run)
+    tok, spec = den.net.text_encoder.tokenize, den.net.condition_spec
+    cond = {"text": tok(["a handwritten seven"] * 2), "label": torch.tensor([7, 7])}
+    kw = dict(sampler="dpmpp-2m", steps=3, guidance=2.0, seed=1)
+    got = generate(den, 2, (1, 16, 16), cond=cond, uncond={"text": tok(["a handwritten one"] * 2)}, **kw)
+    want = generate(den, 2, (1, 16, 16), cond=cond,
+                    uncond={"text": tok(["a handwritten one"] * 2), "label": spec.null(cond)["label"]}, **kw)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert main(["sample", str(run), "--label", "7", "--prompt", "a handwritten seven", "--negative-prompt",
+                 "a handwritten one", "--n", "2", "--out", str(tmp_path / "x.png")]) == 0
+
+
 def test_text_model_needs_captions_and_text_dropout_for_guidance(tmp_path):
     with pytest.raises(ValueError, match="captioned images"):
         Trainer(text_cfg("data.source=photos", "data.crops=8"), tmp_path / "a", progress=False)
