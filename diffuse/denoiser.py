@@ -166,11 +166,13 @@ class Denoiser:
 
     `net` is an nn.Module or any callable, e.g. a plain function (x_t, t) -> eps for tests with
     analytic answers; it receives the schedule's `model_time(t)` (the 0-based step index).
-    Calling the denoiser takes continuous t in [0, 1] (a scalar or one per example).
+    Calling the denoiser takes continuous t in [0, 1] (a scalar or one per example). `bounded`: the data x_0 lies
+    in [-1, 1] (images), so `generate` clips the x_0 prediction by default; False for latents (Rombach et al. 2022),
+    which have no such range.
     """
 
     def __init__(self, net: Callable[..., Tensor], schedule: NoiseSchedule, prediction: PredictionType = "eps",
-                 learned_variance: bool = False, sigma_data: float = 0.5):
+                 learned_variance: bool = False, sigma_data: float = 0.5, bounded: bool = True):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTION_TYPES)}, got {prediction!r}")
         if not sigma_data > 0:
@@ -184,6 +186,7 @@ class Denoiser:
         self.prediction = prediction
         self.learned_variance = learned_variance
         self.sigma_data = sigma_data  # the data's std, for the "edm" preconditioning (EDM: 0.5)
+        self.bounded = bounded  # x_0 lies in [-1, 1] (images), so samplers may clip it; latents (latent.py) do not
 
     def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
         """The network's own output at (x_t, t), one time per example, and variance_mix (None without a learned variance)."""

@@ -58,7 +58,8 @@ def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
     return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
-                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data)
+                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data,
+                    bounded=not cfg.latent.autoencoder)
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
@@ -128,7 +129,7 @@ def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torc
 
 @torch.no_grad()
 def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim", steps: int | None = 50,
-             spacing: str | None = None, clip: bool = True, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
+             spacing: str | None = None, clip: bool | None = None, dynamic_threshold: float = 0.0, labels: Tensor | None = None,
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
              grid: Tensor | None = None, guidance_interval: tuple[float, float] | None = None, **options) -> Tensor:
@@ -144,7 +145,9 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     `classifier` (x_t, model_time) -> logits, classifier guidance towards `labels` at scale w (the denoiser may then
     be unconditional). `guidance_interval` (lo, hi) limits classifier-free guidance to the noise levels
     sigma_t / alpha_t in (lo, hi] (Kynkaanniemi et al. 2024), which also saves the unconditional call outside it. The guided x_0 is
-    dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped if `clip`.
+    dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped to [-1, 1] if `clip` (None: if the
+    denoiser's data are bounded, `Denoiser.bounded`, i.e. images and not latents; ValueError for clipping or
+    thresholding an unbounded denoiser's x_0).
     `options` are sampler options (eta, variance, s_churn, ...), checked (samplers.OPTIONS); those the
     sampler does not take are ignored, so a config's defaults can be passed to any sampler.
 
@@ -205,6 +208,11 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
     den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
+    bounded = getattr(denoiser, "bounded", True)
+    clip = bounded if clip is None else clip
+    if not bounded and (clip or dynamic_threshold):
+        raise ValueError("clip / dynamic_threshold hold x_0 to [-1, 1], and this denoiser's data (latents) have no such "
+                         "range; pass clip=False and dynamic_threshold=0 (or leave clip out)")
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:

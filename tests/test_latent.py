@@ -193,6 +193,18 @@ def test_latent_run_pins_its_autoencoder_checkpoint(tmp_path):
         space(load_config(run / "config.toml"))
 
 
+def test_a_latent_denoiser_is_never_clipped_by_default(ldm_run):
+    # the library's own default (generate's clip) follows the data: images are clipped to [-1, 1], latents are not
+    cfg, den, _ = load_run(ldm_run)
+    assert den.bounded is False
+    s, kw = space(cfg), dict(sampler="ddim", steps=3, labels=torch.arange(2), seed=2)
+    default = generate(den, 2, s.shape, **kw)
+    torch.testing.assert_close(default, generate(den, 2, s.shape, clip=False, **kw), atol=0, rtol=0)
+    for bad in (dict(clip=True), dict(dynamic_threshold=0.99)):
+        with pytest.raises(ValueError, match="no such range; pass clip=False and dynamic_threshold=0"):
+            generate(den, 2, s.shape, **bad, **kw)
+
+
 def test_offset_noise_is_drawn_per_latent_channel(tmp_path):
     # a latent run's eps has the latent's channels: 3-channel shapes, 2-channel latents (an offset of the data's 3
     # channels would not even broadcast)
