@@ -578,28 +578,29 @@ class LatentDataset:
         return self.latents[idx], cond
 
 
-def encode_dataset(dataset, latent_space: LatentSpace, cache: Path | None, source: dict) -> Tensor:
-    """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode). With
-    `cache`, they are read from that safetensors file when it was written for the same `source` (the autoencoder run,
-    its checkpoint step, the scale and the data config), else computed and written there (atomically)."""
+def _in_batches(dataset):
+    """The images (or latents) of every item of a dataset with the data.ImageDataset interface, in order, ENCODE_BATCH
+    at a time."""
+    return (dataset.batch(idx)[0] for idx in torch.arange(len(dataset)).split(ENCODE_BATCH))
+
+
+def encode_dataset(dataset, latent_space: LatentSpace, cache: Path, source: dict) -> Tensor:
+    """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode), read from
+    the safetensors file `cache` when it was written for the same `source` (the autoencoder run, its checkpoint and
+    its weights' hash, the data config), else computed and written there (atomically)."""
     from safetensors.torch import load_file, save
 
     key = json.dumps(source, sort_keys=True)
-    if cache is not None and cache.is_file():
+    if cache.is_file():
         try:
             stored = load_file(cache)
             if bytes(stored["source"].tolist()).decode() == key and len(stored["latents"]) == len(dataset):
                 return stored["latents"]
         except Exception as e:  # a damaged cache is rebuilt, not trusted
             warnings.warn(f"the latent cache {cache} could not be read ({type(e).__name__}: {e}); encoding again")
-    parts = []
-    for lo in range(0, len(dataset), ENCODE_BATCH):
-        x, _ = dataset.batch(torch.arange(lo, min(lo + ENCODE_BATCH, len(dataset))))
-        parts.append(latent_space.encode(x).cpu())
-    latents = torch.cat(parts).contiguous()
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomically(cache, save({"latents": latents, "source": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
+    latents = torch.cat([latent_space.encode(x).cpu() for x in _in_batches(dataset)]).contiguous()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_atomically(cache, save({"latents": latents, "source": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
     return latents
 
 
@@ -616,10 +617,8 @@ def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, save
               "weights": hashlib.sha256(manifest.read_bytes()).hexdigest(), "n": len(dataset)}
     unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
     if not cfg.latent.cache:  # the scale estimated on what trains: seeded posterior samples (Rombach et al. 2022, app. D.1)
-        sampled = EncodingDataset(dataset, unscaled)
         sample = None if cfg.latent.scale_factor else torch.cat(
-            [sampled.batch(torch.arange(lo, min(lo + ENCODE_BATCH, len(dataset))))[0].cpu()
-             for lo in range(0, len(dataset), ENCODE_BATCH)])
+            [z.cpu() for z in _in_batches(EncodingDataset(dataset, unscaled))])
     else:
         sample = encode_dataset(dataset, unscaled, run_dir / "latents.safetensors", source)
     if not cfg.latent.scale_factor:

@@ -207,12 +207,12 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         x_T = x_T * schedule.prior_std
     if start is not None:
         x_T = start[0].to(device=device, dtype=x_T.dtype)
-    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
     bounded = getattr(denoiser, "bounded", True)
     clip = bounded if clip is None else clip
     if not bounded and (clip or dynamic_threshold):
         raise ValueError("clip / dynamic_threshold hold x_0 to [-1, 1], and this denoiser's data (latents) have no such "
                          "range; pass clip=False and dynamic_threshold=0 (or leave clip out)")
+    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:

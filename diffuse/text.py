@@ -25,6 +25,8 @@ attend something. A caption that needs more than M tokens is a ValueError, never
 
 from __future__ import annotations
 
+import abc
+
 from collections import OrderedDict
 
 import torch
@@ -40,8 +42,8 @@ _MODELS: dict[str, nn.Module] = {}  # name -> the frozen SentenceTransformer, he
 _ROWS: OrderedDict[tuple[str, str, bytes], Tensor] = OrderedDict()  # (name, device, the row's real ids) -> (L, dim)
 
 
-class TextEncoder(nn.Module):
-    """tau_theta: captions -> token ids (tokenize) -> token states and their mask (forward).
+class TextEncoder(nn.Module, metaclass=abc.ABCMeta):
+    """An abstract base (CharEncoder, MiniLMEncoder implement it). tau_theta: captions -> token ids (tokenize) -> token states and their mask (forward).
 
     dim         d_tau, the width of the token states (the U-Net's model.context_dim)
     max_tokens  M, the tokens per caption, special tokens included
@@ -58,14 +60,14 @@ class TextEncoder(nn.Module):
         more than M tokens, and for anything but a non-empty list of strings."""
         return _pad([self.encode_ids(c) for c in _check_captions(captions)], captions, self.max_tokens, self.unit)
 
+    @abc.abstractmethod
     def encode_ids(self, caption: str) -> list[int]:
         """The ids of one caption, special tokens included, before padding."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) int64 ids, L <= M (tokenize gives L = M) -> context (B, L, dim) float32, zero at padding, and
         mask (B, L) bool, True at real tokens."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"max_tokens={self.max_tokens}, dim={self.dim}"

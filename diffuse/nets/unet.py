@@ -209,8 +209,9 @@ class UNet(nn.Module):
     embedding (with a null label for classifier-free guidance), `image` (B, cond_channels, H, W) concatenated to
     x_t (Saharia et al. 2021, SR3), `scalars` (B, k) embedded like the time and added, `context` (B, M, d) [and
     `context_mask` (B, M)] attended by cross-attention at cross_attention_resolutions (Rombach et al. 2022, sec.
-    3.3) or, with a text_encoder, `text` (B, max_tokens) token ids that it turns into that context, and with self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to
-    x_t (zeros when absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
+    3.3) or, with a text_encoder, `text` (B, max_tokens) token ids that it turns into that context, and with
+    self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to x_t (zeros when
+    absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
     augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent). A key the model does not take, or a missing one, is a ValueError
     naming it.
     """
