@@ -1,7 +1,7 @@
 """Issue 19, "half the demo's FID in the same 10 minutes, and 1,000 samples several times faster": today's demo recipe
 (configs/mnist_cond_vp.toml, a frozen copy of configs/mnist_cond.toml before the issue) against the demo's recipe now
-(configs/mnist_cond.toml, with train.mixed_precision "auto": bf16 autocast on CPUs with native bf16), and the new
-recipe in fp32, trained one after the other for --budget seconds each in one run.
+(configs/mnist_cond.toml, with train.mixed_precision and sample.mixed_precision "auto": bf16 autocast on CPUs with
+native bf16), and the new recipe in fp32, trained one after the other for --budget seconds each in one run.
 
 For each recipe, as `diffuse demo` and `diffuse sample RUN --n 1000` do it: train; rebuild the post-hoc EMA the demo
 samples with (demo.DEMO_SIGMA_REL) when the recipe tracks one; draw --n samples with the run's default sampler, labels
@@ -9,7 +9,12 @@ samples with (demo.DEMO_SIGMA_REL) when the recipe tracks one; draw --n samples 
 sample.CHUNK). Prints training steps and images/s, the forward rate inside a training step (3 x images/s: the
 backward pass costs about two forwards), sampling seconds, network images x steps per second in sampling, FID against
 the 5,000 bundled digits in the digit-classifier feature space (samples rounded to 8 bits), the classifier's accuracy
-on the intended labels and its class histogram.
+on the intended labels and its class histogram. A "real" row scores --n real digits (the same share of each class
+as the samples have) the same way: against the 5,000 (a subset of the reference, as a model that copied its training
+digits would score) and against the other digits (as new digits of the same distribution would score, roughly: the
+reference is then smaller). Then --speed-rounds rounds of --speed-steps training steps of each recipe, interleaved
+(today, now, now-fp32, today, ...), for a training-speed ratio that the machine's drift over half an hour does not
+bias.
 
     python bench/cpu_budget.py --budget 480 --n 1000 --out bench/out/cpu_budget
 
@@ -38,9 +43,11 @@ from diffuse.visualize import to_uint8
 ROOT = Path(__file__).resolve().parents[1]
 # (config, overrides, sampling chunk: None = all at once). Today's recipe trained in fp32 ("auto" meant fp32 on CPUs);
 # now "auto" is bf16 autocast on CPUs with native bf16 (AMX, AVX512-BF16), and "now-fp32" shows what that adds.
-RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", ["train.mixed_precision=no"], None),
+# Today's recipe also sampled in fp32 (sample.mixed_precision did not exist).
+FP32 = ["train.mixed_precision=no", "sample.mixed_precision=no"]
+RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", FP32, None),
            "now": (ROOT / "configs" / "mnist_cond.toml", [], CHUNK),
-           "now-fp32": (ROOT / "configs" / "mnist_cond.toml", ["train.mixed_precision=no"], CHUNK)}
+           "now-fp32": (ROOT / "configs" / "mnist_cond.toml", FP32, CHUNK)}
 
 
 def train_recipe(config: Path, overrides: list[str], run: Path, budget: float) -> dict:
@@ -53,15 +60,64 @@ def train_recipe(config: Path, overrides: list[str], run: Path, budget: float) -
     return {"train_steps": log[-1]["step"], "train_img_s": round(img_s, 1), "train_forward_img_s": round(3 * img_s, 1)}
 
 
+def real_row(real: torch.Tensor, labels: torch.Tensor, n: int, classifier) -> dict:
+    """n real digits, n / 10 of each class (as the samples are drawn), scored as samples are: FID against all the
+    real digits (they are among them) and against the others, the classifier's accuracy and histogram."""
+    g = torch.Generator().manual_seed(0)
+    picked = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:n // 10]]
+                        for c in range(10)])
+    rest = torch.ones(len(real), dtype=torch.bool)
+    rest[picked] = False
+    x = real[picked]
+    with torch.no_grad():
+        predicted = classifier(x).argmax(1)
+    return {"recipe": "real digits", "n": len(x), "fid": round(fid(real, x, classifier), 2),
+            "fid_against_the_others": round(fid(real[rest], x, classifier), 2),
+            "accuracy": round(float((predicted == labels[picked]).double().mean()), 4),
+            "histogram": torch.bincount(predicted, minlength=10).tolist()}
+
+
+def interleaved_speed(names: list[str], rounds: int, steps: int) -> None:
+    """Training images/s of each recipe in `rounds` interleaved rounds of `steps` steps (after 10 warm-up steps), one
+    JSON line per round and one with the medians and their ratios to today's."""
+    import statistics
+    import tempfile
+
+    from diffuse.train import Trainer
+
+    trainers = {}
+    for name in names:
+        config, overrides, _ = RECIPES[name]
+        trainers[name] = Trainer(apply_overrides(load_config(config), overrides), tempfile.mkdtemp(), progress=False)
+        for _ in range(10):
+            trainers[name].train_step()
+    rates = {name: [] for name in names}
+    for k in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            rates[name].append(steps * trainer.cfg.train.batch_size / (time.perf_counter() - start))
+        print(json.dumps({"speed_round": k, **{name: round(r[-1], 1) for name, r in rates.items()}}), flush=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(json.dumps({"speed_median_img_s": {n: round(m, 1) for n, m in medians.items()},
+                      "ratio_to_today": {n: round(m / medians["today"], 3) for n, m in medians.items() if "today" in medians}}),
+          flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--budget", type=float, default=480)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_budget"))
     p.add_argument("--only", choices=list(RECIPES), help="one recipe (default: all, in this order)")
+    p.add_argument("--speed-rounds", type=int, default=5, help="interleaved training-speed rounds after the runs (0: none)")
+    p.add_argument("--speed-steps", type=int, default=60, help="training steps per recipe and round")
     args = p.parse_args()
     classifier = digit_classifier()
-    real = None
+    data = load_dataset(load_config(RECIPES["now"][0]).data)
+    real = torch.stack([x for x, _ in data])
+    print(json.dumps(real_row(real, torch.stack([c["label"] for _, c in data]), args.n, classifier)), flush=True)
     for name, (config, overrides, chunk) in RECIPES.items():
         if args.only and name != args.only:
             continue
@@ -71,8 +127,6 @@ def main() -> None:
         weights = write_run(run, DEMO_SIGMA_REL, run / "posthoc_ema") if cfg.train.posthoc_ema else run
         cfg, den, num_classes = load_run(weights)
         d, s = cfg.data, cfg.sample
-        if real is None:
-            real = torch.stack([x for x, _ in load_dataset(d)])
         labels = torch.arange(args.n) % num_classes
         for w in (s.guidance, 0.0):
             counted = CountCalls(den)
@@ -83,13 +137,16 @@ def main() -> None:
             x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 predicted = classifier(x).argmax(1)
-            print(json.dumps({**row, "sampler": s.sampler, "sample_steps": s.steps, "guidance": w,
+            print(json.dumps({**row, "sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision,
+                              "guidance": w,
                               "interval": list(s.guidance_interval) if w else [], "chunk": chunk or args.n,
                               "sample_s": round(seconds, 1), "net_images_per_call": counted.images / max(counted.calls, 1),
                               "sample_forward_img_s": round(counted.images / seconds, 1),
                               "fid": round(fid(real, x, classifier), 2),
                               "accuracy": round(float((predicted == labels).double().mean()), 4),
                               "histogram": torch.bincount(predicted, minlength=num_classes).tolist()}), flush=True)
+    if args.speed_rounds > 0:
+        interleaved_speed([n for n in RECIPES if not args.only or n == args.only], args.speed_rounds, args.speed_steps)
 
 
 if __name__ == "__main__":

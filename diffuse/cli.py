@@ -122,7 +122,7 @@ def _sampling(args, n: int):
 
     from .samplers import CountCalls
     from .latent import check_same_space, space
-    from .sample import check_guidance, default_labels, load_classifier, load_run, prompt_condition, run_config
+    from .sample import autocast_dtype, check_guidance, default_labels, load_classifier, load_run, prompt_condition, run_config
 
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
     s = cfg.sample
@@ -155,6 +155,7 @@ def _sampling(args, n: int):
     if args.classifier is not None:  # it must read what this run diffuses (pixels, or the same latents)
         check_same_space(cfg, run_config(args.classifier), f"the classifier {args.classifier}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_dtype(args.mixed_precision or s.mixed_precision, device, "--mixed-precision")  # fp16 on a CPU fails here
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     latent_space = space(cfg, device)
     text_cond = {} if prompt is None else prompt_condition(den, n, prompt, negative, device)
@@ -179,7 +180,8 @@ def _sampling(args, n: int):
                unit="step", desc=sampler)
     kw = dict(sampler=sampler, steps=steps, spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn,
               labels=labels, guidance=guidance, guidance_interval=interval or None, classifier=classifier, seed=args.seed, device=device,
-              callback=lambda step: bar.update(1), **text_cond, **options)
+              mixed_precision=args.mixed_precision or s.mixed_precision, callback=lambda step: bar.update(1), **text_cond,
+              **options)
     return cfg, counted, kw, bar, latent_space
 
 
@@ -429,6 +431,8 @@ def _eval(args) -> None:
             kw["guidance"] = args.guidance
         if args.guidance_interval is not None:
             kw["guidance_interval"] = args.guidance_interval or None
+        if args.mixed_precision is not None:
+            kw["mixed_precision"] = args.mixed_precision
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
         cond = task_cond or (task_text if cfg.model.text_encoder else None)
         fake = latent_space.decode(generate_in_chunks(
@@ -469,7 +473,8 @@ def _eval_autoencoder(args, cfg, device) -> None:
 
     from .latent import evaluate_autoencoder
 
-    sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "real", "rtol", "vlb_samples")
+    sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "real", "rtol",
+                            "vlb_samples")
                 if getattr(args, f, None) is not None]
     if sampling or args.no_ema or args.metric not in (None, "recon"):
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in sampling) or ("--no-ema" if args.no_ema else f"--metric {args.metric}")
@@ -487,7 +492,7 @@ def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None
         unused += [(f, f"{sampler} chooses its own steps (set its tolerance with --opt rtol=...)") for f in ("steps", "spacing")]
     if metric in ("nll", "vlb"):
         unused += [(f, f"--metric {metric} measures real images and draws no samples")
-                   for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "features")]
+                   for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "features")]
     if metric is not None and metric != "nll":
         unused.append(("rtol", "only --metric nll solves an ODE"))
     if metric is not None and metric != "vlb":
@@ -535,6 +540,11 @@ def device_arg(text: str) -> str:
     return text
 
 
+MIXED_PRECISION_HELP = ("the network under autocast while sampling (the sampler steps in float32): auto (bf16 on GPUs and "
+                        "CPUs with native bf16: AMX, AVX512-BF16), no (float32), bf16, fp16 (CUDA); default: the run's "
+                        "sample.mixed_precision")
+
+
 def _sampling_flags(s: argparse.ArgumentParser) -> None:
     """The flags of `sample` and `edit`: sampler, grid, options, class and guidance, thresholding, seed, weights, device, out."""
     s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
@@ -554,6 +564,7 @@ def _sampling_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--negative-prompt", metavar="TEXT", help="guide away from this caption instead of the empty one (needs "
                                                              "--prompt and guidance > 0)")
     s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
+    s.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], help=MIXED_PRECISION_HELP)
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -641,6 +652,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=number(low=0), help="classifier-free guidance weight (default: the run's)")
     e.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
                    help="guide only at noise levels sigma/alpha in (LO, HI]; all: every level (default: the run's)")
+    e.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], help="fid/kid/is/pr: " + MIXED_PRECISION_HELP)
     e.add_argument("--rtol", type=number(low=0, above=True, high=1), help="nll: the ODE solver's tolerance (default 1e-5)")
     e.add_argument("--vlb-samples", type=number(int, low=1), help="vlb: estimate from this many random steps (default: all T terms)")
     e.add_argument("--seed", type=SEED, default=0)

@@ -55,6 +55,8 @@ class SampleConfig:
     guidance_interval: list[float] = field(default_factory=list)  # [lo, hi]: guide only where sigma/alpha is in (lo, hi]
     #                                                          (Kynkaanniemi et al. 2024); [] = at every noise level
     n: int = 64                                              # images in periodic sample grids
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # the network under autocast while sampling (the sampler
+    #                                                          steps in float32); auto: bf16 on GPUs and CPUs with native bf16
 
 
 TaskKind = Literal["none", "superres", "colorize", "inpaint", "uncrop", "jpeg"]

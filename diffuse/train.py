@@ -41,6 +41,7 @@ from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from .nets.unet import ShardedDropout
 from .posthoc_ema import SIGMA_REL_MAX, PowerEMA, snapshot_steps
 from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
+    autocast_dtype, cpu_has_native_bf16,
     build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
 from .samplers import SAMPLERS
 from .tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
@@ -95,25 +96,9 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles or AVX512-BF16), where oneDNN runs bf16
-    convolutions faster than fp32. Elsewhere bf16 is emulated and slower. False when torch cannot tell (torch < 2.3)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(check() for check in checks if check is not None)
-
-
 def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of train.mixed_precision on `device`: None for fp32. "auto" is bf16 on GPUs with bf16 support
-    and on CPUs with native bf16 (cpu_has_native_bf16; 1.2-1.3x the demo's training images/s on an AMX Xeon,
-    bench/RESULTS.md "CPU budget"), fp32 elsewhere. Raises ValueError for fp16 on a CPU."""
-    if mode == "no":
-        return None
-    if mode == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_native_bf16()
-        return torch.bfloat16 if native else None
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.mixed_precision = 'fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    """The autocast dtype of train.mixed_precision on `device` (sample.autocast_dtype)."""
+    return autocast_dtype(mode, device, "train.mixed_precision")
 
 
 class Captioned:

@@ -402,7 +402,10 @@ def test_batch_must_divide_among_processes(digits):
 # --- mixed precision ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: native)
+    import diffuse.sample as sample_mod
+
+    monkeypatch.setattr(sample_mod, "cpu_has_native_bf16", lambda: native)
+    assert sample_mod.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)  # sampling reads the same rule
     assert train_mod._autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
     assert train_mod._autocast_dtype("no", torch.device("cpu")) is None
     assert train_mod._autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
