@@ -4,9 +4,9 @@
 native bf16), and the new recipe in fp32, trained one after the other for --budget seconds each in one run.
 
 For each recipe, as `diffuse demo` and `diffuse sample RUN --n 1000` do it: train; rebuild the post-hoc EMA the demo
-samples with (demo.DEMO_SIGMA_REL) when the recipe tracks one; draw --n samples with the run's default sampler, labels
-0..9 in turn, at the recipe's guidance and without guidance, in the chunks the CLI uses (today: all at once; now:
-sample.CHUNK). Prints training steps and images/s, the forward rate inside a training step (3 x images/s: the
+samples with (today: sigma_rel 0.03, the demo's then; now: demo.DEMO_SIGMA_REL); draw --n samples with the run's
+default sampler, labels 0..9 in turn, at the recipe's guidance and without guidance (and, for the new recipe, at each
+weight of --guidance-grid), in the chunks the CLI uses (today: all at once; now: sample.CHUNK). Prints training steps and images/s, the forward rate inside a training step (3 x images/s: the
 backward pass costs about two forwards), sampling seconds, network images x steps per second in sampling, FID against
 the 5,000 bundled digits in the digit-classifier feature space (samples rounded to 8 bits), the classifier's accuracy
 on the intended labels and its class histogram. A "real" row scores --n real digits (the same share of each class
@@ -43,11 +43,12 @@ from diffuse.visualize import to_uint8
 ROOT = Path(__file__).resolve().parents[1]
 # (config, overrides, sampling chunk: None = all at once). Today's recipe trained in fp32 ("auto" meant fp32 on CPUs);
 # now "auto" is bf16 autocast on CPUs with native bf16 (AMX, AVX512-BF16), and "now-fp32" shows what that adds.
-# Today's recipe also sampled in fp32 (sample.mixed_precision did not exist).
+# Today's recipe also sampled in fp32 (sample.mixed_precision did not exist). (config, overrides, sampling chunk,
+# post-hoc EMA length)
 FP32 = ["train.mixed_precision=no", "sample.mixed_precision=no"]
-RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", FP32, None),
-           "now": (ROOT / "configs" / "mnist_cond.toml", [], CHUNK),
-           "now-fp32": (ROOT / "configs" / "mnist_cond.toml", FP32, CHUNK)}
+RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", FP32, None, 0.03),
+           "now": (ROOT / "configs" / "mnist_cond.toml", [], CHUNK, DEMO_SIGMA_REL),
+           "now-fp32": (ROOT / "configs" / "mnist_cond.toml", FP32, CHUNK, DEMO_SIGMA_REL)}
 
 
 def train_recipe(config: Path, overrides: list[str], run: Path, budget: float) -> dict:
@@ -87,7 +88,7 @@ def interleaved_speed(names: list[str], rounds: int, steps: int) -> None:
 
     trainers = {}
     for name in names:
-        config, overrides, _ = RECIPES[name]
+        config, overrides = RECIPES[name][:2]
         trainers[name] = Trainer(apply_overrides(load_config(config), overrides), tempfile.mkdtemp(), progress=False)
         for _ in range(10):
             trainers[name].train_step()
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_budget"))
     p.add_argument("--only", choices=list(RECIPES), help="one recipe (default: all, in this order)")
+    p.add_argument("--guidance-grid", default="2,2.5", help="more guidance weights for the new recipe (comma-separated)")
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved training-speed rounds after the runs (0: none)")
     p.add_argument("--speed-steps", type=int, default=60, help="training steps per recipe and round")
     args = p.parse_args()
@@ -118,17 +120,18 @@ def main() -> None:
     data = load_dataset(load_config(RECIPES["now"][0]).data)
     real = torch.stack([x for x, _ in data])
     print(json.dumps(real_row(real, torch.stack([c["label"] for _, c in data]), args.n, classifier)), flush=True)
-    for name, (config, overrides, chunk) in RECIPES.items():
+    for name, (config, overrides, chunk, sigma_rel) in RECIPES.items():
         if args.only and name != args.only:
             continue
         run = Path(args.out) / name
         row = {"recipe": name, **train_recipe(config, overrides, run, args.budget)}
         cfg = load_config(run / "config.toml")
-        weights = write_run(run, DEMO_SIGMA_REL, run / "posthoc_ema") if cfg.train.posthoc_ema else run
+        weights = write_run(run, sigma_rel, run / f"posthoc_ema_{sigma_rel}") if cfg.train.posthoc_ema else run
         cfg, den, num_classes = load_run(weights)
         d, s = cfg.data, cfg.sample
         labels = torch.arange(args.n) % num_classes
-        for w in (s.guidance, 0.0):
+        grid = [float(w) for w in args.guidance_grid.split(",") if w] if name != "today" else []
+        for w in (s.guidance, 0.0, *grid):
             counted = CountCalls(den)
             kw = {**sample_config_kwargs(s), "guidance": w}
             start = time.perf_counter()
@@ -137,7 +140,7 @@ def main() -> None:
             x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 predicted = classifier(x).argmax(1)
-            print(json.dumps({**row, "sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision,
+            print(json.dumps({**row, "sigma_rel": sigma_rel, "sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision,
                               "guidance": w,
                               "interval": list(s.guidance_interval) if w else [], "chunk": chunk or args.n,
                               "sample_s": round(seconds, 1), "net_images_per_call": counted.images / max(counted.calls, 1),

@@ -30,7 +30,6 @@ def test_first_of_each_class():
 def test_demo_writes_every_figure(tmp_path, monkeypatch):
     cfg = apply_overrides(demo.demo_config(), TINY + ["train.steps=40", "train.ema_snapshot_every=4"])
     monkeypatch.setattr(demo, "demo_config", lambda: cfg)
-    monkeypatch.setattr(demo, "DEMO_SIGMA_REL", 0.1)  # 0.03 needs the real demo's ~2,000 steps of snapshots
     paths = demo.run_demo(tmp_path, n_samples=10, progress=False)
     for name in ("samples", "forward process", "reverse trajectory", "denoising animation", "loss curve"):
         assert paths[name].is_file(), name
