@@ -185,6 +185,13 @@ def _sampling(args, n: int):
     return cfg, counted, kw, bar, latent_space
 
 
+def _with_condition(kw: dict, cond: dict | None) -> dict:
+    """generate's keyword arguments from `_sampling` with `cond` (an input image's condition) joined to the prompt's
+    condition that `_sampling` may have put there, so a text-conditional task or cascade stage gets both."""
+    both = {**(kw.get("cond") or {}), **(cond or {})}
+    return {**kw, "cond": both or None}
+
+
 def _write(x, out: Path) -> None:
     from .visualize import save_grid, to_unit
 
@@ -240,8 +247,11 @@ def _sample_cascade(args, out: Path) -> None:
     for k, stage in enumerate(stages):
         stage_args = copy.copy(args)
         stage_args.run = str(stage)
-        if k > 0:  # the class and its guidance steer the first stage; later ones follow its image
+        if k > 0:  # the class, its guidance and a negative prompt steer the first stage; later ones follow its image
             stage_args.label, stage_args.guidance, stage_args.classifier = None, None, None
+            stage_args.negative_prompt = None
+            if not run_config(stage).model.text_encoder:  # a text-conditional stage reads the prompt too (Imagen)
+                stage_args.prompt = None
         cfg, counted, kw, bar, latent_space = _sampling(stage_args, args.n)
         d, cond = cfg.data, None
         if k > 0:
@@ -249,7 +259,7 @@ def _sample_cascade(args, out: Path) -> None:
             g = torch.Generator(kw["device"]).manual_seed(args.seed + k)
             cond = input_condition(task, x, d.image_size, counted.schedule, generator=g)
         kw["seed"] = args.seed + 1000 * k  # each stage its own noise
-        x = latent_space.decode(generate(counted, args.n, latent_space.shape, cond=cond, **kw))  # a latent base stage decoded
+        x = latent_space.decode(generate(counted, args.n, latent_space.shape, **_with_condition(kw, cond)))  # latent: decoded
         bar.close()
         calls += counted.calls
     _write(x, out)
@@ -304,7 +314,7 @@ def _edit(args) -> None:
     elif trained is not None:
         g = torch.Generator(kw["device"]).manual_seed(args.seed + 1)  # the augmentation noise of a cascade's stage 2
         cond = input_condition(cfg.task, batch, d.image_size, counted.schedule, mask=mask, generator=g)
-        x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), cond=cond, **kw)
+        x = generate(counted, args.n, (d.channels, d.image_size, d.image_size), **_with_condition(kw, cond))
         before = [viewable(cond["image"][:1], d.channels)]
     elif args.task == "sdedit":
         x = tasks.sdedit(counted, batch, args.strength, **kw)

@@ -182,3 +182,37 @@ def test_minilm_is_frozen_and_not_saved():
     with pytest.raises(ValueError, match="context_dim = 384"):
         UNet(UNetConfig(**{**cfg.__dict__, "context_dim": 64}), in_channels=1, image_size=8)
     assert isinstance(net.condition_spec, ConditionSpec)
+
+
+def test_a_text_cascade_and_a_text_superres_edit(text_run, tmp_path):
+    """A text-conditional base stage under a super-resolution stage (Imagen's layout): `diffuse sample CASCADE --prompt`
+    gives the prompt to every text-conditional stage beside the previous stage's image, drops it for a stage that takes
+    no captions, and `diffuse edit superres` of a text-conditional super-resolution run reads the prompt (it changes
+    the output) beside the input image."""
+    import numpy as np
+    from PIL import Image
+
+    sr = [*TEXT, "data.image_size=32", "task.kind=superres", "task.factor=2", "model.cond_channels=3",
+          "model.cross_attention_resolutions=[16]"]
+    text_sr, plain_sr = tmp_path / "text_sr", tmp_path / "plain_sr"
+    train(text_cfg(*sr[len(TEXT):]), text_sr, progress=False)
+    train(apply_overrides(RunConfig(), [o for o in sr if not o.startswith(("model.text_encoder", "model.max_tokens",
+          "model.context_dim", "model.cross_attention", "train.condition_dropout", "sample.guidance"))]), plain_sr,
+          progress=False)
+    for stage in (text_sr, plain_sr):
+        casc = tmp_path / f"casc_{stage.name}"
+        casc.mkdir()
+        (casc / "cascade.toml").write_text(f'stages = ["{text_run}", "{stage}"]\n')
+        out = casc / "x.npy"
+        assert main(["sample", str(casc), "--prompt", "a red circle", "--negative-prompt", "a blue square", "--n", "2",
+                     "--out", str(out)]) == 0
+        assert np.load(out).shape == (2, 3, 32, 32)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "low.png")
+    outs = []
+    for prompt in ("a red circle", "two green triangles"):
+        out = tmp_path / f"{len(outs)}.npy"
+        assert main(["edit", "superres", str(text_sr), "--image", str(tmp_path / "low.png"), "--prompt", prompt,
+                     "--n", "2", "--out", str(out)]) == 0
+        outs.append(np.load(out))
+    # same image, seed and noise: any difference is the prompt's (3 training steps leave the cross-attention small)
+    assert outs[0].shape == (2, 3, 32, 32) and np.abs(outs[0] - outs[1]).max() > 0
