@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=480)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_budget"))
-    p.add_argument("--only", choices=list(RECIPES), help="one recipe (default: all, in this order)")
+    p.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all, in this order)")
     p.add_argument("--guidance-grid", default="2,2.5", help="more guidance weights for the new recipe (comma-separated)")
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved training-speed rounds after the runs (0: none)")
     p.add_argument("--speed-steps", type=int, default=60, help="training steps per recipe and round")
@@ -121,7 +121,7 @@ def main() -> None:
     real = torch.stack([x for x, _ in data])
     print(json.dumps(real_row(real, torch.stack([c["label"] for _, c in data]), args.n, classifier)), flush=True)
     for name, (config, overrides, chunk, sigma_rel) in RECIPES.items():
-        if args.only and name != args.only:
+        if args.only and name not in args.only:
             continue
         run = Path(args.out) / name
         row = {"recipe": name, **train_recipe(config, overrides, run, args.budget)}
@@ -149,7 +149,7 @@ def main() -> None:
                               "accuracy": round(float((predicted == labels).double().mean()), 4),
                               "histogram": torch.bincount(predicted, minlength=num_classes).tolist()}), flush=True)
     if args.speed_rounds > 0:
-        interleaved_speed([n for n in RECIPES if not args.only or n == args.only], args.speed_rounds, args.speed_steps)
+        interleaved_speed([n for n in RECIPES if not args.only or n in args.only], args.speed_rounds, args.speed_steps)
 
 
 if __name__ == "__main__":
