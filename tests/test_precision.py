@@ -68,6 +68,27 @@ def test_autocast_dtype_names_the_setting_and_the_fix():
         generate(tiny_denoiser(), 2, (1, 8, 8), sampler="ddim", steps=2, mixed_precision="fp16")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch, native):
+    """bf16 asked for by name still runs (it is exact enough to test with), but on a CPU that emulates it (about 9x
+    slower than fp32 for the demo network) the user is told, and told the fix; "auto" stays silent and picks fp32."""
+    import warnings
+
+    from diffuse import sample as sample_mod
+    monkeypatch.setattr(sample_mod, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert autocast_dtype("bf16", "cpu", "train.mixed_precision") == torch.bfloat16
+        assert autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+    messages = [str(w.message) for w in caught]
+    if native:
+        assert messages == []
+    else:
+        assert len(messages) == 1
+        assert messages[0].startswith("train.mixed_precision = 'bf16' on a CPU without native bf16")
+        assert "use 'auto' or 'no'" in messages[0]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("precision") / "run"
