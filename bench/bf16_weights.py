@@ -5,8 +5,8 @@ Under autocast every GroupNorm and SiLU runs in float32 between bf16 convolution
 step on the AMX Xeon (bench/RESULTS.md, "CPU budget", third run). With bf16 weights and bf16 activations there are no
 casts: each step copies the float32 master weights into the bf16 network, runs forward and backward in bf16 (the loss
 in float32), copies the gradients back to float32, and lets AdamW update the master copy. The three loops are the
-same bare rectified-flow step (Liu et al. 2022: x_t = (1 - t) x_0 + t eps, target eps - x_0) of the demo network
-(configs/mnist_cond.toml, batch 32) with gradient clipping and AdamW, without the trainer's EMA and logging, so the
+same bare step of the demo network (configs/mnist_cond.toml, batch 32: its rectified flow, Liu et al. 2022, through
+losses.l_simple) with gradient clipping and AdamW, without the trainer's EMA and logging, so the
 ratios between them are what the precision buys. Also prints the loss of one fixed batch after --check-steps steps
 of each loop from the same start, so a speed-up that costs accuracy shows.
 
@@ -26,35 +26,32 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffuse.config import apply_overrides, load_config
-from diffuse.sample import build_model, cpu_has_native_bf16
+from diffuse.losses import l_simple
+from diffuse.sample import build_denoiser, build_model, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class Loop:
-    """One training loop of the demo network in a precision: "fp32", "autocast" (bf16 autocast) or "bf16-weights"."""
+    """One training loop of the demo network in a precision: "fp32", "autocast" (bf16 autocast) or "bf16-weights".
+    Its loss is the run's own: losses.l_simple through the demo config's denoiser (rectified flow, velocity target)."""
 
-    def __init__(self, net: torch.nn.Module, mode: str, lr: float = 1e-3):
-        self.mode, self.master = mode, net
-        self.net = net
+    def __init__(self, cfg, net: torch.nn.Module, mode: str, lr: float = 1e-3):
+        self.mode, self.master, self.net = mode, net, net
         if mode == "bf16-weights":
             self.net = copy.deepcopy(net).to(torch.bfloat16)
-            # the U-Net computes its sinusoidal time embedding in float32; its MLP now takes bf16
+            # the denoiser hands the U-Net float32 x_t, and the U-Net computes its sinusoidal time embedding in float32
+            self.net.register_forward_pre_hook(lambda module, args: (args[0].to(torch.bfloat16), *args[1:]))
             self.net.time_mlp.register_forward_pre_hook(lambda module, args: (args[0].to(torch.bfloat16),))
+        self.denoiser = build_denoiser(cfg, self.net)
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=lr)
 
     def loss(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The rectified-flow loss of a batch: mean over pixels and images of (v_theta(x_t, t) - (eps - x_0))^2."""
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        if self.mode == "bf16-weights":
-            out = self.net(x_t.to(torch.bfloat16), t * 1000, label=label).float()
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.mode == "autocast"):
-                out = self.net(x_t, t * 1000, label=label)
-        return F.mse_loss(out.float(), eps - x0)
+        """The batch mean of l_simple (Ho et al. 2020, eq. 14, here the velocity target eps - x_0), in float32."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.mode == "autocast"):
+            return l_simple(self.denoiser, x0, t, eps, label=label).mean()
 
     def step(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, label: torch.Tensor) -> float:
         if self.mode == "bf16-weights":
@@ -95,13 +92,13 @@ def main() -> None:
     # accuracy: the same start and batches for each loop, then the loss of one held-out batch in float32
     held = batch(torch.Generator().manual_seed(1))
     for mode in modes:
-        loop, g = Loop(copy.deepcopy(start), mode), torch.Generator().manual_seed(0)
+        loop, g = Loop(cfg, copy.deepcopy(start), mode), torch.Generator().manual_seed(0)
         losses = [loop.step(*batch(g)) for _ in range(args.check_steps)]
         with torch.no_grad():
-            check = float(Loop(loop.master, "fp32").loss(*held))
+            check = float(Loop(cfg, loop.master, "fp32").loss(*held))
         print(json.dumps({"mode": mode, "train_loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
                           "held_out_loss_fp32": round(check, 4)}), flush=True)
-    loops, g = {mode: Loop(copy.deepcopy(start), mode) for mode in modes}, torch.Generator().manual_seed(2)
+    loops, g = {mode: Loop(cfg, copy.deepcopy(start), mode) for mode in modes}, torch.Generator().manual_seed(2)
     for loop in loops.values():
         for _ in range(3):
             loop.step(*batch(g))
