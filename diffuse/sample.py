@@ -23,7 +23,8 @@ from .denoiser import Denoiser
 from .augment import LABELS as AUGMENT_LABELS
 from .condition import ConditionSpec
 from .latent import diffusion_shape
-from .guidance import ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning
+from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning,
+                       SplitCalls)
 from .nets.classifier import NoisyClassifier
 from .nets.unet import UNet
 from .samplers import SAMPLERS, NonFiniteSample, Step
@@ -279,7 +280,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
 CHUNK = 128
 """Samples per chunk when `diffuse sample` and `eval` draw many (generate_in_chunks): on a 2-core CPU the demo network
 runs several times faster on batches of 128-256 images than on one batch of 2,000, whose activations overflow the
-caches (bench/RESULTS.md, issue 19); classifier-free guidance doubles the network's batch."""
+caches (bench/RESULTS.md, issue 19). Classifier-free guidance doubles the batch it asks of the network; `generate` runs
+it as two calls of the chunk (guidance.SplitCalls), so the network never sees more than a chunk at once."""
 
 
 def chunk_seed(seed: int, k: int) -> int:
@@ -315,6 +317,7 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
                  shape: tuple | None = None, interval: tuple[float, float] | None = None):
     """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
     spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
+    denoiser = SplitCalls(denoiser, n)  # innermost: guidance's doubled batch runs as two calls of n, faster on CPUs
     if spec is not None and spec.self_condition:  # each call passes the previous x_0 estimate (Chen et al. 2023)
         denoiser = SelfConditioning(denoiser)
     cond = dict(cond or {})

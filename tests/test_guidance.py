@@ -5,7 +5,7 @@ import torch
 
 from diffuse import Denoiser, Schedule
 from diffuse.guidance import (ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold,
-                              dynamic_threshold, guided_eps)
+                              SplitCalls, dynamic_threshold, guided_eps)
 from diffuse.samplers import SAMPLERS
 
 from conftest import GaussianMixture
@@ -79,6 +79,59 @@ def test_generate_with_a_guidance_interval(mix):
     none = generate(den, 16, (2, 1, 1), guidance=2.0, guidance_interval=(1e8, 1e9), **kw)
     torch.testing.assert_close(none, generate(den, 16, (2, 1, 1), guidance=0.0, **kw))
     assert not torch.allclose(none, plain)
+
+
+def test_split_calls_give_the_same_prediction_in_calls_of_at_most_max_batch():
+    """A call of 10 images at max_batch 4 runs as calls of 4, 4 and 2, each with its rows of t and of every condition,
+    and returns the unsplit prediction, learned variance included (a class-conditional U-Net with attention)."""
+    from diffuse.nets.unet import UNet
+    from test_unet import perturb, small_cfg
+
+    net = perturb(UNet(small_cfg(class_conditional=True), in_channels=1, image_size=8, out_channels=2, num_classes=10)).eval()
+    sizes = []
+
+    def recorded(x, index, **cond):
+        sizes.append(len(x))
+        return net(x, index, **cond)
+
+    den = Denoiser(recorded, Schedule.linear(), learned_variance=True)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(10, 1, 8, 8, generator=g), torch.rand(10, generator=g, dtype=torch.float64), torch.arange(10)
+    with torch.no_grad():
+        whole, split = den(x, t, label=y), SplitCalls(den, 4)(x, t, label=y)
+        assert sizes == [10, 4, 4, 2]
+        for a, b in [(whole.x0, split.x0), (whole.eps, split.eps), (whole.variance_mix, split.variance_mix)]:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # float32 kernels round a little by batch size
+        sizes.clear()
+        torch.testing.assert_close(SplitCalls(den, 3)(x, 0.4, label=y).eps, den(x, 0.4, label=y).eps, rtol=1e-4, atol=1e-5)
+        assert sizes == [3, 3, 3, 1, 10]  # a number t goes whole to every call
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        SplitCalls(den, 0)
+
+
+def test_generate_never_doubles_the_networks_batch_for_guidance(mix):
+    """Classifier-free guidance asks for 2n images per step; generate runs them as two calls of n, with the same
+    samples as guidance in one call of 2n (the mixture's network treats each point on its own)."""
+    from diffuse.sample import generate
+    from diffuse.samplers import SAMPLERS
+
+    sizes = []
+
+    def eps(x, index, label=None):
+        sizes.append(len(x))
+        return mix.eps(x, index, label)
+
+    den = Denoiser(eps, mix.schedule)
+    y, null = torch.full((16,), 1), torch.full((16,), mix.K)
+    got = generate(den, 16, (2, 1, 1), sampler="ddim", steps=10, cond={"label": y}, uncond={"label": null}, guidance=2.0,
+                   seed=3, clip=False)
+    assert sizes == [16] * 20
+    x_T = torch.randn((16, 2, 1, 1), generator=torch.Generator().manual_seed(3))
+    one_call = ClassifierFreeGuidance(den, 2.0, {"label": y}, {"label": null})
+    sizes.clear()
+    want = SAMPLERS["ddim"](one_call, x_T, mix.schedule.grid(10, "trailing"), generator=torch.Generator().manual_seed(3))
+    assert sizes == [32] * 10
+    torch.testing.assert_close(got, want.to(got.dtype))
 
 
 def test_cfg_at_w0_samples_the_class_and_larger_w_concentrates_on_it(mix):

@@ -134,7 +134,8 @@ def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 class CountCalls:
     """A denoiser that counts its calls (a sampler's number of function evaluations, NFE) and the images they carry
-    (`images`: classifier-free guidance sends 2B per call)."""
+    (`images`). Classifier-free guidance asks for 2B images a step, which `generate` sends as two calls of B
+    (guidance.SplitCalls), so a guided step counts two calls."""
 
     def __init__(self, denoiser):
         self.denoiser, self.schedule, self.calls, self.images = denoiser, denoiser.schedule, 0, 0
