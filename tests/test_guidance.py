@@ -113,7 +113,6 @@ def test_generate_never_doubles_the_networks_batch_for_guidance(mix):
     """Classifier-free guidance asks for 2n images per step; generate runs them as two calls of n, with the same
     samples as guidance in one call of 2n (the mixture's network treats each point on its own)."""
     from diffuse.sample import generate
-    from diffuse.samplers import SAMPLERS
 
     sizes = []
 
