@@ -19,12 +19,24 @@ bias.
     python bench/cpu_budget.py --budget 480 --n 1000 --out bench/out/cpu_budget
 
 Run it alone: it times training and sampling by wall clock. Prints one JSON line per row.
+
+One run of each recipe is one draw from a wide spread: today's recipe has scored guided FID 33 to 81 over seven runs
+of the same code. `--seeds 0,1,2` trains and samples each recipe once per seed (train.seed and the sampling seed)
+and ends with a summary per recipe and guidance weight: the median, min and max FID and accuracy over the seeds, the
+ratio of the new recipe's median FID to today's, and in how many of the seeds x seeds pairings (each new run against
+each of today's) the FID target (at most --target x today's) and the accuracy target (no lower) hold. `--steps N`
+trains each run for exactly N steps instead of --budget seconds: the recipes train at the same images/s (the
+interleaved rounds, 1.0x in fp32), so N = the steps the budget gives gives the same comparison, reproducible and
+independent of the machine's load (the sampling seconds are then only indicative).
+
+    python bench/cpu_budget.py --seeds 0,1,2 --steps 1400 --only today now --speed-rounds 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -51,10 +63,12 @@ RECIPES = {"today": (ROOT / "configs" / "mnist_cond_vp.toml", FP32, None, 0.03),
            "now-fp32": (ROOT / "configs" / "mnist_cond.toml", FP32, CHUNK, DEMO_SIGMA_REL)}
 
 
-def train_recipe(config: Path, overrides: list[str], run: Path, budget: float) -> dict:
-    """Train a recipe for `budget` seconds (skipped when `run` holds a finished run); its steps and images/s."""
+def train_recipe(config: Path, overrides: list[str], run: Path, budget: float, seed: int = 0, steps: int | None = None) -> dict:
+    """Train a recipe with train.seed = `seed` for `budget` seconds, or for exactly `steps` steps when given (skipped
+    when `run` holds a finished run); its steps and images/s."""
+    limit = [f"train.steps={steps}", "train.time_limit=0"] if steps else [f"train.time_limit={budget}"]
     if not (run / "config.toml").is_file():
-        train(apply_overrides(load_config(config), [*overrides, f"train.time_limit={budget}"]), run, progress=False)
+        train(apply_overrides(load_config(config), [*overrides, *limit, f"train.seed={seed}"]), run, progress=False)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in log[1:] if "images_per_s" in r]
     img_s = sum(rates) / max(len(rates), 1)
@@ -78,10 +92,41 @@ def real_row(real: torch.Tensor, labels: torch.Tensor, n: int, classifier) -> di
             "histogram": torch.bincount(predicted, minlength=10).tolist()}
 
 
+def summarize(rows: list[dict], target: float) -> None:
+    """One JSON line per recipe and guidance weight over the seeds (median, min and max FID and accuracy), and for each
+    weight of the new recipe against today's default draw (guided) or today's unguided draw (w = 0): the ratio of the
+    median FIDs and the share of the (new seed, today seed) pairings in which FID <= target x today's and the accuracy
+    is no lower."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["recipe"], r["guidance"]), []).append(r)
+    for (name, w), rs in groups.items():
+        fids, accs = [r["fid"] for r in rs], [r["accuracy"] for r in rs]
+        print(json.dumps({"summary": name, "guidance": w, "seeds": [r["seed"] for r in rs],
+                          "fid_median": statistics.median(fids), "fid_range": [min(fids), max(fids)],
+                          "accuracy_median": statistics.median(accs), "accuracy_range": [min(accs), max(accs)]}), flush=True)
+    today = {w: rs for (name, w), rs in groups.items() if name == "today"}
+    if not today:
+        return
+    guided_today = max(today)  # today's default weight (its only guided draw)
+    for (name, w), rs in groups.items():
+        if name == "today":
+            continue
+        base = today[guided_today if w else 0.0]
+        pairs = [(r, b) for r in rs for b in base]
+        print(json.dumps({"verdict": name, "guidance": w, "against_today_guidance": guided_today if w else 0.0,
+                          "fid_ratio_of_medians": round(statistics.median(r["fid"] for r in rs)
+                                                        / statistics.median(b["fid"] for b in base), 3),
+                          "pairs": len(pairs),
+                          "fid_target_met": sum(r["fid"] <= target * b["fid"] for r, b in pairs),
+                          "accuracy_target_met": sum(r["accuracy"] >= b["accuracy"] for r, b in pairs),
+                          "both_met": sum(r["fid"] <= target * b["fid"] and r["accuracy"] >= b["accuracy"] for r, b in pairs)}),
+              flush=True)
+
+
 def interleaved_speed(names: list[str], rounds: int, steps: int) -> None:
     """Training images/s of each recipe in `rounds` interleaved rounds of `steps` steps (after 10 warm-up steps), one
     JSON line per round and one with the medians and their ratios to today's."""
-    import statistics
     import tempfile
 
     from diffuse.train import Trainer
@@ -115,16 +160,28 @@ def main() -> None:
     p.add_argument("--guidance-grid", default="2,2.5", help="more guidance weights for the new recipe (comma-separated)")
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved training-speed rounds after the runs (0: none)")
     p.add_argument("--speed-steps", type=int, default=60, help="training steps per recipe and round")
+    p.add_argument("--seeds", default="0", help="train and sample each recipe once per seed (comma-separated integers)")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --budget seconds")
+    p.add_argument("--target", type=float, default=0.5, help="the FID target: at most this x today's (issue 19: 0.5)")
     args = p.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers such as 0,1,2, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds needs at least one seed and no repeats, got {args.seeds!r}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     classifier = digit_classifier()
     data = load_dataset(load_config(RECIPES["now"][0]).data)
     real = torch.stack([x for x, _ in data])
     print(json.dumps(real_row(real, torch.stack([c["label"] for _, c in data]), args.n, classifier)), flush=True)
-    for name, (config, overrides, chunk, sigma_rel) in RECIPES.items():
+    rows = []
+    for seed, (name, (config, overrides, chunk, sigma_rel)) in ((s, r) for s in seeds for r in RECIPES.items()):
         if args.only and name not in args.only:
             continue
-        run = Path(args.out) / name
-        row = {"recipe": name, **train_recipe(config, overrides, run, args.budget)}
+        run = Path(args.out) / name if seeds == [0] else Path(args.out) / f"{name}_seed{seed}"
+        row = {"recipe": name, "seed": seed, **train_recipe(config, overrides, run, args.budget, seed, args.steps)}
         cfg = load_config(run / "config.toml")
         weights = write_run(run, sigma_rel, run / f"posthoc_ema_{sigma_rel}") if cfg.train.posthoc_ema else run
         cfg, den, num_classes = load_run(weights)
@@ -135,19 +192,22 @@ def main() -> None:
             counted = CountCalls(den)
             kw = {**sample_config_kwargs(s), "guidance": w}
             start = time.perf_counter()
-            x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=chunk, labels=labels, **kw)
+            x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=chunk, seed=seed,
+                                   labels=labels, **kw)
             seconds = time.perf_counter() - start
             x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 predicted = classifier(x).argmax(1)
+            rows.append({**row, "guidance": w, "fid": round(fid(real, x, classifier), 2),
+                         "accuracy": round(float((predicted == labels).double().mean()), 4)})
             print(json.dumps({**row, "sigma_rel": sigma_rel, "sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision,
                               "guidance": w,
                               "interval": list(s.guidance_interval) if w else [], "chunk": chunk or args.n,
                               "sample_s": round(seconds, 1), "net_images_per_call": counted.images / max(counted.calls, 1),
                               "sample_forward_img_s": round(counted.images / seconds, 1),
-                              "fid": round(fid(real, x, classifier), 2),
-                              "accuracy": round(float((predicted == labels).double().mean()), 4),
+                              "fid": rows[-1]["fid"], "accuracy": rows[-1]["accuracy"],
                               "histogram": torch.bincount(predicted, minlength=num_classes).tolist()}), flush=True)
+    summarize(rows, args.target)
     if args.speed_rounds > 0:
         interleaved_speed([n for n in RECIPES if not args.only or n in args.only], args.speed_rounds, args.speed_steps)
 
