@@ -46,13 +46,30 @@ class SelfConditioning:
     Innermost of the wrappers, so the conditional and unconditional halves of guidance each see their own estimate,
     and it feeds back the network's own, unclipped x_0 (the clipping of ClipX0 acts outside it), which is what
     training feeds (the trainer's estimate is not clipped either).
-    A call with another batch shape (an extra evaluation of a different size) starts from no estimate."""
+    Guidance in an interval (ClassifierFreeGuidance) switches between calls of B (the conditional model alone) and 2B
+    ([conditional; unconditional], in that order); across the switch the conditional rows keep their estimate: on
+    entering, the unconditional half starts from none (zeros, as at the first step), and on leaving, the conditional
+    half goes on. A call of any other batch shape starts from no estimate."""
 
     def __init__(self, denoiser):
         self.denoiser, self.schedule, self.previous = denoiser, denoiser.schedule, None
 
+    def carried(self, x_t: Tensor) -> Tensor | None:
+        """The estimate this call receives: the previous one for the same shape, its conditional half or it padded
+        with zeros for the unconditional half across guidance's B <-> 2B switch, else None."""
+        prev, B = self.previous, x_t.shape[0]
+        if prev is None or prev.shape[1:] != x_t.shape[1:]:
+            return None
+        if prev.shape[0] == B:
+            return prev
+        if prev.shape[0] == 2 * B:  # guidance stopped: the conditional half (the first B rows) goes on
+            return prev[:B]
+        if 2 * prev.shape[0] == B:  # guidance started: the unconditional half has no estimate of its own yet
+            return torch.cat([prev, torch.zeros_like(prev)])
+        return None
+
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
-        prev = self.previous if self.previous is not None and self.previous.shape == x_t.shape else None
+        prev = self.carried(x_t)
         pred = self.denoiser(x_t, t, **cond, **({} if prev is None else {"self_cond": prev}))
         self.previous = pred.x0.detach()
         return pred

@@ -137,6 +137,16 @@ def test_a_network_that_goes_nan_is_caught_where_it_happens(sampler):
         generate(Denoiser(net, s), 4, (1, 2, 2), sampler=sampler, steps=10, clip=False)
 
 
+def test_a_misspelt_argument_of_generate_is_refused_not_dropped():
+    """generate passes unknown keywords on as sampler options; another sampler's option is dropped (config defaults go
+    to any sampler), but a name that is no option (here guidance_interval misspelt) raises, naming the options."""
+    den = Denoiser(lambda x, index: 0.1 * x, Schedule.linear(T=100))
+    with pytest.raises(ValueError, match=r"unknown sampler option\(s\) 'interval'; the options are eta, variance"):
+        generate(den, 2, (1, 2, 2), steps=3, guidance_interval=None, interval=(0.2, 3.0))
+    a = generate(den, 2, (1, 2, 2), sampler="dpmpp-2m", steps=3, eta=1.0, s_churn=10.0)  # not dpmpp-2m's: dropped
+    torch.testing.assert_close(a, generate(den, 2, (1, 2, 2), sampler="dpmpp-2m", steps=3))
+
+
 # --- 1. grids that do not start at the top are named ---------------------------------------------------------
 def test_a_leading_grid_below_the_top_warns(run, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"the leading grid of 1 step\(s\) starts at step 1 of 50, not at the top \(50\)"):

@@ -64,6 +64,43 @@ def test_each_half_of_guidance_sees_its_own_estimate():
     assert not torch.equal(calls[2][1], calls[3][1])  # the two halves' estimates differ: each got its own
 
 
+def test_guidance_in_an_interval_keeps_the_conditional_estimate_across_its_switches():
+    """With guidance only in a middle interval of noise levels, the calls go n, n, [n, n], [n, n], n: entering, the
+    conditional call gets the estimate of the last unguided call and the null-label call none (zeros); leaving, the
+    conditional call gets the conditional half's estimate, not nothing."""
+    schedule = Schedule.linear(T=100)
+    calls = []
+
+    class Labelled(nn.Module):
+        condition_spec = ConditionSpec(num_classes=3, self_condition=True)
+
+        def forward(self, x, index, label, self_cond=None):
+            prev = torch.zeros_like(x) if self_cond is None else self_cond
+            out = 0.3 * x + 0.1 * prev + 0.05 * label.view(-1, 1, 1, 1)
+            calls.append((x.clone(), index.clone(), label.clone(), self_cond, out))
+            return out
+
+    den = Denoiser(Labelled(), schedule)
+    generate(den, 2, (1, 2, 2), sampler="ddim", steps=5, labels=1, clip=False)
+    levels = [float(schedule.ve_sigma(schedule.t_from_model_time(c[1][0].double()))) for c in calls]
+    calls.clear()
+    interval = ((levels[2] + levels[3]) / 2, levels[1])  # steps 1 and 2 (0-based) in (lo, hi], the others outside
+    generate(den, 2, (1, 2, 2), sampler="ddim", steps=5, labels=1, guidance=2.0, guidance_interval=interval, clip=False)
+    assert [c[2].tolist() for c in calls] == [[1, 1], [1, 1], [3, 3], [1, 1], [3, 3], [1, 1], [1, 1]]
+
+    def estimate(call):
+        x, index, _, _, out = call
+        alpha, sigma = scales(schedule, schedule.t_from_model_time(index.double()), x)
+        return eps_to_x0(x, out, alpha, sigma)
+
+    torch.testing.assert_close(calls[1][3], estimate(calls[0]))  # step 1, cond: step 0's estimate (n -> 2n)
+    torch.testing.assert_close(calls[2][3], torch.zeros_like(calls[2][0]))  # step 1, null label: none yet
+    torch.testing.assert_close(calls[3][3], estimate(calls[1]))  # step 2: each half its own
+    torch.testing.assert_close(calls[4][3], estimate(calls[2]))
+    torch.testing.assert_close(calls[5][3], estimate(calls[3]))  # step 3, unguided: the cond half's (2n -> n)
+    torch.testing.assert_close(calls[6][3], estimate(calls[5]))
+
+
 def test_the_unet_without_an_estimate_equals_zeros_and_checks_its_shape():
     torch.manual_seed(0)
     net = UNet(UNetConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, norm_groups=4, attention_resolutions=[],

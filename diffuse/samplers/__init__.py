@@ -29,7 +29,13 @@ class SamplerInfo:
         return self.fn(*args, **kwargs)
 
     def check_options(self, options: dict) -> dict:
-        """The options this sampler takes, each checked (ValueError for a bad value); the others are dropped."""
+        """The options this sampler takes, each checked (ValueError for a bad value); the other samplers' options are
+        dropped (a config's defaults go to any sampler). ValueError for a name that is no sampler's option (a typo, or
+        an argument of `generate` misspelt, which would otherwise be dropped in silence)."""
+        unknown = sorted(k for k in options if k not in OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown sampler option(s) {', '.join(map(repr, unknown))}; the options are "
+                             f"{', '.join(OPTIONS)} (each sampler takes some of them); check the spelling")
         return {k: OPTIONS[k].check(k, v) for k, v in options.items() if k in self.options}
 
     def check_schedule(self, schedule, name: str) -> None:
