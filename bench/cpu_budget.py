@@ -30,6 +30,10 @@ interleaved rounds, 1.0x in fp32), so N = the steps the budget gives gives the s
 independent of the machine's load (the sampling seconds are then only indicative).
 
     python bench/cpu_budget.py --seeds 0,1,2 --steps 1400 --only today now --speed-rounds 0
+
+`--variant NAME=KEY=VALUE,KEY=VALUE` adds a recipe: the new one with those config overrides, trained, sampled and
+summarized like the others (e.g. --variant now-lr2e-3=train.lr=0.002 --only now-lr2e-3, against runs of today and
+now already in --out).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.config import apply_overrides, load_config
+from diffuse.config import ConfigError, apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.demo import DEMO_SIGMA_REL
 from diffuse.metrics import digit_classifier, fid
@@ -89,6 +93,27 @@ def real_row(real: torch.Tensor, labels: torch.Tensor, n: int, classifier) -> di
     return {"recipe": "real digits", "n": len(x), "fid": round(fid(real, x, classifier), 2),
             "fid_against_the_others": round(fid(real[rest], x, classifier), 2),
             "accuracy": round(float((predicted == labels[picked]).double().mean()), 4),
+            "histogram": torch.bincount(predicted, minlength=10).tolist()}
+
+
+def draw(den, cfg, w: float, n: int, chunk: int | None, seed: int, real: torch.Tensor, classifier) -> dict:
+    """n samples of a run at guidance w with its default sampler (labels 0..9 in turn), as `diffuse sample` draws
+    them, timed and scored: FID against `real`, the classifier's accuracy and histogram."""
+    d, s = cfg.data, cfg.sample
+    labels = torch.arange(n) % 10
+    counted = CountCalls(den)
+    start = time.perf_counter()
+    x = generate_in_chunks(counted, n, (d.channels, d.image_size, d.image_size), chunk=chunk, seed=seed, labels=labels,
+                           **{**sample_config_kwargs(s), "guidance": w})
+    seconds = time.perf_counter() - start
+    x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        predicted = classifier(x).argmax(1)
+    return {"sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision, "guidance": w, "n": n,
+            "interval": list(s.guidance_interval) if w else [], "chunk": chunk or n, "sample_s": round(seconds, 1),
+            "net_images_per_call": counted.images / max(counted.calls, 1),
+            "sample_forward_img_s": round(counted.images / seconds, 1), "fid": round(fid(real, x, classifier), 2),
+            "accuracy": round(float((predicted == labels).double().mean()), 4),
             "histogram": torch.bincount(predicted, minlength=10).tolist()}
 
 
@@ -156,16 +181,32 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=480)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "cpu_budget"))
-    p.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all, in this order)")
+    p.add_argument("--only", nargs="+", help=f"these recipes (default: all, in this order): {', '.join(RECIPES)} or a --variant")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                   help="another recipe: the new one with these config overrides (repeatable)")
     p.add_argument("--guidance-grid", default="2,2.5", help="more guidance weights for the new recipe (comma-separated)")
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved training-speed rounds after the runs (0: none)")
     p.add_argument("--speed-steps", type=int, default=60, help="training steps per recipe and round")
-    p.add_argument("--seeds", default="0", help="train and sample each recipe once per seed (comma-separated integers)")
+    p.add_argument("--seeds", default=None, help="train and sample each recipe once per seed (comma-separated integers; "
+                   "default: seed 0, in folders named by the recipe alone; with --seeds, RECIPE_seedK)")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --budget seconds")
     p.add_argument("--target", type=float, default=0.5, help="the FID target: at most this x today's (issue 19: 0.5)")
     args = p.parse_args()
+    for spec in args.variant:
+        name, _, sets = spec.partition("=")
+        if not name or not sets or name in RECIPES:
+            p.error(f"--variant takes NAME=KEY=VALUE[,KEY=VALUE...] with a new name, got {spec!r}")
+        config, overrides, chunk, sigma_rel = RECIPES["now"]
+        try:  # a bad key or value fails here, before any training
+            apply_overrides(load_config(config), sets.split(","))
+        except ConfigError as e:
+            p.error(f"--variant {spec!r}: {e}")
+        RECIPES[name] = (config, [*overrides, *sets.split(",")], chunk, sigma_rel)
+    unknown = sorted(set(args.only or ()) - set(RECIPES))
+    if unknown:
+        p.error(f"--only: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in (args.seeds or "0").split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds takes comma-separated integers such as 0,1,2, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
@@ -180,33 +221,26 @@ def main() -> None:
     for seed, (name, (config, overrides, chunk, sigma_rel)) in ((s, r) for s in seeds for r in RECIPES.items()):
         if args.only and name not in args.only:
             continue
-        run = Path(args.out) / name if seeds == [0] else Path(args.out) / f"{name}_seed{seed}"
+        run = Path(args.out) / (name if args.seeds is None else f"{name}_seed{seed}")
         row = {"recipe": name, "seed": seed, **train_recipe(config, overrides, run, args.budget, seed, args.steps)}
         cfg = load_config(run / "config.toml")
         weights = write_run(run, sigma_rel, run / f"posthoc_ema_{sigma_rel}") if cfg.train.posthoc_ema else run
         cfg, den, num_classes = load_run(weights)
-        d, s = cfg.data, cfg.sample
-        labels = torch.arange(args.n) % num_classes
+        if num_classes != 10:
+            raise SystemExit(f"{run} is a model of {num_classes} classes; this bench scores the 10 digits")
+        s = cfg.sample
         grid = [float(w) for w in args.guidance_grid.split(",") if w] if name != "today" else []
+        drawn = run / "draws.jsonl"  # each finished draw, so that a rerun with more recipes or weights redoes none
+        done = {}
+        if drawn.is_file():
+            done = {(r["guidance"], r["n"]): r for r in map(json.loads, drawn.read_text().splitlines())}
         for w in (s.guidance, 0.0, *grid):
-            counted = CountCalls(den)
-            kw = {**sample_config_kwargs(s), "guidance": w}
-            start = time.perf_counter()
-            x = generate_in_chunks(counted, args.n, (d.channels, d.image_size, d.image_size), chunk=chunk, seed=seed,
-                                   labels=labels, **kw)
-            seconds = time.perf_counter() - start
-            x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
-            with torch.no_grad():
-                predicted = classifier(x).argmax(1)
-            rows.append({**row, "guidance": w, "fid": round(fid(real, x, classifier), 2),
-                         "accuracy": round(float((predicted == labels).double().mean()), 4)})
-            print(json.dumps({**row, "sigma_rel": sigma_rel, "sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision,
-                              "guidance": w,
-                              "interval": list(s.guidance_interval) if w else [], "chunk": chunk or args.n,
-                              "sample_s": round(seconds, 1), "net_images_per_call": counted.images / max(counted.calls, 1),
-                              "sample_forward_img_s": round(counted.images / seconds, 1),
-                              "fid": rows[-1]["fid"], "accuracy": rows[-1]["accuracy"],
-                              "histogram": torch.bincount(predicted, minlength=num_classes).tolist()}), flush=True)
+            if (w, args.n) not in done:
+                done[(w, args.n)] = draw(den, cfg, w, args.n, chunk, seed, real, classifier)
+                with drawn.open("a") as f:
+                    f.write(json.dumps(done[(w, args.n)]) + "\n")
+            rows.append({**row, **done[(w, args.n)]})
+            print(json.dumps({**row, "sigma_rel": sigma_rel, **done[(w, args.n)]}), flush=True)
     summarize(rows, args.target)
     if args.speed_rounds > 0:
         interleaved_speed([n for n in RECIPES if not args.only or n in args.only], args.speed_rounds, args.speed_steps)
