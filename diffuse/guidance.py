@@ -43,7 +43,7 @@ class SelfConditioning:
     """Self-conditioning at sampling (Chen et al. 2023, "Analog Bits", sec. 3 and Algorithm 2): every call passes the
     x_0 estimate of the previous call as `self_cond` (none on the first), so each sampler hands the network its
     previous estimate without knowing of it. The state lives for one sampling run: `generate` wraps afresh each time.
-    Innermost of the wrappers, so the conditional and unconditional halves of guidance each see their own estimate,
+    Inside guidance (only SplitCalls is below it), so the conditional and unconditional halves each see their own estimate,
     and it feeds back the network's own, unclipped x_0 (the clipping of ClipX0 acts outside it), which is what
     training feeds (the trainer's estimate is not clipped either).
     Guidance in an interval (ClassifierFreeGuidance) switches between calls of B (the conditional model alone) and 2B
@@ -147,7 +147,8 @@ def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float | Tensor) -> Tenso
 
 class ClassifierFreeGuidance:
     """Classifier-free guidance with weight w (Ho & Salimans 2022, eq. 6): eps~ = (1 + w) eps(x_t, cond) - w eps(x_t, uncond),
-    in one batched call on [x_t with cond; x_t with uncond] (which `generate` runs as two calls of B, SplitCalls).
+    in one batched call on [x_t with cond; x_t with uncond] (which `generate` runs as two calls of B, SplitCalls). The
+    conditional rows come first: SelfConditioning relies on that order when the interval switches between B and 2B.
 
     cond and uncond are condition dicts (condition.py) with the same keys: uncond holds the null value of each key
     the guidance is over (ConditionSpec.null), e.g. the null label, and the cond's value of the others, so a
