@@ -88,11 +88,16 @@ def real_row(real: torch.Tensor, labels: torch.Tensor, n: int, classifier) -> di
     rest = torch.ones(len(real), dtype=torch.bool)
     rest[picked] = False
     x = real[picked]
+    return {"recipe": "real digits", "n": len(x), "fid": round(fid(real, x, classifier), 2),
+            "fid_against_the_others": round(fid(real[rest], x, classifier), 2), **class_scores(classifier, x, labels[picked])}
+
+
+def class_scores(classifier, x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The digit classifier's accuracy on images x (N, 1, 28, 28) in [-1, 1] against their labels (N,), and the
+    histogram of the classes it reads (10 counts)."""
     with torch.no_grad():
         predicted = classifier(x).argmax(1)
-    return {"recipe": "real digits", "n": len(x), "fid": round(fid(real, x, classifier), 2),
-            "fid_against_the_others": round(fid(real[rest], x, classifier), 2),
-            "accuracy": round(float((predicted == labels[picked]).double().mean()), 4),
+    return {"accuracy": round(float((predicted == labels).double().mean()), 4),
             "histogram": torch.bincount(predicted, minlength=10).tolist()}
 
 
@@ -107,14 +112,11 @@ def draw(den, cfg, w: float, n: int, chunk: int | None, seed: int, real: torch.T
                            **{**sample_config_kwargs(s), "guidance": w})
     seconds = time.perf_counter() - start
     x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        predicted = classifier(x).argmax(1)
     return {"sampler": s.sampler, "sample_steps": s.steps, "sample_precision": s.mixed_precision, "guidance": w, "n": n,
             "interval": list(s.guidance_interval) if w else [], "chunk": chunk or n, "sample_s": round(seconds, 1),
             "net_images_per_call": counted.images / max(counted.calls, 1),
             "sample_forward_img_s": round(counted.images / seconds, 1), "fid": round(fid(real, x, classifier), 2),
-            "accuracy": round(float((predicted == labels).double().mean()), 4),
-            "histogram": torch.bincount(predicted, minlength=10).tolist()}
+            **class_scores(classifier, x, labels)}
 
 
 def summarize(rows: list[dict], target: float) -> None:
