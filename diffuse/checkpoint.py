@@ -35,6 +35,7 @@ folder is assumed (the trainer); readers may run at any time.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import operator
@@ -42,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -67,6 +69,12 @@ __all__ = [
     "restore_rng",
     "generator_state",
     "set_generator_state",
+    "write_atomically",
+    "WriteError",
+    "read_json_records",
+    "append_json_record",
+    "read_log",
+    "open_log",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -144,10 +152,17 @@ def save_checkpoint(
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():  # left by an earlier crashed process that had our pid
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    for fname, data in payload.items():
-        write_atomically(tmp / fname, data)
-    write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit mark, last
+    try:
+        tmp.mkdir()
+        for fname, data in payload.items():
+            write_atomically(tmp / fname, data)
+        write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # the commit mark, last
+    except OSError as e:  # a full disk: nothing of this save stays, the committed checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = max((s for s, p in _candidates(ckpt_dir).items() if _is_valid(p, s)), default=None)
+        kept = ("no checkpoint was committed before" if last is None else
+                f"the checkpoints committed before are kept (the newest: step {last})")
+        raise WriteError.of(e, ckpt_dir / name, sum(map(len, payload.values())), kept=kept) from e
     _fsync_dir(tmp)
 
     final = ckpt_dir / name
@@ -229,22 +244,216 @@ def _check_json(obj: Any, path: str) -> None:
         )
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see no file or a whole one: a uniquely named temporary file in the same
-    folder (safe for parallel writers), fsync, os.replace; the temporary file is removed if anything fails. The one
-    atomic-write helper of the package (checkpoints, the cached digit classifier)."""
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (bytes, or text as UTF-8) to `path` so that readers see the old file or the whole new one, never a
+    part: a uniquely named temporary file `.NAME.*.tmp` in the same folder (safe for parallel writers), fsync,
+    os.replace; the temporary file is removed if anything fails. The one atomic-write path of the package: checkpoints,
+    configs, eval records, sample and edit outputs, figures, GIFs, the web page's files, the cached digit classifier.
+
+    A failed write (a full disk, a read-only folder) leaves any earlier file at `path` as it was and raises WriteError,
+    an OSError whose message names the file, gives the reason in words ("no space left on device") and says what was
+    kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            if os.name == "posix":  # mkstemp makes 0600 files; keep an earlier file's mode, else what open() would give
+                os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError.of(e, path, len(data)) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc on Linux, where setting it to read it back would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.EFBIG: "the file is too large for the file system",
+            errno.EIO: "an input/output error of the device"}
+
+
+def reason(e: OSError) -> str:
+    """An OSError's cause in words, without the errno number: "no space left on device" for ENOSPC."""
+    return _REASONS.get(e.errno) or (e.strerror or str(e)).lower() or type(e).__name__
+
+
+class WriteError(OSError):
+    """A file could not be written. Its message (str) names the file, gives the reason in words and says what was kept;
+    `errno` is the original one (errno.ENOSPC on a full disk), `filename` the file."""
+
+    def __init__(self, err: int | None, message: str, filename: str | os.PathLike):
+        super().__init__(err, message)
+        self.message, self.filename = message, str(filename)
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def of(cls, e: OSError, path: Path, size: int | None = None, kept: str | None = None) -> "WriteError":
+        """The WriteError of `e`, raised while writing `path` (`size` bytes); `kept` says what was kept (default: the
+        earlier file at `path`, or that there was none)."""
+        what = f"{path}" + (f" ({size:,} bytes)" if size is not None else "")
+        why = reason(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+                why += f" ({free:,} bytes free there)"
+            except (OSError, StopIteration):
+                pass
+        if kept is None:
+            kept = (f"the earlier {path.name} is kept as it was" if path.exists() else
+                    f"nothing was written in its place (there was no {path.name} before)")
+        fix = {errno.ENOSPC: "free some space (or choose another folder) and run the command again",
+               errno.EDQUOT: "free some space within your quota and run the command again"}.get(
+            e.errno, "fix the folder's permissions or choose another one, then run the command again")
+        return cls(e.errno, f"could not write {what}: {why}; {kept}. {fix[0].upper()}{fix[1:]}", path)
+
+
+def read_json_records(path: str | os.PathLike) -> list:
+    """The records (a JSON list) of a file such as RUN/eval.json; [] when it does not exist. Raises ValueError naming the
+    file and the fix when it is empty, does not parse or holds no list (then nothing can be appended to it safely)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        text, problem = None, f"is not text ({e})"
+    else:
+        problem = "is empty" if not text.strip() else None
+    value = None
+    if problem is None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            problem = f"is not valid JSON ({e}; {len(text):,} bytes)"
+        else:
+            if not isinstance(value, list):
+                problem = f"holds a JSON {type(value).__name__}, not a list of records"
+    if problem is not None:
+        raise ValueError(f"{path} {problem}, so its records cannot be read or added to (a write of it was cut off, or "
+                         f"another program wrote it); move it aside (e.g. mv {path} {path}.broken) and run the command "
+                         "again, which starts a new one")
+    return value
+
+
+def append_json_record(path: str | os.PathLike, record: Any) -> None:
+    """Append `record` to the JSON list in `path` (created if missing), rewriting the file atomically: a failure (a
+    full disk, a kill) leaves every earlier record in place. ValueError as `read_json_records` for a broken file."""
+    records = read_json_records(path)
+    write_atomically(path, json.dumps(records + [record], indent=1))
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log such as RUN/log.jsonl, one object per line; [] when it does not exist.
+
+    A torn last line (a process killed or a disk filled mid-append: no newline at its end, not valid JSON) is left out
+    silently, it holds no whole record; any other line that does not parse is left out with a warning naming the
+    file and its line numbers."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    torn = lines.pop() if lines else b""  # the text after the last newline: b"" when the file ends with one
+    out, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad.append(number)
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            bad.append(number)
+    if torn.strip():
+        try:
+            record = json.loads(torn)
+            if isinstance(record, dict):
+                out.append(record)  # whole, only its newline is missing
+        except ValueError:
+            pass
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.warn(f"{path}: left out {len(bad)} line(s) that are not JSON records (line {shown})", UserWarning,
+                      stacklevel=2)
+    return out
+
+
+class LogFile:
+    """A JSON-lines log opened for appending (`open_log`): `write(text)` appends and flushes, `close()`. A write that
+    fails (a full disk) raises WriteError naming the file and saying that the lines before it are kept."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a")
+
+    def write(self, text: str) -> None:
+        try:
+            self._f.write(text)
+            self._f.flush()
+        except OSError as e:
+            raise WriteError.of(e, self.path, kept="the lines written before are kept") from e
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise WriteError.of(e, self.path, kept="the lines written before are kept") from e
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass  # what could not be flushed was reported by write
+
+    def __enter__(self) -> "LogFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_log(path: str | os.PathLike) -> LogFile:
+    """Open a JSON-lines log such as RUN/log.jsonl for appending, after cutting off a torn last line (a kill or a full
+    disk mid-append left a part of a record with no newline), so the next record starts on a line of its own; every
+    whole line is kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = f.seek(0) or f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+    return LogFile(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,7 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from .config import ConfigError, apply_overrides, load_config
 from .sample import CHUNK
@@ -193,13 +192,10 @@ def _with_condition(kw: dict, cond: dict | None) -> dict:
 
 
 def _write(x, out: Path) -> None:
-    from .visualize import save_grid, to_unit
+    """The samples or edits as OUT (.npy or .png), atomically: a failed write leaves an earlier OUT as it was."""
+    from .visualize import save_samples
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, to_unit(x).numpy())
-    else:
-        save_grid(x, out)
+    save_samples(x, out)
 
 
 def _sample(args) -> None:
@@ -346,6 +342,7 @@ def _eval(args) -> None:
     import torch
 
     from . import metrics
+    from .checkpoint import read_json_records
     from .data import load_dataset
     from .guidance import Conditioned
     from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
@@ -356,6 +353,7 @@ def _eval(args) -> None:
     from .visualize import to_uint8
 
     cfg = run_config(args.run)
+    read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.model.kind == "autoencoder":
         return _eval_autoencoder(args, cfg, device)
@@ -466,13 +464,13 @@ def _eval(args) -> None:
 
 
 def _report(record: dict, path: Path) -> None:
-    """Print an eval record and append it to the run's eval.json."""
-    import json
+    """Print an eval record and append it to the run's eval.json, rewritten atomically (checkpoint.append_json_record):
+    a failed write (a full disk, a kill) leaves every earlier record in place."""
+    from .checkpoint import append_json_record
 
     for k, v in record.items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
-    results = json.loads(path.read_text()) if path.is_file() else []
-    path.write_text(json.dumps(results + [record], indent=1))
+    append_json_record(path, record)
     print(f"appended to {path}")
 
 

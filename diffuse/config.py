@@ -224,19 +224,51 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
 
 def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a TOML config file; keys it leaves out keep the defaults (or `base`)."""
+    """Read a TOML config file; keys it leaves out keep the defaults (or `base`).
+
+    An empty file is the defaults, except a run folder's saved `config.toml`, which `save_config` never leaves empty:
+    an empty one was cut off while being written by an older version (a full disk), and reading it as the defaults
+    would make a resume compare the run with the wrong settings, so it is a ConfigError naming the file and the fix,
+    as a file that is not valid TOML is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass a TOML file such as configs/mnist.toml")
     try:
-        d = tomllib.loads(path.read_text())
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file ({e}); {_config_fix(path)}") from None
+    if not text.strip() and path.name == RUN_CONFIG:
+        raise ConfigError(f"{path} is empty: a write of it was cut off (e.g. by a full disk), so the run's settings are "
+                          f"not in it; {_config_fix(path)}")
+    try:
+        d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        raise ConfigError(f"{path} is not valid TOML ({e}); {_config_fix(path)}") from e
     return from_dict(d, base)
 
 
+RUN_CONFIG = "config.toml"  # the name of the full config a run folder saves (save_config)
+
+
+def _config_fix(path: Path) -> str:
+    """What to do about a config file that cannot be read: a run folder's depends on whether it holds checkpoints."""
+    if path.name != RUN_CONFIG:
+        return "fix the file (the line and column are named above) or pass another config"
+    from .checkpoint import latest_step
+
+    if latest_step(path.parent) is None:
+        return (f"{path.parent} holds no checkpoint, so nothing is lost: delete {path} and run `diffuse train CONFIG "
+                f"--out {path.parent}` again")
+    return (f"{path.parent} holds checkpoints but their settings are in this file: write the config the run was trained "
+            f"with (the TOML file with your --set values applied) to {path}, then resume")
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+    """Write the full config as TOML, atomically (checkpoint.write_atomically): a failed write (a full disk) leaves any
+    earlier file as it was and raises checkpoint.WriteError naming the file."""
+    from .checkpoint import write_atomically
+
+    write_atomically(path, tomli_w.dumps(to_dict(cfg)))
 
 
 # (section.key, why it is unused, the fix): settings that the current choice of another setting ignores

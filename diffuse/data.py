@@ -15,6 +15,7 @@ seven").
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -165,16 +166,96 @@ class Geometry:
     side: int
 
 
-def _open(path: str | os.PathLike, what: str) -> Image.Image:
+MAX_PIXELS_ENV = "DIFFUSE_MAX_IMAGE_PIXELS"  # raises (or, 0, lifts) the pixel limit of image files
+_OPEN_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is a global of Pillow, lifted only while a header is read
+
+
+class ImageTooLarge(ValueError):
+    """An image file has more pixels than `max_image_pixels()`; the message names its size, the limit and the fix;
+    `size` is its (width, height)."""
+
+    def __init__(self, message: str, size: tuple[int, int]):
+        super().__init__(message)
+        self.size = size
+
+
+def max_image_pixels() -> int | None:
+    """The most pixels an image file may have to be read: $DIFFUSE_MAX_IMAGE_PIXELS when set (0: no limit), else
+    Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, 178,956,970 pixels: a guard against small files that
+    decode to gigabytes). ValueError naming the variable when it is not a whole number >= 0."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw.replace("_", "").replace(",", ""))
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"{MAX_PIXELS_ENV}={raw!r} must be a whole number of pixels >= 0 (0: no limit), e.g. "
+                             f"{MAX_PIXELS_ENV}=300000000")
+        return value or None
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def _too_large(path, size: tuple[int, int], limit: int, what: str, reducible: bool) -> ImageTooLarge:
+    w, h = size
+    fix = (f"if you trust the file, raise the limit: {MAX_PIXELS_ENV}={w * h} (or 0 for no limit) in the "
+           "environment, or make a smaller copy of it first (it is scaled to the model's size anyway)")
+    if reducible:
+        fix += "; a JPEG this large cannot be read even at 1/8 of its size within the limit"
+    return ImageTooLarge(f"{what} {path} is {w}x{h} = {w * h:,} pixels, more than the {limit:,} that image files are "
+                         f"read up to ({_limit_source()}); {fix}", size)
+
+
+def _limit_source() -> str:
+    if os.environ.get(MAX_PIXELS_ENV, "").strip():
+        return f"set by {MAX_PIXELS_ENV}"
+    return "Pillow's decompression-bomb limit, a guard against small files that decode to gigabytes"
+
+
+def open_image(path: str | os.PathLike, what: str = "image", side: int | None = None) -> Image.Image:
+    """Open and fully decode one image file, upright by its EXIF orientation: the one way every image is read (training
+    folders, `diffuse edit` inputs and masks, the web page's uploads).
+
+    An image of more pixels than `max_image_pixels()` is refused with ImageTooLarge, which names its size, the limit
+    and the fix ($DIFFUSE_MAX_IMAGE_PIXELS, or a smaller copy), except a JPEG when `side` is given: it is decoded
+    at a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode) no smaller than side x side, if that fits the limit.
+    FileNotFoundError for a missing file, ValueError naming Pillow's reason for a file that is not an image or whose
+    data are damaged."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    limit = max_image_pixels()
     try:
-        img = Image.open(path)
-        img.load()
+        with _OPEN_LOCK:  # the header only: Pillow would refuse a large image here, without saying what to do
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Exception as e:  # PIL signals files it cannot identify with several exception types
+        raise ValueError(f"{what} {path} is not a readable image ({type(e).__name__}: {e}); give a PNG or JPEG "
+                         "file") from None
+    size = img.size
+    if limit is not None and size[0] * size[1] > limit:
+        if img.format == "JPEG" and side:
+            img.draft(img.mode, (side, side))  # decode at 1/2, 1/4 or 1/8 scale, at least side x side
+        if img.size[0] * img.size[1] > limit:
+            img.close()
+            raise _too_large(path, size, limit, what, img.format == "JPEG" and bool(side))
+        warnings.warn(f"{path}: a {size[0]}x{size[1]} JPEG over the pixel limit ({limit:,}), read at "
+                      f"{img.size[0]}x{img.size[1]} (a reduced decode)", UserWarning, stacklevel=2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size was checked above
+            img.load()
     except Exception as e:  # PIL signals bad data with many exception types
-        raise ValueError(f"{what} {path} is not a readable image ({type(e).__name__}: {e}); give a PNG or JPEG file") from None
-    return ImageOps.exif_transpose(img)
+        img.close()
+        raise ValueError(f"{what} {path} is a {img.format or 'image'} file whose data cannot be decoded ({type(e).__name__}: "
+                         f"{e}): it is damaged or cut off; give a whole image file") from None
+    upright = ImageOps.exif_transpose(img)
+    turned = upright.size != img.size
+    upright.info["original_size"] = size[::-1] if turned else size  # before a reduced decode: what a mask must match
+    return upright
 
 
 def load_image(path: str | os.PathLike, channels: int, size: int) -> tuple[torch.Tensor, Geometry]:
@@ -185,11 +266,12 @@ def load_image(path: str | os.PathLike, channels: int, size: int) -> tuple[torch
     reported in a UserWarning, so the user sees what the model was given. Raises FileNotFoundError for a missing
     file and ValueError for one that is not an image.
     """
-    img = _open(path, "image")
+    img = open_image(path, "image", size)
+    original = img.info.get("original_size", img.size)
     notes = []
-    if img.size != (size, size):
-        notes.append(f"resized from {img.size[0]}x{img.size[1]} to the model's {size}x{size}"
-                     + (" (scaled and centre-cropped)" if img.size[0] != img.size[1] else ""))
+    if original != (size, size):
+        notes.append(f"resized from {original[0]}x{original[1]} to the model's {size}x{size}"
+                     + (" (scaled and centre-cropped)" if original[0] != original[1] else ""))
     colour = img.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La")
     if channels == 1 and colour:
         notes.append(f"converted from {img.mode} colour to grayscale (the model has 1 channel)")
@@ -200,7 +282,7 @@ def load_image(path: str | os.PathLike, channels: int, size: int) -> tuple[torch
     array = np.array(_fit(_to_8bit(img, channels), size), dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     x = torch.from_numpy(np.ascontiguousarray(array)).float()[None] / 127.5 - 1.0
-    return x, Geometry(str(path), img.size, size)
+    return x, Geometry(str(path), original, size)
 
 
 def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
@@ -208,9 +290,10 @@ def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
     pixels (>= 128 in grayscale) are the region to generate, black the pixels to keep (the convention of image
     editors and diffusers). It must have the image's original size and is fitted like the image, with
     nearest-neighbour resampling so it stays binary. Raises ValueError for another size or an unreadable file."""
-    img = _open(path, "mask")
-    if img.size != geometry.size:
-        raise ValueError(f"the mask {path} is {img.size[0]}x{img.size[1]} but the image {geometry.path} is "
+    img = open_image(path, "mask", geometry.side)
+    img_size = img.info.get("original_size", img.size)
+    if img_size != geometry.size:
+        raise ValueError(f"the mask {path} is {img_size[0]}x{img_size[1]} but the image {geometry.path} is "
                          f"{geometry.size[0]}x{geometry.size[1]}; draw the mask on the image itself, at its size")
     gray = _fit(_to_8bit(img, 1), geometry.side, nearest=True)
     generate = torch.from_numpy(np.array(gray, dtype=np.uint8) >= 128)
@@ -305,9 +388,13 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageDataset:
     readable: list[Path] = []
     arrays: list[np.ndarray] = []
     skipped: list[Path] = []
+    too_large: list[str] = []
     for path in candidates:
         try:
             array = _load_image(path, cfg.channels, cfg.image_size)
+        except ImageTooLarge as e:  # a valid image over the pixel limit: said as such, with its size and the fix
+            too_large.append(f"{path.relative_to(root)} ({e.size[0]}x{e.size[1]})")
+            continue
         except Exception:  # PIL signals bad data with many exception types; any of them means "unreadable"
             skipped.append(path)
             continue
@@ -316,7 +403,9 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageDataset:
             arrays.append(array)
 
     if not readable:
-        found = "the folder is empty" if not candidates else f"{len(skipped)} files skipped as unreadable: {_list_paths(skipped, root)}"
+        found = ("the folder is empty" if not candidates else
+                 "; ".join(filter(None, [skipped and f"{len(skipped)} files skipped as unreadable: {_list_paths(skipped, root)}",
+                                         too_large and _too_large_note(too_large)])))
         raise ValueError(f"no readable images in {root} ({found}); hidden files are ignored. Add image files (PNG, JPEG, ...) to it")
 
     relative = [p.relative_to(root) for p in readable]
@@ -333,6 +422,8 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageDataset:
         labels = torch.zeros(len(readable), dtype=torch.int64)
 
     problems = []
+    if too_large:
+        problems.append(_too_large_note(too_large))
     if skipped:
         problems.append(f"skipped {len(skipped)} unreadable files: {_list_paths(skipped, root)}")
     if dropped:
@@ -343,6 +434,13 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageDataset:
     if keep_in_memory:
         return ImageDataset(labels, class_names, cfg.channels, cfg.image_size, images=torch.from_numpy(np.stack(arrays)))
     return ImageDataset(labels, class_names, cfg.channels, cfg.image_size, files=readable)
+
+
+def _too_large_note(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED]) + (f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+    return (f"skipped {len(names)} image(s) with more pixels than the {max_image_pixels():,} image files are read up to "
+            f"({_limit_source()}): {shown}; if you trust them, raise the limit with {MAX_PIXELS_ENV}="
+            "PIXELS (0: no limit) in the environment, or make smaller copies of them")
 
 
 def _find_files(root: Path) -> list[Path]:
@@ -365,9 +463,7 @@ def _list_paths(paths: list[Path], root: Path) -> str:
 
 def _load_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Decode one file fully into uint8 (channels, size, size); raises if it is not a readable image."""
-    with Image.open(path) as img:
-        img.load()  # force a full decode now: truncated data only fails here, not at open()
-        img = ImageOps.exif_transpose(img)
+    with open_image(path, side=size) as img:  # fully decoded now: truncated data fail here, not in training
         img = _fit(_to_8bit(img, channels), size)
     array = np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy can wrap it
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -1,7 +1,9 @@
-"""Figures of images and processes: grids, strips, GIFs, loss curves (files a person looks at)."""
+"""Figures of images and processes: grids, strips, GIFs, loss curves (files a person looks at), each written atomically
+(checkpoint.write_atomically)."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from .checkpoint import write_atomically
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -22,10 +26,13 @@ def to_unit(x: Tensor) -> Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
-    """Tile a batch (B, C, H, W) in [-1, 1] into one image, nrow images per row (default: square)."""
+def grid(x: Tensor, nrow: int | None = None, pad: int | None = None) -> Image.Image:
+    """Tile a batch (B, C, H, W) in [-1, 1] into one image, nrow images per row (default: square), with `pad` white
+    pixels around and between them (default 2). One image is that image at its own size, unframed (pad default 0):
+    grids are for several."""
     imgs = to_uint8(x)
     b, h, w, c = imgs.shape
+    pad = (0 if b == 1 else 2) if pad is None else pad
     nrow = math.ceil(math.sqrt(b)) if nrow is None else nrow
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1 (or None for a square grid), got {nrow}")
@@ -37,31 +44,54 @@ def grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
+def image_bytes(img: Image.Image, path: str | Path, **params) -> bytes:
+    """A PIL image encoded in the format of `path`'s suffix (.png, .gif, .jpg, ...), as bytes to write atomically."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: {Path(path).suffix or 'no suffix'} is not an image format Pillow writes; use .png")
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def save_image(img: Image.Image, path: str | Path, **params) -> Path:
+    """Write a PIL image to `path` atomically (checkpoint.write_atomically: a failed write leaves the old file)."""
+    write_atomically(path, image_bytes(img, path, **params))
+    return Path(path)
+
+
 def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """`grid(x, nrow)` scaled up `scale` times (nearest neighbour), written atomically to `path` (.png)."""
     img = grid(x, nrow)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-    return path
+    return save_image(img, path)
+
+
+def save_samples(x: Tensor, path: str | Path) -> Path:
+    """What `diffuse sample` and `edit` write: FILE.npy, the array (N, C, H, W) in [0, 1], or FILE.png, the grid (one
+    image: that image); atomically, so a failed write (a full disk) leaves an earlier file as it was."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, to_unit(x).numpy())
+        write_atomically(path, buffer.getvalue())
+        return path
+    return save_grid(x, path)
 
 
 def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, scale: int = 2,
              frame_ms: int = 60, hold_last_ms: int = 1500) -> Path:
-    """An animated GIF of grids, one per frame (e.g. x_t along a sampling trajectory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """An animated GIF of grids, one per frame (e.g. x_t along a sampling trajectory), written atomically."""
     imgs = [grid(f, nrow).convert("P") for f in frames]
     imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
     durations = [frame_ms] * (len(imgs) - 1) + [hold_last_ms]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
-    return path
+    return save_image(imgs[0], path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
 
 
 def plot_loss(steps: list[int], losses: list[float], path: str | Path, fid: list | None = None) -> None:
-    """Loss curve (log scale) with a running mean, as a PNG; with `fid` [(step, FID), ...], the FID during training
-    on a second axis."""
+    """Loss curve (log scale) with a running mean, as a PNG written atomically; with `fid` [(step, FID), ...], the FID
+    during training on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,5 +113,7 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, fid: list
         ax2.set_ylabel("FID during training", color="tab:red")
         ax2.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    write_atomically(path, buffer.getvalue())

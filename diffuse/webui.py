@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import json
 import math
 import os
 import queue
@@ -46,20 +45,21 @@ from typing import Callable, Iterator
 import numpy as np
 import tomli_w
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from . import pretrained, tasks
 from .cli import TRAINED_TASKS
+from .checkpoint import read_json_records, read_log, write_atomically
 from .config import to_dict
-from .data import load_image, load_mask
+from .data import load_image, load_mask, open_image
 from .latent import diffusion_shape, latent_edit, latent_factor, space
 from .sample import (check_guidance, default_labels, generate, load_run, prompt_condition, run_config,
                      sample_config_kwargs)
 from .samplers import SAMPLERS, CountCalls, Step
 from .schedule import SPACINGS
 from .tasks.image_to_image import input_condition, viewable
-from .visualize import grid, save_gif, save_grid
+from .visualize import grid, save_gif, save_grid, save_image
 
 INSTALL = 'pip install -e ".[ui]"'
 ALL_CLASSES = "all classes in turn"
@@ -469,15 +469,13 @@ def editor_value(img: Image.Image) -> tuple[dict, tuple[int, int]]:
 
 
 def read_upload(path: str) -> Image.Image:
-    """An uploaded image file, turned upright by its EXIF orientation as data.load_image turns it. Raises
-    ValueError naming the file when it is not an image."""
+    """An uploaded image file, read as data.load_image reads it (data.open_image: upright by its EXIF orientation, the
+    pixel limit with its fix). Raises ValueError naming the file and the problem."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
-    except Exception as e:  # PIL signals bad data with many exception types
-        raise ValueError(f"{Path(path).name} is not a readable image ({type(e).__name__}); upload a PNG or JPEG "
-                         "file") from None
+        return open_image(path, "the uploaded image")
+    except ValueError as e:  # the message names the real reason: not an image, damaged, or over the pixel limit
+        text = str(e).replace(str(Path(path).expanduser()), Path(path).name).replace("the uploaded image ", "")
+        raise ValueError(text.replace("; give a PNG or JPEG file", "; upload a PNG or JPEG file")) from None
 
 
 def editor_files(value: dict | None, size: tuple[int, int] | None, folder: Path, strokes: bool) -> tuple[str, str | None]:
@@ -500,11 +498,11 @@ def editor_files(value: dict | None, size: tuple[int, int] | None, folder: Path,
     rgb = np.asarray(image)
     if (rgb == rgb[..., :1]).all():
         image = image.convert("L")
-    image.save(folder / "input.png")
+    save_image(image, folder / "input.png")
     if not drawn.any():
         return str(folder / "input.png"), None
     touched = np.asarray(Image.fromarray(drawn.astype(np.uint8) * 255).resize(size, Image.BOX)) > 0
-    Image.fromarray(touched.astype(np.uint8) * 255).save(folder / "mask.png")
+    save_image(Image.fromarray(touched.astype(np.uint8) * 255), folder / "mask.png")
     return str(folder / "input.png"), str(folder / "mask.png")
 
 
@@ -520,16 +518,16 @@ def run_summary(run: str, cfg) -> dict:
     grids = sorted((folder / "samples").glob("step_*.png")) if (folder / "samples").is_dir() else []
     if len(grids) > GRIDS:  # evenly spaced over training, the last one included
         grids = [grids[round(i * (len(grids) - 1) / (GRIDS - 1))] for i in range(GRIDS)]
-    evals = []
-    if (folder / "eval.json").is_file():
-        try:
-            evals = json.loads((folder / "eval.json").read_text())
-        except json.JSONDecodeError as e:
-            evals = [{"eval.json": f"unreadable ({e})"}]
+    try:
+        evals = read_json_records(folder / "eval.json")
+    except ValueError as e:  # the message names the file and the fix
+        evals = [{"eval.json": str(e)}]
     ckpts = folder / "checkpoints"
     steps = sorted(int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit()) if ckpts.is_dir() else []
-    lines = (folder / "log.jsonl").read_text().splitlines() if (folder / "log.jsonl").is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a line that does not parse is left out; the page shows the last good one
+        log = read_log(folder / "log.jsonl")  # a torn last line (a kill mid-append) is left out
+    last = next((r for r in reversed(log) if "loss" in r), {})
     about = [f"**{run}**", "a diffusers model folder: one set of weights" if diffusers_folder else
              f"checkpoints at steps {', '.join(map(str, steps)) or 'none'}"]
     if "loss" in last:
@@ -767,7 +765,8 @@ def build_app(runs: list[str], device: str | None = None):
         mask = None
         if task == "inpaint":
             if mask_file:  # a mask file replaces what is drawn
-                mask = str(shutil.copy(mask_file, folder / "mask.png"))
+                mask = str(folder / "mask.png")
+                write_atomically(mask, Path(mask_file).read_bytes())
             elif drawn is None:
                 raise page_error(gr, "nothing is drawn: paint the region to generate on the image (or upload a mask file "
                                "of the image's size)")

@@ -352,3 +352,75 @@ def test_works_with_dataloader(tmp_path):
     x, cond = next(iter(torch.utils.data.DataLoader(load_dataset(folder_cfg(tmp_path)), batch_size=5)))
     assert x.shape == (5, 1, 8, 8) and cond == {}
     assert torch.allclose(x[:, 0, 0, 0], torch.tensor([k * 50 / 127.5 - 1 for k in range(5)]))
+
+
+# --- images over the pixel limit (Pillow's decompression-bomb guard) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """A valid 13000 x 14000 grayscale PNG (182 M pixels, over Pillow's 178,956,970): 177 kB on disk."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    Image.new("L", (13000, 14000)).save(path)
+    return path
+
+
+def _says_too_large(text: str, name: str) -> None:
+    assert name in text and "13000x14000" in text and "178,956,970" in text, text
+    assert "DIFFUSE_MAX_IMAGE_PIXELS" in text and "unreadable" not in text and "give a PNG" not in text, text
+
+
+def test_an_image_over_the_pixel_limit_is_named_as_such_with_the_fix(huge_png, tmp_path):
+    """Every reading path (an edit's input and mask, a training folder, the web page's upload) says the image is over
+    the pixel limit, its size and how to raise the limit; never "unreadable" or a format hint about a valid PNG."""
+    from diffuse.webui import read_upload
+
+    with pytest.raises(data.ImageTooLarge) as info:
+        data.load_image(huge_png, 1, 8)
+    _says_too_large(str(info.value), str(huge_png))
+    assert "182,000,000 pixels" in str(info.value) and "DIFFUSE_MAX_IMAGE_PIXELS=182000000" in str(info.value)
+    with pytest.raises(data.ImageTooLarge) as info:
+        data.load_mask(huge_png, data.Geometry("x.png", (13000, 14000), 8))
+    _says_too_large(str(info.value), "mask")
+    with pytest.raises(ValueError) as info:
+        read_upload(str(huge_png))
+    _says_too_large(str(info.value), "huge.png")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "huge.png").symlink_to(huge_png)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(folder / f"{i}.png")
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(DataConfig(source="folder", path=str(folder), image_size=8))
+    assert len(ds) == 2
+    _says_too_large(" ".join(str(w.message) for w in caught), "huge.png")
+
+
+def test_the_pixel_limit_is_a_setting(tmp_path, monkeypatch):
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
+    Image.fromarray(pixels, "L").save(tmp_path / "a.png")
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "10000")
+    with pytest.raises(data.ImageTooLarge, match=r"200x200 = 40,000 pixels, more than the 10,000 .*set by "
+                                                 r"DIFFUSE_MAX_IMAGE_PIXELS\); .*DIFFUSE_MAX_IMAGE_PIXELS=40000"):
+        data.load_image(tmp_path / "a.png", 1, 200)
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "40000")
+    x, _ = data.load_image(tmp_path / "a.png", 1, 200)
+    np.testing.assert_array_equal(((x[0, 0] + 1) * 127.5).round().numpy(), pixels)  # read whole, pixel for pixel
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "0")  # no limit
+    assert data.max_image_pixels() is None and data.load_image(tmp_path / "a.png", 1, 200)[0].shape == (1, 1, 200, 200)
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "many")
+    with pytest.raises(ValueError, match="DIFFUSE_MAX_IMAGE_PIXELS='many' must be a whole number"):
+        data.load_image(tmp_path / "a.png", 1, 200)
+
+
+def test_a_jpeg_over_the_limit_is_read_at_a_reduced_scale(tmp_path, monkeypatch):
+    """A JPEG can be decoded at 1/2, 1/4 or 1/8 of its size: one over the limit is read so when that fits (with a note),
+    and the result is the full decode's to JPEG's accuracy."""
+    ramp = np.add.outer(np.arange(400), np.arange(400)).astype(np.float64) * 255 / 798
+    Image.fromarray(ramp.astype(np.uint8), "L").save(tmp_path / "a.jpg", quality=95)
+    full, _ = data.load_image(tmp_path / "a.jpg", 1, 32)
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "20000")
+    with pytest.warns(UserWarning, match=r"a 400x400 JPEG over the pixel limit \(20,000\), read at 50x50"):
+        reduced, _ = data.load_image(tmp_path / "a.jpg", 1, 32)
+    assert float((reduced - full).abs().max()) < 0.05  # in [-1, 1]: within 6 of 255 levels
+    monkeypatch.setenv("DIFFUSE_MAX_IMAGE_PIXELS", "1000")  # not even 50x50 fits: refused, saying so
+    with pytest.raises(data.ImageTooLarge, match="cannot be read even at 1/8"):
+        data.load_image(tmp_path / "a.jpg", 1, 32)

@@ -121,6 +121,30 @@ def _worker(images: Path, run_root: Path, out: Path) -> None:
     (out / f"writes_rank{rank}.json").write_text(json.dumps(writes))
 
 
+KILL_STEPS = 30
+
+
+def kill_cfg(images: Path):
+    """tiny_cfg trained longer, with every file the trainer writes: checkpoints, log lines, loss plots, sample grids and
+    post-hoc EMA snapshots every few steps."""
+    from diffuse.config import apply_overrides
+
+    return apply_overrides(tiny_cfg(images), [
+        f"train.steps={KILL_STEPS}", "train.log_every=1", "train.checkpoint_every=3", "train.sample_every=4",
+        "sample.n=4", "sample.steps=2", "train.posthoc_ema=[0.1]", "train.ema_snapshot_every=3"])
+
+
+def _fit_worker(images: Path, run: Path) -> None:
+    """Train (or resume) kill_cfg into `run` on this process's rank."""
+    import torch.distributed as dist
+
+    from diffuse.train import Trainer
+
+    Trainer(kill_cfg(images), run, progress=False).fit()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # --- the test process ---------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -128,18 +152,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(images: Path, run_root: Path, out: Path, timeout: float = 180) -> None:
-    """Start WORLD workers as torchrun would; fail with their output if one fails or they hang."""
+def _start(images: Path, run_root: Path, out: Path, *extra: str) -> tuple[list, list[Path]]:
+    """Start WORLD workers as torchrun would (this file with IMAGES RUNS OUT [fit]); returns (processes, their logs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
                LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    logs = [out / f"rank{r}.log" for r in range(WORLD)]
+    logs = [out / f"rank{r}{'_'.join(('', *extra))}.log" for r in range(WORLD)]
     procs = []
     for r in range(WORLD):
         with open(logs[r], "w") as f:
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, str(images), str(run_root), str(out)],
+                [sys.executable, __file__, str(images), str(run_root), str(out), *extra],
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f, stderr=subprocess.STDOUT))
+    return procs, logs
+
+
+def _launch(images: Path, run_root: Path, out: Path, *extra: str, timeout: float = 180) -> None:
+    """Start WORLD workers as torchrun would; fail with their output if one fails or they hang."""
+    procs, logs = _start(images, run_root, out, *extra)
     deadline = time.monotonic() + timeout
     try:
         codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
@@ -226,8 +256,9 @@ def test_ddp_only_rank0_writes(ddp_run, single):
     for r in range(1, WORLD):
         assert writes[r] == [], f"rank {r} wrote into the run folder: {writes[r][:10]}"
     written = {Path(p).name for _, p in writes[0]}
-    assert {"config.toml", "log.jsonl", "loss.png"} <= written  # the hook sees rank 0's writes
-    assert any(n.startswith(".manifest.json.") and n.endswith(".tmp") for n in written)  # checkpoint.write_atomically
+    assert "log.jsonl" in written  # the hook sees rank 0's writes: the log appended, every other file atomically,
+    for name in ("config.toml", "loss.png", "manifest.json"):  # to a temporary name (checkpoint.write_atomically)
+        assert any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in written), (name, sorted(written))
     # the shared run folder holds one run, laid out like the single-process run
     run = run_root / "fit"
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in single["run"].iterdir())
@@ -238,5 +269,56 @@ def test_ddp_only_rank0_writes(ddp_run, single):
     assert (c.step, c.state["world_size"]) == (STEPS, WORLD)
 
 
+@pytest.mark.slow
+def test_kill_during_a_two_process_run_leaves_every_file_loadable_and_it_resumes(tmp_path, images):
+    """kill -9 of both workers mid-run: config.toml, log.jsonl, loss.png, the sample grids, the newest checkpoint and the
+    post-hoc EMA snapshots all load; the same command then resumes the run to its end."""
+    import random
+    import signal
+    import warnings
+
+    from PIL import Image
+
+    from diffuse import checkpoint as ckpt
+    from diffuse.config import load_config
+    from diffuse.posthoc_ema import list_snapshots
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    procs, logs = _start(images, tmp_path, out, "fit")
+    try:
+        deadline = time.monotonic() + 120
+        while len(ckpt.read_log(run / "log.jsonl")) < 4:  # training has started: kill it at a random moment after
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                "\n".join(f.read_text()[-3000:] for f in logs)
+            time.sleep(0.05)
+        time.sleep(random.Random(38).uniform(0.0, 1.0))
+    finally:
+        for p in procs:  # only our own workers, by their Popen handle
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+    logged = ckpt.read_log(run / "log.jsonl")  # a torn last line is left out
+    assert 4 <= len(logged) < KILL_STEPS, "the kill came after the end: nothing was tested"
+    load_config(run / "config.toml")
+    for png in [run / "loss.png", *sorted((run / "samples").glob("*.png"))]:
+        with Image.open(png) as img:
+            img.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ckpt.CheckpointWarning)  # no invalid checkpoint is ever exposed
+        last = ckpt.load_checkpoint(run).step
+    list_snapshots(run / "ema_snapshots")
+    _launch(images, tmp_path, out, "fit")  # the same command resumes
+    c = ckpt.load_checkpoint(run)
+    assert (c.step, c.state["world_size"]) == (KILL_STEPS, WORLD) and last < KILL_STEPS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a line torn by the kill and appended to after the resume is left out
+        steps = [r["step"] for r in ckpt.read_log(run / "log.jsonl") if "loss" in r]
+    assert steps[-1] == KILL_STEPS and set(range(last + 1, KILL_STEPS + 1)) <= set(steps)
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[4:] == ["fit"]:
+        _fit_worker(Path(sys.argv[1]), Path(sys.argv[2]) / "run")
+    else:
+        _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
