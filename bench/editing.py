@@ -55,7 +55,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--run", default=str(ROOT / "bench" / "out" / "processes" / "mnist_cond"))
     p.add_argument("--budget", type=float, default=480, help="training seconds if --run does not exist yet")
-    p.add_argument("--strengths", default="0.15,0.25,0.35,0.45,0.6,0.8,1.0")
+    p.add_argument("--strengths", default="0.34,0.49,0.61,0.72,0.86,0.96,1.0",  # sigma/alpha = s / (1 - s) (issue 38)
+                   help="SDEdit strengths (default: the starts of t0 / t_top = 0.15 .. 1 on the linear VP schedule)")
     args = p.parse_args()
     run = Path(args.run)
     if not (run / "config.toml").is_file():

@@ -22,6 +22,7 @@ from .config import ConfigError, apply_overrides, load_config
 from .sample import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
+from .tasks.editing import STRENGTH_HELP
 from .train import NonFiniteLoss, ResumeError
 
 
@@ -622,8 +623,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             tp.add_argument("--image", required=True, help="input image (resized to the model's size with a note)")
         if task == "sdedit":
-            tp.add_argument("--strength", type=number(low=0, high=1), required=True,
-                            help="t0 / t_top in [0, 1]: 0 returns the image, 1 is unconditional sampling (about 0.4-0.6 for strokes)")
+            tp.add_argument("--strength", type=number(low=0, high=1), required=True, help="in [0, 1]: " + STRENGTH_HELP)
         if task == "inpaint":
             tp.add_argument("--mask", required=True, help="mask image of the same size as --image: white = generate, black = keep")
             tp.add_argument("--repaint-jumps", type=number(int, low=1, high=100), default=1,

@@ -58,6 +58,7 @@ from .sample import (check_guidance, default_labels, generate, load_run, prompt_
                      sample_config_kwargs)
 from .samplers import SAMPLERS, CountCalls, Step
 from .schedule import SPACINGS
+from .tasks.editing import STRENGTH_HELP
 from .tasks.image_to_image import input_condition, viewable
 from .visualize import grid, save_gif, save_grid, save_image
 
@@ -122,7 +123,7 @@ class EditRequest(SampleRequest):
     task: str = "inpaint"
     image: str = ""
     mask: str | None = None
-    strength: float = 0.5
+    strength: float = 0.75             # SDEdit: sigma/alpha = s / (1 - s) at the start (tasks.editing)
     factor: int = 2
     repaint_jumps: int = 1
     n: int = 8
@@ -843,8 +844,9 @@ def build_app(runs: list[str], device: str | None = None):
                         with gr.Row():
                             e_k = gr.Number(1, label="sample #", precision=0, minimum=1, min_width=80, scale=1)
                             e_use = gr.Button("use a sample from the Sample tab", scale=2, elem_id="e-use")
-                        e_strength = gr.Slider(0, 1, value=0.5, step=0.05, visible=offered[0] == "sdedit",
-                                               label="SDEdit strength (0: the image itself, 1: a new sample)")
+                        e_strength = gr.Slider(0, 1, value=0.75, step=0.05, visible=offered[0] == "sdedit",
+                                               label="SDEdit strength (0: the image itself, 1: a new sample)",
+                                               info=STRENGTH_HELP[0].upper() + STRENGTH_HELP[1:], elem_id="e-strength")
                         e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
                                                label="ILVR factor (divides the image size)")
                         e_jumps = gr.Slider(1, 10, value=1, step=1, visible=offered[0] == "inpaint",

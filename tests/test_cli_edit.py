@@ -127,3 +127,12 @@ def test_out_of_range_flags_fail_when_parsed(run, tmp_path):
         with pytest.raises(SystemExit):
             main(["edit", *argv, "--out", str(tmp_path / "o.png")])
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_strength_says_what_it_means_on_every_process(capsys):
+    """--help states the one meaning of the SDEdit strength (sigma/alpha = s / (1 - s) on every process)."""
+    with pytest.raises(SystemExit):
+        main(["edit", "sdedit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sigma/alpha = s / (1 - s)" in text and "the same on every process (VP, EDM, flow)" in text
+    assert "t_top" not in text

@@ -9,9 +9,9 @@ import torch
 from diffuse.denoiser import Denoiser
 from diffuse.sample import generate
 from diffuse.samplers import SAMPLERS
-from diffuse.schedule import EDM, Flow, Schedule
+from diffuse.schedule import EDM, Flow, Schedule, VPCosine
 from diffuse.tasks import ilvr, inpaint, low_pass, repaint_grid, sdedit
-from diffuse.tasks.editing import check_mask
+from diffuse.tasks.editing import check_mask, sdedit_time
 
 from conftest import gaussian_eps
 
@@ -57,13 +57,47 @@ def test_sdedit_draws_the_posterior_of_its_noised_guide():
     den = correlated_denoiser(s)
     g = torch.tensor([1.0, -1.0, 0.5, 0.5], dtype=torch.float64)
     strength = 0.5
-    t0 = torch.tensor(strength * s.t_top, dtype=torch.float64)
+    t0 = torch.tensor(sdedit_time(s, strength), dtype=torch.float64)
     a, sg = float(s.alpha(t0)), float(s.sigma(t0))
     G = a * SIGMA @ torch.linalg.inv(a**2 * SIGMA + sg**2 * torch.eye(D, dtype=torch.float64))
     mean, cov = MU + G @ (a * g - a * MU), SIGMA - a * G @ SIGMA + sg**2 * G @ G.T
     out = sdedit(den, image(g, 4000), strength, sampler="ddpm", steps=400, clip=False, seed=3).flatten(1)
     torch.testing.assert_close(out.mean(0).double(), mean, atol=0.04, rtol=0)
     torch.testing.assert_close(torch.cov(out.T).double(), cov, atol=0.04, rtol=0)
+
+
+SDEDIT_PROCESSES = {"linear": Schedule.linear(), "cosine": Schedule.cosine(), "vp_cosine": VPCosine(), "edm": EDM(),
+                    "flow": Flow()}
+
+
+@pytest.mark.parametrize("strength", [0.05, 0.25, 0.5, 0.75, 0.95])
+def test_sdedit_strength_is_one_noise_level_on_every_process(strength):
+    """strength s starts where sigma/alpha = s / (1 - s) on every process: x_t0 / (alpha + sigma) is (1 - s) guide and
+    s noise, the guide's share alpha / (alpha + sigma) = 1 - s (t0 = s * t_top gave EDM sigma/alpha = 4 at s = 0.05)."""
+    for name, schedule in SDEDIT_PROCESSES.items():
+        t0 = torch.tensor(sdedit_time(schedule, strength), dtype=torch.float64)
+        a, sg = float(schedule.alpha(t0)), float(schedule.sigma(t0))
+        assert a / (a + sg) == pytest.approx(1 - strength, rel=1e-6), name
+    for schedule in SDEDIT_PROCESSES.values():  # the ends: the guide itself, the grids' top
+        assert sdedit_time(schedule, 0.0) == 0.0 and sdedit_time(schedule, 1.0) == schedule.t_top
+        assert sdedit_time(schedule, 0.9999) == schedule.t_top  # sigma/alpha 9999 is above every top: the top
+
+
+def test_sdedit_keeps_the_same_share_of_the_guide_on_vp_flow_and_edm():
+    """With the exact denoiser of data N(0, c^2), the probability-flow ODE (DPM-Solver++(2M), 50 steps) from x_t0 keeps c / sqrt(c^2 + r0^2) of the
+    guide, r0 = sigma/alpha at t0: a white and a black guide end 2 c / sqrt(c^2 + r0^2) apart whatever the process.
+    At strength 0.5 (r0 = 1) the outputs are 0.894 apart on each (they were 0.27 on linear VP, 0.88 on flow and 0.024
+    on EDM with t0 = strength * t_top)."""
+    c = 0.5
+    for strength in (0.25, 0.5, 0.75):
+        r0 = strength / (1 - strength)
+        expected = 2 * c / (c**2 + r0**2) ** 0.5
+        for name in ("linear", "cosine", "edm", "flow"):
+            schedule = SDEDIT_PROCESSES[name]
+            den = Denoiser(gaussian_eps(schedule, 0.0, c), schedule, prediction="eps")
+            white, black = (sdedit(den, torch.full((64, 1, 2, 2), v), strength, sampler="dpmpp-2m", steps=50, seed=1,
+                                   clip=False) for v in (1.0, -1.0))
+            assert float((white - black).abs().mean()) == pytest.approx(expected, rel=0.01), (name, strength)
 
 
 def test_sdedit_refuses_a_bad_strength():

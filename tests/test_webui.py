@@ -257,6 +257,14 @@ def test_without_gradio_the_error_names_the_install_command(run, monkeypatch, ca
         build_app([str(run)])
 
 
+def test_the_strength_slider_says_what_it_means(run):
+    """The page's SDEdit slider states the strength's one meaning, as `diffuse edit sdedit --help` does."""
+    pytest.importorskip("gradio")
+    app = build_app([str(run)], device="cpu")
+    slider = next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == "e-strength")
+    assert "sigma/alpha = s / (1 - s)" in slider.info and slider.value == 0.75
+
+
 # --- the page in a real browser ------------------------------------------------------------------------------------
 def serve(runs: list[str]):
     """The app of `diffuse serve RUN ... --device cpu`, launched on a free port of 127.0.0.1: (app, its URL)."""

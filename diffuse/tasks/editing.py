@@ -6,7 +6,8 @@ sampler, so every task runs with every sampler, guidance wrapper and noise proce
 Editing" and "Conditional Generation"). Images are (B, C, H, W) in [-1, 1].
 
     SDEdit   (Meng et al. 2022, Algorithm 1): x_{t0} ~ q(x_{t0} | x_g) of a guide image x_g, then the reverse
-             process from t0; strength = t0 / t_top: 0 returns the guide, 1 is unconditional sampling.
+             process from t0, where the noise level sigma/alpha is strength / (1 - strength) on every process (the
+             rectified flow's mix (1 - s) guide + s noise): 0 returns the guide, 1 is unconditional sampling.
     Inpaint  (Lugmayr et al. 2022, RePaint eq. 8-9): after every step, x_{t-1} = m * x^known_{t-1} + (1 - m) *
              x^unknown_{t-1} with x^known_{t-1} ~ q(x_{t-1} | x_0) of the known image and m = 1 on known pixels;
              RePaint's resampling (Algorithm 1, with the jump schedule of its code): every `jump_length` steps
@@ -35,12 +36,30 @@ def _noise(shape, generator: torch.Generator, like: Tensor) -> Tensor:
 
 
 # --- SDEdit ------------------------------------------------------------------------------------------------
+STRENGTH_HELP = ("the noise the image gets, the same on every process (VP, EDM, flow): strength s starts at noise level "
+                 "sigma/alpha = s / (1 - s), where the start is (1 - s) image + s noise (the rectified flow's x_t at "
+                 "t = s); 0 returns the image, 1 is unconditional sampling; about 0.7-0.85 turns pen strokes into digits "
+                 "(bench/RESULTS.md)")
+
+
 def sdedit_time(schedule: NoiseSchedule, strength: float) -> float:
-    """t0 = strength * t_top: the time SDEdit noises its guide to (strength in [0, 1]; 1 is the grids' top)."""
+    """The time t0 SDEdit noises its guide to: where sigma_t0 / alpha_t0 = strength / (1 - strength), on every process.
+
+    One meaning for every process (discrete and continuous VP, EDM, rectified flow): x_t0 / (alpha_t0 + sigma_t0) is
+    (1 - strength) guide + strength noise, the rectified flow's x_t at t = strength, so the guide keeps the same share
+    of the start whatever the schedule (the old t0 = strength * t_top was linear in sigma on EDM, where strength 0.05
+    already started at sigma/alpha = 4). 0 returns the guide, 1 is unconditional sampling from the grids' top t_top;
+    a level above the top starts at t_top. ValueError for a strength outside [0, 1]."""
     if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
         raise ValueError(f"the SDEdit strength must be a number in [0, 1] (0: the guide itself, 1: unconditional "
                          f"sampling), got {strength!r}")
-    return float(strength) * schedule.t_top
+    if strength == 0:
+        return 0.0
+    top = schedule.t_top
+    if strength == 1:
+        return top
+    t0 = float(schedule.t_from_ve_sigma(torch.tensor(strength / (1 - strength), dtype=torch.float64)))
+    return min(t0, top)
 
 
 def check_input(x: Tensor, name: str, pixels: bool) -> None:
@@ -55,7 +74,8 @@ def check_input(x: Tensor, name: str, pixels: bool) -> None:
 def sdedit(denoiser, guide: Tensor, strength: float, *, seed: int = 0, device: str | torch.device = "cpu",
            pixels: bool = True, **generate_kw) -> Tensor:
     """SDEdit (Meng et al. 2022): the guide x_g (n, C, H, W) in [-1, 1] (a stroke painting, a rough sketch) noised to
-    t0 = strength * t_top with q(x_t0 | x_g) = N(alpha_t0 x_g, sigma_t0^2 I), then denoised by `generate` from t0.
+    t0 = sdedit_time(schedule, strength), where sigma/alpha = strength / (1 - strength) on every process, with
+    q(x_t0 | x_g) = N(alpha_t0 x_g, sigma_t0^2 I), then denoised by `generate` from t0.
 
     The noise is the stream of an ordinary run with this seed (its x_T / prior_std), so strength 1 is exactly the
     unconditional run of the same seed (started from the prior, as every run) and strength 0 returns the guide.
