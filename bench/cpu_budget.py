@@ -50,7 +50,7 @@ from diffuse.config import ConfigError, apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.demo import DEMO_SIGMA_REL
 from diffuse.metrics import digit_classifier, fid
-from diffuse.posthoc_ema import write_run
+from diffuse.ema import write_run
 from diffuse.sample import CHUNK, generate_in_chunks, load_run, sample_config_kwargs
 from diffuse.samplers import CountCalls
 from diffuse.train import train

@@ -26,7 +26,7 @@ from diffuse import checkpoint as ckpt
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.posthoc_ema import reconstruct
+from diffuse.ema import reconstruct
 from diffuse.sample import build_denoiser, build_model, default_labels, generate, load_run, sample_config_kwargs
 from diffuse.train import train
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
+
 from .nets.unet import Attention, Downsample, Upsample, _norm
 
 LOGVAR_RANGE = (-30.0, 20.0)   # LDM's clamp of the posterior's log-variance (DiagonalGaussianDistribution)
@@ -160,12 +162,14 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(*LOGVAR_RANGE)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None) -> Tensor:
-        """z = mu + sigma * eps, eps ~ N(0, I) drawn from `generator` (on its own device; None: torch's global RNG)
-        (the reparameterisation of Kingma & Welling 2014, sec. 2.4: differentiable in mu and sigma)."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+    def sample(self, generator: torch.Generator | None, eps: Tensor | None = None) -> Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) drawn from `generator` (on its own device; None: torch's global RNG),
+        or the given `eps` of mu's shape (the reparameterisation of Kingma & Welling 2014, sec. 2.4: differentiable in
+        mu and sigma)."""
+        if eps is None:
+            device = generator.device if generator is not None else self.mean.device
+            eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -243,8 +247,9 @@ class VectorQuantizer(nn.Module):
     "ema"; the codebook is then a buffer) or nothing (= "loss"; a parameter trained by the codebook loss); in both,
     codes whose EMA usage N_i falls below dead_code_threshold are restarted at random encoder outputs of the batch,
     drawn from `generator` (None: torch's global RNG), with N_i = threshold and m_i = threshold * e_i.
-    Under DDP the counts and sums would need an all-reduce, and the restarts a shared draw, to keep the codebooks
-    equal on every process: not done here (the trainer's integration)."""
+    Under DDP the update uses the global batch: counts and sums are summed over processes and restarts draw from
+    every process's encoder outputs, so with the same `generator` state on every process (the trainer's) the
+    codebooks stay equal and match one process's."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -275,6 +280,8 @@ class VectorQuantizer(nn.Module):
     def _update(self, flat: Tensor, indices: Tensor, counts: Tensor, generator: torch.Generator | None) -> None:
         flat = flat.to(self.embed_sum.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K, c) sum_j z_ij over the codes' vectors
+        if distributed.world_size() > 1:  # the global batch's counts, sums and encoder outputs
+            counts, sums, flat = distributed.total(counts.clone()), distributed.total(sums), distributed.gather(flat)
         cluster_size, embed_sum, codebook = ema_update(self.cluster_size, self.embed_sum, counts, sums, self.decay)
         self.cluster_size.copy_(cluster_size)
         if self.ema:
@@ -343,12 +350,13 @@ class Autoencoder(nn.Module):
             z = self.quantizer(z, update=False).z_q
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> AutoencoderOutput:
-        """Encode and decode for training. KL: z is sampled from `generator` (None: the mode); VQ: the quantiser's
-        update (in training mode) restarts dead codes with draws from `generator`."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, eps: Tensor | None = None) -> AutoencoderOutput:
+        """Encode and decode for training. KL: z is sampled with the noise `eps` (B, c, h, w) or from `generator`
+        (neither: the mode); VQ: the quantiser's update (in training mode) restarts dead codes with draws from
+        `generator`."""
         if self.quantizer is None:
             q = self.posterior(x)
-            z = q.mode() if generator is None else q.sample(generator)
+            z = q.mode() if generator is None and eps is None else q.sample(generator, eps)
             return AutoencoderOutput(self.decoder(z), z, q, None)
         z = self.encoder(x)
         vq = self.quantizer(z, generator)
@@ -395,11 +403,14 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor) -> Tensor:
+def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, reduce=None) -> Tensor:
     """lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_GAN|| + delta), delta = 1e-4 (Esser et al. 2021, eq. 7), with
-    G_L the decoder's last layer; clamped to [0, 1e4] and detached (a weight, not a path for gradients)."""
+    G_L the decoder's last layer; clamped to [0, 1e4] and detached (a weight, not a path for gradients). `reduce`
+    (under DDP: the mean over processes) turns each process's gradients into the global batch's before the norms."""
     g_rec, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     g_gan, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    if reduce is not None:
+        g_rec, g_gan = reduce(g_rec), reduce(g_gan)
     return (g_rec.norm() / (g_gan.norm() + ADAPTIVE_DELTA)).clamp(0.0, ADAPTIVE_MAX).detach()
 
 
@@ -415,13 +426,13 @@ def reconstruction_loss(x: Tensor, x_rec: Tensor, kind: str) -> Tensor:
 
 
 def autoencoder_loss(model: Autoencoder, x: Tensor, out: AutoencoderOutput, step: int,
-                     disc: PatchDiscriminator | None = None) -> dict[str, Tensor]:
+                     disc: PatchDiscriminator | None = None, reduce=None) -> dict[str, Tensor]:
     """The generator-side loss of one batch x (B, C, H, W) and out = model(x), as batch means (scalars):
         loss = rec + kl_weight * kl                                (kind "kl"; LDM)
         loss = rec + codebook + commitment                         (kind "vq"; VQ-VAE eq. 3)
              + [step >= disc_start] disc_weight * lambda * gan     (VQGAN eqs. 6-7, hinge generator loss)
     Returns the named terms: loss, rec, kl | codebook + commitment, gan, adaptive_weight (0 when the GAN is off, and
-    in eval mode, where taming-transformers sets it to 0 too)."""
+    in eval mode, where taming-transformers sets it to 0 too). `reduce`: adaptive_weight's, under DDP."""
     cfg = model.cfg
     rec = reconstruction_loss(x, out.reconstruction, cfg.rec_loss).mean()
     terms = {"rec": rec}
@@ -435,7 +446,8 @@ def autoencoder_loss(model: Autoencoder, x: Tensor, out: AutoencoderOutput, step
     terms["gan"], terms["adaptive_weight"] = zero, zero
     if disc is not None and gan_active(cfg, step):
         terms["gan"] = hinge_g_loss(disc(out.reconstruction))
-        terms["adaptive_weight"] = adaptive_weight(rec, terms["gan"], model.decoder.last_layer.weight) if model.training else zero
+        terms["adaptive_weight"] = (adaptive_weight(rec, terms["gan"], model.decoder.last_layer.weight, reduce)
+                                     if model.training else zero)
         total = total + cfg.disc_weight * terms["adaptive_weight"] * terms["gan"]
     return {"loss": total, **terms}
 

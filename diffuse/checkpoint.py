@@ -163,7 +163,7 @@ def save_checkpoint(
         kept = ("no checkpoint was committed before" if last is None else
                 f"the checkpoints committed before are kept (the newest: step {last})")
         raise WriteError.of(e, ckpt_dir / name, sum(map(len, payload.values())), kept=kept) from e
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     final = ckpt_dir / name
     aside = None
@@ -173,7 +173,7 @@ def save_checkpoint(
             shutil.rmtree(aside)
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     if aside is not None:
         _remove(aside)
     _prune(ckpt_dir, keep, committed=step)
@@ -456,8 +456,8 @@ def open_log(path: str | os.PathLike) -> LogFile:
     return LogFile(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable (POSIX; directories cannot be opened on Windows)."""
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames inside the folder `path` durable (POSIX; directories cannot be opened on Windows)."""
     if os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -550,6 +550,12 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Chec
 def read_state(run_dir: str | os.PathLike, step: int) -> dict:
     """The JSON state of a committed checkpoint, without reading or hashing its tensors (for messages)."""
     return json.loads((Path(run_dir) / CHECKPOINTS / _dirname(step) / STATE).read_text())
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """step -> folder of every checkpoint a run folder holds (RUN/checkpoints/step_NNNNNNNN, or the `.old-*` copy that
+    stands in for a step after a crash between the two renames of a re-save); not verified (see latest_step)."""
+    return _candidates(Path(run_dir) / CHECKPOINTS)
 
 
 def latest_step(run_dir: str | os.PathLike) -> int | None:

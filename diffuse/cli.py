@@ -512,7 +512,7 @@ def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None
 
 
 def _ema(args) -> None:
-    from .posthoc_ema import write_run
+    from .ema import write_run
 
     out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
     print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")

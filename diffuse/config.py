@@ -411,3 +411,24 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section, name, value = parse_override(text)
         d.setdefault(section, {})[name] = value
     return from_dict(d, cfg)
+
+
+# settings that change neither the weights nor the random draws of a step: free to change on resume
+FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                            "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps", "fid_features"}}
+
+
+def trajectory_settings(cfg: RunConfig) -> dict:
+    """The settings of a config that a training run's trajectory depends on: every section but [sample], without
+    FREE_ON_RESUME."""
+    d = to_dict(cfg)
+    d.pop("sample")
+    return {s: {k: v for k, v in vals.items() if k not in FREE_ON_RESUME.get(s, ())} for s, vals in d.items()}
+
+
+def resume_changes(saved: RunConfig, cfg: RunConfig) -> str:
+    """The settings that differ between a run folder's saved config and the config it is resumed with, in words
+    ("train.lr: 0.001 -> 0.002; ...", at most five named), ignoring those free to change; "" when none do."""
+    a, b = trajectory_settings(saved), trajectory_settings(cfg)
+    out = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a for k in a[s] if a[s].get(k) != b.get(s, {}).get(k)]
+    return "; ".join(out[:5]) + (f"; and {len(out) - 5} more" if len(out) > 5 else "")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .config import RunConfig, load_config
 from .data import load_dataset
-from .posthoc_ema import write_run
+from .ema import write_run
 from .sample import default_labels, generate, load_run, sample_config_kwargs
 from .train import train
 from .visualize import save_gif, save_grid

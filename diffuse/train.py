@@ -1,52 +1,44 @@
-"""Training (Ho et al. 2020, Algorithm 1) as a Trainer that can stop and resume exactly.
+"""The one Trainer: every kind of model (kinds/) trains through it, and none has a loop of its own.
 
-repeat: x_0 ~ q(x_0); t ~ Uniform{1..T}; eps ~ N(0, I);
-        gradient step on || eps - eps_theta(sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, t) ||^2
+A kind supplies its modules, its random draws for the global batch, its losses per optimizer group, and what it
+shows and measures (kinds/base.py). The Trainer owns the rest: devices and DDP, seeds and the data position,
+micro-batches, autocast and the grad scaler, NaN and inf checks, clipping, optimizer groups and their learning-rate
+schedules, the EMA and post-hoc EMA tracks, checkpoints and exact resume, the log, progress, time limits, and when the
+previews and measurements run.
 
-around it: Adam with linear warm-up, gradient clipping, an EMA of the weights, mixed precision
-where the device supports it, periodic checkpoints, sample grids, a JSONL log and a loss curve.
-
-Determinism: every random draw of a step (data order, flips, t, eps) comes from the trainer's
-own generator or from the step's seed, and is made for the whole global batch before each
-process takes its slice; dropout masks come from the global RNG, identical on every rank, and
-are likewise drawn for the global batch (nets.unet.ShardedDropout). So a step computes the same
-gradient whatever the number of processes (DDP averages the per-process means of equal
-slices), and resuming restores the generator, the data position, optimizer, LR schedule, EMA
-and grad scaler exactly.
+Determinism: every random draw of a step (data order, and the kind's draws: flips, t, eps, ...) comes from the
+trainer's own generator or from the step's seed, and is made for the whole global batch before each process takes its
+slice; dropout masks come from the global RNG, identical on every rank, and are likewise drawn for the global batch
+(nets.unet.ShardedDropout). So a step computes the same gradient whatever the number of processes (DDP averages the
+per-process means of equal slices), and resuming restores the generator, the data position, optimizers, LR
+schedules, EMA, the kind's own state and the grad scaler exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .augment import apply as augment_apply, draw as augment_draw
-from .config import RunConfig, check_unused, load_config, save_config, to_dict
+from . import distributed
+from .config import RunConfig, check_unused, load_config, resume_changes, save_config
 from .data import ImageDataset, load_dataset
-from .latent import PixelSpace, check_latent_config, prepare_latent_training, resolve_latent_config
-from .likelihood import bits_per_dim, vlb_term
-from .losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
+from .ema import EMA, SIGMA_REL_MAX, PowerEMA, snapshot_steps
+from .footprint import step_footprint
+from .kinds import KINDS, Context
 from .nets.unet import ShardedDropout
-from .posthoc_ema import SIGMA_REL_MAX, PowerEMA, snapshot_steps
-from .sample import (  # noqa: F401  (load_run, load_classifier, generate: the sampling API lived here before sample.py)
-    autocast_dtype, cpu_has_native_bf16,
-    build_denoiser, build_model, condition_spec, default_labels, generate, load_classifier, load_run, sample_config_kwargs)
-from .samplers import SAMPLERS
-from .tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
-from .schedule import Schedule
-from .visualize import plot_loss, save_grid, to_uint8
+from .precision import autocast_dtype
+from .visualize import plot_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,62 +51,6 @@ class ResumeError(RuntimeError):
 
 
 SUSPECT_WEIGHT = 1e3  # a checkpoint with a larger |weight| is called likely diverged in the non-finite messages
-
-
-class EMA:
-    """theta_ema <- d * theta_ema + (1 - d) * theta after every step (DDPM: decay 0.9999).
-
-    With `warmup`, d = min(decay, (1 + n) / (10 + n)) at update n (as TensorFlow's
-    ExponentialMovingAverage with num_updates): without it, a short run's average would still be
-    dominated by the initial weights (0.999^400 = 0.67).
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.decay, self.warmup = decay, warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, n: int) -> float:
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, n: int) -> None:
-        """Fold in the weights after update n (0-based)."""
-        ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay_at(n))
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of train.mixed_precision on `device` (sample.autocast_dtype)."""
-    return autocast_dtype(mode, device, "train.mixed_precision")
-
-
-class Captioned:
-    """A captioned dataset (its `captions`, one per image) with each caption's tokens (text.py) under the condition key
-    "text": the interface of data.ImageDataset. Tokenized once, by the model's own text encoder."""
-
-    def __init__(self, base, encoder):
-        self.base, self.tokens = base, encoder.tokenize(list(base.captions))
-        self.num_classes, self.condition_keys, self.captions = base.num_classes, (*base.condition_keys, "text"), base.captions
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
-        x, cond = self.base.batch(idx)
-        return x, {**cond, "text": self.tokens[idx]}
 
 
 def lr_factor(step: int, t) -> float:
@@ -132,15 +68,9 @@ def lr_factor(step: int, t) -> float:
     return factor
 
 
-def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
+def check_train(cfg: RunConfig, world: int, dataset) -> None:
+    """ValueError naming the setting and the fix for a [train] section the Trainer cannot run, whatever the kind."""
     t = cfg.train
-    schedule = Schedule.from_config(cfg.schedule)
-    spec = condition_spec(cfg, dataset.num_classes)
-    unknown_drop = sorted(k for k in t.condition_dropout if k not in spec.keys)
-    check_task(cfg.task, cfg.data.channels, cfg.data.image_size, cfg.model.cond_channels, cfg.model.scalar_inputs)
-    captioned = cfg.model.text_encoder and getattr(dataset, "captions", None) is not None
-    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task), *(("text",) if captioned else ()))
-    missing = [k for k in spec.keys if k not in yields] if cfg.model.kind == "denoiser" else []
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -154,7 +84,6 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}"),
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
-        (t.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {t.min_snr_gamma}"),
         (all(0 < s <= SIGMA_REL_MAX for s in t.posthoc_ema) and len(set(t.posthoc_ema)) == len(t.posthoc_ema),
          f"train.posthoc_ema lists the sigma_rel of each power-function EMA track, distinct values in (0, {SIGMA_REL_MAX:.4f}] "
          f"(EDM2: [0.05, 0.10]), got {t.posthoc_ema}"),
@@ -171,136 +100,103 @@ def _validate(cfg: RunConfig, world: int, dataset: ImageDataset) -> None:
         (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
         (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
                                        "lower train.batch_size"),
-        (cfg.sample.steps >= 0, f"sample.steps must be >= 0 (0: every step), got {cfg.sample.steps}"),
-        (schedule.T is None or cfg.sample.steps <= schedule.top_step,
-         f"sample.steps = {cfg.sample.steps} is more than the schedule's {getattr(schedule, 'top_step', '')} "
-         "sampling steps (Schedule.top_step); lower it, or 0 for every step"),
-        (schedule.kind != "edm" or cfg.sample.spacing in ("karras", "log_snr"),
-         f"sample.spacing = '{cfg.sample.spacing}' is uniform in t, and EDM's sigma = t sigma_max, so its grid would end at "
-         "sigma = sigma_max / steps (a blurred final prediction); use sample.spacing = 'karras' (EDM eq. 5) or 'log_snr'"),
-        (schedule.T is not None or cfg.sample.steps >= 1,
-         f"sample.steps = 0 means every discrete step, and the {schedule.kind} process is continuous: give a number"),
-        (schedule.T is not None or (t.loss == "simple" and not cfg.model.learned_variance),
-         f"train.loss = '{t.loss}' and learned variances use the discrete bound (Ho et al. 2020, eq. 5) of the DDPM "
-         f"schedules (linear, cosine); the {schedule.kind} process takes train.loss = 'simple'"),
-        (0 <= t.augment_p <= 1, f"train.augment_p must be a probability in [0, 1] (EDM: 0.12), got {t.augment_p}"),
-        (0 <= t.offset_noise <= 1, f"train.offset_noise must be in [0, 1] (typical 0.05-0.1), got {t.offset_noise}"),
-        (t.p2_k > 0 and t.p2_gamma >= 0, f"train.p2_k must be > 0 and train.p2_gamma >= 0, got {t.p2_k}, {t.p2_gamma}"),
-        (t.loss != "hybrid" or cfg.model.learned_variance,
-         "train.loss = 'hybrid' trains a learned variance: set model.learned_variance = true"),
-        (t.vlb_lambda >= 0, f"train.vlb_lambda must be >= 0, got {t.vlb_lambda}"),
-        (all(0 <= p < 1 for p in t.condition_dropout.values()),
-         f"train.condition_dropout probabilities must be in [0, 1), got {t.condition_dropout}"),
-        (not unknown_drop, f"train.condition_dropout names {unknown_drop}, which the model does not take; its condition keys "
-                           f"are {list(spec.keys)}" + (" (set model.class_conditional = true for 'label')" if "label" in unknown_drop else "")),
-        (not cfg.model.text_encoder or captioned,
-         f"model.text_encoder = '{cfg.model.text_encoder}' needs captioned images: data.source = 'shapes' (coloured shapes "
-         "with captions), or 'mnist' / 'digits' (captioned 'a handwritten seven'), or a dataset with `captions`"),
-        (not missing, f"the model takes the condition key(s) {missing} but the data yields only {list(yields)}; set "
-                      "[task] kind (superres, colorize, inpaint, uncrop, jpeg: a condition image made from each training "
-                      "image), pass a dataset that yields them (Trainer(..., dataset=...)), or remove them from [model]"),
-        (cfg.model.kind == "denoiser" or dataset.num_classes >= 2,
-         "model.kind = 'classifier' needs a labelled dataset (class sub-folders, mnist or digits)"),
-        (cfg.sample.guidance >= 0, f"sample.guidance must be >= 0, got {cfg.sample.guidance}"),
-        (not cfg.sample.guidance_interval or (len(cfg.sample.guidance_interval) == 2
-                                              and 0 <= cfg.sample.guidance_interval[0] < cfg.sample.guidance_interval[1]),
-         f"sample.guidance_interval must be [lo, hi] with 0 <= lo < hi (noise levels sigma/alpha), or [] for every level; "
-         f"got {cfg.sample.guidance_interval}"),
-        (cfg.sample.guidance == 0 or any(t.condition_dropout.values()),
-         "sample.guidance > 0 needs a model trained with condition dropout, e.g. train.condition_dropout = {label = 0.1} "
-         "(the null condition is then the unconditional model)"),
-        (0 <= cfg.sample.dynamic_threshold <= 1, f"sample.dynamic_threshold must be a percentile in (0, 1] or 0 (off), "
-                                                 f"got {cfg.sample.dynamic_threshold}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    try:  # the sample grids of training use these: fail now, not at the first grid
-        SAMPLERS[cfg.sample.sampler].check_options({"eta": cfg.sample.eta, "variance": cfg.sample.variance})
-    except ValueError as e:
-        raise ValueError(f"sample.{e}") from None
-    if getattr(schedule, "zero_terminal_snr", False):
-        if cfg.model.kind == "denoiser" and cfg.model.prediction in ("eps", "edm"):
-            raise ValueError(f'schedule.zero_terminal_snr = true makes alpha_T = 0, where model.prediction = "{cfg.model.prediction}" '
-                             'cannot give x_0 (it divides by alpha_T; Lin et al. 2024, sec. 3.2): set model.prediction = "v"')
-        if cfg.model.kind == "denoiser" and t.loss_weighting in ("min_snr", "p2"):
-            raise ValueError(f"train.loss_weighting = '{t.loss_weighting}' weighs the x_0 error by a multiple of the SNR, 0 at "
-                             "the last step of a zero-terminal-SNR schedule, so the step sampling starts from would never "
-                             "be trained: use train.loss_weighting = 'none' (the plain v loss of Lin et al. 2024) or 'edm'")
-        try:
-            SAMPLERS[cfg.sample.sampler].check_schedule(schedule, f"sample.sampler = '{cfg.sample.sampler}'")
-            schedule.grid(cfg.sample.steps or None, cfg.sample.spacing)
-        except ValueError as e:
-            raise ValueError(f"schedule.zero_terminal_snr = true: {e}") from None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
 class Trainer:
-    """Trains the U-Net of a RunConfig into a run folder; an existing run folder is resumed.
+    """Trains the kind of model a RunConfig names (model.kind: kinds.KINDS) into a run folder; an existing run folder
+    is resumed.
 
-    `inexact_resume=True` loads the weights even when some training state is missing or the
-    config changed (the continuation then differs from an uninterrupted run). `dataset` replaces the one
-    data.load_dataset builds from cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes`
-    and `condition_keys` (data.ImageDataset's interface), e.g. pairs that carry a condition image.
+    `inexact_resume=True` loads the weights even when some training state is missing or the config changed (the
+    continuation then differs from an uninterrupted run). `dataset` replaces the one data.load_dataset builds from
+    cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes` and `condition_keys`
+    (data.ImageDataset's interface), e.g. pairs that carry a condition image. Raises ValueError (or config.ConfigError)
+    naming the setting for a config that cannot train, before any module is built or file written; ResumeError when
+    the run folder cannot be resumed as asked.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True,
                  dataset: ImageDataset | None = None):
         self.run_dir = Path(run_dir)
-        self.rank, self.world = _distributed()
+        self.rank, self.world = distributed.init()
         self.is_main = self.rank == 0
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            self.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        self.device = distributed.device()
         saved = self.run_dir / "config.toml"
         saved_cfg = load_config(saved) if saved.is_file() else None
-        if cfg.latent.autoencoder:  # as prepare_latent_training will resolve it, so that a resume compares like with like
-            cfg = resolve_latent_config(cfg, saved_cfg)
+        kind = KINDS[cfg.model.kind]
+        cfg = kind.resolve(cfg, saved_cfg)  # stages pinned as training will pin them, so a resume compares like with like
         if saved_cfg is not None:
-            changed = _diff(_trajectory_keys(saved_cfg), _trajectory_keys(cfg))
+            changed = resume_changes(saved_cfg, cfg)
             if changed and not inexact_resume:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
-        self.progress = progress and self.is_main
-        self.pixels = load_dataset(cfg.data) if dataset is None else dataset  # the images (FID references, task inputs)
-        self.dataset, self.space = self.pixels, PixelSpace(cfg.data.channels, cfg.data.image_size)
-        if cfg.latent.autoencoder:  # diffusion on z = s E(x) (Rombach et al. 2022), encoded once (latent.cache)
-            check_latent_config(cfg, load_config(Path(cfg.latent.autoencoder) / "config.toml"))
-            _validate(cfg, self.world, self.pixels)
-            cfg, self.space, self.dataset = prepare_latent_training(cfg, self.pixels, self.run_dir, self.device, saved_cfg)
-        self.cfg = cfg
-        _validate(cfg, self.world, self.dataset)
+        self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
+        data = load_dataset(cfg.data) if dataset is None else dataset
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step
+        self.objective = kind(cfg, data, Context(self.run_dir, self.device, self.rank, self.world, saved_cfg, self.generator))
+        self.cfg = cfg = self.objective.cfg
+        check_train(cfg, self.world, self.objective.dataset)
         t = cfg.train
 
         torch.manual_seed(t.seed)  # initial weights: the same on every rank
-        self.model = build_model(cfg, self.dataset.num_classes).to(self.device)
-        if cfg.model.text_encoder:  # captions as the model's own tokens, once
-            self.dataset = Captioned(self.dataset, self.model.text_encoder)
-        for m in self.model.modules():  # dropout masks drawn for the global batch, each rank keeps its rows
-            if isinstance(m, ShardedDropout):
-                m.shard = (self.rank, self.world)
-        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
-        self.phema = PowerEMA(self.model, t.posthoc_ema) if t.posthoc_ema else None  # post-hoc EMA tracks (EDM2)
-        self.net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.denoiser = build_denoiser(cfg, self.net)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, t))
-        self.amp_dtype = _autocast_dtype(t.mixed_precision, self.device)
+        self.modules = {name: m.to(self.device) for name, m in self.objective.build().items()}
+        self.dataset = self.objective.dataset
+        for m in self.modules.values():  # dropout masks drawn for the global batch, each rank keeps its rows
+            for sub in m.modules():
+                if isinstance(sub, ShardedDropout):
+                    sub.shard = (self.rank, self.world)
+        averaged = self.objective.ema
+        self.ema = EMA(self.modules[averaged], t.ema_decay, t.ema_warmup) if averaged else None
+        self.phema = PowerEMA(self.modules[averaged], t.posthoc_ema) if averaged and t.posthoc_ema else None
+        self.nets = {name: nn.parallel.DistributedDataParallel(m) if self.world > 1 and any(p.requires_grad for p in m.parameters())
+                     else m for name, m in self.modules.items()}
+        self.objective.bind(self.nets, self.modules)
+        self.params, self.optimizers, self.schedules = {}, {}, {}
+        for name, group in self.objective.groups.items():  # a group whose modules this config does not build is left out
+            if all(m in self.modules for m in group.modules):
+                self.params[name] = [p for m in group.modules for p in self.modules[m].parameters() if p.requires_grad]
+                self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=t.lr, betas=group.betas,
+                                                          weight_decay=t.weight_decay)
+                self.schedules[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lambda step: lr_factor(step, t))
+        self.amp_dtype = autocast_dtype(t.mixed_precision, self.device, "train.mixed_precision")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.generator = torch.Generator().manual_seed(t.seed)  # t, eps and flips of every step
-        self.importance = ImportanceSampler(cfg.schedule.T)  # train.loss = "vlb": p(t) from recent L_t
         self.step = 0
         self.history: list[tuple[int, float]] = []
-        self.fid_history: list[tuple[int, float]] = []  # (step, FID) of train.fid_every
+        self.fid_history: list[tuple[int, float]] = []  # (step, score) of train.fid_every
         self.best_fid = math.inf
-        self._fid_reference = None  # (feature network, real mean, real covariance), made at the first FID
         self._try_resume(inexact_resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, saved)
+
+    # the main module, its optimizer and schedule, and a diffusion run's denoiser and space, by their usual names
+    @property
+    def model(self) -> nn.Module:
+        return self.modules["model"]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizers["main"]
+
+    @property
+    def lr_schedule(self) -> torch.optim.lr_scheduler.LambdaLR:
+        return self.schedules["main"]
+
+    @property
+    def denoiser(self):
+        return self.objective.denoiser
+
+    @property
+    def space(self):
+        return self.objective.space
 
     # --- data ---------------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> Tensor:
@@ -315,146 +211,106 @@ class Trainer:
         return perm[k * b:(k + 1) * b]
 
     def _local(self, x: Tensor) -> Tensor:
-        """This process's slice of a global-batch tensor."""
-        n = x.shape[0] // self.world
-        return x[self.rank * n:(self.rank + 1) * n]
+        return distributed.local(x, self.rank, self.world)
 
     def _batch(self, step: int) -> tuple[Tensor, dict]:
         x, cond = self.dataset.batch(self._local(self.global_batch_indices(step)))
         return x.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
 
-    # --- one step of Algorithm 1 --------------------------------------------------------------
+    # --- one step -----------------------------------------------------------------------------
     def loss_and_backward(self) -> Tensor:
-        """Forward and backward of the current step; returns the global mean loss (a 0-d tensor)."""
-        cfg, B = self.cfg, self.cfg.train.batch_size
-        x0, cond = self._batch(self.step)
-        flip = torch.rand(B, generator=self.generator) < 0.5
-        T = self.denoiser.schedule.T
-        if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser":  # importance-sampled steps (Nichol & Dhariwal, sec. 3.3)
-            steps, is_weight = self.importance.sample(B, self.generator)
-            t = steps.double() / T
-        else:
-            t = self.denoiser.schedule.sample_t(B, self.generator)  # Algorithm 1, line 3 (or the process's own p(t))
-        eps = torch.randn((B, *self.space.shape), generator=self.generator)
-        if cfg.train.offset_noise > 0:  # offset noise: a per-image, per-channel constant added to eps (Guttenberg 2023)
-            eps = eps + cfg.train.offset_noise * torch.randn((B, self.space.shape[0], 1, 1), generator=self.generator)
-        if cfg.train.hflip:
-            x0 = torch.where(self._local(flip).to(self.device)[:, None, None, None], x0.flip(-1), x0)
-        augment = None
-        if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser":  # non-leaking augmentation: x_0 and its labels
-            augment = self._local(augment_draw(B, cfg.data.image_size, cfg.train.augment_p, self.generator))
-            x0 = augment_apply(x0, augment)
-        if cfg.task.kind != "none":  # the condition image made from the (flipped) x_0: one seed per example, global batch
-            seeds = self._local(torch.randint(0, 2**62, (B,), generator=self.generator))
-            cond.update(training_condition(cfg.task, x0, seeds, self.denoiser.schedule))
-        t, eps = self._local(t), self._local(eps).to(self.device)
-        if cfg.model.kind == "denoiser":
-            cond = self._condition(cond, B)
-        if augment is not None:
-            cond["augment"] = augment.to(self.device, torch.float32)
-        # self-conditioning: on half the steps (one draw per step, Chen et al. 2023, Algorithm 1) the model first
-        # estimates x_0 without it, and that estimate, without its gradient, is the extra input of the loss's pass
-        self_condition = cfg.model.self_condition and bool(torch.rand((), generator=self.generator) < 0.5)
-        steps_local = self._local(steps) if cfg.train.loss == "vlb" and cfg.model.kind == "denoiser" else None
-        weight_local = self._local(is_weight) if steps_local is not None else None
-        n, k = x0.shape[0], cfg.train.grad_accumulation
-        self.optimizer.zero_grad(set_to_none=True)
-        parts, vlbs = [], []
+        """Forward and backward of the current step; returns the main group's global mean loss (a 0-d tensor). The
+        groups with a loss this step and the kind's logged values are kept for train_step."""
+        B, k = self.cfg.train.batch_size, self.cfg.train.grad_accumulation
+        x, extras = self._batch(self.step)
+        draws = self.objective.draw(B, self.generator)
+        d = {key: self._local(v) if v.ndim and v.shape[0] == B else v for key, v in draws.items()}
+        x, extras, d = self.objective.inputs(x, extras, d)
+        n = x.shape[0]
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        parts: dict[str, list[Tensor]] = {}
+        aux: dict[str, list[Tensor]] = {}
+        self._log: dict[str, Tensor] = {}
         for j, idx in enumerate(torch.arange(n).chunk(k)):  # micro-batches: the same examples and draws, fewer at once
             sl = slice(int(idx[0]), int(idx[-1]) + 1)
-            sync = self.net.no_sync() if self.world > 1 and j < k - 1 else contextlib.nullcontext()  # DDP: reduce once
-            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                part = {key: v[sl] for key, v in cond.items()}
-                if self_condition:
-                    part["self_cond"] = self._estimate(x0[sl], t[sl], eps[sl], part)
-                per_example, vlb = self._per_example(x0[sl], t[sl], eps[sl], part,
-                                                     None if steps_local is None else steps_local[sl],
-                                                     None if weight_local is None else weight_local[sl])
-                self.scaler.scale(per_example.sum() / n).backward()  # the mean over the local batch, in parts
-            parts.append(per_example.detach())
-            vlbs.append(vlb)
-        if steps_local is not None:
-            self.importance.update(steps, self._gather(torch.cat(vlbs)))
-        global_loss = torch.cat(parts).mean()
-        if self.world > 1:
-            dist.all_reduce(global_loss)
-            global_loss /= self.world
-        if not torch.isfinite(global_loss):  # raised before the optimizer steps: the step is not applied
-            raise NonFiniteLoss(f"the training loss became {global_loss.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
-                                "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'")
-        return global_loss
+            cut = lambda v: v[sl] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v  # noqa: E731
+            with self._sync(j == k - 1), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                        enabled=self.amp_dtype is not None):
+                out = self.objective.losses(cut(x), {key: cut(v) for key, v in extras.items()},
+                                            {key: cut(v) for key, v in d.items()}, self.step)
+                self._present = [name for name in self.optimizers if name in out]
+                for i, name in enumerate(self._present):
+                    loss = out[name].sum() / n if self.objective.separable else out[name]
+                    if len(self.optimizers) == 1:
+                        self.scaler.scale(loss).backward()
+                    else:  # each group's loss into its own parameters only (a GAN's generator loss leaves D alone)
+                        self.scaler.scale(loss).backward(inputs=self.params[name], retain_graph=i < len(self._present) - 1)
+                    parts.setdefault(name, []).append(out[name].detach())
+            for key, v in out.get("aux", {}).items():
+                aux.setdefault(key, []).append(v)
+            self._log = out.get("log", {})
+        if aux:
+            self.objective.after_backward(draws, {key: distributed.gather(torch.cat(v)) for key, v in aux.items()})
+        losses = {name: distributed.mean(torch.cat([p.reshape(-1) for p in v]).mean() if self.objective.separable
+                                         else torch.stack(v).mean()) for name, v in parts.items()}
+        for name, value in losses.items():  # raised before any optimizer steps: the step is not applied
+            if not torch.isfinite(value):
+                what = "training loss" if name == "main" else f"{name} loss"
+                raise NonFiniteLoss(f"the {what} became {value.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
+                                    f"{self.objective.nonfinite_hint}")
+        self._losses = losses
+        return losses["main"]
 
-    def _per_example(self, x0: Tensor, t: Tensor, eps: Tensor, cond: dict, steps: Tensor | None,
-                     is_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The per-example loss of (a micro-batch of) the step, and the bound terms in bits/dim when training on L_vlb."""
-        cfg = self.cfg
-        if cfg.model.kind == "classifier":
-            return classifier_loss(self.net, self.denoiser.schedule, x0, cond["label"], t, eps), None
-        if cfg.train.loss == "simple":
-            return l_simple(self.denoiser, x0, t, eps, norm=cfg.train.loss_norm, **self._weighting(), **cond), None
-        if cfg.train.loss == "hybrid":
-            return hybrid_loss(self.denoiser, x0, t, eps, lam=cfg.train.vlb_lambda, **self._weighting(), **cond), None
-        vlb = bits_per_dim(vlb_term(self.denoiser, x0, steps, eps, **cond), x0)
-        return vlb * is_weight.to(vlb), vlb.detach()
-
-    @torch.no_grad()
-    def _estimate(self, x0: Tensor, t: Tensor, eps: Tensor, cond: dict) -> Tensor:
-        """The model's own x_0 estimate at x_t = q_sample(x0, t, eps) without self-conditioning: sg(x_hat_0) of
-        Chen et al. 2023, Algorithm 1 (no gradient flows through it)."""
-        return self.denoiser(self.denoiser.schedule.q_sample(x0, t, eps), t, **cond).x0
-
-    def _gather(self, local: Tensor) -> Tensor:
-        """The global batch of a per-example tensor, from every process's slice."""
-        if self.world == 1:
-            return local.detach()
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.detach().contiguous())
-        return torch.cat(parts)
-
-    def _weighting(self) -> dict:
-        """The loss weighting's keyword arguments for l_simple and hybrid_loss."""
-        t = self.cfg.train
-        return dict(weighting=t.loss_weighting, min_snr_gamma=t.min_snr_gamma, p2_k=t.p2_k, p2_gamma=t.p2_gamma)
-
-    def _condition(self, cond: dict, B: int) -> dict:
-        """The batch's condition restricted to the keys the model takes, each key replaced by its null value with its
-        probability train.condition_dropout[key] (Ho & Salimans 2022, Algorithm 1, line 3, one probability per key):
-        one network learns p(x | c) and p(x). One draw of B uniforms per key with p > 0, in sorted key order."""
-        spec = self.model.condition_spec
-        takes = set(spec.keys) | ({"context_mask"} if spec.context_dim else set())
-        cond = {k: v for k, v in cond.items() if k in takes}
-        p = self.cfg.train.condition_dropout
-        dropped = {key: self._local(torch.rand(B, generator=self.generator) < p[key]).to(self.device)
-                   for key in sorted(p) if p[key] > 0}
-        return spec.drop(cond, dropped)
+    def _sync(self, last: bool):
+        """DDP reduces gradients once per step: no_sync on every DDP module but for the last micro-batch."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for net in self.nets.values():
+            if isinstance(net, nn.parallel.DistributedDataParallel):
+                stack.enter_context(net.no_sync())
+        return stack
 
     def train_step(self) -> dict:
         loss = self.loss_and_backward()
-        self.scaler.unscale_(self.optimizer)
+        stats = {"loss": loss.item()}
         clip = self.cfg.train.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the grad scaler skips such steps itself
-            raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
-                                f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
-                                "and keep train.grad_clip > 0")
-        self.scaler.step(self.optimizer)
+        for name in self._present:
+            opt = self.optimizers[name]
+            self.scaler.unscale_(opt)
+            if self.objective.groups[name].clip:
+                grad_norm = nn.utils.clip_grad_norm_(self.params[name], clip if clip > 0 else float("inf"))
+                if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
+                    raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
+                                        f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
+                                        "and keep train.grad_clip > 0")
+                stats.setdefault("grad_norm", grad_norm.item())
+            self.scaler.step(opt)
         self.scaler.update()
-        self.lr_schedule.step()
-        self.ema.update(self.model, self.step)
+        for name in self._present:
+            self.schedules[name].step()
+        if self.ema is not None:
+            self.ema.update(self.modules[self.objective.ema], self.step)
         if self.phema is not None:
-            self.phema.update(self.model, self.step + 1)  # its steps count from 1
+            self.phema.update(self.modules[self.objective.ema], self.step + 1)  # its steps count from 1
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.lr_schedule.get_last_lr()[0]}
+        stats["lr"] = self.lr_schedule.get_last_lr()[0]
+        stats.update({key: float(v) for key, v in self._log.items()})
+        stats.update({f"{name}_loss": v.item() for name, v in self._losses.items() if name != "main" and f"{name}_loss" not in stats})
+        return stats
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train up to train.steps (or train.time_limit seconds); returns the run folder."""
         t = self.cfg.train
         # under a time limit the step total is only a cap: show the count and rate, not a misleading ETA
+        desc = self.objective.progress_desc
         bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc=f"training ({t.time_limit:g} s)" if t.time_limit else "training")
+                   dynamic_ncols=True, desc=f"{desc} ({t.time_limit:g} s)" if t.time_limit else desc)
         start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
-        self.model.train()
+        for m in self.modules.values():
+            m.train()
         log = (self.run_dir / "log.jsonl").open("a") if self.is_main else None
         try:
             while self.step < t.steps:
@@ -470,13 +326,13 @@ class Trainer:
                         log.write(json.dumps(stats) + "\n")
                         log.flush()
                         self.history.append([self.step, stats["loss"]])
-                aside = time.perf_counter()  # sample grids and FIDs are not training: the images/s leave them out
-                if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind == "denoiser":
-                    self.sample_grid()
-                if t.fid_every and self.step % t.fid_every == 0 and self.cfg.model.kind == "denoiser":
-                    self._track_fid(log)
+                aside = time.perf_counter()  # previews and measurements are not training: the images/s leave them out
+                if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
+                    self.objective.preview(self)
+                if t.fid_every and self.step % t.fid_every == 0 and self.is_main:
+                    self._evaluate(log)
                 last_log += time.perf_counter() - aside
-                out_of_time = t.time_limit > 0 and self._agree(time.perf_counter() - start >= t.time_limit)
+                out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device)
                 if self.phema is not None and self.is_main and (
                         self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time):
                     self.phema.save_snapshot(self.run_dir / "ema_snapshots", self.step)
@@ -490,87 +346,35 @@ class Trainer:
                 log.close()
         return self.run_dir
 
-    def _agree(self, flag: bool) -> bool:
-        """Rank 0's decision, shared by all ranks (wall clocks differ between processes)."""
-        if self.world == 1:
-            return flag
-        f = torch.tensor([float(flag)], device=self.device)
-        dist.broadcast(f, 0)
-        return bool(f.item())
-
-    @torch.no_grad()
-    def fixed_samples(self, n: int, steps: int = 0) -> tuple[Tensor, list[Tensor]]:
-        """n samples of the EMA weights from the fixed noise of train.seed, with the run's [sample] settings (`steps` > 0
-        replaces sample.steps): a conditional model draws the classes in turn; a task model takes the conditions of the
-        first n training images. Returns (samples, [its inputs, the truth] for a task model, else [])."""
-        s, d, task = self.cfg.sample, self.cfg.data, self.cfg.task
-        cond, shown = None, []
-        if task.kind != "none":  # the first n training images' conditions: rows of inputs, outputs and the truth
-            idx = torch.arange(min(n, len(self.dataset)))
-            truth, _ = self.dataset.batch(idx)
-            truth = truth.to(self.device)
-            cond = training_condition(task, truth, idx, self.denoiser.schedule,
-                                      level=task.aug_level if task.noise_aug_max > 0 else None)
-            n, shown = len(idx), [viewable(cond["image"], d.channels), truth]
-        if self.cfg.model.text_encoder:  # the first n training captions
-            cond = {"text": self.dataset.batch(torch.arange(n) % len(self.dataset))[1]["text"].to(self.device)}
-        kwargs = sample_config_kwargs(s) | ({"steps": steps} if steps else {})
-        x = generate(build_denoiser(self.cfg, self.ema.model), n, self.space.shape,
-                     labels=default_labels(n, self.model.num_classes), cond=cond, seed=self.cfg.train.seed,
-                     device=self.device, **kwargs)
-        return self.space.decode(x), shown
-
-    def sample_grid(self) -> Path | None:
-        """Sample a grid with the EMA weights into RUN/samples/step_NNNNNNNN.png (rank 0): `fixed_samples` of sample.n,
-        a task model's inputs above and the truth below."""
-        if not self.is_main:
-            return None
-        x, shown = self.fixed_samples(self.cfg.sample.n)
-        n = x.shape[0]
-        rows = [shown[0], x, shown[1]] if shown else [x]
-        return save_grid(torch.cat(rows), self.run_dir / "samples" / f"step_{self.step:08d}.png",
-                         nrow=n if shown else None)
-
-    # --- quality during training -------------------------------------------------------------
-    def measure_fid(self) -> float:
-        """FID (metrics.py) of train.fid_samples `fixed_samples` of the EMA weights against as many training images (the
-        first ones, whose conditions a task model gets), in train.fid_features' space; rank 0 only. With few samples
-        it is biased upward, so it is a curve to compare with itself, not a published FID."""
-        from .metrics import extract_features, feature_network, feature_statistics, frechet_distance
-
-        t = self.cfg.train
-        if self._fid_reference is None:
-            net = feature_network(t.fid_features, self.device)
-            real, _ = self.pixels.batch(torch.arange(min(t.fid_samples, len(self.pixels))))
-            features = extract_features(real, net)
-            if len(features) <= features.shape[1]:
-                warnings.warn(f"train.fid_samples = {t.fid_samples} images in a {features.shape[1]}-dimensional feature space: "
-                              f"the covariances are singular and the FID is strongly biased; use more than {features.shape[1]}",
-                              UserWarning, stacklevel=2)
-            self._fid_reference = (net, *feature_statistics(features))
-        net, mu, sigma = self._fid_reference
-        x, _ = self.fixed_samples(t.fid_samples, t.fid_steps)
-        x = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1  # 8-bit images, as `diffuse eval` scores
-        return frechet_distance(mu, sigma, *feature_statistics(extract_features(x, net)))
-
-    def _track_fid(self, log) -> None:
-        """Measure the FID (rank 0), log it, and keep the weights of the best so far as the run folder RUN/best."""
-        if not self.is_main:
-            return
-        value = self.measure_fid()
-        self.fid_history.append([self.step, value])
+    def _evaluate(self, log) -> None:
+        """The kind's measurement (rank 0), logged; a score better than every earlier one keeps its weights as the run
+        folder RUN/best."""
+        record, score = self.objective.evaluate(self)
         if log is not None:
-            log.write(json.dumps({"step": self.step, "fid": value}) + "\n")
+            log.write(json.dumps({"step": self.step, **record}) + "\n")
             log.flush()
-        if value < self.best_fid:
-            self.best_fid = value
+        if score is None:
+            return
+        self.fid_history.append([self.step, score])
+        if score < self.best_fid:
+            self.best_fid = score
             best = self.run_dir / "best"
             best.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, best / "config.toml")
-            ckpt.save_checkpoint(best, self.step, {"model": self.model.state_dict(), "ema": self.ema.model.state_dict()},
-                                 {"step": self.step, "num_classes": self.dataset.num_classes, "fid": value}, keep=1)
+            ckpt.save_checkpoint(best, self.step, self._weights(),
+                                 {"step": self.step, "num_classes": self.dataset.num_classes, "fid": score}, keep=1)
 
     # --- checkpoints --------------------------------------------------------------------------
+    def _weights(self) -> dict[str, dict[str, Tensor]]:
+        """The checkpoint groups of the weights: each module by its name, and "ema"."""
+        return {**{name: m.state_dict() for name, m in self.modules.items()},
+                **({"ema": self.ema.model.state_dict()} if self.ema is not None else {})}
+
+    @staticmethod
+    def _state_names(group: str) -> tuple[str, str]:
+        """The state.json names of a group's optimizer and LR schedule."""
+        return ("optimizer", "lr_schedule") if group == "main" else (f"{group}_optimizer", f"{group}_lr_schedule")
+
     def last_checkpoint(self) -> str:
         """What the newest committed checkpoint holds, for a message after training went non-finite."""
         last = ckpt.latest_step(self.run_dir)
@@ -592,25 +396,26 @@ class Trainer:
         weights or their EMA hold NaN or inf, so every committed checkpoint has finite weights."""
         if not self.is_main:
             return
-        weights = [p.detach().abs().max() for p in (*self.model.parameters(), *self.ema.model.parameters()) if p.numel()]
-        max_abs = float(torch.stack(weights).max()) if weights else 0.0  # torch's max keeps a NaN (Python's may drop it)
+        weights = self._weights()
+        tensors = [w.detach().abs().max() for group in weights.values() for w in group.values()
+                   if w.is_floating_point() and w.numel()]
+        max_abs = float(torch.stack(tensors).max()) if tensors else 0.0  # torch's max keeps a NaN (Python's may drop it)
         if not math.isfinite(max_abs):
             raise NonFiniteLoss(f"the weights became non-finite by step {self.step}, so no checkpoint was written; "
                                 f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")
         if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
             plot_loss(*zip(*self.history), self.run_dir / "loss.png", fid=self.fid_history)
-        opt_tensors, opt_skeleton = ckpt.flatten_state(self.optimizer.state_dict(), "optimizer")
+        state_tensors, state = {}, {"step": self.step, "num_classes": self.dataset.num_classes, "world_size": self.world}
+        for name, opt in self.optimizers.items():
+            opt_name, sched_name = self._state_names(name)
+            opt_tensors, state[opt_name] = ckpt.flatten_state(opt.state_dict(), opt_name)
+            state_tensors.update(opt_tensors)
+            state[sched_name] = self.schedules[name].state_dict()
         rng_tensors, rng_state = ckpt.capture_rng()
-        state_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng_tensors.items()},
-                         **{f"importance.{k}": v for k, v in self.importance.state_dict().items()},
-                         "generator": ckpt.generator_state(self.generator),
-                         **({f"phema.{k}": v for k, v in self.phema.state_dict().items()} if self.phema else {})}
-        state = {
-            "step": self.step,
-            "num_classes": self.dataset.num_classes,
-            "world_size": self.world,
-            "optimizer": opt_skeleton,
-            "lr_schedule": self.lr_schedule.state_dict(),
+        state_tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()}, **self.objective.state_dict(),
+                             generator=ckpt.generator_state(self.generator),
+                             **({f"phema.{k}": v for k, v in self.phema.state_dict().items()} if self.phema else {}))
+        state.update({
             "scaler": self.scaler.state_dict(),
             "rng": rng_state,
             "history": self.history,
@@ -619,15 +424,15 @@ class Trainer:
             "max_abs_weight": max_abs,
             "last_loss": self.history[-1][1] if self.history else None,
             **({"phema": self.phema.metadata()} if self.phema else {}),
-        }
-        ckpt.save_checkpoint(self.run_dir, self.step,
-                             {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "state": state_tensors},
-                             state, keep=self.cfg.train.keep_checkpoints)
+            **self.objective.checkpoint_info(),
+        })
+        ckpt.save_checkpoint(self.run_dir, self.step, {**weights, "state": state_tensors}, state,
+                             keep=self.cfg.train.keep_checkpoints)
 
     def _resume_posthoc_ema(self, c) -> None:
         """Restore the post-hoc EMA tracks exactly (their profiles average every step since step 1, so they cannot
         restart partway: ResumeError, even under --inexact-resume), drop snapshots newer than the checkpoint (written by
-        the interrupted run past it), and take the best FID from RUN/best (which may be newer than the checkpoint)."""
+        the interrupted run past it), and take the best score from RUN/best (which may be newer than the checkpoint)."""
         if self.phema is not None:
             st = {k.removeprefix("phema."): v for k, v in c.tensors["state"].items() if k.startswith("phema.")}
             try:
@@ -649,90 +454,69 @@ class Trainer:
         if ckpt.latest_step(self.run_dir) is None:
             return
         c = ckpt.load_checkpoint(self.run_dir)
-        self.model.load_state_dict(c.tensors["model"])
-        self.ema.model.load_state_dict(c.tensors["ema"])
+        try:
+            for name, m in self.modules.items():
+                m.load_state_dict(c.tensors[name])
+            if self.ema is not None:
+                self.ema.model.load_state_dict(c.tensors["ema"])
+        except (KeyError, RuntimeError) as e:
+            raise ResumeError(f"the checkpoint at step {c.step} in {self.run_dir} does not fit this config's networks "
+                              f"({type(e).__name__}: {e}); train into a new --out") from e
         self.step = int(c.state["step"])
         try:
             st, s = c.tensors["state"], c.state
-            self.optimizer.load_state_dict(ckpt.unflatten_state(st, s["optimizer"]))
-            self.lr_schedule.load_state_dict(s["lr_schedule"])
-            self.scaler.load_state_dict(s["scaler"])
+            legacy = s.get("lr_schedules", [])  # autoencoder runs before the one Trainer: [main, disc]
+            for i, (name, opt) in enumerate(self.optimizers.items()):
+                opt_name, sched_name = self._state_names(name)
+                opt.load_state_dict(ckpt.unflatten_state(st, s[opt_name]))
+                self.schedules[name].load_state_dict(s[sched_name] if sched_name in s else legacy[i])
+            if "scaler" in s:
+                self.scaler.load_state_dict(s["scaler"])
             ckpt.set_generator_state(self.generator, st["generator"])
-            if "importance.history" in st:
-                self.importance.load_state_dict({"history": st["importance.history"], "count": st["importance.count"]})
+            self.objective.load_state_dict(st)
             # restored last: building the model and data above drew from the global RNGs
             ckpt.restore_rng({k.removeprefix("rng."): v for k, v in st.items() if k.startswith("rng.")}, s["rng"])
             self.history = [list(h) for h in s.get("history", [])]
             self.fid_history = [list(h) for h in s.get("fid_history", [])]
             self.best_fid = math.inf if s.get("best_fid") is None else float(s["best_fid"])
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
             if not inexact:
                 raise ResumeError(f"the checkpoint at step {self.step} in {self.run_dir} lacks training state needed for an "
                                   f"exact resume ({type(e).__name__}: {e}); pass --inexact-resume to continue from its weights") from e
             warnings.warn(f"inexact resume from step {self.step}: {e}")
         self._resume_posthoc_ema(c)
         if inexact:  # the config may have changed: its lr and weight decay replace the ones in the checkpoint
-            t, sched = self.cfg.train, self.lr_schedule
-            sched.base_lrs = [t.lr] * len(self.optimizer.param_groups)
-            for g in self.optimizer.param_groups:
-                g.update(initial_lr=t.lr, weight_decay=t.weight_decay, lr=t.lr * sched.lr_lambdas[0](sched.last_epoch))
-            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        for p, v in self.optimizer.state.items():  # optimizer state follows the parameters' device
-            for k, tensor in v.items():
-                if isinstance(tensor, Tensor) and k != "step":
-                    v[k] = tensor.to(p.device)
-
-
-# settings that change neither the weights nor the random draws of a step: free to change on resume
-_FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                             "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps",
-                             "fid_features"}}
-
-
-def _trajectory_keys(cfg: RunConfig) -> dict:
-    d = to_dict(cfg)
-    d.pop("sample")
-    return {s: {k: v for k, v in vals.items() if k not in _FREE_ON_RESUME.get(s, ())} for s, vals in d.items()}
-
-
-def _diff(a: dict, b: dict) -> str:
-    out = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a for k in a[s] if a[s].get(k) != b.get(s, {}).get(k)]
-    return "; ".join(out[:5]) + (f"; and {len(out) - 5} more" if len(out) > 5 else "")
+            t = self.cfg.train
+            for name, opt in self.optimizers.items():
+                sched = self.schedules[name]
+                sched.base_lrs = [t.lr] * len(opt.param_groups)
+                for g in opt.param_groups:
+                    g.update(initial_lr=t.lr, weight_decay=t.weight_decay, lr=t.lr * sched.lr_lambdas[0](sched.last_epoch))
+                sched._last_lr = [g["lr"] for g in opt.param_groups]
+        for opt in self.optimizers.values():  # optimizer state follows the parameters' device
+            for p, v in opt.state.items():
+                for k, tensor in v.items():
+                    if isinstance(tensor, Tensor) and k != "step":
+                        v[k] = tensor.to(p.device)
 
 
 def dry_run(cfg: RunConfig, **kw) -> str:
     """`diffuse train --dry-run`: one training step's footprint (footprint.step_footprint: parameters, FLOPs per image,
     peak memory), measured on a throw-away run folder with the config's data, model and options; nothing else is
     written. Raises as Trainer does for a bad config."""
-    import tempfile
-
-    from .footprint import step_footprint
-
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model.kind == "autoencoder":
-            from .latent import AutoencoderTrainer
-
-            trainer = AutoencoderTrainer(cfg, Path(tmp) / "run", progress=False, **kw)
-            world = 1
-        else:
-            trainer = Trainer(cfg, Path(tmp) / "run", progress=False, **kw)
-            world = trainer.world
-        trainer.model.train()
-        fp = step_footprint(trainer.train_step, trainer.model, cfg.train.batch_size // world, trainer.device)
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, **kw)
+        for m in trainer.modules.values():
+            m.train()
+        fp = step_footprint(trainer.train_step, trainer.model, cfg.train.batch_size // trainer.world, trainer.device)
     return (f"{fp.describe()}; at train.batch_size = {cfg.train.batch_size}, {cfg.train.steps:,} steps are "
             f"{fp.flops_per_image * cfg.train.batch_size * cfg.train.steps / 1e15:.3g} PFLOP")
 
 
 def train(cfg: RunConfig, run_dir: str | Path, **kw) -> Path:
-    """Train (or resume) a run; the Python API behind `diffuse train`. model.kind = "autoencoder" trains the first stage
-    of latent diffusion (latent.AutoencoderTrainer), any other kind a Trainer."""
-    if cfg.model.kind == "autoencoder":
-        from .latent import AutoencoderTrainer
-
-        return AutoencoderTrainer(cfg, run_dir, **kw).fit()
+    """Train (or resume) a run of any kind; the Python API behind `diffuse train`. Returns the run folder."""
     trainer = Trainer(cfg, run_dir, **kw)
     try:
         return trainer.fit()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close()

@@ -111,7 +111,8 @@ def test_label_dropout_replaces_labels_with_the_null_label(cond_run):
     assert den.net.condition_spec.num_classes == num_classes == 10  # so the null label is 10
     trainer = Trainer(cfg, cond_run, progress=False)
     y = torch.arange(16) % 10
-    dropped = [trainer._condition({"label": y}, 16)["label"] for _ in range(20)]
+    drop = lambda: trainer.objective.draw(16, trainer.generator)["drop.label"]  # noqa: E731
+    dropped = [trainer.objective.condition({"label": y}, {"label": drop()})["label"] for _ in range(20)]
     share = float(torch.stack([(d == 10).double().mean() for d in dropped]).mean())
     assert share == pytest.approx(0.5, abs=0.1)
     assert all(torch.equal(d[d != 10], y[d != 10]) for d in dropped)

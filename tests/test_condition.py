@@ -219,7 +219,7 @@ def test_per_key_dropout_rates(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", progress=False, dataset=Paired())
     x, cond = trainer._batch(0)
     B = x.shape[0]
-    draws = [trainer._condition(cond, B) for _ in range(300)]
+    draws = [trainer.objective.inputs(x, dict(cond), trainer.objective.draw(B, trainer.generator))[1] for _ in range(300)]
     label_share = float(torch.stack([(d["label"] == 10).double().mean() for d in draws]).mean())
     image_share = float(torch.stack([(d["image"].flatten(1).abs().sum(1) == 0).double().mean() for d in draws]).mean())
     assert label_share == pytest.approx(0.3, abs=0.04) and image_share == pytest.approx(0.7, abs=0.04)

@@ -103,11 +103,11 @@ def test_vlb_training_resumes_exactly_with_its_importance_state(tmp_path):
     half = apply_overrides(cfg, ["train.steps=3"])
     Trainer(half, tmp_path / "b", progress=False).fit()
     resumed = Trainer(cfg, tmp_path / "b", progress=False)
-    assert int(resumed.importance.count.sum()) == 3 * 16
+    assert int(resumed.objective.importance.count.sum()) == 3 * 16
     resumed.fit()
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    torch.testing.assert_close(straight.importance.history, resumed.importance.history)
+    torch.testing.assert_close(straight.objective.importance.history, resumed.objective.importance.history)
 
 
 def test_hybrid_loss_needs_a_learned_variance(tmp_path, capsys):

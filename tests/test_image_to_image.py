@@ -179,7 +179,7 @@ def test_the_pairs_are_made_from_the_flipped_image(tmp_path, monkeypatch):
         seen.update(x0=x0, image=kw["image"])
         return torch.zeros(x0.shape[0], requires_grad=True)
 
-    monkeypatch.setattr("diffuse.train.l_simple", spy)
+    monkeypatch.setattr("diffuse.kinds.diffusion.l_simple", spy)
     trainer.loss_and_backward()
     torch.testing.assert_close(seen["image"], upsample(downsample(seen["x0"], 2), 8))
 

@@ -14,11 +14,11 @@ from diffuse.autoencoder import Autoencoder, AutoencoderConfig
 from diffuse.cli import main
 from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 from diffuse.data import load_dataset
-from diffuse.latent import (AutoencoderTrainer, LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
+from diffuse.latent import (LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
                             load_autoencoder, reconstruction_scores, space)
 from diffuse.metrics import feature_network
 from diffuse.sample import generate, load_run, sample_config_kwargs
-from diffuse.train import ResumeError, train
+from diffuse.train import ResumeError, Trainer, train
 
 AE = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=autoencoder",
       "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2", "autoencoder.num_res_blocks=1",
@@ -69,9 +69,9 @@ def test_autoencoder_run_trains_logs_and_never_sees_the_held_out_images(ae_run):
     assert [r["step"] for r in log] == [2, 4, 6]
     assert all(r["psnr"] > 0 and "kl" in r for r in log)
     assert "disc_loss" in log[-1] and "disc_loss" not in log[0]  # the GAN switches on at disc_start = 3
-    trainer = AutoencoderTrainer(ae_cfg(), ae_run.parent / "probe", progress=False)
-    seen = torch.cat([trainer.batch_indices(s) for s in range(200)])
-    assert int(seen.max()) < len(trainer.dataset) - len(trainer.test_idx)
+    trainer = Trainer(ae_cfg(), ae_run.parent / "probe", progress=False)
+    seen = torch.cat([trainer.dataset.idx[trainer.global_batch_indices(s)] for s in range(200)])  # indices of the images
+    assert int(seen.max()) < len(trainer.objective.pixels) - len(trainer.objective.test_idx)
 
 
 def test_autoencoder_resume_is_exact(tmp_path, ae_run):

@@ -1,4 +1,4 @@
-"""Tests for diffuse.posthoc_ema: the sigma_rel <-> gamma map, the power EMA's exact weights, the Gram matrix against
+"""Tests for diffuse.ema: the sigma_rel <-> gamma map, the power EMA's exact weights, the Gram matrix against
 quadrature, reconstruction against a directly tracked EMA, range errors, resume, corrupt snapshots."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from scipy.optimize import brentq
 from torch import nn
 
-import diffuse.posthoc_ema as ph
-from diffuse.posthoc_ema import (
+import diffuse.ema as ph
+from diffuse.ema import (
     PowerEMA,
     gamma_to_sigma_rel,
     list_snapshots,

@@ -6,7 +6,8 @@ import torch
 
 from diffuse.cli import main
 from diffuse.config import RunConfig, apply_overrides
-from diffuse.sample import autocast_dtype, build_denoiser, build_model, generate
+from diffuse.precision import autocast_dtype
+from diffuse.sample import build_denoiser, build_model, generate
 
 TINY = ["data.source=digits", "data.image_size=8", "schedule.kind=flow", "schedule.t_sampling=logit_normal",
         "model.prediction=flow", "model.channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -74,8 +75,8 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch
     slower than fp32 for the demo network) the user is told, and told the fix; "auto" stays silent and picks fp32."""
     import warnings
 
-    from diffuse import sample as sample_mod
-    monkeypatch.setattr(sample_mod, "cpu_has_native_bf16", lambda: native)
+    from diffuse import precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert autocast_dtype("bf16", "cpu", "train.mixed_precision") == torch.bfloat16

@@ -91,7 +91,7 @@ def test_offset_noise_adds_a_constant_per_image_and_channel(tmp_path, monkeypatc
         seen.append(eps)
         return torch.zeros(x0.shape[0], requires_grad=True)
 
-    monkeypatch.setattr("diffuse.train.l_simple", spy)
+    monkeypatch.setattr("diffuse.kinds.diffusion.l_simple", spy)
     trainer = Trainer(cfg("train.offset_noise=0.5", "train.batch_size=256"), tmp_path / "run", progress=False)
     for _ in range(4):
         trainer.loss_and_backward()
@@ -110,7 +110,7 @@ def test_posthoc_ema_tracks_are_snapshotted_and_rebuilt_by_the_cli(tmp_path):
     from safetensors.torch import load_file
 
     from diffuse.cli import main
-    from diffuse.posthoc_ema import list_snapshots, reconstruct
+    from diffuse.ema import list_snapshots, reconstruct
     from diffuse.sample import load_run
 
     config = cfg("train.steps=40", "train.posthoc_ema=[0.05, 0.10]", "train.ema_snapshot_every=4", "model.dropout=0")
@@ -215,8 +215,8 @@ def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monke
     config = cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2")
     trainer = Trainer(config, tmp_path / "run", progress=False)
     values = iter([5.0, 3.0, 4.0])
-    real_measure = trainer.measure_fid
-    monkeypatch.setattr(trainer, "measure_fid", lambda: next(values))
+    real_measure = trainer.objective.evaluate
+    monkeypatch.setattr(trainer.objective, "evaluate", lambda tr: (lambda v: ({"fid": v}, v))(next(values)))
     trainer.fit()
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "fid" in line]
     assert logged == [{"step": 2, "fid": 5.0}, {"step": 4, "fid": 3.0}, {"step": 6, "fid": 4.0}]
@@ -224,11 +224,11 @@ def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monke
     _, den, _ = load_run(tmp_path / "run" / "best")
     assert bool(torch.isfinite(next(den.net.parameters())).all())
     # the measurement itself: fixed samples against the first training images, in the digit feature space
-    samples, _ = trainer.fixed_samples(130, 2)
+    samples, _ = trainer.objective.fixed_samples(trainer, 130, 2)
     samples = torch.from_numpy(to_uint8(samples)).permute(0, 3, 1, 2).float() / 127.5 - 1  # scored as 8-bit images
     real, _ = trainer.dataset.batch(torch.arange(130))
     expected = fid(real, samples, feature_network("digits"))
-    assert real_measure() == pytest.approx(expected, rel=1e-9)
+    assert real_measure(trainer) == ({"fid": pytest.approx(expected, rel=1e-9)}, pytest.approx(expected, rel=1e-9))
     resumed = Trainer(cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2"),
                       tmp_path / "run", progress=False)
     assert resumed.best_fid == 3.0 and resumed.fid_history == [[2, 5.0], [4, 3.0], [6, 4.0]]

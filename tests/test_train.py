@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import diffuse.train as train_mod
+import diffuse.kinds.diffusion as diffusion_kind
 from diffuse import checkpoint as ckpt
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import load_dataset
-from diffuse.sample import generate, load_run
-from diffuse.train import EMA, NonFiniteLoss, ResumeError, Trainer, _validate
+from diffuse.sample import build_denoiser, generate, load_run
+from diffuse.ema import EMA
+from diffuse.precision import cpu_has_native_bf16
+from diffuse.train import NonFiniteLoss, ResumeError, Trainer, check_train
 
 BASE = [
     "data.source=digits", "data.image_size=8", "data.channels=1",
@@ -199,14 +201,14 @@ def test_missing_training_state_refuses_exact_resume(tmp_path, monkeypatch):
 # --- a NaN loss -------------------------------------------------------------------------------------------
 def _nan_from(monkeypatch, bad_step: int):
     """Make L_simple NaN from the `bad_step`-th call (0-based) on."""
-    real, calls = train_mod.l_simple, []
+    real, calls = diffusion_kind.l_simple, []
 
     def l_simple(*args, **kw):
         calls.append(1)
         loss = real(*args, **kw)
         return loss * math.nan if len(calls) > bad_step else loss
 
-    monkeypatch.setattr(train_mod, "l_simple", l_simple)
+    monkeypatch.setattr(diffusion_kind, "l_simple", l_simple)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -307,7 +309,7 @@ def test_sample_grid_only_when_sample_every_divides_the_step(tmp_path):
 
 def test_generate_shape_range_and_seed(finished):
     trainer, _ = finished
-    den = train_mod.build_denoiser(trainer.cfg, trainer.ema.model)
+    den = build_denoiser(trainer.cfg, trainer.ema.model)
     for sampler in ("ddim", "ddpm"):
         x = generate(den, 5, (1, 8, 8), sampler=sampler, steps=5, seed=3)
         assert x.shape == (5, 1, 8, 8)
@@ -331,7 +333,7 @@ def test_load_run_returns_the_ema_weights(finished):
     assert all(torch.equal(den_raw.net.state_dict()[k], v) for k, v in raw.items())
     # sampling from the loaded run is what sampling from the trainer's EMA gives
     x = generate(den, 3, (1, 8, 8), steps=4, seed=0)
-    torch.testing.assert_close(x, generate(train_mod.build_denoiser(trainer.cfg, trainer.ema.model), 3, (1, 8, 8),
+    torch.testing.assert_close(x, generate(build_denoiser(trainer.cfg, trainer.ema.model), 3, (1, 8, 8),
                                            steps=4, seed=0), rtol=0, atol=0)
 
 
@@ -393,22 +395,21 @@ def test_bad_training_config(tmp_path, override, key):
 
 def test_batch_must_divide_among_processes(digits):
     cfg = tiny_cfg("train.batch_size=12")
-    _validate(cfg, 1, digits)
-    _validate(cfg, 4, digits)
+    check_train(cfg, 1, digits)
+    check_train(cfg, 4, digits)
     with pytest.raises(ValueError, match=r"train\.batch_size = 12 must be divisible by the number of processes \(5\)"):
-        _validate(cfg, 5, digits)
+        check_train(cfg, 5, digits)
 
 
 # --- mixed precision ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, native):
-    import diffuse.sample as sample_mod
+    import diffuse.precision as precision
 
-    monkeypatch.setattr(sample_mod, "cpu_has_native_bf16", lambda: native)
-    assert sample_mod.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)  # sampling reads the same rule
-    assert train_mod._autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert train_mod._autocast_dtype("no", torch.device("cpu")) is None
-    assert train_mod._autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)  # training and sampling alike
+    assert precision.autocast_dtype("no", torch.device("cpu")) is None
+    assert precision.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_cpu_native_bf16_follows_the_cpu_flags():
@@ -416,7 +417,7 @@ def test_cpu_native_bf16_follows_the_cpu_flags():
     if not cpuinfo.is_file() or not hasattr(torch.cpu, "_is_amx_tile_supported"):
         pytest.skip("needs /proc/cpuinfo and torch >= 2.3")
     flags = cpuinfo.read_text().split()
-    assert train_mod.cpu_has_native_bf16() == ("amx_tile" in flags or "avx512_bf16" in flags)
+    assert cpu_has_native_bf16() == ("amx_tile" in flags or "avx512_bf16" in flags)
 
 
 def test_bf16_training_step_agrees_with_fp32(digits, tmp_path):

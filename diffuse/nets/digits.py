@@ -76,7 +76,8 @@ def train_digit_classifier(x: Tensor, y: Tensor, *, epochs: int = _RECIPE["epoch
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # initial weights and dropout: seeded, without touching the caller's RNG
+    # initial weights and dropout: seeded, without touching the caller's RNG; gradients on even inside no_grad
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = DigitClassifier()
         steps = epochs * math.ceil(x.shape[0] / batch_size)

@@ -1,4 +1,9 @@
-"""Post-hoc EMA: track two power-function EMAs, save snapshots, rebuild any other EMA length later.
+"""Averages of the weights: the EMA of DDPM, and post-hoc EMA (power-function EMA tracks, snapshots, and any other EMA
+length rebuilt from them later).
+
+EMA: theta_ema <- d * theta_ema + (1 - d) * theta after every step (Ho et al. 2020: decay 0.9999), `EMA`.
+
+Post-hoc EMA:
 
 Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2), sec. 3 and
 appendix C. Equation numbers are those of the arXiv version as cited in NVlabs/edm2 `training/phema.py`.
@@ -16,6 +21,7 @@ sigma_rels and gammas (JSON lists, one entry per track, in track order).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,9 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from diffuse.checkpoint import _fsync_dir
+from diffuse.checkpoint import fsync_dir
 
-__all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
+__all__ = ["EMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
            "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps", "write_run"]
 
 GAMMA_MIN = (math.sqrt(5) - 3) / 2
@@ -45,6 +51,30 @@ a profile (same t, sigma_rel 0.05-0.10) by 0.038-0.044 / 0.074-0.085, so within 
 about as closely as a ~6% change of sigma_rel would, finer than EMA lengths are usually compared."""
 FORMAT, VERSION = "diffuse-phema", "1"
 _SNAP_RE = re.compile(r"phema_(\d{8,})\.safetensors")
+
+
+class EMA:
+    """theta_ema <- d * theta_ema + (1 - d) * theta after every step (DDPM: decay 0.9999).
+
+    With `warmup`, d = min(decay, (1 + n) / (10 + n)) at update n (as TensorFlow's
+    ExponentialMovingAverage with num_updates): without it, a short run's average would still be
+    dominated by the initial weights (0.999^400 = 0.67).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, n: int) -> None:
+        """Fold in the weights after update n (0-based)."""
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay_at(n))
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -190,7 +220,7 @@ class PowerEMA:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,133 @@
+"""The autoencoder kind (model.kind = "autoencoder"): latent diffusion's first stage (Rombach et al. 2022, sec. 3.1),
+the [autoencoder] network of autoencoder.py trained by the one Trainer as two optimizer groups:
+
+    main  the autoencoder: rec + KL (or codebook + commitment) + [step >= disc_start] disc_weight * lambda * L_GAN
+          (autoencoder.autoencoder_loss; Esser et al. 2021, eqs. 6-7)
+    disc  the patch discriminator's hinge loss (autoencoder.discriminator_loss), only once the GAN is on
+
+both AdamW with betas (0.5, 0.9) (taming-transformers and LDM), the autoencoder's gradients clipped by train.grad_clip,
+the discriminator's not. Trained on all but the last tenth of the data (`latent.held_out`); the held-out part is what
+the reconstruction grids show and `train.fid_every` scores (PSNR, rFID, codebook usage). No EMA.
+
+The one draw of a step is the KL posterior's noise for the global batch; a VQ codebook's dead-code restarts draw from
+the trainer's generator inside the quantiser (the same on every process).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed
+from ..autoencoder import Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active, perplexity, psnr
+from ..config import RunConfig
+from ..latent import held_out, reconstruction_scores
+from ..metrics import feature_network
+from ..visualize import save_grid
+from .base import Context, Group, Objective
+
+
+class Subset:
+    """The items `idx` of a dataset with data.ImageDataset's interface, renumbered 0..len(idx) - 1."""
+
+    def __init__(self, base, idx: Tensor):
+        self.base, self.idx = base, idx
+        self.num_classes, self.condition_keys = base.num_classes, base.condition_keys
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
+        return self.base.batch(self.idx[idx])
+
+
+class AutoencoderObjective(Objective):
+    groups = {"main": Group(("model",), betas=(0.5, 0.9)), "disc": Group(("disc",), betas=(0.5, 0.9), clip=False)}
+    ema = None
+    separable = False  # batch-mean losses and an adaptive weight of the whole batch's gradients
+    progress_desc = "autoencoder"
+    nonfinite_hint = "Lower train.lr or autoencoder.disc_weight, and keep train.grad_clip > 0"
+
+    def __init__(self, cfg: RunConfig, data, ctx: Context):
+        t, a = cfg.train, cfg.autoencoder
+        self.cfg, self.ctx, self.pixels = cfg, ctx, data
+        self.train_idx, self.test_idx = held_out(len(data))
+        self.dataset = Subset(data, self.train_idx)
+        for ok, msg in ((1 <= t.batch_size <= len(self.train_idx), f"train.batch_size must be in 1..{len(self.train_idx)} "
+                         f"(the training part of {len(data)} images), got {t.batch_size}"),
+                        (t.grad_accumulation == 1, f"train.grad_accumulation = {t.grad_accumulation}: an autoencoder's "
+                         "adaptive GAN weight is a ratio of the whole batch's gradient norms, so it trains without "
+                         "micro-batches; set train.grad_accumulation = 1 (lower train.batch_size to save memory)"),
+                        (t.mixed_precision != "fp16", "train.mixed_precision = 'fp16' is not used for autoencoders (the "
+                         "adaptive GAN weight divides gradient norms); use 'bf16', 'auto' or 'no'"),
+                        (not t.fid_every or len(self.test_idx) >= 2,
+                         f"train.fid_every needs at least 2 held-out images for an rFID and the last tenth of "
+                         f"{len(data)} images holds {len(self.test_idx)}; use more images or train.fid_every = 0"),
+                        (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
+                         f"train.fid_features = 'digits' is the feature space of 1-channel digits and the data have "
+                         f"{cfg.data.channels} channels; set train.fid_features = 'inception:PATH' (or MODULE:ATTR), or "
+                         "train.fid_every = 0")):
+            if not ok:
+                raise ValueError(msg)
+        # loaded now: a bad feature spec fails before training
+        self.feature_net = feature_network(t.fid_features, ctx.device) if t.fid_every else None
+        self.latent_shape = None
+
+    def build(self) -> dict[str, nn.Module]:
+        a, d = self.cfg.autoencoder, self.cfg.data
+        model = Autoencoder(a, d.channels)
+        self.latent_shape = model.latent_shape(d.image_size, d.channels)  # the images fit the levels, or ValueError
+        if a.disc_weight <= 0:
+            return {"model": model}
+        disc = PatchDiscriminator(a, d.channels)
+        if d.image_size < disc.min_size:
+            raise ValueError(f"data.image_size = {d.image_size} is too small for autoencoder.disc_layers = {a.disc_layers} "
+                             f"(needs {disc.min_size}); lower autoencoder.disc_layers or set autoencoder.disc_weight = 0")
+        return {"model": model, "disc": disc}
+
+    def draw(self, B: int, g: torch.Generator) -> dict[str, Tensor]:
+        """The KL posterior's noise eps (B, c, h, w) for z = mu + sigma eps; nothing for VQ."""
+        return {"eps": torch.randn((B, *self.latent_shape), generator=g)} if self.cfg.autoencoder.kind == "kl" else {}
+
+    def losses(self, x: Tensor, extras: dict, d: dict, step: int) -> dict:
+        a, model, disc = self.cfg.autoencoder, self.modules["model"], self.modules.get("disc")
+        out = self.nets["model"](x, generator=self.ctx.generator, eps=d.get("eps"))
+        terms = autoencoder_loss(model, x, out, step, disc, reduce=distributed.mean)
+        log = {k: v.detach() for k, v in terms.items() if k != "loss"}
+        log["psnr"] = psnr(x, out.reconstruction.detach().float().clamp(-1, 1)).mean()
+        if out.quantized is not None:
+            log.update(usage=codebook_usage(out.quantized.counts), perplexity=perplexity(out.quantized.counts))
+        losses = {"main": terms["loss"], "log": log}
+        if disc is not None and gan_active(a, step):
+            dl = discriminator_loss(self.nets["disc"], x, out.reconstruction, step, a)
+            losses["disc"] = dl["loss"]
+            log.update(disc_loss=dl["loss"].detach(), logits_real=dl["logits_real"], logits_fake=dl["logits_fake"])
+        return losses
+
+    def checkpoint_info(self) -> dict:
+        return {"kind": "autoencoder", "latent_shape": list(self.latent_shape)}
+
+    @torch.no_grad()
+    def preview(self, trainer, n: int = 16) -> Path:
+        """RUN/samples/step_N.png: n held-out images (top row) above their reconstructions D(E(x)) (bottom row)."""
+        model = self.modules["model"]
+        x, _ = self.pixels.batch(self.test_idx[:n])
+        model.eval()
+        try:
+            rec = model.decode(model.encode(x.to(trainer.device))).clamp(-1, 1).cpu()
+        finally:
+            model.train()
+        return save_grid(torch.cat([x, rec]), trainer.run_dir / "samples" / f"step_{trainer.step:08d}.png", nrow=len(x))
+
+    def evaluate(self, trainer) -> tuple[dict, None]:
+        """reconstruction_scores (PSNR, rFID in train.fid_features, latent std; VQ usage and perplexity) of the first
+        train.fid_samples held-out images."""
+        model = self.modules["model"]
+        x, _ = self.pixels.batch(self.test_idx[:self.cfg.train.fid_samples])
+        model.eval()
+        try:
+            return {"held_out": reconstruction_scores(model, x, self.feature_net)}, None
+        finally:
+            model.train()

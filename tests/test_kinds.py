@@ -1,0 +1,175 @@
+"""The contract every kind of model keeps with the one Trainer (kinds.KINDS): build, one step, save, resume, one
+more step equals two straight steps, bit for bit; and two processes under gloo DDP end where one process ends.
+
+CONFIGS has a tiny config for every kind, and a test refuses a kind without one, so each future kind gets exact
+resume and DDP checked by adding one row. This file is also the DDP worker (as tests/test_ddp.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+WORLD = 2
+COMMON = ["data.source=folder", "data.image_size=8", "data.channels=1", "train.batch_size=8", "train.lr=1e-3",
+          "train.warmup_steps=1", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=1",
+          "train.mixed_precision=no"]
+UNET = ["model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
+        "model.attention_resolutions=[4]", "model.dropout=0.1", "train.ema_decay=0.9", "schedule.T=100"]
+CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class image folder
+    "denoiser": UNET + ["model.class_conditional=true", "train.condition_dropout={label = 0.3}", "train.hflip=true",
+                        "train.posthoc_ema=[0.05, 0.1]"],
+    "classifier": UNET + ["model.kind=classifier"],
+    "autoencoder": ["model.kind=autoencoder", "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2",
+                    "autoencoder.num_res_blocks=1", "autoencoder.norm_groups=4", "autoencoder.disc_start=1",
+                    "autoencoder.disc_channels=8", "autoencoder.disc_layers=1"],
+}
+VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
+                                               "autoencoder.dead_code_threshold=0.5"])}  # restarts draw too
+
+
+def config(images: Path, kind: str, steps: int, extra=()):
+    from diffuse.config import RunConfig, apply_overrides
+
+    overrides = [*COMMON, f"data.path={json.dumps(str(images))}", f"train.steps={steps}", *CONFIGS[kind], *extra]
+    return apply_overrides(RunConfig(), overrides)
+
+
+def cases():
+    return {**{k: (k, []) for k in CONFIGS}, **VARIANTS}
+
+
+def make_images(folder: Path, n: int = 24) -> Path:
+    """n random 8x8 grayscale PNGs in two class folders (a labelled folder dataset)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / str(i % 2) / f"{i:03d}.png")
+    return folder
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """Every saved tensor of a run's newest checkpoint but the RNG states and the run's step counters, by group."""
+    from diffuse.checkpoint import load_checkpoint
+
+    c = load_checkpoint(run)
+    out = {}
+    for group, tensors in c.tensors.items():
+        for name, v in tensors.items():
+            if not (group == "state" and name.startswith("rng.")):
+                out[f"{group}/{name}"] = v
+    return out
+
+
+# --- the DDP worker -------------------------------------------------------------------------------------------------
+def _worker(images: Path, out: Path) -> None:
+    from diffuse import distributed
+    from diffuse.train import Trainer
+
+    for name, (kind, extra) in cases().items():  # one process group for all (train() would close it after each)
+        Trainer(config(images, kind, 2, extra), out / name, progress=False).fit()
+    distributed.close()
+
+
+def _launch(images: Path, out: Path, timeout: float = 300) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
+               LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logs = [out / f"rank{r}.log" for r in range(WORLD)]
+    procs = []
+    for r in range(WORLD):
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen([sys.executable, __file__, str(images), str(out)],
+                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                          stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+        problem = None if codes == [0] * WORLD else f"exit codes {codes}"
+    except subprocess.TimeoutExpired:
+        problem = f"timed out after {timeout} s"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if problem:
+        pytest.fail(f"the {WORLD}-process run failed: {problem}\n" + "\n".join(
+            f"--- rank {r} ---\n{logs[r].read_text()[-6000:]}" for r in range(WORLD)))
+
+
+# --- the tests ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, images):
+    """Each case trained 2 steps in one go, in this process."""
+    from diffuse.train import train
+
+    base = tmp_path_factory.mktemp("straight")
+    for name, (kind, extra) in cases().items():
+        train(config(images, kind, 2, extra), base / name, progress=False)
+    return base
+
+
+def test_every_kind_has_a_contract_config():
+    from diffuse.kinds import KINDS
+
+    assert set(KINDS) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", list(cases()))
+def test_resume_after_one_step_equals_two_straight_steps(tmp_path, images, straight, name):
+    from diffuse.train import Trainer
+
+    kind, extra = cases()[name]
+    cut = tmp_path / "cut"
+    Trainer(config(images, kind, 1, extra), cut, progress=False).fit()
+    resumed = Trainer(config(images, kind, 2, extra), cut, progress=False)
+    assert resumed.step == 1
+    resumed.fit()
+    want, got = weights(straight / name), weights(cut)
+    assert got.keys() == want.keys()
+    moved = [k for k in want if k.startswith("model/") and want[k].is_floating_point()]
+    assert moved, "the case trains no weights"
+    for key, w in want.items():
+        assert torch.equal(got[key], w), f"{name}: {key} differs after resume"
+
+
+@pytest.mark.slow
+def test_two_processes_end_where_one_ends(tmp_path, images, straight):
+    _launch(images, tmp_path)
+    for name in cases():
+        want, got = weights(straight / name), weights(tmp_path / name)
+        assert got.keys() == want.keys(), name
+        for key, w in want.items():
+            if key.startswith("state/"):  # optimizer moments and counters: compared through the weights they give
+                continue
+            # Adam moves a weight by up to lr per step whatever its gradient's size, so a gradient that is 0 up to
+            # rounding (the discriminator's GroupNorm bias: -1.9e-9 against ~1e-3 for its neighbours), summed in
+            # another order across processes, may move its weight by up to lr: allowed for one element or 1% of a
+            # tensor, every other element equal up to float32 rounding
+            off = ~torch.isclose(got[key].double(), w.double(), rtol=1e-5, atol=1e-6)
+            assert int(off.sum()) <= max(1, off.numel() // 100), f"{name} {key}: {int(off.sum())} of {off.numel()} differ"
+            assert float((got[key].double() - w.double()).abs().max()) <= 2 * 1e-3 * 1.01, f"{name} {key}"
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
