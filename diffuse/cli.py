@@ -350,6 +350,7 @@ def _eval(args) -> None:
     from .tasks.image_to_image import training_condition
     from .pretrained import is_model_folder
     from .latent import space
+    from .precision import autocast_dtype
     from .sample import check_guidance, default_labels, generate_in_chunks, load_run, run_config, sample_config_kwargs
     from .visualize import to_uint8
 
@@ -450,8 +451,10 @@ def _eval(args) -> None:
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0
+        amp = autocast_dtype(kw["mixed_precision"], device)  # what the network ran in: float32 unless autocast
         record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or getattr(den.schedule, "top_step", None),
-                      features=features)
+                      spacing="adaptive" if adaptive else kw["spacing"], mixed_precision=kw["mixed_precision"],
+                      precision=str(amp or torch.float32).removeprefix("torch."), features=features)
         if args.metric == "fid":
             record["fid"] = metrics.fid(real, fake, net)
         elif args.metric == "kid":

@@ -11,11 +11,12 @@ with `unet/` and `scheduler/` subfolders) is read as a `RunConfig` (`read_config
   (Lin et al. 2024), prediction_type (epsilon, sample, v_prediction), variance_type (fixed_small(_log) = beta-tilde,
   fixed_large(_log) = beta, learned_range = Nichol & Dhariwal's interpolation, eq. 15), clip_sample, and the
   sampling defaults: the scheduler class picks the sampler (DDPMScheduler: ddpm over every step, as DDPMPipeline;
-  DDIMScheduler: ddim, 50 steps) and timestep_spacing the grid.
+  DDIMScheduler: ddim, 50 steps) and timestep_spacing the grid; sampling runs in float32, as diffusers' pipelines do
+  (sample.mixed_precision = "no"; `--mixed-precision auto` or bf16 asks for autocast).
 
 The network then runs through diffuse's `Denoiser` like any trained run, so every sampler, guidance wrapper and
 editing task works on it. With the same grid and noise, `diffuse sample` reproduces diffusers' DDPMPipeline and
-DDIMPipeline (use_clipped_model_output=True) to 1e-5 (tests/test_pretrained.py). Two of diffusers' conventions differ on
+DDIMPipeline (use_clipped_model_output=True) to 1e-5 in float32, the default for these folders (tests/test_pretrained.py). Two of diffusers' conventions differ on
 purpose: diffuse's grids always end at t = 0 (alphabar = 1, diffusers' set_alpha_to_one = true), and DDIM steps to the
 grid's next time where diffusers' DDIMScheduler steps T // steps down even when the grid's next time is elsewhere
 (trailing and linspace grids whose step count does not divide T).
@@ -24,6 +25,7 @@ grid's next time where diffusers' DDIMScheduler steps T // steps down even when 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def read_config(path: str | Path) -> RunConfig:
     return RunConfig(data=DataConfig(source="folder", image_size=size, channels=channels), schedule=schedule,
                      model=UNetConfig(prediction=PREDICTIONS[prediction], learned_variance=learned),
                      sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, variance=VARIANCES[variance],
-                                         clip=bool(sched.get("clip_sample", True))))
+                                         clip=bool(sched.get("clip_sample", True)), mixed_precision="no"))
 
 
 class DiffusersUNet(nn.Module):
@@ -179,10 +181,39 @@ def load_unet(path: str | Path) -> DiffusersUNet:
     except ImportError:
         raise ValueError(f"{path} is a diffusers model folder; reading it needs diffusers: {INSTALL}") from None
     folder = unet_file.parent
-    if not any((folder / f"diffusion_pytorch_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+    weights = [folder / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
+    weights = next((w for w in weights if w.is_file()), None)
+    if weights is None:
         raise FileNotFoundError(f"{folder} has config.json but no weights (diffusion_pytorch_model.safetensors or .bin); "
                                 "download them with the model")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            unet, info = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False,
+                                                     output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # diffusers' "Error(s) in loading state_dict" and the like
+        raise ValueError(_mismatch(unet_file, weights, str(e))) from None
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing or unexpected:  # diffusers would leave the missing ones at their random initial values
+        parts = [f"{len(missing)} tensors the network of config.json has are not in the weights (e.g. {missing[0]})"
+                 if missing else "", f"{len(unexpected)} tensors of the weights have no place in it (e.g. {unexpected[0]})"
+                 if unexpected else ""]
+        raise ValueError(_mismatch(unet_file, weights, "; ".join(filter(None, parts))))
     return DiffusersUNet(unet)
+
+
+_SIZE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+                      r"the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def _mismatch(config: Path, weights: Path, detail: str) -> str:
+    """The message for a config.json that does not describe the network its weights were saved from."""
+    sizes = _SIZE_RE.findall(detail)
+    if sizes:
+        name, have, want = sizes[0]
+        detail = (f"{len(sizes)} tensors differ in shape (e.g. {name}: {have} in the weights, {want} in the network "
+                  f"{config.name} describes)")
+    else:
+        detail = " ".join(detail.split())[:400]
+    return (f"{config} does not match the weights {weights.name} beside it: {detail}; the file describes another network "
+            "than the one the weights were saved from: restore the model's own config.json (download the folder again)")

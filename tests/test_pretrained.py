@@ -192,6 +192,51 @@ def test_eval_of_a_diffusers_model_on_a_folder_of_real_images(tmp_path, capsys):
     real = torch.stack([x for x, _ in load_dataset(DataConfig(source="folder", path=str(real_dir), image_size=SIZE, channels=3))])
     net = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())
     assert record["fid"] == pytest.approx(metrics.fid(real, fake, net), rel=1e-4)
+    # the record says how the samples were drawn: the grid's spacing (the scheduler's leading) and the precision
+    assert (record["sampler"], record["steps"], record["spacing"]) == ("ddim", 4, "leading")
+    assert (record["mixed_precision"], record["precision"]) == ("no", "float32")
+
+
+@pytest.mark.parametrize("change, detail", [
+    ({"block_out_channels": [16, 64]}, r"tensors differ in shape \(e\.g\. [\w.]+: \[\d+\] in the weights, \[\d+\] in the network"),
+    ({"in_channels": 1, "out_channels": 1}, r"conv_in\.weight: \[16, 3, 3, 3\] in the weights, \[16, 1, 3, 3\]"),
+    ({"down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"]}, r"10 tensors the network of config\.json has are not in the weights"),
+    ({"down_block_types": ["DownBlock2D", "DownBlock2D"]}, r"10 tensors of the weights have no place in it"),
+])
+def test_a_config_json_that_does_not_match_its_weights_is_named(tmp_path, capsys, change, detail):
+    """A config.json edited away from its weights is a clear error naming the file and what differs (it was a
+    RuntimeError traceback for different shapes, and silently random attention weights for missing ones)."""
+    import re
+
+    save_model(tmp_path / "m", diffusers.DDIMScheduler(num_train_timesteps=T, beta_end=0.1))
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, **change}))
+    assert main(["sample", str(tmp_path / "m"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffuse sample: error: {tmp_path / 'm' / 'config.json'} does not match the weights "
+                          "diffusion_pytorch_model.safetensors beside it: ") and re.search(detail, err), err
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_a_diffusers_folder_samples_in_float32_by_default(tmp_path, monkeypatch):
+    """diffusers' pipelines run in float32, and so does a diffusers folder without --mixed-precision (a run's "auto" is
+    bf16 on GPUs and bf16-capable CPUs, 0.117 off the pipeline): the 1e-5 match needs no flag."""
+    import diffuse.sample
+
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, beta_end=0.1)
+    unet, _ = save_model(tmp_path / "m", sched)
+    assert read_config(tmp_path / "m").sample.mixed_precision == "no"
+    used = []
+    chunks = diffuse.sample.generate_in_chunks
+    monkeypatch.setattr(diffuse.sample, "generate_in_chunks", lambda *a, **k: used.append(k["mixed_precision"]) or chunks(*a, **k))
+    out = tmp_path / "ours.npy"
+    assert main(["sample", str(tmp_path / "m"), "--n", "2", "--seed", "3", "--steps", "10", "--out", str(out)]) == 0
+    assert used == ["no"]  # whatever this machine's autocast would be
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=10, eta=0.0,
+               use_clipped_model_output=True, output_type="np").images
+    assert np.abs(np.load(out).transpose(0, 2, 3, 1) - ref).max() < 1e-5
 
 
 def test_chunks_split_the_draw_and_keep_the_first_chunk(tmp_path):
