@@ -136,3 +136,19 @@ def test_the_strength_says_what_it_means_on_every_process(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "sigma/alpha = s / (1 - s)" in text and "the same on every process (VP, EDM, flow)" in text
     assert "t_top" not in text
+
+
+def test_one_output_is_that_image_at_its_size(run, tmp_path):
+    """--n 1 (and --mean) writes the image itself, 8x8 here, not a 12x12 grid with a white frame; several are a grid.
+    The PNG's pixels are the .npy output's, rounded to 8 bits."""
+    digit(tmp_path / "in.png")
+    edit = ["edit", "sdedit", str(run), "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "2"]
+    for extra in (["--n", "1"], ["--n", "3", "--mean"]):
+        for suffix in (".png", ".npy"):
+            assert main([*edit, *extra, "--out", str(tmp_path / f"one{suffix}")]) == 0
+        png = np.asarray(Image.open(tmp_path / "one.png"))
+        assert png.shape == (8, 8), extra
+        np.testing.assert_array_equal(png, np.round(np.load(tmp_path / "one.npy")[0, 0] * 255).astype(np.uint8))
+    for n, side in ((1, 8), (4, 2 * (8 + 2) + 2)):
+        assert main(["sample", str(run), "--n", str(n), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
+        assert Image.open(tmp_path / "s.png").size == (side, side)
