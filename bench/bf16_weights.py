@@ -29,7 +29,8 @@ import torch
 
 from diffuse.config import apply_overrides, load_config
 from diffuse.losses import l_simple
-from diffuse.sample import build_denoiser, build_model, cpu_has_native_bf16
+from diffuse.kinds.diffusion import build_denoiser, build_model
+from diffuse.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

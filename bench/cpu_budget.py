@@ -50,8 +50,10 @@ from diffuse.config import ConfigError, apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.demo import DEMO_SIGMA_REL
 from diffuse.metrics import digit_classifier, fid
-from diffuse.ema import write_run
-from diffuse.sample import CHUNK, generate_in_chunks, load_run, sample_config_kwargs
+from diffuse.runs import write_run
+from diffuse.generate import CHUNK, generate_in_chunks
+from diffuse.runs import load_run
+from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.samplers import CountCalls
 from diffuse.train import train
 from diffuse.visualize import to_uint8

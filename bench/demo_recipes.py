@@ -21,7 +21,8 @@ import torch
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.sample import generate, load_run
+from diffuse.generate import generate
+from diffuse.runs import load_run
 from diffuse.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

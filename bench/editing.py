@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import classifier_accuracy, digit_classifier, fid
-from diffuse.sample import load_run
+from diffuse.runs import load_run
 from diffuse.tasks import sdedit
 from diffuse.train import train
 from diffuse.visualize import save_grid, to_uint8

@@ -33,7 +33,8 @@ from diffuse import checkpoint as ckpt
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import ImageDataset, _photo_crops, load_dataset
 from diffuse.metrics import classifier_accuracy, digit_classifier, fid
-from diffuse.sample import generate, load_run
+from diffuse.generate import generate
+from diffuse.runs import load_run
 from diffuse.tasks.image_to_image import downsample, input_condition, to_gray, training_condition, upsample, viewable
 from diffuse.train import Trainer
 from diffuse.visualize import save_grid, to_uint8

@@ -34,8 +34,11 @@ import torch
 
 from diffuse.captions import prompt_scores, shapes_data
 from diffuse.config import apply_overrides, load_config
-from diffuse.latent import evaluate_autoencoder, space
-from diffuse.sample import CHUNK, generate_in_chunks, load_run, sample_config_kwargs
+from diffuse.kinds.autoencoder import evaluate_autoencoder
+from diffuse.stages import space
+from diffuse.generate import CHUNK, generate_in_chunks
+from diffuse.runs import load_run
+from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.train import train
 from diffuse.visualize import to_uint8
 

@@ -23,7 +23,7 @@ import torch
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.sample import load_run
+from diffuse.runs import load_run
 from diffuse.train import train
 from diffuse.visualize import to_uint8
 

@@ -27,7 +27,10 @@ from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
 from diffuse.ema import reconstruct
-from diffuse.sample import build_denoiser, build_model, default_labels, generate, load_run, sample_config_kwargs
+from diffuse.generate import default_labels, generate
+from diffuse.kinds.diffusion import build_denoiser, build_model
+from diffuse.runs import load_run
+from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

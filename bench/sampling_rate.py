@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-import diffuse.sample as sample_module
+import diffuse.generate as sample_module
 from diffuse.config import load_config
 from diffuse.losses import l_simple
-from diffuse.sample import CHUNK, autocast_dtype, generate_in_chunks, sample_config_kwargs
+from diffuse.generate import CHUNK, generate_in_chunks
+from diffuse.precision import autocast_dtype
+from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.samplers import CountCalls
 from diffuse.train import Trainer
 

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffuse.config import apply_overrides, load_config
-from diffuse.sample import cpu_has_native_bf16
+from diffuse.precision import cpu_has_native_bf16
 from diffuse.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import torch
 
 from diffuse.data import load_dataset
 from diffuse.metrics import digit_classifier, fid
-from diffuse.sample import load_run
+from diffuse.runs import load_run
 from diffuse.visualize import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from .config import ConfigError, apply_overrides, load_config
-from .sample import CHUNK
+from .generate import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
 from .tasks.editing import STRENGTH_HELP
@@ -121,8 +121,10 @@ def _sampling(args, n: int):
     from tqdm import tqdm
 
     from .samplers import CountCalls
-    from .latent import check_same_space, space
-    from .sample import autocast_dtype, check_guidance, default_labels, load_classifier, load_run, prompt_condition, run_config
+    from .stages import check_same_space, space
+    from .generate import default_labels
+    from .precision import autocast_dtype
+    from .runs import check_guidance, load_classifier, load_run, prompt_condition, run_config
 
     cfg = run_config(args.run)  # everything the command line says is checked before the model loads
     s = cfg.sample
@@ -200,7 +202,8 @@ def _write(x, out: Path) -> None:
 
 
 def _sample(args) -> None:
-    from .sample import generate_in_chunks, run_config
+    from .generate import generate_in_chunks
+    from .runs import run_config
     from .tasks.image_to_image import CASCADE_FILE
 
     out = Path(args.out)
@@ -235,7 +238,8 @@ def _sample_cascade(args, out: Path) -> None:
 
     import torch
 
-    from .sample import generate, run_config
+    from .generate import generate
+    from .runs import run_config
     from .tasks.image_to_image import check_cascade, input_condition, read_cascade
 
     stages, level = read_cascade(args.run)
@@ -272,8 +276,9 @@ def _edit(args) -> None:
 
     from . import tasks
     from .data import load_image, load_mask
-    from .latent import latent_edit
-    from .sample import generate, run_config
+    from .tasks.editing import latent_edit
+    from .generate import generate
+    from .runs import run_config
     from .tasks.image_to_image import input_condition, viewable
     from .visualize import save_grid
 
@@ -302,7 +307,7 @@ def _edit(args) -> None:
         tasks.editing.check_mask(mask, image)
     _, counted, kw, bar, latent_space = _sampling(args, args.n)
     batch = image.expand(args.n, *image.shape[1:]).to(kw["device"])
-    if latent_space.latent:  # the editing tasks run on z = s E(x), their outputs decoded (latent.latent_edit)
+    if latent_space.latent:  # the editing tasks run on z = s E(x), their outputs decoded (tasks.editing.latent_edit)
         own = {"sdedit": lambda: dict(strength=args.strength),  # each task's own flags
                "ilvr": lambda: dict(factor=args.factor, options={"t_stop": args.t_stop}),
                "inpaint": lambda: dict(options={"jump_length": args.repaint_length, "jump_n_samples": args.repaint_jumps})}
@@ -345,13 +350,15 @@ def _eval(args) -> None:
     from . import metrics
     from .checkpoint import read_json_records
     from .data import load_dataset
+    from .precision import autocast_dtype
     from .guidance import Conditioned
     from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
     from .tasks.image_to_image import training_condition
     from .pretrained import is_model_folder
-    from .latent import space
-    from .precision import autocast_dtype
-    from .sample import check_guidance, default_labels, generate_in_chunks, load_run, run_config, sample_config_kwargs
+    from .stages import space
+    from .generate import default_labels, generate_in_chunks
+    from .runs import check_guidance, load_run, run_config
+    from .kinds.diffusion import sample_config_kwargs
     from .visualize import to_uint8
 
     cfg = run_config(args.run)
@@ -480,10 +487,10 @@ def _report(record: dict, path: Path) -> None:
 
 def _eval_autoencoder(args, cfg, device) -> None:
     """`diffuse eval AE_RUN`: reconstruction PSNR, rFID and codebook statistics on the held-out images
-    (latent.evaluate_autoencoder), printed and appended to RUN/eval.json."""
+    (kinds.autoencoder.evaluate_autoencoder), printed and appended to RUN/eval.json."""
     import datetime
 
-    from .latent import evaluate_autoencoder
+    from .kinds.autoencoder import evaluate_autoencoder
 
     sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "real", "rtol",
                             "vlb_samples")
@@ -515,7 +522,7 @@ def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None
 
 
 def _ema(args) -> None:
-    from .ema import write_run
+    from .runs import write_run
 
     out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
     print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")

@@ -129,7 +129,7 @@ class TrainConfig:
 @dataclass
 class LatentConfig:
     """[latent]: latent diffusion (Rombach et al. 2022): the diffusion model works on z = scale_factor * E(x) of a trained
-    autoencoder run and samples are decoded by D (latent.py)."""
+    autoencoder run and samples are decoded by D (stages.py)."""
 
     autoencoder: str = ""       # the autoencoder run (`diffuse train configs/ae_mnist.toml`); "" = diffusion on pixels
     scale_factor: float = 0.0   # z = scale_factor * E(x); 0 = 1 / std of the training latents, estimated when training starts

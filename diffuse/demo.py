@@ -20,8 +20,10 @@ from torch import Tensor
 
 from .config import RunConfig, load_config
 from .data import load_dataset
-from .ema import write_run
-from .sample import default_labels, generate, load_run, sample_config_kwargs
+from .runs import write_run
+from .generate import default_labels, generate
+from .runs import load_run
+from .kinds.diffusion import sample_config_kwargs
 from .train import train
 from .visualize import save_gif, save_grid
 

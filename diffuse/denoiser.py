@@ -186,7 +186,7 @@ class Denoiser:
         self.prediction = prediction
         self.learned_variance = learned_variance
         self.sigma_data = sigma_data  # the data's std, for the "edm" preconditioning (EDM: 0.5)
-        self.bounded = bounded  # x_0 lies in [-1, 1] (images), so samplers may clip it; latents (latent.py) do not
+        self.bounded = bounded  # x_0 lies in [-1, 1] (images), so samplers may clip it; latents (stages.py) do not
 
     def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
         """The network's own output at (x_t, t), one time per example, and variance_mix (None without a learned variance)."""

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from diffuse.checkpoint import fsync_dir
 
 __all__ = ["EMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
-           "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps", "write_run"]
+           "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps"]
 
 GAMMA_MIN = (math.sqrt(5) - 3) / 2
 """gamma where sigma_rel(gamma) peaks: d/dgamma log sigma_rel^2 = 0 gives gamma^2 + 3 gamma + 1 = 0."""
@@ -343,32 +343,3 @@ def reconstruct(directory, sigma_rel: float, step=None, max_error: float = MAX_E
     return {n: v.float() for n, v in out.items()} | buffers
 
 
-def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error: float = MAX_ERROR) -> Path:
-    """`diffuse ema RUN --sigma-rel S --out OUT`: the EMA of width sigma_rel rebuilt from RUN/ema_snapshots at `step`
-    (default: the last snapshot) written as a run folder OUT (RUN's config.toml and one checkpoint whose raw and EMA
-    weights are both the rebuilt ones), which `diffuse sample OUT` and `diffuse eval OUT` read like any run.
-    Raises FileNotFoundError when RUN is not a run or holds no snapshots (naming train.posthoc_ema), ValueError as
-    `reconstruct`, and when OUT holds a training run (it is never overwritten)."""
-    from . import checkpoint as ckpt
-    from .config import save_config
-    from .sample import build_model, run_config
-
-    run_dir, out = Path(run_dir), Path(out)
-    cfg = run_config(run_dir)
-    snaps = run_dir / "ema_snapshots"
-    if not snaps.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no post-hoc EMA snapshots ({snaps}); train with train.posthoc_ema = "
-                                "[0.05, 0.10] to save them")
-    last = ckpt.latest_step(out) if out.is_dir() else None
-    if out.resolve() == run_dir.resolve() or (last is not None and "posthoc_ema" not in ckpt.read_state(out, last)):
-        raise ValueError(f"{out} holds a training run; choose another --out (e.g. {run_dir / 'ema_005'})")
-    weights = reconstruct(snaps, sigma_rel, step, max_error)
-    used_step = step if step is not None else list_snapshots(snaps)[-1].step
-    num_classes = int(ckpt.read_state(run_dir, ckpt.latest_step(run_dir))["num_classes"])
-    build_model(cfg, num_classes).load_state_dict(weights)  # strict: the rebuilt weights fit the run's network
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.toml")
-    state = {"step": used_step, "num_classes": num_classes,
-             "posthoc_ema": {"sigma_rel": float(sigma_rel), "run": str(run_dir), "max_error": max_error}}
-    ckpt.save_checkpoint(out, used_step, {"model": weights, "ema": weights}, state, keep=1)
-    return out

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig, check_unused, load_config, resume_changes, save_config
 from .data import ImageDataset, load_dataset
-from .ema import EMA, SIGMA_REL_MAX, PowerEMA, snapshot_steps
+from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
 from .kinds import KINDS, Context
 from .nets.unet import ShardedDropout

@@ -53,9 +53,11 @@ from .cli import TRAINED_TASKS
 from .checkpoint import read_json_records, read_log, write_atomically
 from .config import to_dict
 from .data import load_image, load_mask, open_image
-from .latent import diffusion_shape, latent_edit, latent_factor, space
-from .sample import (check_guidance, default_labels, generate, load_run, prompt_condition, run_config,
-                     sample_config_kwargs)
+from .stages import diffusion_shape, space
+from .tasks.editing import latent_edit, latent_factor
+from .generate import default_labels, generate
+from .runs import check_guidance, load_run, prompt_condition, run_config
+from .kinds.diffusion import sample_config_kwargs
 from .samplers import SAMPLERS, CountCalls, Step
 from .schedule import SPACINGS
 from .tasks.editing import STRENGTH_HELP
@@ -305,7 +307,7 @@ def run_sample(req: SampleRequest, plan: Plan, model, denoiser=None, callback=No
 def run_edit(req: EditRequest, plan: Plan, model, denoiser=None, callback=None) -> tuple[Tensor, list[Tensor]]:
     """The edit itself, as `diffuse edit` runs it (cli._edit): n outputs (n, C, H, W) in [-1, 1] and the images the
     before/after figure shows before them (the input, the masked input, or the reference and its low-pass). A
-    latent-diffusion run edits its latents (latent.latent_edit)."""
+    latent-diffusion run edits its latents (tasks.editing.latent_edit)."""
     cfg, denoiser = model.cfg, denoiser or model.denoiser
     d, n, image = cfg.data, int(req.n), plan.image
     kw = _generate_kw(plan, model, n, callback)

@@ -202,14 +202,14 @@ def test_an_empty_or_broken_run_config_names_the_file_and_the_fix(run, tmp_path,
 
 
 def test_a_broken_eval_json_is_refused_before_the_measurement(run, tmp_path, capsys, monkeypatch):
-    import diffuse.sample
+    import diffuse.runs
 
     erun = tmp_path / "erun"
     os.system(f"cp -r {run} {erun}")
     text = json.dumps([{"metric": "fid", "fid": float(i), "pad": "x" * 200} for i in range(15)], indent=1)
     for broken in (text[:3000], "", '{"fid": 1}'):
         (erun / "eval.json").write_text(broken)
-        monkeypatch.setattr(diffuse.sample, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
+        monkeypatch.setattr(diffuse.runs, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
         assert main(["eval", str(erun), "--metric", "vlb", "--n", "2"]) == 2
         err = capsys.readouterr().err
         assert f"{erun / 'eval.json'}" in err and f"mv {erun / 'eval.json'} {erun / 'eval.json'}.broken" in err, err
@@ -335,7 +335,7 @@ for line in sys.stdin:
 
 def _check_outputs(out: Path, run: Path, n_evals: int) -> int:
     """Every output written so far loads; returns the number of eval records (never fewer than before)."""
-    from diffuse.sample import load_run
+    from diffuse.runs import load_run
 
     if (out / "s.npy").exists():
         assert np.load(out / "s.npy").shape == (3, 1, 8, 8)

@@ -14,7 +14,8 @@ from PIL import Image
 from diffuse import Denoiser, Schedule
 from diffuse.cli import main
 from diffuse.samplers import NonFiniteSample
-from diffuse.sample import ema_init_share, generate
+from diffuse.generate import generate
+from diffuse.runs import ema_init_share
 
 from test_cli import TINY, _sets
 

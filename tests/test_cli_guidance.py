@@ -10,7 +10,7 @@ import torch
 from diffuse.cli import main
 from diffuse.config import SamplerName
 from diffuse.samplers import SAMPLERS
-from diffuse.sample import load_classifier, load_run
+from diffuse.runs import load_classifier, load_run
 from diffuse.train import Trainer
 
 from test_cli import TINY, _sets

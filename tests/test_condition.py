@@ -15,7 +15,8 @@ from diffuse.data import load_dataset
 from diffuse.denoiser import Denoiser
 from diffuse.guidance import ClassifierFreeGuidance
 from diffuse.nets.unet import CrossAttention, UNet
-from diffuse.sample import generate, load_run
+from diffuse.generate import generate
+from diffuse.runs import load_run
 from diffuse.schedule import Schedule
 from diffuse.train import Trainer
 

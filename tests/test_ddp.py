@@ -281,7 +281,7 @@ def test_kill_during_a_two_process_run_leaves_every_file_loadable_and_it_resumes
 
     from diffuse import checkpoint as ckpt
     from diffuse.config import load_config
-    from diffuse.posthoc_ema import list_snapshots
+    from diffuse.ema import list_snapshots
 
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffuse.denoiser import Denoiser
-from diffuse.sample import generate
+from diffuse.generate import generate
 from diffuse.samplers import SAMPLERS
 from diffuse.schedule import EDM, Flow, Schedule, VPCosine
 from diffuse.tasks import ilvr, inpaint, low_pass, repaint_grid, sdedit

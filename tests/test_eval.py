@@ -118,7 +118,7 @@ def test_hybrid_loss_needs_a_learned_variance(tmp_path, capsys):
 def test_vlb_decreases_during_training(tmp_path):
     """The bound (all T = 100 terms) of a tiny model on the 8x8 digits: before training, after 100 and 300 steps."""
     from diffuse.likelihood import vlb_bits_per_dim
-    from diffuse.sample import build_denoiser
+    from diffuse.kinds.diffusion import build_denoiser
 
     cfg = apply_overrides(load_config("configs/mnist.toml"), TINY + ["model.prediction=eps", "schedule.T=100",
                                                                      "train.lr=2e-3", "train.checkpoint_every=1000"])

@@ -70,7 +70,7 @@ def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside(mi
 
 def test_generate_with_a_guidance_interval(mix):
     """An interval that holds every level of the grid is plain guidance; one that holds none is w = 0."""
-    from diffuse.sample import generate
+    from diffuse.generate import generate
 
     den = Denoiser(mix.eps, mix.schedule)
     kw = dict(sampler="ddim", steps=10, cond={"label": torch.full((16,), 1)}, seed=3, clip=False, uncond={"label": torch.full((16,), mix.K)})
@@ -112,7 +112,7 @@ def test_split_calls_give_the_same_prediction_in_calls_of_at_most_max_batch():
 def test_generate_never_doubles_the_networks_batch_for_guidance(mix):
     """Classifier-free guidance asks for 2n images per step; generate runs them as two calls of n, with the same
     samples as guidance in one call of 2n (the mixture's network treats each point on its own)."""
-    from diffuse.sample import generate
+    from diffuse.generate import generate
 
     sizes = []
 

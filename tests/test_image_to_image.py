@@ -233,7 +233,7 @@ def test_a_cascade_samples_both_stages(sr_run, tmp_path, capsys):
     (tmp_path / "casc" / "cascade.toml").write_text('stages = ["base"]\n')
     assert main(["sample", str(tmp_path / "casc"), "--out", str(tmp_path / "y.npy")]) == 2
     assert "two or more run folders" in capsys.readouterr().err
-    from diffuse.sample import run_config
+    from diffuse.runs import run_config
     big_base = dataclasses.replace(run_config(base), data=dataclasses.replace(run_config(base).data, image_size=8))
     with pytest.raises(ValueError, match="stage 1 makes 1-channel 8x8 ones"):
         check_cascade([big_base, run_config(sr_run)])

@@ -1,4 +1,4 @@
-"""Latent diffusion in runs (latent.py): the autoencoder run (training, exact resume, eval), the scaled latent space
+"""Latent diffusion in runs (kinds/autoencoder.py, stages.py): the autoencoder run (training, exact resume, eval), the scaled latent space
 (encode/decode, masks), latent-diffusion training on cached latents, and sampling and editing through the CLI."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from diffuse.autoencoder import Autoencoder, AutoencoderConfig
 from diffuse.cli import main
 from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 from diffuse.data import load_dataset
-from diffuse.latent import (LatentSpace, diffusion_shape, evaluate_autoencoder, held_out,
-                            load_autoencoder, reconstruction_scores, space)
+from diffuse.kinds.autoencoder import evaluate_autoencoder, held_out, reconstruction_scores
+from diffuse.stages import diffusion_shape, LatentSpace, load_autoencoder, space
 from diffuse.metrics import feature_network
-from diffuse.sample import generate, load_run, sample_config_kwargs
+from diffuse.generate import generate
+from diffuse.runs import load_run
+from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.train import ResumeError, Trainer, train
 
 AE = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=autoencoder",

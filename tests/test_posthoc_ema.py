@@ -14,16 +14,7 @@ from scipy.optimize import brentq
 from torch import nn
 
 import diffuse.ema as ph
-from diffuse.ema import (
-    PowerEMA,
-    gamma_to_sigma_rel,
-    list_snapshots,
-    posthoc_coefficients,
-    power_ema_beta,
-    reconstruct,
-    reconstructable_range,
-    sigma_rel_to_gamma,
-)
+from diffuse.ema import gamma_to_sigma_rel, list_snapshots, posthoc_coefficients, power_ema_beta, PowerEMA, reconstruct, reconstructable_range, sigma_rel_to_gamma
 
 
 class Walker(nn.Module):

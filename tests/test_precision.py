@@ -7,7 +7,8 @@ import torch
 from diffuse.cli import main
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.precision import autocast_dtype
-from diffuse.sample import build_denoiser, build_model, generate
+from diffuse.generate import generate
+from diffuse.kinds.diffusion import build_denoiser, build_model
 
 TINY = ["data.source=digits", "data.image_size=8", "schedule.kind=flow", "schedule.t_sampling=logit_normal",
         "model.prediction=flow", "model.channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -103,7 +104,9 @@ def test_cli_mixed_precision_flag_and_config(run, tmp_path, capsys):
     exactly, "bf16" draws them to tolerance, and fp16 on a CPU is refused before the model loads."""
     import numpy as np
 
-    from diffuse.sample import default_labels, load_run, sample_config_kwargs
+    from diffuse.generate import default_labels
+    from diffuse.runs import load_run
+    from diffuse.kinds.diffusion import sample_config_kwargs
 
     cfg, den, num_classes = load_run(run)
     kw = {**sample_config_kwargs(cfg.sample), "mixed_precision": "no"}

@@ -221,14 +221,14 @@ def test_a_config_json_that_does_not_match_its_weights_is_named(tmp_path, capsys
 def test_a_diffusers_folder_samples_in_float32_by_default(tmp_path, monkeypatch):
     """diffusers' pipelines run in float32, and so does a diffusers folder without --mixed-precision (a run's "auto" is
     bf16 on GPUs and bf16-capable CPUs, 0.117 off the pipeline): the 1e-5 match needs no flag."""
-    import diffuse.sample
+    import diffuse.generate
 
     sched = diffusers.DDIMScheduler(num_train_timesteps=T, beta_end=0.1)
     unet, _ = save_model(tmp_path / "m", sched)
     assert read_config(tmp_path / "m").sample.mixed_precision == "no"
     used = []
-    chunks = diffuse.sample.generate_in_chunks
-    monkeypatch.setattr(diffuse.sample, "generate_in_chunks", lambda *a, **k: used.append(k["mixed_precision"]) or chunks(*a, **k))
+    chunks = diffuse.generate.generate_in_chunks
+    monkeypatch.setattr(diffuse.generate, "generate_in_chunks", lambda *a, **k: used.append(k["mixed_precision"]) or chunks(*a, **k))
     out = tmp_path / "ours.npy"
     assert main(["sample", str(tmp_path / "m"), "--n", "2", "--seed", "3", "--steps", "10", "--out", str(out)]) == 0
     assert used == ["no"]  # whatever this machine's autocast would be
@@ -242,7 +242,7 @@ def test_a_diffusers_folder_samples_in_float32_by_default(tmp_path, monkeypatch)
 def test_chunks_split_the_draw_and_keep_the_first_chunk(tmp_path):
     """generate_in_chunks: chunk 0 is generate's draw with the seed; chunk k its own seed; labels split alike."""
     from diffuse.condition import ConditionSpec
-    from diffuse.sample import chunk_seed, generate, generate_in_chunks
+    from diffuse.generate import chunk_seed, generate, generate_in_chunks
     from diffuse.denoiser import Denoiser
 
     schedule = Schedule.linear(T)

@@ -111,7 +111,7 @@ def test_posthoc_ema_tracks_are_snapshotted_and_rebuilt_by_the_cli(tmp_path):
 
     from diffuse.cli import main
     from diffuse.ema import list_snapshots, reconstruct
-    from diffuse.sample import load_run
+    from diffuse.runs import load_run
 
     config = cfg("train.steps=40", "train.posthoc_ema=[0.05, 0.10]", "train.ema_snapshot_every=4", "model.dropout=0")
     trainer = Trainer(config, tmp_path / "run", progress=False)
@@ -209,7 +209,7 @@ def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monke
     """Every train.fid_every steps the FID of the EMA model's fixed samples equals metrics.fid computed by hand on the
     same samples and images; it goes to log.jsonl, and RUN/best holds the weights of the lowest, loadable by sample."""
     from diffuse.metrics import feature_network, fid
-    from diffuse.sample import load_run
+    from diffuse.runs import load_run
     from diffuse.visualize import to_uint8
 
     config = cfg("train.steps=6", "train.fid_every=2", "train.fid_samples=130", "train.fid_steps=2")

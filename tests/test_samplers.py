@@ -190,7 +190,7 @@ def test_walk_with_a_projection_equals_a_hand_written_loop():
 def test_generate_from_a_start(sampler):
     """t_start = 0 returns the input; t_start at the top is the ordinary run with the same noise; a partial run
     from q(x_t0 | x_0) of Gaussian data with the exact denoiser ends with the distribution of a full run."""
-    from diffuse.sample import generate
+    from diffuse.generate import generate
 
     schedule = Schedule.linear()
     den = Denoiser(gaussian_eps(schedule, 0.5, 0.3), schedule)

@@ -12,7 +12,7 @@ from diffuse.condition import ConditionSpec
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.denoiser import eps_to_x0, scales
 from diffuse.nets.unet import UNet, UNetConfig
-from diffuse.sample import generate
+from diffuse.generate import generate
 from diffuse.train import Trainer
 
 from test_train import BASE

@@ -12,7 +12,8 @@ from diffuse.condition import ConditionSpec
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.guidance import ClassifierFreeGuidance
 from diffuse.nets.unet import UNet, UNetConfig
-from diffuse.sample import _conditioned, generate, load_run
+from diffuse.generate import conditioned, generate
+from diffuse.runs import load_run
 from diffuse.train import Trainer, train
 
 TEXT = ["data.source=shapes", "data.crops=64", "data.image_size=16", "data.channels=3",
@@ -71,12 +72,12 @@ def test_guidance_over_text_uses_the_empty_caption_or_the_negative_prompt(text_r
     cfg, den, _ = load_run(text_run)
     tok = den.net.text_encoder.tokenize
     cond = {"text": tok(["a red circle"] * 2)}
-    guided = _conditioned(den, 2, "cpu", cond, None, None, 2.0, None, (3, 16, 16))
+    guided = conditioned(den, 2, "cpu", cond, None, None, 2.0, None, (3, 16, 16))
     assert isinstance(guided, ClassifierFreeGuidance)
     assert torch.equal(guided.uncond["text"], tok(["", ""]))
     negative = {"text": tok(["a blue square"] * 2)}
     x_t, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5, dtype=torch.float64)
-    out = _conditioned(den, 2, "cpu", cond, negative, None, 2.0, None, (3, 16, 16))(x_t, t)
+    out = conditioned(den, 2, "cpu", cond, negative, None, 2.0, None, (3, 16, 16))(x_t, t)
     c, u = den(x_t, t, **cond), den(x_t, t, **negative)
     torch.testing.assert_close(out.x0, c.x0 + 2.0 * (c.x0 - u.x0), atol=1e-5, rtol=1e-5)  # Ho & Salimans 2022, eq. 6
 

@@ -14,7 +14,9 @@ import diffuse.kinds.diffusion as diffusion_kind
 from diffuse import checkpoint as ckpt
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import load_dataset
-from diffuse.sample import build_denoiser, generate, load_run
+from diffuse.generate import generate
+from diffuse.kinds.diffusion import build_denoiser
+from diffuse.runs import load_run
 from diffuse.ema import EMA
 from diffuse.precision import cpu_has_native_bf16
 from diffuse.train import NonFiniteLoss, ResumeError, Trainer, check_train

@@ -10,7 +10,7 @@ import torch
 from diffuse.config import load_config
 from diffuse.nets.unet import ShardedDropout, UNet, UNetConfig, timestep_embedding
 from diffuse.schedule import Schedule
-from diffuse.sample import build_model
+from diffuse.kinds.diffusion import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from diffuse import cli
-from diffuse.sample import generate
+from diffuse.generate import generate
 from diffuse.visualize import save_grid
 from diffuse.webui import (INSTALL, EditRequest, Models, SampleRequest, build_app, check_samplable, edit_plan,
                            edit_tasks, editor_files, editor_value, read_upload, run_edit, run_sample, run_summary,

@@ -13,7 +13,7 @@ from diffuse import Denoiser
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.denoiser import training_target
 from diffuse.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from diffuse.sample import generate
+from diffuse.generate import generate
 from diffuse.samplers import SAMPLERS, ddim
 from diffuse.schedule import Schedule, ScheduleConfig, rescale_zero_terminal_snr
 from diffuse.train import Trainer

@@ -6,7 +6,7 @@ the [autoencoder] network of autoencoder.py trained by the one Trainer as two op
     disc  the patch discriminator's hinge loss (autoencoder.discriminator_loss), only once the GAN is on
 
 both AdamW with betas (0.5, 0.9) (taming-transformers and LDM), the autoencoder's gradients clipped by train.grad_clip,
-the discriminator's not. Trained on all but the last tenth of the data (`latent.held_out`); the held-out part is what
+the discriminator's not. Trained on all but the last tenth of the data (`held_out`); the held-out part is what
 the reconstruction grids show and `train.fid_every` scores (PSNR, rFID, codebook usage). No EMA.
 
 The one draw of a step is the KL posterior's noise for the global batch; a VQ codebook's dead-code restarts draw from
@@ -21,12 +21,67 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..autoencoder import Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active, perplexity, psnr
+from ..autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
+                           latent_scale_factor, perplexity, psnr)
 from ..config import RunConfig
-from ..latent import held_out, reconstruction_scores
-from ..metrics import feature_network
-from ..visualize import save_grid
+from ..data import load_dataset
+from ..metrics import feature_network, fid
+from ..stages import ENCODE_BATCH, load_autoencoder
+from ..visualize import save_grid, to_uint8
 from .base import Context, Group, Objective
+
+
+HELD_OUT = 0.1          # the last tenth of an autoencoder run's data is held out of its training, for `diffuse eval`
+
+
+def held_out(n: int) -> tuple[Tensor, Tensor]:
+    """(training indices, held-out indices) of n images: the last max(1, n / 10) are held out (a fixed split, so the
+    trainer and `diffuse eval` agree). ValueError for fewer than 2 images."""
+    if n < 2:
+        raise ValueError(f"an autoencoder run needs at least 2 images (one to train on, one held out), got {n}")
+    k = max(1, int(n * HELD_OUT))
+    return torch.arange(n - k), torch.arange(n - k, n)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, device: str | torch.device = "cpu") -> dict:
+    """`diffuse eval` of an autoencoder run, on its held-out images (`held_out`): PSNR of D(E(x)) (dB, mean over images),
+    rFID (FID of the reconstructions, rounded to 8 bits, against the originals, in the feature space `features`:
+    default "digits" for 1-channel data, else none unless given; metrics.feature_network), the latents' std and
+    latent_scale_factor, and for VQ the codebook usage (fraction of codes used) and perplexity over all held-out
+    positions. Returns the record (JSON-ready)."""
+    cfg, ae = load_autoencoder(run_dir, device)
+    data = load_dataset(cfg.data)
+    _, test = held_out(len(data))
+    x, _ = data.batch(test)
+    features = features or ("digits" if cfg.data.channels == 1 else None)
+    net = feature_network(features, device) if features is not None else None
+    return {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "factor": cfg.autoencoder.factor,
+            **reconstruction_scores(ae, x, net), **({"features": features} if features else {})}
+
+
+@torch.no_grad()
+def reconstruction_scores(ae: Autoencoder, x: Tensor, feature_net: torch.nn.Module | None = None) -> dict:
+    """An autoencoder's scores on held-out images x (N, C, H, W) in [-1, 1]: n_held_out, latent_shape, PSNR of D(E(x))
+    (dB, mean over images), the latents' std and latent_scale_factor (Rombach et al. 2022, app. D.1), for VQ the
+    codebook usage and perplexity over all positions (van den Oord et al. 2017), and with `feature_net` the rFID: FID
+    (Heusel et al. 2017) of the reconstructions, rounded to 8 bits as saved images are, against x. ValueError for
+    rFID of fewer than 2 images."""
+    device = next(ae.parameters()).device
+    z = torch.cat([ae.encode(part.to(device)) for part in x.split(ENCODE_BATCH)])
+    rec = torch.cat([ae.decode(part).clamp(-1, 1).cpu() for part in z.split(ENCODE_BATCH)])
+    rec = torch.from_numpy(to_uint8(rec)).permute(0, 3, 1, 2).float() / 127.5 - 1  # as a saved image would be
+    record = {"n_held_out": len(x), "latent_shape": list(z.shape[1:]), "psnr": float(psnr(x, rec).mean()),
+              "latent_std": float(z.double().std()), "latent_scale_factor": latent_scale_factor(z)}
+    if ae.quantizer is not None:
+        counts = sum(ae.quantizer(part, update=False).counts for part in z.split(ENCODE_BATCH))
+        record.update(codebook_usage=float(codebook_usage(counts)), perplexity=float(perplexity(counts)),
+                      codebook_size=len(ae.quantizer.codebook))
+    if feature_net is not None:
+        if len(x) < 2:
+            raise ValueError(f"rFID needs at least 2 held-out images, got {len(x)}")
+        record["rfid"] = fid(x, rec, feature_net)
+    return record
 
 
 class Subset:
@@ -51,7 +106,7 @@ class AutoencoderObjective(Objective):
     nonfinite_hint = "Lower train.lr or autoencoder.disc_weight, and keep train.grad_clip > 0"
 
     def __init__(self, cfg: RunConfig, data, ctx: Context):
-        t, a = cfg.train, cfg.autoencoder
+        t = cfg.train
         self.cfg, self.ctx, self.pixels = cfg, ctx, data
         self.train_idx, self.test_idx = held_out(len(data))
         self.dataset = Subset(data, self.train_idx)

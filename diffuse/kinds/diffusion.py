@@ -9,7 +9,7 @@ A step's draws, for the global batch and in this order (the order fixes the traj
 3. eps; 4. the offset noise; 5. the augmentation labels; 6. one seed per example for a trained task's condition;
 7. one dropout uniform per condition key, keys sorted; 8. the self-conditioning coin.
 
-The network may work on the images or on the latents of an autoencoder run (a stage: latent.py), and on a condition
+The network may work on the images or on the latents of an autoencoder run (a stage: stages.py), and on a condition
 dict of any keys its ConditionSpec takes (labels, a concatenated image, scalars, captions' tokens).
 """
 
@@ -21,19 +21,63 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..augment import apply as augment_apply, draw as augment_draw
-from ..config import RunConfig, load_config
-from ..latent import (PixelSpace, check_latent_config, prepare_latent_training, resolve_autoencoder,
+from ..augment import LABELS as AUGMENT_LABELS, apply as augment_apply, draw as augment_draw
+from ..condition import ConditionSpec
+from ..denoiser import Denoiser
+from ..nets.classifier import NoisyClassifier
+from ..nets.unet import UNet
+from ..config import RunConfig, SampleConfig, load_config
+from ..stages import (PixelSpace, check_latent_config, diffusion_shape, prepare_latent_training, resolve_autoencoder,
                       resolve_latent_config)
 from ..likelihood import bits_per_dim, vlb_term
 from ..losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from ..metrics import extract_features, feature_network, feature_statistics, frechet_distance
-from ..sample import build_denoiser, build_model, condition_spec, default_labels, generate, sample_config_kwargs
+from ..generate import default_labels, generate
 from ..samplers import SAMPLERS
 from ..schedule import Schedule
 from ..tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
 from ..visualize import save_grid, to_uint8
 from .base import Context, Objective
+
+
+# --- the network and its denoiser, for training and sampling ------------------------------------------------------
+def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
+    """The network of a config, for the variable it diffuses (stages.diffusion_shape: images, or their latents)."""
+    channels, size, _ = diffusion_shape(cfg)
+    if cfg.model.kind == "classifier":
+        return NoisyClassifier(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes)
+    if cfg.model.kind == "autoencoder":
+        raise ValueError("model.kind = 'autoencoder' is the first stage of latent diffusion, not a denoiser: name the run in "
+                         "latent.autoencoder of a diffusion config (e.g. configs/ldm_mnist.toml)")
+    return UNet(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes,
+                out_channels=channels * (2 if cfg.model.learned_variance else 1), augment_dim=augment_dim(cfg))
+
+
+def augment_dim(cfg: RunConfig) -> int:
+    """The width of the augmentation labels a config's network takes: len(augment.LABELS) with train.augment_p > 0."""
+    return len(AUGMENT_LABELS) if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser" else 0
+
+
+def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
+    """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
+    m = cfg.model
+    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs,
+                         0 if m.text_encoder else m.context_dim, m.self_condition, augment_dim(cfg),
+                         m.max_tokens if m.text_encoder else 0)
+
+
+def build_denoiser(cfg: RunConfig, net) -> Denoiser:
+    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
+                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data,
+                    bounded=not cfg.latent.autoencoder)
+
+
+def sample_config_kwargs(s: SampleConfig) -> dict:
+    """`generate`'s keyword arguments for a run's [sample] section (sampler, steps, spacing, thresholding, guidance and
+    the sampler options); callers override what their command line says."""
+    return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
+                guidance=s.guidance, guidance_interval=tuple(s.guidance_interval) or None, eta=s.eta, variance=s.variance,
+                mixed_precision=s.mixed_precision)
 
 
 class Captioned:
@@ -155,7 +199,7 @@ class DiffusionObjective(Objective):
 
     @classmethod
     def resolve(cls, cfg: RunConfig, saved: RunConfig | None) -> RunConfig:
-        """A latent run's autoencoder path, checkpoint step and scale pinned (latent.resolve_latent_config)."""
+        """A latent run's autoencoder path, checkpoint step and scale pinned (stages.resolve_latent_config)."""
         return resolve_latent_config(cfg, saved) if cfg.latent.autoencoder else cfg
 
     def build(self) -> dict[str, nn.Module]:

@@ -1,6 +1,6 @@
 """Training-free editing with any trained model: SDEdit, inpainting with RePaint's resampling, and ILVR.
 
-Each task composes the sampling walk (samplers.base.walk, through sample.generate) with a start point, a
+Each task composes the sampling walk (samplers.base.walk, through generate.generate) with a start point, a
 projection after each step or a grid that steps back up in time; none reaches inside the denoiser or the
 sampler, so every task runs with every sampler, guidance wrapper and noise process (lecture 002, "Image
 Editing" and "Conditional Generation"). Images are (B, C, H, W) in [-1, 1].
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import check_images
-from ..sample import generate
+from ..generate import generate
 from ..samplers.base import Project
 from ..schedule import NoiseSchedule
 
@@ -64,7 +64,7 @@ def sdedit_time(schedule: NoiseSchedule, strength: float) -> float:
 
 def check_input(x: Tensor, name: str, pixels: bool) -> None:
     """An editing input: a finite (n, C, H, W) batch in [-1, 1] (data.check_images) when `pixels`; latents (z = s E(x)
-    of latent.py, pixels = False) have no range, so only their shape and finiteness are checked. ValueError otherwise."""
+    of stages.py, pixels = False) have no range, so only their shape and finiteness are checked. ValueError otherwise."""
     if pixels:
         return check_images(x, name, min_n=1)
     if not isinstance(x, Tensor) or x.ndim != 4 or len(x) < 1 or not bool(torch.isfinite(x).all()):
@@ -158,7 +158,7 @@ def inpaint(denoiser, image: Tensor, mask: Tensor, *, jump_length: int = 10, jum
     region is replaced by its noised version after every step (RePaint eq. 8-9); jump_n_samples > 1 adds RePaint's
     resampling (`repaint_grid`), which costs about jump_n_samples times the network calls. Works with every
     sampler (multistep solvers restart their history after each jump). pixels = False: image is a latent with a
-    latent mask (latent.LatentSpace.mask). Raises ValueError for a bad mask (`check_mask`) or resampling setting;
+    latent mask (stages.LatentSpace.mask). Raises ValueError for a bad mask (`check_mask`) or resampling setting;
     ode-rk45 takes no projection."""
     check_input(image, "the image", pixels)
     m = check_mask(mask, image)
@@ -214,3 +214,47 @@ def ilvr(denoiser, reference: Tensor, factor: int, *, t_stop: float = 0.0, seed:
     project = ilvr_projection(denoiser.schedule, reference, factor, g, t_stop)
     return generate(denoiser, reference.shape[0], tuple(reference.shape[1:]), seed=seed, device=device, project=project,
                     **generate_kw)
+
+
+# --- the same edits in a latent space -------------------------------------------------------------------------
+def latent_factor(factor: int, latent_shape: tuple[int, ...], image_size: int) -> int:
+    """ILVR's factor N in pixels as a factor over latent cells, N / f, for latents of shape (c, H/f, W/f) of images of
+    side image_size. ValueError naming the fix unless N is a multiple of f whose quotient divides the latent side."""
+    side = latent_shape[-1]
+    f = image_size // side
+    if factor < 1 or factor % f or side % (factor // f):
+        raise ValueError(f"ILVR factor {factor}: a latent-diffusion run low-passes its latents, so the factor must be a "
+                         f"multiple of its downsampling f = {f} whose quotient divides the latent side {side} (e.g. "
+                         f"{', '.join(str(f * k) for k in range(1, side + 1) if side % k == 0)})")
+    return factor // f
+
+
+def latent_edit(task: str, denoiser, latent_space, image: Tensor, mask: Tensor | None = None, *,
+                strength: float = 0.5, factor: int = 2, options: dict | None = None, **generate_kw) -> Tensor:
+    """An editing task of tasks/editing.py run in latent space (Rombach et al. 2022, sec. 4.5: the editing tasks of the
+    pixel models work on z = s E(x) through the same denoiser): "sdedit" of the guide, "inpaint" of the known image,
+    "ilvr" of the reference, each image (n, C, H, W) in [-1, 1] encoded first; the outputs decoded (n, C, H, W).
+    Inpainting keeps a latent cell where the mask (1 = keep, (H, W) or broadcastable to the image) keeps all of its
+    f x f pixels (LatentSpace.mask), then pastes the kept pixels back exactly, as pixel-space inpainting returns them.
+    ILVR low-passes the latents over factor / f cells, so `factor` must be a multiple of f whose quotient divides the
+    latent side. `options` go to the task (jump_length, jump_n_samples; t_stop); generate_kw to the sampler.
+    ValueError naming the fix for a mask that keeps no whole cell or a factor that does not fit."""
+    f = latent_space.image_shape[-1] // latent_space.shape[-1]
+    options = options or {}
+    if task == "ilvr":
+        latent_factor(factor, latent_space.shape, latent_space.image_shape[-1])
+    if task == "inpaint":
+        m = latent_space.mask(mask)
+        if not bool(m.any()):
+            raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
+                             "has nothing to keep; mark a larger region to keep")
+    z = latent_space.encode(image)
+    if task == "sdedit":
+        return latent_space.decode(sdedit(denoiser, z, strength, pixels=False, **options, **generate_kw))
+    if task == "ilvr":
+        return latent_space.decode(ilvr(denoiser, z, factor // f, pixels=False, **options, **generate_kw))
+    if task != "inpaint":
+        raise ValueError(f"unknown edit {task!r} for a latent-diffusion run; choose sdedit, inpaint or ilvr")
+    x = latent_space.decode(inpaint(denoiser, z, m, pixels=False, **options, **generate_kw))
+    keep = check_mask(mask, image).to(x)
+    return keep * image.to(x) + (1 - keep) * x

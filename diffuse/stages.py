@@ -1,11 +1,9 @@
-"""Latent diffusion's first stage in runs (Rombach et al. 2022, sec. 3; lectures 000 and 002, "Latent Diffusion Model").
+"""Stages: frozen upstream runs that turn raw data into what a run trains on, and the space a diffusion run works in.
 
-An autoencoder run (model.kind = "autoencoder", the [autoencoder] section of autoencoder.py) is trained by
-`AutoencoderTrainer`: the reconstruction loss with the KL or VQ term, and the patch discriminator after its warm-up
-(Esser et al. 2021), on all but the last tenth of the data (`held_out`), which `evaluate_autoencoder` scores (PSNR,
-rFID, codebook usage and perplexity) for `diffuse eval`.
-
-A latent-diffusion run names that run in latent.autoencoder. Its diffusion model works on
+Today's stage is latent diffusion's autoencoder (Rombach et al. 2022, sec. 3; lectures 000 and 002, "Latent Diffusion
+Model"). A latent-diffusion run names an autoencoder run in latent.autoencoder, pinned by its checkpoint step
+(latent.autoencoder_step) and, for the cache of encoded training images, by the sha256 of that checkpoint's manifest.
+Its diffusion model works on
 
     z = s E(x),   s = latent.scale_factor = 1 / std(E(x))  (app. D.1: unit-variance latents, the scale the noise
                                                             schedules assume; estimated once from the training data)
@@ -23,34 +21,25 @@ sample.clip = false).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from .autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss,
-                          gan_active, latent_scale_factor, perplexity, psnr)
-from .config import RunConfig, load_config, save_config
-from .data import ImageDataset
+from .autoencoder import Autoencoder, latent_scale_factor
+from .config import RunConfig, load_config
 
-HELD_OUT = 0.1          # the last tenth of an autoencoder run's data is held out of its training, for `diffuse eval`
+
 ENCODE_BATCH = 256      # images per encoder call when the training set is encoded
-
-
-def held_out(n: int) -> tuple[Tensor, Tensor]:
-    """(training indices, held-out indices) of n images: the last max(1, n / 10) are held out (a fixed split, so the
-    trainer and `diffuse eval` agree). ValueError for fewer than 2 images."""
-    if n < 2:
-        raise ValueError(f"an autoencoder run needs at least 2 images (one to train on, one held out), got {n}")
-    k = max(1, int(n * HELD_OUT))
-    return torch.arange(n - k), torch.arange(n - k, n)
 
 
 def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None
@@ -77,54 +66,6 @@ def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu", st
     return cfg, model.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """`diffuse eval` of an autoencoder run, on its held-out images (`held_out`): PSNR of D(E(x)) (dB, mean over images),
-    rFID (FID of the reconstructions, rounded to 8 bits, against the originals, in the feature space `features`:
-    default "digits" for 1-channel data, else none unless given; metrics.feature_network), the latents' std and
-    latent_scale_factor, and for VQ the codebook usage (fraction of codes used) and perplexity over all held-out
-    positions. Returns the record (JSON-ready)."""
-    from . import metrics
-    from .data import load_dataset
-
-    cfg, ae = load_autoencoder(run_dir, device)
-    data = load_dataset(cfg.data)
-    _, test = held_out(len(data))
-    x, _ = data.batch(test)
-    features = features or ("digits" if cfg.data.channels == 1 else None)
-    net = metrics.feature_network(features, device) if features is not None else None
-    return {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "factor": cfg.autoencoder.factor,
-            **reconstruction_scores(ae, x, net), **({"features": features} if features else {})}
-
-
-@torch.no_grad()
-def reconstruction_scores(ae: Autoencoder, x: Tensor, feature_net: torch.nn.Module | None = None) -> dict:
-    """An autoencoder's scores on held-out images x (N, C, H, W) in [-1, 1]: n_held_out, latent_shape, PSNR of D(E(x))
-    (dB, mean over images), the latents' std and latent_scale_factor (Rombach et al. 2022, app. D.1), for VQ the
-    codebook usage and perplexity over all positions (van den Oord et al. 2017), and with `feature_net` the rFID: FID
-    (Heusel et al. 2017) of the reconstructions, rounded to 8 bits as saved images are, against x. ValueError for
-    rFID of fewer than 2 images."""
-    from . import metrics
-    from .visualize import to_uint8
-
-    device = next(ae.parameters()).device
-    z = torch.cat([ae.encode(part.to(device)) for part in x.split(ENCODE_BATCH)])
-    rec = torch.cat([ae.decode(part).clamp(-1, 1).cpu() for part in z.split(ENCODE_BATCH)])
-    rec = torch.from_numpy(to_uint8(rec)).permute(0, 3, 1, 2).float() / 127.5 - 1  # as a saved image would be
-    record = {"n_held_out": len(x), "latent_shape": list(z.shape[1:]), "psnr": float(psnr(x, rec).mean()),
-              "latent_std": float(z.double().std()), "latent_scale_factor": latent_scale_factor(z)}
-    if ae.quantizer is not None:
-        counts = sum(ae.quantizer(part, update=False).counts for part in z.split(ENCODE_BATCH))
-        record.update(codebook_usage=float(codebook_usage(counts)), perplexity=float(perplexity(counts)),
-                      codebook_size=len(ae.quantizer.codebook))
-    if feature_net is not None:
-        if len(x) < 2:
-            raise ValueError(f"rFID needs at least 2 held-out images, got {len(x)}")
-        record["rfid"] = metrics.fid(x, rec, feature_net)
-    return record
-
-
-# --- the space a diffusion run works in ---------------------------------------------------------------------------------
 class PixelSpace:
     """A pixel-space run's space: the identity. shape = (C, S, S) of data.channels and data.image_size."""
 
@@ -200,8 +141,6 @@ def resolve_latent_config(cfg: RunConfig, saved: RunConfig | None = None) -> Run
     latent.autoencoder as an absolute path, sample.clip off (latents have no [-1, 1] range), and, when 0, the saved
     run's latent.scale_factor and latent.autoencoder_step (resuming), else the autoencoder's newest checkpoint step
     (FileNotFoundError naming the fix when it has none). The scale itself is estimated by prepare_latent_training."""
-    import copy
-
     cfg = copy.deepcopy(cfg)
     cfg.latent.autoencoder, cfg.sample.clip = str(resolve_autoencoder(cfg)), False
     if saved is not None:
@@ -282,52 +221,6 @@ def space(cfg: RunConfig, device: str | torch.device = "cpu") -> PixelSpace | La
     return LatentSpace(ae, cfg.latent.scale_factor, d.channels, d.image_size)
 
 
-def latent_factor(factor: int, latent_shape: tuple[int, ...], image_size: int) -> int:
-    """ILVR's factor N in pixels as a factor over latent cells, N / f, for latents of shape (c, H/f, W/f) of images of
-    side image_size. ValueError naming the fix unless N is a multiple of f whose quotient divides the latent side."""
-    side = latent_shape[-1]
-    f = image_size // side
-    if factor < 1 or factor % f or side % (factor // f):
-        raise ValueError(f"ILVR factor {factor}: a latent-diffusion run low-passes its latents, so the factor must be a "
-                         f"multiple of its downsampling f = {f} whose quotient divides the latent side {side} (e.g. "
-                         f"{', '.join(str(f * k) for k in range(1, side + 1) if side % k == 0)})")
-    return factor // f
-
-
-def latent_edit(task: str, denoiser, latent_space: LatentSpace, image: Tensor, mask: Tensor | None = None, *,
-                strength: float = 0.5, factor: int = 2, options: dict | None = None, **generate_kw) -> Tensor:
-    """An editing task of tasks/editing.py run in latent space (Rombach et al. 2022, sec. 4.5: the editing tasks of the
-    pixel models work on z = s E(x) through the same denoiser): "sdedit" of the guide, "inpaint" of the known image,
-    "ilvr" of the reference, each image (n, C, H, W) in [-1, 1] encoded first; the outputs decoded (n, C, H, W).
-    Inpainting keeps a latent cell where the mask (1 = keep, (H, W) or broadcastable to the image) keeps all of its
-    f x f pixels (LatentSpace.mask), then pastes the kept pixels back exactly, as pixel-space inpainting returns them.
-    ILVR low-passes the latents over factor / f cells, so `factor` must be a multiple of f whose quotient divides the
-    latent side. `options` go to the task (jump_length, jump_n_samples; t_stop); generate_kw to the sampler.
-    ValueError naming the fix for a mask that keeps no whole cell or a factor that does not fit."""
-    from . import tasks
-
-    f = latent_space.image_shape[-1] // latent_space.shape[-1]
-    options = options or {}
-    if task == "ilvr":
-        latent_factor(factor, latent_space.shape, latent_space.image_shape[-1])
-    if task == "inpaint":
-        m = latent_space.mask(mask)
-        if not bool(m.any()):
-            raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
-                             "has nothing to keep; mark a larger region to keep")
-    z = latent_space.encode(image)
-    if task == "sdedit":
-        return latent_space.decode(tasks.sdedit(denoiser, z, strength, pixels=False, **options, **generate_kw))
-    if task == "ilvr":
-        return latent_space.decode(tasks.ilvr(denoiser, z, factor // f, pixels=False, **options, **generate_kw))
-    if task != "inpaint":
-        raise ValueError(f"unknown edit {task!r} for a latent-diffusion run; choose sdedit, inpaint or ilvr")
-    x = latent_space.decode(tasks.inpaint(denoiser, z, m, pixels=False, **options, **generate_kw))
-    keep = tasks.editing.check_mask(mask, image).to(x)
-    return keep * image.to(x) + (1 - keep) * x
-
-
-# --- latent training data ------------------------------------------------------------------------------------------------
 class LatentDataset:
     """A dataset whose images are replaced by latents (N, c, h, w), with the base dataset's conditions (labels,
     captions): the interface of data.ImageDataset (len, batch, num_classes, condition_keys)."""
@@ -348,7 +241,7 @@ class LatentDataset:
         return self.latents[idx], cond
 
 
-def _in_batches(dataset):
+def in_batches(dataset):
     """The images (or latents) of every item of a dataset with the data.ImageDataset interface, in order, ENCODE_BATCH
     at a time."""
     return (dataset.batch(idx)[0] for idx in torch.arange(len(dataset)).split(ENCODE_BATCH))
@@ -358,8 +251,6 @@ def encode_dataset(dataset, latent_space: LatentSpace, cache: Path, source: dict
     """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode), read from
     the safetensors file `cache` when it was written for the same `source` (the autoencoder run, its checkpoint and
     its weights' hash, the data config), else computed and written there (atomically)."""
-    from safetensors.torch import load_file, save
-
     key = json.dumps(source, sort_keys=True)
     if cache.is_file():
         try:
@@ -368,7 +259,7 @@ def encode_dataset(dataset, latent_space: LatentSpace, cache: Path, source: dict
                 return stored["latents"]
         except Exception as e:  # a damaged cache is rebuilt, not trusted
             warnings.warn(f"the latent cache {cache} could not be read ({type(e).__name__}: {e}); encoding again")
-    latents = torch.cat([latent_space.encode(x).cpu() for x in _in_batches(dataset)]).contiguous()
+    latents = torch.cat([latent_space.encode(x).cpu() for x in in_batches(dataset)]).contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomically(cache, save({"latents": latents, "source": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
     return latents
@@ -388,7 +279,7 @@ def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, save
     unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
     if not cfg.latent.cache:  # the scale estimated on what trains: seeded posterior samples (Rombach et al. 2022, app. D.1)
         sample = None if cfg.latent.scale_factor else torch.cat(
-            [z.cpu() for z in _in_batches(EncodingDataset(dataset, unscaled))])
+            [z.cpu() for z in in_batches(EncodingDataset(dataset, unscaled))])
     else:
         sample = encode_dataset(dataset, unscaled, run_dir / "latents.safetensors", source)
     if not cfg.latent.scale_factor:
@@ -413,8 +304,6 @@ class EncodingDataset:
         return len(self.base)
 
     def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
-        import numpy as np
-
         x, cond = self.base.batch(idx)
         seed = int(np.random.SeedSequence([int(i) for i in idx]).generate_state(1, np.uint64)[0] >> 1)
         return self.space.encode(x, torch.Generator(self.space.device).manual_seed(seed)), cond

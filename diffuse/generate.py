@@ -1,132 +1,21 @@
-"""The sampling API: load a run, and draw samples from it with a named sampler, guidance and thresholding.
-
-`load_run` and `load_classifier` read a run folder (its config, the committed checkpoint's EMA or raw weights) and
-warn when the EMA is still mostly the initial weights; `generate` draws samples through one of the samplers with
-classifier-free or classifier guidance, a start partway down the grid (SDEdit) and a projection after each step;
-`sample_config_kwargs` and `default_labels` are the one place that turns a run's [sample] section and its classes
-into `generate`'s arguments, for the CLI, the demo and the trainer's sample grids.
+"""Sampling: `generate` draws samples from any denoiser with a named sampler, classifier-free or classifier guidance,
+thresholding, a start partway down the grid (SDEdit) and a projection after each step; `generate_in_chunks` draws many
+in chunks with their own seeds. Nothing here knows what kind of run made the denoiser (runs.py opens runs).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint as ckpt
-from . import pretrained
-from .config import RunConfig, SampleConfig, load_config
-from .denoiser import Denoiser
-from .augment import LABELS as AUGMENT_LABELS
-from .condition import ConditionSpec
-from .latent import diffusion_shape
 from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning,
                        SplitCalls)
-from .nets.classifier import NoisyClassifier
-from .nets.unet import UNet
-from .samplers import SAMPLERS, NonFiniteSample, Step
-from .schedule import Schedule
 from .precision import autocast_dtype
-
-
-# --- model construction, shared by training and sampling --------------------------------------
-def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
-    """The network of a config, for the variable it diffuses (latent.diffusion_shape: images, or their latents)."""
-    channels, size, _ = diffusion_shape(cfg)
-    if cfg.model.kind == "classifier":
-        return NoisyClassifier(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes)
-    if cfg.model.kind == "autoencoder":
-        raise ValueError("model.kind = 'autoencoder' is the first stage of latent diffusion, not a denoiser: name the run in "
-                         "latent.autoencoder of a diffusion config (e.g. configs/ldm_mnist.toml)")
-    return UNet(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes,
-                out_channels=channels * (2 if cfg.model.learned_variance else 1), augment_dim=augment_dim(cfg))
-
-
-def augment_dim(cfg: RunConfig) -> int:
-    """The width of the augmentation labels a config's network takes: len(augment.LABELS) with train.augment_p > 0."""
-    return len(AUGMENT_LABELS) if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser" else 0
-
-
-def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
-    """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
-    m = cfg.model
-    return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs,
-                         0 if m.text_encoder else m.context_dim, m.self_condition, augment_dim(cfg),
-                         m.max_tokens if m.text_encoder else 0)
-
-
-def build_denoiser(cfg: RunConfig, net) -> Denoiser:
-    return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
-                    learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data,
-                    bounded=not cfg.latent.autoencoder)
-
-
-def run_config(run_dir: str | Path) -> RunConfig:
-    """The config saved in a run folder, or read from a diffusers model folder (pretrained.read_config);
-    FileNotFoundError naming the fix when it is neither."""
-    run_dir = Path(run_dir)
-    if pretrained.is_model_folder(run_dir):
-        return pretrained.read_config(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
-    return load_config(run_dir / "config.toml")
-
-
-def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
-    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one conditioned on
-    neither a class nor a caption, or trained without dropout of that condition (its null value is then untrained)."""
-    if not guidance or classifier:
-        return
-    keys = [k for k, on in (("label", cfg.model.class_conditional), ("text", cfg.model.text_encoder)) if on]
-    if not keys:
-        raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
-                         "model (model.class_conditional = true) or a text-conditional one (model.text_encoder); pass "
-                         "--classifier RUN for classifier guidance")
-    untrained = [k for k in keys if not cfg.train.condition_dropout.get(k)]
-    if untrained:
-        what = " and ".join({"label": "null label", "text": "empty caption"}[k] for k in untrained)
-        raise ValueError(f"this model was trained without dropout of {untrained} (train.condition_dropout): its {what} is "
-                         "untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
-                         "{" + ", ".join(f"{k} = 0.1" for k in keys) + "}")
-
-
-def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
-        if kind != "denoiser":
-            raise ValueError(f"{run_dir} is a diffusers denoiser, not a noisy classifier; pass a classifier run")
-        if step is not None:
-            raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
-        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
-    if cfg.model.kind != kind:
-        fix = {"classifier": "pass it with --classifier",
-               "autoencoder": "an autoencoder is the first stage of latent diffusion: measure it with `diffuse eval RUN`, "
-                              "or train a latent-diffusion run on it (latent.autoencoder)"}
-        raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
-                         + fix.get(cfg.model.kind, "pass a classifier run"))
-    c = ckpt.load_checkpoint(run_dir, step)
-    if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
-        warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
-    num_classes = int(c.state["num_classes"])
-    net = build_model(cfg, num_classes)
-    net.load_state_dict(c.tensors["ema" if ema else "model"])
-    return cfg, net.to(device).eval().requires_grad_(False), num_classes
-
-
-def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
-    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
-    cfg, net, num_classes = _load_net(run_dir, "denoiser", ema, device, step)
-    return cfg, build_denoiser(cfg, net), num_classes
-
-
-def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
-    """(config, classifier) of a noisy-classifier run (model.kind = "classifier"): logits of (x_t, model_time)."""
-    cfg, net, _ = _load_net(run_dir, "classifier", ema, device, step)
-    return cfg, net
+from .samplers import SAMPLERS, NonFiniteSample, Step
 
 
 @torch.no_grad()
@@ -221,7 +110,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     if not bounded and (clip or dynamic_threshold):
         raise ValueError("clip / dynamic_threshold hold x_0 to [-1, 1], and this denoiser's data (latents) have no such "
                          "range; pass clip=False and dynamic_threshold=0 (or leave clip out)")
-    den = _conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
+    den = conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:
@@ -257,8 +146,6 @@ it as two calls of the chunk (guidance.SplitCalls), so the network never sees mo
 def chunk_seed(seed: int, k: int) -> int:
     """The seed of chunk k of a draw made in chunks (`generate_in_chunks`): chunk 0 keeps `seed`, so a draw that fits in
     one chunk is the draw `generate` makes; later chunks get independent seeds from numpy's SeedSequence of (seed, k)."""
-    import numpy as np
-
     return seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -283,8 +170,8 @@ def generate_in_chunks(denoiser, n: int, shape: tuple[int, ...], *, chunk: int |
     return torch.cat(out)
 
 
-def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier,
-                 shape: tuple | None = None, interval: tuple[float, float] | None = None):
+def conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | None, labels, guidance: float, classifier,
+                shape: tuple | None = None, interval: tuple[float, float] | None = None):
     """The denoiser with generate's condition bound, guided as asked (see `generate`)."""
     spec = getattr(getattr(denoiser, "net", None), "condition_spec", None)
     denoiser = SplitCalls(denoiser, n)  # innermost: guidance's doubled batch runs as two calls of n, faster on CPUs
@@ -322,55 +209,7 @@ def _conditioned(denoiser, n: int, device, cond: dict | None, uncond: dict | Non
                                   interval)
 
 
-EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
-
-
-def ema_init_share(decay: float, warmup: bool, steps: int) -> float:
-    """prod_{n < steps} d_n: the weight the EMA still gives the random initial parameters after `steps` updates, with
-    d_n = `EMA.decay_at(n)`. Without warm-up it is decay^steps: 0.9999^10000 = 0.37 (DDPM's decay after 10k steps)."""
-    n = torch.arange(steps, dtype=torch.float64)
-    d = torch.clamp((1 + n) / (10 + n), max=decay) if warmup else torch.full_like(n, decay)
-    return float(d.log().sum().exp())
-
-
-def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
-    """Warn when the EMA weights of a run at `step` are still mostly the random initialisation (UserWarning)."""
-    share = ema_init_share(decay, warmup, step)
-    if share <= EMA_INIT_SHARE_WARNING:
-        return
-    # the first step where the share is <= 1%: decay^n without warm-up; with it, within a few dozen steps
-    n = math.ceil(math.log(0.01) / math.log(decay)) if not warmup else next(
-        k for k in range(step, step + 10_000) if ema_init_share(decay, True, k) <= 0.01)
-    warnings.warn(f"the EMA weights of {run_dir} (step {step}, train.ema_decay = {decay:g} {'with' if warmup else 'without'} "
-                  f"warm-up) still hold {share:.0%} of the random initial weights, so samples from them are mostly noise; "
-                  f"use the raw weights (--no-ema), or train longer: the share falls below 1% at step {n:,}",
-                  UserWarning, stacklevel=3)
-
-
-def prompt_condition(denoiser, n: int, prompt: str, negative: str | None = None,
-                     device: str | torch.device = "cpu") -> dict:
-    """generate's `cond` (and `uncond`) for a text-conditional run (model.text_encoder, Rombach et al. 2022, sec. 3.3):
-    the prompt's tokens (n, M) for every sample under the key "text"; a negative prompt's tokens as the null condition
-    of classifier-free guidance, in place of the empty caption (Ho & Salimans 2022). ValueError when the denoiser's
-    network has no text encoder."""
-    encoder = getattr(getattr(denoiser, "net", None), "text_encoder", None)
-    if encoder is None:
-        raise ValueError("a prompt needs a text-conditional run (model.text_encoder); this run takes no captions")
-    out = {"cond": {"text": encoder.tokenize([prompt] * n).to(device)}}
-    if negative is not None:
-        out["uncond"] = {"text": encoder.tokenize([negative] * n).to(device)}
-    return out
-
-
 def default_labels(n: int, num_classes: int) -> Tensor | None:
     """The labels of n samples from a model with num_classes classes: every class in turn (0, 1, ..., 0, ...); None
     for an unconditional model."""
     return torch.arange(n) % num_classes if num_classes else None
-
-
-def sample_config_kwargs(s: SampleConfig) -> dict:
-    """`generate`'s keyword arguments for a run's [sample] section (sampler, steps, spacing, thresholding, guidance and
-    the sampler options); callers override what their command line says."""
-    return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
-                guidance=s.guidance, guidance_interval=tuple(s.guidance_interval) or None, eta=s.eta, variance=s.variance,
-                mixed_precision=s.mixed_precision)

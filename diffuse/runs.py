@@ -1,0 +1,153 @@
+"""Runs: a trained run folder or a diffusers model folder, opened for sampling, editing and measuring.
+
+`load_run` and `load_classifier` read a run folder (its config, the committed checkpoint's EMA or raw weights) and
+warn when the EMA is still mostly the initial weights (`generate` then samples them; kinds.diffusion.sample_config_kwargs
+turns a run's [sample] section into its arguments); `write_run` writes
+a post-hoc EMA as a run folder (`diffuse ema`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import pretrained
+from .config import RunConfig, load_config, save_config
+from .ema import list_snapshots, MAX_ERROR, reconstruct
+from .kinds.diffusion import build_denoiser, build_model
+
+
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The config saved in a run folder, or read from a diffusers model folder (pretrained.read_config);
+    FileNotFoundError naming the fix when it is neither."""
+    run_dir = Path(run_dir)
+    if pretrained.is_model_folder(run_dir):
+        return pretrained.read_config(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
+    return load_config(run_dir / "config.toml")
+
+
+def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
+    """Refuse classifier-free guidance (w > 0 without a classifier) on a model that cannot do it: one conditioned on
+    neither a class nor a caption, or trained without dropout of that condition (its null value is then untrained)."""
+    if not guidance or classifier:
+        return
+    keys = [k for k, on in (("label", cfg.model.class_conditional), ("text", cfg.model.text_encoder)) if on]
+    if not keys:
+        raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
+                         "model (model.class_conditional = true) or a text-conditional one (model.text_encoder); pass "
+                         "--classifier RUN for classifier guidance")
+    untrained = [k for k in keys if not cfg.train.condition_dropout.get(k)]
+    if untrained:
+        what = " and ".join({"label": "null label", "text": "empty caption"}[k] for k in untrained)
+        raise ValueError(f"this model was trained without dropout of {untrained} (train.condition_dropout): its {what} is "
+                         "untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
+                         "{" + ", ".join(f"{k} = 0.1" for k in keys) + "}")
+
+
+def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
+        if kind != "denoiser":
+            raise ValueError(f"{run_dir} is a diffusers denoiser, not a noisy classifier; pass a classifier run")
+        if step is not None:
+            raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
+        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
+    if cfg.model.kind != kind:
+        fix = {"classifier": "pass it with --classifier",
+               "autoencoder": "an autoencoder is the first stage of latent diffusion: measure it with `diffuse eval RUN`, "
+                              "or train a latent-diffusion run on it (latent.autoencoder)"}
+        raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
+                         + fix.get(cfg.model.kind, "pass a classifier run"))
+    c = ckpt.load_checkpoint(run_dir, step)
+    if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
+        warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
+    num_classes = int(c.state["num_classes"])
+    net = build_model(cfg, num_classes)
+    net.load_state_dict(c.tensors["ema" if ema else "model"])
+    return cfg, net.to(device).eval().requires_grad_(False), num_classes
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, denoiser, num_classes) of a run folder, with its EMA (or raw) weights, ready to sample."""
+    cfg, net, num_classes = _load_net(run_dir, "denoiser", ema, device, step)
+    return cfg, build_denoiser(cfg, net), num_classes
+
+
+def load_classifier(run_dir: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+    """(config, classifier) of a noisy-classifier run (model.kind = "classifier"): logits of (x_t, model_time)."""
+    cfg, net, _ = _load_net(run_dir, "classifier", ema, device, step)
+    return cfg, net
+
+
+EMA_INIT_SHARE_WARNING = 0.05  # sample and eval warn when the EMA holds more of the initial weights than this
+
+
+def ema_init_share(decay: float, warmup: bool, steps: int) -> float:
+    """prod_{n < steps} d_n: the weight the EMA still gives the random initial parameters after `steps` updates, with
+    d_n = `EMA.decay_at(n)`. Without warm-up it is decay^steps: 0.9999^10000 = 0.37 (DDPM's decay after 10k steps)."""
+    n = torch.arange(steps, dtype=torch.float64)
+    d = torch.clamp((1 + n) / (10 + n), max=decay) if warmup else torch.full_like(n, decay)
+    return float(d.log().sum().exp())
+
+
+def warn_ema_init_share(run_dir, step: int, decay: float, warmup: bool) -> None:
+    """Warn when the EMA weights of a run at `step` are still mostly the random initialisation (UserWarning)."""
+    share = ema_init_share(decay, warmup, step)
+    if share <= EMA_INIT_SHARE_WARNING:
+        return
+    # the first step where the share is <= 1%: decay^n without warm-up; with it, within a few dozen steps
+    n = math.ceil(math.log(0.01) / math.log(decay)) if not warmup else next(
+        k for k in range(step, step + 10_000) if ema_init_share(decay, True, k) <= 0.01)
+    warnings.warn(f"the EMA weights of {run_dir} (step {step}, train.ema_decay = {decay:g} {'with' if warmup else 'without'} "
+                  f"warm-up) still hold {share:.0%} of the random initial weights, so samples from them are mostly noise; "
+                  f"use the raw weights (--no-ema), or train longer: the share falls below 1% at step {n:,}",
+                  UserWarning, stacklevel=3)
+
+
+def prompt_condition(denoiser, n: int, prompt: str, negative: str | None = None,
+                     device: str | torch.device = "cpu") -> dict:
+    """generate's `cond` (and `uncond`) for a text-conditional run (model.text_encoder, Rombach et al. 2022, sec. 3.3):
+    the prompt's tokens (n, M) for every sample under the key "text"; a negative prompt's tokens as the null condition
+    of classifier-free guidance, in place of the empty caption (Ho & Salimans 2022). ValueError when the denoiser's
+    network has no text encoder."""
+    encoder = getattr(getattr(denoiser, "net", None), "text_encoder", None)
+    if encoder is None:
+        raise ValueError("a prompt needs a text-conditional run (model.text_encoder); this run takes no captions")
+    out = {"cond": {"text": encoder.tokenize([prompt] * n).to(device)}}
+    if negative is not None:
+        out["uncond"] = {"text": encoder.tokenize([negative] * n).to(device)}
+    return out
+
+
+def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error: float = MAX_ERROR) -> Path:
+    """`diffuse ema RUN --sigma-rel S --out OUT`: the EMA of width sigma_rel rebuilt from RUN/ema_snapshots at `step`
+    (default: the last snapshot) written as a run folder OUT (RUN's config.toml and one checkpoint whose raw and EMA
+    weights are both the rebuilt ones), which `diffuse sample OUT` and `diffuse eval OUT` read like any run.
+    Raises FileNotFoundError when RUN is not a run or holds no snapshots (naming train.posthoc_ema), ValueError as
+    `reconstruct`, and when OUT holds a training run (it is never overwritten)."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = run_config(run_dir)
+    snaps = run_dir / "ema_snapshots"
+    if not snaps.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no post-hoc EMA snapshots ({snaps}); train with train.posthoc_ema = "
+                                "[0.05, 0.10] to save them")
+    last = ckpt.latest_step(out) if out.is_dir() else None
+    if out.resolve() == run_dir.resolve() or (last is not None and "posthoc_ema" not in ckpt.read_state(out, last)):
+        raise ValueError(f"{out} holds a training run; choose another --out (e.g. {run_dir / 'ema_005'})")
+    weights = reconstruct(snaps, sigma_rel, step, max_error)
+    used_step = step if step is not None else list_snapshots(snaps)[-1].step
+    num_classes = int(ckpt.read_state(run_dir, ckpt.latest_step(run_dir))["num_classes"])
+    build_model(cfg, num_classes).load_state_dict(weights)  # strict: the rebuilt weights fit the run's network
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.toml")
+    state = {"step": used_step, "num_classes": num_classes,
+             "posthoc_ema": {"sigma_rel": float(sigma_rel), "run": str(run_dir), "max_error": max_error}}
+    ckpt.save_checkpoint(out, used_step, {"model": weights, "ema": weights}, state, keep=1)
+    return out
