@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import tomli_w
 
-from .autoencoder import AutoencoderConfig
+from .nets.autoencoder import AutoencoderConfig
 from .data import DataConfig
 from .nets.unet import UNetConfig
 from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing

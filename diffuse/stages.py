@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from .autoencoder import Autoencoder, latent_scale_factor
+from .nets.autoencoder import Autoencoder, latent_scale_factor
 from .config import RunConfig, load_config
 
 

@@ -9,7 +9,7 @@ previews and measurements run.
 Determinism: every random draw of a step (data order, and the kind's draws: flips, t, eps, ...) comes from the
 trainer's own generator or from the step's seed, and is made for the whole global batch before each process takes its
 slice; dropout masks come from the global RNG, identical on every rank, and are likewise drawn for the global batch
-(nets.unet.ShardedDropout). So a step computes the same gradient whatever the number of processes (DDP averages the
+(nets.blocks.ShardedDropout). So a step computes the same gradient whatever the number of processes (DDP averages the
 per-process means of equal slices), and resuming restores the generator, the data position, optimizers, LR
 schedules, EMA, the kind's own state and the grad scaler exactly.
 """
@@ -36,7 +36,7 @@ from .data import ImageDataset, load_dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
 from .kinds import KINDS, Context
-from .nets.unet import ShardedDropout
+from .nets.blocks import ShardedDropout
 from .precision import autocast_dtype
 from .visualize import plot_loss
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffuse.autoencoder import (
+from diffuse.nets.autoencoder import (
     Autoencoder,
     AutoencoderConfig,
     DiagonalGaussian,

@@ -14,7 +14,8 @@ from diffuse.config import ConfigError, RunConfig, apply_overrides, from_dict
 from diffuse.data import load_dataset
 from diffuse.denoiser import Denoiser
 from diffuse.guidance import ClassifierFreeGuidance
-from diffuse.nets.unet import CrossAttention, UNet
+from diffuse.nets.blocks import CrossAttention
+from diffuse.nets.unet import UNet
 from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.schedule import Schedule

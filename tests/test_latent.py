@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffuse import checkpoint as ckpt
-from diffuse.autoencoder import Autoencoder, AutoencoderConfig
+from diffuse.nets.autoencoder import Autoencoder, AutoencoderConfig
 from diffuse.cli import main
 from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 from diffuse.data import load_dataset

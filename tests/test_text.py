@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from diffuse import text
+from diffuse.nets import text
 from diffuse.condition import ConditionSpec
-from diffuse.text import TEXT_ENCODERS, CharEncoder, text_encoder
+from diffuse.nets.text import TEXT_ENCODERS, CharEncoder, text_encoder
 
 CAPTIONS = ["a red circle on the left", "", "Two digits: 3 and 7!"]
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffuse.config import load_config
-from diffuse.nets.unet import ShardedDropout, UNet, UNetConfig, timestep_embedding
+from diffuse.nets.blocks import ShardedDropout, timestep_embedding
+from diffuse.nets.unet import UNet, UNetConfig
 from diffuse.schedule import Schedule
 from diffuse.kinds.diffusion import build_model
 

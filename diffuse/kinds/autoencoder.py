@@ -1,5 +1,5 @@
 """The autoencoder kind (model.kind = "autoencoder"): latent diffusion's first stage (Rombach et al. 2022, sec. 3.1),
-the [autoencoder] network of autoencoder.py trained by the one Trainer as two optimizer groups:
+the [autoencoder] network of nets/autoencoder.py trained by the one Trainer as two optimizer groups:
 
     main  the autoencoder: rec + KL (or codebook + commitment) + [step >= disc_start] disc_weight * lambda * L_GAN
           (autoencoder.autoencoder_loss; Esser et al. 2021, eqs. 6-7)
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
+from ..nets.autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
                            latent_scale_factor, perplexity, psnr)
 from ..config import RunConfig
 from ..data import load_dataset

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import Attention, Downsample, Level, ResBlock, UNetConfig, _norm, _validate, timestep_embedding
+from .blocks import Attention, Downsample, Level, ResBlock, norm, timestep_embedding
+from .unet import UNetConfig, check_config
 
 
 class NoisyClassifier(nn.Module):
@@ -22,7 +23,7 @@ class NoisyClassifier(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classifier needs a labelled dataset with at least 2 classes, got {num_classes}")
-        _validate(cfg, image_size, 0)
+        check_config(cfg, image_size, 0)
         ch, groups, heads, p = cfg.channels, cfg.norm_groups, cfg.num_heads, cfg.patch_size
         emb_dim = 4 * ch
         self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
@@ -41,7 +42,7 @@ class NoisyClassifier(nn.Module):
         self.mid1 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
         self.mid_attn = Attention(w_in, heads, groups)
         self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
-        self.norm_out = _norm(groups, w_in)
+        self.norm_out = norm(groups, w_in)
         self.head = nn.Linear(w_in, num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

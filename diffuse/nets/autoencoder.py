@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
-
-from .nets.unet import Attention, Downsample, Upsample, _norm
+from .. import distributed
+from .blocks import Attention, Downsample, Upsample, norm
 
 LOGVAR_RANGE = (-30.0, 20.0)   # LDM's clamp of the posterior's log-variance (DiagonalGaussianDistribution)
 LAPLACE_EPS = 1e-5             # Laplace smoothing of the EMA cluster sizes (Sonnet's VQ-VAE code)
@@ -109,8 +108,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.body = nn.Sequential(_norm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
-                                  _norm(groups, out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.body = nn.Sequential(norm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                                  norm(groups, out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,7 +130,7 @@ class Encoder(nn.Sequential):
         for i, width in enumerate(w):
             layers += [ResBlock(w[max(i - 1, 0)] if j == 0 else width, width, g) for j in range(cfg.num_res_blocks)]
             layers += [Downsample(width)] if i < len(w) - 1 else []
-        super().__init__(*layers, _middle(w[-1], g), _norm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], out_channels, 3, padding=1))
+        super().__init__(*layers, _middle(w[-1], g), norm(g, w[-1]), nn.SiLU(), nn.Conv2d(w[-1], out_channels, 3, padding=1))
 
 
 class Decoder(nn.Sequential):
@@ -143,7 +142,7 @@ class Decoder(nn.Sequential):
         for i in reversed(range(len(w))):
             layers += [ResBlock(w[min(i + 1, len(w) - 1)] if j == 0 else w[i], w[i], g) for j in range(cfg.num_res_blocks + 1)]
             layers += [Upsample(w[i])] if i > 0 else []
-        super().__init__(*layers, _norm(g, w[0]), nn.SiLU(), nn.Conv2d(w[0], out_channels, 3, padding=1))
+        super().__init__(*layers, norm(g, w[0]), nn.SiLU(), nn.Conv2d(w[0], out_channels, 3, padding=1))
 
     @property
     def last_layer(self) -> nn.Conv2d:

@@ -1,0 +1,157 @@
+"""The U-Net's building blocks (Ho et al. 2020, appendix B; Dhariwal & Nichol 2021), shared by the U-Net, the noisy
+classifier and the autoencoder: the sinusoidal time embedding, GroupNorm, zero-initialised output layers, residual
+blocks with the time embedding, self- and cross-attention, down- and upsampling, and dropout drawn for the global
+batch under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer sinusoidal position embedding of the (possibly fractional) step index t (Vaswani et al. 2017, sec. 3.5).
+
+    (B,) -> (B, dim): [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (dim/2 - 1)), i = 0..dim/2-1,
+    as in the DDPM code (frequencies from 1 down to exactly 1/max_period).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def norm(groups: int, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch so each block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ShardedDropout(nn.Dropout):
+    """nn.Dropout whose mask is drawn for a whole global batch, of which the input is slice `rank` of `world`.
+
+    Under DDP every process holds the same global RNG state (the trainer seeds them alike), so plain
+    dropout would give every process the masks of the first examples of the batch: the processes'
+    masks would be identical, and a step would differ from the same step in one process. Drawing
+    the global batch's mask and keeping this process's rows gives every example the mask it gets
+    in a single process (train.Trainer sets `shard`; one process: (0, 1), plain dropout).
+    """
+
+    shard: tuple[int, int] = (0, 1)  # (rank, world size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        rank, world = self.shard
+        n = x.shape[0]
+        keep = torch.empty((n * world, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep[rank * n:(rank + 1) * n] / (1 - self.p)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + time bias, GroupNorm -> SiLU -> dropout -> conv, + skip (1x1 if widths differ)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = norm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = norm(groups, out_ch)
+        self.dropout = ShardedDropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # x (B, C_in, H, W), emb (B, E)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over all H*W positions, residual (the DDPM "AttnBlock", with heads)."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"model.num_heads = {num_heads} must divide the width {channels}")
+        self.heads = num_heads
+        self.norm = norm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads), softmax(q k^T / sqrt(d)) v
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention from the image features to a context (Rombach et al. 2022, sec. 3.3), residual:
+        Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,  Q = W_Q phi(z_t),  K = W_K tau(y),  V = W_V tau(y)
+    with phi(z_t) the (normalised) feature map at H*W positions and tau(y) (B, M, context_dim) the context tokens;
+    a context_mask (B, M), True for real tokens, keeps padding out of the softmax. Zero-initialised output."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int):
+        super().__init__()
+        self.heads = num_heads
+        self.norm = norm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        d = C // self.heads
+        q = self.q(self.norm(x)).reshape(B, self.heads, d, H * W).transpose(-1, -2)  # (B, heads, HW, d)
+        k, v = self.kv(context.to(x.dtype)).reshape(B, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, M, d)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks of one resolution, each optionally followed by self-attention and by cross-attention
+    on the context (context_dim > 0)."""
+
+    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int, context_dim: int = 0):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(
+            Attention(b.conv2.out_channels, num_heads, groups) if attend else nn.Identity() for b in blocks
+        )
+        if context_dim:
+            self.cross = nn.ModuleList(CrossAttention(b.conv2.out_channels, context_dim, num_heads, groups) for b in blocks)
+
+    def block(self, i: int, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Residual block i, then its attention and cross-attention (where this level has them)."""
+        h = self.attns[i](self.blocks[i](h, emb))
+        return self.cross[i](h, context, mask) if hasattr(self, "cross") else h
