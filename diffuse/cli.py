@@ -23,6 +23,7 @@ from .generate import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
 from .tasks.editing import STRENGTH_HELP
+from .tasks.image_to_image import EXAMPLE_CONFIGS, TRAINED_TASKS, edit_name
 from .train import NonFiniteLoss, ResumeError
 
 
@@ -213,7 +214,7 @@ def _sample(args) -> None:
     kind = run_config(args.run).task.kind
     if kind != "none":
         raise ValueError(f"{args.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input image, so "
-                         f"use `diffuse edit {_edit_name(kind)} {args.run} --image IMAGE --out OUT.png`")
+                         f"use `diffuse edit {edit_name(kind)} {args.run} --image IMAGE --out OUT.png`")
     cfg, counted, kw, bar, latent_space = _sampling(args, args.n)
     chunks = -(-args.n // args.batch_size)
     if bar.total and chunks > 1:
@@ -222,11 +223,6 @@ def _sample(args) -> None:
     bar.close()
     _write(x, out)
     print(f"wrote {args.n} samples to {out} ({counted.calls} denoiser calls)")
-
-
-TRAINED_TASKS = {"superres": "superres", "colorize": "colorize", "uncrop": "uncrop", "restore": "jpeg"}  # edit -> task.kind
-EXAMPLE_CONFIGS = {"superres": "configs/sr_digits.toml", "colorize": "configs/colorize_photos.toml",
-                   "uncrop": "configs/uncrop_photos.toml", "jpeg": "configs/jpeg_photos.toml", "inpaint": "configs/inpaint_photos.toml"}
 
 
 def _sample_cascade(args, out: Path) -> None:
@@ -292,7 +288,7 @@ def _edit(args) -> None:
                          f"{EXAMPLE_CONFIGS[trained]}); {args.run} has task.kind = '{kind}'")
     if trained is None and kind != "none":
         raise ValueError(f"edit {args.task} works on a model of images (task.kind = 'none'); {args.run} is a '{kind}' model, "
-                         f"which needs its condition image: use `diffuse edit {_edit_name(kind)} {args.run} ...`")
+                         f"which needs its condition image: use `diffuse edit {edit_name(kind)} {args.run} ...`")
     if trained == "inpaint" and args.repaint_jumps != 1:
         raise ValueError(f"--repaint-jumps does nothing here: {args.run} was trained for inpainting and sees the mask "
                          "itself; leave it out")
@@ -334,11 +330,6 @@ def _edit(args) -> None:
     figure = out.with_name(out.stem + "_before_after.png")
     save_grid(torch.cat([b.to(x) for b in before] + [x]), figure, nrow=len(before) + len(x), scale=4)
     print(f"wrote {'the mean of ' if args.mean else ''}{args.n} {args.task} outputs to {out} and the input beside them to {figure} ({counted.calls} denoiser calls)")
-
-
-def _edit_name(kind: str) -> str:
-    """The `diffuse edit` task of a trained task kind."""
-    return {v: k for k, v in TRAINED_TASKS.items()}.get(kind, kind)
 
 
 def _eval(args) -> None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from . import pretrained
+from . import pretrained, stages
 from .config import RunConfig, load_config, save_config
 from .ema import list_snapshots, MAX_ERROR, reconstruct
 from .kinds.diffusion import build_denoiser, build_model
+from .tasks.image_to_image import run_edits
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
@@ -151,3 +153,76 @@ def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error
              "posthoc_ema": {"sigma_rel": float(sigma_rel), "run": str(run_dir), "max_error": max_error}}
     ckpt.save_checkpoint(out, used_step, {"model": weights, "ema": weights}, state, keep=1)
     return out
+
+
+# --- a run as an object: what it is and what it can do, said once ----------------------------------------------------
+@dataclass(frozen=True)
+class Capabilities:
+    """What a run can do, read from its config and checkpoint without loading weights; the CLI, the web page and
+    `diffuse eval` ask this instead of re-deriving it from config fields."""
+
+    samples: bool                    # `diffuse sample` draws from it (a denoiser not trained for an image-to-image task)
+    classes: int                     # the class labels it takes (0: not class-conditional)
+    text: bool                       # it takes a prompt (model.text_encoder)
+    guidance_keys: tuple[str, ...]   # conditions trained with dropout: classifier-free guidance can use them
+    edits: tuple[str, ...]           # the `diffuse edit` tasks it runs
+    trained_task: str                # task.kind: "none", or the image-to-image task it was trained for
+    latent: bool                     # it diffuses the latents of an autoencoder stage (samples are decoded)
+    bounded: bool                    # its x_0 lies in [-1, 1], so clipping and thresholding apply
+    likelihood: bool                 # bits/dim of real images (`--metric nll`, `vlb`) apply
+    metrics: tuple[str, ...]         # `diffuse eval --metric` values it accepts
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run folder or a diffusers model folder: where it is, its config, its kind (model.kind), the newest
+    checkpoint's step (None for a diffusers folder) and number of classes, and its `capabilities`. Weights load only
+    when asked (`denoiser`, `classifier`, `space`)."""
+
+    path: Path
+    cfg: RunConfig
+    kind: str
+    step: int | None
+    num_classes: int
+    diffusers: bool
+    capabilities: Capabilities
+
+    def denoiser(self, *, ema: bool = True, device: str | torch.device = "cpu", step: int | None = None):
+        """The run's Denoiser with its EMA (or raw) weights on `device`; ValueError for a run that is no denoiser."""
+        return load_run(self.path, ema=ema, device=device, step=step)[1]
+
+    def classifier(self, *, ema: bool = True, device: str | torch.device = "cpu"):
+        """The noisy classifier of a classifier run: logits of (x_t, model_time)."""
+        return load_classifier(self.path, ema=ema, device=device)[1]
+
+    def space(self, device: str | torch.device = "cpu"):
+        """The space the run diffuses (stages.space): PixelSpace, or the LatentSpace of its autoencoder stage."""
+        return stages.space(self.cfg, device)
+
+
+def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
+    """What a run of config `cfg` with `num_classes` classes in its data can do (see Capabilities)."""
+    if cfg.model.kind != "denoiser":
+        metrics = ("recon",) if cfg.model.kind == "autoencoder" else ()
+        return Capabilities(False, num_classes if cfg.model.kind == "classifier" else 0, False, (), (), "none", False,
+                            True, False, metrics)
+    m, task = cfg.model, cfg.task.kind
+    classes = num_classes if m.class_conditional else 0
+    conditioned = [k for k, on in (("label", classes > 0), ("text", bool(m.text_encoder))) if on]
+    latent = bool(cfg.latent.autoencoder)
+    return Capabilities(
+        samples=task == "none", classes=classes, text=bool(m.text_encoder),
+        guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)),
+        edits=run_edits(task), trained_task=task, latent=latent, bounded=not latent, likelihood=not latent,
+        metrics=("fid", "kid", "is", "pr") + (() if latent else ("nll", "vlb")))
+
+
+def open_run(path: str | Path) -> Run:
+    """The run in folder `path` (a training run, a `diffuse ema` folder or a diffusers model folder), read once:
+    config, kind, newest step, classes and capabilities. FileNotFoundError naming the fix when it is neither."""
+    path = Path(path)
+    cfg = run_config(path)
+    diffusers = pretrained.is_model_folder(path)
+    step = None if diffusers else ckpt.latest_step(path)
+    num_classes = 0 if step is None else int(ckpt.read_state(path, step).get("num_classes", 0))
+    return Run(path, cfg, cfg.model.kind, step, num_classes, diffusers, capabilities(cfg, num_classes))

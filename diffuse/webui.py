@@ -49,7 +49,6 @@ from PIL import Image
 from torch import Tensor
 
 from . import pretrained, tasks
-from .cli import TRAINED_TASKS
 from .checkpoint import read_json_records, read_log, write_atomically
 from .config import to_dict
 from .data import load_image, load_mask, open_image
@@ -61,7 +60,7 @@ from .kinds.diffusion import sample_config_kwargs
 from .samplers import SAMPLERS, CountCalls, Step
 from .schedule import SPACINGS
 from .tasks.editing import STRENGTH_HELP
-from .tasks.image_to_image import input_condition, viewable
+from .tasks.image_to_image import input_condition, run_edits, viewable
 from .visualize import grid, save_gif, save_grid, save_image
 
 INSTALL = 'pip install -e ".[ui]"'
@@ -228,12 +227,8 @@ def check_samplable(run: str, cfg) -> None:
 
 
 def edit_tasks(cfg) -> list[str]:
-    """The edits a run offers: inpaint, sdedit and ilvr on a model of images (task.kind = "none"), else the one task
-    it was trained for (`diffuse edit` names: superres, colorize, uncrop, restore, or inpaint on an inpainting run)."""
-    kind = cfg.task.kind
-    if kind == "none":
-        return ["inpaint", "sdedit", "ilvr"]
-    return [next((edit for edit, k in TRAINED_TASKS.items() if k == kind), kind)]
+    """The edits a run offers (tasks.image_to_image.run_edits)."""
+    return list(run_edits(cfg.task.kind))
 
 
 def input_geometry(cfg, task: str) -> tuple[int, int]:

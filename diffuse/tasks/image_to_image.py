@@ -34,6 +34,23 @@ from ..config import TaskConfig
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
 
+EDITS = ("inpaint", "sdedit", "ilvr")  # `diffuse edit` tasks of a model of images (tasks/editing.py), needing no training
+TRAINED_TASKS = {"superres": "superres", "colorize": "colorize", "uncrop": "uncrop", "restore": "jpeg"}  # edit -> task.kind
+EXAMPLE_CONFIGS = {"superres": "configs/sr_digits.toml", "colorize": "configs/colorize_photos.toml",
+                   "uncrop": "configs/uncrop_photos.toml", "jpeg": "configs/jpeg_photos.toml", "inpaint": "configs/inpaint_photos.toml"}
+
+
+def edit_name(kind: str) -> str:
+    """The `diffuse edit` task of a trained task kind (task.kind "jpeg" is the edit "restore")."""
+    return {v: k for k, v in TRAINED_TASKS.items()}.get(kind, kind)
+
+
+def run_edits(kind: str) -> tuple[str, ...]:
+    """The edits a run of task.kind `kind` offers: inpaint, sdedit and ilvr on a model of images ("none"), else the one
+    task it was trained for (superres, colorize, uncrop, restore, or inpaint on an inpainting run)."""
+    return EDITS if kind == "none" else (edit_name(kind),)
+
+
 def cond_channels(task: TaskConfig, channels: int) -> int:
     """The channels of the condition image of a task on images of `channels` channels (0 for "none")."""
     return {"none": 0, "superres": channels, "colorize": 1, "inpaint": channels + 1, "uncrop": channels + 1,
