@@ -69,7 +69,8 @@ def draw(run: Path, n: int, cond: dict | None = None, step: int | None = None, *
 
 def digits(args) -> None:
     from diffuse.data import load_dataset
-    from diffuse.metrics import digit_classifier, fid
+    from diffuse.metrics import fid
+    from diffuse.nets.digits import digit_classifier
 
     out = Path(args.out) / "digits"
     classifier = digit_classifier()

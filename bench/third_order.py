@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from diffuse.data import load_dataset
-from diffuse.metrics import digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.nets.digits import digit_classifier
 from diffuse.runs import load_run
 from diffuse.visualize import to_uint8
 

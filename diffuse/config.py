@@ -24,8 +24,11 @@ from typing import Any, Literal
 import tomli_w
 
 from .nets.autoencoder import AutoencoderConfig
+from .checkpoint import latest_step, write_atomically
 from .data import DataConfig
 from .nets.unet import UNetConfig
+from .samplers import SAMPLERS
+from .tasks.image_to_image import TaskConfig
 from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing
 
 if sys.version_info >= (3, 11):
@@ -57,22 +60,6 @@ class SampleConfig:
     n: int = 64                                              # images in periodic sample grids
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # the network under autocast while sampling (the sampler
     #                                                          steps in float32); auto: bf16 on GPUs and CPUs with native bf16
-
-
-TaskKind = Literal["none", "superres", "colorize", "inpaint", "uncrop", "jpeg"]
-
-
-@dataclass
-class TaskConfig:
-    """[task]: what the network is conditioned on (tasks/image_to_image.py); "none" is ordinary generation."""
-
-    kind: TaskKind = "none"
-    factor: int = 2                     # superres: the low-resolution side is image_size / factor
-    noise_aug_max: float = 0.0          # superres: largest augmentation level s (in the schedule's t) in training; 0 = off
-    aug_level: float = 0.0              # superres with augmentation: the level s the low-resolution input gets at sampling
-    mask: Literal["free_form", "box", "mixed"] = "mixed"   # inpaint: the masks drawn in training
-    keep: float = 0.5                   # uncrop: the side of the kept centre box, as a fraction of the image side
-    jpeg_quality: list[int] = field(default_factory=lambda: [5, 30])  # jpeg: qualities drawn uniformly from [lo, hi] (Palette: 5..30)
 
 
 @dataclass
@@ -254,8 +241,6 @@ def _config_fix(path: Path) -> str:
     """What to do about a config file that cannot be read: a run folder's depends on whether it holds checkpoints."""
     if path.name != RUN_CONFIG:
         return "fix the file (the line and column are named above) or pass another config"
-    from .checkpoint import latest_step
-
     if latest_step(path.parent) is None:
         return (f"{path.parent} holds no checkpoint, so nothing is lost: delete {path} and run `diffuse train CONFIG "
                 f"--out {path.parent}` again")
@@ -266,15 +251,12 @@ def _config_fix(path: Path) -> str:
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the full config as TOML, atomically (checkpoint.write_atomically): a failed write (a full disk) leaves any
     earlier file as it was and raises checkpoint.WriteError naming the file."""
-    from .checkpoint import write_atomically
-
     write_atomically(path, tomli_w.dumps(to_dict(cfg)))
 
 
 # (section.key, why it is unused, the fix): settings that the current choice of another setting ignores
 def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     d, sc, m, t, smp = cfg.data, cfg.schedule, cfg.model, cfg.train, cfg.sample
-    from .samplers import SAMPLERS  # the sampler table says which options each sampler takes
 
     out = []
     if d.source not in ("photos", "shapes"):

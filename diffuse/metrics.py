@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import check_images
-from .nets.digits import (  # noqa: F401  (the digit feature network lived here before nets/digits.py)
-    DigitClassifier, classifier_accuracy, digit_classifier, train_digit_classifier)
+from .nets.digits import digit_classifier
+from .nets.inception import inception_fid
 
 __all__ = [
     "frechet_distance",
@@ -42,10 +42,6 @@ __all__ = [
     "inception_score",
     "precision_recall",
     "precision_recall_from_features",
-    "DigitClassifier",
-    "train_digit_classifier",
-    "digit_classifier",
-    "classifier_accuracy",
     "feature_network",
 ]
 
@@ -333,7 +329,5 @@ def feature_network(spec: str = "digits", device: str | torch.device = "cpu") ->
     if spec == "digits":
         return digit_classifier().to(device)
     if spec == "inception" or spec.startswith("inception:"):
-        from .nets.inception import inception_fid
-
         return inception_fid(spec.partition(":")[2] or None, device=device)
     return _user_module(spec).to(device)

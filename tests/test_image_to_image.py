@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from diffuse.cli import main
-from diffuse.config import RunConfig, TaskConfig, apply_overrides
+from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import DataConfig, load_dataset
 from diffuse.denoiser import Denoiser
 from diffuse.losses import l_simple
 from diffuse.schedule import Schedule
-from diffuse.tasks.image_to_image import (border_mask, box_mask, check_cascade, check_task, downsample,
+from diffuse.tasks.image_to_image import (TaskConfig, border_mask, box_mask, check_cascade, check_task, downsample,
                                           free_form_mask, input_condition, jpeg, masked_condition, read_cascade,
                                           to_gray, training_condition, upsample)
 from diffuse.train import Trainer

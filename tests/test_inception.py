@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 
 from diffuse import metrics
+from diffuse.nets.digits import DigitClassifier
 import torch.nn.functional as F
 
 from diffuse.nets import inception as I
@@ -178,7 +179,7 @@ def test_damaged_or_foreign_files_are_refused(weights_file, tmp_path):
         with pytest.raises(ValueError, match="not a complete torch or safetensors file"):
             inception_fid(tmp_path / name)
     foreign = tmp_path / "digits.pth"
-    torch.save(metrics.DigitClassifier().state_dict(), foreign)
+    torch.save(DigitClassifier().state_dict(), foreign)
     with pytest.raises(ValueError, match="is not the FID Inception-v3.*missing keys"):
         inception_fid(foreign)
     reshaped = tmp_path / "reshaped.pth"

@@ -96,18 +96,17 @@ def heldout_classifier(digits):
     """The default recipe trained on 4,000 digits; the other 1,000 (100 per class) are held out."""
     x, y = digits
     test = torch.arange(len(y)) % 5 == 4
-    return M.train_digit_classifier(x[~test], y[~test], **D._RECIPE), x[test], y[test]
+    return D.train_digit_classifier(x[~test], y[~test], **D._RECIPE), x[test], y[test]
 
 
 def test_digit_classifier_heldout_accuracy(heldout_classifier):
     net, x_test, y_test = heldout_classifier
-    assert M.classifier_accuracy(net, x_test, y_test) > 0.95
+    assert D.classifier_accuracy(net, x_test, y_test) > 0.95
     assert not net.training and not any(p.requires_grad for p in net.parameters())
 
 
 def test_digit_classifier_shapes_and_resize():
-    assert M.DigitClassifier is D.DigitClassifier and M.digit_classifier is D.digit_classifier  # metrics re-exports it
-    net = M.DigitClassifier().eval()
+    net = D.DigitClassifier().eval()
     for side in (28, 32, 8):
         x = torch.rand(3, 1, side, side) * 2 - 1
         assert net.features(x).shape == (3, 128) and net(x).shape == (3, 10)
@@ -172,7 +171,7 @@ def test_fid_orders_degradations(digits, heldout_classifier):
 
 
 def test_fid_checks_inputs(digits):
-    net = M.DigitClassifier().eval()
+    net = D.DigitClassifier().eval()
     x = digits[0][:40]
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         M.fid(x, (x + 1) * 127.5, net)
@@ -188,7 +187,7 @@ def test_fid_checks_inputs(digits):
 def test_two_set_metrics_refuse_sets_of_different_sizes(digits, metric):
     # the feature network would resample one set, and resampling alone moves digits far (bench/latent.py's note):
     # 28x28 reals against 32x32 samples is a mistake, named with its fix
-    net = M.DigitClassifier().eval()
+    net = D.DigitClassifier().eval()
     x = digits[0][:40]
     wider = F.interpolate(x, size=32, mode="bilinear", antialias=True)
     with pytest.raises(ValueError, match=r"\(1, 28, 28\).*\(1, 32, 32\).*the run's data config"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import write_atomically
-from ..data import check_images
+from ..data import DataConfig, check_images, load_dataset
 
 
 class DigitClassifier(nn.Module):
@@ -123,8 +123,6 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
         except Exception as e:  # a damaged or foreign file: retrain and overwrite it
             warnings.warn(f"ignoring the unreadable digit-classifier cache {path} ({type(e).__name__}: {e}); retraining",
                           UserWarning, stacklevel=2)
-    from ..data import DataConfig, load_dataset
-
     data = load_dataset(DataConfig(source="mnist"))
     net = train_digit_classifier(data.images.float() / 127.5 - 1, data.labels, **_RECIPE)
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}

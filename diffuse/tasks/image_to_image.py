@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +33,27 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ..config import TaskConfig
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+TaskKind = Literal["none", "superres", "colorize", "inpaint", "uncrop", "jpeg"]
+
+
+@dataclass
+class TaskConfig:
+    """[task]: what the network is conditioned on (tasks/image_to_image.py); "none" is ordinary generation."""
+
+    kind: TaskKind = "none"
+    factor: int = 2                     # superres: the low-resolution side is image_size / factor
+    noise_aug_max: float = 0.0          # superres: largest augmentation level s (in the schedule's t) in training; 0 = off
+    aug_level: float = 0.0              # superres with augmentation: the level s the low-resolution input gets at sampling
+    mask: Literal["free_form", "box", "mixed"] = "mixed"   # inpaint: the masks drawn in training
+    keep: float = 0.5                   # uncrop: the side of the kept centre box, as a fraction of the image side
+    jpeg_quality: list[int] = field(default_factory=lambda: [5, 30])  # jpeg: qualities drawn uniformly from [lo, hi] (Palette: 5..30)
+
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
@@ -260,9 +284,6 @@ def read_cascade(folder) -> tuple[list, float | None]:
         aug_level = 0.1           # optional: the level every super-resolution stage's input gets (else each run's own)
 
     Raises FileNotFoundError or ValueError naming what is wrong."""
-    from pathlib import Path
-
-    from ..config import tomllib
     path = Path(folder) / CASCADE_FILE
     try:
         spec = tomllib.loads(path.read_text())
