@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 
-from .config import ConfigError, apply_overrides, load_config
+from .config import ConfigError, apply_overrides, check_config, load_config
 from .generate import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
@@ -31,6 +31,7 @@ def _train(args) -> None:
     from .train import dry_run, train
 
     cfg = apply_overrides(load_config(args.config), args.set or [])
+    check_config(cfg)  # before any data loads, latents are encoded or a file is written (the Trainer checks again)
     if args.dry_run:
         print(dry_run(cfg))
         return
@@ -131,6 +132,7 @@ def _sampling(args, n: int):
     s = cfg.sample
     sampler = args.sampler or s.sampler
     _refuse_unused(args, sampler)
+    _check_plan(args, cfg)  # the sampler on this process and its grid: before the model loads and the bar starts
     options = {"eta": s.eta, "variance": s.variance}
     if args.eta is not None:
         if "eta" not in SAMPLERS[sampler].options:
@@ -180,12 +182,30 @@ def _sampling(args, n: int):
     steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
     counted = CountCalls(den)
     bar = tqdm(total=(steps or getattr(den.schedule, "top_step", None)) if SAMPLERS[sampler].calls_per_step else None,
-               unit="step", desc=sampler)
+               unit="step", desc=sampler, disable=progress_disabled())
     kw = dict(sampler=sampler, steps=steps, spacing=args.spacing or s.spacing, clip=clip, dynamic_threshold=dyn,
               labels=labels, guidance=guidance, guidance_interval=interval or None, classifier=classifier, seed=args.seed, device=device,
               mixed_precision=args.mixed_precision or s.mixed_precision, callback=lambda step: bar.update(1), **text_cond,
               **options)
     return cfg, counted, kw, bar, latent_space
+
+
+def progress_disabled() -> bool:
+    """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar."""
+    import os
+
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _check_plan(args, cfg) -> None:
+    """The sampler, steps and spacing `_sampling` resolves for a run (flags over its [sample] section) checked against
+    its process (samplers.check_plan: e.g. sde-em on a flow run, more steps than T), before anything loads."""
+    from .samplers import check_plan
+    from .schedule import Schedule
+
+    s = cfg.sample
+    steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
+    check_plan(Schedule.from_config(cfg.schedule), args.sampler or s.sampler, steps, args.spacing or s.spacing)
 
 
 def _with_condition(kw: dict, cond: dict | None) -> dict:
@@ -239,7 +259,10 @@ def _sample_cascade(args, out: Path) -> None:
     from .tasks.image_to_image import check_cascade, input_condition, read_cascade
 
     stages, level = read_cascade(args.run)
-    check_cascade([run_config(s) for s in stages])  # before any model loads
+    configs = [run_config(s) for s in stages]
+    check_cascade(configs)  # before any model loads
+    for cfg in configs:  # every stage's sampler and grid, before the first stage draws
+        _check_plan(args, cfg)
     x, calls = None, 0
     for k, stage in enumerate(stages):
         stage_args = copy.copy(args)
@@ -343,7 +366,8 @@ def _eval(args) -> None:
     from .data import load_dataset
     from .precision import autocast_dtype
     from .guidance import Conditioned
-    from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
+    from .likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
+    from .schedule import Schedule
     from .tasks.image_to_image import training_condition
     from .pretrained import is_model_folder
     from .stages import space
@@ -375,6 +399,9 @@ def _eval(args) -> None:
                          "leave --real out (the run's own captioned data are used)")
     if sample_metric:
         check_guidance(cfg, cfg.sample.guidance if args.guidance is None else args.guidance, classifier=False)
+        _check_plan(args, cfg)  # the sampler on this process and its grid
+    else:  # nll needs a variance-preserving process, vlb its discrete steps
+        check_likelihood(Schedule.from_config(cfg.schedule), args.metric)
     cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
     latent_space = space(cfg, device)
     s, d = cfg.sample, cfg.data
@@ -692,6 +719,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _end_progress_bars() -> None:
+    """Close every progress bar still drawn, so that an error raised mid-way prints on a line of its own, not on the
+    bar's."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     formatwarning = warnings.formatwarning  # warnings print as "diffuse CMD: warning: ...", like the errors
@@ -700,12 +738,15 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, ValueError, OSError, ImportError, NonFiniteLoss, ResumeError) as e:  # OSError: missing, unreadable,
         # unwritable; ImportError: an optional extra (its message names the install command)
+        _end_progress_bars()
         print(f"diffuse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OverflowError as e:
+        _end_progress_bars()
         print(f"diffuse {args.command}: error: a value overflowed ({e}); use smaller option values", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(f"diffuse {args.command}: interrupted; the last committed checkpoint is kept", file=sys.stderr)
         return 130
     finally:

@@ -9,6 +9,7 @@ combines both predictions with the same weights, which is that consistency witho
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from .condition import concat_conditions
 from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
+from .samplers.base import NonFiniteSample
 
 
 def _with_x0(x_t: Tensor, t, x0: Tensor, schedule, like: Prediction) -> Prediction:
@@ -138,6 +140,20 @@ class DynamicThreshold:
         return _with_x0(x_t, t, dynamic_threshold(pred.x0, self.percentile), self.schedule, pred)
 
 
+def same_condition(cond: dict, uncond: dict) -> bool:
+    """Whether two condition dicts hold the same keys and equal values (tensors equal in shape and every element)."""
+    if set(cond) != set(uncond):
+        return False
+    for k, v in cond.items():
+        u = uncond[k]
+        if torch.is_tensor(v) or torch.is_tensor(u):
+            if not (torch.is_tensor(v) and torch.is_tensor(u) and v.shape == u.shape and bool(torch.equal(v, u.to(v)))):
+                return False
+        elif v != u:
+            return False
+    return True
+
+
 def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float | Tensor) -> Tensor:
     """eps~ = (1 + w) eps(x_t, c) - w eps(x_t) (Ho & Salimans 2022, eq. 6): w = 0 is the conditional model. The same
     combination of the two x_0 predictions is the x_0 that eps~ implies at the same x_t. w: a number, or one per
@@ -169,9 +185,17 @@ class ClassifierFreeGuidance:
             raise ValueError(f"the guidance interval (lo, hi] of noise levels sigma/alpha needs 0 <= lo < hi, got {tuple(interval)}")
         self.denoiser, self.schedule = denoiser, denoiser.schedule
         self.w, self.cond, self.uncond, self.interval = float(w), cond, uncond, interval
+        self.same = same_condition(cond, uncond)
+        if self.same and self.w:
+            warnings.warn(f"classifier-free guidance (w = {self.w:g}) of a condition against itself (the condition equals "
+                          "the unconditional one, e.g. an empty --prompt, or a negative prompt equal to the prompt) "
+                          "changes nothing at any weight: the conditional model runs alone, one network call per step",
+                          UserWarning, stacklevel=2)
 
     def __call__(self, x_t: Tensor, t, **more) -> Prediction:
         B = x_t.shape[0]
+        if self.same:  # (1 + w) x_0(c) - w x_0(c) = x_0(c): one call
+            return self.denoiser(x_t, t, **self.cond, **more)
         tt = torch.as_tensor(t, dtype=torch.float64).expand(B)
         w = self.w  # a number, or per example: w inside the interval (lo, hi], 0 outside
         if self.interval is not None and w:
@@ -188,7 +212,13 @@ class ClassifierFreeGuidance:
         # eps~ of eq. 6, and the x_0 it implies: the conversions are affine in the prediction at a fixed x_t, so the same
         # weights on x_0 give exactly (x_t - sigma_t eps~) / alpha_t, without dividing by alpha_t (0 at zero terminal SNR)
         cond_v = None if both.variance_mix is None else both.variance_mix[:B]  # the conditional model's variance (as GLIDE)
-        return Prediction(guided_eps(both.x0[:B], both.x0[B:], w), guided_eps(both.eps[:B], both.eps[B:], w), cond_v)
+        out = Prediction(guided_eps(both.x0[:B], both.x0[B:], w), guided_eps(both.eps[:B], both.eps[B:], w), cond_v)
+        if not bool(torch.isfinite(out.x0).all()) and bool(torch.isfinite(both.x0).all()):
+            raise NonFiniteSample(f"classifier-free guidance with weight w = {self.w:g} overflowed at t = {float(tt.max()):.4g}: "
+                                  "the conditional and unconditional predictions are finite, (1 + w) x_0(cond) - w "
+                                  "x_0(uncond) is not; lower the guidance weight (--guidance, sample.guidance; typical "
+                                  "values are 1-10)")
+        return out
 
 
 def classifier_log_prob_grad(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, model_time: Tensor,
@@ -223,4 +253,9 @@ class ClassifierGuidance:
         tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
         model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
         grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.labels)
-        return _with_eps(x_t, t, pred.eps - self.scale * sigma * grad, self.schedule, pred)
+        eps = pred.eps - self.scale * sigma * grad
+        if not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(pred.eps).all()) and bool(torch.isfinite(grad).all()):
+            raise NonFiniteSample(f"classifier guidance with scale s = {self.scale:g} overflowed at t = {float(tt.max()):.4g}: "
+                                  "the model's eps and the classifier's gradient are finite, eps - s sigma grad is not; "
+                                  "lower the guidance scale (--guidance with --classifier; typical values are 1-10)")
+        return _with_eps(x_t, t, eps, self.schedule, pred)

@@ -96,12 +96,30 @@ def bits_per_dim(nats: Tensor, x0: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def check_likelihood(schedule, metric: str) -> None:
+    """ValueError naming the process and the fix when `metric` cannot be measured on `schedule`: "vlb" (the variational
+    bound) sums the T discrete steps of a DDPM schedule; "nll" (the probability-flow likelihood) integrates the VP-SDE,
+    which only the variance-preserving processes have (and not from alpha_T = 0)."""
+    kind = getattr(schedule, "kind", type(schedule).__name__)
+    other = "measure its samples with --metric fid, kid, is or pr"
+    if metric == "vlb" and getattr(schedule, "T", None) is None:
+        raise ValueError(f"the variational bound (--metric vlb) sums the T discrete steps of a DDPM schedule (linear, "
+                         f"cosine, ...), and this model's {kind} process is continuous; "
+                         + ("use --metric nll, or " if getattr(schedule, "variance_preserving", False) else "") + other)
+    if metric == "nll":
+        if not getattr(schedule, "variance_preserving", False):
+            raise ValueError(f"the probability-flow likelihood (--metric nll) integrates the variance-preserving SDE, and "
+                             f"this model's process is {kind}; {other}")
+        require_vp(schedule, "the probability-flow likelihood (--metric nll)")
+
+
 def vlb_bits_per_dim(denoiser, x0: Tensor, *, samples: int | None = None, fixed_variance: str = "beta_tilde",
                      generator: torch.Generator | None = None, **cond) -> dict[str, Tensor]:
     """The bound L = L_T + sum_{n=1}^T L_{n-1} in bits/dim per example: every term (samples = None, T network
     calls), or the unbiased estimate L_T + T * mean of `samples` terms at n ~ Uniform{1..T}.
     Returns {"total": (B,), "prior": (B,), "terms": (B, k) (bits/dim), "steps": (B, k)}."""
     schedule = denoiser.schedule
+    check_likelihood(schedule, "vlb")
     B, T = x0.shape[0], schedule.T
     if samples is None:  # every term, step by step
         steps = torch.arange(T, 0, -1)[None].expand(B, T)
@@ -147,7 +165,7 @@ def ode_log_likelihood(denoiser, x0: Tensor, *, rtol: float = 1e-5, atol: float 
     B, D = x0.shape[0], x0[0].numel()
     exact = D <= 32 if exact_trace is None else exact_trace
     shape, dtype, device = x0.shape, x0.dtype, x0.device
-    require_vp(schedule, "the probability-flow likelihood")
+    check_likelihood(schedule, "nll")
     t_start = schedule.t_min  # the first step, 1 / T
     l_start, l_end = (float(-schedule.alphabar_at(torch.tensor(t, dtype=torch.float64)).log()) for t in (t_start, 1.0))
     z = [torch.randint(0, 2, shape, generator=generator).to(device=device, dtype=dtype) * 2 - 1 for _ in range(probes)]

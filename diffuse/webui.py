@@ -57,8 +57,8 @@ from .tasks.editing import latent_edit, latent_factor
 from .generate import default_labels, generate
 from .runs import check_guidance, load_run, prompt_condition, run_config
 from .kinds.diffusion import sample_config_kwargs
-from .samplers import SAMPLERS, CountCalls, Step
-from .schedule import SPACINGS
+from .samplers import SAMPLERS, CountCalls, Step, check_plan
+from .schedule import SPACINGS, Schedule
 from .tasks.editing import STRENGTH_HELP
 from .tasks.image_to_image import input_condition, run_edits, viewable
 from .visualize import grid, save_gif, save_grid, save_image
@@ -177,6 +177,7 @@ def sample_plan(req: SampleRequest, cfg, num_classes: int, device: str, device_f
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     n = _number(req.n, int, "the number of images", 1, MAX_IMAGES)
     steps = _number(s.steps if req.steps is None else req.steps, int, "steps", 0, 100_000)
+    check_plan(Schedule.from_config(cfg.schedule), sampler, steps or None, spacing)  # this process, this grid
     seed = _number(req.seed, int, "the seed", 0, 2**63 - 1)
     guidance = _number(s.guidance if req.guidance is None else req.guidance, float, "the guidance weight", 0)
     check_guidance(cfg, guidance, classifier=False)

@@ -24,6 +24,7 @@ class SamplerInfo:
     options: tuple[str, ...]  # keyword options it takes besides generator and callback (keys of OPTIONS)
     about: str
     zero_snr: bool = True     # can start at alpha_T = 0 (a zero-terminal-SNR schedule); False: works in sigma / alpha
+    vp_only: bool = False     # integrates the VP-SDE, which only the variance-preserving processes have
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -39,9 +40,12 @@ class SamplerInfo:
         return {k: OPTIONS[k].check(k, v) for k, v in options.items() if k in self.options}
 
     def check_schedule(self, schedule, name: str) -> None:
-        """ValueError when this sampler cannot run on `schedule` (alpha_T = 0 for a sampler in sigma / alpha)."""
+        """ValueError when this sampler cannot run on `schedule` (alpha_T = 0 for a sampler in sigma / alpha; a process
+        that is not variance preserving for the VP-SDE samplers)."""
         if not self.zero_snr:
             require_positive_alpha(schedule, name)
+        if self.vp_only:
+            sde.require_vp(schedule, name)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -54,9 +58,22 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(karras.heun, 2, ("s_churn", "s_tmin", "s_tmax", "s_noise"), "Heun, EDM Algorithm 1 (2 with s_churn)", zero_snr=False),
     "dpm2": SamplerInfo(karras.dpm2, 2, (), "DPM-Solver-2 in sigma, Karras et al. 2022", zero_snr=False),
     "euler-ancestral": SamplerInfo(karras.euler_ancestral, 1, ("eta",), "Euler ancestral in sigma", zero_snr=False),
-    "sde-em": SamplerInfo(sde.euler_maruyama, 1, (), "reverse VP-SDE by Euler-Maruyama, Song et al. 2021", zero_snr=False),
-    "sde-pc": SamplerInfo(sde.predictor_corrector, 2, ("snr", "corrector_steps"), "predictor-corrector with Langevin, Song et al. 2021", zero_snr=False),
-    "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)", zero_snr=False),
+    "sde-em": SamplerInfo(sde.euler_maruyama, 1, (), "reverse VP-SDE by Euler-Maruyama, Song et al. 2021", zero_snr=False, vp_only=True),
+    "sde-pc": SamplerInfo(sde.predictor_corrector, 2, ("snr", "corrector_steps"), "predictor-corrector with Langevin, Song et al. 2021", zero_snr=False, vp_only=True),
+    "ode-rk45": SamplerInfo(sde.probability_flow, 0, ("rtol", "atol"), "probability-flow ODE by adaptive RK45 (steps ignored)", zero_snr=False, vp_only=True),
 }
 
-__all__ = ["OPTIONS", "SAMPLERS", "Option", "SamplerInfo", "Callback", "CountCalls", "NonFiniteSample", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]
+def check_plan(schedule, sampler: str, steps: int | None, spacing: str | None) -> None:
+    """What `generate` checks of a sampler on a schedule before it draws, for a command to check before it loads a
+    model or starts a progress bar: the sampler exists and runs on this process (SamplerInfo.check_schedule), and its
+    grid of `steps` (None or 0: every step) and `spacing` (None: the process's default) can be made. ValueError naming
+    the problem and the fix."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    info = SAMPLERS[sampler]
+    info.check_schedule(schedule, sampler)
+    if info.calls_per_step:  # an adaptive solver makes its own grid
+        schedule.grid(steps or None, spacing or schedule.default_spacing)
+
+
+__all__ = ["OPTIONS", "SAMPLERS", "check_plan", "Option", "SamplerInfo", "Callback", "CountCalls", "NonFiniteSample", "Step", "ddim", "ddpm", "dpm_solver", "karras", "sde"]

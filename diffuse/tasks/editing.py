@@ -237,7 +237,8 @@ def latent_edit(task: str, denoiser, latent_space, image: Tensor, mask: Tensor |
     Inpainting keeps a latent cell where the mask (1 = keep, (H, W) or broadcastable to the image) keeps all of its
     f x f pixels (LatentSpace.mask), then pastes the kept pixels back exactly, as pixel-space inpainting returns them.
     ILVR low-passes the latents over factor / f cells, so `factor` must be a multiple of f whose quotient divides the
-    latent side. `options` go to the task (jump_length, jump_n_samples; t_stop); generate_kw to the sampler.
+    latent side. `options` go to the task (jump_length, jump_n_samples; t_stop); generate_kw to the sampler. SDEdit at
+    strength 0 returns the image itself, as in pixel space (not the autoencoder's reconstruction of it).
     ValueError naming the fix for a mask that keeps no whole cell or a factor that does not fit."""
     f = latent_space.image_shape[-1] // latent_space.shape[-1]
     options = options or {}
@@ -248,6 +249,9 @@ def latent_edit(task: str, denoiser, latent_space, image: Tensor, mask: Tensor |
         if not bool(m.any()):
             raise ValueError(f"no {f}x{f} cell of the image is wholly kept by the mask, so the latent-diffusion run (f = {f}) "
                              "has nothing to keep; mark a larger region to keep")
+    if task == "sdedit" and sdedit_time(denoiser.schedule, strength) == 0:  # strength 0: the image itself, as in pixel
+        check_input(image, "the guide image", True)                        # space, not its reconstruction D(E(x))
+        return image.to(device=generate_kw.get("device", image.device), dtype=torch.float32)
     z = latent_space.encode(image)
     if task == "sdedit":
         return latent_space.decode(sdedit(denoiser, z, strength, pixels=False, **options, **generate_kw))
