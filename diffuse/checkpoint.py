@@ -75,6 +75,7 @@ __all__ = [
     "append_json_record",
     "read_log",
     "open_log",
+    "load_weights",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -545,6 +546,47 @@ def load_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> Chec
         return ckpt
     reasons = "; ".join(f"{p.name}: {r}" for p, r in skipped)
     raise FileNotFoundError(f"all {len(skipped)} checkpoints in {ckpt_dir} are invalid: {reasons}")
+
+
+def weights_mismatch(config: str | os.PathLike, weights: str | os.PathLike, module: torch.nn.Module,
+                     tensors: Mapping[str, Tensor]) -> list[str]:
+    """What differs between the network `config` describes (built as `module`) and the saved `tensors`, in words (one
+    entry per kind of difference, the first tensor named); [] when they fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [(k, list(tensors[k].shape), list(v.shape)) for k, v in own.items()
+              if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    return mismatch_parts(Path(config).name, shapes, missing, unexpected)
+
+
+def mismatch_parts(config_name: str, shapes=(), missing=(), unexpected=()) -> list[str]:
+    """The differences between a config's network and its weights, in words: shapes [(name, in the weights, in the
+    network)], missing and unexpected tensor names."""
+    out = []
+    if shapes:
+        name, have, want = shapes[0]
+        out.append(f"{len(shapes)} tensors differ in shape (e.g. {name}: {have} in the weights, {want} in the network "
+                   f"{config_name} describes)")
+    if missing:
+        out.append(f"{len(missing)} tensors the network of {config_name} has are not in the weights (e.g. {missing[0]})")
+    if unexpected:
+        out.append(f"{len(unexpected)} tensors of the weights have no place in it (e.g. {unexpected[0]})")
+    return out
+
+
+def load_weights(module: torch.nn.Module, tensors: Mapping[str, Tensor], *, config: str | os.PathLike,
+                 weights: str | os.PathLike) -> torch.nn.Module:
+    """module.load_state_dict(tensors), strict, or ValueError naming `config` (the file the network was built from),
+    `weights` (where the tensors come from) and what differs, instead of torch's RuntimeError: a config edited after
+    training (model.channels) or weights of another run."""
+    parts = weights_mismatch(config, weights, module, tensors)
+    if parts:
+        raise ValueError(f"{config} does not match the weights {weights}: {'; '.join(parts)}; the config describes "
+                         "another network than the one the weights were saved from: restore the config the weights were "
+                         "trained with")
+    module.load_state_dict(tensors)
+    return module
 
 
 def read_state(run_dir: str | os.PathLike, step: int) -> dict:

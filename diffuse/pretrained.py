@@ -32,6 +32,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .condition import ConditionSpec
+from .checkpoint import mismatch_parts
 from .config import RunConfig, SampleConfig
 from .data import DataConfig
 from .nets.unet import UNetConfig
@@ -195,10 +196,7 @@ def load_unet(path: str | Path) -> DiffusersUNet:
         raise ValueError(_mismatch(unet_file, weights, str(e))) from None
     missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
     if missing or unexpected:  # diffusers would leave the missing ones at their random initial values
-        parts = [f"{len(missing)} tensors the network of config.json has are not in the weights (e.g. {missing[0]})"
-                 if missing else "", f"{len(unexpected)} tensors of the weights have no place in it (e.g. {unexpected[0]})"
-                 if unexpected else ""]
-        raise ValueError(_mismatch(unet_file, weights, "; ".join(filter(None, parts))))
+        raise ValueError(_mismatch(unet_file, weights, "; ".join(mismatch_parts(unet_file.name, (), missing, unexpected))))
     return DiffusersUNet(unet)
 
 
@@ -207,13 +205,12 @@ _SIZE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape t
 
 
 def _mismatch(config: Path, weights: Path, detail: str) -> str:
-    """The message for a config.json that does not describe the network its weights were saved from."""
+    """The message for a config.json that does not describe the network its weights were saved from (`detail`: the
+    differences in words, or diffusers' error, whose size mismatches are read out)."""
     sizes = _SIZE_RE.findall(detail)
     if sizes:
-        name, have, want = sizes[0]
-        detail = (f"{len(sizes)} tensors differ in shape (e.g. {name}: {have} in the weights, {want} in the network "
-                  f"{config.name} describes)")
-    else:
+        detail = "; ".join(mismatch_parts(config.name, sizes))
+    elif "tensors" not in detail:
         detail = " ".join(detail.split())[:400]
     return (f"{config} does not match the weights {weights.name} beside it: {detail}; the file describes another network "
             "than the one the weights were saved from: restore the model's own config.json (download the folder again)")

@@ -488,3 +488,24 @@ def test_generator_state_helpers(tmp_path):
     g2 = torch.Generator()
     set_generator_state(g2, load_checkpoint(tmp_path).tensors["rng"]["sampler"])
     assert torch.equal(torch.rand(5, generator=g2), expected)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    """checkpoint.load_weights: a strict load, or a ValueError naming the config, the weights and what differs (torch's
+    own RuntimeError was a traceback)."""
+    from diffuse.checkpoint import load_weights
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    good = {k: v.clone() + 1 for k, v in net.state_dict().items()}
+    assert load_weights(net, good, config="RUN/config.toml", weights="step_00000004") is net
+    assert torch.equal(net[0].weight, good["0.weight"])
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"^RUN/config.toml does not match the weights step_00000004: 3 tensors differ "
+                                         r"in shape \(e\.g\. 0\.weight: \[4, 3\] in the weights, \[8, 3\] in the network "
+                                         r"config.toml describes\); .*restore the config"):
+        load_weights(wider, good, config="RUN/config.toml", weights="step_00000004")
+    deeper = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"2 tensors the network of config.toml has are not in the weights \(e\.g\. 2\.weight\)"):
+        load_weights(deeper, good, config="RUN/config.toml", weights="w")
+    with pytest.raises(ValueError, match=r"2 tensors of the weights have no place in it \(e\.g\. 1\.weight\)"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), good, config="RUN/config.toml", weights="w")
