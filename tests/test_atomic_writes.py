@@ -388,3 +388,31 @@ def test_kill_during_sample_edit_eval_and_ema_leaves_every_earlier_file_loadable
     assert kills == 11 and n_evals >= 1
     for name in ("s.npy", "s.png", "e.png", "e_before_after.png", "ema/config.toml"):
         assert (out / name).exists(), f"{name} was never written in the first round"
+
+
+# --- what the trainer and the post-hoc EMA still write their own way (the remaining edits of issue 38) ----------------------
+@pytest.mark.xfail(reason="needs diffuse/train.py change (Trainer.fit opens log.jsonl with checkpoint.open_log), issue 38",
+                   strict=True)
+def test_a_resumed_run_appends_after_a_torn_log_line_on_a_line_of_its_own(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "configs/mnist.toml", *_sets(TINY), "--set", "train.log_every=1", "--out", str(out)]
+    assert main(args[:-2] + ["--set", "train.steps=2"] + args[-2:]) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # kill -9 mid-append
+    assert main(args) == 0  # resumes to train.steps = 4
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # the torn part is cut, no line merged
+
+
+@pytest.mark.xfail(reason="needs diffuse/ema.py change (PowerEMA.save_snapshot writes through checkpoint.write_atomically), "
+                          "issue 38", strict=True)
+def test_a_post_hoc_ema_snapshot_on_a_full_disk_names_the_file(disk):
+    from diffuse.ema import PowerEMA
+
+    ema = PowerEMA(torch.nn.Linear(256, 256), [0.05, 0.1])
+    ema.update(torch.nn.Linear(256, 256), 1)
+    disk.fill()
+    with pytest.raises(WriteError) as info:
+        ema.save_snapshot(disk.root / "ema_snapshots", 1)
+    _assert_full_disk_error(info.value, disk.root / "ema_snapshots" / "phema_00000001.safetensors", "nothing was written")
+    _no_litter(disk.root)
