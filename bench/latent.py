@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.captions import prompt_scores, shapes_data
+from diffuse.data.captions import prompt_scores, shapes_data
 from diffuse.config import apply_overrides, load_config
 from diffuse.kinds.autoencoder import evaluate_autoencoder
 from diffuse.stages import space

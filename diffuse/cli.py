@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 
-from .config import ConfigError, apply_overrides, check_config, load_config
+from .config import ConfigError, apply_overrides, load_config
 from .generate import CHUNK
 from .samplers import OPTIONS, SAMPLERS
 from .schedule import SPACINGS
@@ -31,7 +31,6 @@ def _train(args) -> None:
     from .train import dry_run, train
 
     cfg = apply_overrides(load_config(args.config), args.set or [])
-    check_config(cfg)  # before any data loads, latents are encoded or a file is written (the Trainer checks again)
     if args.dry_run:
         print(dry_run(cfg))
         return

@@ -374,31 +374,6 @@ def check_unused(cfg: RunConfig) -> None:
         raise ConfigError("; ".join(given))
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Every check of a training config that needs neither its data nor a write: settings that would do nothing
-    (check_unused) and the network's structure against the shape it diffuses (a latent run's latents: their side read
-    from the autoencoder run's config.toml, no weights), so a bad config is refused before the data load, before a
-    latent run encodes its data into RUN/latents.safetensors, and before anything is written to the run folder.
-    ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
-    check_unused(cfg)
-    if cfg.model.kind == "autoencoder":
-        from .nets.autoencoder import check_config as check_autoencoder
-
-        check_autoencoder(cfg.autoencoder)
-        return
-    side = cfg.data.image_size
-    if cfg.latent.autoencoder:
-        ae = Path(cfg.latent.autoencoder).expanduser()
-        if not (ae / RUN_CONFIG).is_file():
-            raise FileNotFoundError(f"latent.autoencoder = {cfg.latent.autoencoder!r}: {ae.resolve()} holds no run; train "
-                                    "the autoencoder first (`diffuse train configs/ae_mnist.toml --out runs/ae`) and name its "
-                                    "folder")
-        side //= load_config(ae / RUN_CONFIG).autoencoder.factor
-    from .nets.unet import check_config as check_network
-
-    check_network(cfg.model, side, 1)  # the class count comes with the data; the network's structure does not
-
-
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.lr=1e-4' -> ('train', 'lr', 1e-4). Values are TOML; a bare word is a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:

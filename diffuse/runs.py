@@ -72,7 +72,9 @@ def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | Non
         warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
     num_classes = int(c.state["num_classes"])
     net = build_model(cfg, num_classes)
-    net.load_state_dict(c.tensors["ema" if ema else "model"])
+    group = "ema" if ema else "model"
+    ckpt.load_weights(net, c.tensors[group], config=run_dir / "config.toml",
+                      weights=Path(ckpt.CHECKPOINTS) / f"step_{c.step:08d}" / f"{group}.safetensors")
     return cfg, net.to(device).eval().requires_grad_(False), num_classes
 
 
@@ -146,7 +148,8 @@ def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error
     weights = reconstruct(snaps, sigma_rel, step, max_error)
     used_step = step if step is not None else list_snapshots(snaps)[-1].step
     num_classes = int(ckpt.read_state(run_dir, ckpt.latest_step(run_dir))["num_classes"])
-    build_model(cfg, num_classes).load_state_dict(weights)  # strict: the rebuilt weights fit the run's network
+    ckpt.load_weights(build_model(cfg, num_classes), weights, config=run_dir / "config.toml",  # they fit the network
+                      weights=snaps)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
     state = {"step": used_step, "num_classes": num_classes,

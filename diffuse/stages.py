@@ -62,7 +62,9 @@ def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu", st
                                 "train.keep_checkpoints pruned it when the autoencoder trained on, or the run was replaced); "
                                 "a latent model only decodes with the autoencoder it was trained on: restore that "
                                 "checkpoint, or train the latent model again (latent.autoencoder_step = 0 takes the newest)")
-    model.load_state_dict(ckpt.load_checkpoint(run_dir, step).tensors["model"])
+    c = ckpt.load_checkpoint(run_dir, step)
+    ckpt.load_weights(model, c.tensors["model"], config=run_dir / "config.toml",
+                      weights=Path(ckpt.CHECKPOINTS) / f"step_{c.step:08d}" / "model.safetensors")
     return cfg, model.to(device).eval().requires_grad_(False)
 
 

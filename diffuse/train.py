@@ -138,6 +138,7 @@ class Trainer:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
+        kind.check_config(cfg)  # the network against the shape it works on: before data, stages or writes
         self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
         data = load_dataset(cfg.data) if dataset is None else dataset
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step

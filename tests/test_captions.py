@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffuse import captions
-from diffuse.captions import (ANCHORS, COLOURS, DIGIT_WORDS, EXTENTS, Phrase, Scene, SceneObject, Target, caption,
+from diffuse.data import captions
+from diffuse.data.captions import (ANCHORS, COLOURS, DIGIT_WORDS, EXTENTS, Phrase, Scene, SceneObject, Target, caption,
                               detect, digit_caption, parse_prompt, prompt_scores, random_scene, render, shapes_data,
                               target_of)
 from diffuse.data import DataConfig, ImageDataset, load_dataset

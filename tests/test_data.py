@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse import data
+from diffuse.data import images as data
 from diffuse.data import DataConfig, ImageDataset, load_dataset
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

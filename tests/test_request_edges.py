@@ -144,8 +144,6 @@ def test_latent_edit_at_strength_0_returns_the_input(ldm_run):
     torch.testing.assert_close(out, image, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(reason="needs diffuse/runs.py change (_load_net loads through checkpoint.load_weights, as sample.py's "
-                          "did through load_state_dict), issue 38", strict=True)
 def test_a_run_whose_config_was_edited_after_training_is_a_clear_error(run, tmp_path, capsys):
     """The run-folder twin of a diffusers config.json that does not match its weights: RUN/config.toml's model.channels
     edited after training was a RuntimeError traceback (rc 1)."""

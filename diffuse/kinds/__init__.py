@@ -4,6 +4,7 @@ Adding a kind: write its Objective (kinds/base.py) in a module of this package, 
 contract test (tests/test_kinds.py), which checks exact resume and DDP for every row of this table.
 """
 
+from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
 from .base import Context, Group, Objective
 from .diffusion import ClassifierObjective, DiffusionObjective
@@ -14,4 +15,15 @@ KINDS: dict[str, type[Objective]] = {
     "autoencoder": AutoencoderObjective,
 }
 
-__all__ = ["KINDS", "Context", "Group", "Objective"]
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every check of a training config that needs neither its data nor a write: settings that would do nothing
+    (config.check_unused) and its kind's own (Objective.check_config: the network against the shape it works on), so a
+    bad config is refused before the data load, before a latent run encodes its data and before anything is written.
+    ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
+    check_unused(cfg)
+    KINDS[cfg.model.kind].check_config(cfg)
+
+
+__all__ = ["KINDS", "Context", "Group", "Objective", "check_config"]

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..nets.autoencoder import (Autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
+from ..nets.autoencoder import (Autoencoder, check_config as check_autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
                            latent_scale_factor, perplexity, psnr)
 from ..config import RunConfig
-from ..data import load_dataset
+from ..data import Subset, load_dataset
 from ..metrics import feature_network, fid
 from ..stages import ENCODE_BATCH, load_autoencoder
 from ..visualize import save_grid, to_uint8
@@ -84,20 +84,6 @@ def reconstruction_scores(ae: Autoencoder, x: Tensor, feature_net: torch.nn.Modu
     return record
 
 
-class Subset:
-    """The items `idx` of a dataset with data.ImageDataset's interface, renumbered 0..len(idx) - 1."""
-
-    def __init__(self, base, idx: Tensor):
-        self.base, self.idx = base, idx
-        self.num_classes, self.condition_keys = base.num_classes, base.condition_keys
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
-        return self.base.batch(self.idx[idx])
-
-
 class AutoencoderObjective(Objective):
     groups = {"main": Group(("model",), betas=(0.5, 0.9)), "disc": Group(("disc",), betas=(0.5, 0.9), clip=False)}
     ema = None
@@ -129,6 +115,11 @@ class AutoencoderObjective(Objective):
         # loaded now: a bad feature spec fails before training
         self.feature_net = feature_network(t.fid_features, ctx.device) if t.fid_every else None
         self.latent_shape = None
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """The [autoencoder] section's values (nets.autoencoder.check_config)."""
+        check_autoencoder(cfg.autoencoder)
 
     def build(self) -> dict[str, nn.Module]:
         a, d = self.cfg.autoencoder, self.cfg.data

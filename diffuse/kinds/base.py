@@ -67,6 +67,12 @@ class Objective:
     dataset: Any
 
     @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """The checks that need neither the data nor a write (the network's structure against the shape it works on),
+        run before the data load, before a stage is encoded and before anything is written; ValueError naming the
+        setting. Default: none."""
+
+    @classmethod
     def resolve(cls, cfg: RunConfig, saved: RunConfig | None) -> RunConfig:
         """The config with what training fixes resolved (stages pinned), before the Trainer compares it with `saved`."""
         return cfg

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from ..augment import LABELS as AUGMENT_LABELS, apply as augment_apply, draw as augment_draw
 from ..condition import ConditionSpec
+from ..data.captions import Captioned
 from ..denoiser import Denoiser
 from ..nets.classifier import NoisyClassifier
-from ..nets.unet import UNet
+from ..nets.unet import UNet, check_config as check_network
 from ..config import RunConfig, SampleConfig, load_config
 from ..stages import (PixelSpace, check_latent_config, diffusion_shape, prepare_latent_training, resolve_autoencoder,
                       resolve_latent_config)
@@ -78,22 +79,6 @@ def sample_config_kwargs(s: SampleConfig) -> dict:
     return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, clip=s.clip, dynamic_threshold=s.dynamic_threshold,
                 guidance=s.guidance, guidance_interval=tuple(s.guidance_interval) or None, eta=s.eta, variance=s.variance,
                 mixed_precision=s.mixed_precision)
-
-
-class Captioned:
-    """A captioned dataset (its `captions`, one per image) with each caption's tokens (text.py) under the condition key
-    "text": the interface of data.ImageDataset. Tokenized once, by the model's own text encoder."""
-
-    def __init__(self, base, encoder):
-        self.base, self.tokens = base, encoder.tokenize(list(base.captions))
-        self.num_classes, self.condition_keys, self.captions = base.num_classes, (*base.condition_keys, "text"), base.captions
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
-        x, cond = self.base.batch(idx)
-        return x, {**cond, "text": self.tokens[idx]}
 
 
 def check(cfg: RunConfig, dataset, classifier: bool = False) -> None:
@@ -196,6 +181,16 @@ class DiffusionObjective(Objective):
         self.augment_p = 0.0 if self.classifier else t.augment_p
         self.dropout = {} if self.classifier else {k: p for k, p in sorted(t.condition_dropout.items()) if p > 0}
         self._fid_reference = None  # (feature network, real mean, real covariance), made at the first FID
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """The U-Net (or classifier) of `cfg` fits the shape it diffuses: the images, or a latent run's latents, whose
+        side is read from the autoencoder run's config.toml (no weights). FileNotFoundError naming latent.autoencoder
+        when it holds no run."""
+        side = cfg.data.image_size
+        if cfg.latent.autoencoder:
+            side //= load_config(resolve_autoencoder(cfg) / "config.toml").autoencoder.factor
+        check_network(cfg.model, side, 1)  # the class count comes with the data; the network's structure does not
 
     @classmethod
     def resolve(cls, cfg: RunConfig, saved: RunConfig | None) -> RunConfig:

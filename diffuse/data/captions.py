@@ -39,6 +39,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from torch import Tensor
+
+from .base import shape_of
 
 # --- the grammar's words ------------------------------------------------------------------------------------------
 
@@ -564,3 +567,20 @@ def _unit_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
     if not np.isfinite(image).all():
         raise ValueError("the image holds NaN or inf values")
     return np.clip((image.astype(np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+class Captioned:
+    """A captioned dataset (its `captions`, one per image) with each caption's tokens (text.py) under the condition key
+    "text": the interface of data.ImageDataset. Tokenized once, by the model's own text encoder."""
+
+    def __init__(self, base, encoder):
+        self.base, self.tokens = base, encoder.tokenize(list(base.captions))
+        self.num_classes, self.condition_keys, self.captions = base.num_classes, (*base.condition_keys, "text"), base.captions
+        self.shape = shape_of(base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
+        x, cond = self.base.batch(idx)
+        return x, {**cond, "text": self.tokens[idx]}

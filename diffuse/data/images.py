@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .captions import digit_caption, shapes_data
-from .condition import batch_condition
+from ..condition import batch_condition
 
 # Decoded folder images are kept in RAM only below this many bytes (uint8, after
 # resizing); larger folders are re-decoded from disk in __getitem__ instead.
@@ -87,6 +87,11 @@ class ImageDataset(Dataset):
         self.images = images
         self.files = files
         self.captions = captions
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """x's shape without the batch: (C, S, S)."""
+        return self.channels, self.image_size, self.image_size
 
     @property
     def condition_keys(self) -> tuple[str, ...]:
