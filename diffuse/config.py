@@ -293,28 +293,6 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
                     "set train.posthoc_ema = [0.05, 0.10] or remove it"))
     if m.prediction != "edm":
         out.append(("model.sigma_data", f'model.prediction = "{m.prediction}" has no EDM preconditioning', 'set model.prediction = "edm" or remove it'))
-    if m.kind == "classifier":
-        why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
-        out += [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
-                                                            "scalar_inputs", "context_dim", "cross_attention_resolutions",
-                                                            "self_condition")]
-        out.append(("train.augment_p", why, "remove it"))
-        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda",
-                                                                 "condition_dropout")]
-    else:
-        if t.loss == "vlb":
-            out += [(f"train.{k}", 'train.loss = "vlb" trains the bound alone, with importance-sampled t',
-                     'set train.loss = "simple" or "hybrid", or remove it') for k in ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma")]
-        if t.loss_weighting != "min_snr":
-            out.append(("train.min_snr_gamma", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "min_snr" or remove it'))
-        if t.loss_weighting != "p2":
-            out += [(f"train.{k}", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "p2" or remove it')
-                    for k in ("p2_k", "p2_gamma")]
-        if t.loss != "hybrid":
-            out.append(("train.vlb_lambda", f'train.loss = "{t.loss}" has no lambda L_vlb term', 'set train.loss = "hybrid" or remove it'))
-        if m.learned_variance and t.loss == "simple":
-            out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
-                        "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))
     k = cfg.task
     if k.kind != "superres":
         out += [(f"task.{f}", f'task.kind = "{k.kind}" is not super-resolution', 'set task.kind = "superres" or remove it')
@@ -328,8 +306,6 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("task.keep", f'task.kind = "{k.kind}" is not uncropping', 'set task.kind = "uncrop" or remove it'))
     if k.kind != "jpeg":
         out.append(("task.jpeg_quality", f'task.kind = "{k.kind}" is not JPEG restoration', 'set task.kind = "jpeg" or remove it'))
-    if m.kind == "classifier":
-        out.append(("task.kind", 'model.kind = "classifier" trains a noisy classifier', "remove it"))
     if t.loss != "simple":
         out.append(("train.loss_norm", f'train.loss = "{t.loss}" is not L_simple', 'set train.loss = "simple" or remove it'))
     out.append(("train.num_workers", "the images are decoded once when the data loads (or per batch in the training "
@@ -338,16 +314,6 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append(("sample.guidance_interval", "sample.guidance = 0 guides nowhere", "set sample.guidance > 0 or remove it"))
     if smp.dynamic_threshold > 0:
         out.append(("sample.clip", "sample.dynamic_threshold > 0 replaces clipping", "remove it"))
-    if m.kind == "autoencoder":  # the run trains [autoencoder]: nothing of the diffusion model applies
-        why = 'model.kind = "autoencoder" trains the [autoencoder] network, with no noise process'
-        out += [(f"{section}.{f.name}", why, "remove it") for section in ("model", "schedule", "sample", "task", "latent")
-                for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
-        out += [(f"train.{k}", why, "remove it") for k in (
-            "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
-            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_steps", "hflip")]
-    else:
-        out += [(f"autoencoder.{f.name}", f'model.kind = "{m.kind}" does not train an autoencoder',
-                 'set model.kind = "autoencoder", or name a trained one in latent.autoencoder') for f in dataclasses.fields(cfg.autoencoder)]
     if not cfg.latent.autoencoder:
         out += [(f"latent.{k}", "latent.autoencoder is empty (the model works on pixels)",
                  "name the autoencoder run in latent.autoencoder or remove it") for k in ("scale_factor", "cache", "autoencoder_step")]
@@ -359,13 +325,14 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def check_unused(cfg: RunConfig) -> None:
+def check_unused(cfg: RunConfig, kind_rules: list[tuple[str, str, str]] = ()) -> None:
     """Refuse settings that do nothing under the current choice of another one (a data.path with a bundled
     source, cosine_s with linear betas, ...): a ConfigError naming each, why it is ignored, and the fix.
+    `kind_rules` are the model kind's own (kinds: Objective.unused, e.g. the [autoencoder] section of a diffusion run).
     A setting counts as given when it differs from its default (what an unset key holds)."""
     defaults = RunConfig()
     given = []
-    for key, why, fix in _unused(cfg):
+    for key, why, fix in [*_unused(cfg), *kind_rules]:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value != getattr(getattr(defaults, section), name):

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig, check_unused, load_config, resume_changes, save_config
+from .config import RunConfig, load_config, resume_changes, save_config
 from .data import ImageDataset, load_dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
-from .kinds import KINDS, Context
+from .kinds import KINDS, Context, check_config
 from .nets.blocks import ShardedDropout
 from .precision import autocast_dtype
 from .visualize import plot_loss
@@ -137,8 +137,7 @@ class Trainer:
             if changed and not inexact_resume:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
-        check_unused(cfg)  # before the data loads: a setting that would do nothing fails fast
-        kind.check_config(cfg)  # the network against the shape it works on: before data, stages or writes
+        check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
         self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
         data = load_dataset(cfg.data) if dataset is None else dataset
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step

@@ -22,8 +22,9 @@ def check_config(cfg: RunConfig) -> None:
     (config.check_unused) and its kind's own (Objective.check_config: the network against the shape it works on), so a
     bad config is refused before the data load, before a latent run encodes its data and before anything is written.
     ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
-    check_unused(cfg)
-    KINDS[cfg.model.kind].check_config(cfg)
+    kind = KINDS[cfg.model.kind]
+    check_unused(cfg, kind.unused(cfg))
+    kind.check_config(cfg)
 
 
 __all__ = ["KINDS", "Context", "Group", "Objective", "check_config"]

@@ -15,6 +15,7 @@ the trainer's generator inside the quantiser (the same on every process).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -115,6 +116,16 @@ class AutoencoderObjective(Objective):
         # loaded now: a bad feature spec fails before training
         self.feature_net = feature_network(t.fid_features, ctx.device) if t.fid_every else None
         self.latent_shape = None
+
+    @classmethod
+    def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
+        """Everything of the diffusion model: the run trains the [autoencoder] network, with no noise process."""
+        why = 'model.kind = "autoencoder" trains the [autoencoder] network, with no noise process'
+        out = [(f"{section}.{f.name}", why, "remove it") for section in ("model", "schedule", "sample", "task", "latent")
+               for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
+        return out + [(f"train.{k}", why, "remove it") for k in (
+            "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
+            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_steps", "hflip")]
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

@@ -67,6 +67,12 @@ class Objective:
     dataset: Any
 
     @classmethod
+    def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
+        """(section.key, why it does nothing for this kind, the fix) of the settings the kind ignores, for
+        config.check_unused: e.g. an autoencoder run's [schedule]. Default: none."""
+        return []
+
+    @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         """The checks that need neither the data nor a write (the network's structure against the shape it works on),
         run before the data load, before a stage is encoded and before anything is written; ValueError naming the

@@ -15,6 +15,7 @@ dict of any keys its ConditionSpec takes (labels, a concatenated image, scalars,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -183,6 +184,27 @@ class DiffusionObjective(Objective):
         self._fid_reference = None  # (feature network, real mean, real covariance), made at the first FID
 
     @classmethod
+    def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
+        """The loss settings the chosen loss and weighting ignore, and the [autoencoder] section (a diffusion run names
+        a trained autoencoder in latent.autoencoder instead)."""
+        t, m = cfg.train, cfg.model
+        out = []
+        if t.loss == "vlb":
+            out += [(f"train.{k}", 'train.loss = "vlb" trains the bound alone, with importance-sampled t',
+                     'set train.loss = "simple" or "hybrid", or remove it') for k in ("loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma")]
+        if t.loss_weighting != "min_snr":
+            out.append(("train.min_snr_gamma", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "min_snr" or remove it'))
+        if t.loss_weighting != "p2":
+            out += [(f"train.{k}", f'train.loss_weighting = "{t.loss_weighting}"', 'set train.loss_weighting = "p2" or remove it')
+                    for k in ("p2_k", "p2_gamma")]
+        if t.loss != "hybrid":
+            out.append(("train.vlb_lambda", f'train.loss = "{t.loss}" has no lambda L_vlb term', 'set train.loss = "hybrid" or remove it'))
+        if m.learned_variance and t.loss == "simple":
+            out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
+                        "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))
+        return out + autoencoder_unused(cfg)
+
+    @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         """The U-Net (or classifier) of `cfg` fits the shape it diffuses: the images, or a latent run's latents, whose
         side is read from the autoencoder run's config.toml (no weights). FileNotFoundError naming latent.autoencoder
@@ -334,12 +356,31 @@ class DiffusionObjective(Objective):
         return {"fid": fid}, fid
 
 
+def autoencoder_unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """The [autoencoder] section in a run of another kind: it trains no autoencoder."""
+    return [(f"autoencoder.{f.name}", f'model.kind = "{cfg.model.kind}" does not train an autoencoder',
+             'set model.kind = "autoencoder", or name a trained one in latent.autoencoder') for f in dataclasses.fields(cfg.autoencoder)]
+
+
 class ClassifierObjective(DiffusionObjective):
     """model.kind = "classifier": the noisy classifier p(y | x_t, t) of classifier guidance (Dhariwal & Nichol 2021,
     sec. 4), cross-entropy on x_t of the run's process (losses.classifier_loss); draws flips, t, eps and offset noise
     as diffusion does, and nothing else. No previews or FID."""
 
     classifier = True
+
+    @classmethod
+    def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
+        """The denoiser's parameterisation, conditioning and losses: a noisy classifier has none of them."""
+        why = 'model.kind = "classifier" trains a noisy classifier with cross-entropy'
+        out = [(f"model.{k}", why, "remove it") for k in ("prediction", "learned_variance", "class_conditional", "cond_channels",
+                                                          "scalar_inputs", "context_dim", "cross_attention_resolutions",
+                                                          "self_condition")]
+        out.append(("train.augment_p", why, "remove it"))
+        out += [(f"train.{k}", why, "remove it") for k in ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda",
+                                                           "condition_dropout")]
+        out.append(("task.kind", 'model.kind = "classifier" trains a noisy classifier', "remove it"))
+        return out + autoencoder_unused(cfg)
 
     def losses(self, x0: Tensor, cond: dict, d: dict, step: int) -> dict:
         return {"main": classifier_loss(self.nets["model"], self.denoiser.schedule, x0, cond["label"], d["t"], d["eps"])}
