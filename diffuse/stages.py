@@ -69,13 +69,13 @@ def load_autoencoder(run_dir: str | Path, device: str | torch.device = "cpu", st
 
 
 class PixelSpace:
-    """A pixel-space run's space: the identity. shape = (C, S, S) of data.channels and data.image_size."""
+    """A run's space when it diffuses its data as they are: the identity, for examples of any `shape` without the
+    batch ((C, H, W) images, (C, F, H, W) videos, (D,) vectors)."""
 
     latent = False
 
-    def __init__(self, channels: int, image_size: int):
-        self.shape = (channels, image_size, image_size)
-        self.image_shape = self.shape
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = self.image_shape = tuple(int(n) for n in shape)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return x
@@ -214,7 +214,7 @@ def space(cfg: RunConfig, device: str | torch.device = "cpu") -> PixelSpace | La
     (ValueError when the config has not been trained yet, so its scale factor is still 0 = unestimated)."""
     d = cfg.data
     if not cfg.latent.autoencoder:
-        return PixelSpace(d.channels, d.image_size)
+        return PixelSpace((d.channels, d.image_size, d.image_size))
     if not cfg.latent.scale_factor:
         raise ValueError("latent.scale_factor = 0 (estimate it) is resolved when the run trains; load the trained run's own "
                          "config (RUN/config.toml), which holds the estimate")

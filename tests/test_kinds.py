@@ -171,5 +171,33 @@ def test_two_processes_end_where_one_ends(tmp_path, images, straight):
             assert float((got[key].double() - w.double()).abs().max()) <= 2 * 1e-3 * 1.01, f"{name} {key}"
 
 
+class Vectors:
+    """A dataset of the protocol without a `shape` attribute: 8x8 one-channel images made of noise, unlabelled."""
+
+    num_classes, condition_keys = 0, ()
+
+    def __init__(self, side: int = 8):
+        self.x = torch.randn(16, 1, side, side, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx):
+        return self.x[idx], {}
+
+
+def test_a_dataset_states_its_shape_or_shows_it(tmp_path, images):
+    from diffuse.data import shape_of
+    from diffuse.train import Trainer
+
+    assert shape_of(Vectors()) == (1, 8, 8)  # read off its first example
+    cfg = config(images, "denoiser", 1, ["model.class_conditional=false", "train.condition_dropout={}"])
+    trainer = Trainer(cfg, tmp_path / "a", progress=False, dataset=Vectors())
+    assert trainer.space.shape == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"the data yield examples of shape \(1, 16, 16\) and the config's network takes "
+                                         r"\(1, 8, 8\)"):
+        Trainer(cfg, tmp_path / "b", progress=False, dataset=Vectors(16))
+
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))

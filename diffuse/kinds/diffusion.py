@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..augment import LABELS as AUGMENT_LABELS, apply as augment_apply, draw as augment_draw
 from ..condition import ConditionSpec
+from ..data import shape_of
 from ..data.captions import Captioned
 from ..denoiser import Denoiser
 from ..nets.classifier import NoisyClassifier
@@ -82,9 +83,10 @@ def sample_config_kwargs(s: SampleConfig) -> dict:
                 mixed_precision=s.mixed_precision)
 
 
-def check(cfg: RunConfig, dataset, classifier: bool = False) -> None:
+def check(cfg: RunConfig, dataset, classifier: bool = False, takes: tuple[int, ...] | None = None) -> None:
     """ValueError naming the setting and the fix when a diffusion (or noisy-classifier) config cannot train on
-    `dataset`: the loss and its weighting, the process and the [sample] settings the trainer's grids use, conditions
+    `dataset`: its examples' shape against what the network takes (`takes`, default stages.diffusion_shape), the loss
+    and its weighting, the process and the [sample] settings the trainer's grids use, conditions
     the model takes but the data do not yield, guidance without dropout, zero-terminal-SNR limits."""
     t = cfg.train
     schedule = Schedule.from_config(cfg.schedule)
@@ -94,7 +96,11 @@ def check(cfg: RunConfig, dataset, classifier: bool = False) -> None:
     captioned = cfg.model.text_encoder and getattr(dataset, "captions", None) is not None
     yields = (*dataset.condition_keys, *task_condition_keys(cfg.task), *(("text",) if captioned else ()))
     missing = [k for k in spec.keys if k not in yields] if not classifier else []
+    shape, takes = shape_of(dataset), diffusion_shape(cfg) if takes is None else takes
     checks = [
+        (shape == takes, f"the data yield examples of shape {shape} and the config's network takes {takes} (data.channels, "
+                         "data.image_size, or a latent run's latents): make data.channels and data.image_size describe the "
+                         "data"),
         (t.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {t.min_snr_gamma}"),
         (cfg.sample.steps >= 0, f"sample.steps must be >= 0 (0: every step), got {cfg.sample.steps}"),
         (schedule.T is None or cfg.sample.steps <= schedule.top_step,
@@ -169,10 +175,10 @@ class DiffusionObjective(Objective):
 
     def __init__(self, cfg: RunConfig, data, ctx: Context):
         self.ctx, self.pixels = ctx, data   # the images: FID references and a task's inputs
-        self.dataset, self.space = data, PixelSpace(cfg.data.channels, cfg.data.image_size)
+        self.dataset, self.space = data, PixelSpace(shape_of(data))
         if cfg.latent.autoencoder:  # diffusion on z = s E(x) (Rombach et al. 2022), encoded once (latent.cache)
             check_latent_config(cfg, load_config(resolve_autoencoder(cfg) / "config.toml"))
-            check(cfg, data, self.classifier)
+            check(cfg, data, self.classifier, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size))  # the images
             cfg, self.space, self.dataset = prepare_latent_training(cfg, data, ctx.run_dir, ctx.device, ctx.saved)
         self.cfg = cfg
         check(cfg, self.dataset, self.classifier)
