@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -249,22 +250,55 @@ def in_batches(dataset):
     return (dataset.batch(idx)[0] for idx in torch.arange(len(dataset)).split(ENCODE_BATCH))
 
 
-def encode_dataset(dataset, latent_space: LatentSpace, cache: Path, source: dict) -> Tensor:
-    """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode), read from
-    the safetensors file `cache` when it was written for the same `source` (the autoencoder run, its checkpoint and
-    its weights' hash, the data config), else computed and written there (atomically)."""
-    key = json.dumps(source, sort_keys=True)
-    if cache.is_file():
+@dataclass(frozen=True)
+class Stage:
+    """A frozen upstream run that a run's training data pass through (latent diffusion's autoencoder today; a CLIP, a
+    semantic encoder or U-Net features next), pinned to one checkpoint: its `step`, and the sha256 of that checkpoint's
+    manifest (`weights_sha256`, which covers every weight file's hash), so what is cached from it is used only while those
+    weights are the ones it was made with. `role` names it in cache keys ("autoencoder")."""
+
+    role: str
+    run: Path
+    step: int
+
+    def weights_sha256(self) -> str:
+        """sha256 of the pinned checkpoint's manifest. FileNotFoundError when the run no longer holds that step."""
+        folder = ckpt.checkpoint_folders(self.run).get(self.step)
+        if folder is None:
+            raise FileNotFoundError(f"the {self.role} run {self.run} no longer holds checkpoint {self.step}")
+        return hashlib.sha256((folder / ckpt.MANIFEST).read_bytes()).hexdigest()
+
+    def key(self, **more) -> dict:
+        """The cache key of what is computed from this stage: the run, the step, the weights' hash, and `more` (the data
+        config and size, ...)."""
+        return {self.role: str(self.run), "step": self.step, "weights": self.weights_sha256(), **more}
+
+
+def cached(path: Path, key: dict, compute) -> dict[str, Tensor]:
+    """Tensors computed from a stage, read from the safetensors file `path` when it was written under the same `key`
+    (a JSON-able dict: Stage.key), else `compute()` (-> dict of tensors) written there atomically. A damaged file is
+    rebuilt with a warning, never trusted."""
+    text = json.dumps(key, sort_keys=True)
+    if path.is_file():
         try:
-            stored = load_file(cache)
-            if bytes(stored["source"].tolist()).decode() == key and len(stored["latents"]) == len(dataset):
-                return stored["latents"]
+            stored = load_file(path)
+            if bytes(stored.pop("source").tolist()).decode() == text:
+                return stored
         except Exception as e:  # a damaged cache is rebuilt, not trusted
-            warnings.warn(f"the latent cache {cache} could not be read ({type(e).__name__}: {e}); encoding again")
-    latents = torch.cat([latent_space.encode(x).cpu() for x in in_batches(dataset)]).contiguous()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_atomically(cache, save({"latents": latents, "source": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
-    return latents
+            warnings.warn(f"the cache {path} could not be read ({type(e).__name__}: {e}); computing it again")
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    ckpt.write_atomically(path, save({**tensors, "source": torch.tensor(list(text.encode()), dtype=torch.uint8)}))
+    return tensors
+
+
+def encode_dataset(dataset, latent_space: LatentSpace, cache: Path, source: dict) -> Tensor:
+    """The latents z = s E(x) of every image of `dataset` (N, c, h, w) on the CPU (the KL posterior's mode), `cached` in
+    the safetensors file `cache` under `source` (Stage.key: the autoencoder run, its checkpoint, its weights' hash, the
+    data config and size)."""
+    def encode() -> dict[str, Tensor]:
+        return {"latents": torch.cat([latent_space.encode(x).cpu() for x in in_batches(dataset)])}
+
+    return cached(cache, source, encode)["latents"]
 
 
 def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, saved: RunConfig | None = None):
@@ -275,9 +309,7 @@ def prepare_latent_training(cfg: RunConfig, dataset, run_dir: Path, device, save
     step = cfg.latent.autoencoder_step
     ae_cfg, ae = load_autoencoder(cfg.latent.autoencoder, device, step)
     check_latent_config(cfg, ae_cfg)
-    manifest = ckpt.checkpoint_folders(cfg.latent.autoencoder)[step] / ckpt.MANIFEST
-    source = {"autoencoder": cfg.latent.autoencoder, "step": step, "data": vars(cfg.data),  # the weights by their hashes
-              "weights": hashlib.sha256(manifest.read_bytes()).hexdigest(), "n": len(dataset)}
+    source = Stage("autoencoder", Path(cfg.latent.autoencoder), step).key(data=vars(cfg.data), n=len(dataset))
     unscaled = LatentSpace(ae, 1.0, cfg.data.channels, cfg.data.image_size)
     if not cfg.latent.cache:  # the scale estimated on what trains: seeded posterior samples (Rombach et al. 2022, app. D.1)
         sample = None if cfg.latent.scale_factor else torch.cat(
