@@ -118,12 +118,14 @@ def test_an_output_path_that_is_a_folder_is_refused(run, tmp_path, capsys):
 
 # --- 4. no command writes non-finite samples ---------------------------------------------------------------
 def test_non_finite_samples_stop_with_the_step(cond_run, tmp_path, capsys):
-    """A guidance weight that overflows (finite, so it parses) stops sampling at the first step, naming it."""
+    """A guidance weight that overflows (finite, so it parses) stops sampling at the first step, naming the weight as
+    the cause (issue 38: it was blamed on the run's weights) and where, on a line of its own."""
     out = tmp_path / "x.npy"
     assert main(["sample", str(cond_run), "--n", "2", "--sampler", "ddim", "--steps", "3", "--guidance", "1e308",
                  "--guidance-interval", "all", "--no-clip", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "diffuse sample: error: ddim: the samples became non-finite at step 1 of 3" in err and "Nothing was written" in err
+    assert "\ndiffuse sample: error: classifier-free guidance with weight w = 1e+308 overflowed at t = 0.9939: " in err, err  # the flow grid's top
+    assert "lower the guidance weight (--guidance" in err and "run's weights" not in err
     assert not out.exists()
 
 
