@@ -52,21 +52,30 @@ def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
                          "{" + ", ".join(f"{k} = 0.1" for k in keys) + "}")
 
 
-def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+def check_kind(run_dir: str | Path, cfg: RunConfig, kind: str) -> None:
+    """ValueError naming the fix when the run in `run_dir` (of config `cfg`) is not a `kind` ("denoiser" or
+    "classifier"); a diffusers model folder is a denoiser."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
+    if pretrained.is_model_folder(run_dir):
         if kind != "denoiser":
             raise ValueError(f"{run_dir} is a diffusers denoiser, not a noisy classifier; pass a classifier run")
-        if step is not None:
-            raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
-        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
+        return
     if cfg.model.kind != kind:
         fix = {"classifier": "pass it with --classifier",
                "autoencoder": "an autoencoder is the first stage of latent diffusion: measure it with `diffuse eval RUN`, "
                               "or train a latent-diffusion run on it (latent.autoencoder)"}
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + fix.get(cfg.model.kind, "pass a classifier run"))
+
+
+def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    check_kind(run_dir, cfg, kind)
+    if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
+        if step is not None:
+            raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
+        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
     c = ckpt.load_checkpoint(run_dir, step)
     if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
         warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)

@@ -1,0 +1,638 @@
+"""Requests: what `diffuse sample` / `diffuse edit` and the web page's Sample and Edit tabs ask of a run, resolved once.
+
+    request = SampleRequest(run, n=8, label=3)     or SampleRequest.from_args(namespace), from the command line's flags
+    plan = resolve(request)                        every check, before any model loads (RequestError names the field)
+    result = execute(plan, callback)               the samples or edits, the images shown before them, the calls
+    plan.argv()                                    the `diffuse sample|edit ...` command that draws the same pixels
+
+A request field left None takes the run's [sample] setting, as a flag left out of the command line does. The command
+line and the page build requests and show what `resolve` and `execute` say, so the two cannot drift: the page's
+pixels are the command's, and its messages are the command's with each flag named by the page's label
+(`RequestError.named`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import tasks
+from ..checkpoint import load_checkpoint
+from ..data import load_image, load_mask
+from ..generate import CHUNK, default_labels, generate, generate_in_chunks
+from ..precision import autocast_dtype
+from ..runs import Run, check_guidance, check_kind, open_run, prompt_condition
+from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
+from ..schedule import SPACINGS, Schedule
+from ..stages import check_same_space, diffusion_shape
+from ..tasks.editing import check_mask, latent_edit, latent_factor
+from ..tasks.image_to_image import (CASCADE_FILE, EDITS, EXAMPLE_CONFIGS, TRAINED_TASKS, check_cascade, edit_name,
+                                    input_condition, read_cascade, viewable)
+from ..visualize import save_grid
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+EDIT_TASKS = (*EDITS, *TRAINED_TASKS)  # every `diffuse edit` task
+TASK_FIELDS = {"strength": ("sdedit",), "factor": ("ilvr",), "t_stop": ("ilvr",), "mask": ("inpaint",),
+               "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",)}  # an edit's own fields -> the tasks taking them
+MAX_SEED = 2**63 - 1
+
+
+# --- the requests --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleRequest:
+    """`diffuse sample RUN ...` and the Sample tab: n samples of a run (or a cascade folder). None takes the run's
+    [sample] setting."""
+
+    run: str
+    n: int = 64
+    sampler: str | None = None
+    steps: int | None = None                   # 0: every step of the schedule
+    spacing: str | None = None
+    eta: float | None = None                   # DDIM / Euler-ancestral eta
+    options: tuple[str, ...] = ()              # sampler options as KEY=VALUE (--opt)
+    label: int | None = None                   # None: every class in turn (class-conditional runs)
+    prompt: str | None = None                  # the caption to draw (text-conditional runs)
+    negative_prompt: str | None = None         # guided away from, in place of the empty caption
+    guidance: float | None = None              # classifier-free w, or the classifier scale with `classifier`
+    guidance_interval: tuple[float, ...] | None = None  # (lo, hi] of sigma/alpha where guidance acts; (): every level
+    classifier: str | None = None              # a noisy-classifier run for classifier guidance
+    threshold: str | None = None               # static, none or dynamic:P
+    clip: bool = True                          # False: --no-clip
+    mixed_precision: str | None = None
+    seed: int = 0
+    ema: bool = True                           # False: the raw weights (--no-ema)
+    device: str | None = None                  # None: cuda if available, else cpu
+    batch_size: int = CHUNK                    # samples drawn at once; chunk k > 0 has its own seed
+
+    def __post_init__(self):  # lists from a caller become tuples, so equal requests compare equal
+        object.__setattr__(self, "options", tuple(self.options or ()))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SampleRequest:
+        """The request of `diffuse sample`'s parsed flags."""
+        return cls(run=args.run, n=args.n, batch_size=args.batch_size, **_sampling_args(args))
+
+    def argv(self) -> list[str]:
+        """The `diffuse sample` command line of this request (after `diffuse`, without --out)."""
+        batch = [] if self.batch_size == CHUNK else ["--batch-size", str(int(self.batch_size))]
+        return ["sample", self.run, "--n", str(int(self.n)), *batch, *_sampling_argv(self)]
+
+
+@dataclass(frozen=True)
+class EditRequest(SampleRequest):
+    """`diffuse edit TASK RUN ...` and the Edit tab: n outputs of one input image (`image`; ILVR's reference). The
+    task's own fields (TASK_FIELDS) are left at their defaults by the other tasks."""
+
+    n: int = 8
+    task: str = "sdedit"                       # EDIT_TASKS
+    image: str = ""                            # the input image file (ilvr: --reference)
+    mask: str | None = None                    # inpaint: white = generate, black = keep
+    strength: float | None = None              # sdedit, in [0, 1] (tasks.editing.STRENGTH_HELP)
+    factor: int | None = None                  # ilvr: the low-pass factor N
+    t_stop: float = 0.0                        # ilvr: condition only while t >= t_stop
+    repaint_jumps: int = 1                     # inpaint: RePaint's resamplings r per jump point
+    repaint_length: int = 10                   # inpaint: RePaint's jump length in grid steps
+    mean: bool = False                         # the mean of the n outputs, an estimate of E[x | input]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EditRequest:
+        """The request of `diffuse edit TASK`'s parsed flags."""
+        return cls(run=args.run, n=args.n, task=args.task, image=args.reference if args.task == "ilvr" else args.image,
+                   mask=getattr(args, "mask", None), strength=getattr(args, "strength", None),
+                   factor=getattr(args, "factor", None), t_stop=getattr(args, "t_stop", 0.0),
+                   repaint_jumps=getattr(args, "repaint_jumps", 1), repaint_length=getattr(args, "repaint_length", 10),
+                   mean=args.mean, **_sampling_args(args))
+
+    def argv(self) -> list[str]:
+        """The `diffuse edit TASK` command line of this request (after `diffuse`, without --out)."""
+        own = [*_option(flag("image", self.task), self.image)]
+        if self.mask is not None:
+            own += _option("--mask", self.mask)
+        if self.strength is not None:
+            own += ["--strength", repr(float(self.strength))]
+        if self.factor is not None:
+            own += ["--factor", str(int(self.factor))]
+        if self.t_stop != 0:
+            own += ["--t-stop", repr(float(self.t_stop))]
+        if self.repaint_jumps != 1:
+            own += ["--repaint-jumps", str(int(self.repaint_jumps))]
+        if self.repaint_length != 10:
+            own += ["--repaint-length", str(int(self.repaint_length))]
+        return ["edit", self.task, self.run, *own, "--n", str(int(self.n)), *(["--mean"] if self.mean else []),
+                *_sampling_argv(self)]
+
+
+def _sampling_args(args: argparse.Namespace) -> dict:
+    """The fields `sample` and `edit` share, from their parsed flags (cli._sampling_flags)."""
+    return dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta, options=tuple(args.opt or ()),
+                label=args.label, prompt=args.prompt, negative_prompt=args.negative_prompt, guidance=args.guidance,
+                guidance_interval=args.guidance_interval, classifier=args.classifier, threshold=args.threshold,
+                clip=not args.no_clip, mixed_precision=args.mixed_precision, seed=args.seed, ema=not args.no_ema,
+                device=args.device)
+
+
+def _option(name: str, text: str) -> list[str]:
+    """A flag and its text; as one word --flag=TEXT when the text starts with '-' (argparse would take it for a flag)."""
+    return [f"{name}={text}"] if text.startswith("-") else [name, text]
+
+
+def _sampling_argv(req: SampleRequest) -> list[str]:
+    """The shared flags of a request, those left at their defaults left out (floats by repr: they read back exactly)."""
+    out = []
+    for field, value in (("sampler", req.sampler), ("steps", req.steps), ("spacing", req.spacing), ("eta", req.eta)):
+        if value is not None:
+            out += [flag(field), str(int(value)) if field == "steps" else repr(float(value)) if field == "eta" else value]
+    for pair in req.options:
+        out += ["--opt", pair]
+    if req.label is not None:
+        out += ["--label", str(int(req.label))]
+    for field in ("prompt", "negative_prompt"):
+        if getattr(req, field) is not None:
+            out += _option(flag(field), getattr(req, field))
+    if req.guidance is not None:
+        out += ["--guidance", repr(float(req.guidance))]
+    if req.guidance_interval is not None:
+        out += ["--guidance-interval", ",".join(repr(float(v)) for v in req.guidance_interval) or "all"]
+    for field in ("classifier", "threshold", "mixed_precision"):
+        if getattr(req, field) is not None:
+            out += _option(flag(field), getattr(req, field))
+    out += ["--seed", str(int(req.seed))]
+    out += [] if req.clip else ["--no-clip"]
+    out += [] if req.ema else ["--no-ema"]
+    return out + ([] if req.device is None else ["--device", req.device])
+
+
+# --- errors that name their field ----------------------------------------------------------------------------------
+FLAGS = {"ema": "--no-ema", "clip": "--no-clip", "options": "--opt", "run": "RUN", "task": "TASK"}
+
+
+def flag(field: str, task: str | None = None) -> str:
+    """The command line's name of a request field: --guidance, --no-ema, --reference (ILVR's image)."""
+    if field == "image" and task == "ilvr":
+        return "--reference"
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def field_of(name: str) -> str:
+    """The request field of a flag (`flag`'s inverse)."""
+    fields = {v: k for k, v in FLAGS.items()} | {"--reference": "image"}
+    return fields.get(name, name.removeprefix("--").replace("-", "_"))
+
+
+class RequestError(ValueError):
+    """A request that cannot be served: `field` names the request field at fault. The message is the command line's,
+    naming fields by their flags (str(e)); `named(names)` names them otherwise, e.g. by the page's labels."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+    def named(self, names: dict[str, str]) -> str:
+        """The message with every flag whose field `names` has (field -> name) replaced by that name."""
+        return re.sub(r"--[a-z][a-z0-9-]*", lambda m: names.get(field_of(m.group()), m.group()), str(self))
+
+
+def _raise_as(field: str, check: Callable, *args, **kwargs):
+    """check(*args, **kwargs), its ValueError raised again as a RequestError of `field` (the same message)."""
+    try:
+        return check(*args, **kwargs)
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(field, str(e)) from None
+
+
+# --- checks of the values themselves (the command line's parser makes them; the page and Python callers need them) ----
+def _number(req, field: str, kind: type, low: float, high: float | None = None):
+    """The field as an int or float in [low, high]; RequestError naming the field otherwise."""
+    value = getattr(req, field)
+    try:
+        x = kind(value)
+        ok = (not isinstance(value, bool) and math.isfinite(x) and low <= x and (high is None or x <= high)
+              and (kind is not int or float(value) == x))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        where = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+        raise RequestError(field, f"{flag(field, getattr(req, 'task', None))} must be "
+                                  f"{'a whole number' if kind is int else 'a number'} {where}, got {value!r}")
+    return x
+
+
+def _choice(req, field: str, choices) -> None:
+    value = getattr(req, field)
+    if value is not None and value not in choices:
+        raise RequestError(field, f"{flag(field)} {value!r} is not one of {', '.join(choices)}")
+
+
+def _checked(req: SampleRequest) -> SampleRequest:
+    """The request with its numbers checked (type, finite, range) and made int or float: what the command line's
+    parser checks of each flag. RequestError naming the field otherwise."""
+    _choice(req, "sampler", SAMPLERS)
+    _choice(req, "spacing", SPACINGS)
+    _choice(req, "mixed_precision", MIXED_PRECISION)
+    numbers = {"n": _number(req, "n", int, 1), "seed": _number(req, "seed", int, 0, MAX_SEED),
+               "batch_size": _number(req, "batch_size", int, 1)}
+    for field, kind, low, high in (("steps", int, 0, None), ("eta", float, 0, 100), ("label", int, 0, None),
+                                   ("guidance", float, 0, None)):
+        if getattr(req, field) is not None:
+            numbers[field] = _number(req, field, kind, low, high)
+    interval = req.guidance_interval
+    if interval is not None and interval != () and not (
+            len(interval) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+            and 0 <= interval[0] < interval[1] and math.isfinite(interval[0]) and not math.isnan(interval[1])):
+        raise RequestError("guidance_interval", f"--guidance-interval must be LO,HI with 0 <= LO < HI and LO finite, or "
+                                                f"all, got {interval!r}")
+    for field in ("run", "prompt", "negative_prompt", "classifier", "threshold", "device"):
+        if getattr(req, field) is not None and not isinstance(getattr(req, field), str):
+            raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
+    if not all(isinstance(pair, str) for pair in req.options):
+        raise RequestError("options", f"--opt takes KEY=VALUE text, got {req.options!r}")
+    if isinstance(req, EditRequest):
+        if req.batch_size != CHUNK:
+            raise RequestError("batch_size", "--batch-size does nothing here: an edit draws its n outputs in one batch; "
+                                             "leave it out")
+        if req.task not in EDIT_TASKS:
+            raise RequestError("task", f"unknown edit {req.task!r}; choose one of {', '.join(EDIT_TASKS)}")
+        for field, tasks_taking in TASK_FIELDS.items():
+            if getattr(req, field) != getattr(EditRequest, field) and req.task not in tasks_taking:
+                raise RequestError(field, f"{flag(field)} does nothing here: only edit {' and '.join(tasks_taking)} "
+                                          "takes it; leave it out")
+        for field, kind, low, high in (("strength", float, 0, 1), ("factor", int, 1, None), ("t_stop", float, 0, 1),
+                                       ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None)):
+            if getattr(req, field) is not None:
+                numbers[field] = _number(req, field, kind, low, high)
+        if not (isinstance(req.image, str) and req.image):
+            raise RequestError("image", f"edit {req.task} needs {flag('image', req.task)}, the image file to edit")
+        needs = {"sdedit": ("strength", "--strength S in [0, 1]"), "ilvr": ("factor", "--factor N"),
+                 "inpaint": ("mask", "--mask, the image of the region to generate (white)")}.get(req.task)
+        if needs and getattr(req, needs[0]) is None:
+            raise RequestError(needs[0], f"edit {req.task} needs {needs[1]}")
+    return dataclasses.replace(req, **numbers)
+
+
+# --- the plan --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A request resolved against its run, every check made and no weights loaded: `generate`'s keyword arguments
+    (those that need no model), the shape it draws (C, H, W) (pixels or latents), the device; an edit's input image
+    (1, C', h, w) in [-1, 1] and mask (1, 1, H, W) (1 = keep) and the trained task its run runs (None: a training-free
+    edit); a cascade's plan per stage and the augmentation level of its inputs."""
+
+    request: SampleRequest
+    run: Run | None                            # None for a cascade (each stage has its own)
+    device: str
+    shape: tuple[int, ...]
+    generate_kw: dict
+    classifier: Run | None = None
+    image: Tensor | None = None
+    mask: Tensor | None = None
+    trained: str | None = None
+    stages: tuple[Plan, ...] = ()
+    aug_level: float | None = None
+
+    def argv(self) -> list[str]:
+        """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
+        return self.request.argv()
+
+    def command(self, out: str) -> str:
+        """The whole command line, writing `out`."""
+        return shlex.join(["diffuse", *self.argv(), "--out", out])
+
+
+def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
+    """Check a request against its run (opened with `open_run` unless given) and plan it, before any model loads: the
+    command line's checks and messages, each error a RequestError naming its field (OSError for a missing file)."""
+    req = _checked(req)
+    if isinstance(req, EditRequest):
+        return _resolve_edit(req, run or open_run(req.run))
+    if run is None and (Path(req.run) / CASCADE_FILE).is_file():
+        return _resolve_cascade(req)
+    run = run or open_run(req.run)
+    kind = run.capabilities.trained_task
+    if kind != "none":
+        raise RequestError("run", f"{req.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input "
+                                  f"image, so use `diffuse edit {edit_name(kind)} {req.run} --image IMAGE --out OUT.png`")
+    return _sampling(req, run)
+
+
+def _refuse_unused(req: SampleRequest, sampler: str) -> None:
+    """Fields that would do nothing under the chosen sampler are errors, not silently dropped."""
+    if sampler in SAMPLERS and SAMPLERS[sampler].calls_per_step == 0:
+        for field in ("steps", "spacing"):
+            if getattr(req, field) is not None:
+                raise RequestError(field, f"{flag(field)} does nothing here: {sampler} chooses its own steps (set its "
+                                          "tolerance with --opt rtol=...); leave it out")
+
+
+def _check_plan(req: SampleRequest, cfg) -> tuple[str, int | None, str]:
+    """The sampler, steps and spacing of a request on a run (the request over its [sample] section), checked against
+    its process (samplers.check_plan: e.g. sde-em on a flow run, more steps than T)."""
+    s = cfg.sample
+    sampler, steps, spacing = req.sampler or s.sampler, (req.steps if req.steps is not None else s.steps) or None, \
+        req.spacing or s.spacing
+    schedule = Schedule.from_config(cfg.schedule)
+    if sampler in SAMPLERS:  # (an unknown one: check_plan says so)
+        _raise_as("sampler", SAMPLERS[sampler].check_schedule, schedule, sampler)
+    _raise_as("steps", check_plan, schedule, sampler, steps, spacing)
+    return sampler, steps, spacing
+
+
+def parse_threshold(text: str) -> tuple[bool, float]:
+    """'static' | 'none' | 'dynamic:P' -> (clip, dynamic percentile)."""
+    if text == "static":
+        return True, 0.0
+    if text == "none":
+        return False, 0.0
+    kind, _, p = text.partition(":")
+    try:
+        value = float(p)
+    except ValueError:
+        value = -1.0
+    if kind != "dynamic" or not 0 < value <= 1:
+        raise ValueError(f"--threshold {text!r} is not valid; use static, none or dynamic:P with a percentile P in (0, 1], "
+                         "e.g. dynamic:0.995")
+    return False, value
+
+
+def parse_options(pairs: list[str], sampler: str) -> dict:
+    """--opt KEY=VALUE pairs -> sampler keyword options, each checked against what the sampler takes and the
+    values the option allows (type, finite, range)."""
+    valid = SAMPLERS[sampler].options
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in valid:
+            raise ValueError(f"--opt {pair!r}: sampler {sampler} takes {', '.join(valid) or 'no options'} (as KEY=VALUE)")
+        try:
+            out[key] = OPTIONS[key].parse(key, raw)
+        except ValueError as e:
+            raise ValueError(f"--opt {pair!r}: {e}") from None
+    return out
+
+
+def _check_weights(run: Run, kind: str, field: str) -> None:
+    """What loading the run's weights would refuse, said before they load: another kind of run, no valid checkpoint."""
+    _raise_as(field, check_kind, run.path, run.cfg, kind)
+    if run.step is None and not run.diffusers:
+        load_checkpoint(run.path)  # raises FileNotFoundError naming why (no checkpoint, or none valid)
+
+
+def _sampling(req: SampleRequest, run: Run) -> Plan:
+    """What `sample` and `edit` share: generate's arguments from the request over the run's [sample] section, every
+    field checked in the command line's order."""
+    cfg, s, caps = run.cfg, run.cfg.sample, run.capabilities
+    sampler = req.sampler or s.sampler
+    _refuse_unused(req, sampler)
+    sampler, steps, spacing = _check_plan(req, cfg)  # before anything loads or a progress bar starts
+    options = {"eta": s.eta, "variance": s.variance}
+    if req.eta is not None:
+        if "eta" not in SAMPLERS[sampler].options:
+            raise RequestError("eta", f"--eta: sampler {sampler} takes no eta (samplers with one: ddim, euler-ancestral)")
+        options["eta"] = req.eta
+    options.update(_raise_as("options", parse_options, list(req.options), sampler))
+    clip, dyn = _raise_as("threshold", parse_threshold, req.threshold) if req.threshold is not None else \
+        (s.clip, s.dynamic_threshold)
+    if caps.latent and req.threshold not in (None, "none"):
+        raise RequestError("threshold", f"--threshold {req.threshold}: {req.run} is a latent-diffusion run, whose latents "
+                                        "have no [-1, 1] range to clip to; leave --threshold out")
+    if not req.clip:
+        clip = False
+    guidance = s.guidance if req.guidance is None else req.guidance
+    prompt, negative = req.prompt, req.negative_prompt
+    if not caps.text and (prompt is not None or negative is not None):
+        raise RequestError("prompt" if prompt is not None else "negative_prompt",
+                           f"--prompt and --negative-prompt need a text-conditional run (model.text_encoder); {req.run} "
+                           "takes no captions" + (" (it is class-conditional: use --label)" if cfg.model.class_conditional
+                                                  else ""))
+    if caps.text and prompt is None:
+        raise RequestError("prompt", f'{req.run} is a text-conditional run: say what to draw with --prompt, e.g. --prompt '
+                                     '"a red circle"')
+    if negative is not None and not guidance:
+        raise RequestError("negative_prompt", "--negative-prompt replaces the empty caption of classifier-free guidance, "
+                                              "so it needs a guidance weight: pass --guidance W (e.g. 4)")
+    interval = tuple(s.guidance_interval) if req.guidance_interval is None else req.guidance_interval
+    _raise_as("guidance", check_guidance, cfg, guidance, classifier=req.classifier is not None)
+    classifier = None
+    if req.classifier is not None:  # it must read what this run diffuses (pixels, or the same latents)
+        classifier = open_run(req.classifier)
+        _raise_as("classifier", check_same_space, cfg, classifier.cfg, f"the classifier {req.classifier}")
+    device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = req.mixed_precision or s.mixed_precision
+    _raise_as("mixed_precision", autocast_dtype, mixed_precision, device, "--mixed-precision")  # fp16 on a CPU fails here
+    _check_weights(run, "denoiser", "run")
+    num_classes, conditional = run.num_classes, caps.classes > 0
+    if classifier is not None:
+        _check_weights(classifier, "classifier", "classifier")
+        if classifier.num_classes != num_classes and num_classes:
+            raise RequestError("classifier", f"the classifier knows {classifier.num_classes} classes, the model "
+                                             f"{num_classes}")
+        num_classes = classifier.num_classes
+    labels = None
+    if req.label is not None:
+        if not (conditional or classifier is not None):
+            raise RequestError("label", "--label needs a class-conditional model or a --classifier to guide with")
+        if not 0 <= req.label < num_classes:
+            raise RequestError("label", f"--label must be a class index in 0..{num_classes - 1}, got {req.label}")
+        labels = torch.full((req.n,), req.label)
+    elif conditional or classifier is not None:
+        labels = default_labels(req.n, num_classes)
+    kw = dict(sampler=sampler, steps=steps, spacing=spacing, clip=clip, dynamic_threshold=dyn, labels=labels,
+              guidance=guidance, guidance_interval=interval or None, seed=req.seed, device=device,
+              mixed_precision=mixed_precision, **options)
+    return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier)
+
+
+def _resolve_edit(req: EditRequest, run: Run) -> Plan:
+    """`diffuse edit TASK RUN`: the task against the run, the input image and mask read and checked, then the sampling
+    fields as `sample`'s."""
+    cfg, caps = run.cfg, run.capabilities
+    d, kind = cfg.data, caps.trained_task
+    trained = TRAINED_TASKS.get(req.task) or ("inpaint" if req.task == "inpaint" and kind == "inpaint" else None)
+    if trained is not None and kind != trained:
+        raise RequestError("task", f"edit {req.task} needs a run trained for it (task.kind = '{trained}', e.g. "
+                                   f"{EXAMPLE_CONFIGS[trained]}); {req.run} has task.kind = '{kind}'")
+    if trained is None and kind != "none":
+        raise RequestError("task", f"edit {req.task} works on a model of images (task.kind = 'none'); {req.run} is a "
+                                   f"'{kind}' model, which needs its condition image: use `diffuse edit {edit_name(kind)} "
+                                   f"{req.run} ...`")
+    if trained == "inpaint" and req.repaint_jumps != 1:
+        raise RequestError("repaint_jumps", f"--repaint-jumps does nothing here: {req.run} was trained for inpainting and "
+                                            "sees the mask itself; leave it out")
+    # every input is read and checked before the model loads
+    side = d.image_size // cfg.task.factor if trained == "superres" else d.image_size
+    image, geometry = _raise_as("image", load_image, req.image, 1 if trained == "colorize" else d.channels, side)
+    mask = _raise_as("mask", load_mask, req.mask, geometry) if req.task == "inpaint" else None
+    if req.task == "ilvr":
+        _raise_as("factor", tasks.low_pass, image, req.factor)  # a factor that does not divide the size fails here
+        if caps.latent:  # and one that is no whole number of latent cells
+            _raise_as("factor", latent_factor, req.factor, diffusion_shape(cfg), d.image_size)
+    if req.task == "inpaint":
+        _raise_as("mask", check_mask, mask, image)
+    plan = _sampling(req, run)
+    return dataclasses.replace(plan, image=image, mask=mask, trained=trained)
+
+
+def _resolve_cascade(req: SampleRequest) -> Plan:
+    """`diffuse sample CASCADE`: every stage's request (the sampling fields apply to every stage; the label, guidance,
+    classifier and negative prompt to the first, the prompt to every text-conditional stage) resolved before the first
+    stage draws."""
+    stages, level = read_cascade(req.run)
+    runs = [open_run(s) for s in stages]
+    check_cascade([r.cfg for r in runs])  # before any model loads
+    for r in runs:  # every stage's sampler and grid first
+        _check_plan(req, r.cfg)
+    plans = []
+    for k, (stage, r) in enumerate(zip(stages, runs)):
+        stage_req = dataclasses.replace(req, run=str(stage))
+        if k > 0:  # the class, its guidance and a negative prompt steer the first stage; later ones follow its image
+            stage_req = dataclasses.replace(stage_req, label=None, guidance=None, classifier=None, negative_prompt=None,
+                                            prompt=req.prompt if r.capabilities.text else None)  # (Imagen: text stages)
+        plans.append(_sampling(stage_req, r))
+    return Plan(req, None, plans[0].device, plans[-1].shape, {}, stages=tuple(plans), aug_level=level)
+
+
+# --- running a plan ----------------------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A run's weights on a device: its denoiser and the space it diffuses (stages.PixelSpace, or the LatentSpace its
+    samples are decoded from)."""
+
+    denoiser: object
+    space: object
+
+
+def load(run: Run, ema: bool, device: str) -> Loaded:
+    """The run's EMA (or raw) weights on `device`, and its space (a latent run's autoencoder loaded too)."""
+    return Loaded(run.denoiser(ema=ema, device=device), run.space(device))
+
+
+@dataclass
+class Result:
+    """What a plan made: x (n, C, H, W) in [-1, 1] (an edit's mean: one image), the images a before/after figure shows
+    before the outputs (an edit's input, masked input, or reference and its low-pass; none for samples), and the
+    denoiser's calls."""
+
+    x: Tensor
+    before: list[Tensor]
+    calls: int
+
+
+def save_before_after(result: Result, path: str | Path) -> Path:
+    """The before/after figure of an edit: the images before the outputs, then the outputs, in one row, 4x."""
+    x = result.x
+    return save_grid(torch.cat([b.to(x) for b in result.before] + [x]), path, nrow=len(result.before) + len(x), scale=4)
+
+
+def _with_condition(kw: dict, cond: dict | None) -> dict:
+    """generate's keyword arguments with `cond` (an input image's condition) joined to the prompt's condition that may
+    be there, so a text-conditional task or cascade stage gets both."""
+    both = {**(kw.get("cond") or {}), **(cond or {})}
+    return {**kw, "cond": both or None}
+
+
+def _model_kw(plan: Plan, loaded: Loaded, callback) -> dict:
+    """generate's keyword arguments: the plan's, the prompt's condition (tokenized by the run's text encoder), the
+    classifier's weights, the callback."""
+    req = plan.request
+    text = {} if req.prompt is None else prompt_condition(loaded.denoiser, req.n, req.prompt, req.negative_prompt,
+                                                          plan.device)
+    classifier = None if plan.classifier is None else plan.classifier.classifier(device=plan.device)
+    return {**plan.generate_kw, "callback": callback, "classifier": classifier, **text}
+
+
+def _steps_total(plan: Plan, schedule, chunks: int = 1) -> int | None:
+    """The sampler steps a stage reports (None: an adaptive solver's own count), for a progress bar."""
+    kw = plan.generate_kw
+    total = (kw["steps"] or getattr(schedule, "top_step", None)) if SAMPLERS[kw["sampler"]].calls_per_step else None
+    return total * chunks if total and chunks > 1 else total
+
+
+def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
+            load: Callable[[Run, bool, str], Loaded] = load,
+            on_stage: Callable[[Plan, int | None], None] | None = None) -> Result:
+    """Run a resolved plan: load the weights (`load`; the page passes its cache), then draw (in chunks of the request's
+    batch_size), edit, or run a cascade's stages. `callback` gets every sampler step; `on_stage(stage plan, steps)`
+    is told when a stage (the one stage of a sample or edit) starts drawing, after its weights load."""
+    if plan.stages:
+        return _execute_cascade(plan, callback, load, on_stage)
+    req = plan.request
+    loaded = load(plan.run, req.ema, plan.device)
+    kw = _model_kw(plan, loaded, callback)
+    counted = CountCalls(loaded.denoiser)
+    space = loaded.space
+    if isinstance(req, EditRequest):
+        if on_stage is not None:
+            on_stage(plan, _steps_total(plan, counted.schedule))
+        x, before = _edit(plan, space, counted, kw)
+    else:
+        if on_stage is not None:
+            on_stage(plan, _steps_total(plan, counted.schedule, -(-req.n // req.batch_size)))
+        x = space.decode(generate_in_chunks(counted, req.n, space.shape, chunk=req.batch_size, **kw))
+        before = []
+    return Result(x, before, counted.calls)
+
+
+def _edit(plan: Plan, space, counted, kw: dict) -> tuple[Tensor, list[Tensor]]:
+    """The edit: a latent run edits its latents (tasks.editing.latent_edit), a trained-task run draws from its
+    condition, a model of images runs SDEdit, inpainting (RePaint) or ILVR."""
+    req, cfg, image, mask = plan.request, plan.run.cfg, plan.image, plan.mask
+    d = cfg.data
+    batch = image.expand(req.n, *image.shape[1:]).to(plan.device)
+    if space.latent:  # the editing tasks run on z = s E(x), their outputs decoded
+        own = {"sdedit": dict(strength=req.strength), "ilvr": dict(factor=req.factor, options={"t_stop": req.t_stop}),
+               "inpaint": dict(options={"jump_length": req.repaint_length, "jump_n_samples": req.repaint_jumps})}
+        x = latent_edit(req.task, counted, space, batch, mask, **own[req.task], **kw)
+        before = [image * mask] if req.task == "inpaint" else [image]
+    elif plan.trained is not None:
+        g = torch.Generator(plan.device).manual_seed(req.seed + 1)  # the augmentation noise of a cascade's stage 2
+        cond = input_condition(cfg.task, batch, d.image_size, counted.schedule, mask=mask, generator=g)
+        x = generate(counted, req.n, (d.channels, d.image_size, d.image_size), **_with_condition(kw, cond))
+        before = [viewable(cond["image"][:1], d.channels)]
+    elif req.task == "sdedit":
+        x = tasks.sdedit(counted, batch, req.strength, **kw)
+        before = [image]
+    elif req.task == "inpaint":
+        x = tasks.inpaint(counted, batch, mask, jump_length=req.repaint_length, jump_n_samples=req.repaint_jumps, **kw)
+        before = [image * mask]  # the region to generate shown as mid-grey (0 in [-1, 1])
+    else:
+        x = tasks.ilvr(counted, batch, req.factor, t_stop=req.t_stop, **kw)
+        before = [image, tasks.low_pass(image, req.factor)]  # the reference and the low-pass the outputs share
+    if req.mean:  # samples of p(x | input) average towards E[x | input]: more PSNR, less detail (Blau & Michaeli 2018)
+        x = x.mean(0, keepdim=True)
+    return x, before
+
+
+def _execute_cascade(plan: Plan, callback, load, on_stage) -> Result:
+    """The base run's samples, then each super-resolution stage conditioned on the previous stage's output (Ho et al.
+    2021), its input noised to the cascade's (or its own) aug_level; each stage its own noise."""
+    x, calls = None, 0
+    for k, stage in enumerate(plan.stages):
+        req = stage.request
+        loaded = load(stage.run, req.ema, stage.device)
+        kw = _model_kw(stage, loaded, callback)
+        counted = CountCalls(loaded.denoiser)
+        if on_stage is not None:
+            on_stage(stage, _steps_total(stage, counted.schedule))
+        cond = None
+        if k > 0:
+            cfg = stage.run.cfg
+            task = cfg.task if plan.aug_level is None else dataclasses.replace(cfg.task, aug_level=plan.aug_level)
+            g = torch.Generator(stage.device).manual_seed(req.seed + k)
+            cond = input_condition(task, x, cfg.data.image_size, counted.schedule, generator=g)
+        kw["seed"] = req.seed + 1000 * k  # each stage its own noise
+        x = loaded.space.decode(generate(counted, req.n, loaded.space.shape, **_with_condition(kw, cond)))
+        calls += counted.calls
+    return Result(x, [], calls)
