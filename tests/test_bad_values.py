@@ -70,7 +70,7 @@ def test_sampler_options_are_checked_with_a_message(run, tmp_path, capsys, sampl
 
 
 def test_good_options_parse_to_their_types(run, tmp_path):
-    from diffuse.cli import parse_options
+    from diffuse.app.requests import parse_options
 
     assert parse_options(["s_tmax=inf", "s_churn=10"], "heun") == {"s_tmax": math.inf, "s_churn": 10.0}
     assert parse_options(["reference_3m=false"], "dpmpp-3m") == {"reference_3m": False}

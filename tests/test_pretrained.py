@@ -221,14 +221,14 @@ def test_a_config_json_that_does_not_match_its_weights_is_named(tmp_path, capsys
 def test_a_diffusers_folder_samples_in_float32_by_default(tmp_path, monkeypatch):
     """diffusers' pipelines run in float32, and so does a diffusers folder without --mixed-precision (a run's "auto" is
     bf16 on GPUs and bf16-capable CPUs, 0.117 off the pipeline): the 1e-5 match needs no flag."""
-    import diffuse.generate
+    import diffuse.app.requests
 
     sched = diffusers.DDIMScheduler(num_train_timesteps=T, beta_end=0.1)
     unet, _ = save_model(tmp_path / "m", sched)
     assert read_config(tmp_path / "m").sample.mixed_precision == "no"
     used = []
-    chunks = diffuse.generate.generate_in_chunks
-    monkeypatch.setattr(diffuse.generate, "generate_in_chunks", lambda *a, **k: used.append(k["mixed_precision"]) or chunks(*a, **k))
+    chunks = diffuse.app.requests.generate_in_chunks  # what `diffuse sample` draws with
+    monkeypatch.setattr(diffuse.app.requests, "generate_in_chunks", lambda *a, **k: used.append(k["mixed_precision"]) or chunks(*a, **k))
     out = tmp_path / "ours.npy"
     assert main(["sample", str(tmp_path / "m"), "--n", "2", "--seed", "3", "--steps", "10", "--out", str(out)]) == 0
     assert used == ["no"]  # whatever this machine's autocast would be

@@ -1,0 +1,296 @@
+"""What each `diffuse` command does once its flags are parsed (cli.py parses them and imports this module only then,
+so `diffuse --help` and a mistyped flag answer without loading it). `sample` and `edit` are requests
+(app/requests.py): built from the flags, resolved, executed, written."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import metrics
+from ..checkpoint import append_json_record, read_json_records
+from ..config import apply_overrides, load_config
+from ..data import load_dataset
+from ..demo import run_demo
+from ..generate import default_labels, generate_in_chunks
+from ..guidance import Conditioned
+from ..kinds.autoencoder import evaluate_autoencoder
+from ..kinds.diffusion import sample_config_kwargs
+from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
+from ..precision import autocast_dtype
+from ..pretrained import is_model_folder
+from ..runs import check_guidance, load_run, run_config, write_run
+from ..samplers import SAMPLERS, check_plan
+from ..schedule import Schedule
+from ..stages import space
+from ..tasks.image_to_image import training_condition
+from ..train import dry_run, train
+from ..visualize import save_samples, to_uint8
+from ..webui import serve
+from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
+
+
+def train_command(args) -> None:
+    cfg = apply_overrides(load_config(args.config), args.set or [])
+    if args.dry_run:
+        print(dry_run(cfg))
+        return
+    run = train(cfg, args.out, inexact_resume=args.inexact_resume)
+    print(f"run folder: {run}")
+
+
+def check_out(out: Path) -> None:
+    if out.suffix not in (".png", ".npy"):
+        raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a file in it, e.g. {out / 'samples.png'}")
+
+
+def progress_disabled() -> bool:
+    """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Progress:
+    """A progress bar per stage that draws (`execute`'s on_stage), moved by every sampler step; closed before the
+    output is written."""
+
+    def __init__(self):
+        self.bar = None
+
+    def stage(self, plan: Plan, total: int | None) -> None:
+        self.close()
+        self.bar = tqdm(total=total, unit="step", desc=plan.generate_kw["sampler"], disable=progress_disabled())
+
+    def step(self, step) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def sample_command(args) -> None:
+    """`diffuse sample RUN`: n samples of a run, or of a cascade folder's stages, written as OUT."""
+    out = Path(args.out)
+    check_out(out)
+    plan = resolve(SampleRequest.from_args(args))  # every flag checked before a model loads
+    progress = Progress()
+    result = execute(plan, progress.step, on_stage=progress.stage)
+    progress.close()
+    save_samples(result.x, out)  # atomically: a failed write leaves an earlier OUT as it was
+    what = f"samples of the {len(plan.stages)}-stage cascade {args.run}" if plan.stages else "samples"
+    print(f"wrote {args.n} {what} to {out} ({result.calls} denoiser calls)")
+
+
+def edit_command(args) -> None:
+    """`diffuse edit TASK RUN ...`: n outputs for one input image, written as OUT with a before/after figure beside it
+    (OUT's name + _before_after.png). sdedit, ilvr and inpaint work with any model of images (tasks/editing.py);
+    superres, colorize, uncrop and restore need a run trained for that task (tasks/image_to_image.py), and inpaint
+    uses an inpainting-trained run's own network when given one."""
+    out = Path(args.out)
+    check_out(out)
+    plan = resolve(EditRequest.from_args(args))  # the input image and mask read and checked before a model loads
+    progress = Progress()
+    result = execute(plan, progress.step, on_stage=progress.stage)
+    progress.close()
+    save_samples(result.x, out)
+    figure = out.with_name(out.stem + "_before_after.png")
+    save_before_after(result, figure)
+    print(f"wrote {'the mean of ' if args.mean else ''}{args.n} {args.task} outputs to {out} and the input beside them "
+          f"to {figure} ({result.calls} denoiser calls)")
+
+
+def eval_command(args) -> None:
+    """`diffuse eval RUN`: a sample-quality metric (fid, kid, is, pr) or a likelihood (nll, vlb, in bits/dim) of a
+    diffusion run, or an autoencoder run's reconstructions; printed and appended to RUN/eval.json."""
+    cfg = run_config(args.run)
+    read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.kind == "autoencoder":
+        return _eval_autoencoder(args, cfg, device)
+    if args.metric in (None, "recon"):
+        raise ValueError(f"{args.run} is a diffusion run: pass --metric fid, kid, is, pr, nll or vlb (recon measures "
+                         "autoencoder runs)")
+    sample_metric = args.metric in ("fid", "kid", "is", "pr")
+    _refuse_unused(args, args.sampler, metric=args.metric)
+    least = {"kid": metrics.KID_MIN_IMAGES, "is": metrics.is_min_images(), "pr": 4}.get(args.metric, 2)
+    if args.n < least:
+        raise ValueError(f"--metric {args.metric} needs --n {least} or more, got {args.n}"
+                         + {"kid": " (random subsets of half the images, at least 2 each)",
+                            "is": " (10 splits of at least 2 images)", "pr": " (3 nearest neighbours besides each image)"}.get(args.metric, ""))
+    if cfg.latent.autoencoder and args.metric in ("nll", "vlb"):
+        raise ValueError(f"--metric {args.metric} of a latent-diffusion run would measure its latents, not images (the "
+                         "decoder's likelihood is not part of the model); use --metric fid, kid, is or pr")
+    if cfg.model.text_encoder and args.real is not None:
+        raise ValueError("--real gives images without captions, and a text-conditional run needs captions to draw from; "
+                         "leave --real out (the run's own captioned data are used)")
+    if sample_metric:
+        check_guidance(cfg, cfg.sample.guidance if args.guidance is None else args.guidance, classifier=False)
+        _check_plan(args, cfg)  # the sampler on this process and its grid
+    else:  # nll needs a variance-preserving process, vlb its discrete steps
+        check_likelihood(Schedule.from_config(cfg.schedule), args.metric)
+    cfg, den, num_classes = load_run(args.run, ema=not args.no_ema, device=device)
+    latent_space = space(cfg, device)
+    s, d = cfg.sample, cfg.data
+    if args.real is not None:  # the run's own shape, the user's images
+        d = dataclasses.replace(d, source="folder", path=args.real)
+    elif is_model_folder(args.run) and args.metric != "is":  # IS reads no real images
+        raise ValueError(f"{args.run} is a diffusers model folder, which names no data set; pass --real FOLDER, the real "
+                         "images to compare with (e.g. the CIFAR-10 training images saved as PNG files)")
+    if args.real is None and is_model_folder(args.run):
+        pick, real = torch.zeros(0, dtype=torch.long), torch.zeros(0, d.channels, d.image_size, d.image_size)
+    else:
+        data = load_dataset(d)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+        real = torch.stack([data[int(i)][0] for i in pick])
+        if cfg.model.text_encoder and args.real is None:  # a text model draws the captions of the real images it is compared with
+            captions = [data.captions[int(pick[k % len(pick)])] for k in range(args.n)]
+            task_text = {"text": den.net.text_encoder.tokenize(captions).to(device)}
+            record_caption = "the captions of the real images"
+    record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
+                    "date": datetime.date.today().isoformat()}
+    if cfg.model.text_encoder:
+        record["condition"] = record_caption
+    if len(real) < args.n and args.metric != "is":  # IS reads no real images
+        if len(real) < least:
+            raise ValueError(f"the run's dataset has {len(real)} images; --metric {args.metric} needs {least} or more")
+        warnings.warn(f"the run's dataset has {len(real)} images, fewer than --n {args.n}: "
+                      + (f"the metric compares {len(real)} real images with {args.n} samples, and its bias depends on "
+                         "both counts, so compare it only with figures of the same counts (n_real, n_fake in eval.json)"
+                         if args.metric in ("fid", "kid", "pr") else f"the figure is the mean over those {len(real)}"),
+                      UserWarning, stacklevel=1)
+    # a task model is measured given its input made from each real image: log p(x | y), samples of p(x | y)
+    task_cond = {} if cfg.task.kind == "none" else training_condition(
+        cfg.task, real.to(device), pick[:len(real)], den.schedule, level=cfg.task.aug_level if cfg.task.noise_aug_max > 0 else None)
+    if task_cond:
+        record["condition"] = f"task {cfg.task.kind}: the input made from each real image"
+    if args.metric in ("nll", "vlb"):
+        x0 = real.to(device)
+        cond = dict(task_cond)
+        if cfg.model.class_conditional and num_classes:  # the null label: log p(x), comparable with unconditional models
+            cond["label"] = torch.full((len(x0),), num_classes, device=device)
+            record["condition"] = "the null label (the unconditional density)" + (" and " + record["condition"] if task_cond else "")
+        if args.metric == "nll":
+            rtol = 1e-5 if args.rtol is None else args.rtol
+            bpd, nfe = ode_bits_per_dim(Conditioned(den, **cond), x0, rtol=rtol, atol=rtol,
+                                        generator=torch.Generator().manual_seed(args.seed))
+            record.update(bits_per_dim=float(bpd.mean()), bits_per_dim_std=float(bpd.std()), nfe=nfe, rtol=rtol)
+        else:
+            out = vlb_bits_per_dim(den, x0, samples=args.vlb_samples, generator=torch.Generator().manual_seed(args.seed), **cond)
+            record.update(bits_per_dim=float(out["total"].mean()), bits_per_dim_std=float(out["total"].std()),
+                          prior_bits_per_dim=float(out["prior"].mean()), terms="all" if args.vlb_samples is None else args.vlb_samples)
+    else:
+        features = "digits" if args.features is None else args.features
+        if features == "digits" and d.channels != 1:
+            raise ValueError("the digit-classifier feature space is made for 1-channel digits and this run has "
+                             f"data.channels = {d.channels}; pass --features inception:PATH (the FID Inception-v3 "
+                             "weights file) or --features MODULE:ATTR (your own nn.Module)")
+        net = metrics.feature_network(features, device=device)  # before sampling: a bad spec fails fast
+        sampler = args.sampler or s.sampler
+        steps = s.steps if args.steps is None else args.steps  # 0: every step, as in `diffuse sample`
+        kw = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps, "spacing": args.spacing or s.spacing}
+        if args.guidance is not None:
+            kw["guidance"] = args.guidance
+        if args.guidance_interval is not None:
+            kw["guidance_interval"] = args.guidance_interval or None
+        if args.mixed_precision is not None:
+            kw["mixed_precision"] = args.mixed_precision
+        n_fake = len(real) if task_cond else args.n  # one sample per real image's input
+        cond = task_cond or (task_text if cfg.model.text_encoder else None)
+        fake = latent_space.decode(generate_in_chunks(
+            den, n_fake, latent_space.shape, chunk=args.batch_size, seed=args.seed, device=device, cond=cond,
+            labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0), **kw))
+        # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
+        fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        adaptive = SAMPLERS[sampler].calls_per_step == 0
+        amp = autocast_dtype(kw["mixed_precision"], device)  # what the network ran in: float32 unless autocast
+        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or getattr(den.schedule, "top_step", None),
+                      spacing="adaptive" if adaptive else kw["spacing"], mixed_precision=kw["mixed_precision"],
+                      precision=str(amp or torch.float32).removeprefix("torch."), features=features)
+        if args.metric == "fid":
+            record["fid"] = metrics.fid(real, fake, net)
+        elif args.metric == "kid":
+            record["kid"], record["kid_std"] = metrics.kid(real, fake, net)
+            record["kid_subset_size"] = metrics.kid_subset_size(len(real), len(fake))
+        elif args.metric == "is":
+            record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
+        else:
+            record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+    _report(record, Path(args.run) / "eval.json")
+
+
+def _report(record: dict, path: Path) -> None:
+    """Print an eval record and append it to the run's eval.json, rewritten atomically (checkpoint.append_json_record):
+    a failed write (a full disk, a kill) leaves every earlier record in place."""
+    for k, v in record.items():
+        print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+    append_json_record(path, record)
+    print(f"appended to {path}")
+
+
+def _eval_autoencoder(args, cfg, device) -> None:
+    """`diffuse eval AE_RUN`: reconstruction PSNR, rFID and codebook statistics on the held-out images
+    (kinds.autoencoder.evaluate_autoencoder), printed and appended to RUN/eval.json."""
+    sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "real", "rtol",
+                            "vlb_samples")
+                if getattr(args, f, None) is not None]
+    if sampling or args.no_ema or args.metric not in (None, "recon"):
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f in sampling) or ("--no-ema" if args.no_ema else f"--metric {args.metric}")
+        raise ValueError(f"{flags} does nothing for an autoencoder run: `diffuse eval` measures its reconstructions of the "
+                         "held-out images (PSNR, rFID, codebook usage); leave it out")
+    record = {**evaluate_autoencoder(args.run, args.features, device), "date": datetime.date.today().isoformat()}
+    _report(record, Path(args.run) / "eval.json")
+
+
+def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:
+    """Flags that would do nothing under the chosen sampler or metric are errors, not silently dropped."""
+    given = lambda flag: getattr(args, flag, None) is not None  # noqa: E731
+    unused = []
+    if sampler is not None and SAMPLERS[sampler].calls_per_step == 0:
+        unused += [(f, f"{sampler} chooses its own steps (set its tolerance with --opt rtol=...)") for f in ("steps", "spacing")]
+    if metric in ("nll", "vlb"):
+        unused += [(f, f"--metric {metric} measures real images and draws no samples")
+                   for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "features")]
+    if metric is not None and metric != "nll":
+        unused.append(("rtol", "only --metric nll solves an ODE"))
+    if metric is not None and metric != "vlb":
+        unused.append(("vlb_samples", "only --metric vlb sums bound terms"))
+    for flag, why in unused:
+        if given(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} does nothing here: {why}; leave it out")
+
+
+def _check_plan(args, cfg) -> None:
+    """The sampler, steps and spacing of `diffuse eval` on a run (flags over its [sample] section) checked against its
+    process (samplers.check_plan), before anything loads."""
+    s = cfg.sample
+    steps = (args.steps if args.steps is not None else s.steps) or None  # 0: every step
+    check_plan(Schedule.from_config(cfg.schedule), args.sampler or s.sampler, steps, args.spacing or s.spacing)
+
+
+def ema_command(args) -> None:
+    out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
+    print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")
+
+
+def serve_command(args) -> None:
+    serve(args.runs, host=args.host, port=args.port, device=args.device)
+
+
+def demo_command(args) -> None:
+    paths = run_demo(args.out, time_limit=args.time_limit)
+    print("demo figures:")
+    for name, path in paths.items():
+        print(f"  {name:20s} {path}")
+
+
+COMMANDS = {"train": train_command, "sample": sample_command, "edit": edit_command, "eval": eval_command,
+            "ema": ema_command, "serve": serve_command, "demo": demo_command}
