@@ -93,7 +93,7 @@ class TrainConfig:
     #                                 change an image's mean brightness (Guttenberg 2023; typical 0.05-0.1); 0 = off
     grad_accumulation: int = 1      # micro-batches per step: the same step as the whole batch in less memory (equal to
     #                                 float rounding without dropout; with dropout each micro-batch draws its own masks)
-    lr_schedule: Literal["constant", "cosine", "inverse_sqrt"] = "constant"  # after warm-up: constant (DDPM), cosine to 0 at
+    lr_schedule: Literal["constant", "cosine", "inverse_sqrt", "linear"] = "constant"  # after warm-up: constant (DDPM), cosine to 0 at
     #                                 train.steps, or lr / sqrt(max(step / warmup_steps, 1)) (EDM2's decay, Karras et al. 2024)
     condition_dropout: dict[str, float] = field(default_factory=dict)  # per condition key, the probability of its null value,
     #                                 e.g. {label = 0.1}: one net learns p(x | c) and p(x) for classifier-free guidance (0.1-0.2)

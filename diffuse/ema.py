@@ -24,19 +24,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
-from diffuse.checkpoint import fsync_dir
+from .checkpoint import write_atomically
 
 __all__ = ["EMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
            "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps"]
@@ -204,7 +202,8 @@ class PowerEMA:
         self.step = int(metadata["step"])
 
     def save_snapshot(self, directory, step: int) -> Path:
-        """Write all tracks to DIR/phema_{step:08d}.safetensors atomically (temp file in DIR, fsync, os.replace).
+        """Write all tracks to DIR/phema_{step:08d}.safetensors atomically (checkpoint.write_atomically: a failed write,
+        a full disk, leaves the earlier snapshots and raises checkpoint.WriteError naming the file).
         `step` must be the current `self.step`. Returns the path. Format: see the module docstring."""
         if step != self.step or step < 1:
             raise ValueError(f"save_snapshot(step={step}) but the EMA holds step {self.step}")
@@ -213,17 +212,7 @@ class PowerEMA:
         meta = {"format": FORMAT, "version": VERSION, "step": str(step),
                 "sigma_rels": json.dumps(list(self.sigma_rels)), "gammas": json.dumps(list(self.gammas))}
         path = directory / f"phema_{step:08d}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=".phema_", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(directory)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta))
         return path
 
 

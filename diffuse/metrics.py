@@ -4,11 +4,10 @@ et al. 2019).
 
 A metric compares two sets of images through a feature network held fixed, so the numbers
 of two models are comparable only when they share that network. For digits the feature
-network is `digit_classifier()`: a small CNN trained once, deterministically, on the bundled
-MNIST digits and cached as safetensors (Inception-v3 features, the standard for natural
-images, are made for 299x299 photographs, not 28x28 digits). For natural images the standard FID
-Inception-v3 loads from a local weights file (diffuse.nets.inception); any nn.Module works too
-(`feature_network` names them for the CLI).
+network is the digit classifier (nets/digits.py; train.digit_classifier trains it once and caches it): Inception-v3
+features, the standard for natural images, are made for 299x299 photographs, not 28x28 digits. For natural images
+the standard FID Inception-v3 loads from a local weights file (diffuse.nets.inception); any nn.Module works too
+(train.feature_network names them for the CLI and the trainer).
 
     FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})     (Heusel et al. 2017; Dowson & Landau 1982)
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -28,8 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import check_images
-from .nets.digits import digit_classifier
-from .nets.inception import inception_fid
 
 __all__ = [
     "frechet_distance",
@@ -42,7 +38,6 @@ __all__ = [
     "inception_score",
     "precision_recall",
     "precision_recall_from_features",
-    "feature_network",
 ]
 
 
@@ -281,53 +276,3 @@ def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int 
     check_image_sets(real, fake)
     return precision_recall_from_features(extract_features(real, feature_net, batch_size),
                                           extract_features(fake, feature_net, batch_size), k)
-
-
-# --- choosing a feature network by name ---------------------------------------------------------
-def _user_module(spec: str) -> nn.Module:
-    """MODULE:ATTR or FILE.py:ATTR -> the nn.Module there, or what calling it with no arguments returns."""
-    import importlib
-    import importlib.util
-
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise ValueError(f"feature network {spec!r}: expected digits, inception[:PATH], MODULE:ATTR or FILE.py:ATTR "
-                         "(ATTR an nn.Module or a function returning one)")
-    if where.endswith(".py"):
-        if not Path(where).is_file():
-            raise FileNotFoundError(f"feature network file {where} does not exist")
-        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise ValueError(f"feature network {spec!r}: cannot import module {where!r} ({e}); check the name and "
-                             "that it is on PYTHONPATH, or give a FILE.py:ATTR path") from e
-    obj = module
-    for name in attr.split("."):
-        if not hasattr(obj, name):
-            raise ValueError(f"feature network {spec!r}: {where} has no attribute {attr!r}")
-        obj = getattr(obj, name)
-    net = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"feature network {spec!r} is a {type(obj).__name__}, not an nn.Module or a function returning one")
-    return net.eval().requires_grad_(False)
-
-
-def feature_network(spec: str = "digits", device: str | torch.device = "cpu") -> nn.Module:
-    """The feature network named by spec, frozen on device:
-
-    - "digits": the cached digit classifier (1-channel digits; the default of `diffuse eval`);
-    - "inception" or "inception:PATH": the standard FID Inception-v3 from a local weights file
-      (PATH or $DIFFUSE_INCEPTION_WEIGHTS; see diffuse.nets.inception for where to get it);
-    - "MODULE:ATTR" or "FILE.py:ATTR": any nn.Module of the user's, or a function returning one. Its
-      `features(x)` (else `forward(x)`) gives the features of images in [-1, 1]; `forward(x)` gives
-      the logits that the Inception Score needs.
-    """
-    if spec == "digits":
-        return digit_classifier().to(device)
-    if spec == "inception" or spec.startswith("inception:"):
-        return inception_fid(spec.partition(":")[2] or None, device=device)
-    return _user_module(spec).to(device)

@@ -17,9 +17,13 @@ import torch
 
 from . import checkpoint as ckpt
 from . import pretrained, stages
+from .stages import load_autoencoder
 from .config import RunConfig, load_config, save_config
 from .ema import list_snapshots, MAX_ERROR, reconstruct
+from .data import load_dataset
+from .kinds.autoencoder import held_out, reconstruction_scores
 from .kinds.diffusion import build_denoiser, build_model
+from .train import feature_network
 from .tasks.image_to_image import run_edits
 
 
@@ -238,3 +242,20 @@ def open_run(path: str | Path) -> Run:
     step = None if diffusers else ckpt.latest_step(path)
     num_classes = 0 if step is None else int(ckpt.read_state(path, step).get("num_classes", 0))
     return Run(path, cfg, cfg.model.kind, step, num_classes, diffusers, capabilities(cfg, num_classes))
+
+
+@torch.no_grad()
+def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, device: str | torch.device = "cpu") -> dict:
+    """`diffuse eval` of an autoencoder run, on its held-out images (`held_out`): PSNR of D(E(x)) (dB, mean over images),
+    rFID (FID of the reconstructions, rounded to 8 bits, against the originals, in the feature space `features`:
+    default "digits" for 1-channel data, else none unless given; train.feature_network), the latents' std and
+    latent_scale_factor, and for VQ the codebook usage (fraction of codes used) and perplexity over all held-out
+    positions. Returns the record (JSON-ready)."""
+    cfg, ae = load_autoencoder(run_dir, device)
+    data = load_dataset(cfg.data)
+    _, test = held_out(len(data))
+    x, _ = data.batch(test)
+    features = features or ("digits" if cfg.data.channels == 1 else None)
+    net = feature_network(features, device) if features is not None else None
+    return {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "factor": cfg.autoencoder.factor,
+            **reconstruction_scores(ae, x, net), **({"features": features} if features else {})}

@@ -17,9 +17,13 @@ schedules, EMA, the kind's own state and the grad scaler exactly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -31,12 +35,14 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig, load_config, resume_changes, save_config
+from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
 from .data import ImageDataset, load_dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
 from .kinds import KINDS, Context, check_config
 from .nets.blocks import ShardedDropout
+from .nets.digits import DigitClassifier
+from .nets.inception import inception_fid
 from .precision import autocast_dtype
 from .visualize import plot_loss
 
@@ -56,13 +62,16 @@ SUSPECT_WEIGHT = 1e3  # a checkpoint with a larger |weight| is called likely div
 def lr_factor(step: int, t) -> float:
     """The learning rate at optimizer step `step` (0-based) over train.lr: a linear warm-up min(1, (step + 1) / warmup)
     (DDPM: 5000 steps), times the decay of train.lr_schedule after it: "constant" 1; "cosine" (1 + cos(pi p)) / 2 with
-    p = (step - warmup) / (steps - warmup) (Loshchilov & Hutter 2017, no restarts; 0 at train.steps); "inverse_sqrt"
+    p = (step - warmup) / (steps - warmup) (Loshchilov & Hutter 2017, no restarts; 0 at train.steps); "linear" 1 - p
+    (0 at train.steps; the digit classifier's recipe); "inverse_sqrt"
     1 / sqrt(max(step / warmup, 1)) (EDM2's decay, Karras et al. 2024, with t_ref = the warm-up)."""
     warm = t.warmup_steps
     factor = min(1.0, (step + 1) / warm) if warm else 1.0
+    p = min(max((step - warm) / max(t.steps - warm, 1), 0.0), 1.0)  # the fraction of the decay done
     if t.lr_schedule == "cosine":
-        p = min(max((step - warm) / max(t.steps - warm, 1), 0.0), 1.0)
         factor *= 0.5 * (1 + math.cos(math.pi * p))
+    elif t.lr_schedule == "linear":
+        factor *= 1 - p
     elif t.lr_schedule == "inverse_sqrt":
         factor /= math.sqrt(max(step / warm, 1.0))
     return factor
@@ -117,15 +126,17 @@ class Trainer:
     `inexact_resume=True` loads the weights even when some training state is missing or the config changed (the
     continuation then differs from an uninterrupted run). `dataset` replaces the one data.load_dataset builds from
     cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes` and `condition_keys`
-    (data.ImageDataset's interface), e.g. pairs that carry a condition image. Raises ValueError (or config.ConfigError)
+    (data.ImageDataset's interface), e.g. pairs that carry a condition image. `features(spec, device)` resolves
+    train.fid_features (default `feature_network`); `one_process` trains in this process alone
+    even inside a torchrun job (rank 0 training a measuring instrument while the others wait). Raises ValueError (or config.ConfigError)
     naming the setting for a config that cannot train, before any module is built or file written; ResumeError when
     the run folder cannot be resumed as asked.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True,
-                 dataset: ImageDataset | None = None):
+                 dataset: ImageDataset | None = None, features=None, one_process: bool = False):
         self.run_dir = Path(run_dir)
-        self.rank, self.world = distributed.init()
+        self.rank, self.world = (0, 1) if one_process else distributed.init()
         self.is_main = self.rank == 0
         self.device = distributed.device()
         saved = self.run_dir / "config.toml"
@@ -141,7 +152,8 @@ class Trainer:
         self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
         data = load_dataset(cfg.data) if dataset is None else dataset
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step
-        self.objective = kind(cfg, data, Context(self.run_dir, self.device, self.rank, self.world, saved_cfg, self.generator))
+        self.objective = kind(cfg, data, Context(self.run_dir, self.device, self.rank, self.world, saved_cfg, self.generator,
+                                                 features or feature_network))
         self.cfg = cfg = self.objective.cfg
         check_train(cfg, self.world, self.objective.dataset)
         t = cfg.train
@@ -218,6 +230,7 @@ class Trainer:
         return x.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
 
     # --- one step -----------------------------------------------------------------------------
+    @torch.enable_grad()  # a trainer needs gradients, even called inside no_grad (a metric training its instrument)
     def loss_and_backward(self) -> Tensor:
         """Forward and backward of the current step; returns the main group's global mean loss (a 0-d tensor). The
         groups with a loss this step and the kind's logged values are kept for train_step."""
@@ -311,7 +324,7 @@ class Trainer:
         start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
         for m in self.modules.values():
             m.train()
-        log = (self.run_dir / "log.jsonl").open("a") if self.is_main else None
+        log = ckpt.open_log(self.run_dir / "log.jsonl") if self.is_main else None  # a torn last line (a kill) cut first
         try:
             while self.step < t.steps:
                 stats = self.train_step()
@@ -498,6 +511,104 @@ class Trainer:
                 for k, tensor in v.items():
                     if isinstance(tensor, Tensor) and k != "step":
                         v[k] = tensor.to(p.device)
+
+
+# --- the networks measurements use ---------------------------------------------------------------------------------
+DIGIT_RECIPE = ["model.kind=digit_classifier", "data.source=mnist", "data.image_size=28", "data.channels=1",
+                "train.batch_size=64", "train.steps=468", "train.lr=2e-3", "train.lr_schedule=linear", "train.warmup_steps=0",
+                "train.grad_clip=0", "train.seed=0", "train.mixed_precision=no", "train.log_every=78", "train.sample_every=0",
+                "train.checkpoint_every=468", "train.keep_checkpoints=1"]
+"""The digit classifier's training: 6 epochs (468 steps of 64 of the 5,000 bundled MNIST digits), Adam at 2e-3 decayed
+linearly to 0, no clipping, float32 on every machine, no augmentation (shifts of 1-2 pixels did not raise held-out
+accuracy, 97%+ without, and would make the features blind to misplaced digits, which a sample-quality metric should
+see). With DigitClassifier's layers it names the cache folder, so a change of either trains a new feature space."""
+DIGIT_SPACE_VERSION = 2  # v1 (before 2026-12-06) was trained by a loop of its own, with other batches: other FIDs
+
+
+def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassifier:
+    """The fixed digit classifier of the digit metrics, frozen: trained once by the one Trainer (DIGIT_RECIPE, model.kind
+    "digit_classifier") into the run folder CACHE/digit_classifier-v2-{hash} (cache_dir, else $DIFFUSE_CACHE, else
+    ~/.cache/diffuse), then loaded from it. It trains in this process alone, into a temporary folder renamed into place
+    when done (a run another process finished first is kept); a damaged cache is trained again, with a warning."""
+    run = digit_classifier_folder(cache_dir)
+    root = run.parent
+    if run.exists():
+        problem = "it holds no valid checkpoint"
+        if ckpt.latest_step(run) is not None:
+            try:
+                return _load_digits(run)
+            except (KeyError, RuntimeError, ValueError, OSError) as e:
+                problem = f"{type(e).__name__}: {e}"
+        warnings.warn(f"ignoring the unreadable digit-classifier cache {run} ({problem}); retraining", UserWarning,
+                      stacklevel=2)
+        shutil.rmtree(run, ignore_errors=True)  # damaged: trained again, never trusted
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".digit_classifier-") as tmp:
+        Trainer(apply_overrides(RunConfig(), DIGIT_RECIPE), Path(tmp) / "run", progress=False, one_process=True).fit()
+        try:
+            os.replace(Path(tmp) / "run", run)
+        except OSError:  # another process put its run there first: the same recipe, so the same network
+            pass
+    return _load_digits(run)
+
+
+def digit_classifier_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """CACHE/digit_classifier-v{DIGIT_SPACE_VERSION}-{hash}: the hash covers the network's layers and DIGIT_RECIPE."""
+    root = Path(cache_dir or os.environ.get("DIFFUSE_CACHE") or "~/.cache/diffuse").expanduser()
+    key = hashlib.sha256(f"{DigitClassifier()!r}{DIGIT_RECIPE}".encode()).hexdigest()[:10]
+    return root / f"digit_classifier-v{DIGIT_SPACE_VERSION}-{key}"
+
+
+def _load_digits(run: Path) -> DigitClassifier:
+    net = DigitClassifier()
+    ckpt.load_weights(net, ckpt.load_checkpoint(run).tensors["model"], config=run / "config.toml", weights=run / "checkpoints")
+    return net.eval().requires_grad_(False)
+
+
+def _user_module(spec: str) -> nn.Module:
+    """MODULE:ATTR or FILE.py:ATTR -> the nn.Module there, or what calling it with no arguments returns."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"feature network {spec!r}: expected digits, inception[:PATH], MODULE:ATTR or FILE.py:ATTR "
+                         "(ATTR an nn.Module or a function returning one)")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(f"feature network file {where} does not exist")
+        module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"feature network {spec!r}: cannot import module {where!r} ({e}); check the name and "
+                             "that it is on PYTHONPATH, or give a FILE.py:ATTR path") from e
+    obj = module
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            raise ValueError(f"feature network {spec!r}: {where} has no attribute {attr!r}")
+        obj = getattr(obj, name)
+    net = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"feature network {spec!r} is a {type(obj).__name__}, not an nn.Module or a function returning one")
+    return net.eval().requires_grad_(False)
+
+
+def feature_network(spec: str = "digits", device: str | torch.device = "cpu") -> nn.Module:
+    """The feature network named by spec, frozen on device:
+
+    - "digits": the cached digit classifier (1-channel digits; the default of `diffuse eval`);
+    - "inception" or "inception:PATH": the standard FID Inception-v3 from a local weights file
+      (PATH or $DIFFUSE_INCEPTION_WEIGHTS; see diffuse.nets.inception for where to get it);
+    - "MODULE:ATTR" or "FILE.py:ATTR": any nn.Module of the user's, or a function returning one. Its
+      `features(x)` (else `forward(x)`) gives the features of images in [-1, 1]; `forward(x)` gives
+      the logits that the Inception Score needs.
+    """
+    if spec == "digits":
+        return digit_classifier().to(device)
+    if spec == "inception" or spec.startswith("inception:"):
+        return inception_fid(spec.partition(":")[2] or None, device=device)
+    return _user_module(spec).to(device)
 
 
 def dry_run(cfg: RunConfig, **kw) -> str:

@@ -390,9 +390,7 @@ def test_kill_during_sample_edit_eval_and_ema_leaves_every_earlier_file_loadable
         assert (out / name).exists(), f"{name} was never written in the first round"
 
 
-# --- what the trainer and the post-hoc EMA still write their own way (the remaining edits of issue 38) ----------------------
-@pytest.mark.xfail(reason="needs diffuse/train.py change (Trainer.fit opens log.jsonl with checkpoint.open_log), issue 38",
-                   strict=True)
+# --- what the trainer and the post-hoc EMA write -------------------------------------------------------------------------
 def test_a_resumed_run_appends_after_a_torn_log_line_on_a_line_of_its_own(tmp_path):
     out = tmp_path / "run"
     args = ["train", "configs/mnist.toml", *_sets(TINY), "--set", "train.log_every=1", "--out", str(out)]
@@ -404,8 +402,6 @@ def test_a_resumed_run_appends_after_a_torn_log_line_on_a_line_of_its_own(tmp_pa
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # the torn part is cut, no line merged
 
 
-@pytest.mark.xfail(reason="needs diffuse/ema.py change (PowerEMA.save_snapshot writes through checkpoint.write_atomically), "
-                          "issue 38", strict=True)
 def test_a_post_hoc_ema_snapshot_on_a_full_disk_names_the_file(disk):
     from diffuse.ema import PowerEMA
 

@@ -8,6 +8,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from diffuse import metrics
+import diffuse.train as train_mod
 from diffuse.cli import main
 from diffuse.config import apply_overrides, load_config
 from diffuse.train import Trainer
@@ -140,16 +141,16 @@ def test_vlb_decreases_during_training(tmp_path):
 
 
 def test_feature_network_by_name(tmp_path):
-    assert isinstance(metrics.feature_network("torch.nn:Identity"), torch.nn.Identity)  # a class: called with no arguments
+    assert isinstance(train_mod.feature_network("torch.nn:Identity"), torch.nn.Identity)  # a class: called with no arguments
     (tmp_path / "feats.py").write_text("import torch\nnet = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())\n")
-    net = metrics.feature_network(f"{tmp_path / 'feats.py'}:net")
+    net = train_mod.feature_network(f"{tmp_path / 'feats.py'}:net")
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert metrics.extract_features(x, net).shape == (6, 49)
     for spec, match in [("nodots", "expected digits, inception"), ("no.such.module:f", "cannot import module"),
                         ("torch.nn:NoSuchThing", "no attribute"), ("math:pi", "not an nn.Module"),
                         (f"{tmp_path / 'missing.py'}:net", "does not exist")]:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
-            metrics.feature_network(spec)
+            train_mod.feature_network(spec)
 
 
 def _capture(monkeypatch, name):

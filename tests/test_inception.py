@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from diffuse import metrics
+import diffuse.train as train_mod
 from diffuse.nets.digits import DigitClassifier
 import torch.nn.functional as F
 
@@ -155,8 +155,8 @@ def test_environment_variable_names_the_file(weights_file, monkeypatch):
     monkeypatch.setenv("DIFFUSE_INCEPTION_WEIGHTS", str(weights_file))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert isinstance(metrics.feature_network("inception"), FIDInceptionV3)
-        assert isinstance(metrics.feature_network(f"inception:{weights_file}"), FIDInceptionV3)
+        assert isinstance(train_mod.feature_network("inception"), FIDInceptionV3)
+        assert isinstance(train_mod.feature_network(f"inception:{weights_file}"), FIDInceptionV3)
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):

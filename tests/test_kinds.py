@@ -32,6 +32,7 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     "autoencoder": ["model.kind=autoencoder", "autoencoder.channels=[8, 16]", "autoencoder.latent_channels=2",
                     "autoencoder.num_res_blocks=1", "autoencoder.norm_groups=4", "autoencoder.disc_start=1",
                     "autoencoder.disc_channels=8", "autoencoder.disc_layers=1"],
+    "digit_classifier": ["model.kind=digit_classifier", "data.source=digits"],  # ten classes: sklearn's 8x8 digits
 }
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"])}  # restarts draw too
@@ -40,8 +41,9 @@ VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencod
 def config(images: Path, kind: str, steps: int, extra=()):
     from diffuse.config import RunConfig, apply_overrides
 
-    overrides = [*COMMON, f"data.path={json.dumps(str(images))}", f"train.steps={steps}", *CONFIGS[kind], *extra]
-    return apply_overrides(RunConfig(), overrides)
+    own = [*CONFIGS[kind], *extra]
+    path = [] if any(o.startswith("data.source=") for o in own) else [f"data.path={json.dumps(str(images))}"]
+    return apply_overrides(RunConfig(), [*COMMON, *path, f"train.steps={steps}", *own])
 
 
 def cases():

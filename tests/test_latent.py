@@ -14,9 +14,10 @@ from diffuse.nets.autoencoder import Autoencoder, AutoencoderConfig
 from diffuse.cli import main
 from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 from diffuse.data import load_dataset
-from diffuse.kinds.autoencoder import evaluate_autoencoder, held_out, reconstruction_scores
+from diffuse.kinds.autoencoder import held_out, reconstruction_scores
+from diffuse.runs import evaluate_autoencoder
 from diffuse.stages import diffusion_shape, LatentSpace, load_autoencoder, space
-from diffuse.metrics import feature_network
+from diffuse.train import feature_network
 from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.kinds.diffusion import sample_config_kwargs

@@ -92,11 +92,22 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def heldout_classifier(digits):
-    """The default recipe trained on 4,000 digits; the other 1,000 (100 per class) are held out."""
+def heldout_classifier(digits, tmp_path_factory):
+    """The recipe (train.DIGIT_RECIPE) trained by the one Trainer on 4,000 digits; the other 1,000 (100 per class) are
+    held out."""
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.data import Subset
+    from diffuse.train import DIGIT_RECIPE, Trainer
+
     x, y = digits
     test = torch.arange(len(y)) % 5 == 4
-    return D.train_digit_classifier(x[~test], y[~test], **D._RECIPE), x[test], y[test]
+    data = load_dataset(DataConfig(source="mnist"))
+    steps = (int((~test).sum()) // 64) * 6  # the recipe's 6 epochs of batch 64 on the 4,000
+    cfg = apply_overrides(RunConfig(), DIGIT_RECIPE + [f"train.steps={steps}", f"train.checkpoint_every={steps}"])
+    trainer = Trainer(cfg, tmp_path_factory.mktemp("digits") / "run", progress=False,
+                      dataset=Subset(data, torch.nonzero(~test).flatten()))
+    trainer.fit()
+    return trainer.model.eval().requires_grad_(False), x[test], y[test]
 
 
 def test_digit_classifier_heldout_accuracy(heldout_classifier):
@@ -115,33 +126,40 @@ def test_digit_classifier_shapes_and_resize():
 
 
 def test_digit_classifier_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_RECIPE", {**D._RECIPE, "epochs": 1})  # the caching, not the accuracy, is tested here
-    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
-    first = D.digit_classifier()
-    (cached,) = tmp_path.iterdir()  # one file, no temp files left behind
-    assert cached.name.startswith(f"digit_classifier-v{D._VERSION}-") and cached.suffix == ".safetensors"
+    import diffuse.train as T
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached classifier must be loaded, not retrained")
+    steps = ["train.steps=20", "train.checkpoint_every=20"]  # the caching, not the accuracy, is tested here
+    monkeypatch.setattr(T, "DIGIT_RECIPE", T.DIGIT_RECIPE + steps)
+    monkeypatch.setenv("DIFFUSE_CACHE", str(tmp_path))
+    first = T.digit_classifier()
+    (cached,) = tmp_path.iterdir()  # one run folder, no temporary folders left behind
+    assert cached.name.startswith(f"digit_classifier-v{T.DIGIT_SPACE_VERSION}-") and (cached / "config.toml").is_file()
+
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the cached classifier must be loaded, not retrained")
 
     with monkeypatch.context() as m:
-        m.setattr(D, "train_digit_classifier", no_training)
-        second = D.digit_classifier()
+        m.setattr(T, "Trainer", NoTraining)
+        second = T.digit_classifier()
     assert not second.training and not any(p.requires_grad for p in second.parameters())
     for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
 
-    cached.write_bytes(b"not a safetensors file")
+    for f in (cached / "checkpoints").rglob("model.safetensors"):
+        f.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable digit-classifier cache"):
-        third = D.digit_classifier(tmp_path)
+        third = T.digit_classifier(tmp_path)
     assert torch.equal(third.head.weight, first.head.weight)  # deterministic retraining, cache rewritten
-    assert D.digit_classifier(tmp_path) is not None and len(list(tmp_path.iterdir())) == 1
+    assert T.digit_classifier(tmp_path) is not None and len(list(tmp_path.iterdir())) == 1
 
 
 def test_cache_name_changes_with_recipe(tmp_path, monkeypatch):
-    before = D._cache_file(tmp_path)
-    monkeypatch.setattr(D, "_RECIPE", {**D._RECIPE, "lr": 1e-3})
-    assert D._cache_file(tmp_path) != before
+    import diffuse.train as T
+
+    before = T.digit_classifier_folder(tmp_path)
+    monkeypatch.setattr(T, "DIGIT_RECIPE", T.DIGIT_RECIPE + ["train.lr=1e-3"])
+    assert T.digit_classifier_folder(tmp_path) != before
 
 
 # --- FID in the classifier's feature space ----------------------------------------------------

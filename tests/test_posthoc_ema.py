@@ -262,7 +262,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ph, "save_file", boom)
+    monkeypatch.setattr(os, "fsync", boom)  # the write fails after the bytes went out
     with pytest.raises(OSError, match="disk full"):
         ema.save_snapshot(tmp_path, 1)
     assert os.listdir(tmp_path) == []

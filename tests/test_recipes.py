@@ -208,7 +208,8 @@ def test_dry_run_prints_the_footprint_and_writes_nothing(tmp_path, capsys):
 def test_fid_during_training_is_logged_plotted_and_the_best_kept(tmp_path, monkeypatch):
     """Every train.fid_every steps the FID of the EMA model's fixed samples equals metrics.fid computed by hand on the
     same samples and images; it goes to log.jsonl, and RUN/best holds the weights of the lowest, loadable by sample."""
-    from diffuse.metrics import feature_network, fid
+    from diffuse.metrics import fid
+    from diffuse.train import feature_network
     from diffuse.runs import load_run
     from diffuse.visualize import to_uint8
 

@@ -20,7 +20,7 @@ from ..data import load_dataset
 from ..demo import run_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
-from ..kinds.autoencoder import evaluate_autoencoder
+from ..runs import evaluate_autoencoder
 from ..kinds.diffusion import sample_config_kwargs
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
 from ..precision import autocast_dtype
@@ -30,7 +30,7 @@ from ..samplers import SAMPLERS, check_plan
 from ..schedule import Schedule
 from ..stages import space
 from ..tasks.image_to_image import training_condition
-from ..train import dry_run, train
+from ..train import dry_run, feature_network, train
 from ..visualize import save_samples, to_uint8
 from ..webui import serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
@@ -193,7 +193,7 @@ def eval_command(args) -> None:
             raise ValueError("the digit-classifier feature space is made for 1-channel digits and this run has "
                              f"data.channels = {d.channels}; pass --features inception:PATH (the FID Inception-v3 "
                              "weights file) or --features MODULE:ATTR (your own nn.Module)")
-        net = metrics.feature_network(features, device=device)  # before sampling: a bad spec fails fast
+        net = feature_network(features, device=device)  # before sampling: a bad spec fails fast
         sampler = args.sampler or s.sampler
         steps = s.steps if args.steps is None else args.steps  # 0: every step, as in `diffuse sample`
         kw = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps, "spacing": args.spacing or s.spacing}
@@ -238,7 +238,7 @@ def _report(record: dict, path: Path) -> None:
 
 def _eval_autoencoder(args, cfg, device) -> None:
     """`diffuse eval AE_RUN`: reconstruction PSNR, rFID and codebook statistics on the held-out images
-    (kinds.autoencoder.evaluate_autoencoder), printed and appended to RUN/eval.json."""
+    (runs.evaluate_autoencoder), printed and appended to RUN/eval.json."""
     sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "real", "rtol",
                             "vlb_samples")
                 if getattr(args, f, None) is not None]

@@ -8,11 +8,13 @@ from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
 from .base import Context, Group, Objective
 from .diffusion import ClassifierObjective, DiffusionObjective
+from .digit_classifier import DigitClassifierObjective
 
 KINDS: dict[str, type[Objective]] = {
     "denoiser": DiffusionObjective,
     "classifier": ClassifierObjective,
     "autoencoder": AutoencoderObjective,
+    "digit_classifier": DigitClassifierObjective,
 }
 
 

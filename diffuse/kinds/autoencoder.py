@@ -25,9 +25,9 @@ from .. import distributed
 from ..nets.autoencoder import (Autoencoder, check_config as check_autoencoder, PatchDiscriminator, autoencoder_loss, codebook_usage, discriminator_loss, gan_active,
                            latent_scale_factor, perplexity, psnr)
 from ..config import RunConfig
-from ..data import Subset, load_dataset
-from ..metrics import feature_network, fid
-from ..stages import ENCODE_BATCH, load_autoencoder
+from ..data import Subset
+from ..metrics import fid
+from ..stages import ENCODE_BATCH
 from ..visualize import save_grid, to_uint8
 from .base import Context, Group, Objective
 
@@ -42,23 +42,6 @@ def held_out(n: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"an autoencoder run needs at least 2 images (one to train on, one held out), got {n}")
     k = max(1, int(n * HELD_OUT))
     return torch.arange(n - k), torch.arange(n - k, n)
-
-
-@torch.no_grad()
-def evaluate_autoencoder(run_dir: str | Path, features: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """`diffuse eval` of an autoencoder run, on its held-out images (`held_out`): PSNR of D(E(x)) (dB, mean over images),
-    rFID (FID of the reconstructions, rounded to 8 bits, against the originals, in the feature space `features`:
-    default "digits" for 1-channel data, else none unless given; metrics.feature_network), the latents' std and
-    latent_scale_factor, and for VQ the codebook usage (fraction of codes used) and perplexity over all held-out
-    positions. Returns the record (JSON-ready)."""
-    cfg, ae = load_autoencoder(run_dir, device)
-    data = load_dataset(cfg.data)
-    _, test = held_out(len(data))
-    x, _ = data.batch(test)
-    features = features or ("digits" if cfg.data.channels == 1 else None)
-    net = feature_network(features, device) if features is not None else None
-    return {"metric": "reconstruction", "kind": cfg.autoencoder.kind, "factor": cfg.autoencoder.factor,
-            **reconstruction_scores(ae, x, net), **({"features": features} if features else {})}
 
 
 @torch.no_grad()
@@ -114,7 +97,7 @@ class AutoencoderObjective(Objective):
             if not ok:
                 raise ValueError(msg)
         # loaded now: a bad feature spec fails before training
-        self.feature_net = feature_network(t.fid_features, ctx.device) if t.fid_every else None
+        self.feature_net = ctx.feature_network(t.fid_features, ctx.device) if t.fid_every else None
         self.latent_shape = None
 
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,8 @@ class Group:
 @dataclass
 class Context:
     """Where a kind's objective trains: the run folder, the device, this process (rank of world), the config saved
-    in the run folder by an earlier session (None for a new run), and the trainer's generator."""
+    in the run folder by an earlier session (None for a new run), the trainer's generator, and the resolver of feature
+    networks by name (train.fid_features)."""
 
     run_dir: Path
     device: torch.device
@@ -47,6 +48,7 @@ class Context:
     world: int = 1
     saved: RunConfig | None = None
     generator: torch.Generator | None = None  # the trainer's: every draw of a step (checkpointed)
+    feature_network: Callable | None = None    # (spec, device) -> frozen feature network (train.feature_network)
 
 
 class Objective:

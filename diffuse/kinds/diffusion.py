@@ -34,7 +34,7 @@ from ..stages import (PixelSpace, check_latent_config, diffusion_shape, prepare_
                       resolve_latent_config)
 from ..likelihood import bits_per_dim, vlb_term
 from ..losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
-from ..metrics import extract_features, feature_network, feature_statistics, frechet_distance
+from ..metrics import extract_features, feature_statistics, frechet_distance
 from ..generate import default_labels, generate
 from ..samplers import SAMPLERS
 from ..schedule import Schedule
@@ -347,7 +347,7 @@ class DiffusionObjective(Objective):
         upward, so it is a curve to compare with itself, not a published FID."""
         t = self.cfg.train
         if self._fid_reference is None:
-            net = feature_network(t.fid_features, trainer.device)
+            net = self.ctx.feature_network(t.fid_features, trainer.device)
             real, _ = self.pixels.batch(torch.arange(min(t.fid_samples, len(self.pixels))))
             features = extract_features(real, net)
             if len(features) <= features.shape[1]:

@@ -39,7 +39,7 @@ class UNetConfig:
     num_heads: int = 1                                              # attention heads (DDPM: 1)
     dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
     norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
-    kind: Literal["denoiser", "classifier", "autoencoder"] = "denoiser"  # the U-Net, its encoder as a noisy classifier
+    kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier"] = "denoiser"  # the U-Net, its encoder as a noisy classifier
     #                                                                 (nets.classifier), or a run of the [autoencoder] (kinds.autoencoder)
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
