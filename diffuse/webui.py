@@ -12,10 +12,10 @@ The page has three tabs:
             restore / inpainting run; the before/after figure, the files and the `diffuse edit ...` command line.
     Runs    each run's config, loss curve, sample grids over training and eval.json figures.
 
-It is a thin layer over the library: `sample_plan` and `edit_plan` resolve the page's choices exactly as `diffuse
-sample` / `diffuse edit` resolve their flags (cli._sampling and cli._edit: the run's [sample] section through
-`sample_config_kwargs`, `default_labels`, `check_guidance`; images through `data.load_image` / `load_mask`), so the
-command line printed under a result reproduces it. Long jobs (sampling, editing) run one at a time on the device
+It is a thin layer over the library: the widgets make a request (app/requests.py: `page_request`), which `resolve`
+checks and `execute` runs as they run `diffuse sample` / `diffuse edit`, so the command line printed under a result
+(`Plan.argv`) reproduces it pixel for pixel, and a bad choice gets the command line's message with each flag named by
+its widget (`LABELS`). Long jobs (sampling, editing) run one at a time on the device
 through Gradio's queue, each in a worker thread that the Cancel button stops at its next sampler step; every
 run's model is loaded once and kept. Bad inputs (a file that is not an image, a mask of another size, a
 guidance weight the run cannot use) give a message on the page, never a traceback, and the server keeps serving.
@@ -48,19 +48,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import pretrained, tasks
+from . import pretrained
+from .app.requests import (EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
+                           save_before_after)
 from .checkpoint import read_json_records, read_log, write_atomically
 from .config import to_dict
-from .data import load_image, load_mask, open_image
-from .stages import diffusion_shape, space
-from .tasks.editing import latent_edit, latent_factor
-from .generate import default_labels, generate
-from .runs import check_guidance, load_run, prompt_condition, run_config
-from .kinds.diffusion import sample_config_kwargs
-from .samplers import SAMPLERS, CountCalls, Step, check_plan
-from .schedule import SPACINGS, Schedule
-from .tasks.editing import STRENGTH_HELP
-from .tasks.image_to_image import input_condition, run_edits, viewable
+from .data import open_image
+from .runs import Run, open_run
+from .samplers import SAMPLERS, Step
+from .schedule import SPACINGS
+from .stages import diffusion_shape
+from .tasks.editing import STRENGTH_HELP, latent_factor
 from .visualize import grid, save_gif, save_grid, save_image
 
 INSTALL = 'pip install -e ".[ui]"'
@@ -98,250 +96,65 @@ def _gradio():
     return gradio
 
 
-# --- what the page asks for, resolved as the command line resolves its flags -----------------------------------
-@dataclass
-class SampleRequest:
-    """The Sample tab's choices; None takes the run's [sample] setting, as a flag left out of `diffuse sample` does."""
-
-    run: str
-    n: int = 16
-    sampler: str | None = None
-    steps: int | None = None       # 0: every step of the schedule
-    spacing: str | None = None
-    guidance: float | None = None
-    label: int | None = None       # None: every class in turn (class-conditional runs)
-    seed: int = 0
-    ema: bool = True
-    prompt: str | None = None      # the caption to draw (text-conditional runs; "" or None: not given)
-    negative_prompt: str | None = None  # guided away from, in place of the empty caption
+# --- what the page asks for: requests of app/requests.py, built from the widgets --------------------------------------
+LABELS = {  # request field -> how the page names it, in place of the command line's flag (RequestError.named)
+    "run": "the run", "n": "the number of images", "sampler": "the sampler", "steps": "the steps", "spacing": "the spacing",
+    "guidance": "the guidance weight", "label": "the class label", "seed": "the seed", "ema": "the EMA weights",
+    "prompt": "the prompt", "negative_prompt": "the negative prompt", "task": "the edit", "image": "the image",
+    "mask": "the mask", "strength": "the SDEdit strength", "factor": "the ILVR factor", "t_stop": "ILVR's t_stop",
+    "repaint_jumps": "RePaint's resamplings", "repaint_length": "RePaint's jump length",
+}
 
 
-@dataclass
-class EditRequest(SampleRequest):
-    """The Edit tab's choices: an edit (`EDITS`) of the image file `image`, with the mask file `mask` (inpaint; white =
-    generate), the SDEdit strength, the ILVR factor and RePaint's resamplings; n outputs (default 8, as `diffuse edit`)."""
-
-    task: str = "inpaint"
-    image: str = ""
-    mask: str | None = None
-    strength: float = 0.75             # SDEdit: sigma/alpha = s / (1 - s) at the start (tasks.editing)
-    factor: int = 2
-    repaint_jumps: int = 1
-    n: int = 8
-
-
-@dataclass
-class Plan:
-    """A request resolved: generate's keyword arguments (without callback), the sample shape (C, H, W) and the
-    command line (argv after `diffuse`) that does the same; an edit's also holds its input image and mask."""
-
-    kwargs: dict
-    shape: tuple[int, int, int]
-    argv: list[str]                   # the whole command after `diffuse`
-    flags: list[str]                  # its sampling flags (--n ... --seed ...), shared by sample and edit
-    image: Tensor | None = None       # (1, C', h, w) in [-1, 1]: the edit's input (ilvr: the reference)
-    mask: Tensor | None = None        # (1, 1, H, W), 1 = keep
-    prompt: str | None = None         # a text-conditional run's caption, and its negative prompt
-    negative_prompt: str | None = None
-
-    @property
-    def command(self) -> str:
-        return shlex.join(["diffuse", *self.argv])
+def page_request(cls, run: Run | None, name: str, sampler, steps, spacing, guidance, label, seed, n, ema, prompt,
+                 negative, device: str | None = None, **extra) -> SampleRequest:
+    """A SampleRequest (or EditRequest, with the edit's own `extra` fields) of the page's widgets for the served run
+    `run` (None: a run this server does not offer, refused by `Models.run`): what a widget shows is what the request
+    asks, except that an adaptive solver is given no steps or spacing (it picks its own), a run that cannot take
+    guidance no weight, an empty prompt box no prompt, and a run without captions none of the hidden prompt boxes.
+    `device`: the server's --device, said in the command line only when the server was given one."""
+    caps = run.capabilities if run is not None else None
+    adaptive = sampler in SAMPLERS and SAMPLERS[sampler].calls_per_step == 0
+    if isinstance(n, (int, float)) and n > MAX_IMAGES:
+        raise RequestError("n", f"--n is at most {MAX_IMAGES} on this page (one batch of the device; `diffuse sample "
+                                f"--n` draws any number), got {n}")
+    text = caps is not None and caps.text
+    return cls(run=name, n=n, sampler=sampler, steps=None if adaptive else steps, spacing=None if adaptive else spacing,
+               guidance=guidance if caps is None or caps.guidance_keys else None,
+               label=None if label in (None, ALL_CLASSES) else _whole(label), seed=seed, ema=bool(ema),
+               prompt=(prompt or None) if text else None, negative_prompt=(negative or None) if text else None,
+               device=device, **extra)
 
 
-def _number(value, kind: type, name: str, low: float, high: float = math.inf):
-    """A page field as an int or float in [low, high]: ValueError naming the field otherwise."""
+def edit_fields(task: str, strength, factor, t_stop, jumps, length, mask: str | None) -> dict:
+    """The Edit tab's widgets of `task`'s own fields (app.requests.TASK_FIELDS); the others stay at their defaults."""
+    return {"sdedit": dict(strength=strength), "ilvr": dict(factor=factor or 1, t_stop=t_stop or 0.0),
+            "inpaint": dict(mask=mask, repaint_jumps=jumps or 1, repaint_length=length or 10)}.get(task, {})
+
+
+def _whole(value):
+    """A dropdown's text as a whole number when it is one (the request checks it either way)."""
     try:
-        x = kind(value)
-        ok = math.isfinite(x) and low <= x <= high and (kind is not int or float(value) == x)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        where = f"between {low:g} and {high:g}" if high < 1e15 else f">= {low:g}"
-        raise ValueError(f"{name} must be {'a whole number' if kind is int else 'a number'} {where}, got {value!r}")
-    return x
-
-
-def sample_plan(req: SampleRequest, cfg, num_classes: int, device: str, device_flag: bool = False) -> Plan:
-    """Resolve the Sample tab's choices as `diffuse sample` resolves its flags (cli._sampling): the run's [sample]
-    section (`sample_config_kwargs`) under what the page says, the labels (`default_labels` or one class), the
-    guidance checked (`check_guidance`). argv is the `sample` command that draws the same pixels (`--device` only with
-    `device_flag`, when the server was given one; otherwise both pick cuda if available, else cpu).
-    Raises ValueError for a bad sampler, spacing, number, label or guidance weight, naming the fix."""
-    s = cfg.sample
-    sampler = req.sampler or s.sampler
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    spacing = req.spacing or s.spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    n = _number(req.n, int, "the number of images", 1, MAX_IMAGES)
-    steps = _number(s.steps if req.steps is None else req.steps, int, "steps", 0, 100_000)
-    check_plan(Schedule.from_config(cfg.schedule), sampler, steps or None, spacing)  # this process, this grid
-    seed = _number(req.seed, int, "the seed", 0, 2**63 - 1)
-    guidance = _number(s.guidance if req.guidance is None else req.guidance, float, "the guidance weight", 0)
-    check_guidance(cfg, guidance, classifier=False)
-    text = bool(cfg.model.text_encoder)
-    prompt, negative = req.prompt or None, req.negative_prompt or None  # an empty box is no prompt
-    if not text and (prompt or negative):
-        raise ValueError(f"{req.run} is not text-conditional (model.text_encoder), so it takes no prompt; clear the prompt "
-                         "boxes" + (" and choose a class label" if cfg.model.class_conditional else ""))
-    if text and prompt is None:
-        raise ValueError(f'{req.run} is a text-conditional run: type what to draw in the prompt box, e.g. "a red circle"')
-    if negative is not None and not guidance:
-        raise ValueError("a negative prompt replaces the empty caption of classifier-free guidance, so it needs a guidance "
-                         "weight above 0")
-    conditional = cfg.model.class_conditional and num_classes > 0
-    if req.label is not None:
-        if not conditional:
-            raise ValueError(f"{req.run} is not class-conditional, so it takes no class label; choose '{ALL_CLASSES}'")
-        label = _number(req.label, int, "the class label", 0, num_classes - 1)
-        labels = torch.full((n,), label)
-    else:
-        labels = default_labels(n, num_classes) if conditional else None
-    kwargs = {**sample_config_kwargs(s), "sampler": sampler, "steps": steps or None, "spacing": spacing,
-              "guidance": guidance, "labels": labels, "seed": seed, "device": device}
-    argv = ["--n", str(n), "--sampler", sampler]
-    if SAMPLERS[sampler].calls_per_step:  # an adaptive solver picks its own steps; the CLI refuses --steps for it
-        argv += ["--steps", str(steps), "--spacing", spacing]
-    argv += ["--seed", str(seed)]
-    if req.label is not None:
-        argv += ["--label", str(label)]
-    if prompt is not None:
-        argv += ["--prompt", prompt] + (["--negative-prompt", negative] if negative is not None else [])
-    if conditional or text or guidance:
-        argv += ["--guidance", repr(guidance)]  # repr: the shortest text that reads back as the same float
-    if not req.ema:
-        argv.append("--no-ema")
-    if device_flag:
-        argv += ["--device", device]
-    return Plan(kwargs, diffusion_shape(cfg), ["sample", req.run, *argv, "--out", "samples.png"], argv,
-                prompt=prompt, negative_prompt=negative)
-
-
-def check_samplable(run: str, cfg) -> None:
-    """A trained-task run (task.kind superres, colorize, ...) makes an image from an input image, so it has nothing to
-    draw on the Sample tab: ValueError sending the user to the Edit tab."""
-    if cfg.task.kind != "none":
-        raise ValueError(f"{run} is a {cfg.task.kind} run (task.kind = {cfg.task.kind!r}): it makes an image from an "
-                         f"input image; use it on the Edit tab ({edit_tasks(cfg)[0]})")
-
-
-def edit_tasks(cfg) -> list[str]:
-    """The edits a run offers (tasks.image_to_image.run_edits)."""
-    return list(run_edits(cfg.task.kind))
-
-
-def input_geometry(cfg, task: str) -> tuple[int, int]:
-    """(channels, side) an edit's input image is fitted to, as `diffuse edit` fits it: a superres run takes
-    image_size / factor, a colorize run a grayscale image."""
-    d, kind = cfg.data, cfg.task.kind
-    side = d.image_size // cfg.task.factor if kind == "superres" else d.image_size
-    return (1 if kind == "colorize" else d.channels), side
-
-
-def edit_plan(req: EditRequest, cfg, num_classes: int, device: str, device_flag: bool = False) -> Plan:
-    """Resolve the Edit tab's choices as `diffuse edit TASK` does (cli._edit): the task checked against the run, the
-    image read with `load_image` (fitted to the model with a note, a UserWarning), the mask with `load_mask` and checked
-    (`tasks.editing.check_mask`), the ILVR factor checked, then the sampling choices as in `sample_plan`. argv is the
-    `edit` command that makes the same outputs from the same files. Raises ValueError (OSError for a missing file)
-    naming the problem and the fix."""
-    offered = edit_tasks(cfg)
-    if req.task not in offered:
-        raise ValueError(f"{req.run} offers {', '.join(offered)}, not {req.task}"
-                         + (" (a trained-task run needs its condition image)" if cfg.task.kind != "none" else ""))
-    trained = cfg.task.kind != "none"
-    if trained and req.repaint_jumps != 1:
-        raise ValueError(f"{req.run} was trained for {cfg.task.kind} and sees its input itself: RePaint resampling "
-                         "does nothing; set it to 1")
-    if not req.image:
-        raise ValueError("no image to edit: upload an image file (or use one of the last samples) first")
-    channels, side = input_geometry(cfg, req.task)
-    image, geometry = load_image(req.image, channels, side)  # a note (UserWarning) when it is fitted
-    mask = None
-    if req.task == "inpaint":
-        if req.mask is None:
-            raise ValueError("inpainting needs a mask: draw the region to generate on the image (or upload a mask file)")
-        mask = load_mask(req.mask, geometry)
-        tasks.editing.check_mask(mask, image)
-    if req.task == "ilvr":
-        factor = _number(req.factor, int, "the ILVR factor", 1)
-        tasks.low_pass(image, factor)  # a factor that does not divide fails here
-        if cfg.latent.autoencoder:
-            latent_factor(factor, diffusion_shape(cfg), cfg.data.image_size)
-    strength = _number(req.strength, float, "the SDEdit strength", 0, 1)
-    plan = sample_plan(req, cfg, num_classes, device, device_flag)
-    plan.image, plan.mask = image, mask
-    argv = ["edit", req.task, req.run, "--reference" if req.task == "ilvr" else "--image", req.image]
-    if req.task == "inpaint":
-        argv += ["--mask", req.mask]
-        if req.repaint_jumps != 1:
-            argv += ["--repaint-jumps", str(_number(req.repaint_jumps, int, "RePaint's resamplings", 1, 100))]
-    if req.task == "sdedit":
-        argv += ["--strength", repr(strength)]
-    if req.task == "ilvr":
-        argv += ["--factor", str(int(req.factor))]
-    plan.argv = argv + plan.flags + ["--out", "edited.png"]
-    return plan
-
-
-def _generate_kw(plan: Plan, model, n: int, callback) -> dict:
-    """generate's keyword arguments of a plan: its sampling choices, the callback, and a text run's prompt condition."""
-    text = {} if plan.prompt is None else prompt_condition(model.denoiser, n, plan.prompt, plan.negative_prompt,
-                                                           plan.kwargs["device"])
-    return {**plan.kwargs, "callback": callback, **text}
-
-
-def run_sample(req: SampleRequest, plan: Plan, model, denoiser=None, callback=None) -> Tensor:
-    """The samples, as `diffuse sample` draws them (cli._sample): n of them generated in the run's space (pixels, or
-    the latents of a latent-diffusion run, decoded) with the prompt's condition; (n, C, H, W) in [-1, 1]. `denoiser`
-    (default model.denoiser) may wrap the model's, e.g. to count calls."""
-    n = int(req.n)
-    return model.space.decode(generate(denoiser or model.denoiser, n, plan.shape, **_generate_kw(plan, model, n, callback)))
-
-
-def run_edit(req: EditRequest, plan: Plan, model, denoiser=None, callback=None) -> tuple[Tensor, list[Tensor]]:
-    """The edit itself, as `diffuse edit` runs it (cli._edit): n outputs (n, C, H, W) in [-1, 1] and the images the
-    before/after figure shows before them (the input, the masked input, or the reference and its low-pass). A
-    latent-diffusion run edits its latents (tasks.editing.latent_edit)."""
-    cfg, denoiser = model.cfg, denoiser or model.denoiser
-    d, n, image = cfg.data, int(req.n), plan.image
-    kw = _generate_kw(plan, model, n, callback)
-    batch = image.expand(n, *image.shape[1:]).to(kw["device"])
-    if model.space.latent:
-        own = {"sdedit": dict(strength=float(req.strength)), "ilvr": dict(factor=int(req.factor)),
-               "inpaint": dict(options={"jump_n_samples": int(req.repaint_jumps)})}[req.task]
-        x = latent_edit(req.task, denoiser, model.space, batch, plan.mask, **own, **kw)
-        return x, [image * plan.mask] if req.task == "inpaint" else [image]
-    if cfg.task.kind != "none":
-        g = torch.Generator(kw["device"]).manual_seed(kw["seed"] + 1)  # as the CLI: the augmentation noise of a cascade stage
-        cond = input_condition(cfg.task, batch, d.image_size, denoiser.schedule, mask=plan.mask, generator=g)
-        x = generate(denoiser, n, plan.shape, cond=cond, **kw)
-        return x, [viewable(cond["image"][:1], d.channels)]
-    if req.task == "sdedit":
-        return tasks.sdedit(denoiser, batch, float(req.strength), **kw), [image]
-    if req.task == "inpaint":
-        x = tasks.inpaint(denoiser, batch, plan.mask, jump_n_samples=int(req.repaint_jumps), **kw)
-        return x, [image * plan.mask]  # the region to generate shown as mid-grey
-    x = tasks.ilvr(denoiser, batch, int(req.factor), **kw)
-    return x, [image, tasks.low_pass(image, int(req.factor))]
+        return int(value) if float(value) == int(value) else value
+    except (TypeError, ValueError):
+        return value
 
 
 # --- models and jobs ---------------------------------------------------------------------------------------------
 @dataclass
 class Model:
-    """A loaded run: its config, denoiser and number of classes, and the warnings loading it gave (e.g. an EMA that
-    is still mostly the initial weights), which the page repeats with every job on it."""
+    """A served run: what it can do (runs.open_run), its weights and space on the server's device (app.requests.Loaded),
+    and the warnings loading them gave (e.g. an EMA that is still mostly the initial weights), which the page repeats
+    with every job on it."""
 
-    cfg: object
-    denoiser: object
-    num_classes: int
+    run: Run
+    loaded: Loaded
     notes: list[str]
-    space: object = None  # latent.PixelSpace, or the LatentSpace a latent-diffusion run's samples are decoded from
 
 
 class Models:
-    """The runs a server offers, each run's weights loaded once (EMA or raw) and kept on the device.
+    """The runs a server offers, each opened once (`opened`: what it can do) and its weights loaded once (EMA or raw)
+    and kept on the device.
 
     Raises FileNotFoundError for a folder that is not a run and ValueError for a run that is not a denoiser."""
 
@@ -350,26 +163,37 @@ class Models:
             raise ValueError("give at least one run folder to serve")
         self.runs = list(dict.fromkeys(str(r) for r in runs))
         self.device = device
-        self.configs = {run: run_config(run) for run in self.runs}  # a folder that is not a run fails here, by name
-        for run, cfg in self.configs.items():
-            if cfg.model.kind != "denoiser":
-                raise ValueError(f"{run} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a denoiser to "
-                                 "sample from; serve denoiser runs")
+        self.opened = {run: open_run(run) for run in self.runs}  # a folder that is not a run fails here, by name
+        for run, r in self.opened.items():
+            if r.kind != "denoiser":
+                raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from; serve "
+                                 "denoiser runs")
         self._loaded: dict[tuple[str, bool], Model] = {}
         self._lock = threading.Lock()
 
+    def run(self, run: str) -> Run:
+        """The served run of that name (ValueError for a run this server does not offer)."""
+        if run not in self.opened:
+            raise ValueError(f"{run!r} is not one of the runs served: {', '.join(self.runs)}")
+        return self.opened[run]
+
     def get(self, run: str, ema: bool = True) -> Model:
         """The run's model, loaded on first use (ValueError for a run this server does not offer)."""
-        if run not in self.configs:
-            raise ValueError(f"{run!r} is not one of the runs served: {', '.join(self.runs)}")
+        opened = self.run(run)
         with self._lock:
             if (run, ema) not in self._loaded:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    cfg, den, num_classes = load_run(run, ema=ema, device=self.device)
-                    decoder = space(cfg, self.device)  # a latent-diffusion run's autoencoder, loaded once too
-                self._loaded[run, ema] = Model(cfg, den, num_classes, [str(w.message) for w in caught], decoder)
+                    loaded = load(opened, ema, self.device)  # a latent-diffusion run's autoencoder, loaded once too
+                self._loaded[run, ema] = Model(opened, loaded, [str(w.message) for w in caught])
             return self._loaded[run, ema]
+
+    def load(self, run: Run, ema: bool, device: str) -> Loaded:
+        """`execute`'s loader: the kept weights of a served run, its loading notes said again (warnings)."""
+        model = self.get(next(name for name, r in self.opened.items() if r.path == run.path), ema)
+        for note in model.notes:
+            warnings.warn(note)
+        return model.loaded
 
 
 class Cancelled(Exception):
@@ -436,7 +260,10 @@ def page_error(gr, text: str):
 
 def error_message(e: BaseException) -> str:
     """What the page says about a failure: the library's own message for bad input (ValueError, OSError: they name
-    the problem and the fix), a short line (and the traceback in the server's log) for anything else."""
+    the problem and the fix; a request's error names its widget, `LABELS`), a short line (and the traceback in the
+    server's log) for anything else."""
+    if isinstance(e, RequestError):
+        return e.named(LABELS)
     if isinstance(e, (ValueError, OSError)):
         return str(e)
     traceback.print_exception(type(e), e, e.__traceback__)
@@ -614,15 +441,12 @@ def build_app(runs: list[str], device: str | None = None):
     first = ui.models.runs[0]
 
     def run_choices(run: str) -> dict:
-        """The sampling controls' defaults for a run: its [sample] section and classes."""
-        model = ui.models.get(run)
-        cfg, s = model.cfg, model.cfg.sample
-        conditional = cfg.model.class_conditional and model.num_classes > 0
-        text = bool(cfg.model.text_encoder)
-        return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, conditional=conditional,
-                    labels=[ALL_CLASSES] + [str(k) for k in range(model.num_classes)] if conditional else [ALL_CLASSES],
-                    guidance_ok=(conditional and bool(cfg.train.condition_dropout.get("label")))
-                    or (text and bool(cfg.train.condition_dropout.get("text"))), text=text)
+        """The sampling controls' defaults for a run: its [sample] section, and what it can do (runs.Capabilities)."""
+        r = ui.models.run(run)
+        s, caps = r.cfg.sample, r.capabilities
+        return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, conditional=caps.classes > 0,
+                    labels=[ALL_CLASSES] + [str(k) for k in range(caps.classes)], guidance_ok=bool(caps.guidance_keys),
+                    text=caps.text)
 
     def prompt_controls(run: str, prefix: str) -> list:
         """The prompt and negative-prompt boxes, shown for a text-conditional run."""
@@ -658,17 +482,18 @@ def build_app(runs: list[str], device: str | None = None):
                 gr.Dropdown(choices=c["labels"], value=ALL_CLASSES, interactive=c["conditional"]),
                 gr.Textbox(visible=c["text"]), gr.Textbox(visible=c["text"]))
 
-    def request(cls, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, **extra):
-        cfg = ui.models.configs.get(run)  # a run not served fails in ui.models.get, by name
-        text = cfg is not None and bool(cfg.model.text_encoder)  # hidden prompt boxes of another run say nothing
-        return cls(run=run, n=n, sampler=sampler, steps=steps, spacing=spacing, guidance=guidance,
-                   label=None if label in (None, ALL_CLASSES) else label, seed=seed, ema=bool(ema),
-                   prompt=prompt if text else None, negative_prompt=negative if text else None, **extra)
+    def request(cls, run, *widgets, **extra) -> SampleRequest:
+        """The request of the widgets (`page_request`); a bad one a message on the page."""
+        try:
+            return page_request(cls, ui.models.opened.get(run), run, *widgets,
+                                device=ui.device if ui.device_flag else None, **extra)
+        except ValueError as e:
+            raise page_error(gr, error_message(e))
 
     def decoded(req, x0: Tensor) -> Tensor:
         """A preview of the predicted x_0 as an image: a latent-diffusion run's latents decoded (the model is loaded by
         the time its job reports a step)."""
-        return ui.models.get(req.run, req.ema).space.decode(x0)
+        return ui.models.get(req.run, req.ema).loaded.space.decode(x0)
 
     def status(text: str, step: Step | None = None) -> str:
         return text if step is None else f"step {step.index + 1}{f' of {step.total}' if step.total else ''}: {text}"
@@ -679,11 +504,7 @@ def build_app(runs: list[str], device: str | None = None):
         folder = ui.job_folder("sample")
 
         def work(report):
-            model = ui.models.get(req.run, req.ema)
-            check_samplable(req.run, model.cfg)
-            plan = sample_plan(req, model.cfg, model.num_classes, ui.device, ui.device_flag)
-            for note in model.notes:
-                warnings.warn(note)
+            plan = resolve(req, ui.models.run(req.run))  # every check before the weights load
             frames: list[Tensor] = []
 
             def callback(step: Step):
@@ -693,18 +514,18 @@ def build_app(runs: list[str], device: str | None = None):
                 if step.total == 0 or step.index % max(1, step.total // PREVIEWS) == 0 or step.index == step.total - 1:
                     frames.append(step.x_next.cpu())  # the trajectory x_t, ending at the samples
 
-            counted = CountCalls(model.denoiser)
-            x = run_sample(req, plan, model, counted, callback=callback).cpu()
+            result = execute(plan, callback, load=ui.models.load)
+            x = result.x.cpu()
             save_grid(x, folder / "samples.png")  # what `diffuse sample ... --out samples.png` writes
-            save_gif([model.space.decode(f) for f in frames], folder / "trajectory.gif")  # latents decoded
-            return dict(x=x, plan=plan, calls=counted.calls)
+            save_gif([decoded(req, f) for f in frames], folder / "trajectory.gif")  # latents decoded
+            return dict(x=x, plan=plan, calls=result.calls)
 
         def outputs(kind, r):
             if kind == "preview":
                 return {s_image: display(decoded(req, r.x0)), s_status: status("the predicted x_0", r)}
             if kind != "done":
                 return {s_status: "cancelled" if kind == "cancelled" else gr.update()}  # a tick: no change
-            return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command,
+            return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command("samples.png"),
                     s_files: [str(folder / "samples.png"), str(folder / "trajectory.gif")], last: r["x"],
                     s_status: f"{len(r['x'])} samples, {r['calls']} denoiser calls"}
 
@@ -726,36 +547,35 @@ def build_app(runs: list[str], device: str | None = None):
     def use_sample(samples, k):
         if samples is None:
             raise page_error(gr, "no samples yet: draw some on the Sample tab first, or upload an image file")
-        try:
-            k = _number(k, int, "the sample number", 1, len(samples))
-        except ValueError as e:
-            raise page_error(gr, str(e))
+        if not (isinstance(k, (int, float)) and k == int(k) and 1 <= k <= len(samples)):
+            raise page_error(gr, f"the sample number must be a whole number between 1 and {len(samples)}, got {k!r}")
+        k = int(k)
         return into_editor(grid(samples[k - 1:k], pad=0), f"sample #{k}")
 
     def factors(run: str) -> list[int]:
         """ILVR factors that divide the image size (for a latent-diffusion run: multiples of its f, latent.latent_factor)."""
-        cfg = ui.models.configs[run]
-        side = cfg.data.image_size
+        r = ui.models.run(run)
+        side = r.cfg.data.image_size
 
         def fits(k: int) -> bool:
             try:
-                return side % k == 0 and (not cfg.latent.autoencoder or bool(latent_factor(k, diffusion_shape(cfg), side)))
+                return side % k == 0 and (not r.capabilities.latent or bool(latent_factor(k, diffusion_shape(r.cfg), side)))
             except ValueError:
                 return False
         return [k for k in range(2, side + 1) if fits(k)] or [1]
 
     def on_edit_run(run: str) -> tuple:
-        offered = edit_tasks(ui.models.configs[run])
+        offered = list(ui.models.run(run).capabilities.edits)
         return (gr.Radio(choices=offered, value=offered[0]), gr.Dropdown(choices=factors(run), value=factors(run)[0]),
                 *on_run(run))
 
     def on_task(task: str) -> tuple:
         return (f"**{task}**: {EDITS.get(task, '')}", gr.Slider(visible=task == "sdedit"),
-                gr.Dropdown(visible=task == "ilvr"), gr.Slider(visible=task == "inpaint"),
-                gr.File(visible=task == "inpaint"))
+                gr.Dropdown(visible=task == "ilvr"), gr.Slider(visible=task == "ilvr"), gr.Slider(visible=task == "inpaint"),
+                gr.Slider(visible=task == "inpaint"), gr.File(visible=task == "inpaint"))
 
-    def edit(run, task, value, size, mask_file, strength, factor, jumps, sampler, steps, spacing, guidance, label,
-             seed, n, ema, prompt, negative, progress=gr.Progress()):
+    def edit(run, task, value, size, mask_file, strength, factor, t_stop, jumps, length, sampler, steps, spacing,
+             guidance, label, seed, n, ema, prompt, negative, progress=gr.Progress()):
         folder = ui.job_folder("edit")
         try:
             image, drawn = editor_files(value, size, folder, strokes=task == "sdedit")
@@ -771,27 +591,21 @@ def build_app(runs: list[str], device: str | None = None):
                                "of the image's size)")
             mask = mask or drawn
         req = request(EditRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, task=task,
-                      image=image, mask=mask, strength=strength, factor=factor or 1, repaint_jumps=jumps or 1)
+                      image=image, **edit_fields(task, strength, factor, t_stop, jumps, length, mask))
 
         def work(report):
-            model = ui.models.get(req.run, req.ema)
-            plan = edit_plan(req, model.cfg, model.num_classes, ui.device, ui.device_flag)
-            for note in model.notes:
-                warnings.warn(note)
-            counted = CountCalls(model.denoiser)
-            x, before = run_edit(req, plan, model, counted, callback=report)
-            x = x.cpu()
-            save_grid(x, folder / "edited.png")
-            save_grid(torch.cat([b.cpu().to(x) for b in before] + [x]), folder / "edited_before_after.png",
-                      nrow=len(before) + len(x), scale=4)
-            return dict(x=x, plan=plan, calls=counted.calls)
+            plan = resolve(req, ui.models.run(req.run))  # the image, the mask and every choice checked before loading
+            result = execute(plan, report, load=ui.models.load)
+            save_grid(result.x.cpu(), folder / "edited.png")
+            save_before_after(result, folder / "edited_before_after.png")
+            return dict(x=result.x.cpu(), plan=plan, calls=result.calls)
 
         def outputs(kind, r):
             if kind == "preview":
                 return {e_image: display(decoded(req, r.x0)), e_status: status("the predicted x_0", r)}
             if kind != "done":
                 return {e_status: "cancelled" if kind == "cancelled" else gr.update()}
-            argv = [Path(a).name if a in (req.image, req.mask) else a for a in r["plan"].argv]
+            argv = [Path(a).name if a in (req.image, req.mask) else a for a in r["plan"].argv()] + ["--out", "edited.png"]
             files = [str(p) for p in (folder / "input.png", folder / "mask.png", folder / "edited.png",
                                       folder / "edited_before_after.png") if p.is_file()]
             return {e_image: display(r["x"]), e_figure: str(folder / "edited_before_after.png"), e_files: files,
@@ -804,7 +618,7 @@ def build_app(runs: list[str], device: str | None = None):
 
     # ---- Runs
     def show_run(run):
-        info = run_summary(run, ui.models.configs[run])
+        info = run_summary(run, ui.models.run(run).cfg)
         return info["about"], info["config"], info["loss"], info["grids"], evals_markdown(info["evals"])
 
     with gr.Blocks(title="diffuse", analytics_enabled=False) as app:
@@ -832,7 +646,7 @@ def build_app(runs: list[str], device: str | None = None):
                             s_files = gr.File(label="download", file_count="multiple", interactive=False,
                                               elem_id="s-files")
             with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
-                offered = edit_tasks(ui.models.configs[first])
+                offered = list(ui.models.run(first).capabilities.edits)
                 with gr.Row():
                     with gr.Column(scale=1):
                         e_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="e-run")
@@ -845,10 +659,15 @@ def build_app(runs: list[str], device: str | None = None):
                         e_strength = gr.Slider(0, 1, value=0.75, step=0.05, visible=offered[0] == "sdedit",
                                                label="SDEdit strength (0: the image itself, 1: a new sample)",
                                                info=STRENGTH_HELP[0].upper() + STRENGTH_HELP[1:], elem_id="e-strength")
-                        e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
-                                               label="ILVR factor (divides the image size)")
-                        e_jumps = gr.Slider(1, 10, value=1, step=1, visible=offered[0] == "inpaint",
-                                            label="RePaint resamplings (1: plain replacement)")
+                        with gr.Row():  # ILVR's factor and t_stop; RePaint's resamplings and jump length
+                            e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
+                                                   label="ILVR factor (divides the image size)")
+                            e_t_stop = gr.Slider(0, 1, value=0, step=0.05, visible=offered[0] == "ilvr",
+                                                 label="ILVR t_stop (condition while t >= it)", elem_id="e-t-stop")
+                            e_jumps = gr.Slider(1, 10, value=1, step=1, visible=offered[0] == "inpaint",
+                                                label="RePaint resamplings (1: plain replacement)", elem_id="e-jumps")
+                            e_length = gr.Slider(1, 50, value=10, step=1, visible=offered[0] == "inpaint",
+                                                 label="RePaint jump length (grid steps)", elem_id="e-length")
                         e_mask_file = gr.File(label="or a mask file of the image's size (white = generate)",
                                               type="filepath", visible=offered[0] == "inpaint", elem_id="e-mask-file")
                         e_prompts = prompt_controls(first, "e")
@@ -858,7 +677,7 @@ def build_app(runs: list[str], device: str | None = None):
                             e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
                             e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
                     with gr.Column(scale=2):
-                        blank, blank_size = editor_value(Image.new("L", (ui.models.configs[first].data.image_size,) * 2))
+                        blank, blank_size = editor_value(Image.new("L", (ui.models.run(first).cfg.data.image_size,) * 2))
                         e_editor = gr.ImageEditor(  # png: the pixels come back as they were (webp would change them)
                             blank, type="pil", sources=(), layers=False, transforms=(), format="png",
                             label="the image: paint the region to inpaint, or strokes for SDEdit", elem_id="e-editor",
@@ -892,11 +711,12 @@ def build_app(runs: list[str], device: str | None = None):
                            show_progress_on=[s_status], **jobs)
         s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
         e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
-        e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_jumps, e_mask_file], queue=False)
+        e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_t_stop, e_jumps, e_length, e_mask_file],
+                      queue=False)
         e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
         e_use.click(use_sample, [last, e_k], [e_editor, e_size, e_status])
-        e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_jumps,
-                                  *e_controls], [e_image, e_figure, e_status, e_command, e_files],
+        e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_t_stop, e_jumps,
+                                  e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
                            show_progress_on=[e_status], **jobs)
         e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
         r_run.change(show_run, r_run, [r_about, r_config, r_loss, r_grids, r_evals], queue=False)

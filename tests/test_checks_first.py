@@ -87,12 +87,10 @@ def test_the_likelihoods_refuse_a_process_they_do_not_cover():
 
 
 def test_the_page_checks_the_sampler_before_it_draws(flow_run):
-    from diffuse.runs import run_config
-    from diffuse.webui import SampleRequest, sample_plan
+    from diffuse.app.requests import SampleRequest, resolve
 
-    cfg = run_config(flow_run)
-    with pytest.raises(ValueError, match="sde-em integrates the variance-preserving SDE"):
-        sample_plan(SampleRequest(run=str(flow_run), sampler="sde-em"), cfg, 10, "cpu")
+    with pytest.raises(ValueError, match="sde-em integrates the variance-preserving SDE"):  # the page resolves as the CLI
+        resolve(SampleRequest(run=str(flow_run), sampler="sde-em"))
 
 
 # --- training configs ------------------------------------------------------------------------------------------------------

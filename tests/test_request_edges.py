@@ -120,16 +120,15 @@ def ldm_run(tmp_path_factory):
 def test_latent_sdedit_at_strength_0_returns_the_input(ldm_run, tmp_path):
     """Strength 0 returns the image, on a latent run too (it returned the autoencoder's reconstruction D(E(x)), 0.81
     off in places), from the command line and the page."""
-    from diffuse.webui import EditRequest, Models, edit_plan, run_edit
+    from diffuse.app.requests import EditRequest, execute, resolve
 
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
     Image.fromarray(pixels, "L").save(tmp_path / "in.png")
     assert main(["edit", "sdedit", str(ldm_run), "--image", str(tmp_path / "in.png"), "--strength", "0", "--n", "2",
                  "--out", str(tmp_path / "s0.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "s0.npy")[:, 0], np.broadcast_to(pixels / 255, (2, 8, 8)), atol=1e-6)
-    model = Models([str(ldm_run)], "cpu").get(str(ldm_run))
     req = EditRequest(run=str(ldm_run), task="sdedit", image=str(tmp_path / "in.png"), strength=0.0, n=2, steps=3)
-    x, _ = run_edit(req, edit_plan(req, model.cfg, model.num_classes, "cpu"), model)
+    x = execute(resolve(req)).x  # the page's path (app.requests) as the command's
     np.testing.assert_allclose(((x[:, 0] + 1) / 2).numpy(), np.broadcast_to(pixels / 255, (2, 8, 8)), atol=1e-6)
 
 

@@ -11,8 +11,10 @@ DIFFUSE_REQUIRE_BROWSER=1 (CI) they fail instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -27,11 +29,10 @@ import torch
 from PIL import Image
 
 from diffuse import cli
-from diffuse.generate import generate
+from diffuse.app.requests import EditRequest, RequestError, SampleRequest, execute, resolve
 from diffuse.visualize import save_grid
-from diffuse.webui import (INSTALL, EditRequest, Models, SampleRequest, build_app, check_samplable, edit_plan,
-                           edit_tasks, editor_files, editor_value, read_upload, run_edit, run_sample, run_summary,
-                           sample_plan)
+from diffuse.webui import (ALL_CLASSES, INSTALL, Models, build_app, edit_fields, editor_files, editor_value,
+                           error_message, page_request, read_upload, run_summary)
 
 REQUIRE_BROWSER = os.environ.get("DIFFUSE_REQUIRE_BROWSER") == "1"
 BROWSER_INSTALL = "apt-get install chromium chromium-driver"
@@ -79,24 +80,40 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-# --- the plans reproduce the command line ------------------------------------------------------------------------
-@pytest.mark.parametrize("req", [dict(n=6, sampler="ddim", steps=4, label=3, seed=5, guidance=2.0),
-                                 dict(n=5, seed=7, ema=False)])
-def test_the_sample_command_draws_the_same_pixels(run, models, tmp_path, req):
-    model = models.get(str(run), ema=req.get("ema", True))
-    plan = sample_plan(SampleRequest(str(run), **req), model.cfg, model.num_classes, "cpu")
-    x = generate(model.denoiser, req["n"], plan.shape, **plan.kwargs)
-    save_grid(x, tmp_path / "ui.png")
-    argv = shlex.split(plan.command)
+WIDGETS = ("sampler", "steps", "spacing", "guidance", "label", "seed", "n", "ema", "prompt", "negative")
+
+
+def page(cls, models: Models, run: str, device: str | None = None, **change):
+    """The request the page makes of its widgets for a served run: each at the run's default (as the page shows it on
+    choosing the run), `change`d; fields that are no sampling widget go to the edit (task, image, mask, strength ...)."""
+    s = models.opened[run].cfg.sample
+    w = dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, label=ALL_CLASSES, seed=0,
+             n=16 if cls is SampleRequest else 8, ema=True, prompt="", negative="") | change
+    return page_request(cls, models.opened[run], run, *(w.pop(k) for k in WIDGETS), device=device, **w)
+
+
+def draw(models: Models, req):
+    """What the page draws for a request: resolved against the served run, run on its kept weights."""
+    return execute(resolve(req, models.run(req.run)), load=models.load)
+
+
+# --- the page's requests reproduce the command line ------------------------------------------------------------------
+@pytest.mark.parametrize("change", [dict(n=6, sampler="ddim", steps=4, label="3", seed=5, guidance=2.0),
+                                    dict(n=5, seed=7, ema=False)])
+def test_the_sample_command_draws_the_same_pixels(run, models, tmp_path, change):
+    req = page(SampleRequest, models, str(run), **change)
+    plan = resolve(req, models.run(str(run)))
+    save_grid(execute(plan, load=models.load).x, tmp_path / "ui.png")
+    argv = shlex.split(plan.command("samples.png"))
     assert argv[:3] == ["diffuse", "sample", str(run)] and argv[-2:] == ["--out", "samples.png"]
-    assert ("--label" in argv) == ("label" in req) and ("--no-ema" in argv) == (req.get("ema") is False)
+    assert ("--label" in argv) == ("label" in change) and ("--no-ema" in argv) == (change.get("ema") is False)
     argv[-1] = str(tmp_path / "cli.png")
     cli.parser().parse_args(argv[1:])  # every flag is one the CLI takes
     assert cli.main(argv[1:]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
 
 
-def test_the_edit_command_makes_the_same_outputs(run, model, tmp_path):
+def test_the_edit_command_makes_the_same_outputs(run, models, tmp_path):
     digit = Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8)))  # 8x8 checks
     value, size = editor_value(digit)
     layer = Image.new("RGBA", value["background"].size)
@@ -106,15 +123,38 @@ def test_the_edit_command_makes_the_same_outputs(run, model, tmp_path):
     np.testing.assert_array_equal(pixels(image), np.asarray(digit))  # the image back at its own size, exactly
     drawn = pixels(mask) > 0
     assert drawn[:2, :4].all() and drawn.sum() == 2 * 4  # every pixel the stroke touches, and no other
-    req = EditRequest(str(run), task="inpaint", image=image, mask=mask, n=3, seed=2, sampler="ddim", steps=4)
-    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
-    x, before = run_edit(req, plan, model)
-    assert x.shape == (3, 1, 8, 8) and len(before) == 1
+    req = page(EditRequest, models, str(run), n=3, seed=2, sampler="ddim", steps=4, task="inpaint", image=image,
+               **edit_fields("inpaint", 0.75, 2, 0.0, 1, 10, mask))
+    plan = resolve(req, models.run(str(run)))
+    result = execute(plan, load=models.load)
+    x = result.x
+    assert x.shape == (3, 1, 8, 8) and len(result.before) == 1
     np.testing.assert_array_equal(x[:, :, ~torch.from_numpy(drawn)].numpy(),  # the kept pixels are the image's
                                   plan.image.expand(3, -1, -1, -1)[:, :, ~torch.from_numpy(drawn)].numpy())
     save_grid(x, tmp_path / "ui.png")
-    argv = plan.argv[:-1] + [str(tmp_path / "cli.png")]
+    argv = plan.argv() + ["--out", str(tmp_path / "cli.png")]
     assert argv[:3] == ["edit", "inpaint", str(run)] and cli.main(argv) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
+
+
+@pytest.mark.parametrize("task,own,flags", [
+    ("ilvr", dict(factor=2, t_stop=0.5), ["--factor", "2", "--t-stop", "0.5"]),
+    ("inpaint", dict(jumps=2, length=3), ["--repaint-jumps", "2", "--repaint-length", "3"]),
+])
+def test_ilvr_t_stop_and_the_repaint_jump_length_reach_the_page(run, models, tmp_path, task, own, flags):
+    """The page's ILVR had no t_stop and its RePaint no jump length; both are widgets now, and the command says them."""
+    Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8))).save(tmp_path / "in.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, 4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    widgets = dict(strength=0.75, factor=2, t_stop=0.0, jumps=1, length=10) | own
+    req = page(EditRequest, models, str(run), n=2, steps=4, task=task, image=str(tmp_path / "in.png"),
+               **edit_fields(task, **widgets, mask=str(tmp_path / "mask.png")))
+    plan = resolve(req, models.run(str(run)))
+    argv = plan.argv()
+    assert all(argv[argv.index(f) + 1] == v for f, v in zip(flags[::2], flags[1::2]))
+    save_grid(execute(plan, load=models.load).x, tmp_path / "ui.png")
+    assert cli.main(argv + ["--out", str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
 
 
@@ -124,16 +164,15 @@ def test_a_trained_task_run_edits_as_the_command_line_does(tmp_path):
             "train.warmup_steps=1", "train.checkpoint_every=2", "train.time_limit=0", "sample.steps=3"]
     run = str(tmp_path / "sr")
     assert cli.main(["train", "configs/sr_digits.toml", *[a for s in sets for a in ("--set", s)], "--out", run]) == 0
-    model = Models([run], "cpu").get(run)
-    assert edit_tasks(model.cfg) == ["superres"]
-    with pytest.raises(ValueError, match="is a superres run .* use it on the Edit tab"):
-        check_samplable(run, model.cfg)
+    models = Models([run], "cpu")
+    assert models.run(run).capabilities.edits == ("superres",)
+    with pytest.raises(RequestError, match="is a superres run .* so use `diffuse edit superres"):  # the command's words
+        resolve(page(SampleRequest, models, run), models.run(run))
     Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16).save(tmp_path / "low.png")
-    req = EditRequest(run, task="superres", image=str(tmp_path / "low.png"), n=2, seed=1)
-    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
-    x, before = run_edit(req, plan, model)
-    save_grid(x, tmp_path / "ui.png")
-    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    req = page(EditRequest, models, run, task="superres", image=str(tmp_path / "low.png"), n=2, seed=1)
+    plan = resolve(req, models.run(run))
+    save_grid(execute(plan, load=models.load).x, tmp_path / "ui.png")
+    assert cli.main(plan.argv() + ["--out", str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
 
 
@@ -145,16 +184,17 @@ def test_a_diffusers_model_folder_is_served_as_a_run(tmp_path):
                           up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "ddpm")
     diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "ddpm")
     folder = str(tmp_path / "ddpm")
-    model = Models([folder], "cpu").get(folder)
-    plan = sample_plan(SampleRequest(folder, n=3, sampler="ddim", steps=4, spacing="trailing", seed=2), model.cfg, model.num_classes, "cpu")
-    save_grid(generate(model.denoiser, 3, plan.shape, **plan.kwargs), tmp_path / "ui.png")
-    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    models = Models([folder], "cpu")
+    req = page(SampleRequest, models, folder, n=3, sampler="ddim", steps=4, spacing="trailing", seed=2)
+    assert req.guidance is None  # an unconditional model takes no guidance weight, and the command says none
+    save_grid(draw(models, req).x, tmp_path / "ui.png")
+    assert cli.main(req.argv() + ["--out", str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
-    info = run_summary(folder, model.cfg)
+    info = run_summary(folder, models.run(folder).cfg)
     assert "a diffusers model folder" in info["about"] and "[schedule]" in info["config"] and info["grids"] == []
 
 
-def test_bad_inputs_give_clear_messages(run, model, tmp_path):
+def test_bad_inputs_give_clear_messages(run, models, model, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image\n")
     with pytest.raises(ValueError, match="notes.png is not a readable image .*upload a PNG or JPEG"):
@@ -163,16 +203,18 @@ def test_bad_inputs_give_clear_messages(run, model, tmp_path):
     Image.new("L", (16, 8), 255).save(tmp_path / "mask.png")
     req = EditRequest(str(run), task="inpaint", image=str(tmp_path / "image.png"), mask=str(tmp_path / "mask.png"))
     with pytest.raises(ValueError, match="is 16x8 but the image .* is 8x8; draw the mask on the image itself"):
-        edit_plan(req, model.cfg, model.num_classes, "cpu")
-    req.task = "superres"
-    with pytest.raises(ValueError, match="offers inpaint, sdedit, ilvr, not superres"):
-        edit_plan(req, model.cfg, model.num_classes, "cpu")
-    for change, message in [(dict(label=10), "the class label must be a whole number between 0 and 9"),
-                            (dict(sampler="nope"), "unknown sampler 'nope'"),
-                            (dict(steps=2.5), "steps must be a whole number"),
-                            (dict(seed=None), "the seed must be")]:
-        with pytest.raises(ValueError, match=message):
-            sample_plan(SampleRequest(str(run), **change), model.cfg, model.num_classes, "cpu")
+        resolve(req, model.run)
+    with pytest.raises(ValueError, match="edit superres needs a run trained for it .* has task.kind = 'none'"):
+        resolve(EditRequest(str(run), task="superres", image=str(tmp_path / "image.png")), model.run)
+    # the command line's messages, each flag named by its widget
+    for change, message in [(dict(label=10), "the class label must be a class index in 0..9, got 10"),
+                            (dict(sampler="nope"), "the sampler 'nope' is not one of ddpm, ddim"),
+                            (dict(steps=2.5), "the steps must be a whole number >= 0, got 2.5"),
+                            (dict(seed=None), "the seed must be a whole number between 0 and"),
+                            (dict(n=65), "the number of images is at most 64 on this page")]:
+        with pytest.raises(RequestError) as e:
+            resolve(page(SampleRequest, models, str(run), **change), model.run)
+        assert error_message(e.value).startswith(message), error_message(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -196,55 +238,63 @@ def text_ldm(tmp_path_factory):
 
 
 def test_a_latent_text_run_samples_and_edits_as_the_command_line_does(text_ldm, tmp_path):
-    model = Models([text_ldm], "cpu").get(text_ldm)
-    assert model.space.latent and model.space.shape == (2, 4, 4)
-    req = SampleRequest(text_ldm, n=3, seed=4, prompt="a red circle above a blue square", negative_prompt="a green square")
-    plan = sample_plan(req, model.cfg, model.num_classes, "cpu")
+    models = Models([text_ldm], "cpu")
+    model = models.get(text_ldm)
+    assert model.loaded.space.latent and model.loaded.space.shape == (2, 4, 4)
+    req = page(SampleRequest, models, text_ldm, n=3, seed=4, prompt="a red circle above a blue square",
+               negative="a green square")
+    plan = resolve(req, models.run(text_ldm))
     assert plan.shape == (2, 4, 4)
-    argv = shlex.split(plan.command)
+    argv = shlex.split(plan.command("samples.png"))
     assert argv[argv.index("--prompt") + 1] == req.prompt and argv[argv.index("--negative-prompt") + 1] == req.negative_prompt
-    x = run_sample(req, plan, model)
+    x = execute(plan, load=models.load).x
     assert x.shape == (3, 3, 16, 16)  # decoded
     save_grid(x, tmp_path / "ui.png")
-    assert cli.main(plan.argv[:-1] + [str(tmp_path / "cli.png")]) == 0
+    assert cli.main(plan.argv() + ["--out", str(tmp_path / "cli.png")]) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli.png"), pixels(tmp_path / "ui.png"))
     # the prompt matters: another caption (or none as the negative) draws other pixels from the same seed
-    other = SampleRequest(text_ldm, n=3, seed=4, prompt="three small white triangles")
-    assert not torch.equal(run_sample(other, sample_plan(other, model.cfg, model.num_classes, "cpu"), model), x)
+    other = page(SampleRequest, models, text_ldm, n=3, seed=4, prompt="three small white triangles")
+    assert not torch.equal(draw(models, other).x, x)
 
     Image.fromarray((np.indices((16, 16)).sum(0) * 8).astype(np.uint8)).convert("RGB").save(tmp_path / "in.png")
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 6:] = 255  # generate the right part: only the left 4x4-pixel cells are wholly kept
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    req = EditRequest(text_ldm, task="inpaint", image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), n=2,
-                      seed=1, prompt="a small red square")
-    plan = edit_plan(req, model.cfg, model.num_classes, "cpu")
-    x, before = run_edit(req, plan, model)
+    req = page(EditRequest, models, text_ldm, task="inpaint", image=str(tmp_path / "in.png"), n=2, seed=1,
+               prompt="a small red square", **edit_fields("inpaint", 0.75, 2, 0.0, 1, 10, str(tmp_path / "mask.png")))
+    plan = resolve(req, models.run(text_ldm))
+    x = execute(plan, load=models.load).x
     keep = torch.from_numpy(mask == 0)
     np.testing.assert_array_equal(x[..., keep].numpy(), plan.image.expand(2, -1, -1, -1)[..., keep].numpy())  # exactly kept
     save_grid(x, tmp_path / "ui_edit.png")
-    argv = plan.argv[:-1] + [str(tmp_path / "cli_edit.png")]
+    argv = plan.argv() + ["--out", str(tmp_path / "cli_edit.png")]
     assert "--prompt" in argv and cli.main(argv) == 0
     np.testing.assert_array_equal(pixels(tmp_path / "cli_edit.png"), pixels(tmp_path / "ui_edit.png"))
 
 
 def test_latent_and_text_runs_give_clear_messages(text_ldm, run, model, tmp_path):
-    ldm = Models([text_ldm], "cpu").get(text_ldm)
-    with pytest.raises(ValueError, match="is a text-conditional run: type what to draw in the prompt box"):
-        sample_plan(SampleRequest(text_ldm, prompt=""), ldm.cfg, ldm.num_classes, "cpu")
-    with pytest.raises(ValueError, match="negative prompt .* needs a guidance weight above 0"):
-        sample_plan(SampleRequest(text_ldm, prompt="a red circle", negative_prompt="a square", guidance=0),
-                    ldm.cfg, ldm.num_classes, "cpu")
-    with pytest.raises(ValueError, match="is not text-conditional .* takes no prompt; clear the prompt boxes and choose a "
-                                         "class label"):
-        sample_plan(SampleRequest(str(run), prompt="a seven"), model.cfg, model.num_classes, "cpu")
+    models = Models([text_ldm], "cpu")
+    ldm = models.run(text_ldm)
+
+    def said(req, run) -> str:  # what the page says of a request: the command line's message, flags named by widget
+        with pytest.raises(RequestError) as e:
+            resolve(req, run)
+        return error_message(e.value)
+
+    assert said(page(SampleRequest, models, text_ldm, prompt=""), ldm) == (  # an empty prompt box is no prompt
+        f'{text_ldm} is a text-conditional run: say what to draw with the prompt, e.g. the prompt "a red circle"')
+    assert said(page(SampleRequest, models, text_ldm, prompt="a red circle", negative="a square", guidance=0), ldm) == (
+        "the negative prompt replaces the empty caption of classifier-free guidance, so it needs a guidance weight: "
+        "pass the guidance weight W (e.g. 4)")
+    assert said(SampleRequest(str(run), prompt="a seven"), model.run) == (
+        f"the prompt and the negative prompt need a text-conditional run (model.text_encoder); {run} takes no captions "
+        "(it is class-conditional: use the class label)")
     Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
-    req = EditRequest(text_ldm, task="ilvr", image=str(tmp_path / "in.png"), factor=2, prompt="a red circle")
-    with pytest.raises(ValueError, match=r"ILVR factor 2: .* multiple of its downsampling f = 4 .*\(e.g. 4, 8, 16\)"):
-        edit_plan(req, ldm.cfg, ldm.num_classes, "cpu")
-    req.factor, req.n = 8, 2  # 2 latent cells: accepted, and the outputs are decoded images
-    x, before = run_edit(req, edit_plan(req, ldm.cfg, ldm.num_classes, "cpu"), ldm)
-    assert x.shape == (2, 3, 16, 16) and len(before) == 1
+    req = page(EditRequest, models, text_ldm, task="ilvr", image=str(tmp_path / "in.png"), prompt="a red circle", n=2,
+               **edit_fields("ilvr", 0.75, 2, 0.0, 1, 10, None))
+    assert re.match(r"ILVR factor 2: .* multiple of its downsampling f = 4 .*\(e.g. 4, 8, 16\)", said(req, ldm))
+    result = draw(models, dataclasses.replace(req, factor=8))  # 2 latent cells: accepted, the outputs decoded images
+    assert result.x.shape == (2, 3, 16, 16) and len(result.before) == 1
 
 
 def test_without_gradio_the_error_names_the_install_command(run, monkeypatch, capsys):
@@ -413,8 +463,8 @@ def test_the_page_samples_and_shows_the_command(browser, server, model, run):
     t0 = time.monotonic()
     browser.get(url)
     command = sample(browser, seed=3)
-    expected = sample_plan(SampleRequest(str(run), seed=3), model.cfg, model.num_classes, "cpu", device_flag=True)
-    assert command == expected.command
+    expected = page(SampleRequest, app.webui.models, str(run), seed=3, device="cpu")  # the widgets at the run's defaults
+    assert command == shlex.join(["diffuse", *expected.argv(), "--out", "samples.png"])
     folder = sorted(app.webui.folder.glob("sample_*"))[-1]
     assert (folder / "samples.png").is_file() and (folder / "trajectory.gif").is_file()
     open_tab(browser, "Runs")
@@ -487,12 +537,11 @@ def test_the_page_draws_a_prompt_with_a_latent_text_run(browser, text_ldm):
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#s-prompt textarea, #s-prompt input"), "the prompt box")
         browser.find_element(By.CSS_SELECTOR, "#s-prompt textarea, #s-prompt input").send_keys("a red circle on the left")
         command = sample(browser, seed=6)
-        model = app.webui.models.get(text_ldm)
-        req = SampleRequest(text_ldm, seed=6, prompt="a red circle on the left")
-        assert command == sample_plan(req, model.cfg, model.num_classes, "cpu", device_flag=True).command
+        req = page(SampleRequest, app.webui.models, text_ldm, seed=6, prompt="a red circle on the left", device="cpu")
+        assert command == shlex.join(["diffuse", *req.argv(), "--out", "samples.png"])
         assert "--prompt 'a red circle on the left'" in command
         folder = sorted(app.webui.folder.glob("sample_*"))[-1]
-        again = save_grid(run_sample(req, sample_plan(req, model.cfg, 0, "cpu"), model), folder / "again.png")
+        again = save_grid(draw(app.webui.models, req).x, folder / "again.png")
         np.testing.assert_array_equal(pixels(folder / "samples.png"), pixels(again))  # the decoded samples of that prompt
     finally:
         app.close()
