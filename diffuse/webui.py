@@ -116,8 +116,8 @@ def page_request(cls, run: Run | None, name: str, sampler, steps, spacing, guida
     caps = run.capabilities if run is not None else None
     adaptive = sampler in SAMPLERS and SAMPLERS[sampler].calls_per_step == 0
     if isinstance(n, (int, float)) and n > MAX_IMAGES:
-        raise RequestError("n", f"--n is at most {MAX_IMAGES} on this page (one batch of the device; `diffuse sample "
-                                f"--n` draws any number), got {n}")
+        raise RequestError("n", f"--n is at most {MAX_IMAGES} on this page (one batch on the device; the command line "
+                                f"draws any number), got {n}")
     text = caps is not None and caps.text
     return cls(run=name, n=n, sampler=sampler, steps=None if adaptive else steps, spacing=None if adaptive else spacing,
                guidance=guidance if caps is None or caps.guidance_keys else None,
