@@ -48,8 +48,9 @@ import torch
 
 from diffuse.config import ConfigError, apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.demo import DEMO_SIGMA_REL
-from diffuse.metrics import digit_classifier, fid
+from diffuse.app.demo import DEMO_SIGMA_REL
+from diffuse.metrics import fid
+from diffuse.train import digit_classifier
 from diffuse.runs import write_run
 from diffuse.generate import CHUNK, generate_in_chunks
 from diffuse.runs import load_run

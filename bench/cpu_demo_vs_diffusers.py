@@ -39,7 +39,8 @@ from torch import Tensor
 
 from diffuse.config import load_config
 from diffuse.data import DataConfig, load_dataset
-from diffuse.metrics import digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.train import digit_classifier
 from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.train import Trainer

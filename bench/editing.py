@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.metrics import classifier_accuracy, digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.nets.digits import classifier_accuracy
+from diffuse.train import digit_classifier
 from diffuse.runs import load_run
 from diffuse.tasks import sdedit
 from diffuse.train import train

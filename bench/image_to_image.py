@@ -31,8 +31,11 @@ import torch
 
 from diffuse import checkpoint as ckpt
 from diffuse.config import apply_overrides, load_config
-from diffuse.data import ImageDataset, _photo_crops, load_dataset
-from diffuse.metrics import classifier_accuracy, digit_classifier, fid
+from diffuse.data import ImageDataset, load_dataset
+from diffuse.data.images import _photo_crops
+from diffuse.metrics import fid
+from diffuse.nets.digits import classifier_accuracy
+from diffuse.train import digit_classifier
 from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.tasks.image_to_image import downsample, input_condition, to_gray, training_condition, upsample, viewable

@@ -34,7 +34,7 @@ import torch
 
 from diffuse.data.captions import prompt_scores, shapes_data
 from diffuse.config import apply_overrides, load_config
-from diffuse.kinds.autoencoder import evaluate_autoencoder
+from diffuse.runs import evaluate_autoencoder
 from diffuse.stages import space
 from diffuse.generate import CHUNK, generate_in_chunks
 from diffuse.runs import load_run
@@ -70,7 +70,7 @@ def draw(run: Path, n: int, cond: dict | None = None, step: int | None = None, *
 def digits(args) -> None:
     from diffuse.data import load_dataset
     from diffuse.metrics import fid
-    from diffuse.nets.digits import digit_classifier
+    from diffuse.train import digit_classifier
 
     out = Path(args.out) / "digits"
     classifier = digit_classifier()

@@ -27,7 +27,7 @@ from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
 from diffuse.likelihood import vlb_bits_per_dim
 from diffuse.metrics import extract_features, feature_statistics, frechet_distance
-from diffuse.nets.digits import digit_classifier
+from diffuse.train import digit_classifier
 from diffuse.generate import generate
 from diffuse.kinds.diffusion import build_denoiser
 from diffuse.train import Trainer

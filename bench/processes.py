@@ -22,7 +22,8 @@ import torch
 
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.metrics import digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.train import digit_classifier
 from diffuse.runs import load_run
 from diffuse.train import train
 from diffuse.visualize import to_uint8

@@ -25,7 +25,8 @@ import torch
 from diffuse import checkpoint as ckpt
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.metrics import digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.train import digit_classifier
 from diffuse.ema import reconstruct
 from diffuse.generate import default_labels, generate
 from diffuse.kinds.diffusion import build_denoiser, build_model

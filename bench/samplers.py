@@ -23,7 +23,8 @@ import torch
 
 from diffuse.config import apply_overrides, load_config
 from diffuse.data import load_dataset
-from diffuse.metrics import digit_classifier, fid
+from diffuse.metrics import fid
+from diffuse.train import digit_classifier
 from diffuse.samplers import CountCalls
 from diffuse.generate import generate
 from diffuse.runs import load_run

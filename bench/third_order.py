@@ -23,7 +23,7 @@ import torch
 
 from diffuse.data import load_dataset
 from diffuse.metrics import fid
-from diffuse.nets.digits import digit_classifier
+from diffuse.train import digit_classifier
 from diffuse.runs import load_run
 from diffuse.visualize import to_uint8
 

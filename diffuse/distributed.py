@@ -34,6 +34,7 @@ def device() -> torch.device:
 
 
 def world_size() -> int:
+    """The process group's size (1 without one)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -43,34 +44,36 @@ def local(x: Tensor, rank: int, world: int) -> Tensor:
     return x[rank * n:(rank + 1) * n]
 
 
-def gather(x: Tensor) -> Tensor:
-    """The global batch of a per-example tensor (b, ...), from every process's slice in rank order (no gradient)."""
-    if world_size() == 1:
+def gather(x: Tensor, world: int) -> Tensor:
+    """The global batch of a per-example tensor (b, ...), from every process's slice in rank order (no gradient).
+    `world` is the caller's number of processes: 1 (the identity) for work one process does alone inside a torchrun
+    job, whatever the process group holds; every collective here takes it."""
+    if world == 1:
         return x.detach()
-    parts = [torch.empty_like(x) for _ in range(world_size())]
+    parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts)
 
 
-def mean(x: Tensor) -> Tensor:
-    """The mean over processes of a tensor of the same shape on each (a copy; the identity for one process)."""
-    if world_size() == 1:
+def mean(x: Tensor, world: int) -> Tensor:
+    """The mean over the `world` processes of a tensor of the same shape on each (a copy; the identity for one)."""
+    if world == 1:
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
-    return x / world_size()
+    return x / world
 
 
-def total(x: Tensor) -> Tensor:
-    """The sum over processes of a tensor of the same shape on each, in place (the identity for one process)."""
-    if world_size() > 1:
+def total(x: Tensor, world: int) -> Tensor:
+    """The sum over the `world` processes of a tensor of the same shape on each, in place (the identity for one)."""
+    if world > 1:
         dist.all_reduce(x)
     return x
 
 
-def agree(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision, shared by all ranks (wall clocks differ between processes: time limits)."""
-    if world_size() == 1:
+def agree(flag: bool, device: torch.device, world: int) -> bool:
+    """Rank 0's decision, shared by the `world` ranks (wall clocks differ between processes: time limits)."""
+    if world == 1:
         return flag
     f = torch.tensor([float(flag)], device=device)
     dist.broadcast(f, 0)

@@ -25,7 +25,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
              grid: Tensor | None = None, guidance_interval: tuple[float, float] | None = None, mixed_precision: str = "no",
              **options) -> Tensor:
-    """Draw n samples of shape (C, H, W) in [-1, 1] with a named sampler; x_T and all noise from `seed`.
+    """Draw n samples of `shape` ((C, H, W) images, or any rank) with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config); spacing None is the
     process's own default (`NoiseSchedule.default_spacing`: trailing, karras for EDM).

@@ -36,10 +36,11 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
-from .data import ImageDataset, load_dataset
+from .data import Dataset, load_dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
 from .kinds import KINDS, Context, check_config
+from .nets.autoencoder import VectorQuantizer
 from .nets.blocks import ShardedDropout
 from .nets.digits import DigitClassifier
 from .nets.inception import inception_fid
@@ -77,8 +78,9 @@ def lr_factor(step: int, t) -> float:
     return factor
 
 
-def check_train(cfg: RunConfig, world: int, dataset) -> None:
-    """ValueError naming the setting and the fix for a [train] section the Trainer cannot run, whatever the kind."""
+def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
+    """ValueError naming the setting and the fix for a [train] section the Trainer cannot run, whatever the kind (`kind`,
+    its Objective class: micro-batches only for per-example losses)."""
     t = cfg.train
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
@@ -87,6 +89,10 @@ def check_train(cfg: RunConfig, world: int, dataset) -> None:
         (t.grad_accumulation >= 1 and (t.batch_size // world) % t.grad_accumulation == 0,
          f"train.grad_accumulation = {t.grad_accumulation} must be >= 1 and divide each process's batch "
          f"(train.batch_size {t.batch_size} / {world} process(es) = {t.batch_size // world})"),
+        (kind is None or kind.separable or t.grad_accumulation == 1,
+         f"train.grad_accumulation = {t.grad_accumulation}: model.kind = '{cfg.model.kind}' computes one loss of the whole "
+         "batch (not one per example), so it trains without micro-batches; set train.grad_accumulation = 1 (lower "
+         "train.batch_size to save memory)"),
         (t.lr_schedule != "inverse_sqrt" or t.warmup_steps >= 1,
          "train.lr_schedule = 'inverse_sqrt' decays from the end of the warm-up: set train.warmup_steps >= 1"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
@@ -99,9 +105,6 @@ def check_train(cfg: RunConfig, world: int, dataset) -> None:
         (t.ema_snapshot_every >= 1, f"train.ema_snapshot_every must be >= 1, got {t.ema_snapshot_every}"),
         (t.fid_every >= 0 and t.fid_steps >= 0, f"train.fid_every and train.fid_steps must be >= 0, got {t.fid_every}, {t.fid_steps}"),
         (t.fid_samples >= 2, f"train.fid_samples must be >= 2 (and above the feature dimension, e.g. 500), got {t.fid_samples}"),
-        (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
-         f"train.fid_features = 'digits' measures 1-channel digits and the data has {cfg.data.channels} channels; give "
-         "train.fid_features = 'inception:PATH' (the FID Inception-v3 weights file) or 'MODULE:ATTR' (your feature network)"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"),
         (t.sample_every >= 0, f"train.sample_every must be >= 0, got {t.sample_every}"),
@@ -127,18 +130,18 @@ class Trainer:
     continuation then differs from an uninterrupted run). `dataset` replaces the one data.load_dataset builds from
     cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes` and `condition_keys`
     (data.ImageDataset's interface), e.g. pairs that carry a condition image. `features(spec, device)` resolves
-    train.fid_features (default `feature_network`); `one_process` trains in this process alone
+    train.fid_features (default `feature_network`); `device` replaces this process's own; `one_process` trains in this process alone
     even inside a torchrun job (rank 0 training a measuring instrument while the others wait). Raises ValueError (or config.ConfigError)
     naming the setting for a config that cannot train, before any module is built or file written; ResumeError when
     the run folder cannot be resumed as asked.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True,
-                 dataset: ImageDataset | None = None, features=None, one_process: bool = False):
+                 dataset: Dataset | None = None, features=None, one_process: bool = False, device: str | None = None):
         self.run_dir = Path(run_dir)
         self.rank, self.world = (0, 1) if one_process else distributed.init()
         self.is_main = self.rank == 0
-        self.device = distributed.device()
+        self.device = torch.device(device) if device is not None else distributed.device()
         saved = self.run_dir / "config.toml"
         saved_cfg = load_config(saved) if saved.is_file() else None
         kind = KINDS[cfg.model.kind]
@@ -151,19 +154,19 @@ class Trainer:
         check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
         self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
         data = load_dataset(cfg.data) if dataset is None else dataset
+        check_train(cfg, self.world, data, kind)  # before the kind prepares anything (a stage's cache, a feature network)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step
         self.objective = kind(cfg, data, Context(self.run_dir, self.device, self.rank, self.world, saved_cfg, self.generator,
                                                  features or feature_network))
         self.cfg = cfg = self.objective.cfg
-        check_train(cfg, self.world, self.objective.dataset)
         t = cfg.train
 
         torch.manual_seed(t.seed)  # initial weights: the same on every rank
         self.modules = {name: m.to(self.device) for name, m in self.objective.build().items()}
         self.dataset = self.objective.dataset
-        for m in self.modules.values():  # dropout masks drawn for the global batch, each rank keeps its rows
+        for m in self.modules.values():  # dropout masks and VQ statistics of the global batch: each layer knows its process
             for sub in m.modules():
-                if isinstance(sub, ShardedDropout):
+                if isinstance(sub, (ShardedDropout, VectorQuantizer)):
                     sub.shard = (self.rank, self.world)
         averaged = self.objective.ema
         self.ema = EMA(self.modules[averaged], t.ema_decay, t.ema_warmup) if averaged else None
@@ -264,12 +267,12 @@ class Trainer:
                 aux.setdefault(key, []).append(v)
             self._log = out.get("log", {})
         if aux:
-            self.objective.after_backward(draws, {key: distributed.gather(torch.cat(v)) for key, v in aux.items()})
+            self.objective.after_backward(draws, {key: distributed.gather(torch.cat(v), self.world) for key, v in aux.items()})
         losses = {name: distributed.mean(torch.cat([p.reshape(-1) for p in v]).mean() if self.objective.separable
-                                         else torch.stack(v).mean()) for name, v in parts.items()}
+                                         else torch.stack(v).mean(), self.world) for name, v in parts.items()}
         for name, value in losses.items():  # raised before any optimizer steps: the step is not applied
             if not torch.isfinite(value):
-                what = "training loss" if name == "main" else f"{name} loss"
+                what = self.objective.loss_name if name == "main" else f"{name} loss"
                 raise NonFiniteLoss(f"the {what} became {value.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
                                     f"{self.objective.nonfinite_hint}")
         self._losses = losses
@@ -289,16 +292,17 @@ class Trainer:
         loss = self.loss_and_backward()
         stats = {"loss": loss.item()}
         clip = self.cfg.train.grad_clip
-        for name in self._present:
+        for name in self._present:  # every group's gradient norm is checked; clipped where the group says so
             opt = self.optimizers[name]
             self.scaler.unscale_(opt)
-            if self.objective.groups[name].clip:
-                grad_norm = nn.utils.clip_grad_norm_(self.params[name], clip if clip > 0 else float("inf"))
-                if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
-                    raise NonFiniteLoss(f"the gradient norm became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
-                                        f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
-                                        "and keep train.grad_clip > 0")
-                stats.setdefault("grad_norm", grad_norm.item())
+            clipped = self.objective.groups[name].clip and clip > 0
+            grad_norm = nn.utils.clip_grad_norm_(self.params[name], clip if clipped else float("inf"))
+            if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
+                what = "gradient norm" if name == "main" else f"{name} gradient norm"
+                raise NonFiniteLoss(f"the {what} became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
+                                    f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
+                                    "and keep train.grad_clip > 0")
+            stats.setdefault("grad_norm" if name == "main" else f"{name}_grad_norm", grad_norm.item())
             self.scaler.step(opt)
         self.scaler.update()
         for name in self._present:
@@ -345,7 +349,7 @@ class Trainer:
                 if t.fid_every and self.step % t.fid_every == 0 and self.is_main:
                     self._evaluate(log)
                 last_log += time.perf_counter() - aside
-                out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device)
+                out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device, self.world)
                 if self.phema is not None and self.is_main and (
                         self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time):
                     self.phema.save_snapshot(self.run_dir / "ema_snapshots", self.step)
@@ -529,7 +533,14 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
     """The fixed digit classifier of the digit metrics, frozen: trained once by the one Trainer (DIGIT_RECIPE, model.kind
     "digit_classifier") into the run folder CACHE/digit_classifier-v2-{hash} (cache_dir, else $DIFFUSE_CACHE, else
     ~/.cache/diffuse), then loaded from it. It trains in this process alone, into a temporary folder renamed into place
-    when done (a run another process finished first is kept); a damaged cache is trained again, with a warning."""
+    when done (a run another process finished first is kept); a damaged cache is trained again, with a warning. The
+    global RNGs (CPU and CUDA) are left as they were: a run that measures an FID goes on drawing what it would have."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _cached_digit_classifier(cache_dir)
+
+
+def _cached_digit_classifier(cache_dir: str | os.PathLike | None) -> DigitClassifier:
     run = digit_classifier_folder(cache_dir)
     root = run.parent
     if run.exists():
@@ -544,7 +555,8 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
         shutil.rmtree(run, ignore_errors=True)  # damaged: trained again, never trusted
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".digit_classifier-") as tmp:
-        Trainer(apply_overrides(RunConfig(), DIGIT_RECIPE), Path(tmp) / "run", progress=False, one_process=True).fit()
+        Trainer(apply_overrides(RunConfig(), DIGIT_RECIPE), Path(tmp) / "run", progress=False, one_process=True,
+                device="cpu").fit()  # the CPU on every machine: one feature space
         try:
             os.replace(Path(tmp) / "run", run)
         except OSError:  # another process put its run there first: the same recipe, so the same network
@@ -555,7 +567,9 @@ def digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassif
 def digit_classifier_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """CACHE/digit_classifier-v{DIGIT_SPACE_VERSION}-{hash}: the hash covers the network's layers and DIGIT_RECIPE."""
     root = Path(cache_dir or os.environ.get("DIFFUSE_CACHE") or "~/.cache/diffuse").expanduser()
-    key = hashlib.sha256(f"{DigitClassifier()!r}{DIGIT_RECIPE}".encode()).hexdigest()[:10]
+    with torch.device("meta"):  # the layers' repr only: no weights, no draws from the RNG
+        layers = repr(DigitClassifier())
+    key = hashlib.sha256(f"{layers}{DIGIT_RECIPE}".encode()).hexdigest()[:10]
     return root / f"digit_classifier-v{DIGIT_SPACE_VERSION}-{key}"
 
 

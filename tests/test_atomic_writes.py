@@ -27,7 +27,7 @@ from PIL import Image
 from diffuse import checkpoint as ckpt
 from diffuse.checkpoint import (WriteError, append_json_record, open_log, read_json_records, read_log, save_checkpoint,
                                 write_atomically)
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import ConfigError, RunConfig, load_config, save_config
 from diffuse.visualize import plot_loss, save_gif, save_grid, save_samples
 
@@ -303,7 +303,7 @@ import os, sys, traceback, warnings
 warnings.simplefilter("ignore")
 import torch
 torch.set_num_threads(1)
-from diffuse.cli import main
+from diffuse.app.cli import main
 
 run, out = sys.argv[1], sys.argv[2]
 commands = [

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffuse import Denoiser, Schedule
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.samplers import NonFiniteSample
 from diffuse.generate import generate
 from diffuse.runs import ema_init_share

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from diffuse import checkpoint as ckpt
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import ConfigError, apply_overrides, load_config
 from diffuse.kinds import check_config
 

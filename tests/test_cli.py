@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 
 TINY = ["data.source=digits", "data.image_size=8", "model.channels=8", "model.channel_mult=[1,2]",
         "model.attention_resolutions=[4]", "model.norm_groups=4", "model.dropout=0.0", "train.batch_size=16",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.tasks import low_pass
 
 from test_cli import TINY, _sets

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import SamplerName
 from diffuse.samplers import SAMPLERS
 from diffuse.runs import load_classifier, load_run

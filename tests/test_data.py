@@ -371,7 +371,7 @@ def _says_too_large(text: str, name: str) -> None:
 def test_an_image_over_the_pixel_limit_is_named_as_such_with_the_fix(huge_png, tmp_path):
     """Every reading path (an edit's input and mask, a training folder, the web page's upload) says the image is over
     the pixel limit, its size and how to raise the limit; never "unreadable" or a format hint about a valid PNG."""
-    from diffuse.webui import read_upload
+    from diffuse.app.webui import read_upload
 
     with pytest.raises(data.ImageTooLarge) as info:
         data.load_image(huge_png, 1, 8)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse import Denoiser, Schedule, demo
+from diffuse import Denoiser, Schedule
+from diffuse.app import demo
 from diffuse.config import apply_overrides
 from diffuse.schedule import Flow
 

@@ -9,7 +9,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from diffuse import metrics
 import diffuse.train as train_mod
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import apply_overrides, load_config
 from diffuse.train import Trainer
 

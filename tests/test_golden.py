@@ -124,7 +124,7 @@ def config(case: str, autoencoder: Path | None = None):
 
 @pytest.fixture(autouse=True, scope="module")
 def cpu_only():
-    """The runs are CPU runs wherever the suite runs (a GPU machine included): Trainer and AutoencoderTrainer take CUDA
+    """The runs are CPU runs wherever the suite runs (a GPU machine included): the Trainer takes CUDA
     whenever torch.cuda.is_available()."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)

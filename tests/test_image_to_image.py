@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import DataConfig, load_dataset
 from diffuse.denoiser import Denoiser

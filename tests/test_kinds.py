@@ -35,7 +35,9 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     "digit_classifier": ["model.kind=digit_classifier", "data.source=digits"],  # ten classes: sklearn's 8x8 digits
 }
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
-                                               "autoencoder.dead_code_threshold=0.5"])}  # restarts draw too
+                                               "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too
+            # an FID on rank 0 mid-run, which may first train the digit classifier (the DDP workers' cache is empty)
+            "denoiser_fid": ("denoiser", ["train.fid_every=1", "train.fid_samples=8", "sample.steps=2"])}
 
 
 def config(images: Path, kind: str, steps: int, extra=()):
@@ -90,6 +92,7 @@ def _launch(images: Path, out: Path, timeout: float = 300) -> None:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
+               DIFFUSE_CACHE=str(out / "cache"),  # empty: rank 0 trains the digit classifier alone, the other waits
                LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     logs = [out / f"rank{r}.log" for r in range(WORLD)]
     procs = []

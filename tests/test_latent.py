@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffuse import checkpoint as ckpt
 from diffuse.nets.autoencoder import Autoencoder, AutoencoderConfig
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import ConfigError, RunConfig, apply_overrides, load_config, save_config
 from diffuse.data import load_dataset
 from diffuse.kinds.autoencoder import held_out, reconstruction_scores

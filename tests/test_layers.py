@@ -15,14 +15,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "diffuse"
 LAYERS = {  # the first name of a module's path inside the package -> its layer
     **dict.fromkeys(["schedule", "denoiser", "condition", "guidance", "losses", "likelihood", "samplers", "augment"], 0),
-    **dict.fromkeys(["nets", "data", "captions", "generate", "tasks", "ema", "distributed", "precision", "checkpoint",
+    **dict.fromkeys(["nets", "data", "generate", "tasks", "ema", "distributed", "precision", "checkpoint",
                      "metrics", "visualize", "footprint"], 1),
     **dict.fromkeys(["kinds", "stages", "config", "pretrained"], 2),
     **dict.fromkeys(["runs", "train"], 3),
-    **dict.fromkeys(["app", "cli", "webui", "demo", "__main__"], 4),
+    **dict.fromkeys(["app", "__main__"], 4),
 }
 DEFERRED: dict[tuple[str, str], str] = {  # (importer, imported) -> why the import waits for the function that needs it
-    ("diffuse.cli", "diffuse.app.commands"): "the command implementations load after the flags parse, so `diffuse --help` "
+    ("diffuse.app.cli", "diffuse.app.commands"): "the command implementations load after the flags parse, so `diffuse --help` "
                                              "and a mistyped flag answer without them",
 }
 

@@ -4,7 +4,7 @@ draw the plain path's samples to bf16 tolerance, for every kind of sampler, with
 import pytest
 import torch
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.precision import autocast_dtype
 from diffuse.generate import generate

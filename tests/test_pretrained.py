@@ -11,7 +11,7 @@ from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffuse.cli import main  # noqa: E402
+from diffuse.app.cli import main  # noqa: E402
 from diffuse.pretrained import read_config  # noqa: E402
 from diffuse.schedule import Schedule  # noqa: E402
 

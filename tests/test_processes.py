@@ -206,7 +206,7 @@ def test_flow_and_edm_recipes_train_sample_and_resume_from_the_cli(tmp_path, con
 
     import numpy as np
 
-    from diffuse.cli import main
+    from diffuse.app.cli import main
     from test_cli import TINY, _sets
 
     out = tmp_path / "run"

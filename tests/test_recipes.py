@@ -109,7 +109,7 @@ def test_posthoc_ema_tracks_are_snapshotted_and_rebuilt_by_the_cli(tmp_path):
     a sigma_rel the snapshots cannot rebuild, naming the range."""
     from safetensors.torch import load_file
 
-    from diffuse.cli import main
+    from diffuse.app.cli import main
     from diffuse.ema import list_snapshots, reconstruct
     from diffuse.runs import load_run
 
@@ -193,7 +193,7 @@ def test_activation_checkpointing_gives_the_same_step_in_less_memory(tmp_path):
 
 
 def test_dry_run_prints_the_footprint_and_writes_nothing(tmp_path, capsys):
-    from diffuse.cli import main
+    from diffuse.app.cli import main
 
     config = tmp_path / "c.toml"
     config.write_text("")

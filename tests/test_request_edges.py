@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffuse import Denoiser, Schedule
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.guidance import ClassifierFreeGuidance, ClassifierGuidance, same_condition
 from diffuse.samplers import CountCalls, NonFiniteSample
 

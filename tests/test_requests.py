@@ -15,7 +15,7 @@ from PIL import Image
 from diffuse import runs
 from diffuse.app.requests import (EditRequest, RequestError, SampleRequest, execute, field_of, flag, resolve,
                                   save_before_after)
-from diffuse.cli import main, parser
+from diffuse.app.cli import main, parser
 from diffuse.generate import CHUNK
 
 from test_cli import TINY, _sets

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffuse.cli import main
+from diffuse.app.cli import main
 from diffuse.condition import ConditionSpec
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.guidance import ClassifierFreeGuidance

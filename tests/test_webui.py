@@ -28,10 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse import cli
+from diffuse.app import cli
 from diffuse.app.requests import EditRequest, RequestError, SampleRequest, execute, resolve
 from diffuse.visualize import save_grid
-from diffuse.webui import (ALL_CLASSES, INSTALL, Models, build_app, edit_fields, editor_files, editor_value,
+from diffuse.app.webui import (ALL_CLASSES, INSTALL, Models, build_app, edit_fields, editor_files, editor_value,
                            error_message, page_request, read_upload, run_summary)
 
 REQUIRE_BROWSER = os.environ.get("DIFFUSE_REQUIRE_BROWSER") == "1"
@@ -322,7 +322,7 @@ def serve(runs: list[str]):
         import gradio  # noqa: F401
     except ImportError:
         unavailable("gradio is not installed", 'pip install -e ".[test,ui]"')
-    from diffuse.webui import launch
+    from diffuse.app.webui import launch
 
     app = build_app(runs, device="cpu")
     with socket.socket() as s:
@@ -555,7 +555,7 @@ def screenshots(runs: list[str], out: Path, device: str = "cpu") -> list[Path]:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    from diffuse.webui import launch
+    from diffuse.app.webui import launch
 
     app = build_app(runs, device=device)
     launch(app, port=7861)

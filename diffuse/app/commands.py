@@ -17,7 +17,7 @@ from .. import metrics
 from ..checkpoint import append_json_record, read_json_records
 from ..config import apply_overrides, load_config
 from ..data import load_dataset
-from ..demo import run_demo
+from .demo import run_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
 from ..runs import evaluate_autoencoder
@@ -32,7 +32,7 @@ from ..stages import space
 from ..tasks.image_to_image import training_condition
 from ..train import dry_run, feature_network, train
 from ..visualize import save_samples, to_uint8
-from ..webui import serve
+from .webui import serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
 
 

@@ -1,4 +1,4 @@
-"""The kinds of model the one Trainer trains, by the value of model.kind: the only place a kind's name is read.
+"""The kinds of model the one Trainer trains, by the value of model.kind (KINDS): what a kind does lives in its module here.
 
 Adding a kind: write its Objective (kinds/base.py) in a module of this package, add it here, and add it to the
 contract test (tests/test_kinds.py), which checks exact resume and DDP for every row of this table.

@@ -2,8 +2,8 @@
 the [autoencoder] network of nets/autoencoder.py trained by the one Trainer as two optimizer groups:
 
     main  the autoencoder: rec + KL (or codebook + commitment) + [step >= disc_start] disc_weight * lambda * L_GAN
-          (autoencoder.autoencoder_loss; Esser et al. 2021, eqs. 6-7)
-    disc  the patch discriminator's hinge loss (autoencoder.discriminator_loss), only once the GAN is on
+          (nets.autoencoder.autoencoder_loss; Esser et al. 2021, eqs. 6-7)
+    disc  the patch discriminator's hinge loss (nets.autoencoder.discriminator_loss), only once the GAN is on
 
 both AdamW with betas (0.5, 0.9) (taming-transformers and LDM), the autoencoder's gradients clipped by train.grad_clip,
 the discriminator's not. Trained on all but the last tenth of the data (`held_out`); the held-out part is what
@@ -15,7 +15,6 @@ the trainer's generator inside the quantiser (the same on every process).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from ..data import Subset
 from ..metrics import fid
 from ..stages import ENCODE_BATCH
 from ..visualize import save_grid, to_uint8
-from .base import Context, Group, Objective
+from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 
 
 HELD_OUT = 0.1          # the last tenth of an autoencoder run's data is held out of its training, for `diffuse eval`
@@ -73,6 +72,7 @@ class AutoencoderObjective(Objective):
     ema = None
     separable = False  # batch-mean losses and an adaptive weight of the whole batch's gradients
     progress_desc = "autoencoder"
+    loss_name = "autoencoder loss"
     nonfinite_hint = "Lower train.lr or autoencoder.disc_weight, and keep train.grad_clip > 0"
 
     def __init__(self, cfg: RunConfig, data, ctx: Context):
@@ -82,9 +82,6 @@ class AutoencoderObjective(Objective):
         self.dataset = Subset(data, self.train_idx)
         for ok, msg in ((1 <= t.batch_size <= len(self.train_idx), f"train.batch_size must be in 1..{len(self.train_idx)} "
                          f"(the training part of {len(data)} images), got {t.batch_size}"),
-                        (t.grad_accumulation == 1, f"train.grad_accumulation = {t.grad_accumulation}: an autoencoder's "
-                         "adaptive GAN weight is a ratio of the whole batch's gradient norms, so it trains without "
-                         "micro-batches; set train.grad_accumulation = 1 (lower train.batch_size to save memory)"),
                         (t.mixed_precision != "fp16", "train.mixed_precision = 'fp16' is not used for autoencoders (the "
                          "adaptive GAN weight divides gradient norms); use 'bf16', 'auto' or 'no'"),
                         (not t.fid_every or len(self.test_idx) >= 2,
@@ -103,12 +100,8 @@ class AutoencoderObjective(Objective):
     @classmethod
     def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
         """Everything of the diffusion model: the run trains the [autoencoder] network, with no noise process."""
-        why = 'model.kind = "autoencoder" trains the [autoencoder] network, with no noise process'
-        out = [(f"{section}.{f.name}", why, "remove it") for section in ("model", "schedule", "sample", "task", "latent")
-               for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
-        return out + [(f"train.{k}", why, "remove it") for k in (
-            "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
-            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_steps", "hflip")]
+        return ignored(cfg, 'model.kind = "autoencoder" trains the [autoencoder] network, with no noise process',
+                       ("model", "schedule", "sample", "task", "latent"), (*DIFFUSION_TRAINING, "fid_steps", "hflip"))
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -134,7 +127,7 @@ class AutoencoderObjective(Objective):
     def losses(self, x: Tensor, extras: dict, d: dict, step: int) -> dict:
         a, model, disc = self.cfg.autoencoder, self.modules["model"], self.modules.get("disc")
         out = self.nets["model"](x, generator=self.ctx.generator, eps=d.get("eps"))
-        terms = autoencoder_loss(model, x, out, step, disc, reduce=distributed.mean)
+        terms = autoencoder_loss(model, x, out, step, disc, reduce=lambda g: distributed.mean(g, self.ctx.world))
         log = {k: v.detach() for k, v in terms.items() if k != "loss"}
         log["psnr"] = psnr(x, out.reconstruction.detach().float().clamp(-1, 1)).mean()
         if out.quantized is not None:
@@ -147,7 +140,7 @@ class AutoencoderObjective(Objective):
         return losses
 
     def checkpoint_info(self) -> dict:
-        return {"kind": "autoencoder", "latent_shape": list(self.latent_shape)}
+        return {"kind": "autoencoder", "num_classes": 0, "latent_shape": list(self.latent_shape)}
 
     @torch.no_grad()
     def preview(self, trainer, n: int = 16) -> Path:

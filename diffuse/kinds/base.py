@@ -15,6 +15,7 @@ One training step, as the Trainer runs it:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
+
+
+DIFFUSION_TRAINING = ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout",
+                      "augment_p", "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup")  # [train] keys of diffusion only
+
+
+def ignored(cfg: RunConfig, why: str, sections: tuple[str, ...] = (), train: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """Objective.unused's rows for a kind that ignores whole `sections` (all but model.kind) and the named [train] keys:
+    (section.key, why, "remove it")."""
+    out = [(f"{section}.{f.name}", why, "remove it") for section in sections
+           for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
+    return out + [(f"train.{k}", why, "remove it") for k in train]
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class Objective:
     ema: str | None = "model"   # the module whose EMA (and post-hoc EMA tracks) is kept and sampled; None: no EMA
     separable: bool = True      # losses are per example, so a batch may be cut into micro-batches
     progress_desc = "training"  # the progress bar's label
+    loss_name = "training loss"  # the main group's loss in messages
     nonfinite_hint = "Lower train.lr, keep train.grad_clip > 0, or use train.mixed_precision = 'no'"
 
     cfg: RunConfig
@@ -110,7 +124,8 @@ class Objective:
         raise TypeError(f"{type(self).__name__} must define losses()")
 
     def after_backward(self, d: dict[str, Tensor], aux: dict[str, Tensor]) -> None:
-        """After every micro-batch's backward, before the optimizers step: the global draws and gathered aux values."""
+        """Once per step, after the last micro-batch's backward and before the optimizers step, when `losses` returned
+        "aux": the step's global draws and the aux values gathered over the global batch."""
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors of the objective's own state, checkpointed for exact resume (EDM2 checkpoints its loss object)."""

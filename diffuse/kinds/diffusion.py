@@ -98,6 +98,9 @@ def check(cfg: RunConfig, dataset, classifier: bool = False, takes: tuple[int, .
     missing = [k for k in spec.keys if k not in yields] if not classifier else []
     shape, takes = shape_of(dataset), diffusion_shape(cfg) if takes is None else takes
     checks = [
+        (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
+         f"train.fid_features = 'digits' measures 1-channel digits and the data has {cfg.data.channels} channels; give "
+         "train.fid_features = 'inception:PATH' (the FID Inception-v3 weights file) or 'MODULE:ATTR' (your feature network)"),
         (shape == takes, f"the data yield examples of shape {shape} and the config's network takes {takes} (data.channels, "
                          "data.image_size, or a latent run's latents): make data.channels and data.image_size describe the "
                          "data"),

@@ -7,14 +7,12 @@ global RNG), no EMA: the raw weights are the instrument.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..nets.digits import DigitClassifier
-from .base import Context, Group, Objective
+from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 
 
 class DigitClassifierObjective(Objective):
@@ -25,12 +23,8 @@ class DigitClassifierObjective(Objective):
     @classmethod
     def unused(cls, cfg: RunConfig) -> list[tuple[str, str, str]]:
         """Everything of the diffusion model: the network is the fixed DigitClassifier, trained on clean digits."""
-        why = 'model.kind = "digit_classifier" trains the fixed digit classifier (nets/digits.py) on clean digits'
-        out = [(f"{section}.{f.name}", why, "remove it") for section in ("model", "schedule", "sample", "task", "latent", "autoencoder")
-               for f in dataclasses.fields(getattr(cfg, section)) if (section, f.name) != ("model", "kind")]
-        return out + [(f"train.{k}", why, "remove it") for k in (
-            "loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout", "augment_p",
-            "offset_noise", "posthoc_ema", "ema_decay", "ema_warmup", "fid_every", "hflip")]
+        return ignored(cfg, 'model.kind = "digit_classifier" trains the fixed digit classifier (nets/digits.py) on clean digits',
+                       ("model", "schedule", "sample", "task", "latent", "autoencoder"), (*DIFFUSION_TRAINING, "fid_every", "hflip"))
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

@@ -250,6 +250,8 @@ class VectorQuantizer(nn.Module):
     every process's encoder outputs, so with the same `generator` state on every process (the trainer's) the
     codebooks stay equal and match one process's."""
 
+    shard: tuple[int, int] = (0, 1)  # (rank, world size) of the training processes; the trainer sets it
+
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.beta, self.decay, self.threshold, self.ema = (cfg.commitment_beta, cfg.ema_decay, cfg.dead_code_threshold,
@@ -279,8 +281,10 @@ class VectorQuantizer(nn.Module):
     def _update(self, flat: Tensor, indices: Tensor, counts: Tensor, generator: torch.Generator | None) -> None:
         flat = flat.to(self.embed_sum.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K, c) sum_j z_ij over the codes' vectors
-        if distributed.world_size() > 1:  # the global batch's counts, sums and encoder outputs
-            counts, sums, flat = distributed.total(counts.clone()), distributed.total(sums), distributed.gather(flat)
+        world = self.shard[1]
+        if world > 1:  # the global batch's counts, sums and encoder outputs
+            counts, sums, flat = (distributed.total(counts.clone(), world), distributed.total(sums, world),
+                                  distributed.gather(flat, world))
         cluster_size, embed_sum, codebook = ema_update(self.cluster_size, self.embed_sum, counts, sums, self.decay)
         self.cluster_size.copy_(cluster_size)
         if self.ema:

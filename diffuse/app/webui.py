@@ -48,18 +48,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import pretrained
-from .app.requests import (EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
+from .. import pretrained
+from .requests import (EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
                            save_before_after)
-from .checkpoint import read_json_records, read_log, write_atomically
-from .config import to_dict
-from .data import open_image
-from .runs import Run, open_run
-from .samplers import SAMPLERS, Step
-from .schedule import SPACINGS
-from .stages import diffusion_shape
-from .tasks.editing import STRENGTH_HELP, latent_factor
-from .visualize import grid, save_gif, save_grid, save_image
+from ..checkpoint import read_json_records, read_log, write_atomically
+from ..config import to_dict
+from ..data import open_image
+from ..runs import Run, open_run
+from ..samplers import SAMPLERS, Step
+from ..schedule import SPACINGS
+from ..stages import diffusion_shape
+from ..tasks.editing import STRENGTH_HELP, latent_factor
+from ..visualize import grid, save_gif, save_grid, save_image
 
 INSTALL = 'pip install -e ".[ui]"'
 ALL_CLASSES = "all classes in turn"
@@ -553,7 +553,7 @@ def build_app(runs: list[str], device: str | None = None):
         return into_editor(grid(samples[k - 1:k], pad=0), f"sample #{k}")
 
     def factors(run: str) -> list[int]:
-        """ILVR factors that divide the image size (for a latent-diffusion run: multiples of its f, latent.latent_factor)."""
+        """ILVR factors that divide the image size (for a latent-diffusion run: multiples of its f, tasks.editing.latent_factor)."""
         r = ui.models.run(run)
         side = r.cfg.data.image_size
 

@@ -16,12 +16,12 @@ import math
 import sys
 import warnings
 
-from .config import ConfigError
-from .generate import CHUNK
-from .samplers import SAMPLERS
-from .schedule import SPACINGS
-from .tasks.editing import STRENGTH_HELP
-from .train import NonFiniteLoss, ResumeError
+from ..config import ConfigError
+from ..generate import CHUNK
+from ..samplers import SAMPLERS
+from ..schedule import SPACINGS
+from ..tasks.editing import STRENGTH_HELP
+from ..train import NonFiniteLoss, ResumeError
 
 
 def guidance_interval(text: str) -> tuple[float, ...]:
@@ -222,7 +222,7 @@ def _end_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .app.commands import COMMANDS  # only now: --help and a mistyped flag answer without loading the commands
+    from .commands import COMMANDS  # only now: --help and a mistyped flag answer without loading the commands
     formatwarning = warnings.formatwarning  # warnings print as "diffuse CMD: warning: ...", like the errors
     warnings.formatwarning = lambda message, *_, **__: f"diffuse {args.command}: warning: {message}\n"
     try:

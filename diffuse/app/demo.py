@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import RunConfig, load_config
-from .data import load_dataset
-from .runs import write_run
-from .generate import default_labels, generate
-from .runs import load_run
-from .kinds.diffusion import sample_config_kwargs
-from .train import train
-from .visualize import save_gif, save_grid
+from ..config import RunConfig, load_config
+from ..data import load_dataset
+from ..runs import write_run
+from ..generate import default_labels, generate
+from ..runs import load_run
+from ..kinds.diffusion import sample_config_kwargs
+from ..train import train
+from ..visualize import save_gif, save_grid
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "mnist_cond.toml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "mnist_cond.toml"  # diffuse/configs
 DEMO_SIGMA_REL = 0.10
 """The post-hoc EMA length the demo samples with, one of the run's own tracks (so it is rebuilt exactly). On two runs
 of the rectified-flow recipe (bench/RESULTS.md "CPU budget", 2026-12-01) sigma_rel 0.10 against 0.03: unguided FID
