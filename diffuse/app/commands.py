@@ -20,12 +20,10 @@ from ..data import load_dataset
 from .demo import run_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
-from ..runs import evaluate_autoencoder
 from ..kinds.diffusion import sample_config_kwargs
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
 from ..precision import autocast_dtype
-from ..pretrained import is_model_folder
-from ..runs import check_guidance, load_run, run_config, write_run
+from ..runs import check_guidance, check_kind, evaluate_autoencoder, load_run, open_run, write_run
 from ..samplers import SAMPLERS, check_plan
 from ..schedule import Schedule
 from ..stages import space
@@ -111,11 +109,13 @@ def edit_command(args) -> None:
 def eval_command(args) -> None:
     """`diffuse eval RUN`: a sample-quality metric (fid, kid, is, pr) or a likelihood (nll, vlb, in bits/dim) of a
     diffusion run, or an autoencoder run's reconstructions; printed and appended to RUN/eval.json."""
-    cfg = run_config(args.run)
+    run = open_run(args.run)  # what the run can measure, said once (runs.Capabilities)
+    cfg, can = run.cfg, run.capabilities
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.model.kind == "autoencoder":
+    if "recon" in can.metrics:
         return _eval_autoencoder(args, cfg, device)
+    check_kind(args.run, cfg, "denoiser")  # a noisy classifier has no metric of its own
     if args.metric in (None, "recon"):
         raise ValueError(f"{args.run} is a diffusion run: pass --metric fid, kid, is, pr, nll or vlb (recon measures "
                          "autoencoder runs)")
@@ -126,10 +126,10 @@ def eval_command(args) -> None:
         raise ValueError(f"--metric {args.metric} needs --n {least} or more, got {args.n}"
                          + {"kid": " (random subsets of half the images, at least 2 each)",
                             "is": " (10 splits of at least 2 images)", "pr": " (3 nearest neighbours besides each image)"}.get(args.metric, ""))
-    if cfg.latent.autoencoder and args.metric in ("nll", "vlb"):
+    if can.latent and args.metric in ("nll", "vlb"):
         raise ValueError(f"--metric {args.metric} of a latent-diffusion run would measure its latents, not images (the "
                          "decoder's likelihood is not part of the model); use --metric fid, kid, is or pr")
-    if cfg.model.text_encoder and args.real is not None:
+    if can.text and args.real is not None:
         raise ValueError("--real gives images without captions, and a text-conditional run needs captions to draw from; "
                          "leave --real out (the run's own captioned data are used)")
     if sample_metric:
@@ -142,22 +142,22 @@ def eval_command(args) -> None:
     s, d = cfg.sample, cfg.data
     if args.real is not None:  # the run's own shape, the user's images
         d = dataclasses.replace(d, source="folder", path=args.real)
-    elif is_model_folder(args.run) and args.metric != "is":  # IS reads no real images
+    elif run.diffusers and args.metric != "is":  # IS reads no real images
         raise ValueError(f"{args.run} is a diffusers model folder, which names no data set; pass --real FOLDER, the real "
                          "images to compare with (e.g. the CIFAR-10 training images saved as PNG files)")
-    if args.real is None and is_model_folder(args.run):
+    if args.real is None and run.diffusers:
         pick, real = torch.zeros(0, dtype=torch.long), torch.zeros(0, d.channels, d.image_size, d.image_size)
     else:
         data = load_dataset(d)
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n]
         real = torch.stack([data[int(i)][0] for i in pick])
-        if cfg.model.text_encoder and args.real is None:  # a text model draws the captions of the real images it is compared with
+        if can.text and args.real is None:  # a text model draws the captions of the real images it is compared with
             captions = [data.captions[int(pick[k % len(pick)])] for k in range(args.n)]
             task_text = {"text": den.net.text_encoder.tokenize(captions).to(device)}
             record_caption = "the captions of the real images"
     record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
                     "date": datetime.date.today().isoformat()}
-    if cfg.model.text_encoder:
+    if can.text:
         record["condition"] = record_caption
     if len(real) < args.n and args.metric != "is":  # IS reads no real images
         if len(real) < least:
@@ -168,14 +168,14 @@ def eval_command(args) -> None:
                          if args.metric in ("fid", "kid", "pr") else f"the figure is the mean over those {len(real)}"),
                       UserWarning, stacklevel=1)
     # a task model is measured given its input made from each real image: log p(x | y), samples of p(x | y)
-    task_cond = {} if cfg.task.kind == "none" else training_condition(
+    task_cond = {} if can.trained_task == "none" else training_condition(
         cfg.task, real.to(device), pick[:len(real)], den.schedule, level=cfg.task.aug_level if cfg.task.noise_aug_max > 0 else None)
     if task_cond:
         record["condition"] = f"task {cfg.task.kind}: the input made from each real image"
     if args.metric in ("nll", "vlb"):
         x0 = real.to(device)
         cond = dict(task_cond)
-        if cfg.model.class_conditional and num_classes:  # the null label: log p(x), comparable with unconditional models
+        if can.classes:  # the null label: log p(x), comparable with unconditional models
             cond["label"] = torch.full((len(x0),), num_classes, device=device)
             record["condition"] = "the null label (the unconditional density)" + (" and " + record["condition"] if task_cond else "")
         if args.metric == "nll":
@@ -204,10 +204,10 @@ def eval_command(args) -> None:
         if args.mixed_precision is not None:
             kw["mixed_precision"] = args.mixed_precision
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
-        cond = task_cond or (task_text if cfg.model.text_encoder else None)
+        cond = task_cond or (task_text if can.text else None)
         fake = latent_space.decode(generate_in_chunks(
             den, n_fake, latent_space.shape, chunk=args.batch_size, seed=args.seed, device=device, cond=cond,
-            labels=default_labels(n_fake, num_classes if cfg.model.class_conditional else 0), **kw))
+            labels=default_labels(n_fake, can.classes), **kw))
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
         adaptive = SAMPLERS[sampler].calls_per_step == 0
