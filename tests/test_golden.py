@@ -107,6 +107,12 @@ CASES = {
     "latent_uncached": ("ldm_mnist.toml", LATENT + ["latent.autoencoder={autoencoder}", "latent.cache=false"]),
     # super-resolution 4x4 -> 8x8 with noise-conditioning augmentation (the level as a scalar input)
     "superres": ("sr_digits.toml", PIXELS + ["task.noise_aug_max=0.5", "model.scalar_inputs=1"]),
+    # offset noise (draw 4) and two micro-batches a step (DDP's no_sync path, the loss summed in parts); added after the
+    # refactor, recorded from the code before it (6537029) and checked against the code after
+    "vp_offset_accum": ("mnist.toml", PIXELS + ["model.prediction=eps", "train.loss_weighting=none", "train.offset_noise=0.1",
+                                                "train.grad_accumulation=2"]),
+    # the KL autoencoder whose GAN switches on at step 3 of 3 (the discriminator's group absent, then present)
+    "ae_kl_late_gan": ("ae_mnist.toml", AUTOENCODER + ["autoencoder.disc_start=2"]),
     # text-to-image on captioned shapes with the trainable byte-level encoder and caption dropout
     "text_chars": ("text_shapes.toml", ["data.crops=32", "data.image_size=16", "model.channels=8",
                                         "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
