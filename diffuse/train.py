@@ -118,8 +118,10 @@ def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
             raise ValueError(msg)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+def progress_disabled() -> bool:
+    """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar,
+    the trainer's and the sampling commands' alike."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class Trainer:
@@ -152,7 +154,7 @@ class Trainer:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
-        self.progress = progress and self.is_main and not _env_flag("TQDM_DISABLE")
+        self.progress = progress and self.is_main and not progress_disabled()
         data = load_dataset(cfg.data) if dataset is None else dataset
         check_train(cfg, self.world, data, kind)  # before the kind prepares anything (a stage's cache, a feature network)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step

@@ -1,3 +1,10 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,3 +80,42 @@ class GaussianMixture:
     def component(self, x0):
         """The nearest component of each sample (B,)."""
         return torch.cdist(x0.flatten(1).to(torch.float64), self.mu).argmin(1)
+
+
+# --- processes as torchrun starts them (tests/test_ddp.py, tests/test_kinds.py) -----------------------------------------
+def start_workers(argv: list[str], logs: list[Path], **env: str) -> list[subprocess.Popen]:
+    """Start len(logs) workers `python *argv` with the environment torchrun gives its workers (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, a free MASTER_PORT), one thread each and no GPU, plus `env`; each writes to its log.
+    Starting them directly spares the launcher's own start-up (importing torch once more costs seconds on 2 cores)."""
+    world = len(logs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
+    base.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, *argv], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                          stdout=f, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_workers(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
+    """Wait for the workers; fail with the end of each one's log if one fails or they run past `timeout` seconds (then
+    they are killed, only ours, by their Popen handles)."""
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+        problem = None if codes == [0] * len(procs) else f"exit codes {codes}"
+    except subprocess.TimeoutExpired:
+        problem = f"timed out after {timeout} s"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if problem:
+        output = "\n".join(f"--- rank {r} ---\n{log.read_text()[-8000:]}" for r, log in enumerate(logs))
+        pytest.fail(f"the {len(procs)}-process run failed: {problem}\n{output}")

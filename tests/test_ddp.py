@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import start_workers, wait_workers
 
 STEPS = 3
 WORLD = 2
@@ -146,44 +145,15 @@ def _fit_worker(images: Path, run: Path) -> None:
 
 
 # --- the test process ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(images: Path, run_root: Path, out: Path, *extra: str) -> tuple[list, list[Path]]:
     """Start WORLD workers as torchrun would (this file with IMAGES RUNS OUT [fit]); returns (processes, their logs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
-               LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     logs = [out / f"rank{r}{'_'.join(('', *extra))}.log" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        with open(logs[r], "w") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, str(images), str(run_root), str(out), *extra],
-                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f, stderr=subprocess.STDOUT))
-    return procs, logs
+    return start_workers([__file__, str(images), str(run_root), str(out), *extra], logs), logs
 
 
 def _launch(images: Path, run_root: Path, out: Path, *extra: str, timeout: float = 180) -> None:
     """Start WORLD workers as torchrun would; fail with their output if one fails or they hang."""
-    procs, logs = _start(images, run_root, out, *extra)
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
-        problem = None if codes == [0] * WORLD else f"exit codes {codes}"
-    except subprocess.TimeoutExpired:
-        problem = f"timed out after {timeout} s"
-    finally:
-        for p in procs:  # only our own workers, by their Popen handle
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if problem:
-        output = "\n".join(f"--- rank {r} ---\n{logs[r].read_text()[-8000:]}" for r in range(WORLD))
-        pytest.fail(f"the {WORLD}-process run failed: {problem}\n{output}")
+    wait_workers(*_start(images, run_root, out, *extra), timeout)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,13 @@ resume and DDP checked by adding one row. This file is also the DDP worker (as t
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import start_workers, wait_workers
 
 WORLD = 2
 COMMON = ["data.source=folder", "data.image_size=8", "data.channels=1", "train.batch_size=8", "train.lr=1e-3",
@@ -87,34 +84,9 @@ def _worker(images: Path, out: Path) -> None:
 
 
 def _launch(images: Path, out: Path, timeout: float = 300) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", WORLD_SIZE=str(WORLD),
-               DIFFUSE_CACHE=str(out / "cache"),  # empty: rank 0 trains the digit classifier alone, the other waits
-               LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     logs = [out / f"rank{r}.log" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        with open(logs[r], "w") as f:
-            procs.append(subprocess.Popen([sys.executable, __file__, str(images), str(out)],
-                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                          stdout=f, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
-        problem = None if codes == [0] * WORLD else f"exit codes {codes}"
-    except subprocess.TimeoutExpired:
-        problem = f"timed out after {timeout} s"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if problem:
-        pytest.fail(f"the {WORLD}-process run failed: {problem}\n" + "\n".join(
-            f"--- rank {r} ---\n{logs[r].read_text()[-6000:]}" for r in range(WORLD)))
+    # an empty cache: rank 0 trains the digit classifier alone mid-run, the other waits
+    wait_workers(start_workers([__file__, str(images), str(out)], logs, DIFFUSE_CACHE=str(out / "cache")), logs, timeout)
 
 
 # --- the tests ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..samplers import SAMPLERS, check_plan
 from ..schedule import Schedule
 from ..stages import space
 from ..tasks.image_to_image import training_condition
-from ..train import dry_run, feature_network, train
+from ..train import dry_run, feature_network, progress_disabled, train
 from ..visualize import save_samples, to_uint8
 from .webui import serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
@@ -48,11 +47,6 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file in it, e.g. {out / 'samples.png'}")
-
-
-def progress_disabled() -> bool:
-    """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar."""
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class Progress:
