@@ -221,6 +221,17 @@ def _coverage(shape: str, centre: tuple[float, float], extent: float, size: int)
     return np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float64) / 255.0
 
 
+def coverage(obj: SceneObject, size: int = 32) -> np.ndarray:
+    """The fraction (size, size) float64 in [0, 1] of each pixel that the object covers, drawn exactly as `render`
+    draws it (where no other object touches a pixel, render's brightest channel there is exactly 255 x this). Raises
+    ValueError for something other than a SceneObject, an object outside the grammar or a size below 16."""
+    if not isinstance(obj, SceneObject):
+        raise ValueError(f"coverage takes one SceneObject (an object of a Scene), got {type(obj).__name__}")
+    _check_size(size)
+    _check_scene(Scene((obj,)))
+    return _coverage(obj.shape, obj.centre, EXTENTS[obj.size], size)
+
+
 def shapes_data(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """n random scenes as (images uint8 (n, 3, size, size), captions): deterministic in seed. Raises ValueError for
     n < 1 or size < 16."""
