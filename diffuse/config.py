@@ -28,6 +28,7 @@ from .checkpoint import latest_step, write_atomically
 from .data import DataConfig
 from .nets.unet import UNetConfig
 from .samplers import SAMPLERS
+from .segmentation import SegmentConfig
 from .tasks.image_to_image import TaskConfig
 from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing
 
@@ -136,6 +137,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # model.kind = "autoencoder": its network
     latent: LatentConfig = field(default_factory=LatentConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)  # model.kind = "segmenter": features, labels, head
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:

@@ -190,12 +190,7 @@ class Denoiser:
 
     def output(self, x_t: Tensor, t: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
         """The network's own output at (x_t, t), one time per example, and variance_mix (None without a learned variance)."""
-        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
-        if self.prediction == "edm":  # the network sees c_in y = c_in x_t / alpha_t (Karras et al. 2022, table 1)
-            alpha, sigma = scales(self.schedule, t, x_t)
-            x_t = x_t * (edm_scalings(sigma / alpha, self.sigma_data)[2] / alpha)
-        # float32 at least: bf16 cannot tell step 999 from 1000
-        out = self.net(x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32), **cond)
+        out = self.net(*self.network_input(x_t, t), **cond)
         expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]) if self.learned_variance else x_t.shape
         if out.shape != expected:
             what = "twice the input channels (prediction, variance)" if self.learned_variance else "one value per input value"
@@ -205,6 +200,16 @@ class Denoiser:
             return out, None
         raw, v = out.chunk(2, dim=1)
         return raw, (v + 1) / 2
+
+    def network_input(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """What the network is called with at (x_t, t): x_t itself (c_in x_t / alpha_t for "edm", Karras et al. 2022,
+        table 1) and the model time (B,) float32, one per example."""
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        if self.prediction == "edm":  # the network sees c_in y = c_in x_t / alpha_t (Karras et al. 2022, table 1)
+            alpha, sigma = scales(self.schedule, t, x_t)
+            x_t = x_t * (edm_scalings(sigma / alpha, self.sigma_data)[2] / alpha)
+        # float32 at least: bf16 cannot tell step 999 from 1000
+        return x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32)
 
     def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """The network's prediction (eps, x0 or v) at (x_t, t), without any learned variance."""

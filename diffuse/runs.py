@@ -219,7 +219,7 @@ class Run:
 def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     """What a run of config `cfg` with `num_classes` classes in its data can do (see Capabilities)."""
     if cfg.model.kind != "denoiser":
-        metrics = ("recon",) if cfg.model.kind == "autoencoder" else ()
+        metrics = {"autoencoder": ("recon",), "segmenter": ("miou",)}.get(cfg.model.kind, ())
         return Capabilities(False, num_classes if cfg.model.kind == "classifier" else 0, False, (), (), "none", False,
                             True, False, metrics)
     m, task = cfg.model, cfg.task.kind

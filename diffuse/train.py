@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
 from .kinds import KINDS, Context, check_config
@@ -44,6 +44,7 @@ from .nets.autoencoder import VectorQuantizer
 from .nets.blocks import ShardedDropout
 from .nets.digits import DigitClassifier
 from .nets.inception import inception_fid
+from .segmentation import GlobalBatchNorm
 from .precision import autocast_dtype
 from .visualize import plot_loss
 
@@ -82,6 +83,7 @@ def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
     """ValueError naming the setting and the fix for a [train] section the Trainer cannot run, whatever the kind (`kind`,
     its Objective class: micro-batches only for per-example losses)."""
     t = cfg.train
+    examples = len(dataset) if kind is None else kind.examples(cfg, dataset)
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -110,8 +112,8 @@ def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
         (t.sample_every >= 0, f"train.sample_every must be >= 0, got {t.sample_every}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.time_limit >= 0, f"train.time_limit must be >= 0 seconds, got {t.time_limit}"),
-        (len(dataset) >= t.batch_size, f"the dataset has {len(dataset)} images, fewer than train.batch_size = {t.batch_size}; "
-                                       "lower train.batch_size"),
+        (examples >= t.batch_size, f"the dataset has {examples} {'images' if kind is None or examples == len(dataset) else 'examples'}, "
+                                   f"fewer than train.batch_size = {t.batch_size}; lower train.batch_size"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -155,7 +157,7 @@ class Trainer:
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
         self.progress = progress and self.is_main and not progress_disabled()
-        data = load_dataset(cfg.data) if dataset is None else dataset
+        data = kind.load_data(cfg) if dataset is None else dataset
         check_train(cfg, self.world, data, kind)  # before the kind prepares anything (a stage's cache, a feature network)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # every draw of every step
         self.objective = kind(cfg, data, Context(self.run_dir, self.device, self.rank, self.world, saved_cfg, self.generator,
@@ -168,7 +170,7 @@ class Trainer:
         self.dataset = self.objective.dataset
         for m in self.modules.values():  # dropout masks and VQ statistics of the global batch: each layer knows its process
             for sub in m.modules():
-                if isinstance(sub, (ShardedDropout, VectorQuantizer)):
+                if isinstance(sub, (ShardedDropout, VectorQuantizer, GlobalBatchNorm)):
                     sub.shard = (self.rank, self.world)
         averaged = self.objective.ema
         self.ema = EMA(self.modules[averaged], t.ema_decay, t.ema_warmup) if averaged else None

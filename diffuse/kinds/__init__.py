@@ -6,15 +6,17 @@ contract test (tests/test_kinds.py), which checks exact resume and DDP for every
 
 from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
-from .base import Context, Group, Objective
+from .base import Context, Group, Objective, ignored
 from .diffusion import ClassifierObjective, DiffusionObjective
 from .digit_classifier import DigitClassifierObjective
+from .segmentation import SegmentationObjective
 
 KINDS: dict[str, type[Objective]] = {
     "denoiser": DiffusionObjective,
     "classifier": ClassifierObjective,
     "autoencoder": AutoencoderObjective,
     "digit_classifier": DigitClassifierObjective,
+    "segmenter": SegmentationObjective,
 }
 
 
@@ -25,7 +27,8 @@ def check_config(cfg: RunConfig) -> None:
     bad config is refused before the data load, before a latent run encodes its data and before anything is written.
     ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
     kind = KINDS[cfg.model.kind]
-    check_unused(cfg, kind.unused(cfg))
+    segment = [] if cfg.model.kind == "segmenter" else ignored(cfg, 'only model.kind = "segmenter" reads it', ("segment",))
+    check_unused(cfg, kind.unused(cfg) + segment)
     kind.check_config(cfg)
 
 

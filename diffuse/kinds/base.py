@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data import load_dataset
 
 
 DIFFUSION_TRAINING = ("loss", "loss_weighting", "min_snr_gamma", "p2_k", "p2_gamma", "vlb_lambda", "condition_dropout",
@@ -87,6 +88,18 @@ class Objective:
         """(section.key, why it does nothing for this kind, the fix) of the settings the kind ignores, for
         config.check_unused: e.g. an autoencoder run's [schedule]. Default: none."""
         return []
+
+    @classmethod
+    def load_data(cls, cfg: RunConfig):
+        """The data the kind trains on when the Trainer is given none: data.load_dataset(cfg.data) by default (a
+        segmentation run: its labelled images)."""
+        return load_dataset(cfg.data)
+
+    @classmethod
+    def examples(cls, cfg: RunConfig, data) -> int:
+        """How many examples a batch is drawn from, known before the kind prepares its data (train.batch_size must not
+        exceed it): len(data) by default."""
+        return len(data)
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

@@ -42,6 +42,14 @@ class DigitClassifier(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return self.fc(self.conv(x).flatten(1))
 
+    def maps(self, x: Tensor) -> list[Tensor]:
+        """The two conv stages' activations after their ReLU, before pooling: [(B, w, 28, 28), (B, 2w, 14, 14)] for x
+        (B, 1, H, W) resized to 28x28 (the digit-classifier baseline of segmentation features)."""
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        first = self.conv[1](self.conv[0](x))
+        return [first, self.conv[4](self.conv[3](self.conv[2](first)))]
+
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, H, W) -> logits (B, 10)
         return self.head(self.dropout(F.relu(self.features(x))))
 

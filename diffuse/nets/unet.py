@@ -39,8 +39,9 @@ class UNetConfig:
     num_heads: int = 1                                              # attention heads (DDPM: 1)
     dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
     norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
-    kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier"] = "denoiser"  # the U-Net, its encoder as a noisy classifier
-    #                                                                 (nets.classifier), or a run of the [autoencoder] (kinds.autoencoder)
+    kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier", "segmenter"] = "denoiser"  # the U-Net, its encoder as
+    #                                                                 a noisy classifier (nets.classifier), a run of the [autoencoder]
+    #                                                                 (kinds.autoencoder), or a pixel classifier on features ([segment])
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
     cond_channels: int = 0                                          # channels of a condition image concatenated to x_t (SR3, Palette); 0: none
@@ -142,6 +143,34 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(w_in, (in_channels if out_channels is None else out_channels) * p * p, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self._run(x, t, cond)
+
+    def decoder_layout(self) -> list[tuple[int, int]]:
+        """(width, side) of each decoder block's activation, by block index: the expanding path's residual blocks in
+        the order they run (lowest resolution first, model.num_res_blocks + 1 per level), each with its attention,
+        and the last block of a level after its upsampling, as guided-diffusion's `output_blocks[i]` (the blocks whose
+        outputs Baranchuk et al. 2022 read). Sides are of an image of side `image_size`."""
+        out, side = [], self.image_size // self.cfg.patch_size // 2 ** (len(self.cfg.channel_mult) - 1)
+        for level, up in zip(self.up, self.upsample):
+            for i, block in enumerate(level.blocks):
+                last = i == len(level.blocks) - 1 and not isinstance(up, nn.Identity)
+                out.append((block.conv2.out_channels, side * 2 if last else side))
+            side *= 1 if isinstance(up, nn.Identity) else 2
+        return out
+
+    def decoder_features(self, x: Tensor, t: Tensor, blocks: list[int], **cond: Tensor) -> dict[int, Tensor]:
+        """The activations of the decoder blocks `blocks` (indices of `decoder_layout`) at (x, t, cond): block index ->
+        (B, width, side, side). The forward stops after the last block asked for. ValueError naming the blocks this
+        network has when an index is not one of them."""
+        n = len(self.decoder_layout())
+        bad = [b for b in blocks if not (isinstance(b, int) and 0 <= b < n)]
+        if bad or not blocks:
+            raise ValueError(f"decoder blocks {bad or '[]'} are not blocks of this U-Net: it has {n} decoder blocks, "
+                             f"0..{n - 1} (UNet.decoder_layout: (width, side) of each)")
+        return self._run(x, t, cond, set(blocks))
+
+    def _run(self, x: Tensor, t: Tensor, cond: dict, keep: set[int] | None = None):
+        """The forward pass; with `keep`, the activations of those decoder blocks instead of the output."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         factor = self.cfg.patch_size * 2 ** (len(self.cfg.channel_mult) - 1)
@@ -175,10 +204,17 @@ class UNet(nn.Module):
                 h = down(h)
                 hs.append(h)
         h = self._checkpointed(self._middle, h, emb, context, mask)
+        kept, index = {}, 0
         for level, up in zip(self.up, self.upsample):
             for i in range(len(level.blocks)):
                 h = self._checkpointed(self._up_block, level, i, h, hs.pop(), emb, context, mask)
-            h = up(h)
+                if i == len(level.blocks) - 1:
+                    h = up(h)
+                if keep is not None and index in keep:
+                    kept[index] = h
+                    if len(kept) == len(keep):
+                        return kept
+                index += 1
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
 
     @staticmethod

@@ -1,0 +1,212 @@
+"""Segmentation from diffusion features: a label-efficient pixel classifier on a trained model's activations
+(Baranchuk et al. 2022, "Label-efficient semantic segmentation with diffusion models", ICLR; lecture 002, "Semantic
+Segmentation").
+
+A trained denoiser has to know what is where in an image to remove noise from it, so its activations should carry
+semantics. The method, as the reference code does it:
+
+    x_t = alpha_t x_0 + sigma_t eps        for a few t, one eps shared by every image (share_noise)
+    f(x_0) = concat_t,b  up(h_b(x_t, t))   the decoder blocks' activations h_b, bilinearly upsampled to the image
+    y(pixel) = mode_m argmax MLP_m(f)      an ensemble of M pixel MLPs dim -> 128 -> 32 -> C on f at each pixel,
+                                           trained with cross-entropy on a handful of labelled images
+
+and the uncertainty of a pixel is the ensemble's Jensen-Shannon divergence H(mean_m p_m) - mean_m H(p_m).
+The times are given on DDPM's linear schedule (T = 1000, the paper's steps 50, 150, 250 are t = 0.05, 0.15, 0.25)
+and read on any run's process at the same log-SNR, so a flow or EDM run is probed at the same noise levels.
+
+This module holds the math of it (features, the ensemble, the vote, the score); kinds/segmentation.py makes it a
+kind of model the one Trainer trains, with the features a cached stage of the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .denoiser import Denoiser
+from .schedule import NoiseSchedule, Schedule
+
+FeatureSource = Literal["diffusion", "random", "pixels", "autoencoder", "digit_classifier"]
+
+
+@dataclass
+class SegmentConfig:
+    """[segment]: a segmentation run (model.kind = "segmenter"): where its pixel features come from, which labelled
+    images it trains and is scored on, and its head."""
+
+    source: str = ""                 # the run the features come from: a diffusion run (features "diffusion", "random")
+    #                                  or an autoencoder run (features "autoencoder"); "" for "pixels", "digit_classifier"
+    source_step: int = 0             # that run's checkpoint; 0 = its newest when training starts, then saved (pinned)
+    features: FeatureSource = "diffusion"  # diffusion: the run's decoder activations (Baranchuk et al. 2022); the
+    #                                  baselines: random (the same U-Net with random weights), pixels (values and x, y),
+    #                                  autoencoder (its latents, upsampled), digit_classifier (its conv maps, upsampled)
+    times: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25])  # noise levels, as times of DDPM's linear
+    #                                  schedule (the paper's steps 50, 150, 250 of 1000), read on the run's process at the
+    #                                  same log-SNR
+    blocks: list[int] = field(default_factory=list)  # decoder blocks read (UNet.decoder_layout); [] = every block
+    head: Literal["ensemble", "unet"] = "ensemble"   # the pixel MLP ensemble on the features, or (a baseline) a U-Net
+    #                                  trained end to end on the labelled images ([model] describes it)
+    members: int = 10                # MLPs in the ensemble (the paper: 10)
+    hidden: list[int] = field(default_factory=lambda: [128, 32])  # their hidden widths (the paper: 128, 32 for < 30 classes)
+    train_images: int = 20           # labelled images trained on (the paper: 20-40; 0 = every image not held out)
+    test_images: int = 100           # images held out for the score (the same set for every train.seed)
+    classes: Literal["shape", "shape_colour"] = "shape"  # data.source = "shapes": circle / square / triangle, or one
+    #                                  class per colour and shape
+    feature_batch: int = 8           # images per feature pass (the reference's users ran out of memory: batch it)
+    noise_seed: int = 0              # seeds the one noise shared by every image, and the random U-Net's weights
+
+
+def vp_linear_times(times, schedule: NoiseSchedule) -> Tensor:
+    """Times t on DDPM's linear schedule (Ho et al. 2020: beta 1e-4..0.02, T = 1000) -> the times of `schedule` with the
+    same log-SNR, float64 (len(times),): the identity for a linear 1000-step run, and the same noise level on a cosine,
+    flow or EDM process. ValueError for a time outside (0, 1)."""
+    t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+    if len(t) == 0 or not bool(((t > 0) & (t < 1)).all()):
+        raise ValueError(f"segment.times must be times in (0, 1) of DDPM's linear schedule (the paper's steps 50, 150, 250 "
+                         f"are 0.05, 0.15, 0.25), got {list(map(float, t))}")
+    ref = Schedule.linear(1000)
+    if isinstance(schedule, Schedule) and schedule.T == ref.T and torch.equal(schedule.betas, ref.betas):
+        return t
+    return schedule.t_from_log_snr(ref.log_snr(t)).clamp(schedule.t_min, schedule.t_top)
+
+
+def upsample(maps: list[Tensor], side: int) -> Tensor:
+    """Feature maps (B, C_i, h_i, w_i) bilinearly resized to side x side and concatenated: (B, sum C_i, side, side)
+    float32 (the reference's `collect_features`, upsample_mode "bilinear")."""
+    return torch.cat([F.interpolate(m.float(), size=(side, side), mode="bilinear", align_corners=False)
+                      if m.shape[-1] != side or m.shape[-2] != side else m.float() for m in maps], dim=1)
+
+
+@torch.no_grad()
+def unet_features(denoiser: Denoiser, z: Tensor, times: Tensor, blocks: list[int], noise: Tensor, side: int,
+                  cond: dict | None = None) -> Tensor:
+    """The decoder activations of a U-Net denoiser at each time, upsampled and concatenated (Baranchuk et al. 2022,
+    sec. 3): z (B, C, h, w) the clean variable (images, or a latent run's latents), `times` (K,) of the run's process,
+    `blocks` decoder block indices, `noise` (1 or B, C, h, w) the shared eps, `cond` the network's (null) condition.
+    -> (B, K * sum_b width_b, side, side) float32, ordered time-major, then block."""
+    cond = cond or {}
+    maps = []
+    for t in times:
+        x_t = denoiser.schedule.q_sample(z, t.expand(z.shape[0]), noise.expand_as(z))
+        x_in, model_time = denoiser.network_input(x_t, t)
+        found = denoiser.net.decoder_features(x_in, model_time, blocks, **cond)
+        maps += [found[b] for b in blocks]
+    return upsample(maps, side)
+
+
+def pixel_coordinates(x: Tensor) -> Tensor:
+    """The pixels-and-position baseline: x (B, C, H, W) with two channels of the pixel's (x, y) in [-1, 1] appended,
+    (B, C + 2, H, W)."""
+    B, _, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device), indexing="ij")
+    return torch.cat([x.float(), xs.expand(B, 1, H, W), ys.expand(B, 1, H, W)], dim=1)
+
+
+def per_pixel(features: Tensor, masks: Tensor | None = None, ignore: int = 255) -> tuple[Tensor, Tensor | None]:
+    """(N, D, H, W) features -> (N H W, D) rows, one per pixel in image-major, row-major order, and masks (N, H, W) ->
+    their labels (N H W,); with masks, pixels labelled `ignore` are left out of both."""
+    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    if masks is None:
+        return rows, None
+    labels = masks.reshape(-1)
+    keep = labels != ignore
+    return rows[keep], labels[keep]
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d (Ioffe & Szegedy 2015) whose statistics are those of the global batch when several processes train:
+    the per-feature sum, sum of squares and count are all-reduced (differentiably: the gradient of each process's loss
+    through the shared mean and variance reaches every process), so two processes compute what one computes on the
+    whole batch. nn.SyncBatchNorm does this on GPUs only. The Trainer sets `shard` = (rank, world size)."""
+
+    shard: tuple[int, int] = (0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.shard[1] == 1:
+            return super().forward(x)
+        stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
+        stats = dist_nn.all_reduce(stats)  # SUM over processes, with the gradient reduced the same way
+        n = stats[-1]
+        mean = stats[:x.shape[1]] / n
+        var = stats[x.shape[1]:-1] / n - mean * mean  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class PixelEnsemble(nn.Module):
+    """M pixel classifiers evaluated together: (P, dim) features -> logits (M, P, C). Each member is the datasetGAN MLP
+    Baranchuk et al. use, dim -> 128 -> 32 -> C with Linear, ReLU, BatchNorm1d after each hidden layer, initialised
+    N(0, 0.02) (weights; BatchNorm scales N(1, 0.02); biases 0). The members share no parameter: the first layer is one
+    (dim, M h_1) matrix, the others one (h_in, h_out) matrix per member, and BatchNorm's statistics are per member and
+    unit, so the result equals M separate networks. ValueError for a width < 1 or fewer than 2 classes."""
+
+    def __init__(self, dim: int, num_classes: int, members: int = 10, hidden: tuple[int, ...] = (128, 32)):
+        super().__init__()
+        if dim < 1 or members < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"the pixel ensemble needs a feature width, members and hidden widths >= 1, got dim {dim}, "
+                             f"segment.members = {members}, segment.hidden = {list(hidden)}")
+        if num_classes < 2:
+            raise ValueError(f"a segmentation needs at least 2 classes (background and one more), got {num_classes}")
+        self.members, self.num_classes = members, num_classes
+        widths = [dim, *hidden, num_classes]
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(members, i, o) * 0.02) for i, o in zip(widths, widths[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(members, o)) for o in widths[1:])
+        self.norms = nn.ModuleList(GlobalBatchNorm(members * h) for h in hidden)
+        for bn in self.norms:
+            nn.init.normal_(bn.weight, 1.0, 0.02)
+
+    def forward(self, f: Tensor) -> Tensor:
+        M = self.members
+        h = (f @ self.weights[0].permute(1, 0, 2).reshape(f.shape[1], -1)).view(f.shape[0], M, -1) + self.biases[0]
+        for k, bn in enumerate(self.norms):
+            h = bn(F.relu(h).reshape(f.shape[0], -1)).view(f.shape[0], M, -1)
+            h = torch.einsum("pmi,mio->pmo", h, self.weights[k + 1]) + self.biases[k + 1]
+        return h.transpose(0, 1)  # (M, P, C)
+
+
+def vote(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The ensemble's answer and its uncertainty per pixel (Baranchuk et al. 2022, sec. 3; the reference's
+    `predict_labels`): logits (M, P, C) -> (labels (P,) int64, the mode of the members' argmaxes, ties to the lower
+    class; uncertainty (P,) float32, the Jensen-Shannon divergence H(mean_m p_m) - mean_m H(p_m) in nats, 0 when the
+    members agree exactly, at most log M)."""
+    M, P, C = logits.shape
+    votes = F.one_hot(logits.argmax(-1), C).sum(0)  # (P, C)
+    labels = votes.argmax(-1)  # first maximum: ties go to the lower class
+    logp = logits.float().log_softmax(-1)
+    p = logp.exp()
+    mean = p.mean(0)
+    entropy_of_mean = -(mean * mean.clamp_min(1e-30).log()).sum(-1)
+    mean_entropy = -(p * logp).sum(-1).mean(0)
+    return labels, (entropy_of_mean - mean_entropy).clamp_min(0)
+
+
+def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore: int = 255) -> Tensor:
+    """The confusion matrix (C, C) int64, rows the true class, columns the predicted, over pixels not labelled
+    `ignore`."""
+    keep = target != ignore
+    t, p = target[keep].reshape(-1).long(), pred[keep].reshape(-1).long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def iou(conf: Tensor) -> Tensor:
+    """Per-class intersection over union from a confusion matrix (C, C): TP / (TP + FP + FN), float64 (C,), NaN for a
+    class neither present nor predicted (the reference's `compute_iou`, accumulated over the whole test set)."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+
+def mean_iou(conf: Tensor) -> float:
+    """mIoU: the mean of `iou` over the classes present or predicted (background included: it is a class here)."""
+    values = iou(conf)
+    return float(values[~values.isnan()].mean())
