@@ -30,6 +30,11 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
                     "autoencoder.num_res_blocks=1", "autoencoder.norm_groups=4", "autoencoder.disc_start=1",
                     "autoencoder.disc_channels=8", "autoencoder.disc_layers=1"],
     "digit_classifier": ["model.kind=digit_classifier", "data.source=digits"],  # ten classes: sklearn's 8x8 digits
+    # the pixel-and-position baseline: a diffusion source run would have to be trained before the rows are built (and
+    # before the DDP workers start), so the row reads no run; the ensemble, its BatchNorm and the pixel batches are the
+    # same code whatever the features (tests/test_segmentation.py trains one on a diffusion run's features)
+    "segmenter": ["model.kind=segmenter", "data.source=digits", "segment.features=pixels", "segment.members=3",
+                  "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=8"],
 }
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too
