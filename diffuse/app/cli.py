@@ -1,10 +1,12 @@
-"""The `diffuse` command: train, sample, edit, eval, demo.
+"""The `diffuse` command: train, sample, edit, segment, eval, demo.
 
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
     diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
+    diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
+    diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
     diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1]     (the local web UI; pip install -e ".[ui]")
     diffuse demo [--out DIR]
 """
@@ -158,13 +160,29 @@ def parser() -> argparse.ArgumentParser:
                              "(JPEG restoration: 4 samples beat the input's PSNR where one does not, bench/RESULTS.md)")
         _sampling_flags(tp)
 
-    e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim")
+    segment_about = ("label every pixel of images with a segmentation run (model.kind = 'segmenter', Baranchuk et al. "
+                     "2022): a palette PNG of class indices, an overlay figure and each class's share of the pixels")
+    g = sub.add_parser("segment", help=segment_about, description=segment_about)
+    g.add_argument("run", help="segmentation run folder, trained with e.g. `diffuse train configs/segment_digits.toml`")
+    g.add_argument("--image", action="append", required=True, metavar="IMG",
+                   help="image file to segment (repeatable), fitted to the run's size and channels with a note")
+    g.add_argument("--out", required=True, metavar="MASK.png|FOLDER",
+                   help="one --image: MASK.png, the labels as a palette PNG at the model's size (each pixel's value is "
+                        "its class index; class 0 black), and MASK_overlay.png beside it (the image, the labels blended over "
+                        "it with a legend, the uncertainty in nats). Any number of --image: a FOLDER (a name without "
+                        "a suffix, created if missing) that gets NAME_mask.png and NAME_mask_overlay.png for each "
+                        "image NAME.png")
+    g.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
+
+    e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim; "
+                                    "an autoencoder's reconstructions (recon); a segmentation run's mIoU (miou)")
     e.add_argument("run", help="run folder written by `diffuse train`")
-    e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon"],
+    e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon", "miou"],
                    help="fid / kid / is / pr of --n samples against --n real images (in the --features space); "
                         "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim; "
                         "recon (the only one, and the default, for an autoencoder run): PSNR, rFID and codebook usage of "
-                        "the held-out images' reconstructions")
+                        "the held-out images' reconstructions; miou (the only one, and the default, for a segmentation "
+                        "run): mean and per-class IoU and pixel accuracy on its held-out images or --real FOLDER")
     e.add_argument("--features", metavar="NET",
                    help="feature network of fid/kid/is/pr: digits (default; the cached digit classifier), "
                         "inception:PATH (the standard FID Inception-v3 from a local weights file, "
@@ -173,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=number(int, low=2), default=1000, help="images (default 1000)")
     e.add_argument("--real", metavar="FOLDER",
                    help="the real images to compare with or to measure (default: the run's data set; a diffusers model "
-                        "folder needs it), fitted to the run's image size and channels")
+                        "folder needs it), fitted to the run's image size and channels; for miou, labelled images: "
+                        "FOLDER/images/NAME.png with FOLDER/masks/NAME.png (class indices, 255 = ignore) and optionally "
+                        "FOLDER/classes.txt (default: the run's held-out images)")
     e.add_argument("--batch-size", type=number(int, low=1), default=CHUNK,
                    help=f"draw the samples in chunks of this many (default {CHUNK}); chunk k > 0 has its own seed from (--seed, k)")
     e.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help="sampler for fid/kid/is/pr (default: the run's)")
@@ -196,8 +216,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step", type=number(int, low=1), help="rebuild the EMA at this snapshot's step (default: the last)")
     m.add_argument("--out", required=True, help="output run folder, e.g. RUN/ema_005; `diffuse sample` and `eval` read it")
 
-    w = sub.add_parser("serve", help="a local web page to sample, edit and inspect runs (Gradio; the [ui] extra)")
-    w.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or diffusers model folders) to offer")
+    w = sub.add_parser("serve", help="a local web page to sample, edit, segment with and inspect runs (Gradio; the [ui] extra)")
+    w.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or diffusers model folders) to offer: diffusion runs "
+                                                          "(Sample, Edit) and segmentation runs (Segment)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=number(int, low=1, high=65535), default=7860, help="port (default 7860)")
     w.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")

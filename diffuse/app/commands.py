@@ -1,11 +1,12 @@
 """What each `diffuse` command does once its flags are parsed (cli.py parses them and imports this module only then,
 so `diffuse --help` and a mistyped flag answer without loading it). `sample` and `edit` are requests
-(app/requests.py): built from the flags, resolved, executed, written."""
+(app/requests.py): built from the flags, resolved, executed, written; `segment` writes what app/segment.py makes."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import warnings
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from tqdm import tqdm
 from .. import metrics
 from ..checkpoint import append_json_record, read_json_records
 from ..config import apply_overrides, load_config
-from ..data import load_dataset
+from ..data import load_dataset, load_image
+from ..data.segmentation import load_folder
 from .demo import run_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
 from ..kinds.diffusion import sample_config_kwargs
+from ..kinds.segmentation import SegmentationRun
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
 from ..precision import autocast_dtype
 from ..runs import check_guidance, check_kind, evaluate_autoencoder, load_run, open_run, write_run
@@ -31,6 +34,7 @@ from ..train import dry_run, feature_network, progress_disabled, train
 from ..visualize import save_samples, to_uint8
 from .webui import serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
+from .segment import Segmented, check_segmenter, output_paths
 
 
 def train_command(args) -> None:
@@ -100,19 +104,41 @@ def edit_command(args) -> None:
           f"to {figure} ({result.calls} denoiser calls)")
 
 
+def segment_command(args) -> None:
+    """`diffuse segment RUN --image IMG ... --out MASK.png|FOLDER`: each image's labels by a segmentation run, written
+    as a palette PNG of class indices at the model's size with its overlay figure beside it (app/segment.py), and a
+    line per image: the classes found, their share of the pixels and the mean uncertainty. --out, the run's kind and
+    every image are checked before the model loads, so a bad one writes nothing."""
+    paths = output_paths(args.image, Path(args.out))
+    run = open_run(args.run)  # a folder that is not a run fails here, naming the fix
+    check_segmenter(run)
+    d = run.cfg.data
+    x = torch.cat([load_image(image, d.channels, d.image_size)[0] for image in args.image])  # (B, C, S, S); fitted, noted
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SegmentationRun(args.run, device, feature_network=feature_network)
+    labels, uncertainty = model.segment(x)
+    for k, (image, (mask, overlay)) in enumerate(zip(args.image, paths)):
+        result = Segmented(x[k], labels[k], uncertainty[k], model.class_names)
+        result.write(mask, overlay)
+        print(f"{image}: {result.summary()} -> {mask}, {overlay}")
+
+
 def eval_command(args) -> None:
     """`diffuse eval RUN`: a sample-quality metric (fid, kid, is, pr) or a likelihood (nll, vlb, in bits/dim) of a
-    diffusion run, or an autoencoder run's reconstructions; printed and appended to RUN/eval.json."""
+    diffusion run, an autoencoder run's reconstructions, or a segmentation run's mIoU; printed and appended to
+    RUN/eval.json."""
     run = open_run(args.run)  # what the run can measure, said once (runs.Capabilities)
     cfg, can = run.cfg, run.capabilities
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "recon" in can.metrics:
         return _eval_autoencoder(args, cfg, device)
+    if "miou" in can.metrics:
+        return _eval_segmenter(args, can.metrics, device)
     check_kind(args.run, cfg, "denoiser")  # a noisy classifier has no metric of its own
-    if args.metric in (None, "recon"):
-        raise ValueError(f"{args.run} is a diffusion run: pass --metric fid, kid, is, pr, nll or vlb (recon measures "
-                         "autoencoder runs)")
+    if args.metric in (None, "recon", "miou"):
+        raise ValueError(f"{args.run} is a diffusion run: pass --metric {_either(can.metrics)} (recon measures "
+                         "autoencoder runs, miou segmentation runs)")
     sample_metric = args.metric in ("fid", "kid", "is", "pr")
     _refuse_unused(args, args.sampler, metric=args.metric)
     least = {"kid": metrics.KID_MIN_IMAGES, "is": metrics.is_min_images(), "pr": 4}.get(args.metric, 2)
@@ -221,11 +247,21 @@ def eval_command(args) -> None:
     _report(record, Path(args.run) / "eval.json")
 
 
+def _either(names) -> str:
+    """'a, b or c'."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def _report(record: dict, path: Path) -> None:
-    """Print an eval record and append it to the run's eval.json, rewritten atomically (checkpoint.append_json_record):
-    a failed write (a full disk, a kill) leaves every earlier record in place."""
+    """Print an eval record (a dict value one indented line per entry) and append it to the run's eval.json, rewritten
+    atomically (checkpoint.append_json_record): a failed write (a full disk, a kill) leaves every earlier record in
+    place."""
+    shown = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
     for k, v in record.items():
-        print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{k}:" if isinstance(v, dict) else f"{k}: {shown(v)}")
+        for name, value in (v.items() if isinstance(v, dict) else ()):
+            print(f"  {name}: {shown(value)}")
     append_json_record(path, record)
     print(f"appended to {path}")
 
@@ -242,6 +278,44 @@ def _eval_autoencoder(args, cfg, device) -> None:
                          "held-out images (PSNR, rFID, codebook usage); leave it out")
     record = {**evaluate_autoencoder(args.run, args.features, device), "date": datetime.date.today().isoformat()}
     _report(record, Path(args.run) / "eval.json")
+
+
+def _eval_segmenter(args, measures: tuple[str, ...], device) -> None:
+    """`diffuse eval SEG_RUN [--real FOLDER]`: mIoU, per-class IoU and pixel accuracy of a segmentation run's labels on
+    its own held-out images (SegmentationRun.evaluate) or on a labelled folder (data.segmentation.load_folder: images/
+    with PNG masks/ of class indices), printed and appended to RUN/eval.json. A class neither in the masks nor
+    predicted has no IoU (null in eval.json) and is left out of the mean."""
+    if args.metric not in (None, *measures):
+        raise ValueError(f"--metric {args.metric} does not apply to a segmentation run, which measures --metric "
+                         f"{_either(measures)}: the mean IoU of its labels on its held-out images (or on --real FOLDER, "
+                         "images/ with masks/); sample metrics and likelihoods measure diffusion runs")
+    unused = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "rtol",
+                          "vlb_samples", "features") if getattr(args, f, None) is not None] + (["no_ema"] if args.no_ema else [])
+    if unused:
+        raise ValueError(f"--{unused[0].replace('_', '-')} does nothing for a segmentation run: `diffuse eval` scores its "
+                         "labels (mIoU) with its own features and head; leave it out")
+    model = SegmentationRun(args.run, device, feature_network=feature_network)
+    c, side, _ = model.image_shape
+    data = model.held_out() if args.real is None else load_folder(args.real, c, side)
+    if args.real is not None:
+        _warn_other_names(data.class_names, model.class_names, args.real)
+    result = model.evaluate(data)
+    record = {"metric": "miou", "data": str(args.real) if args.real is not None else "held-out (segment.test_images)",
+              "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+              "iou": {name: None if math.isnan(v) else v for name, v in result["iou"].items()},
+              "images": result["images"], "step": result["step"], "date": datetime.date.today().isoformat()}
+    _report(record, Path(args.run) / "eval.json")
+
+
+def _warn_other_names(found: list[str], run_names: list[str], folder) -> None:
+    """A labelled folder scores by class index: warn when its classes.txt names a class otherwise than the run does
+    (its default names, "class K", say nothing)."""
+    named = [(k, a, b) for k, (a, b) in enumerate(zip(found, run_names)) if a != b and a != f"class {k}"]
+    if named:
+        k, a, b = named[0]
+        warnings.warn(f"{folder}/classes.txt names class {k} {a!r} and the run names it {b!r}; the score compares labels "
+                      "by index, so check that the masks use the run's classes (in order: "
+                      f"{', '.join(run_names)})", UserWarning, stacklevel=2)
 
 
 def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:
@@ -286,5 +360,5 @@ def demo_command(args) -> None:
         print(f"  {name:20s} {path}")
 
 
-COMMANDS = {"train": train_command, "sample": sample_command, "edit": edit_command, "eval": eval_command,
-            "ema": ema_command, "serve": serve_command, "demo": demo_command}
+COMMANDS = {"train": train_command, "sample": sample_command, "edit": edit_command, "segment": segment_command,
+            "eval": eval_command, "ema": ema_command, "serve": serve_command, "demo": demo_command}

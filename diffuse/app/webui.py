@@ -2,7 +2,7 @@
 
     diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda]   (pip install -e ".[ui]")
 
-The page has three tabs:
+The page has up to four tabs (Sample and Edit for the diffusion runs served, Segment for the segmentation runs):
     Sample  the run, sampler, steps, spacing, guidance weight, class label (or, for a text-conditional run, the
             prompt and a negative prompt), seed and number of images; the predicted x_0 shown as it forms (decoded,
             for a latent-diffusion run), a progress bar, the final grid and a GIF of the trajectory x_t to download, and
@@ -10,6 +10,9 @@ The page has three tabs:
     Edit    an uploaded image (or one of the last samples) in an image editor: inpaint the drawn region, SDEdit the
             drawn strokes, ILVR on the image as reference, or the trained task of a superres / colorize / uncrop /
             restore / inpainting run; the before/after figure, the files and the `diffuse edit ...` command line.
+    Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
+            `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
+            each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
     Runs    each run's config, loss curve, sample grids over training and eval.json figures.
 
 It is a thin layer over the library: the widgets make a request (app/requests.py: `page_request`), which `resolve`
@@ -53,13 +56,16 @@ from .requests import (EditRequest, Loaded, RequestError, SampleRequest, execute
                            save_before_after)
 from ..checkpoint import read_json_records, read_log, write_atomically
 from ..config import to_dict
-from ..data import open_image
+from ..data import load_image, open_image
+from ..kinds.segmentation import SegmentationRun
 from ..runs import Run, open_run
 from ..samplers import SAMPLERS, Step
 from ..schedule import SPACINGS
 from ..stages import diffusion_shape
 from ..tasks.editing import STRENGTH_HELP, latent_factor
+from ..train import feature_network
 from ..visualize import grid, save_gif, save_grid, save_image
+from .segment import Segmented, check_segmenter, output_paths
 
 INSTALL = 'pip install -e ".[ui]"'
 ALL_CLASSES = "all classes in turn"
@@ -79,6 +85,8 @@ DISPLAY_SIDE = 320   # images on the page are scaled up (nearest neighbour) to a
 EDITOR_SIDE = 256    # an image in the editor is scaled up by a whole factor to at least this side, for drawing
 GRIDS = 24           # sample grids over training the Runs tab shows, at most
 PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are a job's notes
+SERVED_KINDS = ("denoiser", "segmenter")  # model.kind of the runs a page serves: Sample and Edit, Segment
+SHARE_HEADERS = ["class", "share of the pixels", "mean uncertainty (nats)"]  # the Segment tab's table
 
 
 def _gradio():
@@ -154,21 +162,26 @@ class Model:
 
 class Models:
     """The runs a server offers, each opened once (`opened`: what it can do) and its weights loaded once (EMA or raw)
-    and kept on the device.
+    and kept on the device: `runs` the diffusion runs (Sample, Edit), `segmenters` the segmentation runs (Segment),
+    `all` both, in the order given (Runs).
 
-    Raises FileNotFoundError for a folder that is not a run and ValueError for a run that is not a denoiser."""
+    Raises FileNotFoundError for a folder that is not a run and ValueError for a run that is neither a denoiser nor a
+    segmenter."""
 
     def __init__(self, runs: list[str], device: str):
         if not runs:
             raise ValueError("give at least one run folder to serve")
-        self.runs = list(dict.fromkeys(str(r) for r in runs))
+        self.all = list(dict.fromkeys(str(r) for r in runs))
         self.device = device
-        self.opened = {run: open_run(run) for run in self.runs}  # a folder that is not a run fails here, by name
+        self.opened = {run: open_run(run) for run in self.all}  # a folder that is not a run fails here, by name
         for run, r in self.opened.items():
-            if r.kind != "denoiser":
-                raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from; serve "
-                                 "denoiser runs")
+            if r.kind not in SERVED_KINDS:
+                raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from or a "
+                                 "segmenter to segment with; serve denoiser or segmentation runs")
+        self.runs = [run for run in self.all if self.opened[run].kind == "denoiser"]
+        self.segmenters = [run for run in self.all if self.opened[run].kind == "segmenter"]
         self._loaded: dict[tuple[str, bool], Model] = {}
+        self._segmenters: dict[str, SegmentationRun] = {}
         self._lock = threading.Lock()
 
     def run(self, run: str) -> Run:
@@ -178,8 +191,12 @@ class Models:
         return self.opened[run]
 
     def get(self, run: str, ema: bool = True) -> Model:
-        """The run's model, loaded on first use (ValueError for a run this server does not offer)."""
+        """The run's model, loaded on first use (ValueError for a run this server does not offer, or a segmentation
+        run, which has no model to sample from)."""
         opened = self.run(run)
+        if opened.kind != "denoiser":
+            raise ValueError(f"{run} is a segmentation run, with nothing to sample or edit; segment images with it on "
+                             "the Segment tab")
         with self._lock:
             if (run, ema) not in self._loaded:
                 with warnings.catch_warnings(record=True) as caught:
@@ -187,6 +204,15 @@ class Models:
                     loaded = load(opened, ema, self.device)  # a latent-diffusion run's autoencoder, loaded once too
                 self._loaded[run, ema] = Model(opened, loaded, [str(w.message) for w in caught])
             return self._loaded[run, ema]
+
+    def segmenter(self, run: str) -> SegmentationRun:
+        """The segmentation run of that name, its head and features loaded on first use and kept (ValueError for a run
+        this server does not offer, or one that is not a segmentation run, naming what it is for)."""
+        check_segmenter(self.run(run))
+        with self._lock:
+            if run not in self._segmenters:
+                self._segmenters[run] = SegmentationRun(run, self.device, feature_network=feature_network)
+            return self._segmenters[run]
 
     def load(self, run: Run, ema: bool, device: str) -> Loaded:
         """`execute`'s loader: the kept weights of a served run, its loading notes said again (warnings)."""
@@ -374,6 +400,46 @@ def evals_markdown(records: list[dict]) -> str:
     return "\n".join(rows + ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in records])
 
 
+# --- the Segment tab ------------------------------------------------------------------------------------------------
+def segmenter_about(models: Models, run: str) -> str:
+    """A few lines about a served segmentation run: its classes, the images it reads, its features and step."""
+    model = models.segmenter(run)
+    s = model.cfg.segment
+    c, side, _ = model.image_shape
+    source = f" of {s.source} (step {s.source_step})" if s.source else ""
+    head = "a U-Net trained on the images" if s.head == "unet" else f"{s.members} pixel MLPs on {s.features} features{source}"
+    return (f"**{run}** (step {model.step}): {model.num_classes} classes ({', '.join(model.class_names)}) of "
+            f"{c}-channel {side}x{side} images; {head}")
+
+
+def segment_upload(models: Models, run: str, path: str | None, folder: Path, device: str | None = None) -> dict:
+    """The Segment tab's answer for an uploaded image file and a served segmentation run, what `diffuse segment RUN
+    --image NAME.png --out FOLDER` writes: the file read as uploads are (`read_upload`: data.open_image's limits, a
+    message naming the file), fitted to the run's images by data.load_image, segmented, and NAME_mask.png and
+    NAME_mask_overlay.png written in `folder` (app/segment.py). Returns {"figure": the overlay's path, "table": one row
+    of SHARE_HEADERS per class found, "files": [mask, overlay], "status": the classes' shares and the mean uncertainty,
+    "command": the command line that writes the same files, "notes": how the image was fitted}. ValueError naming the
+    problem for no file, a file that is not an image, or a run that is not a served segmentation run. `device`: the
+    server's --device, said in the command line only when the server was given one."""
+    if not path:
+        raise ValueError("no image: upload an image file (PNG, JPEG, ...) to segment")
+    model = models.segmenter(run)
+    read_upload(path)  # not an image, damaged, over the pixel limit: said before the model runs
+    c, side, _ = model.image_shape
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, _ = load_image(path, c, side)  # (1, C, S, S), fitted as `diffuse segment` fits it
+    labels, uncertainty = model.segment(x)
+    result = Segmented(x[0], labels[0], uncertainty[0], model.class_names)
+    name = Path(path).name
+    (mask, overlay), = output_paths([name], folder)
+    result.write(mask, overlay)
+    argv = ["diffuse", "segment", run, "--image", name, "--out", mask.name] + (["--device", device] if device else [])
+    return {"figure": str(overlay), "files": [str(mask), str(overlay)], "status": f"{name}: {result.summary()}",
+            "table": [[k, f"{share:.1%}", f"{u:.4g}"] for k, share, u in result.shares()],
+            "command": shlex.join(argv), "notes": [str(w.message).replace(str(path), name) for w in caught]}
+
+
 # --- the page ----------------------------------------------------------------------------------------------------
 class WebUI:
     """The server's state: the runs and their models, the device, the one-job-at-a-time lock, a folder for outputs
@@ -385,6 +451,8 @@ class WebUI:
         self.models = Models(runs, self.device)
         for run in self.models.runs:  # every run's EMA weights now: a run without a checkpoint fails before serving
             self.models.get(run)
+        for run in self.models.segmenters:  # and every segmentation run's head and features
+            self.models.segmenter(run)
         self.device_lock = threading.Lock()
         self.folder = Path(tempfile.mkdtemp(prefix="diffuse-webui-"))
         atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
@@ -433,12 +501,14 @@ class WebUI:
 
 def build_app(runs: list[str], device: str | None = None):
     """The Gradio Blocks of `diffuse serve` for these run folders, queued (one job at a time on the device, the rest
-    wait in Gradio's queue), not launched: `serve` (or `launch`) launches it. Every run's EMA weights are loaded
-    first. Raises ValueError when Gradio is not installed (naming `pip install -e ".[ui]"`) or a run is not a
-    denoiser run, FileNotFoundError for a folder that is not a run or holds no checkpoint."""
+    wait in Gradio's queue), not launched: `serve` (or `launch`) launches it. The Sample and Edit tabs are there when
+    a diffusion run is served, the Segment tab when a segmentation run is. Every run's EMA weights (a segmentation
+    run's head and features) are loaded first. Raises ValueError when Gradio is not installed (naming `pip install -e
+    ".[ui]"`) or a run is neither a denoiser nor a segmentation run, FileNotFoundError for a folder that is not a run
+    or holds no checkpoint."""
     gr = _gradio()
     ui = WebUI(runs, device)
-    first = ui.models.runs[0]
+    first = ui.models.runs[0] if ui.models.runs else None  # the Sample and Edit tabs' run (none: no such tabs)
 
     def run_choices(run: str) -> dict:
         """The sampling controls' defaults for a run: its [sample] section, and what it can do (runs.Capabilities)."""
@@ -616,87 +686,119 @@ def build_app(runs: list[str], device: str | None = None):
         yield {e_status: "waiting for the device" if ui.device_lock.locked() else "loading", e_command: ""}
         yield from ui.follow(gr, work, progress, outputs, folder)
 
+    # ---- Segment: an uploaded image segmented; the overlay figure, the classes' shares, the files, the command line
+    def segment(run, path):
+        folder = ui.job_folder("segment")
+        try:
+            with ui.device_lock:  # one job on the device at a time (a cancelled sampling job may still be ending)
+                r = segment_upload(ui.models, run, path, folder, device=ui.device if ui.device_flag else None)
+        except Exception as e:  # bad input: the library's message; anything else: a short line and the log's traceback
+            raise page_error(gr, error_message(e).replace(f"{folder}{os.sep}", ""))
+        for note in r["notes"]:
+            gr.Warning(note)
+        return r["figure"], r["table"], r["files"], r["status"], r["command"]
+
     # ---- Runs
     def show_run(run):
         info = run_summary(run, ui.models.run(run).cfg)
         return info["about"], info["config"], info["loss"], info["grids"], evals_markdown(info["evals"])
 
     with gr.Blocks(title="diffuse", analytics_enabled=False) as app:
-        gr.Markdown("## diffuse: sample, edit and inspect trained diffusion runs")
+        gr.Markdown("## diffuse: sample, edit, segment with and inspect trained runs")
         last = gr.State(None)  # this page's last samples (n, C, H, W), for the Edit tab
         with gr.Tabs():
-            with gr.Tab("Sample", id="sample", elem_id="tab-sample"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        s_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="s-run")
-                        s_prompts = prompt_controls(first, "s")
-                        s_controls = sampling_controls(first, 16, "s") + s_prompts
-                        with gr.Row():
-                            s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
-                            s_cancel = gr.Button("Cancel", variant="stop", elem_id="s-cancel")
-                    with gr.Column(scale=2):
-                        s_image = gr.Image(label="samples (the predicted x_0 while sampling)", type="pil", format="png",
-                                           interactive=False, elem_id="s-image", height=380)
-                        s_status = gr.Markdown(elem_id="s-status", min_height=64)  # the progress bar shows here
-                        s_command = gr.Textbox(label="the command line that draws these samples", interactive=False,
-                                               elem_id="s-command")
-                        with gr.Row():
-                            s_gif = gr.Image(label="trajectory x_t", type="filepath", interactive=False, elem_id="s-gif",
-                                             height=260)
-                            s_files = gr.File(label="download", file_count="multiple", interactive=False,
-                                              elem_id="s-files")
-            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
-                offered = list(ui.models.run(first).capabilities.edits)
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        e_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="e-run")
-                        e_task = gr.Radio(offered, value=offered[0], label="edit", elem_id="e-task")
-                        e_about = gr.Markdown(f"**{offered[0]}**: {EDITS[offered[0]]}")
-                        e_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="e-upload")
-                        with gr.Row():
-                            e_k = gr.Number(1, label="sample #", precision=0, minimum=1, min_width=80, scale=1)
-                            e_use = gr.Button("use a sample from the Sample tab", scale=2, elem_id="e-use")
-                        e_strength = gr.Slider(0, 1, value=0.75, step=0.05, visible=offered[0] == "sdedit",
-                                               label="SDEdit strength (0: the image itself, 1: a new sample)",
-                                               info=STRENGTH_HELP[0].upper() + STRENGTH_HELP[1:], elem_id="e-strength")
-                        with gr.Row():  # ILVR's factor and t_stop; RePaint's resamplings and jump length
-                            e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
-                                                   label="ILVR factor (divides the image size)")
-                            e_t_stop = gr.Slider(0, 1, value=0, step=0.05, visible=offered[0] == "ilvr",
-                                                 label="ILVR t_stop (condition while t >= it)", elem_id="e-t-stop")
-                            e_jumps = gr.Slider(1, 10, value=1, step=1, visible=offered[0] == "inpaint",
-                                                label="RePaint resamplings (1: plain replacement)", elem_id="e-jumps")
-                            e_length = gr.Slider(1, 50, value=10, step=1, visible=offered[0] == "inpaint",
-                                                 label="RePaint jump length (grid steps)", elem_id="e-length")
-                        e_mask_file = gr.File(label="or a mask file of the image's size (white = generate)",
-                                              type="filepath", visible=offered[0] == "inpaint", elem_id="e-mask-file")
-                        e_prompts = prompt_controls(first, "e")
-                        with gr.Accordion("sampling", open=False):
-                            e_controls = sampling_controls(first, 8, "e") + e_prompts
-                        with gr.Row():
-                            e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
-                            e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
-                    with gr.Column(scale=2):
-                        blank, blank_size = editor_value(Image.new("L", (ui.models.run(first).cfg.data.image_size,) * 2))
-                        e_editor = gr.ImageEditor(  # png: the pixels come back as they were (webp would change them)
-                            blank, type="pil", sources=(), layers=False, transforms=(), format="png",
-                            label="the image: paint the region to inpaint, or strokes for SDEdit", elem_id="e-editor",
-                            brush=gr.Brush(colors=["#e03030", "#ffffff", "#000000", "#808080", "#30a030", "#3050e0"],
-                                           default_color="#e03030", default_size=24, color_mode="defaults"))
-                        e_size = gr.State(blank_size)  # the editor image's own size (W, H), before it was scaled up
-                        e_status = gr.Markdown(elem_id="e-status", min_height=64)
-                        with gr.Row():
-                            e_image = gr.Image(label="outputs (the predicted x_0 while sampling)", type="pil",
-                                               format="png", interactive=False, elem_id="e-image", scale=1, height=300)
-                            with gr.Column(scale=1):
-                                e_command = gr.Textbox(label="the command line that makes these outputs",
-                                                       interactive=False, elem_id="e-command", lines=3)
-                                e_files = gr.File(label="download", file_count="multiple", interactive=False)
-                        e_figure = gr.Image(label="the input beside the outputs", type="filepath", interactive=False,
-                                            elem_id="e-figure")
+            if first is not None:  # Sample and Edit: the diffusion runs
+                with gr.Tab("Sample", id="sample", elem_id="tab-sample"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            s_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="s-run")
+                            s_prompts = prompt_controls(first, "s")
+                            s_controls = sampling_controls(first, 16, "s") + s_prompts
+                            with gr.Row():
+                                s_go = gr.Button("Sample", variant="primary", elem_id="s-go")
+                                s_cancel = gr.Button("Cancel", variant="stop", elem_id="s-cancel")
+                        with gr.Column(scale=2):
+                            s_image = gr.Image(label="samples (the predicted x_0 while sampling)", type="pil", format="png",
+                                               interactive=False, elem_id="s-image", height=380)
+                            s_status = gr.Markdown(elem_id="s-status", min_height=64)  # the progress bar shows here
+                            s_command = gr.Textbox(label="the command line that draws these samples", interactive=False,
+                                                   elem_id="s-command")
+                            with gr.Row():
+                                s_gif = gr.Image(label="trajectory x_t", type="filepath", interactive=False, elem_id="s-gif",
+                                                 height=260)
+                                s_files = gr.File(label="download", file_count="multiple", interactive=False,
+                                                  elem_id="s-files")
+                with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+                    offered = list(ui.models.run(first).capabilities.edits)
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            e_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="e-run")
+                            e_task = gr.Radio(offered, value=offered[0], label="edit", elem_id="e-task")
+                            e_about = gr.Markdown(f"**{offered[0]}**: {EDITS[offered[0]]}")
+                            e_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="e-upload")
+                            with gr.Row():
+                                e_k = gr.Number(1, label="sample #", precision=0, minimum=1, min_width=80, scale=1)
+                                e_use = gr.Button("use a sample from the Sample tab", scale=2, elem_id="e-use")
+                            e_strength = gr.Slider(0, 1, value=0.75, step=0.05, visible=offered[0] == "sdedit",
+                                                   label="SDEdit strength (0: the image itself, 1: a new sample)",
+                                                   info=STRENGTH_HELP[0].upper() + STRENGTH_HELP[1:], elem_id="e-strength")
+                            with gr.Row():  # ILVR's factor and t_stop; RePaint's resamplings and jump length
+                                e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
+                                                       label="ILVR factor (divides the image size)")
+                                e_t_stop = gr.Slider(0, 1, value=0, step=0.05, visible=offered[0] == "ilvr",
+                                                     label="ILVR t_stop (condition while t >= it)", elem_id="e-t-stop")
+                                e_jumps = gr.Slider(1, 10, value=1, step=1, visible=offered[0] == "inpaint",
+                                                    label="RePaint resamplings (1: plain replacement)", elem_id="e-jumps")
+                                e_length = gr.Slider(1, 50, value=10, step=1, visible=offered[0] == "inpaint",
+                                                     label="RePaint jump length (grid steps)", elem_id="e-length")
+                            e_mask_file = gr.File(label="or a mask file of the image's size (white = generate)",
+                                                  type="filepath", visible=offered[0] == "inpaint", elem_id="e-mask-file")
+                            e_prompts = prompt_controls(first, "e")
+                            with gr.Accordion("sampling", open=False):
+                                e_controls = sampling_controls(first, 8, "e") + e_prompts
+                            with gr.Row():
+                                e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
+                                e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
+                        with gr.Column(scale=2):
+                            blank, blank_size = editor_value(Image.new("L", (ui.models.run(first).cfg.data.image_size,) * 2))
+                            e_editor = gr.ImageEditor(  # png: the pixels come back as they were (webp would change them)
+                                blank, type="pil", sources=(), layers=False, transforms=(), format="png",
+                                label="the image: paint the region to inpaint, or strokes for SDEdit", elem_id="e-editor",
+                                brush=gr.Brush(colors=["#e03030", "#ffffff", "#000000", "#808080", "#30a030", "#3050e0"],
+                                               default_color="#e03030", default_size=24, color_mode="defaults"))
+                            e_size = gr.State(blank_size)  # the editor image's own size (W, H), before it was scaled up
+                            e_status = gr.Markdown(elem_id="e-status", min_height=64)
+                            with gr.Row():
+                                e_image = gr.Image(label="outputs (the predicted x_0 while sampling)", type="pil",
+                                                   format="png", interactive=False, elem_id="e-image", scale=1, height=300)
+                                with gr.Column(scale=1):
+                                    e_command = gr.Textbox(label="the command line that makes these outputs",
+                                                           interactive=False, elem_id="e-command", lines=3)
+                                    e_files = gr.File(label="download", file_count="multiple", interactive=False)
+                            e_figure = gr.Image(label="the input beside the outputs", type="filepath", interactive=False,
+                                                elem_id="e-figure")
+            if ui.models.segmenters:  # Segment: the segmentation runs
+                with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            g_run = gr.Dropdown(ui.models.segmenters, value=ui.models.segmenters[0],
+                                                label="segmentation run", elem_id="g-run")
+                            g_about = gr.Markdown(segmenter_about(ui.models, ui.models.segmenters[0]), elem_id="g-about")
+                            g_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="g-upload")
+                            g_go = gr.Button("Segment", variant="primary", elem_id="g-go")
+                        with gr.Column(scale=2):
+                            g_figure = gr.Image(label="the image, its labels over it, the uncertainty (nats)",
+                                                type="filepath", interactive=False, elem_id="g-figure")
+                            g_status = gr.Markdown(elem_id="g-status", min_height=32)
+                            g_table = gr.Dataframe(headers=SHARE_HEADERS, label="the classes found", interactive=False,
+                                                   elem_id="g-table")
+                            g_command = gr.Textbox(label="the command line that writes these files", interactive=False,
+                                                   elem_id="g-command")
+                            g_files = gr.File(label="download", file_count="multiple", interactive=False,
+                                              elem_id="g-files")
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
-                r_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="r-run")
-                info = show_run(first)
+                r_run = gr.Dropdown(ui.models.all, value=ui.models.all[0], label="run", elem_id="r-run")
+                info = show_run(ui.models.all[0])
                 r_about = gr.Markdown(info[0])
                 with gr.Row():
                     r_loss = gr.Image(info[2], label="training loss", type="pil", interactive=False)
@@ -706,19 +808,25 @@ def build_app(runs: list[str], device: str | None = None):
                 r_config = gr.Code(info[1], label="config.toml", interactive=False, max_lines=30)
 
         jobs = dict(concurrency_limit=1, concurrency_id="device")  # one job at a time on the device; the rest queue
-        s_run.change(on_run, s_run, [*s_controls[:5], *s_prompts], queue=False)
-        s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
-                           show_progress_on=[s_status], **jobs)
-        s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
-        e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
-        e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_t_stop, e_jumps, e_length, e_mask_file],
-                      queue=False)
-        e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
-        e_use.click(use_sample, [last, e_k], [e_editor, e_size, e_status])
-        e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_t_stop, e_jumps,
-                                  e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
-                           show_progress_on=[e_status], **jobs)
-        e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
+        if first is not None:
+            s_run.change(on_run, s_run, [*s_controls[:5], *s_prompts], queue=False)
+            s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
+                               show_progress_on=[s_status], **jobs)
+            s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
+            e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
+            e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_t_stop, e_jumps, e_length, e_mask_file],
+                          queue=False)
+            e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
+            e_use.click(use_sample, [last, e_k], [e_editor, e_size, e_status])
+            e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_t_stop, e_jumps,
+                                      e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
+                               show_progress_on=[e_status], **jobs)
+            e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
+        if ui.models.segmenters:
+            g_outputs = [g_figure, g_table, g_files, g_status, g_command]
+            g_upload.upload(segment, [g_run, g_upload], g_outputs, **jobs)
+            g_go.click(segment, [g_run, g_upload], g_outputs, **jobs)
+            g_run.change(lambda run: segmenter_about(ui.models, run), g_run, g_about, queue=False)
         r_run.change(show_run, r_run, [r_about, r_config, r_loss, r_grids, r_evals], queue=False)
     app.queue()
     app.webui = ui  # the server's state, for tests and tools
@@ -741,8 +849,9 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860) -> str:
 def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860, device: str | None = None) -> None:
     """`diffuse serve`: the page for these runs on host:port until Ctrl+C (blocking). Listens on 127.0.0.1 (this
     machine only) unless host says otherwise. Raises ValueError without Gradio 6 (naming `pip install -e ".[ui]"`), for
-    a run that is not a denoiser run or a port in use; FileNotFoundError for a folder that is not a run."""
+    a run that is neither a denoiser nor a segmentation run, or a port in use; FileNotFoundError for a folder that is
+    not a run."""
     app = build_app(runs, device=device)
     url = launch(app, host, port)
-    print(f"serving {', '.join(app.webui.models.runs)} on {url} ({app.webui.device}); Ctrl+C stops")
+    print(f"serving {', '.join(app.webui.models.all)} on {url} ({app.webui.device}); Ctrl+C stops")
     app.block_thread()
