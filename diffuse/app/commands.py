@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import warnings
 from pathlib import Path
 
@@ -297,25 +296,12 @@ def _eval_segmenter(args, measures: tuple[str, ...], device) -> None:
     model = SegmentationRun(args.run, device, feature_network=feature_network)
     c, side, _ = model.image_shape
     data = model.held_out() if args.real is None else load_folder(args.real, c, side)
-    if args.real is not None:
-        _warn_other_names(data.class_names, model.class_names, args.real)
     result = model.evaluate(data)
     record = {"metric": "miou", "data": str(args.real) if args.real is not None else "held-out (segment.test_images)",
               "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
-              "iou": {name: None if math.isnan(v) else v for name, v in result["iou"].items()},
+              "iou": result["iou"],
               "images": result["images"], "step": result["step"], "date": datetime.date.today().isoformat()}
     _report(record, Path(args.run) / "eval.json")
-
-
-def _warn_other_names(found: list[str], run_names: list[str], folder) -> None:
-    """A labelled folder scores by class index: warn when its classes.txt names a class otherwise than the run does
-    (its default names, "class K", say nothing)."""
-    named = [(k, a, b) for k, (a, b) in enumerate(zip(found, run_names)) if a != b and a != f"class {k}"]
-    if named:
-        k, a, b = named[0]
-        warnings.warn(f"{folder}/classes.txt names class {k} {a!r} and the run names it {b!r}; the score compares labels "
-                      "by index, so check that the masks use the run's classes (in order: "
-                      f"{', '.join(run_names)})", UserWarning, stacklevel=2)
 
 
 def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:

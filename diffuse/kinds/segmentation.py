@@ -16,6 +16,7 @@ share no parameter, so each learns as if alone; the reference trains them one af
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,7 @@ def head_logits(head: nn.Module, features: Tensor | None, x: Tensor | None = Non
 class SegmentationObjective(Objective):
     groups = {"main": Group(("model",))}
     ema = None
+    separable = False  # BatchNorm normalises by the batch's statistics: a micro-batch would take another step
     progress_desc = "segmentation"
     loss_name = "pixel cross-entropy"
 
@@ -362,18 +364,18 @@ class SegmentationObjective(Objective):
         return {"model": build_head(self.cfg, self.dim, self.labelled.num_classes)}
 
     def losses(self, x: Tensor, extras: dict, d: dict, step: int) -> dict:
-        """Per example: the summed cross-entropy of every member on its pixel (ensemble), or the mean pixel cross-entropy
-        of an image (U-Net; IGNORE pixels left out)."""
+        """The batch's loss: the mean over its pixels of every member's cross-entropy, summed over members (the
+        ensemble), or the mean over its images of their mean pixel cross-entropy (U-Net; IGNORE pixels left out)."""
         net = self.nets["model"]
         if self.cfg.segment.head == "unet":
             logits = net(x, torch.zeros(x.shape[0], device=x.device))
             ce = F.cross_entropy(logits.float(), extras["mask"], ignore_index=IGNORE, reduction="none")
             counted = (extras["mask"] != IGNORE).sum((1, 2)).clamp_min(1)
-            return {"main": ce.sum((1, 2)) / counted}
+            return {"main": (ce.sum((1, 2)) / counted).mean()}
         logits = net(x)  # (M, b, C)
         M, b, C = logits.shape
         ce = F.cross_entropy(logits.float().reshape(M * b, C), extras["label"].repeat(M), reduction="none")
-        return {"main": ce.view(M, b).sum(0)}
+        return {"main": ce.view(M, b).sum(0).mean()}
 
     def checkpoint_info(self) -> dict:
         return {"kind": "segmenter", "num_classes": self.labelled.num_classes, "class_names": list(self.class_names),
@@ -403,7 +405,7 @@ class SegmentationObjective(Objective):
         """mIoU (and per-class IoU) on the held-out images; the score 1 - mIoU keeps the best weights as RUN/best."""
         conf = score(lambda x: self.predict(x)[0], self.labelled.subset(self.test_idx), self.labelled.num_classes)
         miou = mean_iou(conf)
-        return {"miou": miou, "iou": dict(zip(self.class_names, map(float, iou(conf)))), "test_images": len(self.test_idx)}, 1 - miou
+        return {"miou": miou, "iou": class_ious(conf, self.class_names), "test_images": len(self.test_idx)}, 1 - miou
 
 
 # --- using a trained segmentation run ---------------------------------------------------------------------------------
@@ -430,6 +432,24 @@ def score(predict, data: SegmentationSet, num_classes: int, chunk: int = 16) -> 
         part = data.subset(idx)
         conf += confusion(predict(part.images), part.masks, num_classes, IGNORE)
     return conf
+
+
+def class_ious(conf: Tensor, class_names: list[str]) -> dict[str, float | None]:
+    """Class name -> IoU from a confusion matrix, None (JSON null) for a class neither present nor predicted."""
+    return {name: None if math.isnan(v) else v for name, v in zip(class_names, map(float, iou(conf)))}
+
+
+def check_classes(data: SegmentationSet, class_names: list[str]) -> None:
+    """ValueError when labelled images cannot be scored against a run of `class_names`: more classes, or classes named
+    otherwise (a folder without classes.txt, named "class 0", "class 1", ..., is read by index)."""
+    if data.num_classes > len(class_names):
+        raise ValueError(f"the labelled images have {data.num_classes} classes and this run segments {len(class_names)} "
+                         f"({class_names}); score it on masks of its own classes")
+    by_index = all(name == f"class {k}" for k, name in enumerate(data.class_names))
+    if not by_index and list(data.class_names) != list(class_names[:data.num_classes]):
+        raise ValueError(f"the labelled images name their classes {data.class_names} and this run's are {class_names}: the "
+                         "same index would be scored as different classes; write the run's names, in its order, in the "
+                         "folder's classes.txt")
 
 
 def colour_labels(labels: Tensor, num_classes: int, channels: int = 3) -> Tensor:
@@ -494,11 +514,9 @@ class SegmentationRun:
         """mIoU, per-class IoU and pixel accuracy on `data` (default: the held-out images). ValueError when its classes
         differ from the run's."""
         data = self.held_out() if data is None else data
-        if data.num_classes > self.num_classes:
-            raise ValueError(f"the labelled images have {data.num_classes} classes and this run segments {self.num_classes} "
-                             f"({self.class_names}); score it on masks of its own classes")
+        check_classes(data, self.class_names)
         conf = score(lambda x: self.segment(x)[0], data, self.num_classes)
-        return {"miou": mean_iou(conf), "iou": dict(zip(self.class_names, map(float, iou(conf)))),
+        return {"miou": mean_iou(conf), "iou": class_ious(conf, self.class_names),
                 "pixel_accuracy": float(conf.diagonal().sum() / conf.sum().clamp_min(1)), "images": len(data),
                 "step": self.step}
 
