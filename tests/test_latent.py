@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -353,3 +354,45 @@ def test_unused_autoencoder_settings_are_refused(tmp_path):
         train(ae_cfg("model.channels=64"), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match=r"latent\.scale_factor .* ignored"):
         train(apply_overrides(RunConfig(), LDM + ["latent.scale_factor=0.5"]), tmp_path / "c", progress=False)
+
+
+# --- segmentation features from a latent run (issue 36: "pixels or latents, any process") ---------------------------
+SEG = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=segmenter", "segment.members=2",
+       "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=4", "train.batch_size=32", "train.steps=3",
+       "train.lr=1e-3", "train.warmup_steps=0", "train.grad_clip=0", "train.sample_every=0", "train.log_every=1000",
+       "train.checkpoint_every=1000", "train.mixed_precision=no"]
+
+
+def test_segmentation_features_of_a_latent_flow_run_read_its_latents_with_the_null_label(tmp_path, ldm_run, ae_run):
+    """The class-conditional latent flow run's features: z = s E(x), noised at the flow times of equal log-SNR to DDPM's
+    steps 50 and 150, its network called with the null label, each decoder block upsampled from the latents' 2x2 to the
+    images' 8x8: equal to the pipeline written out by hand. A segmenter trains on them and scores its held-out digits;
+    the autoencoder baseline reads ae_run's latents."""
+    from diffuse.kinds.segmentation import Features, SegmentationRun, load_labelled
+    from diffuse.segmentation import vp_linear_times
+    from diffuse.stages import space
+    cfg = apply_overrides(RunConfig(), SEG + [f"segment.source={ldm_run}", "segment.times=[0.05, 0.15]"])
+    run = train(cfg, tmp_path / "seg", progress=False)
+    seg = SegmentationRun(run)
+    x = load_labelled(seg.cfg).images[:3]
+    got = seg.features(x)
+    src, den, _ = load_run(ldm_run)
+    z = space(src).encode(x)
+    times = vp_linear_times([0.05, 0.15], den.schedule)
+    alphabar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[[49, 149]]  # DDPM's steps 50 and 150 (Ho et al. 2020)
+    assert den.schedule.kind == "flow" and torch.allclose(den.schedule.log_snr(times),
+                                                         torch.from_numpy(np.log(alphabar / (1 - alphabar))), atol=1e-6)
+    noise = torch.randn((1, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
+    null = torch.full((3,), den.net.num_classes)  # the null label: the unconditional model
+    want = []
+    for t in times:
+        x_in, mt = den.network_input(den.schedule.q_sample(z, t.expand(3), noise.expand_as(z)), t)
+        maps = den.net.decoder_features(x_in, mt, list(range(len(den.net.decoder_layout()))), label=null)
+        want += [torch.nn.functional.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False) for m in maps.values()]
+    torch.testing.assert_close(got, torch.cat(want, 1), rtol=1e-5, atol=1e-6)
+    assert 0 <= seg.evaluate()["miou"] <= 1
+    ae = apply_overrides(RunConfig(), SEG + [f"segment.source={ae_run}", "segment.features=autoencoder"])
+    f = Features(ae, "cpu")
+    _, autoencoder = load_autoencoder(ae_run)
+    torch.testing.assert_close(f(x), torch.nn.functional.interpolate(autoencoder.encode(x), size=(8, 8), mode="bilinear",
+                                                                     align_corners=False))

@@ -570,3 +570,14 @@ def test_micro_batches_take_the_whole_batchs_step_or_are_refused(tmp_path):
     for key in want:
         if want[key].is_floating_point():
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_feature_memory_is_checked_before_it_is_spent():
+    """The reference's users ran out of RAM (ddpm-segmentation #11: ~210 GB for 50 images at 256 px, 8448 values per
+    pixel); the features' size is computed first: 2 x 50 x 256^2 x 8448 x 4 bytes = 206.3 GiB, refused naming the fixes."""
+    from diffuse.kinds.segmentation import check_memory
+    check_memory(20, 28, 1008, available=2**30)  # 127 MB: fits in 1 GiB
+    with pytest.raises(MemoryError, match=r"206\.\d GiB.*segment\.train_images.*segment\.blocks"):
+        check_memory(50, 256, 8448, available=64 * 2**30)
+    with pytest.raises(MemoryError):
+        check_memory(20, 28, 1008, available=2 * 20 * 28 * 28 * 1008 * 4 - 1)  # one byte short

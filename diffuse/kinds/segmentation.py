@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,20 @@ class Features:
         return pixel_coordinates(x)
 
 
+def check_memory(images: int, side: int, dim: int, available: int | None = None) -> None:
+    """MemoryError naming the figures and the fixes when the training pixels' features (images x side^2 x dim float32,
+    held twice while they become rows) would not fit in the memory this machine has free (`available` bytes, default
+    read from the OS): the reference's users ran out of RAM (ddpm-segmentation issue #11: 210 GB for 50 images at 256
+    px) before a line of training."""
+    need = 2 * images * side * side * dim * 4
+    available = available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > available:
+        raise MemoryError(f"the features of {images} labelled {side}x{side} images at {dim} values per pixel need "
+                          f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB are free; label fewer images "
+                          "(segment.train_images), read fewer blocks or times (segment.blocks, segment.times), or work at "
+                          "a smaller data.image_size")
+
+
 class PixelRows:
     """Labelled pixels as a dataset of feature rows: x (B, dim), {"label": (B,)}: the Trainer's data for the ensemble."""
 
@@ -347,6 +362,7 @@ class SegmentationObjective(Objective):
             return
         self.features = Features(cfg, ctx.device, ctx.feature_network)
         self.dim = self.features.dim
+        check_memory(len(train), cfg.data.image_size, self.dim)
         if s.features in STAGE_SOURCES:
             stage = Stage("source", Path(s.source), s.source_step)
             key = stage.key(features=s.features, times=list(s.times), blocks=list(s.blocks), noise_seed=s.noise_seed,
