@@ -53,7 +53,7 @@ def overrides(method: str, source: str, autoencoder: str) -> list[str]:
     if method == "random":
         return [f"segment.source={source}", "segment.features=random"]
     if method == "autoencoder":
-        return [f"segment.source={autoencoder}", "segment.features=autoencoder", "segment.times=[0.05, 0.15, 0.25]"]
+        return [f"segment.source={autoencoder}", "segment.features=autoencoder"]
     if method == "unet":
         return ['segment.source=""', *UNET]
     return ['segment.source=""', f"segment.features={method}"]  # pixels, digit_classifier

@@ -250,10 +250,12 @@ def _config_fix(path: Path) -> str:
             f"with (the TOML file with your --set values applied) to {path}, then resume")
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
+def save_config(cfg: RunConfig, path: str | Path, omit: tuple[str, ...] = ()) -> None:
     """Write the full config as TOML, atomically (checkpoint.write_atomically): a failed write (a full disk) leaves any
-    earlier file as it was and raises checkpoint.WriteError naming the file."""
-    write_atomically(path, tomli_w.dumps(to_dict(cfg)))
+    earlier file as it was and raises checkpoint.WriteError naming the file. `omit`: sections the run's kind ignores
+    whole (kinds.ignored_sections), left out so that a later change of their defaults never makes the saved config
+    refuse to load (check_unused) or to resume."""
+    write_atomically(path, tomli_w.dumps({k: v for k, v in to_dict(cfg).items() if k not in omit}))
 
 
 # (section.key, why it is unused, the fix): settings that the current choice of another setting ignores

@@ -11,8 +11,10 @@ semantics. The method, as the reference code does it:
                                            trained with cross-entropy on a handful of labelled images
 
 and the uncertainty of a pixel is the ensemble's Jensen-Shannon divergence H(mean_m p_m) - mean_m H(p_m).
-The times are given on DDPM's linear schedule (T = 1000, the paper's steps 50, 150, 250 are t = 0.05, 0.15, 0.25)
-and read on any run's process at the same log-SNR, so a flow or EDM run is probed at the same noise levels.
+The times are given on DDPM's linear schedule (T = 1000; the reference's steps 50, 150, 250 index alphabar from 0, so
+they are t = 0.051, 0.151, 0.251 here, where t = n / T has alphabar of n betas and the network's time input n - 1 = 50,
+150, 250, as there) and read on any run's process at the same log-SNR, so a flow or EDM run is probed at the same noise
+levels.
 
 This module holds the math of it (features, the ensemble, the vote, the score); kinds/segmentation.py makes it a
 kind of model the one Trainer trains, with the features a cached stage of the run.
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .data.segmentation import IGNORE, SegmentationSet
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule, Schedule
 
@@ -46,9 +48,9 @@ class SegmentConfig:
     features: FeatureSource = "diffusion"  # diffusion: the run's decoder activations (Baranchuk et al. 2022); the
     #                                  baselines: random (the same U-Net with random weights), pixels (values and x, y),
     #                                  autoencoder (its latents, upsampled), digit_classifier (its conv maps, upsampled)
-    times: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25])  # noise levels, as times of DDPM's linear
-    #                                  schedule (the paper's steps 50, 150, 250 of 1000), read on the run's process at the
-    #                                  same log-SNR
+    times: list[float] = field(default_factory=lambda: [0.051, 0.151, 0.251])  # noise levels, as times of DDPM's
+    #                                  linear schedule: the reference's q_sample steps 50, 150, 250 (0-based, so alphabar of
+    #                                  51, 151, 251 betas: t = 0.051, ...), read on the run's process at the same log-SNR
     blocks: list[int] = field(default_factory=list)  # decoder blocks read (UNet.decoder_layout); [] = every block
     head: Literal["ensemble", "unet"] = "ensemble"   # the pixel MLP ensemble on the features, or (a baseline) a U-Net
     #                                  trained end to end on the labelled images ([model] describes it)
@@ -68,8 +70,8 @@ def vp_linear_times(times, schedule: NoiseSchedule) -> Tensor:
     flow or EDM process. ValueError for a time outside (0, 1)."""
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     if len(t) == 0 or not bool(((t > 0) & (t < 1)).all()):
-        raise ValueError(f"segment.times must be times in (0, 1) of DDPM's linear schedule (the paper's steps 50, 150, 250 "
-                         f"are 0.05, 0.15, 0.25), got {list(map(float, t))}")
+        raise ValueError(f"segment.times must be a non-empty list of times in (0, 1) of DDPM's linear schedule (the "
+                         f"paper's steps 50, 150, 250 are 0.051, 0.151, 0.251), got {list(map(float, t))}")
     ref = Schedule.linear(1000)
     if isinstance(schedule, Schedule) and schedule.T == ref.T and torch.equal(schedule.betas, ref.betas):
         return t
@@ -119,67 +121,14 @@ def per_pixel(features: Tensor, masks: Tensor | None = None, ignore: int = 255) 
     return rows[keep], labels[keep]
 
 
-class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d (Ioffe & Szegedy 2015) whose statistics are those of the global batch when several processes train:
-    the per-feature sum, sum of squares and count are all-reduced (differentiably: the gradient of each process's loss
-    through the shared mean and variance reaches every process), so two processes compute what one computes on the
-    whole batch. nn.SyncBatchNorm does this on GPUs only. The Trainer sets `shard` = (rank, world size)."""
-
-    shard: tuple[int, int] = (0, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.shard[1] == 1:
-            return super().forward(x)
-        stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
-        stats = dist_nn.all_reduce(stats)  # SUM over processes, with the gradient reduced the same way
-        n = stats[-1]
-        mean = stats[:x.shape[1]] / n
-        var = stats[x.shape[1]:-1] / n - mean * mean  # biased, as BatchNorm normalises
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), self.momentum)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-
-
-class PixelEnsemble(nn.Module):
-    """M pixel classifiers evaluated together: (P, dim) features -> logits (M, P, C). Each member is the datasetGAN MLP
-    Baranchuk et al. use, dim -> 128 -> 32 -> C with Linear, ReLU, BatchNorm1d after each hidden layer, initialised
-    N(0, 0.02) (weights; BatchNorm scales N(1, 0.02); biases 0). The members share no parameter: the first layer is one
-    (dim, M h_1) matrix, the others one (h_in, h_out) matrix per member, and BatchNorm's statistics are per member and
-    unit, so the result equals M separate networks. ValueError for a width < 1 or fewer than 2 classes."""
-
-    def __init__(self, dim: int, num_classes: int, members: int = 10, hidden: tuple[int, ...] = (128, 32)):
-        super().__init__()
-        if dim < 1 or members < 1 or not hidden or min(hidden) < 1:
-            raise ValueError(f"the pixel ensemble needs a feature width, members and hidden widths >= 1, got dim {dim}, "
-                             f"segment.members = {members}, segment.hidden = {list(hidden)}")
-        if num_classes < 2:
-            raise ValueError(f"a segmentation needs at least 2 classes (background and one more), got {num_classes}")
-        self.members, self.num_classes = members, num_classes
-        widths = [dim, *hidden, num_classes]
-        self.weights = nn.ParameterList(nn.Parameter(torch.randn(members, i, o) * 0.02) for i, o in zip(widths, widths[1:]))
-        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(members, o)) for o in widths[1:])
-        self.norms = nn.ModuleList(GlobalBatchNorm(members * h) for h in hidden)
-        for bn in self.norms:
-            nn.init.normal_(bn.weight, 1.0, 0.02)
-
-    def forward(self, f: Tensor) -> Tensor:
-        M = self.members
-        h = (f @ self.weights[0].permute(1, 0, 2).reshape(f.shape[1], -1)).view(f.shape[0], M, -1) + self.biases[0]
-        for k, bn in enumerate(self.norms):
-            h = bn(F.relu(h).reshape(f.shape[0], -1)).view(f.shape[0], M, -1)
-            h = torch.einsum("pmi,mio->pmo", h, self.weights[k + 1]) + self.biases[k + 1]
-        return h.transpose(0, 1)  # (M, P, C)
-
-
 def vote(logits: Tensor) -> tuple[Tensor, Tensor]:
     """The ensemble's answer and its uncertainty per pixel (Baranchuk et al. 2022, sec. 3; the reference's
     `predict_labels`): logits (M, P, C) -> (labels (P,) int64, the mode of the members' argmaxes, ties to the lower
     class; uncertainty (P,) float32, the Jensen-Shannon divergence H(mean_m p_m) - mean_m H(p_m) in nats, 0 when the
     members agree exactly, at most log M)."""
     M, P, C = logits.shape
-    votes = F.one_hot(logits.argmax(-1), C).sum(0)  # (P, C)
+    votes = torch.zeros(P, C, dtype=torch.int32, device=logits.device).scatter_add_(
+        1, logits.argmax(-1).T, torch.ones(P, M, dtype=torch.int32, device=logits.device))  # (P, C) members per class
     labels = votes.argmax(-1)  # first maximum: ties go to the lower class
     logp = logits.float().log_softmax(-1)
     p = logp.exp()
@@ -191,7 +140,7 @@ def vote(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore: int = 255) -> Tensor:
     """The confusion matrix (C, C) int64, rows the true class, columns the predicted, over pixels not labelled
-    `ignore`."""
+    `ignore` (the reference also counts an ignored pixel predicted as k in k's union; here it counts nowhere)."""
     keep = target != ignore
     t, p = target[keep].reshape(-1).long(), pred[keep].reshape(-1).long()
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
@@ -199,7 +148,8 @@ def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore: int = 255)
 
 def iou(conf: Tensor) -> Tensor:
     """Per-class intersection over union from a confusion matrix (C, C): TP / (TP + FP + FN), float64 (C,), NaN for a
-    class neither present nor predicted (the reference's `compute_iou`, accumulated over the whole test set)."""
+    class neither present nor predicted (accumulated over the whole test set as the reference's `compute_iou`, which
+    scores such a class 0 and keeps it in its mean; here it has no IoU and is left out)."""
     conf = conf.double()
     tp = conf.diagonal()
     union = conf.sum(0) + conf.sum(1) - tp
@@ -210,3 +160,31 @@ def mean_iou(conf: Tensor) -> float:
     """mIoU: the mean of `iou` over the classes present or predicted (background included: it is a class here)."""
     values = iou(conf)
     return float(values[~values.isnan()].mean())
+
+
+def class_ious(conf: Tensor, class_names: list[str]) -> dict[str, float | None]:
+    """Class name -> IoU from a confusion matrix, None (JSON null) for a class neither present nor predicted."""
+    return {name: None if math.isnan(v) else v for name, v in zip(class_names, map(float, iou(conf)))}
+
+
+def check_classes(data: SegmentationSet, class_names: list[str]) -> None:
+    """ValueError when labelled images cannot be scored against a run of `class_names`: more classes, or classes named
+    otherwise (a folder without classes.txt, named "class 0", "class 1", ..., is read by index)."""
+    if data.num_classes > len(class_names):
+        raise ValueError(f"the labelled images have {data.num_classes} classes and this run segments {len(class_names)} "
+                         f"({class_names}); score it on masks of its own classes")
+    by_index = all(name == f"class {k}" for k, name in enumerate(data.class_names))
+    if not by_index and list(data.class_names) != list(class_names[:data.num_classes]):
+        raise ValueError(f"the labelled images name their classes {data.class_names} and this run's are {class_names}: the "
+                         "same index would be scored as different classes; write the run's names, in its order, in the "
+                         "folder's classes.txt")
+
+
+def score(predict, data: SegmentationSet, num_classes: int, chunk: int = 16) -> Tensor:
+    """The confusion matrix (C, C) of predict(images (b, C, S, S)) -> labels (b, S, S) over a labelled set, `chunk`
+    images at a time (features are never held for the whole set)."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for idx in torch.arange(len(data)).split(chunk):
+        part = data.subset(idx)
+        conf += confusion(predict(part.images), part.masks, num_classes, IGNORE)
+    return conf

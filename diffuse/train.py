@@ -39,12 +39,12 @@ from .config import RunConfig, apply_overrides, load_config, resume_changes, sav
 from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
-from .kinds import KINDS, Context, check_config
+from .kinds import KINDS, Context, check_config, ignored_sections
 from .nets.autoencoder import VectorQuantizer
 from .nets.blocks import ShardedDropout
 from .nets.digits import DigitClassifier
+from .nets.ensemble import GlobalBatchNorm
 from .nets.inception import inception_fid
-from .segmentation import GlobalBatchNorm
 from .precision import autocast_dtype
 from .visualize import plot_loss
 
@@ -194,7 +194,7 @@ class Trainer:
         self._try_resume(inexact_resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, saved)
+            save_config(cfg, saved, ignored_sections(cfg))
 
     # the main module, its optimizer and schedule, and a diffusion run's denoiser and space, by their usual names
     @property
@@ -381,7 +381,7 @@ class Trainer:
             self.best_fid = score
             best = self.run_dir / "best"
             best.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, best / "config.toml")
+            save_config(self.cfg, best / "config.toml", ignored_sections(self.cfg))
             ckpt.save_checkpoint(best, self.step, self._weights(),
                                  {"step": self.step, "num_classes": self.dataset.num_classes, "fid": score}, keep=1)
 

@@ -117,3 +117,21 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, fid: list
     fig.savefig(buffer, format="png")
     plt.close(fig)
     write_atomically(path, buffer.getvalue())
+
+
+def colour_labels(labels: Tensor, num_classes: int, channels: int = 3) -> Tensor:
+    """Labels (B, H, W) as images (B, channels, H, W) in [-1, 1]: class 0 black, the others evenly spaced hues (gray
+    levels for 1 channel)."""
+    palette = label_palette(num_classes)  # (C, 3) in [0, 1]
+    rgb = palette[labels.clamp(0, num_classes - 1)].permute(0, 3, 1, 2)
+    rgb = rgb.mean(1, keepdim=True) if channels == 1 else rgb
+    return rgb * 2 - 1
+
+
+def label_palette(num_classes: int) -> Tensor:
+    """(C, 3) float32 colours in [0, 1] for classes 0..C-1: black for 0 (background), then hues around the colour
+    wheel at full saturation."""
+    hues = np.arange(max(num_classes - 1, 1)) / max(num_classes - 1, 1)
+    k = (np.array([5.0, 3.0, 1.0])[None] + hues[:, None] * 6) % 6
+    rgb = 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
+    return torch.cat([torch.zeros(1, 3), torch.from_numpy(rgb).float()])[:num_classes]

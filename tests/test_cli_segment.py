@@ -17,7 +17,8 @@ from diffuse.app.segment import DPI, PANEL_INCHES, Segmented
 from diffuse.config import apply_overrides, from_dict, load_config
 from diffuse.data import load_image
 from diffuse.data.segmentation import read_mask
-from diffuse.kinds.segmentation import SegmentationRun, label_palette
+from diffuse.kinds.segmentation import SegmentationRun
+from diffuse.visualize import label_palette
 from diffuse.train import feature_network, train
 from diffuse.visualize import save_grid
 
@@ -25,7 +26,7 @@ SEGMENTER = {  # a pixel ensemble on the diffusion run's features: 10 labelled d
     "data": dict(source="mnist", image_size=28, channels=1),
     "model": dict(kind="segmenter"),
     "segment": dict(train_images=10, test_images=20),
-    "train": dict(steps=30, batch_size=256, lr=0.001, warmup_steps=0, grad_clip=0.0, log_every=10, checkpoint_every=30),
+    "train": dict(steps=30, batch_size=320, lr=0.001, warmup_steps=0, log_every=10, checkpoint_every=30),
 }
 
 

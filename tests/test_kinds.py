@@ -33,8 +33,8 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     # the pixel-and-position baseline: a diffusion source run would have to be trained before the rows are built (and
     # before the DDP workers start), so the row reads no run; the ensemble, its BatchNorm and the pixel batches are the
     # same code whatever the features (tests/test_segmentation.py trains one on a diffusion run's features)
-    "segmenter": ["model.kind=segmenter", "data.source=digits", "segment.features=pixels", "segment.members=3",
-                  "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=8"],
+    "segmenter": ["model.kind=segmenter", "data.source=digits", "segment.features=pixels", "segment.members=2",
+                  "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=8", "train.batch_size=64"],
 }
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too

@@ -359,7 +359,7 @@ def test_unused_autoencoder_settings_are_refused(tmp_path):
 # --- segmentation features from a latent run (issue 36: "pixels or latents, any process") ---------------------------
 SEG = ["data.source=digits", "data.image_size=8", "data.channels=1", "model.kind=segmenter", "segment.members=2",
        "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=4", "train.batch_size=32", "train.steps=3",
-       "train.lr=1e-3", "train.warmup_steps=0", "train.grad_clip=0", "train.sample_every=0", "train.log_every=1000",
+       "train.lr=1e-3", "train.warmup_steps=0", "train.sample_every=0", "train.log_every=1000",
        "train.checkpoint_every=1000", "train.mixed_precision=no"]
 
 

@@ -293,9 +293,10 @@ def _eval_segmenter(args, measures: tuple[str, ...], device) -> None:
     if unused:
         raise ValueError(f"--{unused[0].replace('_', '-')} does nothing for a segmentation run: `diffuse eval` scores its "
                          "labels (mIoU) with its own features and head; leave it out")
+    d = load_config(Path(args.run) / "config.toml").data  # a bad folder is named before the run's weights load
+    real = None if args.real is None else load_folder(args.real, d.channels, d.image_size)
     model = SegmentationRun(args.run, device, feature_network=feature_network)
-    c, side, _ = model.image_shape
-    data = model.held_out() if args.real is None else load_folder(args.real, c, side)
+    data = model.held_out() if real is None else real
     result = model.evaluate(data)
     record = {"metric": "miou", "data": str(args.real) if args.real is not None else "held-out (segment.test_images)",
               "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],

@@ -1,7 +1,7 @@
 """A segmentation run's answer as files and figures, made one way for `diffuse segment` and the web page's Segment tab:
 
     the mask      the label map as a palette PNG (mode "P") at the model's size: each pixel's value is its class
-                  index, coloured by kinds.segmentation.label_palette (class 0 black), so PIL and
+                  index, coloured by visualize.label_palette (class 0 black), so PIL and
                   data.segmentation.read_mask read back exactly the labels
     the overlay   a figure of three panels: the image; the image with its labels' colours blended over it (OVERLAY_ALPHA)
                   and a legend of the classes found; the uncertainty (the ensemble's Jensen-Shannon divergence, in nats)
@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoint import write_atomically
-from ..kinds.segmentation import label_palette
+from ..visualize import label_palette
 from ..runs import Run
 from ..visualize import save_image
 

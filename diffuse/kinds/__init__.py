@@ -4,6 +4,8 @@ Adding a kind: write its Objective (kinds/base.py) in a module of this package, 
 contract test (tests/test_kinds.py), which checks exact resume and DDP for every row of this table.
 """
 
+import dataclasses
+
 from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
 from .base import Context, Group, Objective, ignored
@@ -21,15 +23,27 @@ KINDS: dict[str, type[Objective]] = {
 
 
 
+def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """The kind's ignored settings (Objective.unused) and, for every kind but the segmenter, the [segment] section."""
+    segment = [] if cfg.model.kind == "segmenter" else ignored(cfg, 'only model.kind = "segmenter" reads it', ("segment",))
+    return KINDS[cfg.model.kind].unused(cfg) + segment
+
+
+def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:
+    """The config sections a run's kind ignores whole (every key of them among its unused settings): what its saved
+    config.toml leaves out (config.save_config)."""
+    rows = {key for key, _, _ in unused_rows(cfg)}
+    return tuple(f.name for f in dataclasses.fields(cfg) if f.name != "model"
+                 and all(f"{f.name}.{g.name}" in rows for g in dataclasses.fields(getattr(cfg, f.name))))
+
+
 def check_config(cfg: RunConfig) -> None:
     """Every check of a training config that needs neither its data nor a write: settings that would do nothing
     (config.check_unused) and its kind's own (Objective.check_config: the network against the shape it works on), so a
     bad config is refused before the data load, before a latent run encodes its data and before anything is written.
     ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
-    kind = KINDS[cfg.model.kind]
-    segment = [] if cfg.model.kind == "segmenter" else ignored(cfg, 'only model.kind = "segmenter" reads it', ("segment",))
-    check_unused(cfg, kind.unused(cfg) + segment)
-    kind.check_config(cfg)
+    check_unused(cfg, unused_rows(cfg))
+    KINDS[cfg.model.kind].check_config(cfg)
 
 
-__all__ = ["KINDS", "Context", "Group", "Objective", "check_config"]
+__all__ = ["KINDS", "Context", "Group", "Objective", "check_config", "ignored_sections", "unused_rows"]

@@ -9,18 +9,20 @@ sha256 of that checkpoint's manifest, and the training images' features are cach
 that key. Which images are labelled is a pure function of train.seed; the held-out test images are the same for every
 seed, so seeds can be compared.
 
-One step: a batch of labelled pixels (their feature rows), every member's cross-entropy summed per pixel (the members
-share no parameter, so each learns as if alone; the reference trains them one after the other). No draws, no EMA.
+One step: a batch of labelled pixels (their feature rows), row j training member j mod M (so each member learns from its
+own pixels, as the reference trains each on its own shuffle, one after the other; train.batch_size = 640 gives each the
+reference's 64), the members' mean cross-entropies summed (they share no parameter: each gets its own gradient, and
+the group is not clipped, which would couple them). No draws, no EMA. Where train.fid_every scores the held-out images
+(mIoU), RUN/best keeps the weights of the best score: a choice made on the test images, so the shipped configs score
+once, at the end.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
+import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,15 +33,17 @@ from ..data.segmentation import IGNORE, SegmentationSet, labelled_set
 from ..denoiser import Denoiser
 from ..nets.unet import UNet
 from ..schedule import Schedule
-from ..segmentation import (PixelEnsemble, confusion, iou, mean_iou, per_pixel, pixel_coordinates, unet_features, upsample,
-                            vote, vp_linear_times)
+from ..nets.ensemble import PixelEnsemble
+from ..segmentation import (check_classes, class_ious, mean_iou, per_pixel, pixel_coordinates, score, unet_features,
+                            upsample, vote, vp_linear_times)
 from ..stages import Stage, cached, load_autoencoder, space as run_space
-from ..visualize import save_grid
+from ..visualize import colour_labels, save_grid
 from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 from .diffusion import build_denoiser, build_model
 
 TEST_SPLIT_SEED = 20221  # the permutation that holds out segment.test_images: the same for every train.seed
 STAGE_SOURCES = ("diffusion", "random", "autoencoder")  # features read from a run named in segment.source
+PREDICT_BYTES = 2**30   # features and logits held at once when a trained run segments or is scored
 
 
 # --- which images ---------------------------------------------------------------------------------------------------
@@ -115,14 +119,14 @@ def source_network(cfg: RunConfig, device, step: int | None = None) -> tuple[Run
     src = load_config(path / "config.toml")
     check_source(cfg, src, path)
     c = ckpt.load_checkpoint(path, step or s.source_step or None)
-    net = build_model(src, int(c.state["num_classes"]))
-    if s.features == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s.noise_seed)
+    with torch.random.fork_rng(devices=[]):  # the random baseline's weights: a function of segment.noise_seed alone
+        torch.manual_seed(s.noise_seed)
+        net = build_model(src, int(c.state["num_classes"]))
+        if s.features == "random":
             for m in net.modules():
                 if m is not net and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    else:
+    if s.features != "random":
         ckpt.load_weights(net, c.tensors["ema"], config=path / "config.toml",
                           weights=Path(ckpt.CHECKPOINTS) / f"step_{c.step:08d}" / "ema.safetensors")
     return src, build_denoiser(src, net.to(device).eval().requires_grad_(False))
@@ -151,6 +155,13 @@ def check_source(cfg: RunConfig, src: RunConfig, path: Path) -> None:
         if taken:
             raise ValueError(f"segment.source = {path} is conditioned on {taken[0]}, which an image alone does not give; "
                              "read the features of an unconditional, class- or text-conditional run")
+        untrained = [k for k, on in (("label", m.class_conditional), ("text", m.text_encoder))
+                     if on and not src.train.condition_dropout.get(k)]
+        if untrained:
+            raise ValueError(f"segment.source = {path} is conditioned on {untrained[0]!r} and was trained without its dropout "
+                             "(train.condition_dropout), so its null condition, which the features are read with (an "
+                             "image has no label or caption), is untrained; read an unconditional run or one trained with "
+                             f"train.condition_dropout = {{{untrained[0]} = 0.1}}")
         layout = decoder_layout(src)
         bad = [b for b in s.blocks if not 0 <= b < len(layout)]
         if bad or len(set(s.blocks)) != len(s.blocks):
@@ -159,7 +170,8 @@ def check_source(cfg: RunConfig, src: RunConfig, path: Path) -> None:
 
 
 def decoder_layout(src: RunConfig) -> list[tuple[int, int]]:
-    """(width, side) of each decoder block of a diffusion config's U-Net (UNet.decoder_layout), built without weights."""
+    """(width, side) of each decoder block of a diffusion config's U-Net (UNet.decoder_layout), read off the network
+    built without weights (the class count does not change the layout: any positive one serves)."""
     net = build_model(src, 10 if src.model.class_conditional else 0)
     if not isinstance(net, UNet):
         raise ValueError("segment.source must be a U-Net denoiser run")
@@ -216,14 +228,24 @@ class Features:
         return pixel_coordinates(x)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable of /proc/meminfo: free memory plus what the page cache
+    would give back), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def check_memory(images: int, side: int, dim: int, available: int | None = None) -> None:
     """MemoryError naming the figures and the fixes when the training pixels' features (images x side^2 x dim float32,
-    held twice while they become rows) would not fit in the memory this machine has free (`available` bytes, default
+    held three times while they become rows) would not fit in the memory this machine has free (`available` bytes, default
     read from the OS): the reference's users ran out of RAM (ddpm-segmentation issue #11: 210 GB for 50 images at 256
     px) before a line of training."""
-    need = 2 * images * side * side * dim * 4
-    available = available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > available:
+    need = 3 * images * side * side * dim * 4
+    available = available if available is not None else available_memory()
+    if available is not None and need > available:
         raise MemoryError(f"the features of {images} labelled {side}x{side} images at {dim} values per pixel need "
                           f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB are free; label fewer images "
                           "(segment.train_images), read fewer blocks or times (segment.blocks, segment.times), or work at "
@@ -294,7 +316,7 @@ class SegmentationObjective(Objective):
     @classmethod
     def examples(cls, cfg: RunConfig, data: SegmentationSet) -> int:
         """What a batch draws from: the labelled images' pixels (the ensemble), or the images (the U-Net)."""
-        n = len(data) - cfg.segment.test_images if not cfg.segment.train_images else cfg.segment.train_images
+        n = max(len(data) - cfg.segment.test_images, 0) if not cfg.segment.train_images else cfg.segment.train_images
         return n if cfg.segment.head == "unet" else n * cfg.data.image_size ** 2
 
     @classmethod
@@ -305,6 +327,8 @@ class SegmentationObjective(Objective):
         out = ignored(cfg, why, sections, (*DIFFUSION_TRAINING, "hflip", "fid_features", "fid_samples", "fid_steps"))
         if s.head == "ensemble":
             out += ignored(cfg, 'segment.head = "ensemble" has no U-Net ([model] describes the "unet" head)', ("model",))
+            out.append(("train.grad_clip", "the ensemble's members are not clipped (one norm over all of them would couple "
+                        "them; the reference does not clip)", "remove it"))
         else:
             out += [(f"segment.{k}", 'segment.head = "unet" trains on the images, not on features', "remove it")
                     for k in ("source", "source_step", "features", "times", "blocks", "members", "hidden", "feature_batch")]
@@ -360,13 +384,22 @@ class SegmentationObjective(Objective):
             self.features, self.dim = None, 0
             self.dataset = LabelledImages(train)
             return
+        if (cfg.train.batch_size // ctx.world) % s.members:
+            raise ValueError(f"train.batch_size = {cfg.train.batch_size} must give each of the {ctx.world} process(es) a "
+                             f"multiple of segment.members = {s.members} pixels (each member trains on its own share of "
+                             f"the batch); e.g. train.batch_size = {64 * s.members * ctx.world} (64 pixels per member, as "
+                             "the reference)")
+        self.groups = {"main": Group(("model",), clip=False)}  # one norm over all members would couple them
         self.features = Features(cfg, ctx.device, ctx.feature_network)
         self.dim = self.features.dim
         check_memory(len(train), cfg.data.image_size, self.dim)
+        self.source_weights = ""
         if s.features in STAGE_SOURCES:
             stage = Stage("source", Path(s.source), s.source_step)
+            self.source_weights = stage.weights_sha256()
             key = stage.key(features=s.features, times=list(s.times), blocks=list(s.blocks), noise_seed=s.noise_seed,
-                            data=vars(cfg.data), classes=s.classes, images=[int(i) for i in self.train_idx])
+                            data=vars(cfg.data), classes=s.classes, images=[int(i) for i in self.train_idx],
+                            pixels=hashlib.sha256(train.images.numpy().tobytes()).hexdigest())
             feats = cached(ctx.run_dir / "features.safetensors", key, lambda: {"features": self.features(train.images)})["features"]
         else:
             feats = self.features(train.images)
@@ -388,14 +421,15 @@ class SegmentationObjective(Objective):
             ce = F.cross_entropy(logits.float(), extras["mask"], ignore_index=IGNORE, reduction="none")
             counted = (extras["mask"] != IGNORE).sum((1, 2)).clamp_min(1)
             return {"main": (ce.sum((1, 2)) / counted).mean()}
-        logits = net(x)  # (M, b, C)
-        M, b, C = logits.shape
-        ce = F.cross_entropy(logits.float().reshape(M * b, C), extras["label"].repeat(M), reduction="none")
-        return {"main": ce.view(M, b).sum(0).mean()}
+        M = self.cfg.segment.members  # row j of the batch trains member j mod M: each its own pixels (the reference
+        labels = extras["label"].view(-1, M).T  # trains each member on its own shuffle), the same rows under DDP
+        logits = net(x.view(-1, M, x.shape[1]).transpose(0, 1))  # (M, b / M, C)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return {"main": ce * M}  # the members' mean losses, summed: each member's gradient is its own mean loss's
 
     def checkpoint_info(self) -> dict:
         return {"kind": "segmenter", "num_classes": self.labelled.num_classes, "class_names": list(self.class_names),
-                "feature_dim": self.dim}
+                "feature_dim": self.dim, "source_weights": getattr(self, "source_weights", "")}
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -426,9 +460,15 @@ class SegmentationObjective(Objective):
 
 # --- using a trained segmentation run ---------------------------------------------------------------------------------
 @torch.no_grad()
-def segment_images(head: nn.Module, features: Features | None, x: Tensor, device, chunk: int = 16) -> tuple[Tensor, Tensor]:
+def segment_images(head: nn.Module, features: Features | None, x: Tensor, device, chunk: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Labels (B, S, S) int64 (the members' majority vote) and uncertainty (B, S, S) float32 (their Jensen-Shannon
-    divergence, 0 for the one-member U-Net) of images x (B, C, S, S) in [-1, 1], `chunk` images at a time."""
+    divergence, 0 for the one-member U-Net) of images x (B, C, S, S) in [-1, 1], `chunk` images at a time (default: as
+    many as keep their features and the members' logits within PREDICT_BYTES)."""
+    if chunk is None:
+        dim = features.dim if features is not None else 0
+        per_image = x.shape[-1] * x.shape[-2] * 4 * (dim + 3 * getattr(head, "members", 1) * getattr(head, "num_classes", 1))
+        chunk = max(1, PREDICT_BYTES // per_image)
     labels, unc = [], []
     for part in x.split(chunk):
         f = features(part).to(device) if features is not None else None
@@ -440,50 +480,21 @@ def segment_images(head: nn.Module, features: Features | None, x: Tensor, device
     return torch.cat(labels), torch.cat(unc)
 
 
-def score(predict, data: SegmentationSet, num_classes: int, chunk: int = 16) -> Tensor:
-    """The confusion matrix (C, C) of predict(images (b, C, S, S)) -> labels (b, S, S) over a labelled set, `chunk`
-    images at a time (features are never held for the whole set)."""
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for idx in torch.arange(len(data)).split(chunk):
-        part = data.subset(idx)
-        conf += confusion(predict(part.images), part.masks, num_classes, IGNORE)
-    return conf
-
-
-def class_ious(conf: Tensor, class_names: list[str]) -> dict[str, float | None]:
-    """Class name -> IoU from a confusion matrix, None (JSON null) for a class neither present nor predicted."""
-    return {name: None if math.isnan(v) else v for name, v in zip(class_names, map(float, iou(conf)))}
-
-
-def check_classes(data: SegmentationSet, class_names: list[str]) -> None:
-    """ValueError when labelled images cannot be scored against a run of `class_names`: more classes, or classes named
-    otherwise (a folder without classes.txt, named "class 0", "class 1", ..., is read by index)."""
-    if data.num_classes > len(class_names):
-        raise ValueError(f"the labelled images have {data.num_classes} classes and this run segments {len(class_names)} "
-                         f"({class_names}); score it on masks of its own classes")
-    by_index = all(name == f"class {k}" for k, name in enumerate(data.class_names))
-    if not by_index and list(data.class_names) != list(class_names[:data.num_classes]):
-        raise ValueError(f"the labelled images name their classes {data.class_names} and this run's are {class_names}: the "
-                         "same index would be scored as different classes; write the run's names, in its order, in the "
-                         "folder's classes.txt")
-
-
-def colour_labels(labels: Tensor, num_classes: int, channels: int = 3) -> Tensor:
-    """Labels (B, H, W) as images (B, channels, H, W) in [-1, 1]: class 0 black, the others evenly spaced hues (gray
-    levels for 1 channel)."""
-    palette = label_palette(num_classes)  # (C, 3) in [0, 1]
-    rgb = palette[labels.clamp(0, num_classes - 1)].permute(0, 3, 1, 2)
-    rgb = rgb.mean(1, keepdim=True) if channels == 1 else rgb
-    return rgb * 2 - 1
-
-
-def label_palette(num_classes: int) -> Tensor:
-    """(C, 3) float32 colours in [0, 1] for classes 0..C-1: black for 0 (background), then hues around the colour
-    wheel at full saturation."""
-    hues = np.arange(max(num_classes - 1, 1)) / max(num_classes - 1, 1)
-    k = (np.array([5.0, 3.0, 1.0])[None] + hues[:, None] * 6) % 6
-    rgb = 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
-    return torch.cat([torch.zeros(1, 3), torch.from_numpy(rgb).float()])[:num_classes]
+def check_source_weights(cfg: RunConfig, trained_on: str, run_dir: Path) -> None:
+    """ValueError (FileNotFoundError when the step is gone) naming the fix when the source run's pinned checkpoint is not
+    the one a segmentation run's head was trained on (sha256 of its manifest): the head would read other features."""
+    s = cfg.segment
+    if s.head != "ensemble" or s.features not in STAGE_SOURCES or not trained_on:
+        return
+    try:
+        now = Stage("source", Path(s.source), s.source_step).weights_sha256()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}: the segmentation run {run_dir} reads its features there; restore that checkpoint (keep it "
+                                "with train.keep_checkpoints when the source trains on) or train the segmentation run again") from None
+    if now != trained_on:
+        raise ValueError(f"the segmentation run {run_dir} was trained on the features of {s.source} at step {s.source_step}, and "
+                         "that checkpoint now holds other weights (the run was trained again into the same folder); train the "
+                         "segmentation run again on it")
 
 
 class SegmentationRun:
@@ -500,6 +511,7 @@ class SegmentationRun:
         c = ckpt.load_checkpoint(run_dir, step)
         self.cfg, self.step, self.device = cfg, c.step, torch.device(device)
         self.class_names = list(c.state["class_names"])
+        check_source_weights(cfg, c.state.get("source_weights", ""), run_dir)
         self.features = Features(cfg, device, feature_network) if cfg.segment.head == "ensemble" else None
         self.head = build_head(cfg, int(c.state["feature_dim"]), len(self.class_names))
         ckpt.load_weights(self.head, c.tensors["model"], config=run_dir / "config.toml",
@@ -522,6 +534,9 @@ class SegmentationRun:
 
     def held_out(self) -> SegmentationSet:
         """The run's own held-out labelled images (segment.test_images of its data)."""
+        if not self.cfg.segment.test_images:
+            raise ValueError("this segmentation run holds out no images (segment.test_images = 0); score it on labelled "
+                             "images of your own: --real FOLDER (FOLDER/images and FOLDER/masks)")
         data = load_labelled(self.cfg)
         _, test = split(len(data), self.cfg.segment.train_images, self.cfg.segment.test_images, self.cfg.train.seed)
         return data.subset(test)
