@@ -7,7 +7,8 @@ SegmentationRun.evaluate on the same 100 held-out images (mIoU over classes, bac
     diffusion         the diffusion run's decoder activations at DDPM's steps 50, 150, 250 (the method)
     random            the same U-Net with random weights (controls for the architecture)
     pixels            the pixel values and their (x, y) coordinates
-    autoencoder       the KL autoencoder's latents, bilinearly upsampled
+    autoencoder       the KL autoencoder's latents, bilinearly upsampled (at the autoencoder's own image size: the
+                      digits' is 32 px, so their labels are the 32 px digits')
     digit_classifier  the digit classifier's two conv maps, upsampled (digits only)
     unet              a U-Net (lecture 003's contracting and expanding paths) trained end to end on the labelled images
 
@@ -53,7 +54,8 @@ def overrides(method: str, source: str, autoencoder: str) -> list[str]:
     if method == "random":
         return [f"segment.source={source}", "segment.features=random"]
     if method == "autoencoder":
-        return [f"segment.source={autoencoder}", "segment.features=autoencoder"]
+        size = load_config(Path(autoencoder) / "config.toml").data.image_size  # its own size (32 for configs/ae_mnist)
+        return [f"segment.source={autoencoder}", "segment.features=autoencoder", f"data.image_size={size}"]
     if method == "unet":
         return ['segment.source=""', *UNET]
     return ['segment.source=""', f"segment.features={method}"]  # pixels, digit_classifier

@@ -23,6 +23,7 @@ kind of model the one Trainer trains, with the features a cached stage of the ru
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,7 +52,9 @@ class SegmentConfig:
     times: list[float] = field(default_factory=lambda: [0.051, 0.151, 0.251])  # noise levels, as times of DDPM's
     #                                  linear schedule: the reference's q_sample steps 50, 150, 250 (0-based, so alphabar of
     #                                  51, 151, 251 betas: t = 0.051, ...), read on the run's process at the same log-SNR
-    blocks: list[int] = field(default_factory=list)  # decoder blocks read (UNet.decoder_layout); [] = every block
+    blocks: list[int] = field(default_factory=list)  # decoder blocks read (UNet.decoder_layout); [] = every block (the
+    #                                  paper's [5, 6, 7, 8, 12] index the 18 blocks of a 256 px decoder; the 28-32 px
+    #                                  decoders here have 9, and bench/RESULTS.md's block x time grid measures each)
     head: Literal["ensemble", "unet"] = "ensemble"   # the pixel MLP ensemble on the features, or (a baseline) a U-Net
     #                                  trained end to end on the labelled images ([model] describes it)
     members: int = 10                # MLPs in the ensemble (the paper: 10)
@@ -67,7 +70,8 @@ class SegmentConfig:
 def vp_linear_times(times, schedule: NoiseSchedule) -> Tensor:
     """Times t on DDPM's linear schedule (Ho et al. 2020: beta 1e-4..0.02, T = 1000) -> the times of `schedule` with the
     same log-SNR, float64 (len(times),): the identity for a linear 1000-step run, and the same noise level on a cosine,
-    flow or EDM process. ValueError for a time outside (0, 1)."""
+    flow or EDM process; a level the process never reaches is read at its nearest end, with a UserWarning. ValueError
+    for a time outside (0, 1)."""
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     if len(t) == 0 or not bool(((t > 0) & (t < 1)).all()):
         raise ValueError(f"segment.times must be a non-empty list of times in (0, 1) of DDPM's linear schedule (the "
@@ -75,7 +79,15 @@ def vp_linear_times(times, schedule: NoiseSchedule) -> Tensor:
     ref = Schedule.linear(1000)
     if isinstance(schedule, Schedule) and schedule.T == ref.T and torch.equal(schedule.betas, ref.betas):
         return t
-    return schedule.t_from_log_snr(ref.log_snr(t)).clamp(schedule.t_min, schedule.t_top)
+    wanted = ref.log_snr(t)
+    out = schedule.t_from_log_snr(wanted).clamp(schedule.t_min, schedule.t_top)
+    missed = ~torch.isclose(schedule.log_snr(out), wanted, rtol=0, atol=1e-3)
+    if bool(missed.any()):
+        far = [float(a) for a, b in zip(t, missed) if b]
+        warnings.warn(f"segment.times {far}: this run's process does not reach their noise level (log-SNR "
+                      f"{[round(float(ref.log_snr(a)), 2) for a in far]}); they are read at the nearest end of its "
+                      f"times [{schedule.t_min:g}, {schedule.t_top:g}]", UserWarning, stacklevel=2)
+    return out
 
 
 def upsample(maps: list[Tensor], side: int) -> Tensor:

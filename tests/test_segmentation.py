@@ -124,7 +124,8 @@ def test_vp_linear_times_read_the_same_log_snr_on_every_process(schedule):
 
 def test_vp_linear_times_stop_at_the_top_of_a_process_that_never_gets_that_noisy():
     weak = Schedule.linear(100)  # DDPM's betas over 100 steps: alphabar_100 = 0.36, log-SNR -0.57 at most
-    mapped = vp_linear_times([0.05, 0.6], weak)  # 0.6 of the 1000-step schedule is log-SNR -4.7: out of reach
+    with pytest.warns(UserWarning, match=r"segment.times \[0.6\]: this run's process does not reach"):
+        mapped = vp_linear_times([0.05, 0.6], weak)  # 0.6 of the 1000-step schedule is log-SNR -4.7: out of reach
     assert float(mapped[1]) == weak.t_top == 1.0
     assert float(weak.log_snr(mapped[0])) == pytest.approx(float(Schedule.linear(1000).log_snr(0.05)), abs=1e-6)
 
@@ -664,3 +665,24 @@ def test_saved_configs_leave_out_the_sections_their_kind_ignores(runs):
                                                      for s in ("schedule", "sample", "task", "autoencoder", "latent"))
     for run in runs:
         check_config(load_config(run / "config.toml"))
+
+
+def test_the_end_to_end_unet_head_segments_with_its_own_argmax(tmp_path):
+    """segment.head = "unet" (the end-to-end baseline): a U-Net of [model] from the images to class logits, trained on
+    the labelled images themselves; a trained run's labels are its logits' argmax, with zero uncertainty (one member),
+    and evaluate() scores them like the ensemble's."""
+    from diffuse.kinds.segmentation import SegmentationRun
+    from diffuse.segmentation import confusion, mean_iou
+    from diffuse.train import train
+    cfg = apply_overrides(RunConfig(), [
+        "model.kind=segmenter", "data.source=digits", "data.image_size=8", "data.channels=1", "segment.head=unet",
+        "segment.train_images=12", "segment.test_images=10", "model.channels=8", "model.channel_mult=[1, 2]",
+        "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.norm_groups=4", "model.dropout=0",
+        "train.batch_size=4", "train.steps=5", "train.lr=1e-3", "train.warmup_steps=0", "train.sample_every=0",
+        "train.checkpoint_every=5", "train.mixed_precision=no"])
+    run = SegmentationRun(train(cfg, tmp_path / "unet", progress=False))
+    test = run.held_out()
+    labels, uncertainty = run.segment(test.images)
+    logits = run.head(test.images, torch.zeros(len(test)))
+    assert torch.equal(labels, logits.argmax(1)) and torch.equal(uncertainty, torch.zeros_like(uncertainty))
+    assert run.evaluate()["miou"] == pytest.approx(mean_iou(confusion(labels, test.masks, run.num_classes)))

@@ -25,9 +25,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpoint import write_atomically
-from ..visualize import label_palette
 from ..runs import Run
-from ..visualize import save_image
+from ..visualize import label_palette, save_image
 
 OVERLAY_ALPHA = 0.5  # the labels' colours over the image: half each
 PANEL_INCHES = 3.0   # the side of each of the overlay's three panels

@@ -467,7 +467,8 @@ def segment_images(head: nn.Module, features: Features | None, x: Tensor, device
     many as keep their features and the members' logits within PREDICT_BYTES)."""
     if chunk is None:
         dim = features.dim if features is not None else 0
-        per_image = x.shape[-1] * x.shape[-2] * 4 * (dim + 3 * getattr(head, "members", 1) * getattr(head, "num_classes", 1))
+        members, classes = (head.members, head.num_classes) if isinstance(head, PixelEnsemble) else (1, head.conv_out.out_channels)
+        per_image = x.shape[-1] * x.shape[-2] * 4 * (dim + 3 * members * classes)
         chunk = max(1, PREDICT_BYTES // per_image)
     labels, unc = [], []
     for part in x.split(chunk):
