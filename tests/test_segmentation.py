@@ -686,3 +686,17 @@ def test_the_end_to_end_unet_head_segments_with_its_own_argmax(tmp_path):
     logits = run.head(test.images, torch.zeros(len(test)))
     assert torch.equal(labels, logits.argmax(1)) and torch.equal(uncertainty, torch.zeros_like(uncertainty))
     assert run.evaluate()["miou"] == pytest.approx(mean_iou(confusion(labels, test.masks, run.num_classes)))
+
+
+def test_a_too_small_pool_and_a_diffusers_source_are_refused_naming_the_fix(tmp_path):
+    """split names how the pool grows where it can (the shapes: data.crops), nothing where it cannot (the bundled
+    digits); a diffusers model folder as segment.source is refused naming why (its U-Net has no blocks by index)."""
+    from diffuse.kinds.segmentation import source_path, split
+    with pytest.raises(ValueError, match=r"need 110 labelled images, and the data hold 100; lower them \(or raise data.crops\)"):
+        split(100, 10, 100, 0, "raise data.crops")
+    with pytest.raises(ValueError, match=r"hold 100; lower them$"):
+        split(100, 10, 100, 0)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="diffusers model folder"):
+        source_path(segmenter(f"segment.source={json.dumps(str(tmp_path))}"))

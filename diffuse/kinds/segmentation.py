@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checkpoint as ckpt
+from .. import checkpoint as ckpt, pretrained
 from ..config import RunConfig, load_config
 from ..data.segmentation import IGNORE, SegmentationSet, labelled_set
 from ..denoiser import Denoiser
@@ -47,14 +47,15 @@ PREDICT_BYTES = 2**30   # features and logits held at once when a trained run se
 
 
 # --- which images ---------------------------------------------------------------------------------------------------
-def split(n: int, train_images: int, test_images: int, seed: int) -> tuple[Tensor, Tensor]:
+def split(n: int, train_images: int, test_images: int, seed: int, grow: str = "") -> tuple[Tensor, Tensor]:
     """(train, test) indices into a pool of n labelled images: the test images are the first `test_images` of a fixed
     permutation (the same for every seed), the training images `train_images` drawn with `seed` from the rest (0: all
-    of the rest). ValueError naming the settings when the pool is too small."""
+    of the rest). ValueError naming the settings (and `grow`, how the pool grows, e.g. "raise data.crops") when the
+    pool is too small."""
     if test_images + max(train_images, 1) > n:
         raise ValueError(f"segment.train_images = {train_images} and segment.test_images = {test_images} need "
-                         f"{test_images + max(train_images, 1)} labelled images, and the data hold {n}; lower them (or raise "
-                         "data.crops for the shapes)")
+                         f"{test_images + max(train_images, 1)} labelled images, and the data hold {n}; lower them"
+                         + (f" (or {grow})" if grow else ""))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
     test, rest = perm[:test_images], perm[test_images:]
     pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))
@@ -104,6 +105,9 @@ def source_path(cfg: RunConfig) -> Path:
         raise ValueError(f"segment.features = '{s.features}' reads {want}: set segment.source to its folder, e.g. "
                          "segment.source = 'runs/mnist' (`diffuse train configs/mnist.toml --out runs/mnist`)")
     path = Path(s.source).expanduser().resolve()
+    if pretrained.is_model_folder(path):
+        raise ValueError(f"segment.source = {s.source!r} is a diffusers model folder, whose U-Net does not expose its decoder "
+                         "blocks by index; train a run here (`diffuse train CONFIG --out RUN`) and name it")
     if not (path / "config.toml").is_file():
         raise FileNotFoundError(f"segment.source = {s.source!r}: {path} holds no run (no config.toml); train it first, "
                                 "e.g. `diffuse train configs/mnist.toml --out runs/mnist`, and name its folder")
@@ -377,7 +381,9 @@ class SegmentationObjective(Objective):
     def __init__(self, cfg: RunConfig, data: SegmentationSet, ctx: Context):
         s = cfg.segment
         self.cfg, self.ctx = cfg, ctx
-        self.train_idx, self.test_idx = split(len(data), s.train_images, s.test_images, cfg.train.seed)
+        self.train_idx, self.test_idx = split(len(data), s.train_images, s.test_images, cfg.train.seed,
+                                              "raise data.crops" if cfg.data.source == "shapes" else
+                                              "label more images" if cfg.data.source == "folder" else "")
         self.labelled, self.class_names = data, data.class_names
         train = data.subset(self.train_idx)
         if s.head == "unet":
