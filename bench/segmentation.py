@@ -38,6 +38,7 @@ from PIL import Image
 
 from diffuse.kinds.segmentation import Features, SegmentationRun, load_labelled, source_network
 from diffuse.train import feature_network, train
+from diffuse.visualize import save_image, to_uint8
 
 CONFIGS = {"digits": "configs/segment_digits.toml", "shapes": "configs/segment_shapes.toml"}
 METHODS = {"digits": ("diffusion", "random", "pixels", "autoencoder", "digit_classifier", "unet"),
@@ -167,8 +168,9 @@ def peak_rss(run_dir: Path, n: int) -> dict:
 
 
 def from_tensor_png(x: torch.Tensor, path: Path) -> None:
+    """A 1-channel image (1, H, W) in [-1, 1] as a grayscale PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(((x[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), "L").save(path)
+    save_image(Image.fromarray(to_uint8(x[None])[0, :, :, 0], "L"), path)
 
 
 def quiet() -> dict:

@@ -69,7 +69,8 @@ class SegmentConfig:
 
 def vp_linear_times(times, schedule: NoiseSchedule) -> Tensor:
     """Times t on DDPM's linear schedule (Ho et al. 2020: beta 1e-4..0.02, T = 1000) -> the times of `schedule` with the
-    same log-SNR, float64 (len(times),): the identity for a linear 1000-step run, and the same noise level on a cosine,
+    same log-SNR, t' = schedule.t_from_log_snr(log(alphabar_t / (1 - alphabar_t))) (Kingma et al. 2021, eq. 2: a
+    process is read by its SNR), float64 (len(times),): the identity for a linear 1000-step run, and the same noise level on a cosine,
     flow or EDM process; a level the process never reaches is read at its nearest end, with a UserWarning. ValueError
     for a time outside (0, 1)."""
     t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)

@@ -284,7 +284,7 @@ def load_image(path: str | os.PathLike, channels: int, size: int) -> tuple[torch
         notes.append("grayscale replicated to RGB (the model has 3 channels)")
     if notes:
         warnings.warn(f"{path}: " + "; ".join(notes), UserWarning, stacklevel=2)
-    array = np.array(_fit(_to_8bit(img, channels), size), dtype=np.uint8)
+    array = np.array(fit_square(_to_8bit(img, channels), size), dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     x = torch.from_numpy(np.ascontiguousarray(array)).float()[None] / 127.5 - 1.0
     return x, Geometry(str(path), original, size)
@@ -300,7 +300,7 @@ def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
     if img_size != geometry.size:
         raise ValueError(f"the mask {path} is {img_size[0]}x{img_size[1]} but the image {geometry.path} is "
                          f"{geometry.size[0]}x{geometry.size[1]}; draw the mask on the image itself, at its size")
-    gray = _fit(_to_8bit(img, 1), geometry.side, nearest=True)
+    gray = fit_square(_to_8bit(img, 1), geometry.side, nearest=True)
     generate = torch.from_numpy(np.array(gray, dtype=np.uint8) >= 128)
     return (~generate).float()[None, None]
 
@@ -374,7 +374,7 @@ def _in_memory(gray: np.ndarray, labels: np.ndarray, class_names: list[str], cfg
                captions: list[str] | None = None) -> ImageDataset:
     """Resize (N, H, W) uint8 grayscale to the configured size once, replicating to RGB if asked."""
     if gray.shape[1:] != (cfg.image_size, cfg.image_size):
-        gray = np.stack([np.asarray(_fit(Image.fromarray(g, "L"), cfg.image_size)) for g in gray])
+        gray = np.stack([np.asarray(fit_square(Image.fromarray(g, "L"), cfg.image_size)) for g in gray])
     images = torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(1)
     images = images.expand(-1, cfg.channels, -1, -1).contiguous()
     return ImageDataset(torch.as_tensor(labels, dtype=torch.int64), class_names, cfg.channels, cfg.image_size, images=images,
@@ -469,7 +469,7 @@ def _list_paths(paths: list[Path], root: Path) -> str:
 def _load_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Decode one file fully into uint8 (channels, size, size); raises if it is not a readable image."""
     with open_image(path, side=size) as img:  # fully decoded now: truncated data fail here, not in training
-        img = _fit(_to_8bit(img, channels), size)
+        img = fit_square(_to_8bit(img, channels), size)
     array = np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy can wrap it
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
@@ -504,7 +504,7 @@ def _to_8bit(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _fit(img: Image.Image, size: int, nearest: bool = False) -> Image.Image:
+def fit_square(img: Image.Image, size: int, nearest: bool = False) -> Image.Image:
     """Scale so the shorter side is `size` (bicubic, antialiased; up or down; nearest-neighbour for masks), then
     centre-crop a square."""
     width, height = img.size

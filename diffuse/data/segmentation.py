@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from .captions import COLOURS, DIGIT_WORDS, SHAPES, Scene, SceneObject, coverage, random_scene, render
-from .images import DataConfig, Geometry, load_dataset, load_image, open_image
+from .images import DataConfig, Geometry, fit_square, load_dataset, load_image, open_image
 
 IGNORE = 255  # the label of pixels that count for nothing (training and scoring skip them)
 DIGIT_CLASSES = ["background", *DIGIT_WORDS]  # mnist, digits: 0 = background, 1 + d = the strokes of digit d
@@ -431,13 +431,7 @@ def fit_labels(labels: np.ndarray, size: int) -> np.ndarray:
     if labels.size and (labels.min() < -2**31 or labels.max() >= 2**31):
         raise ValueError("fit_labels takes labels within int32")
     img = Image.fromarray(labels.astype(np.int32))  # mode "I": resampled without a change of value
-    height, width = labels.shape
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))  # as data.images fits images
-    if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.NEAREST)
-    left, top = (new_size[0] - size) // 2, (new_size[1] - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size))).astype(np.int64)
+    return np.asarray(fit_square(img, size, nearest=True)).astype(np.int64)
 
 
 def _check_labels(labels: np.ndarray, path: Path, declared: list[str] | None, names_file: Path) -> None:

@@ -31,12 +31,12 @@ from .. import checkpoint as ckpt, pretrained
 from ..config import RunConfig, load_config
 from ..data.segmentation import IGNORE, SegmentationSet, labelled_set
 from ..denoiser import Denoiser
-from ..nets.unet import UNet
+from ..nets.unet import UNet, decoder_layout
 from ..schedule import Schedule
 from ..nets.ensemble import PixelEnsemble
 from ..segmentation import (check_classes, class_ious, mean_iou, per_pixel, pixel_coordinates, score, unet_features,
                             upsample, vote, vp_linear_times)
-from ..stages import Stage, cached, load_autoencoder, space as run_space
+from ..stages import Stage, cached, diffusion_shape, load_autoencoder, space as run_space
 from ..visualize import colour_labels, save_grid
 from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 from .diffusion import build_denoiser, build_model
@@ -122,15 +122,16 @@ def source_network(cfg: RunConfig, device, step: int | None = None) -> tuple[Run
     path = source_path(cfg)
     src = load_config(path / "config.toml")
     check_source(cfg, src, path)
-    c = ckpt.load_checkpoint(path, step or s.source_step or None)
+    step = step or s.source_step or ckpt.latest_step(path)
+    c = None if s.features == "random" else ckpt.load_checkpoint(path, step)  # the random baseline reads no weights
     with torch.random.fork_rng(devices=[]):  # the random baseline's weights: a function of segment.noise_seed alone
         torch.manual_seed(s.noise_seed)
-        net = build_model(src, int(c.state["num_classes"]))
-        if s.features == "random":
+        net = build_model(src, int(ckpt.read_state(path, step)["num_classes"]))
+        if c is None:
             for m in net.modules():
                 if m is not net and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    if s.features != "random":
+    if c is not None:
         ckpt.load_weights(net, c.tensors["ema"], config=path / "config.toml",
                           weights=Path(ckpt.CHECKPOINTS) / f"step_{c.step:08d}" / "ema.safetensors")
     return src, build_denoiser(src, net.to(device).eval().requires_grad_(False))
@@ -166,20 +167,16 @@ def check_source(cfg: RunConfig, src: RunConfig, path: Path) -> None:
                              "(train.condition_dropout), so its null condition, which the features are read with (an "
                              "image has no label or caption), is untrained; read an unconditional run or one trained with "
                              f"train.condition_dropout = {{{untrained[0]} = 0.1}}")
-        layout = decoder_layout(src)
+        layout = source_layout(src)
         bad = [b for b in s.blocks if not 0 <= b < len(layout)]
         if bad or len(set(s.blocks)) != len(s.blocks):
             raise ValueError(f"segment.blocks = {s.blocks}: the source U-Net has decoder blocks 0..{len(layout) - 1} "
                              f"(width, side: {layout}), each listed once; choose from them ([] = all)")
 
 
-def decoder_layout(src: RunConfig) -> list[tuple[int, int]]:
-    """(width, side) of each decoder block of a diffusion config's U-Net (UNet.decoder_layout), read off the network
-    built without weights (the class count does not change the layout: any positive one serves)."""
-    net = build_model(src, 10 if src.model.class_conditional else 0)
-    if not isinstance(net, UNet):
-        raise ValueError("segment.source must be a U-Net denoiser run")
-    return net.decoder_layout()
+def source_layout(src: RunConfig) -> list[tuple[int, int]]:
+    """(width, side) of each decoder block of a diffusion config's U-Net (nets.unet.decoder_layout), from its config."""
+    return decoder_layout(src.model, diffusion_shape(src)[1])
 
 
 class Features:

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d (Ioffe & Szegedy 2015) whose statistics are those of the global batch when several processes train:
+    """BatchNorm1d (Ioffe & Szegedy 2015, Algorithm 1), y = gamma (x - mu) / sqrt(var + eps) + beta with mu and the
+    biased var per feature over the batch, whose statistics are those of the global batch when several processes train:
     the per-feature sum, sum of squares and count are all-reduced (differentiably: the gradient of each process's loss
     through the shared mean and variance reaches every process), so two processes compute what one computes on the
     whole batch. nn.SyncBatchNorm does this on GPUs only. The Trainer sets `shard` = (rank, world size)."""

@@ -146,17 +146,8 @@ class UNet(nn.Module):
         return self._run(x, t, cond)
 
     def decoder_layout(self) -> list[tuple[int, int]]:
-        """(width, side) of each decoder block's activation, by block index: the expanding path's residual blocks in
-        the order they run (lowest resolution first, model.num_res_blocks + 1 per level), each with its attention,
-        and the last block of a level after its upsampling, as guided-diffusion's `output_blocks[i]` (the blocks whose
-        outputs Baranchuk et al. 2022 read). Sides are of an image of side `image_size`."""
-        out, side = [], self.image_size // self.cfg.patch_size // 2 ** (len(self.cfg.channel_mult) - 1)
-        for level, up in zip(self.up, self.upsample):
-            for i, block in enumerate(level.blocks):
-                last = i == len(level.blocks) - 1 and not isinstance(up, nn.Identity)
-                out.append((block.conv2.out_channels, side * 2 if last else side))
-            side *= 1 if isinstance(up, nn.Identity) else 2
-        return out
+        """(width, side) of each decoder block's activation, by block index (module-level `decoder_layout`)."""
+        return decoder_layout(self.cfg, self.image_size)
 
     def decoder_features(self, x: Tensor, t: Tensor, blocks: list[int], **cond: Tensor) -> dict[int, Tensor]:
         """The activations of the decoder blocks `blocks` (indices of `decoder_layout`) at (x, t, cond): block index ->
@@ -235,6 +226,21 @@ class UNet(nn.Module):
         if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+
+def decoder_layout(cfg: UNetConfig, image_size: int) -> list[tuple[int, int]]:
+    """(width, side) of each decoder block's activation of the U-Net of `cfg` on images of side `image_size`, by block
+    index, read off the config (no network built): the expanding path's residual blocks in the order they run (lowest
+    resolution first, model.num_res_blocks + 1 per level), each with its attention, and the last block of a level after
+    its upsampling, as guided-diffusion's `output_blocks[i]` (the blocks whose outputs Baranchuk et al. 2022 read)."""
+    levels = len(cfg.channel_mult)
+    out, side = [], image_size // cfg.patch_size // 2 ** (levels - 1)
+    for i in reversed(range(levels)):
+        for j in range(cfg.num_res_blocks + 1):
+            upsampled = i > 0 and j == cfg.num_res_blocks
+            out.append((cfg.channels * cfg.channel_mult[i], side * 2 if upsampled else side))
+        side *= 2 if i > 0 else 1
+    return out
 
 
 def check_config(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
