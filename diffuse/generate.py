@@ -15,7 +15,7 @@ from torch import Tensor
 from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, ClipX0, Conditioned, DynamicThreshold, SelfConditioning,
                        SplitCalls)
 from .precision import autocast_dtype
-from .samplers import SAMPLERS, NonFiniteSample, Step
+from .samplers import SAMPLERS, NonFiniteSample, Step, ddim
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
     else:
         spacing = spacing or schedule.default_spacing
-        grid = schedule.grid(2, "linspace") if info.calls_per_step == 0 else schedule.grid(steps or None, spacing)
+        grid = schedule.grid(2, "linspace") if info.calls_per_step == 0 else sampling_grid(schedule, steps, spacing)
         last = float(schedule.ve_sigma(grid[-2:-1])[0])  # the noise level of the final x_0 prediction
         if len(grid) > 10 and last > 0.5:
             warnings.warn(f"the {spacing} grid of {len(grid) - 1} steps on the {schedule.kind} process ends at noise level "
@@ -134,6 +134,30 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     # promotes the network's bf16 output back to float32 in the prediction, so the sampler steps in float32
     with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
         return info(den, x_T, grid, generator=g, callback=watch, **kw).to(x_T.dtype)
+
+
+def sampling_grid(schedule, steps: int | None, spacing: str | None) -> Tensor:
+    """The grid `generate` walks for `steps` (None or 0: every step) and `spacing` (None: the process's default)."""
+    return schedule.grid(steps or None, spacing or schedule.default_spacing)
+
+
+@torch.no_grad()
+def invert(denoiser, x0: Tensor, *, steps: int | None = 50, spacing: str | None = None, grid: Tensor | None = None,
+           cond: dict | None = None, labels: Tensor | None = None, refine: int = 0, device: str | torch.device = "cpu",
+           mixed_precision: str = "no", callback=None) -> Tensor:
+    """x_T of the images x0 (n, ...) by DDIM inversion (samplers.ddim.invert) on the grid `generate` would walk for
+    `steps` and `spacing` (or an explicit decreasing `grid`), under the condition `cond` (and `labels`) bound as
+    `generate` binds it, without guidance or clipping (neither is invertible). `generate(..., sampler="ddim", eta=0,
+    clip=False, start=(x_T, 1.0))` with the same grid and condition renders x0 back, with an error of O(1/steps)
+    (less with `refine` fixed-point iterations). Returns x_T (n, ...) float32 on `device`. Raises ValueError for a
+    bad grid, condition or refine; NonFiniteSample naming the move where x became NaN or infinite."""
+    amp = autocast_dtype(mixed_precision, device)
+    x0 = torch.as_tensor(x0).to(device=device, dtype=torch.float32)
+    n = x0.shape[0]
+    grid = sampling_grid(denoiser.schedule, steps, spacing) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
+    den = conditioned(denoiser, n, device, cond, None, labels, 0.0, None, tuple(x0.shape[1:]))
+    with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
+        return ddim.invert(den, x0, grid, refine=refine, callback=callback).to(torch.float32)
 
 
 CHUNK = 128
