@@ -120,6 +120,11 @@ CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
         doc="(B, k) float, the parameters of the augmentation applied to a training image (augment.LABELS; "
             "non-leaking augmentation, Karras et al. 2022, appendix F.2); optional: its null, zeros, is \"not "
             "augmented\", what sampling passes"),
+    ConditionKind(
+        "z_sem", "semantic", lambda spec, x, cond: (x.shape[0], spec.semantic), check_order=7,
+        message="z_sem, the semantic code, must have shape {want} (batch, model.semantic_dim), got {shape}",
+        doc="(B, d) float, the semantic code of a diffusion autoencoder, Enc(x_0) of its semantic encoder, which scales "
+            "every residual block of the decoder (Preechakul et al. 2022, sec. 3.1); null: zeros"),
 )}
 
 CONDITION_KEYS = tuple(CONDITION_KINDS)
@@ -154,7 +159,7 @@ def _fits(value: Tensor, want: tuple, dtypes: tuple) -> bool:
 class ConditionSpec:
     """The conditioning a network takes: class labels (num_classes > 0), image channels to concatenate to x_t,
     scalars per example, a cross-attention context of width context_dim, captions of `text` tokens (null_text: the
-    empty caption's tokens), and two optional keys: (self_condition) a previous x_0 estimate and (augment, its width)
+    empty caption's tokens), a semantic code z_sem of width `semantic`, and two optional keys: (self_condition) a previous x_0 estimate and (augment, its width)
     the augmentation labels of training. All zero: unconditional.
 
     Each field but null_text switches on the rows of CONDITION_KINDS that name it; a new kind adds its field at the
@@ -168,6 +173,7 @@ class ConditionSpec:
     augment: int = 0
     text: int = 0
     null_text: tuple[int, ...] = ()
+    semantic: int = 0  # the width of z_sem (a diffusion autoencoder's decoder)
 
     @property
     def kinds(self) -> dict[str, ConditionKind]:

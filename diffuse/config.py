@@ -128,6 +128,21 @@ class LatentConfig:
 
 
 @dataclass
+class SemanticConfig:
+    """[semantic]: a run on the semantic codes z_sem of a trained diffusion autoencoder (model.kind = "diffae"; Preechakul
+    et al. 2022): its latent DDIM (model.kind = "diffae_prior") or a linear classifier whose weights are edit directions
+    (model.kind = "diffae_classifier"). The codes of its training images come from its EMA encoder, frozen and cached."""
+
+    run: str = ""               # the diffusion autoencoder run (`diffuse train configs/diffae_digits.toml --out runs/diffae`)
+    run_step: int = 0           # its checkpoint; 0 = its newest when training starts, then saved in this run's config (pinned)
+    normalize: bool = True      # z-normalise the codes by their mean and std over the training images (the paper: "crucial")
+    target: str = "label"       # diffae_classifier: "label" (the class) or an attribute of data.attributes (thickness,
+    #                             slant, size), split at its median over the training images into two classes
+    hidden: int = 512           # diffae_prior: MLPSkipNet's width (the paper: 2048 at z_sem of 512)
+    layers: int = 10            # diffae_prior: its linear layers (the paper: 10; 20 for horses and bedrooms)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -138,6 +153,7 @@ class RunConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # model.kind = "autoencoder": its network
     latent: LatentConfig = field(default_factory=LatentConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)  # model.kind = "segmenter": features, labels, head
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)  # "diffae_prior", "diffae_classifier": the codes
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:
@@ -271,7 +287,7 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     if sc.kind not in ("linear", "scaled_linear", "sigmoid"):
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no betas from beta_start to beta_end',
                  'set schedule.kind = "linear" (or "scaled_linear", "sigmoid") or remove it')
-                for k in ("beta_start", "beta_end")]
+                for k in ("beta_start", "beta_end") if (sc.kind, k) != ("constant", "beta_end")]
     if sc.kind not in ("cosine", "vp_cosine"):
         out.append(("schedule.cosine_s", f'schedule.kind = "{sc.kind}" is not a cosine schedule', 'set schedule.kind = "cosine" or remove it'))
     if sc.kind != "cosine":

@@ -58,11 +58,13 @@ def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
 
 def check_kind(run_dir: str | Path, cfg: RunConfig, kind: str) -> None:
     """ValueError naming the fix when the run in `run_dir` (of config `cfg`) is not a `kind` ("denoiser" or
-    "classifier"); a diffusers model folder is a denoiser."""
+    "classifier"); a diffusers model folder is a denoiser, and so are the kinds of DENOISERS."""
     run_dir = Path(run_dir)
     if pretrained.is_model_folder(run_dir):
         if kind != "denoiser":
             raise ValueError(f"{run_dir} is a diffusers denoiser, not a noisy classifier; pass a classifier run")
+        return
+    if kind == "denoiser" and cfg.model.kind in DENOISERS:
         return
     if cfg.model.kind != kind:
         fix = {"classifier": "pass it with --classifier",
@@ -70,6 +72,11 @@ def check_kind(run_dir: str | Path, cfg: RunConfig, kind: str) -> None:
                               "or train a latent-diffusion run on it (latent.autoencoder)"}
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} (model.kind = {cfg.model.kind!r}), not a {kind}; "
                          + fix.get(cfg.model.kind, "pass a classifier run"))
+
+
+DENOISERS = ("denoiser", "diffae", "diffae_prior")  # kinds whose network a Denoiser wraps (a diffusion autoencoder's
+#                                                  decoder takes z_sem; its latent DDIM diffuses codes)
+SEMANTIC_EDITS = ("reconstruct", "manipulate", "interpolate")  # a diffusion autoencoder's edits (tasks/semantic.py)
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -218,6 +225,10 @@ class Run:
 
 def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     """What a run of config `cfg` with `num_classes` classes in its data can do (see Capabilities)."""
+    if cfg.model.kind == "diffae":  # samples through its latent DDIM; edits an image through its code and x_T
+        return Capabilities(False, 0, False, (), ("invert", *SEMANTIC_EDITS), "none", False, True, False, ())
+    if cfg.model.kind == "diffae_prior":  # draws codes, which its diffusion autoencoder decodes
+        return Capabilities(True, 0, False, (), (), "none", False, True, False, ())
     if cfg.model.kind != "denoiser":
         metrics = {"autoencoder": ("recon",), "segmenter": ("miou",)}.get(cfg.model.kind, ())
         return Capabilities(False, num_classes if cfg.model.kind == "classifier" else 0, False, (), (), "none", False,
@@ -229,7 +240,7 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     return Capabilities(
         samples=task == "none", classes=classes, text=bool(m.text_encoder),
         guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)),
-        edits=run_edits(task), trained_task=task, latent=latent, bounded=not latent, likelihood=not latent,
+        edits=run_edits(task) + (("invert",) if task == "none" else ()), trained_task=task, latent=latent, bounded=not latent, likelihood=not latent,
         metrics=("fid", "kid", "is", "pr") + (() if latent else ("nll", "vlb")))
 
 

@@ -37,13 +37,14 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic", "karras", "log_snr")
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["linear", "cosine", "scaled_linear", "sigmoid", "vp_cosine", "edm", "flow"] = "linear"  # the noise
+    kind: Literal["linear", "cosine", "scaled_linear", "sigmoid", "constant", "vp_cosine", "edm", "flow"] = "linear"  # the noise
     #   process (SCHEDULE_KINDS): linear / cosine: discrete VP, Ho et al. 2020 / Nichol & Dhariwal 2021; scaled_linear:
     #   Stable Diffusion's (Rombach et al. 2022); sigmoid: GeoDiff's (Xu et al. 2022); vp_cosine: the cosine VP in continuous t;
+    #   constant: beta_n = beta_end for every n (the diffusion autoencoder's latent DDIM, Preechakul et al. 2022: 0.008);
     #   edm: VE with EDM's preconditioning and training sigmas (Karras et al. 2022); flow: rectified flow (Liu et al. 2022)
     T: int = 1000                                # the discrete kinds (DISCRETE_KINDS): the number of diffusion steps
     beta_start: float = 1e-4                     # linear, scaled_linear, sigmoid: beta_1 (Ho et al.: 1e-4; SD: 0.00085)
-    beta_end: float = 0.02                       # linear, scaled_linear, sigmoid: beta_T (Ho et al.: 0.02; SD: 0.012)
+    beta_end: float = 0.02                       # linear, scaled_linear, sigmoid: beta_T (Ho et al.: 0.02; SD: 0.012); constant: beta
     cosine_s: float = 0.008                      # cosine, vp_cosine: offset s that keeps beta_1 from being tiny
     max_beta: float = 0.999                      # cosine: betas are clipped here to avoid a singularity at t = T
     sigma_min: float = 0.002                     # edm: the lowest noise level of a sampling grid (EDM: 0.002)
@@ -72,6 +73,12 @@ def sigmoid_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.0
     """beta_n = beta_1 + (beta_T - beta_1) sigmoid(-6 + 12 (n - 1)/(T - 1)) (Xu et al. 2022, GeoDiff; diffusers'
     "sigmoid"): slow at both ends, steep in the middle."""
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+
+def constant_betas(T: int = 1000, beta: float = 0.008) -> Tensor:
+    """beta_n = beta for every n: the schedule of the diffusion autoencoder's latent DDIM (Preechakul et al. 2022, app. B,
+    "const0.008": alphabar_T = (1 - 0.008)^1000 = 3.3e-4)."""
+    return torch.full((T,), float(beta), dtype=torch.float64)
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -319,6 +326,10 @@ class Schedule(NoiseSchedule):
                      "sigmoid": sigmoid_betas}[cfg.kind](cfg.T, cfg.beta_start, cfg.beta_end)
         elif cfg.kind == "cosine":
             betas = cosine_betas(cfg.T, cfg.cosine_s, cfg.max_beta)
+        elif cfg.kind == "constant":
+            if not 0 < cfg.beta_end < 1:
+                raise ValueError(f"schedule.beta_end, the constant beta, must lie in (0, 1), got {cfg.beta_end}")
+            betas = constant_betas(cfg.T, cfg.beta_end)
         else:
             raise ValueError(f"schedule.kind must be one of {', '.join(map(repr, SCHEDULE_KINDS))}, got {cfg.kind!r}")
         return cls(rescale_zero_terminal_snr(betas) if cfg.zero_terminal_snr else betas)
@@ -597,7 +608,7 @@ class Flow(NoiseSchedule):
         return t.clamp(self.t_min, 1.0)
 
 
-DISCRETE_KINDS = ("linear", "cosine", "scaled_linear", "sigmoid")  # beta schedules of T steps (the Schedule class)
+DISCRETE_KINDS = ("linear", "cosine", "scaled_linear", "sigmoid", "constant")  # beta schedules of T steps (the Schedule class)
 SCHEDULE_KINDS = (*DISCRETE_KINDS, "vp_cosine", "edm", "flow")
 
 

@@ -14,7 +14,7 @@ from diffuse.data.attributes import (ATTRIBUTES, binarise, ink, measure, size, s
                                      width)
 from diffuse.data.segmentation import interleaved
 
-skimage = pytest.importorskip("skimage")  # thickness's skeleton; the [test] extra installs it
+
 
 
 def blank(h: int = 32, w: int = 32, b: int = 1) -> torch.Tensor:

@@ -35,7 +35,14 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     # same code whatever the features (tests/test_segmentation.py trains one on a diffusion run's features)
     "segmenter": ["model.kind=segmenter", "data.source=digits", "segment.features=pixels", "segment.members=2",
                   "segment.hidden=[8, 4]", "segment.train_images=4", "segment.test_images=8", "train.batch_size=64"],
+    "diffae": UNET + ["model.kind=diffae", "model.semantic_dim=4", "train.hflip=true"],
+    # the second runs read the codes of SOURCE, a 2-step diffusion autoencoder the `images` fixture trains first
+    "diffae_prior": ["model.kind=diffae_prior", "semantic.hidden=8", "semantic.layers=3", "schedule.kind=constant",
+                     "schedule.beta_end=0.05", "schedule.T=100", "train.ema_decay=0.9", "train.loss_norm=l1"],
+    "diffae_classifier": ["model.kind=diffae_classifier", "semantic.target=label"],
 }
+SEMANTIC = ("diffae_prior", "diffae_classifier")  # no [data] of their own: the codes of the source run's data
+SOURCE = "diffae_source"  # beside the images folder
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too
             # an FID on rank 0 mid-run, which may first train the digit classifier (the DDP workers' cache is empty)
@@ -46,6 +53,10 @@ def config(images: Path, kind: str, steps: int, extra=()):
     from diffuse.config import RunConfig, apply_overrides
 
     own = [*CONFIGS[kind], *extra]
+    if kind in SEMANTIC:
+        common = [o for o in COMMON if not o.startswith("data.")]
+        return apply_overrides(RunConfig(), [*common, f"semantic.run={json.dumps(str(images.parent / SOURCE))}",
+                                             f"train.steps={steps}", *own])
     path = [] if any(o.startswith("data.source=") for o in own) else [f"data.path={json.dumps(str(images))}"]
     return apply_overrides(RunConfig(), [*COMMON, *path, f"train.steps={steps}", *own])
 
@@ -97,7 +108,12 @@ def _launch(images: Path, out: Path, timeout: float = 300) -> None:
 # --- the tests ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
+    """The image folder, and beside it SOURCE, the diffusion autoencoder whose codes the second runs train on."""
+    from diffuse.train import train
+
+    folder = make_images(tmp_path_factory.mktemp("data") / "images")
+    train(config(folder, "diffae", 2), folder.parent / SOURCE, progress=False)
+    return folder
 
 
 @pytest.fixture(scope="module")

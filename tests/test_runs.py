@@ -25,7 +25,7 @@ def test_a_trained_conditional_run_says_what_it_can_do(tmp_path):
     c = r.capabilities
     assert (c.samples, c.classes, c.text, c.guidance_keys, c.trained_task, c.latent, c.bounded) == (
         True, 10, False, ("label",), "none", False, True)
-    assert c.edits == ("inpaint", "sdedit", "ilvr") and "nll" in c.metrics
+    assert c.edits == ("inpaint", "sdedit", "ilvr", "invert") and "nll" in c.metrics
     den = r.denoiser()
     assert den.net.condition_spec.num_classes == 10 and r.space().shape == (1, 8, 8)
 
@@ -43,6 +43,10 @@ def test_capabilities_follow_the_config():
     assert (ae.samples, ae.edits, ae.metrics) == (False, (), ("recon",))
     clf = capabilities(cfg("model.kind=classifier"), 10)
     assert (clf.samples, clf.classes, clf.metrics) == (False, 10, ())
+    diffae = capabilities(cfg("model.kind=diffae", "model.semantic_dim=4"), 10)  # samples through its latent DDIM
+    assert (diffae.samples, diffae.edits) == (False, ("invert", "reconstruct", "manipulate", "interpolate"))
+    prior = capabilities(apply_overrides(RunConfig(), ["model.kind=diffae_prior"]), 0)
+    assert (prior.samples, prior.edits, prior.classes) == (True, (), 0)
 
 
 def test_a_folder_that_is_no_run_is_named(tmp_path):

@@ -23,6 +23,7 @@ from ..generate import CHUNK
 from ..samplers import SAMPLERS
 from ..schedule import SPACINGS
 from ..tasks.editing import STRENGTH_HELP
+from ..tasks.semantic import AMOUNT_LIMIT
 from ..train import NonFiniteLoss, ResumeError
 
 
@@ -81,7 +82,7 @@ MIXED_PRECISION_HELP = ("the network under autocast while sampling (the sampler 
                         "sample.mixed_precision")
 
 
-def _sampling_flags(s: argparse.ArgumentParser) -> None:
+def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> None:
     """The flags of `sample` and `edit`: sampler, grid, options, class and guidance, thresholding, seed, weights, device, out."""
     s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
                    help="default: the run's sample.sampler; one of: " + "; ".join(f"{k} ({v.about})" for k, v in SAMPLERS.items()))
@@ -105,7 +106,7 @@ def _sampling_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
+    s.add_argument("--out", required=True, help=out_help or "FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,7 +138,15 @@ def parser() -> argparse.ArgumentParser:
              "superres": "a super-resolution run (SR3, task.kind = 'superres'): --image is the low-resolution input",
              "colorize": "a colorization run (Palette, task.kind = 'colorize'): --image is made grayscale and coloured",
              "uncrop": "an uncropping run (Palette, task.kind = 'uncrop'): the border of --image is generated",
-             "restore": "a JPEG-restoration run (Palette, task.kind = 'jpeg'): --image is the compressed input"}
+             "restore": "a JPEG-restoration run (Palette, task.kind = 'jpeg'): --image is the compressed input",
+             "invert": "DDIM inversion of --image to its noise x_T (any model of images: the deterministic sampler run "
+                       "upwards), written to --out X.safetensors; --reconstruct renders it back beside it",
+             "reconstruct": "a diffusion autoencoder (model.kind = 'diffae'): --image's semantic code z_sem and x_T "
+                            "rendered back, then --n - 1 variations of z_sem from random x_T (Preechakul et al. 2022)",
+             "manipulate": "a diffusion autoencoder: move --image's code along an --attribute classifier's direction by "
+                           "--amount, rendered with the same x_T (--n images from 0 to the amount)",
+             "interpolate": "a diffusion autoencoder: --n images from --image to --to, z_sem by lerp and x_T by slerp"}
+    coded = ("invert", "reconstruct", "manipulate", "interpolate")
     for task, text in about.items():
         tp = tasks_sub.add_parser(task, help=text, description=text)
         tp.add_argument("run", help="run folder written by `diffuse train`")
@@ -154,11 +163,34 @@ def parser() -> argparse.ArgumentParser:
             tp.add_argument("--repaint-jumps", type=number(int, low=1, high=100), default=1,
                             help="RePaint's resamplings r per jump point (1: plain replacement; the paper: 10; costs ~r times the steps)")
             tp.add_argument("--repaint-length", type=number(int, low=1), default=10, help="RePaint's jump length in grid steps (the paper: 10)")
-        tp.add_argument("--n", type=number(int, low=1), default=8, help="outputs of the one input (default 8)")
-        tp.add_argument("--mean", action="store_true",
-                        help="write the mean of the --n outputs, an estimate of E[x | input]: higher PSNR, less detail "
-                             "(JPEG restoration: 4 samples beat the input's PSNR where one does not, bench/RESULTS.md)")
-        _sampling_flags(tp)
+        if task == "interpolate":
+            tp.add_argument("--to", required=True, help="the image to interpolate towards (resized like --image)")
+        if task == "manipulate":
+            tp.add_argument("--attribute", required=True, metavar="RUN[:CLASS]",
+                            help="a classifier run on this run's codes (model.kind = 'diffae_classifier', e.g. "
+                                 "configs/diffae_thickness.toml); a label classifier takes the class to move towards, RUN:7")
+            tp.add_argument("--amount", type=number(low=-AMOUNT_LIMIT, high=AMOUNT_LIMIT), required=True,
+                            help="the step s along the direction, in units of sqrt(d) of the z-normalised code (the "
+                                 "paper: 0.3; negative: the other way)")
+        if task in coded:
+            tp.add_argument("--encode-steps", type=number(int, low=1), default=250,
+                            help="DDIM steps of the inversion to x_T (default 250, the paper's); the rendering takes --steps")
+            tp.add_argument("--refine", type=number(int, low=0, high=100), default=0,
+                            help="fixed-point iterations per inversion step towards the exact inverse (Pan et al. 2023): "
+                                 "a closer reconstruction for that many more network calls per step (default 0)")
+        if task == "invert":
+            tp.add_argument("--reconstruct", action="store_true",
+                            help="also render x_T back with deterministic DDIM: OUT.png and OUT_before_after.png")
+        if task != "invert":
+            tp.add_argument("--n", type=number(int, low=1), default=8, help="outputs of the one input (default 8)")
+        if task not in coded:
+            tp.add_argument("--mean", action="store_true",
+                            help="write the mean of the --n outputs, an estimate of E[x | input]: higher PSNR, less detail "
+                                 "(JPEG restoration: 4 samples beat the input's PSNR where one does not, bench/RESULTS.md)")
+        _sampling_flags(tp, "X.safetensors: x_T (1, C, H, W), the grid it was inverted on and the run's step"
+                        if task == "invert" else None)
+        if task == "invert":
+            tp.set_defaults(n=1)
 
     segment_about = ("label every pixel of images with a segmentation run (model.kind = 'segmenter', Baranchuk et al. "
                      "2022): a palette PNG of class indices, an overlay figure and each class's share of the pixels")

@@ -10,10 +10,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 from tqdm import tqdm
 
 from .. import metrics
-from ..checkpoint import append_json_record, read_json_records
+from ..checkpoint import append_json_record, read_json_records, write_atomically
 from ..config import apply_overrides, load_config
 from ..data import load_dataset, load_image
 from ..data.segmentation import load_folder
@@ -91,16 +92,42 @@ def edit_command(args) -> None:
     superres, colorize, uncrop and restore need a run trained for that task (tasks/image_to_image.py), and inpaint
     uses an inpainting-trained run's own network when given one."""
     out = Path(args.out)
-    check_out(out)
+    if args.task == "invert":
+        if out.suffix != ".safetensors" or out.is_dir():
+            raise ValueError(f"--out of edit invert is the file x_T is written to, NAME.safetensors; got {out}")
+    else:
+        check_out(out)
     plan = resolve(EditRequest.from_args(args))  # the input image and mask read and checked before a model loads
     progress = Progress()
     result = execute(plan, progress.step, on_stage=progress.stage)
     progress.close()
+    if args.task == "invert":
+        return _write_inverted(plan, result, out)
     save_samples(result.x, out)
     figure = out.with_name(out.stem + "_before_after.png")
     save_before_after(result, figure)
-    print(f"wrote {'the mean of ' if args.mean else ''}{args.n} {args.task} outputs to {out} and the input beside them "
-          f"to {figure} ({result.calls} denoiser calls)")
+    mean = "the mean of " if getattr(args, "mean", False) else ""
+    print(f"wrote {mean}{args.n} {args.task} outputs to {out} and the input beside them to {figure} ({result.calls} "
+          "denoiser calls)")
+
+
+def _write_inverted(plan: Plan, result, out: Path) -> None:
+    """`diffuse edit invert`: x_T (1, C, H, W) to OUT.safetensors with the grid it was inverted on (its steps, spacing and
+    the run's step as metadata); with --reconstruct the rendering OUT.png and OUT_before_after.png beside it."""
+    req, kw = plan.request, plan.generate_kw
+    meta = {"run": str(plan.run.path), "step": str(plan.run.step), "encode_steps": str(req.encode_steps),
+            "spacing": str(kw["spacing"] or "default"), "refine": str(req.refine),
+            "image": str(req.image)}
+    write_atomically(out, save({"x_T": result.x_T.contiguous()}, metadata=meta))
+    line = f"wrote x_T {tuple(result.x_T.shape)} of {req.image} to {out} ({result.calls} denoiser calls)"
+    if req.reconstruct:
+        png = out.with_suffix(".png")
+        save_samples(result.x, png)
+        figure = out.with_name(out.stem + "_before_after.png")
+        save_before_after(result, figure)
+        err = float((result.x.cpu() - result.before[0].cpu()).abs().mean())
+        line += f", its reconstruction to {png} (mean |error| {err:.4f} in [-1, 1]) and both to {figure}"
+    print(line)
 
 
 def segment_command(args) -> None:

@@ -26,11 +26,14 @@ import torch
 from torch import Tensor
 
 from .. import tasks
-from ..checkpoint import load_checkpoint
+from ..tasks import semantic
+from ..tasks.semantic import AMOUNT_LIMIT
+from ..checkpoint import checkpoint_folders, load_checkpoint
 from ..data import load_image, load_mask
-from ..generate import CHUNK, default_labels, generate, generate_in_chunks
+from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
+from ..kinds.diffae import sample_pair, semantic_codes
 from ..precision import autocast_dtype
-from ..runs import Run, check_guidance, check_kind, open_run, prompt_condition
+from ..runs import SEMANTIC_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
 from ..schedule import SPACINGS, Schedule
 from ..stages import check_same_space, diffusion_shape
@@ -40,9 +43,12 @@ from ..tasks.image_to_image import (CASCADE_FILE, EDITS, EXAMPLE_CONFIGS, TRAINE
 from ..visualize import save_grid
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-EDIT_TASKS = (*EDITS, *TRAINED_TASKS)  # every `diffuse edit` task
+CODED = ("invert", *SEMANTIC_EDITS)  # the edits that invert the input image to x_T first (generate.invert)
+EDIT_TASKS = (*EDITS, *TRAINED_TASKS, *CODED)  # every `diffuse edit` task
 TASK_FIELDS = {"strength": ("sdedit",), "factor": ("ilvr",), "t_stop": ("ilvr",), "mask": ("inpaint",),
-               "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",)}  # an edit's own fields -> the tasks taking them
+               "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",), "to": ("interpolate",),
+               "attribute": ("manipulate",), "amount": ("manipulate",), "encode_steps": CODED,
+               "refine": CODED, "reconstruct": ("invert",)}  # an edit's own fields -> the tasks taking them
 MAX_SEED = 2**63 - 1
 
 
@@ -104,6 +110,12 @@ class EditRequest(SampleRequest):
     repaint_jumps: int = 1                     # inpaint: RePaint's resamplings r per jump point
     repaint_length: int = 10                   # inpaint: RePaint's jump length in grid steps
     mean: bool = False                         # the mean of the n outputs, an estimate of E[x | input]
+    to: str | None = None                      # interpolate: the second image
+    attribute: str | None = None               # manipulate: a diffae_classifier run, RUN:CLASS for a class direction
+    amount: float | None = None                # manipulate: the step s along the direction, in units of sqrt(d)
+    encode_steps: int = 250                    # the coded edits: DDIM steps of the inversion to x_T (the paper: 250)
+    refine: int = 0                            # the coded edits: fixed-point iterations per inversion step
+    reconstruct: bool = False                  # invert: also render x_T back
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EditRequest:
@@ -112,7 +124,10 @@ class EditRequest(SampleRequest):
                    mask=getattr(args, "mask", None), strength=getattr(args, "strength", None),
                    factor=getattr(args, "factor", None), t_stop=getattr(args, "t_stop", 0.0),
                    repaint_jumps=getattr(args, "repaint_jumps", 1), repaint_length=getattr(args, "repaint_length", 10),
-                   mean=args.mean, **_sampling_args(args))
+                   mean=getattr(args, "mean", False), to=getattr(args, "to", None), attribute=getattr(args, "attribute", None),
+                   amount=getattr(args, "amount", None), encode_steps=getattr(args, "encode_steps", 250),
+                   refine=getattr(args, "refine", 0), reconstruct=getattr(args, "reconstruct", False),
+                   **_sampling_args(args))
 
     def argv(self) -> list[str]:
         """The `diffuse edit TASK` command line of this request (after `diffuse`, without --out)."""
@@ -129,8 +144,20 @@ class EditRequest(SampleRequest):
             own += ["--repaint-jumps", str(int(self.repaint_jumps))]
         if self.repaint_length != 10:
             own += ["--repaint-length", str(int(self.repaint_length))]
-        return ["edit", self.task, self.run, *own, "--n", str(int(self.n)), *(["--mean"] if self.mean else []),
-                *_sampling_argv(self)]
+        if self.to is not None:
+            own += _option("--to", self.to)
+        if self.attribute is not None:
+            own += _option("--attribute", self.attribute)
+        if self.amount is not None:
+            own += [f"--amount={float(self.amount)!r}"]
+        if self.encode_steps != 250:
+            own += ["--encode-steps", str(int(self.encode_steps))]
+        if self.refine != 0:
+            own += ["--refine", str(int(self.refine))]
+        if self.reconstruct:
+            own += ["--reconstruct"]
+        n = [] if self.task == "invert" else ["--n", str(int(self.n))]  # invert has one output, and no --n
+        return ["edit", self.task, self.run, *own, *n, *(["--mean"] if self.mean else []), *_sampling_argv(self)]
 
 
 def _sampling_args(args: argparse.Namespace) -> dict:
@@ -270,15 +297,26 @@ def _checked(req: SampleRequest) -> SampleRequest:
                 raise RequestError(field, f"{flag(field)} does nothing here: only edit {' and '.join(tasks_taking)} "
                                           "takes it; leave it out")
         for field, kind, low, high in (("strength", float, 0, 1), ("factor", int, 1, None), ("t_stop", float, 0, 1),
-                                       ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None)):
+                                       ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None),
+                                       ("amount", float, -AMOUNT_LIMIT, AMOUNT_LIMIT), ("encode_steps", int, 1, None),
+                                       ("refine", int, 0, 100)):
             if getattr(req, field) is not None:
                 numbers[field] = _number(req, field, kind, low, high)
+        for field in ("to", "attribute"):
+            if getattr(req, field) is not None and not (isinstance(getattr(req, field), str) and getattr(req, field)):
+                raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
         if not (isinstance(req.image, str) and req.image):
             raise RequestError("image", f"edit {req.task} needs {flag('image', req.task)}, the image file to edit")
-        needs = {"sdedit": ("strength", "--strength S in [0, 1]"), "ilvr": ("factor", "--factor N"),
-                 "inpaint": ("mask", "--mask, the image of the region to generate (white)")}.get(req.task)
-        if needs and getattr(req, needs[0]) is None:
-            raise RequestError(needs[0], f"edit {req.task} needs {needs[1]}")
+        needs = {"sdedit": [("strength", "--strength S in [0, 1]")], "ilvr": [("factor", "--factor N")],
+                 "inpaint": [("mask", "--mask, the image of the region to generate (white)")],
+                 "interpolate": [("to", "--to, the image to interpolate towards")],
+                 "manipulate": [("attribute", "--attribute, a classifier run on the codes (configs/diffae_thickness.toml; "
+                                              "RUN:CLASS for a class of a label classifier)"),
+                                ("amount", "--amount S, the step along the attribute (the paper: 0.3; negative: less)")]
+                 }.get(req.task, [])
+        for field, what in needs:
+            if getattr(req, field) is None:
+                raise RequestError(field, f"edit {req.task} needs {what}")
     return dataclasses.replace(req, **numbers)
 
 
@@ -301,6 +339,9 @@ class Plan:
     trained: str | None = None
     stages: tuple[Plan, ...] = ()
     aug_level: float | None = None
+    to: Tensor | None = None                   # interpolate: the second image (1, C, H, W)
+    direction: Direction | None = None         # manipulate: the classifier's direction and the codes' statistics
+    decoder: Run | None = None                 # a diffae_prior run's diffusion autoencoder, which decodes its codes
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -320,6 +361,12 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
     if run is None and (Path(req.run) / CASCADE_FILE).is_file():
         return _resolve_cascade(req)
     run = run or open_run(req.run)
+    if run.kind == "diffae":
+        raise RequestError("run", f"{req.run} is a diffusion autoencoder, whose decoder draws an image from a semantic "
+                                  "code: sample its latent DDIM (`diffuse train configs/diffae_prior.toml --out PRIOR`, then "
+                                  f"`diffuse sample PRIOR`), or use `diffuse edit reconstruct {req.run} --image IMAGE`")
+    if run.kind == "diffae_prior":
+        return _resolve_pair(req, run)
     kind = run.capabilities.trained_task
     if kind != "none":
         raise RequestError("run", f"{req.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input "
@@ -455,9 +502,75 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier)
 
 
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """An edit direction of a diffusion autoencoder: row `row` of a diffae_classifier run's weights, with the codes'
+    mean and std it was trained on (Preechakul et al. 2022, sec. 4.2)."""
+
+    run: Run
+    row: int
+    mean: Tensor
+    std: Tensor
+
+    def vector(self) -> Tensor:
+        """The direction w (d,): the classifier's weight row (the one row of a binary attribute)."""
+        weights = load_checkpoint(self.run.path).tensors["model"]["weight"]
+        return weights[self.row]
+
+
+def _resolve_direction(req: EditRequest, run: Run) -> Direction:
+    """--attribute RUN[:CLASS]: a diffae_classifier run trained on this run's codes at its newest checkpoint (the codes
+    of another step are other codes), and for a label classifier the class. RequestError naming the fix otherwise."""
+    path, _, cls = req.attribute.rpartition(":") if ":" in req.attribute and not Path(req.attribute).exists() else \
+        (req.attribute, "", "")
+    clf = _raise_as("attribute", open_run, path)
+    c = clf.cfg
+    if clf.kind != "diffae_classifier":
+        raise RequestError("attribute", f"--attribute {path} is a {clf.kind} run, not a classifier of codes; train one with "
+                                        f"`diffuse train configs/diffae_thickness.toml --set semantic.run={req.run}`")
+    if Path(c.semantic.run).resolve() != run.path.resolve() or c.semantic.run_step != run.step:
+        raise RequestError("attribute", f"--attribute {path} was trained on the codes of {c.semantic.run} at step "
+                                        f"{c.semantic.run_step}, not of {req.run} at step {run.step}: the directions of other "
+                                        f"codes do not apply; train it again on this run (--set semantic.run={req.run} "
+                                        "--set semantic.run_step=0), which takes seconds")
+    state = _raise_as("attribute", load_checkpoint, clf.path).state
+    if c.semantic.target == "label":
+        if not cls.strip().isdigit() or not 0 <= int(cls) < clf.num_classes:
+            raise RequestError("attribute", f"--attribute {path} is a classifier of {clf.num_classes} classes: name the class "
+                                            f"to move towards, --attribute {path}:K with K in 0..{clf.num_classes - 1}")
+        row = int(cls)
+    else:
+        if cls:
+            raise RequestError("attribute", f"--attribute {path} is the one direction of '{c.semantic.target}' (more of it "
+                                            "with a positive --amount); leave ':" + cls + "' out")
+        row = 0
+    return Direction(clf, row, torch.tensor(state["mean"]), torch.tensor(state["std"]))
+
+
+def _resolve_pair(req: SampleRequest, run: Run) -> Plan:
+    """`diffuse sample PRIOR`: codes from the latent DDIM (its own [sample] sampler and steps), decoded by its diffusion
+    autoencoder with the request's sampling fields over that run's [sample] section (Preechakul et al. 2022, sec. 3.3)."""
+    decoder = _raise_as("run", open_run, run.cfg.semantic.run)
+    if decoder.kind != "diffae" or decoder.step is None or run.cfg.semantic.run_step not in _raise_as(
+            "run", ckpt_steps, decoder.path):
+        raise RequestError("run", f"{req.run} draws codes of {run.cfg.semantic.run} at step {run.cfg.semantic.run_step}, "
+                                  "which that folder no longer holds; restore it, or train the latent DDIM again on it")
+    _check_weights(run, "denoiser", "run")
+    for field in ("label", "prompt", "classifier", "guidance"):
+        if getattr(req, field) is not None:
+            raise RequestError(field, f"{flag(field)} does nothing here: a diffusion autoencoder's latent DDIM draws "
+                                      "unconditional codes; leave it out")
+    plan = _sampling(dataclasses.replace(req, run=str(decoder.path)), decoder)
+    return dataclasses.replace(plan, request=req, run=run, decoder=decoder)
+
+
 def _resolve_edit(req: EditRequest, run: Run) -> Plan:
     """`diffuse edit TASK RUN`: the task against the run, the input image and mask read and checked, then the sampling
     fields as `sample`'s."""
+    if req.task in CODED:
+        return _resolve_coded(req, run)
+    if run.kind == "diffae":
+        raise RequestError("task", f"{req.run} is a diffusion autoencoder; its edits are {', '.join(CODED)}")
     cfg, caps = run.cfg, run.capabilities
     d, kind = cfg.data, caps.trained_task
     trained = TRAINED_TASKS.get(req.task) or ("inpaint" if req.task == "inpaint" and kind == "inpaint" else None)
@@ -483,6 +596,40 @@ def _resolve_edit(req: EditRequest, run: Run) -> Plan:
         _raise_as("mask", check_mask, mask, image)
     plan = _sampling(req, run)
     return dataclasses.replace(plan, image=image, mask=mask, trained=trained)
+
+
+def _resolve_coded(req: EditRequest, run: Run) -> Plan:
+    """The edits through x_T: invert (any model of images, pixels or latents) and a diffusion autoencoder's reconstruct,
+    manipulate and interpolate. Inputs read and checked, the direction resolved, before any weights load."""
+    cfg = run.cfg
+    if req.task in SEMANTIC_EDITS and run.kind != "diffae":
+        raise RequestError("run", f"edit {req.task} needs a diffusion autoencoder (model.kind = 'diffae', "
+                                  f"configs/diffae_digits.toml); {req.run} is a {run.kind} run" +
+                                  ("; `diffuse edit invert` inverts any model of images" if run.kind == "denoiser" else ""))
+    if run.capabilities.trained_task != "none":
+        raise RequestError("run", f"edit invert needs a model of images (task.kind = 'none'); {req.run} is a "
+                                  f"'{run.capabilities.trained_task}' model")
+    if run.capabilities.text and req.prompt is None:
+        raise RequestError("prompt", f"{req.run} is text-conditional: give the caption the image is inverted under, --prompt")
+    if run.capabilities.classes and req.label is None:
+        raise RequestError("label", f"{req.run} is class-conditional: give the class the image is inverted under, --label K")
+    if req.guidance:
+        raise RequestError("guidance", "--guidance does nothing here: inversion runs the model unguided (guided DDIM does "
+                                       "not invert); leave it out")
+    image, _ = _raise_as("image", load_image, req.image, cfg.data.channels, cfg.data.image_size)
+    to = _raise_as("to", load_image, req.to, cfg.data.channels, cfg.data.image_size)[0] if req.to is not None else None
+    direction = _resolve_direction(req, run) if req.task == "manipulate" else None
+    req = dataclasses.replace(req, sampler=req.sampler or "ddim", eta=0.0 if req.eta is None else req.eta)
+    plan = _sampling(req, run)
+    if plan.generate_kw["sampler"] != "ddim" or plan.generate_kw.get("eta", 0):
+        raise RequestError("sampler", f"edit {req.task} renders x_T back with deterministic DDIM (the inverse of its "
+                                      "inversion): leave --sampler and --eta out, or pass --sampler ddim --eta 0")
+    return dataclasses.replace(plan, image=image, to=to, direction=direction)
+
+
+def ckpt_steps(path: Path) -> list[int]:
+    """The checkpoint steps a run folder holds."""
+    return sorted(checkpoint_folders(path))
 
 
 def _resolve_cascade(req: SampleRequest) -> Plan:
@@ -523,11 +670,13 @@ def load(run: Run, ema: bool, device: str) -> Loaded:
 class Result:
     """What a plan made: x (n, C, H, W) in [-1, 1] (an edit's mean: one image), the images a before/after figure shows
     before the outputs (an edit's input, masked input, or reference and its low-pass; none for samples), and the
-    denoiser's calls."""
+    denoiser's calls; `x_T` the inverted noise of `diffuse edit invert` (1, ...) (None otherwise), and for invert
+    without reconstruct, x is empty."""
 
     x: Tensor
     before: list[Tensor]
     calls: int
+    x_T: Tensor | None = None
 
 
 def save_before_after(result: Result, path: str | Path) -> Path:
@@ -568,11 +717,20 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
     is told when a stage (the one stage of a sample or edit) starts drawing, after its weights load."""
     if plan.stages:
         return _execute_cascade(plan, callback, load, on_stage)
+    if plan.decoder is not None:
+        return _execute_pair(plan, callback, load, on_stage)
     req = plan.request
     loaded = load(plan.run, req.ema, plan.device)
     kw = _model_kw(plan, loaded, callback)
     counted = CountCalls(loaded.denoiser)
     space = loaded.space
+    if isinstance(req, EditRequest) and req.task in CODED:
+        if on_stage is not None:  # the inversions' moves, then the renderings' steps
+            render = _steps_total(plan, counted.schedule) or 0
+            inversions = 2 if req.task == "interpolate" else 1
+            renders = {"invert": int(req.reconstruct), "reconstruct": 1 + (req.n > 1)}.get(req.task, 1)
+            on_stage(plan, inversions * req.encode_steps + renders * render)
+        return _coded_edit(plan, space, counted, kw)
     if isinstance(req, EditRequest):
         if on_stage is not None:
             on_stage(plan, _steps_total(plan, counted.schedule))
@@ -613,6 +771,64 @@ def _edit(plan: Plan, space, counted, kw: dict) -> tuple[Tensor, list[Tensor]]:
     if req.mean:  # samples of p(x | input) average towards E[x | input]: more PSNR, less detail (Blau & Michaeli 2018)
         x = x.mean(0, keepdim=True)
     return x, before
+
+
+def _coded_edit(plan: Plan, space, counted, kw: dict) -> Result:
+    """invert, reconstruct, manipulate, interpolate: the input's x_T by DDIM inversion (req.encode_steps, under z_sem for
+    a diffusion autoencoder, in latent space for a latent run), then deterministic DDIM back at the plan's steps,
+    unclipped unless --threshold says otherwise (clipping is not inverted)."""
+    req, dev = plan.request, plan.device
+    common = dict(spacing=kw["spacing"], mixed_precision=kw["mixed_precision"], device=dev)
+    inv = dict(common, steps=req.encode_steps, refine=req.refine, callback=kw["callback"])
+    render = dict(common, steps=kw["steps"], seed=req.seed, callback=kw["callback"],
+                  clip=kw["clip"] if req.threshold is not None else False)
+    image = plan.image.to(dev)
+    if req.task == "invert" and plan.run.kind == "diffae":  # x_T under the image's own z_sem
+        z, x_T = semantic.encode(counted, image, **inv)
+        x = semantic.decode(counted, z, x_T, **render) if req.reconstruct else image[:0]
+        return Result(x, [image], counted.calls, x_T=x_T.cpu())
+    if req.task == "invert":
+        cond = {**(kw.get("cond") or {}), **({"label": kw["labels"][:1].to(dev)} if kw.get("labels") is not None else {})}
+        x0 = space.encode(image)
+        x_T = invert(counted, x0, cond=cond or None, **inv)
+        x = image[:0]
+        if req.reconstruct:
+            x = space.decode(generate(counted, 1, space.shape, sampler="ddim", eta=0.0, cond=cond or None,
+                                      start=(x_T, 1.0), **render))
+        return Result(x, [image], counted.calls, x_T=x_T.cpu())
+    z, x_T = semantic.encode(counted, image, **inv)
+    if req.task == "reconstruct":  # the inferred x_T, then z_sem's variations from random x_T
+        x = semantic.decode(counted, z, x_T, **render)
+        if req.n > 1:
+            x = torch.cat([x, semantic.decode(counted, z.expand(req.n - 1, -1), None, **render)])
+        return Result(x, [image], counted.calls)
+    if req.task == "manipulate":  # amounts 0 .. s along the direction, the same x_T (one image: s alone)
+        d = plan.direction
+        amounts = [req.amount] if req.n == 1 else torch.linspace(0, req.amount, req.n).tolist()
+        w = d.vector()
+        codes = torch.cat([semantic.edit_code(z, w, a, d.mean, d.std) for a in amounts])
+        x = semantic.decode(counted, codes, x_T.expand(len(amounts), *x_T.shape[1:]), **render)
+        return Result(x, [image], counted.calls)
+    z_b, x_b = semantic.encode(counted, plan.to.to(dev), **inv)  # interpolate: lerp of z_sem, slerp of x_T
+    codes, noises = semantic.interpolation(z[0], z_b[0], x_T[0], x_b[0], req.n)
+    return Result(semantic.decode(counted, codes, noises, **render), [image, plan.to], counted.calls)
+
+
+def _execute_pair(plan: Plan, callback, load, on_stage) -> Result:
+    """`diffuse sample PRIOR`: the latent DDIM's codes (kinds.diffae.sample_pair), decoded by its diffusion autoencoder
+    at the plan's sampling settings, in chunks of the request's batch size."""
+    req, prior_run = plan.request, plan.run
+    prior = load(prior_run, req.ema, plan.device).denoiser
+    decoder = CountCalls(load(plan.decoder, req.ema, plan.device).denoiser)
+    if on_stage is not None:
+        on_stage(plan, _steps_total(plan, decoder.schedule, -(-req.n // req.batch_size)))
+    stats = semantic_codes(plan.decoder.path, prior_run.cfg.semantic.run_step, plan.device)
+    kw = {k: v for k, v in plan.generate_kw.items() if k not in ("labels", "guidance", "guidance_interval", "seed", "device")}
+    out = []
+    for k, lo in enumerate(range(0, req.n, req.batch_size)):
+        out.append(sample_pair(prior, decoder, stats, prior_run.cfg, min(req.batch_size, req.n - lo), plan.shape,
+                               seed=chunk_seed(req.seed, k), device=plan.device, decoder_kw=kw, callback=callback))
+    return Result(torch.cat(out), [], decoder.calls)
 
 
 def _execute_cascade(plan: Plan, callback, load, on_stage) -> Result:

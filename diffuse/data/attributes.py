@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from skimage.morphology import skeletonize
 from torch import Tensor
 
 EMPTY = ("raise", "nan")  # what an attribute does for an image without ink: raise ValueError naming it, or give NaN
@@ -101,11 +102,6 @@ def skeleton_length(mask: Tensor) -> Tensor:
 
 def _skeleton(mask: np.ndarray) -> np.ndarray:
     """The skeleton (H, W) bool of one binary image (H, W)."""
-    try:
-        from skimage.morphology import skeletonize
-    except ImportError as e:
-        raise ImportError("measuring stroke thickness needs scikit-image (its skeletonize): pip install scikit-image, "
-                          "or the package's [photos] or [test] extra") from e
     return skeletonize(mask)
 
 

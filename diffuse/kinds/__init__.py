@@ -10,6 +10,7 @@ from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
 from .base import Context, Group, Objective, ignored
 from .diffusion import ClassifierObjective, DiffusionObjective
+from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
 from .segmentation import SegmentationObjective
 
@@ -19,14 +20,20 @@ KINDS: dict[str, type[Objective]] = {
     "autoencoder": AutoencoderObjective,
     "digit_classifier": DigitClassifierObjective,
     "segmenter": SegmentationObjective,
+    "diffae": DiffAEObjective,
+    "diffae_prior": DiffAEPriorObjective,
+    "diffae_classifier": DiffAEClassifierObjective,
 }
 
 
 
 def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
-    """The kind's ignored settings (Objective.unused) and, for every kind but the segmenter, the [segment] section."""
+    """The kind's ignored settings (Objective.unused) and, for every kind but the segmenter, the [segment] section; for
+    every kind but the diffusion autoencoder's second runs, the [semantic] section."""
     segment = [] if cfg.model.kind == "segmenter" else ignored(cfg, 'only model.kind = "segmenter" reads it', ("segment",))
-    return KINDS[cfg.model.kind].unused(cfg) + segment
+    own = KINDS[cfg.model.kind].unused(cfg)
+    semantic = [] if cfg.model.kind in ("diffae_prior", "diffae_classifier") else semantic_unused(cfg, cfg.model.kind)
+    return own + [row for row in segment + semantic if row[0] not in {r[0] for r in own}]
 
 
 def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from ..data import shape_of
 from ..data.captions import Captioned
 from ..denoiser import Denoiser
 from ..nets.classifier import NoisyClassifier
+from ..nets.diffae import DiffusionAutoencoder, MLPSkipNet
 from ..nets.unet import UNet, check_config as check_network
 from ..config import RunConfig, SampleConfig, load_config
 from ..stages import (PixelSpace, check_latent_config, diffusion_shape, prepare_latent_training, resolve_autoencoder,
@@ -44,9 +45,16 @@ from .base import Context, Objective
 
 
 # --- the network and its denoiser, for training and sampling ------------------------------------------------------
-def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
-    """The network of a config, for the variable it diffuses (stages.diffusion_shape: images, or their latents)."""
+def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier | DiffusionAutoencoder | MLPSkipNet:
+    """The network of a config, for the variable it diffuses (stages.diffusion_shape: images, or their latents; a
+    diffusion autoencoder's codes for its latent DDIM, of width read from that run's config)."""
+    if cfg.model.kind == "diffae_prior":
+        dim = load_config(Path(cfg.semantic.run).expanduser() / "config.toml").model.semantic_dim
+        return MLPSkipNet(dim, cfg.semantic.hidden, cfg.semantic.layers)
     channels, size, _ = diffusion_shape(cfg)
+    if cfg.model.kind == "diffae":
+        return DiffusionAutoencoder(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes,
+                                    out_channels=channels * (2 if cfg.model.learned_variance else 1))
     if cfg.model.kind == "classifier":
         return NoisyClassifier(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes)
     if cfg.model.kind == "autoencoder":
@@ -58,7 +66,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier:
 
 def augment_dim(cfg: RunConfig) -> int:
     """The width of the augmentation labels a config's network takes: len(augment.LABELS) with train.augment_p > 0."""
-    return len(AUGMENT_LABELS) if cfg.train.augment_p > 0 and cfg.model.kind == "denoiser" else 0
+    return len(AUGMENT_LABELS) if cfg.train.augment_p > 0 and cfg.model.kind in ("denoiser", "diffae") else 0
 
 
 def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
@@ -72,7 +80,7 @@ def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
     return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
                     learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data,
-                    bounded=not cfg.latent.autoencoder)
+                    bounded=not cfg.latent.autoencoder and cfg.model.kind != "diffae_prior")  # latents, codes: no range
 
 
 def sample_config_kwargs(s: SampleConfig) -> dict:

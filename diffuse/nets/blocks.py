@@ -59,22 +59,41 @@ class ShardedDropout(nn.Dropout):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, + time bias, GroupNorm -> SiLU -> dropout -> conv, + skip (1x1 if widths differ)."""
+    """GroupNorm -> SiLU -> conv, + time bias, GroupNorm -> SiLU -> dropout -> conv, + skip (1x1 if widths differ).
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    emb_dim = 0: no time input (the diffusion autoencoder's semantic encoder). style_dim > 0: the block of the diffusion
+    autoencoder's decoder (Preechakul et al. 2022, sec. 3.1, the reference's ResBlock with two conditions): emb is
+    [time embedding (emb_dim), z_sem (style_dim)], and after the second GroupNorm
+        h = (1 + t_scale) GN(h) + t_shift,   then   h = h (1 + z_scale),   (t_scale, t_shift) = Linear(SiLU(t_emb)),
+        z_scale = Linear(SiLU(z_sem)),
+    the time's adaptive GroupNorm (Dhariwal & Nichol 2021, sec. 3) times a per-channel scale of the semantic code."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, style_dim: int = 0):
         super().__init__()
+        self.emb_dim, self.style_dim = emb_dim, style_dim
         self.norm1 = norm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        if emb_dim:
+            self.emb = nn.Linear(emb_dim, out_ch * (2 if style_dim else 1))
+        if style_dim:
+            self.style = nn.Linear(style_dim, out_ch)
         self.norm2 = norm(groups, out_ch)
         self.dropout = ShardedDropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # x (B, C_in, H, W), emb (B, E)
+    def forward(self, x: Tensor, emb: Tensor | None) -> Tensor:  # x (B, C_in, H, W), emb (B, emb_dim + style_dim) or None
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.style_dim:
+            t_emb, z = emb.split([self.emb_dim, self.style_dim], dim=1)
+            t_scale, t_shift = self.emb(F.silu(t_emb))[:, :, None, None].chunk(2, dim=1)
+            h = self.norm2(h) * (1 + t_scale) + t_shift
+            h = h * (1 + self.style(F.silu(z))[:, :, None, None])
+        else:
+            if self.emb_dim:
+                h = h + self.emb(F.silu(emb))[:, :, None, None]
+            h = self.norm2(h)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

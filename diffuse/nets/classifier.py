@@ -16,18 +16,21 @@ from .blocks import Attention, Downsample, Level, ResBlock, norm, timestep_embed
 from .unet import UNetConfig, check_config
 
 
-class NoisyClassifier(nn.Module):
-    """logits_phi(x_t, t): (B, C, H, W), (B,) step indices -> (B, num_classes)."""
+class UNetEncoder(nn.Module):
+    """The U-Net's contracting path and middle block, then GroupNorm, SiLU, a spatial mean and a linear layer:
+    (B, C, H, W) [, (B,) model times] -> (B, out_dim). With `time` every residual block takes the time embedding (the
+    noisy classifier); without it none does (the diffusion autoencoder's semantic encoder, which reads clean images:
+    Preechakul et al. 2022's BeatGANsEncoderModel with use_time_condition false, its head GroupNorm, SiLU, pooling,
+    1x1 convolution). ValueError for an input of the wrong shape."""
 
-    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int):
+    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, out_dim: int, time: bool = True):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"a classifier needs a labelled dataset with at least 2 classes, got {num_classes}")
         check_config(cfg, image_size, 0)
         ch, groups, heads, p = cfg.channels, cfg.norm_groups, cfg.num_heads, cfg.patch_size
-        emb_dim = 4 * ch
-        self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        emb_dim = 4 * ch if time else 0
+        self.cfg, self.in_channels, self.out_dim = cfg, in_channels, out_dim
+        if time:
+            self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_channels * p * p, ch, 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         res, w_in = image_size // p, ch
@@ -43,12 +46,12 @@ class NoisyClassifier(nn.Module):
         self.mid_attn = Attention(w_in, heads, groups)
         self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
         self.norm_out = norm(groups, w_in)
-        self.head = nn.Linear(w_in, num_classes)
+        self.head = nn.Linear(w_in, out_dim)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"the classifier expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels))
+            raise ValueError(f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels)) if hasattr(self, "time_mlp") else None
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         for level, down in zip(self.down, self.downsample):
             for block, attn in zip(level.blocks, level.attns):
@@ -56,3 +59,13 @@ class NoisyClassifier(nn.Module):
             h = down(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         return self.head(F.silu(self.norm_out(h)).mean(dim=(-2, -1)))
+
+
+class NoisyClassifier(UNetEncoder):
+    """logits_phi(x_t, t): (B, C, H, W), (B,) step indices -> (B, num_classes). ValueError for fewer than 2 classes."""
+
+    def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int):
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs a labelled dataset with at least 2 classes, got {num_classes}")
+        super().__init__(cfg, in_channels, image_size, num_classes, time=True)
+        self.num_classes = num_classes

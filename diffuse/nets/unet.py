@@ -39,9 +39,11 @@ class UNetConfig:
     num_heads: int = 1                                              # attention heads (DDPM: 1)
     dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
     norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
-    kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier", "segmenter"] = "denoiser"  # the U-Net, its encoder as
-    #                                                                 a noisy classifier (nets.classifier), a run of the [autoencoder]
-    #                                                                 (kinds.autoencoder), or a pixel classifier on features ([segment])
+    kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier", "segmenter", "diffae", "diffae_prior",
+                  "diffae_classifier"] = "denoiser"                 # the U-Net, its encoder as a noisy classifier
+    #                                                                 (nets.classifier), a run of the [autoencoder] (kinds.autoencoder),
+    #                                                                 a pixel classifier on features ([segment]), a diffusion
+    #                                                                 autoencoder, or its latent DDIM or linear classifier ([semantic])
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
     cond_channels: int = 0                                          # channels of a condition image concatenated to x_t (SR3, Palette); 0: none
@@ -57,6 +59,9 @@ class UNetConfig:
     sigma_data: float = 0.5                                         # prediction "edm": the data's std (Karras et al. 2022: 0.5)
     learned_variance: bool = False                                  # also output v of Sigma (Nichol & Dhariwal 2021): twice the channels
     self_condition: bool = False                                    # also take the previous x_0 estimate (Chen et al. 2023)
+    semantic_dim: int = 0                                           # model.kind = "diffae": width d of the semantic code z_sem that
+    #                                                                 scales every residual block (Preechakul et al. 2022: 512 at
+    #                                                                 64-256 px faces; 64 for the 28 px digits); 0: none
     checkpointing: bool = False                                     # recompute each block's activations in the backward pass
     #                                                                 instead of keeping them: less memory, ~1/3 more compute
 
@@ -71,7 +76,9 @@ class UNet(nn.Module):
     3.3) or, with a text_encoder, `text` (B, max_tokens) token ids that it turns into that context, and with
     self_condition an optional `self_cond` (B, C, H, W), the previous x_0 estimate, concatenated to x_t (zeros when
     absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
-    augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent). A key the model does not take, or a missing one, is a ValueError
+    augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent); with
+    semantic_dim d, `z_sem` (B, d), the diffusion autoencoder's semantic code, which scales every residual block after its
+    adaptive GroupNorm (Preechakul et al. 2022; nets.blocks.ResBlock). A key the model does not take, or a missing one, is a ValueError
     naming it.
     """
 
@@ -95,7 +102,9 @@ class UNet(nn.Module):
             null_text = tuple(int(i) for i in self.text_encoder.tokenize([""])[0] if i)
         text = (cfg.max_tokens, null_text) if cfg.text_encoder else (0, ())
         self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs,
-                                            0 if cfg.text_encoder else cfg.context_dim, cfg.self_condition, augment_dim, *text)
+                                            0 if cfg.text_encoder else cfg.context_dim, cfg.self_condition, augment_dim, *text,
+                                            semantic=cfg.semantic_dim)
+        style = cfg.semantic_dim  # every residual block is also scaled by z_sem (nets.blocks.ResBlock)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
@@ -113,7 +122,7 @@ class UNet(nn.Module):
         for i, w in enumerate(widths):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(w_in, w, emb_dim, cfg.dropout, groups))
+                blocks.append(ResBlock(w_in, w, emb_dim, cfg.dropout, groups, style))
                 w_in = w
                 skips.append(w)
             self.down.append(Level(blocks, res in cfg.attention_resolutions, heads, groups, ctx if res in xres else 0))
@@ -123,9 +132,9 @@ class UNet(nn.Module):
                 skips.append(w)
                 res //= 2
 
-        self.mid1 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
+        self.mid1 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups, style)
         self.mid_attn = Attention(w_in, heads, groups)
-        self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups)
+        self.mid2 = ResBlock(w_in, w_in, emb_dim, cfg.dropout, groups, style)
         if res in xres:
             self.mid_cross = CrossAttention(w_in, ctx, heads, groups)
 
@@ -133,7 +142,7 @@ class UNet(nn.Module):
         for i, w in reversed(list(enumerate(widths))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(w_in + skips.pop(), w, emb_dim, cfg.dropout, groups))
+                blocks.append(ResBlock(w_in + skips.pop(), w, emb_dim, cfg.dropout, groups, style))
                 w_in = w
             self.up.append(Level(blocks, res in cfg.attention_resolutions, heads, groups, ctx if res in xres else 0))
             self.upsample.append(Upsample(w) if i > 0 else nn.Identity())
@@ -178,6 +187,8 @@ class UNet(nn.Module):
             s = cond["scalars"].float() * 1000
             emb = emb + self.scalar_mlp(torch.cat([timestep_embedding(s[:, i], self.cfg.channels)
                                                    for i in range(s.shape[1])], dim=1))
+        if self.cfg.semantic_dim:  # each block splits [time embedding, z_sem] (nets.blocks.ResBlock)
+            emb = torch.cat([emb, cond["z_sem"].to(emb.dtype)], dim=1)
         if self.cfg.self_condition:  # the previous x_0 estimate, zeros when there is none (Chen et al. 2023, sec. 3)
             prev = cond.get("self_cond")
             x = torch.cat([x, torch.zeros_like(x) if prev is None else prev.to(x.dtype)], dim=1)
@@ -282,5 +293,7 @@ def check_config(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
     if bool(cfg.context_dim) != bool(cfg.cross_attention_resolutions):
         raise ValueError("cross-attention needs both model.context_dim (the context's width) and "
                          f"model.cross_attention_resolutions (where to attend; from {sizes}); set both or neither")
+    if cfg.semantic_dim < 0:
+        raise ValueError(f"model.semantic_dim must be >= 0 (0: no semantic code), got {cfg.semantic_dim}")
     if cfg.class_conditional and num_classes < 1:
         raise ValueError("model.class_conditional needs a labelled dataset (class sub-folders, mnist or digits)")
