@@ -228,7 +228,7 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     if cfg.model.kind == "diffae":  # samples through its latent DDIM; edits an image through its code and x_T
         return Capabilities(False, 0, False, (), ("invert", *SEMANTIC_EDITS), "none", False, True, False, ())
     if cfg.model.kind == "diffae_prior":  # draws codes, which its diffusion autoencoder decodes
-        return Capabilities(True, 0, False, (), (), "none", False, True, False, ())
+        return Capabilities(True, 0, False, (), (), "none", False, True, False, ("fid", "kid", "is", "pr"))
     if cfg.model.kind != "denoiser":
         metrics = {"autoencoder": ("recon",), "segmenter": ("miou",)}.get(cfg.model.kind, ())
         return Capabilities(False, num_classes if cfg.model.kind == "classifier" else 0, False, (), (), "none", False,

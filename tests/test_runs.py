@@ -46,7 +46,7 @@ def test_capabilities_follow_the_config():
     diffae = capabilities(cfg("model.kind=diffae", "model.semantic_dim=4"), 10)  # samples through its latent DDIM
     assert (diffae.samples, diffae.edits) == (False, ("invert", "reconstruct", "manipulate", "interpolate"))
     prior = capabilities(apply_overrides(RunConfig(), ["model.kind=diffae_prior"]), 0)
-    assert (prior.samples, prior.edits, prior.classes) == (True, (), 0)
+    assert (prior.samples, prior.edits, prior.classes, prior.metrics) == (True, (), 0, ("fid", "kid", "is", "pr"))
 
 
 def test_a_folder_that_is_no_run_is_named(tmp_path):

@@ -161,6 +161,11 @@ def eval_command(args) -> None:
         return _eval_autoencoder(args, cfg, device)
     if "miou" in can.metrics:
         return _eval_segmenter(args, can.metrics, device)
+    if run.kind == "diffae_prior":
+        return _eval_pair(args, run, device)
+    if run.kind == "diffae":
+        raise ValueError(f"{args.run} is a diffusion autoencoder, which samples through its latent DDIM: measure that run "
+                         "(`diffuse eval PRIOR --metric fid`); bench/diffae.py measures its reconstructions")
     check_kind(args.run, cfg, "denoiser")  # a noisy classifier has no metric of its own
     if args.metric in (None, "recon", "miou"):
         raise ValueError(f"{args.run} is a diffusion run: pass --metric {_either(can.metrics)} (recon measures "
@@ -261,15 +266,56 @@ def eval_command(args) -> None:
         record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or getattr(den.schedule, "top_step", None),
                       spacing="adaptive" if adaptive else kw["spacing"], mixed_precision=kw["mixed_precision"],
                       precision=str(amp or torch.float32).removeprefix("torch."), features=features)
-        if args.metric == "fid":
-            record["fid"] = metrics.fid(real, fake, net)
-        elif args.metric == "kid":
-            record["kid"], record["kid_std"] = metrics.kid(real, fake, net)
-            record["kid_subset_size"] = metrics.kid_subset_size(len(real), len(fake))
-        elif args.metric == "is":
-            record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
-        else:
-            record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+        _measure(record, args.metric, real, fake, net)
+    _report(record, Path(args.run) / "eval.json")
+
+
+def _measure(record: dict, metric: str, real: torch.Tensor, fake: torch.Tensor, net) -> None:
+    """A sample metric of `fake` against `real` in `net`'s feature space, added to `record`."""
+    if metric == "fid":
+        record["fid"] = metrics.fid(real, fake, net)
+    elif metric == "kid":
+        record["kid"], record["kid_std"] = metrics.kid(real, fake, net)
+        record["kid_subset_size"] = metrics.kid_subset_size(len(real), len(fake))
+    elif metric == "is":
+        record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
+    else:
+        record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+
+
+def _eval_pair(args, run, device) -> None:
+    """`diffuse eval PRIOR --metric fid|kid|is|pr`: a diffusion autoencoder's unconditional samples (its latent DDIM's
+    codes, decoded: `diffuse sample PRIOR`, the sampling flags applying to the decoder) against its data's images (or
+    --real), printed and appended to PRIOR/eval.json."""
+    if args.metric not in ("fid", "kid", "is", "pr"):
+        raise ValueError(f"{args.run} is a diffusion autoencoder's latent DDIM: pass --metric fid, kid, is or pr (its "
+                         "decoded samples against real images)")
+    for flag in ("guidance", "guidance_interval", "rtol", "vlb_samples"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} does nothing here: the latent DDIM draws unconditional codes; "
+                             "leave it out")
+    decoder = open_run(run.cfg.semantic.run)
+    d = decoder.cfg.data if args.real is None else dataclasses.replace(decoder.cfg.data, source="folder", path=args.real)
+    features = "digits" if args.features is None else args.features
+    net = feature_network(features, device=device)
+    data = load_dataset(d)
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    real = data.batch(pick)[0]
+    plan = resolve(SampleRequest(run=args.run, n=args.n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
+                                 steps=args.steps, spacing=args.spacing, mixed_precision=args.mixed_precision,
+                                 ema=not args.no_ema, device=device))
+    progress = Progress()
+    fake = execute(plan, progress.step, on_stage=progress.stage).x
+    progress.close()
+    fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1  # 8 bits, as the real images
+    kw = plan.generate_kw
+    record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "n_fake": len(fake), "seed": args.seed,
+                    "latent_sampler": run.cfg.sample.sampler, "latent_steps": run.cfg.sample.steps,
+                    "sampler": kw["sampler"], "steps": kw["steps"], "spacing": kw["spacing"],
+                    "mixed_precision": kw["mixed_precision"], "features": features, "step": run.step,
+                    "decoder": str(decoder.path), "decoder_step": run.cfg.semantic.run_step,
+                    "date": datetime.date.today().isoformat()}
+    _measure(record, args.metric, real, fake, net)
     _report(record, Path(args.run) / "eval.json")
 
 
