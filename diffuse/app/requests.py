@@ -606,6 +606,9 @@ def _resolve_coded(req: EditRequest, run: Run) -> Plan:
         raise RequestError("run", f"edit {req.task} needs a diffusion autoencoder (model.kind = 'diffae', "
                                   f"configs/diffae_digits.toml); {req.run} is a {run.kind} run" +
                                   ("; `diffuse edit invert` inverts any model of images" if run.kind == "denoiser" else ""))
+    if run.kind not in ("denoiser", "diffae"):  # before its [data] shapes an input image it never reads
+        raise RequestError("run", f"edit invert needs a model of images (a denoiser or diffusion autoencoder run); "
+                                  f"{req.run} is a {run.kind} run")
     if run.capabilities.trained_task != "none":
         raise RequestError("run", f"edit invert needs a model of images (task.kind = 'none'); {req.run} is a "
                                   f"'{run.capabilities.trained_task}' model")
@@ -616,14 +619,24 @@ def _resolve_coded(req: EditRequest, run: Run) -> Plan:
     if req.guidance:
         raise RequestError("guidance", "--guidance does nothing here: inversion runs the model unguided (guided DDIM does "
                                        "not invert); leave it out")
+    if req.classifier is not None:
+        raise RequestError("classifier", "--classifier does nothing here: inversion and rendering run the model unguided; "
+                                         "leave it out" + ("; the edit's direction is --attribute" if req.task ==
+                                                           "manipulate" else ""))
+    if req.label is not None and not run.capabilities.classes:
+        raise RequestError("label", f"--label does nothing here: {req.run} is not class-conditional; leave it out" +
+                                    ("; a label classifier's class is --attribute RUN:K" if req.task == "manipulate"
+                                     else ""))
+    if req.sampler not in (None, "ddim") or req.eta:  # (before _sampling, which would name --eta for a sampler without)
+        raise RequestError("sampler" if req.sampler not in (None, "ddim") else "eta",
+                           f"edit {req.task} renders x_T back with deterministic DDIM (the inverse of its inversion): "
+                           "leave --sampler and --eta out, or pass --sampler ddim --eta 0")
     image, _ = _raise_as("image", load_image, req.image, cfg.data.channels, cfg.data.image_size)
     to = _raise_as("to", load_image, req.to, cfg.data.channels, cfg.data.image_size)[0] if req.to is not None else None
     direction = _resolve_direction(req, run) if req.task == "manipulate" else None
-    req = dataclasses.replace(req, sampler=req.sampler or "ddim", eta=0.0 if req.eta is None else req.eta)
+    req = dataclasses.replace(req, sampler="ddim", eta=0.0 if req.eta is None else req.eta,
+                              n=1 if req.task == "invert" else req.n)  # invert: one output (its command has no --n)
     plan = _sampling(req, run)
-    if plan.generate_kw["sampler"] != "ddim" or plan.generate_kw.get("eta", 0):
-        raise RequestError("sampler", f"edit {req.task} renders x_T back with deterministic DDIM (the inverse of its "
-                                      "inversion): leave --sampler and --eta out, or pass --sampler ddim --eta 0")
     return dataclasses.replace(plan, image=image, to=to, direction=direction)
 
 
@@ -818,7 +831,7 @@ def _execute_pair(plan: Plan, callback, load, on_stage) -> Result:
     """`diffuse sample PRIOR`: the latent DDIM's codes (kinds.diffae.sample_pair), decoded by its diffusion autoencoder
     at the plan's sampling settings, in chunks of the request's batch size."""
     req, prior_run = plan.request, plan.run
-    prior = load(prior_run, req.ema, plan.device).denoiser
+    prior = CountCalls(load(prior_run, req.ema, plan.device).denoiser)
     decoder = CountCalls(load(plan.decoder, req.ema, plan.device).denoiser)
     if on_stage is not None:
         on_stage(plan, _steps_total(plan, decoder.schedule, -(-req.n // req.batch_size)))
@@ -828,7 +841,7 @@ def _execute_pair(plan: Plan, callback, load, on_stage) -> Result:
     for k, lo in enumerate(range(0, req.n, req.batch_size)):
         out.append(sample_pair(prior, decoder, stats, prior_run.cfg, min(req.batch_size, req.n - lo), plan.shape,
                                seed=chunk_seed(req.seed, k), device=plan.device, decoder_kw=kw, callback=callback))
-    return Result(torch.cat(out), [], decoder.calls)
+    return Result(torch.cat(out), [], prior.calls + decoder.calls)
 
 
 def _execute_cascade(plan: Plan, callback, load, on_stage) -> Result:
