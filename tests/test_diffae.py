@@ -114,3 +114,16 @@ def test_encode_then_decode_returns_the_image():
     assert errors[1] < errors[0] / 2.5 and errors[2] < 1e-4, errors
     other = decode(den, z.flip(0), x_T, steps=50)
     assert float((other - x0).abs().mean()) > 100 * errors[2]
+
+
+def test_a_diffusion_autoencoder_config_refuses_what_it_cannot_use():
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.kinds import check_config
+
+    base = ["model.kind=diffae", "data.image_size=32"]
+    for extra, match in ((["model.semantic_dim=0"], "semantic_dim must be >= 1"),
+                         (["model.semantic_dim=4", "model.class_conditional=true"], "the semantic code is the decoder's condition"),
+                         (["model.semantic_dim=4", "model.self_condition=true"], "model.self_condition"),
+                         (["model.semantic_dim=4", "train.loss=vlb"], "plain eps loss")):
+        with pytest.raises(ValueError, match=match):
+            check_config(apply_overrides(RunConfig(), base + extra))

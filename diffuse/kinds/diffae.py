@@ -48,6 +48,9 @@ class DiffAEObjective(DiffusionObjective):
         refused = [(cfg.model.semantic_dim < 1, "model.semantic_dim must be >= 1, the width of z_sem (64 for 28 px digits)"),
                    (bool(cfg.latent.autoencoder), "latent.autoencoder: the semantic encoder reads pixels; remove it"),
                    (cfg.model.self_condition, "model.self_condition: the decoder's second input is z_sem; set it to false"),
+                   (cfg.model.class_conditional or bool(cfg.model.text_encoder) or cfg.model.context_dim > 0,
+                    "a class, caption or context beside z_sem: the semantic code is the decoder's condition (it learns the "
+                    "class itself; a diffae_classifier with semantic.target = 'label' finds its direction); remove them"),
                    (cfg.task.kind != "none", f"task.kind = '{cfg.task.kind}': a diffusion autoencoder reconstructs its input; "
                                              "remove it"),
                    (cfg.train.loss == "vlb", 'train.loss = "vlb": the paper trains the plain eps loss; use "simple"')]
