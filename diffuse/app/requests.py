@@ -300,7 +300,7 @@ def _checked(req: SampleRequest) -> SampleRequest:
                                        ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None),
                                        ("amount", float, -AMOUNT_LIMIT, AMOUNT_LIMIT), ("encode_steps", int, 1, None),
                                        ("refine", int, 0, 100)):
-            if getattr(req, field) is not None:
+            if getattr(req, field) is not None or getattr(EditRequest, field) is not None:  # None: only where optional
                 numbers[field] = _number(req, field, kind, low, high)
         for field in ("to", "attribute"):
             if getattr(req, field) is not None and not (isinstance(getattr(req, field), str) and getattr(req, field)):
@@ -631,6 +631,8 @@ def _resolve_coded(req: EditRequest, run: Run) -> Plan:
         raise RequestError("sampler" if req.sampler not in (None, "ddim") else "eta",
                            f"edit {req.task} renders x_T back with deterministic DDIM (the inverse of its inversion): "
                            "leave --sampler and --eta out, or pass --sampler ddim --eta 0")
+    if req.task == "interpolate" and req.n < 2:
+        raise RequestError("n", f"--n must be at least 2 for edit interpolate (the frames include both ends), got {req.n}")
     image, _ = _raise_as("image", load_image, req.image, cfg.data.channels, cfg.data.image_size)
     to = _raise_as("to", load_image, req.to, cfg.data.channels, cfg.data.image_size)[0] if req.to is not None else None
     direction = _resolve_direction(req, run) if req.task == "manipulate" else None

@@ -2,14 +2,22 @@
 
     diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda]   (pip install -e ".[ui]")
 
-The page has up to four tabs (Sample and Edit for the diffusion runs served, Segment for the segmentation runs):
-    Sample  the run, sampler, steps, spacing, guidance weight, class label (or, for a text-conditional run, the
+The page has up to five tabs (Sample and Edit for the diffusion runs served, Autoencode for the diffusion
+autoencoders, Segment for the segmentation runs):
+    Sample  the run (a denoiser, or a diffusion autoencoder's latent DDIM, whose codes its autoencoder decodes at
+            these settings), sampler, steps, spacing, guidance weight, class label (or, for a text-conditional run, the
             prompt and a negative prompt), seed and number of images; the predicted x_0 shown as it forms (decoded,
             for a latent-diffusion run), a progress bar, the final grid and a GIF of the trajectory x_t to download, and
             the `diffuse sample ...` command line that reproduces the grid pixel for pixel.
     Edit    an uploaded image (or one of the last samples) in an image editor: inpaint the drawn region, SDEdit the
             drawn strokes, ILVR on the image as reference, or the trained task of a superres / colorize / uncrop /
             restore / inpainting run; the before/after figure, the files and the `diffuse edit ...` command line.
+            (`diffuse edit invert`, whose output is the noise x_T in a .safetensors file, is the command line's only.)
+    Autoencode  an uploaded image through a diffusion autoencoder (model.kind = "diffae", Preechakul et al. 2022):
+            reconstruct it (and its code's variations), manipulate it along an attribute (a served diffae_classifier
+            run trained on its codes; a label classifier's class) by an amount, or interpolate to a second upload, as a
+            strip of frames; encode and render steps; the strip, the before/after figure, the files and the
+            `diffuse edit reconstruct|manipulate|interpolate ...` command line.
     Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
             `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
             each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
@@ -52,13 +60,13 @@ from PIL import Image
 from torch import Tensor
 
 from .. import pretrained
-from .requests import (EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
+from .requests import (CODED, EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
                            save_before_after)
 from ..checkpoint import read_json_records, read_log, write_atomically
 from ..config import to_dict
 from ..data import load_image, open_image
 from ..kinds.segmentation import SegmentationRun
-from ..runs import Run, open_run
+from ..runs import SEMANTIC_EDITS, Run, open_run
 from ..samplers import SAMPLERS, Step
 from ..schedule import SPACINGS
 from ..stages import diffusion_shape
@@ -85,7 +93,16 @@ DISPLAY_SIDE = 320   # images on the page are scaled up (nearest neighbour) to a
 EDITOR_SIDE = 256    # an image in the editor is scaled up by a whole factor to at least this side, for drawing
 GRIDS = 24           # sample grids over training the Runs tab shows, at most
 PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are a job's notes
-SERVED_KINDS = ("denoiser", "segmenter")  # model.kind of the runs a page serves: Sample and Edit, Segment
+SERVED_KINDS = ("denoiser", "segmenter", "diffae", "diffae_prior", "diffae_classifier")  # model.kind of the runs a
+#   page serves: Sample and Edit (denoisers; Sample also a latent DDIM), Segment, Autoencode (its attribute classifiers)
+MODEL_KINDS = ("denoiser", "diffae", "diffae_prior")  # the served kinds with a denoiser to load
+SEMANTIC_ABOUT = {  # a diffusion autoencoder's edit -> what it does, as the page says it (tasks/semantic.py)
+    "reconstruct": "the image's semantic code z_sem and its noise x_T (DDIM inversion) rendered back, then variations of "
+                   "z_sem from random x_T (what the code alone holds)",
+    "manipulate": "the image's code moved along the attribute's direction, amounts 0 .. the amount along the strip, "
+                  "rendered with the image's own x_T",
+    "interpolate": "frames from the image to the second image: z_sem by lerp, x_T by slerp (both ends included)",
+}
 SHARE_HEADERS = ["class", "share of the pixels", "mean uncertainty (nats)"]  # the Segment tab's table
 
 
@@ -111,6 +128,15 @@ LABELS = {  # request field -> how the page names it, in place of the command li
     "prompt": "the prompt", "negative_prompt": "the negative prompt", "task": "the edit", "image": "the image",
     "mask": "the mask", "strength": "the SDEdit strength", "factor": "the ILVR factor", "t_stop": "ILVR's t_stop",
     "repaint_jumps": "RePaint's resamplings", "repaint_length": "RePaint's jump length",
+}
+AE_COUNT = {  # the Autoencode tab's number of images, as it reads in each mode
+    "reconstruct": "number of images (the reconstruction, then variations of its code)",
+    "manipulate": "number of images (amounts 0 .. the amount)",
+    "interpolate": "number of frames (both images included)",
+}
+AUTOENCODE_LABELS = LABELS | {  # the Autoencode tab's widgets
+    "run": "the diffusion autoencoder run", "task": "the mode", "image": "the image", "to": "the second image",
+    "attribute": "the attribute", "amount": "the amount", "encode_steps": "the encode steps", "steps": "the render steps",
 }
 
 
@@ -162,11 +188,13 @@ class Model:
 
 class Models:
     """The runs a server offers, each opened once (`opened`: what it can do) and its weights loaded once (EMA or raw)
-    and kept on the device: `runs` the diffusion runs (Sample, Edit), `segmenters` the segmentation runs (Segment),
-    `all` both, in the order given (Runs).
+    and kept on the device: `runs` the runs to sample from (Sample: denoisers and diffusion autoencoders' latent DDIMs,
+    whose autoencoders, `decoders`, are loaded and kept too), `editors` the denoisers (Edit), `autoencoders` the
+    diffusion autoencoders (Autoencode) and `attributes` the classifiers of their codes, `segmenters` the segmentation
+    runs (Segment), `all` of them, in the order given (Runs).
 
-    Raises FileNotFoundError for a folder that is not a run and ValueError for a run that is neither a denoiser nor a
-    segmenter."""
+    Raises FileNotFoundError for a folder that is not a run (or a latent DDIM whose autoencoder is gone) and ValueError
+    for a run of a kind the page does not serve."""
 
     def __init__(self, runs: list[str], device: str):
         if not runs:
@@ -177,33 +205,50 @@ class Models:
         for run, r in self.opened.items():
             if r.kind not in SERVED_KINDS:
                 raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from or a "
-                                 "segmenter to segment with; serve denoiser or segmentation runs")
-        self.runs = [run for run in self.all if self.opened[run].kind == "denoiser"]
-        self.segmenters = [run for run in self.all if self.opened[run].kind == "segmenter"]
+                                 "segmenter to segment with; serve denoiser, diffusion autoencoder or segmentation runs")
+        kinds = lambda *k: [run for run in self.all if self.opened[run].kind in k]  # noqa: E731
+        self.runs, self.editors = kinds("denoiser", "diffae_prior"), kinds("denoiser")
+        self.autoencoders, self.attributes, self.segmenters = kinds("diffae"), kinds("diffae_classifier"), kinds("segmenter")
+        self.decoders = {run: self._decoder(run) for run in kinds("diffae_prior")}
         self._loaded: dict[tuple[str, bool], Model] = {}
         self._segmenters: dict[str, SegmentationRun] = {}
         self._lock = threading.Lock()
 
+    def _decoder(self, run: str) -> Run:
+        """The diffusion autoencoder whose codes the served latent DDIM `run` draws (FileNotFoundError naming both when
+        its folder is gone)."""
+        source = self.opened[run].cfg.semantic.run
+        try:
+            return open_run(source)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{run} draws the codes of the diffusion autoencoder {source}, which is gone ({e}); "
+                                    "restore it, or train the latent DDIM again on another") from None
+
     def run(self, run: str) -> Run:
         """The served run of that name (ValueError for a run this server does not offer)."""
         if run not in self.opened:
-            raise ValueError(f"{run!r} is not one of the runs served: {', '.join(self.runs)}")
+            raise ValueError(f"{run!r} is not one of the runs served: {', '.join(self.all)}")
         return self.opened[run]
 
     def get(self, run: str, ema: bool = True) -> Model:
-        """The run's model, loaded on first use (ValueError for a run this server does not offer, or a segmentation
-        run, which has no model to sample from)."""
+        """The run's model, loaded on first use (ValueError for a run this server does not offer, or one with no model
+        to sample from: a segmentation run, a classifier of codes)."""
         opened = self.run(run)
-        if opened.kind != "denoiser":
-            raise ValueError(f"{run} is a segmentation run, with nothing to sample or edit; segment images with it on "
-                             "the Segment tab")
+        if opened.kind not in MODEL_KINDS:
+            raise ValueError(f"{run} is " + ("a segmentation run, with nothing to sample or edit; segment images with it "
+                                             "on the Segment tab" if opened.kind == "segmenter" else
+                                             "a classifier of a diffusion autoencoder's codes, with nothing to sample; "
+                                             "choose it as the attribute on the Autoencode tab"))
+        return self._model(run, opened, ema)
+
+    def _model(self, key: str, opened: Run, ema: bool) -> Model:
         with self._lock:
-            if (run, ema) not in self._loaded:
+            if (key, ema) not in self._loaded:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     loaded = load(opened, ema, self.device)  # a latent-diffusion run's autoencoder, loaded once too
-                self._loaded[run, ema] = Model(opened, loaded, [str(w.message) for w in caught])
-            return self._loaded[run, ema]
+                self._loaded[key, ema] = Model(opened, loaded, [str(w.message) for w in caught])
+            return self._loaded[key, ema]
 
     def segmenter(self, run: str) -> SegmentationRun:
         """The segmentation run of that name, its head and features loaded on first use and kept (ValueError for a run
@@ -215,8 +260,10 @@ class Models:
             return self._segmenters[run]
 
     def load(self, run: Run, ema: bool, device: str) -> Loaded:
-        """`execute`'s loader: the kept weights of a served run, its loading notes said again (warnings)."""
-        model = self.get(next(name for name, r in self.opened.items() if r.path == run.path), ema)
+        """`execute`'s loader: the kept weights of a served run, or of a run a served one needs (a latent DDIM's
+        diffusion autoencoder), its loading notes said again (warnings)."""
+        name = next((name for name, r in self.opened.items() if r.path.resolve() == run.path.resolve()), None)
+        model = self.get(name, ema) if name is not None else self._model(str(run.path.resolve()), run, ema)
         for note in model.notes:
             warnings.warn(note)
         return model.loaded
@@ -284,12 +331,12 @@ def page_error(gr, text: str):
     return gr.Error(text, print_exception=False)
 
 
-def error_message(e: BaseException) -> str:
+def error_message(e: BaseException, labels: dict[str, str] = LABELS) -> str:
     """What the page says about a failure: the library's own message for bad input (ValueError, OSError: they name
-    the problem and the fix; a request's error names its widget, `LABELS`), a short line (and the traceback in the
-    server's log) for anything else."""
+    the problem and the fix; a request's error names its widget by the tab's `labels`), a short line (and the
+    traceback in the server's log) for anything else."""
     if isinstance(e, RequestError):
-        return e.named(LABELS)
+        return e.named(labels)
     if isinstance(e, (ValueError, OSError)):
         return str(e)
     traceback.print_exception(type(e), e, e.__traceback__)
@@ -400,6 +447,69 @@ def evals_markdown(records: list[dict]) -> str:
     return "\n".join(rows + ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in records])
 
 
+# --- the Autoencode tab ----------------------------------------------------------------------------------------------
+def attribute_runs(models: Models, run: str) -> list[str]:
+    """The served classifiers of codes (model.kind = "diffae_classifier") trained on the served diffusion autoencoder
+    `run`'s codes: the attributes its Autoencode tab moves along (one trained on another of its checkpoints is offered
+    too, and refused by `resolve` naming the fix)."""
+    path = models.run(run).path.resolve()
+    return [a for a in models.attributes if Path(models.run(a).cfg.semantic.run).resolve() == path]
+
+
+def attribute_classes(models: Models, attribute: str) -> list[int]:
+    """The classes of a served label classifier of codes, one direction each; [] for an attribute's one direction."""
+    r = models.run(attribute)
+    return list(range(r.num_classes)) if r.cfg.semantic.target == "label" else []
+
+
+def autoencode_request(models: Models, run: str, mode: str, image: str | None, to: str | None, attribute: str | None,
+                       cls, amount, n, encode_steps, steps, seed, ema, device: str | None = None) -> EditRequest:
+    """The EditRequest of the Autoencode tab's widgets for the served diffusion autoencoder `run` (what `diffuse edit
+    MODE RUN ...` asks): the image file (and interpolate's second), manipulate's attribute (a served classifier run;
+    RUN:CLASS for a label classifier's class) and amount, the number of images, encode and render steps (DDIM: the coded
+    edits render deterministically), seed and EMA; a mode's own fields only for that mode, so a hidden widget asks
+    nothing. ValueError naming the fix for manipulate when no classifier of the run's codes is served. `device`: the
+    server's --device, said in the command line only when the server was given one."""
+    own = {}
+    if mode == "manipulate":
+        if not attribute and not attribute_runs(models, run):
+            raise ValueError(f"no attribute to move along: serve a classifier of {run}'s codes beside it (`diffuse train "
+                             f"configs/diffae_thickness.toml --set semantic.run={run} --out CLS`, then `diffuse serve "
+                             f"{run} CLS`)")
+        if attribute and cls not in (None, "") and attribute_classes(models, attribute):
+            attribute = f"{attribute}:{_whole(cls)}"
+        own = dict(attribute=attribute or None, amount=amount)
+    elif mode == "interpolate":
+        own = dict(to=to or None)
+    return page_request(EditRequest, models.opened.get(run), run, None, steps, None, None, None, seed, n, ema, None, None,
+                        device=device, task=mode, image=image or "", encode_steps=encode_steps, **own)
+
+
+def job_upload(path: str | None, folder: Path, stem: str) -> str | None:
+    """An uploaded image file, checked as uploads are (`read_upload`: a message naming the file), copied byte for byte
+    into a job's folder as STEM + its suffix: the file the command line reads, downloaded beside the outputs. None for
+    no file."""
+    if not path:
+        return None
+    read_upload(path)
+    target = folder / (stem + Path(path).suffix.lower())
+    write_atomically(target, Path(path).read_bytes())
+    return str(target)
+
+
+def autoencode_status(req: EditRequest, calls: int) -> str:
+    """What an Autoencode job made, in a line: the reconstruction and its variations, the amounts along the attribute,
+    or the frames between the two images."""
+    if req.task == "manipulate":
+        amounts = [req.amount] if req.n == 1 else torch.linspace(0, req.amount, req.n).tolist()
+        what = f"{req.n} images along {req.attribute} at amounts {', '.join(f'{a:.3g}' for a in amounts)}"
+    elif req.task == "interpolate":
+        what = f"{req.n} frames from {Path(req.image).name} to {Path(req.to).name}"
+    else:
+        what = "the reconstruction" + (f" and {req.n - 1} variations of its code (random x_T)" if req.n > 1 else "")
+    return f"{what}; {calls} denoiser calls"
+
+
 # --- the Segment tab ------------------------------------------------------------------------------------------------
 def segmenter_about(models: Models, run: str) -> str:
     """A few lines about a served segmentation run: its classes, the images it reads, its features and step."""
@@ -449,8 +559,12 @@ class WebUI:
         self.device_flag = device is not None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.models = Models(runs, self.device)
-        for run in self.models.runs:  # every run's EMA weights now: a run without a checkpoint fails before serving
-            self.models.get(run)
+        for run in self.models.runs + self.models.autoencoders:  # every run's EMA weights now: a run without a
+            self.models.get(run)                                   # checkpoint fails before serving
+        with warnings.catch_warnings():  # (its notes are kept, and said with every job, as a served run's)
+            warnings.simplefilter("ignore")
+            for decoder in self.models.decoders.values():  # and the autoencoder each latent DDIM's codes decode by
+                self.models.load(decoder, True, self.device)
         for run in self.models.segmenters:  # and every segmentation run's head and features
             self.models.segmenter(run)
         self.device_lock = threading.Lock()
@@ -463,12 +577,13 @@ class WebUI:
         folder.mkdir()
         return folder
 
-    def follow(self, gr, work: Callable, progress, outputs: Callable, folder: Path) -> Iterator[dict]:
+    def follow(self, gr, work: Callable, progress, outputs: Callable, folder: Path,
+               labels: dict[str, str] = LABELS) -> Iterator[dict]:
         """Run `work` as a Job and yield the page's updates, `outputs(kind, payload)` -> {component: value}, for each
         preview, the end ("done", "cancelled") and, at least every second, nothing ("tick"), which keeps the job
         cancellable: closing the generator (the Cancel button, a closed page) cancels it. Steps move the progress bar;
-        notes (warnings) show as gr.Warning; a failed job raises gr.Error(`error_message`). Paths in `folder` are
-        shown by their names."""
+        notes (warnings) show as gr.Warning; a failed job raises gr.Error(`error_message`, widgets named by the tab's
+        `labels`). Paths in `folder` are shown by their names."""
         strip = lambda text: text.replace(f"{folder}{os.sep}", "")  # noqa: E731
         job = Job(work, self.device_lock)
         job.start()
@@ -490,7 +605,7 @@ class WebUI:
                 if kind in ("step", "tick") and time.monotonic() - last < 1.0:
                     continue
                 if kind == "error" and not isinstance(payload, Cancelled):
-                    raise page_error(gr, strip(error_message(payload)))
+                    raise page_error(gr, strip(error_message(payload, labels)))
                 last = time.monotonic()
                 yield outputs("cancelled" if kind == "error" else kind, payload)
                 if kind in ("done", "error"):
@@ -501,19 +616,23 @@ class WebUI:
 
 def build_app(runs: list[str], device: str | None = None):
     """The Gradio Blocks of `diffuse serve` for these run folders, queued (one job at a time on the device, the rest
-    wait in Gradio's queue), not launched: `serve` (or `launch`) launches it. The Sample and Edit tabs are there when
-    a diffusion run is served, the Segment tab when a segmentation run is. Every run's EMA weights (a segmentation
-    run's head and features) are loaded first. Raises ValueError when Gradio is not installed (naming `pip install -e
-    ".[ui]"`) or a run is neither a denoiser nor a segmentation run, FileNotFoundError for a folder that is not a run
-    or holds no checkpoint."""
+    wait in Gradio's queue), not launched: `serve` (or `launch`) launches it. The Sample tab is there when a run to
+    sample from is served (a denoiser, or a diffusion autoencoder's latent DDIM), the Edit tab when a denoiser is, the
+    Autoencode tab when a diffusion autoencoder is, the Segment tab when a segmentation run is. Every run's EMA weights
+    (a segmentation run's head and features) are loaded first. Raises ValueError when Gradio is not installed (naming
+    `pip install -e ".[ui]"`) or a run is of a kind the page does not serve, FileNotFoundError for a folder that is not
+    a run or holds no checkpoint."""
     gr = _gradio()
     ui = WebUI(runs, device)
-    first = ui.models.runs[0] if ui.models.runs else None  # the Sample and Edit tabs' run (none: no such tabs)
+    first = ui.models.runs[0] if ui.models.runs else None  # the Sample tab's run (none: no such tab)
+    e_first = ui.models.editors[0] if ui.models.editors else None  # the Edit tab's
+    a_first = ui.models.autoencoders[0] if ui.models.autoencoders else None  # the Autoencode tab's
 
     def run_choices(run: str) -> dict:
-        """The sampling controls' defaults for a run: its [sample] section, and what it can do (runs.Capabilities)."""
+        """The sampling controls' defaults for a run: its [sample] section (a latent DDIM's: its autoencoder's, which
+        the controls set), and what it can do (runs.Capabilities)."""
         r = ui.models.run(run)
-        s, caps = r.cfg.sample, r.capabilities
+        s, caps = (ui.models.decoders[run] if run in ui.models.decoders else r).cfg.sample, r.capabilities
         return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, conditional=caps.classes > 0,
                     labels=[ALL_CLASSES] + [str(k) for k in range(caps.classes)], guidance_ok=bool(caps.guidance_keys),
                     text=caps.text)
@@ -634,8 +753,12 @@ def build_app(runs: list[str], device: str | None = None):
                 return False
         return [k for k in range(2, side + 1) if fits(k)] or [1]
 
+    def edit_choices(run: str) -> list[str]:
+        """The Edit tab's edits of a run: all but invert, whose output is a file of noise, not an image to show."""
+        return [e for e in ui.models.run(run).capabilities.edits if e not in CODED]
+
     def on_edit_run(run: str) -> tuple:
-        offered = list(ui.models.run(run).capabilities.edits)
+        offered = edit_choices(run)
         return (gr.Radio(choices=offered, value=offered[0]), gr.Dropdown(choices=factors(run), value=factors(run)[0]),
                 *on_run(run))
 
@@ -686,6 +809,94 @@ def build_app(runs: list[str], device: str | None = None):
         yield {e_status: "waiting for the device" if ui.device_lock.locked() else "loading", e_command: ""}
         yield from ui.follow(gr, work, progress, outputs, folder)
 
+    # ---- Autoencode: an uploaded image through a diffusion autoencoder; the strip, the figure and the command line
+    def autoencode_about(run: str, mode: str) -> str:
+        text = f"**{mode}**: {SEMANTIC_ABOUT.get(mode, '')}"
+        if mode == "manipulate" and not attribute_runs(ui.models, run):
+            text += (f"  \nno classifier of {run}'s codes is served: train one (`diffuse train configs/diffae_thickness.toml "
+                     f"--set semantic.run={run} --out CLS`) and serve it beside the run")
+        return text
+
+    def ae_widgets(run: str, mode: str, attribute: str | None, n) -> tuple:
+        """The Autoencode tab's widgets for a run and mode: what the mode is, the second upload (interpolate), the
+        attribute, its class (a label classifier) and the amount (manipulate), the number of images (at least 2
+        frames for interpolate)."""
+        offered = attribute_runs(ui.models, run)
+        attribute = attribute if attribute in offered else (offered[0] if offered else None)
+        classes = [str(k) for k in attribute_classes(ui.models, attribute)] if attribute else []
+        manipulate, interpolate = mode == "manipulate", mode == "interpolate"
+        n = n if isinstance(n, (int, float)) else 4
+        return (autoencode_about(run, mode), gr.File(visible=interpolate),
+                gr.Dropdown(choices=[(f"{a} ({ui.models.run(a).cfg.semantic.target})", a) for a in offered],
+                            value=attribute, visible=manipulate),
+                gr.Dropdown(choices=classes, value=classes[0] if classes else None, visible=manipulate and bool(classes)),
+                gr.Slider(visible=manipulate),
+                gr.Slider(minimum=2 if interpolate else 1, value=max(n, 2) if interpolate else n,
+                          label=AE_COUNT[mode] if mode in AE_COUNT else "number of images"))
+
+    def on_ae_run(run: str, mode: str, n) -> tuple:
+        return (*ae_widgets(run, mode, None, n), gr.Number(value=ui.models.run(run).cfg.sample.steps))
+
+    def show_inputs(run: str, mode: str, image_file, to_file) -> tuple:
+        """The uploaded images as the run reads them (data.load_image: fitted to its size and channels), side by side,
+        and a line naming them and how they were fitted; a file that is not an image, a message."""
+        r = ui.models.run(run)
+        c, side = r.cfg.data.channels, r.cfg.data.image_size
+        shown, names, notes = [], [], []
+        for path in (image_file, to_file if mode == "interpolate" else None):
+            if not path:
+                continue
+            try:
+                read_upload(path)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    shown.append(load_image(path, c, side)[0])
+            except ValueError as e:
+                raise page_error(gr, str(e).replace(str(path), Path(path).name))
+            names.append(Path(path).name)
+            notes += [str(w.message).replace(str(path), Path(path).name) for w in caught]
+        if not shown:
+            return None, ""
+        return (display(torch.cat(shown), len(shown)),
+                f"{' and '.join(names)}, as {run} reads {'them' if len(names) > 1 else 'it'} ({c}x{side}x{side})"
+                + "".join(f"  \n{note}" for note in notes))
+
+    def autoencode(run, mode, image_file, to_file, attribute, cls, amount, n, encode_steps, steps, seed, ema,
+                   progress=gr.Progress()):
+        folder = ui.job_folder("autoencode")
+        try:
+            image = job_upload(image_file, folder, "input")
+            to = job_upload(to_file, folder, "to") if mode == "interpolate" else None
+            req = autoencode_request(ui.models, run, mode, image, to, attribute, cls, amount, n, encode_steps, steps,
+                                     seed, ema, device=ui.device if ui.device_flag else None)
+        except ValueError as e:
+            raise page_error(gr, error_message(e, AUTOENCODE_LABELS))
+        out = f"{mode}.png"
+
+        def work(report):
+            plan = resolve(req, ui.models.run(req.run))  # the images, the attribute and every choice checked first
+            result = execute(plan, report, load=ui.models.load)
+            x = result.x.cpu()
+            save_grid(x, folder / out)  # what `diffuse edit MODE ... --out MODE.png` writes
+            save_before_after(result, folder / f"{mode}_before_after.png")
+            return dict(x=x, plan=plan, calls=result.calls)
+
+        def outputs(kind, r):
+            if kind == "preview":
+                return {a_strip: display(decoded(req, r.x0)), a_status: status("the predicted x_0", r)}
+            if kind != "done":
+                return {a_status: "cancelled" if kind == "cancelled" else gr.update()}
+            inputs = [p for p in (req.image, req.to) if p]
+            argv = [Path(a).name if a in inputs else a for a in r["plan"].argv()] + ["--out", out]
+            files = [*inputs, str(folder / out), str(folder / f"{mode}_before_after.png")]
+            return {a_strip: display(r["x"], len(r["x"])), a_figure: str(folder / f"{mode}_before_after.png"),
+                    a_files: files, a_status: autoencode_status(r["plan"].request, r["calls"]),
+                    a_command: shlex.join(["diffuse", *argv]) + "   # with the downloaded "
+                    + " and ".join(Path(p).name for p in inputs)}
+
+        yield {a_status: "waiting for the device" if ui.device_lock.locked() else "loading", a_command: ""}
+        yield from ui.follow(gr, work, progress, outputs, folder, AUTOENCODE_LABELS)
+
     # ---- Segment: an uploaded image segmented; the overlay figure, the classes' shares, the files, the command line
     def segment(run, path):
         folder = ui.job_folder("segment")
@@ -728,11 +939,12 @@ def build_app(runs: list[str], device: str | None = None):
                                                  height=260)
                                 s_files = gr.File(label="download", file_count="multiple", interactive=False,
                                                   elem_id="s-files")
+            if e_first is not None:  # Edit: the denoisers
                 with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
-                    offered = list(ui.models.run(first).capabilities.edits)
+                    offered = edit_choices(e_first)
                     with gr.Row():
                         with gr.Column(scale=1):
-                            e_run = gr.Dropdown(ui.models.runs, value=first, label="run", elem_id="e-run")
+                            e_run = gr.Dropdown(ui.models.runs, value=e_first, label="run", elem_id="e-run")
                             e_task = gr.Radio(offered, value=offered[0], label="edit", elem_id="e-task")
                             e_about = gr.Markdown(f"**{offered[0]}**: {EDITS[offered[0]]}")
                             e_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="e-upload")
@@ -743,7 +955,7 @@ def build_app(runs: list[str], device: str | None = None):
                                                    label="SDEdit strength (0: the image itself, 1: a new sample)",
                                                    info=STRENGTH_HELP[0].upper() + STRENGTH_HELP[1:], elem_id="e-strength")
                             with gr.Row():  # ILVR's factor and t_stop; RePaint's resamplings and jump length
-                                e_factor = gr.Dropdown(factors(first), value=factors(first)[0], visible=offered[0] == "ilvr",
+                                e_factor = gr.Dropdown(factors(e_first), value=factors(e_first)[0], visible=offered[0] == "ilvr",
                                                        label="ILVR factor (divides the image size)")
                                 e_t_stop = gr.Slider(0, 1, value=0, step=0.05, visible=offered[0] == "ilvr",
                                                      label="ILVR t_stop (condition while t >= it)", elem_id="e-t-stop")
@@ -753,14 +965,14 @@ def build_app(runs: list[str], device: str | None = None):
                                                      label="RePaint jump length (grid steps)", elem_id="e-length")
                             e_mask_file = gr.File(label="or a mask file of the image's size (white = generate)",
                                                   type="filepath", visible=offered[0] == "inpaint", elem_id="e-mask-file")
-                            e_prompts = prompt_controls(first, "e")
+                            e_prompts = prompt_controls(e_first, "e")
                             with gr.Accordion("sampling", open=False):
-                                e_controls = sampling_controls(first, 8, "e") + e_prompts
+                                e_controls = sampling_controls(e_first, 8, "e") + e_prompts
                             with gr.Row():
                                 e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
                                 e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
                         with gr.Column(scale=2):
-                            blank, blank_size = editor_value(Image.new("L", (ui.models.run(first).cfg.data.image_size,) * 2))
+                            blank, blank_size = editor_value(Image.new("L", (ui.models.run(e_first).cfg.data.image_size,) * 2))
                             e_editor = gr.ImageEditor(  # png: the pixels come back as they were (webp would change them)
                                 blank, type="pil", sources=(), layers=False, transforms=(), format="png",
                                 label="the image: paint the region to inpaint, or strokes for SDEdit", elem_id="e-editor",
@@ -777,6 +989,51 @@ def build_app(runs: list[str], device: str | None = None):
                                     e_files = gr.File(label="download", file_count="multiple", interactive=False)
                             e_figure = gr.Image(label="the input beside the outputs", type="filepath", interactive=False,
                                                 elem_id="e-figure")
+            if a_first is not None:  # Autoencode: the diffusion autoencoders
+                with gr.Tab("Autoencode", id="autoencode", elem_id="tab-autoencode"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            a_run = gr.Dropdown(ui.models.autoencoders, value=a_first, label="diffusion autoencoder run",
+                                                elem_id="a-run")
+                            a_mode = gr.Radio(list(SEMANTIC_EDITS), value="reconstruct", label="mode", elem_id="a-mode")
+                            a_about = gr.Markdown(autoencode_about(a_first, "reconstruct"), elem_id="a-about")
+                            a_image = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="a-image")
+                            a_to = gr.File(label="second image file: the other end of the interpolation", type="filepath",
+                                           visible=False, elem_id="a-to")
+                            with gr.Row():  # (their choices for the run: `ae_widgets`)
+                                a_attribute = gr.Dropdown([], value=None, label="attribute (a classifier of the run's codes)",
+                                                          visible=False, elem_id="a-attribute")
+                                a_class = gr.Dropdown([], value=None, label="class to move towards", visible=False,
+                                                      elem_id="a-class")
+                            a_amount = gr.Slider(-1, 1, value=0.3, step=0.05, visible=False, elem_id="a-amount",
+                                                 label="amount: the step along the attribute in units of sqrt(d) of the "
+                                                       "normalised code (the paper: 0.3; negative: the other way)")
+                            a_n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label=AE_COUNT["reconstruct"], elem_id="a-n")
+                            with gr.Row():
+                                a_encode = gr.Number(EditRequest.encode_steps, label="encode steps (DDIM inversion to x_T)",
+                                                     precision=0, minimum=1, elem_id="a-encode-steps")
+                                a_steps = gr.Number(ui.models.run(a_first).cfg.sample.steps, precision=0, minimum=0,
+                                                    label="render steps (DDIM from x_T; 0: all)", elem_id="a-steps")
+                            with gr.Row():
+                                a_seed = gr.Number(0, label="seed (the variations' x_T)", precision=0, minimum=0,
+                                                   elem_id="a-seed")
+                                a_ema = gr.Checkbox(True, label="EMA weights (off: --no-ema)", elem_id="a-ema")
+                            with gr.Row():
+                                a_go = gr.Button("Run", variant="primary", elem_id="a-go")
+                                a_cancel = gr.Button("Cancel", variant="stop", elem_id="a-cancel")
+                        with gr.Column(scale=2):
+                            a_inputs = gr.Image(label="the input images, as the run reads them", type="pil", format="png",
+                                                interactive=False, elem_id="a-inputs", height=160)
+                            a_status = gr.Markdown(elem_id="a-status", min_height=64)
+                            a_strip = gr.Image(label="outputs in a strip (the predicted x_0 while inverting and rendering)",
+                                               type="pil", format="png", interactive=False, elem_id="a-strip", height=200)
+                            a_command = gr.Textbox(label="the command line that makes these outputs", interactive=False,
+                                                   elem_id="a-command", lines=2)
+                            with gr.Row():
+                                a_figure = gr.Image(label="the inputs beside the outputs", type="filepath",
+                                                    interactive=False, elem_id="a-figure", scale=2)
+                                a_files = gr.File(label="download", file_count="multiple", interactive=False,
+                                                  elem_id="a-files", scale=1)
             if ui.models.segmenters:  # Segment: the segmentation runs
                 with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
                     with gr.Row():
@@ -813,6 +1070,7 @@ def build_app(runs: list[str], device: str | None = None):
             s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
                                show_progress_on=[s_status], **jobs)
             s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
+        if e_first is not None:
             e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
             e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_t_stop, e_jumps, e_length, e_mask_file],
                           queue=False)
@@ -822,6 +1080,17 @@ def build_app(runs: list[str], device: str | None = None):
                                       e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
                                show_progress_on=[e_status], **jobs)
             e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
+        if a_first is not None:
+            a_shown = [a_about, a_to, a_attribute, a_class, a_amount, a_n]
+            a_run.change(on_ae_run, [a_run, a_mode, a_n], [*a_shown, a_steps], queue=False)
+            a_mode.change(ae_widgets, [a_run, a_mode, a_attribute, a_n], a_shown, queue=False)
+            a_attribute.input(ae_widgets, [a_run, a_mode, a_attribute, a_n], a_shown, queue=False)
+            for upload_box in (a_image, a_to):
+                upload_box.upload(show_inputs, [a_run, a_mode, a_image, a_to], [a_inputs, a_status])
+            a_job = a_go.click(autoencode, [a_run, a_mode, a_image, a_to, a_attribute, a_class, a_amount, a_n, a_encode,
+                                            a_steps, a_seed, a_ema], [a_strip, a_figure, a_status, a_command, a_files],
+                               show_progress_on=[a_status], **jobs)
+            a_cancel.click(lambda: "cancelled", None, a_status, cancels=[a_job], queue=False)
         if ui.models.segmenters:
             g_outputs = [g_figure, g_table, g_files, g_status, g_command]
             g_upload.upload(segment, [g_run, g_upload], g_outputs, **jobs)
