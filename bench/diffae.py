@@ -121,9 +121,12 @@ def classifiers(diffae: Path, out: Path) -> dict[str, Path]:
     return runs
 
 
-def direction(run: Path, row: int) -> tuple[Tensor, Tensor, Tensor, dict]:
+def direction(run: Path, row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(w, mean, std) of a classifier run on codes: its one row, or row k minus the rows' mean for class k (as
+    app.requests.Direction)."""
     c = load_checkpoint(run)
-    return c.tensors["model"]["weight"][row], torch.tensor(c.state["mean"]), torch.tensor(c.state["std"]), c.state
+    w = c.tensors["model"]["weight"]
+    return w[row] - (w.mean(0) if len(w) > 1 else 0), torch.tensor(c.state["mean"]), torch.tensor(c.state["std"])
 
 
 def table_part(args, out: Path) -> None:
@@ -194,7 +197,7 @@ def table_part(args, out: Path) -> None:
         base_class = digits(x[:m]).argmax(1)
     rows = []
     for target, want in (("thickness", 0.25), ("slant", 0.05)):
-        w, mean, std, _ = direction(clf[target], 0)
+        w, mean, std = direction(clf[target], 0)
         for s in (-0.6, -0.3, 0.0, 0.3, 0.6):
             edited = edit_code(z[:m], w, s, mean, std)
             img = in_batches(lambda zb, tb: decode(den, zb, tb, steps=100), edited, x_T100[:m])

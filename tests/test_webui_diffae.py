@@ -227,7 +227,7 @@ def test_the_page_manipulates_and_interpolates_as_the_command_line_does(browser,
         wait(browser, lambda d: "diffuse edit manipulate" in text_of(d, "a-command"), "the manipulation", timeout=120)
         command = text_of(browser, "a-command")
         want = EditRequest(runs["dae"], task="manipulate", image="input.png", attribute=runs["thick"], amount=0.3, n=4,
-                           seed=2, sampler="ddim", eta=0.0, device="cpu", **FAST)
+                           seed=2, sampler="ddim", eta=0.0, mixed_precision="no", device="cpu", **FAST)
         assert command == shlex.join(["diffuse", *want.argv(), "--out", "manipulate.png"]) + \
             "   # with the downloaded input.png"
         assert browser.find_elements(By.CSS_SELECTOR, "#a-strip img") and "at amounts 0, 0.1, 0.2, 0.3" in \

@@ -28,10 +28,10 @@ from torch import Tensor
 from .. import tasks
 from ..tasks import semantic
 from ..tasks.semantic import AMOUNT_LIMIT
-from ..checkpoint import checkpoint_folders, load_checkpoint
+from ..checkpoint import load_checkpoint, read_state
 from ..data import load_image, load_mask
 from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
-from ..kinds.diffae import sample_pair, semantic_codes
+from ..kinds.diffae import sample_pair
 from ..precision import autocast_dtype
 from ..runs import SEMANTIC_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
@@ -513,9 +513,11 @@ class Direction:
     std: Tensor
 
     def vector(self) -> Tensor:
-        """The direction w (d,): the classifier's weight row (the one row of a binary attribute)."""
+        """The direction w (d,): the one row of a binary attribute's classifier; for class k of a softmax classifier
+        w_k - mean_j w_j, since softmax is unchanged by a vector added to every row (only the differences between rows
+        are trained; the common part is what initialisation left)."""
         weights = load_checkpoint(self.run.path).tensors["model"]["weight"]
-        return weights[self.row]
+        return weights[self.row] - (weights.mean(0) if len(weights) > 1 else 0)
 
 
 def _resolve_direction(req: EditRequest, run: Run) -> Direction:
@@ -551,10 +553,11 @@ def _resolve_pair(req: SampleRequest, run: Run) -> Plan:
     """`diffuse sample PRIOR`: codes from the latent DDIM (its own [sample] sampler and steps), decoded by its diffusion
     autoencoder with the request's sampling fields over that run's [sample] section (Preechakul et al. 2022, sec. 3.3)."""
     decoder = _raise_as("run", open_run, run.cfg.semantic.run)
-    if decoder.kind != "diffae" or decoder.step is None or run.cfg.semantic.run_step not in _raise_as(
-            "run", ckpt_steps, decoder.path):
-        raise RequestError("run", f"{req.run} draws codes of {run.cfg.semantic.run} at step {run.cfg.semantic.run_step}, "
-                                  "which that folder no longer holds; restore it, or train the latent DDIM again on it")
+    if decoder.kind != "diffae" or decoder.step != run.cfg.semantic.run_step:  # its decoder reads the codes of that step
+        raise RequestError("run", f"{req.run} draws the codes of {run.cfg.semantic.run} at step {run.cfg.semantic.run_step}, "
+                                  f"and that run is now at step {decoder.step} (its encoder, so its codes, have changed); "
+                                  f"train the latent DDIM again on it (`diffuse train {run.path / 'config.toml'} --out NEW "
+                                  "--set semantic.run_step=0`, a few minutes)")
     _check_weights(run, "denoiser", "run")
     for field in ("label", "prompt", "classifier", "guidance"):
         if getattr(req, field) is not None:
@@ -633,18 +636,25 @@ def _resolve_coded(req: EditRequest, run: Run) -> Plan:
                            "leave --sampler and --eta out, or pass --sampler ddim --eta 0")
     if req.task == "interpolate" and req.n < 2:
         raise RequestError("n", f"--n must be at least 2 for edit interpolate (the frames include both ends), got {req.n}")
+    if cfg.model.self_condition:
+        raise RequestError("run", f"{req.run} is self-conditioned: each step takes the previous step's x_0 estimate, which "
+                                  "runs the other way when the walk is inverted, so DDIM inversion does not invert it")
+    if (req.spacing or cfg.sample.spacing) == "leading":
+        raise RequestError("spacing", "--spacing leading starts each grid at another top (it depends on the steps), so "
+                                      "x_T inverted on --encode-steps would be rendered from another noise level; use "
+                                      "trailing (the default), linspace, log_snr or karras")
+    top = getattr(Schedule.from_config(cfg.schedule), "top_step", None)
+    if top is not None and req.encode_steps > top:
+        raise RequestError("encode_steps", f"--encode-steps {req.encode_steps} is more than the {top} steps of {req.run}'s "
+                                           f"process; give at most {top}")
     image, _ = _raise_as("image", load_image, req.image, cfg.data.channels, cfg.data.image_size)
     to = _raise_as("to", load_image, req.to, cfg.data.channels, cfg.data.image_size)[0] if req.to is not None else None
     direction = _resolve_direction(req, run) if req.task == "manipulate" else None
     req = dataclasses.replace(req, sampler="ddim", eta=0.0 if req.eta is None else req.eta,
-                              n=1 if req.task == "invert" else req.n)  # invert: one output (its command has no --n)
+                              n=1 if req.task == "invert" else req.n,  # invert: one output (its command has no --n)
+                              mixed_precision=req.mixed_precision or "no")  # float32: bf16 rounding is not inverted
     plan = _sampling(req, run)
     return dataclasses.replace(plan, image=image, to=to, direction=direction)
-
-
-def ckpt_steps(path: Path) -> list[int]:
-    """The checkpoint steps a run folder holds."""
-    return sorted(checkpoint_folders(path))
 
 
 def _resolve_cascade(req: SampleRequest) -> Plan:
@@ -837,7 +847,8 @@ def _execute_pair(plan: Plan, callback, load, on_stage) -> Result:
     decoder = CountCalls(load(plan.decoder, req.ema, plan.device).denoiser)
     if on_stage is not None:
         on_stage(plan, _steps_total(plan, decoder.schedule, -(-req.n // req.batch_size)))
-    stats = semantic_codes(plan.decoder.path, prior_run.cfg.semantic.run_step, plan.device)
+    state = read_state(prior_run.path, prior_run.step)  # the training codes' mean and std, saved with the latent DDIM
+    stats = {"mean": torch.tensor(state["mean"]), "std": torch.tensor(state["std"])}
     kw = {k: v for k, v in plan.generate_kw.items() if k not in ("labels", "guidance", "guidance_interval", "seed", "device")}
     out = []
     for k, lo in enumerate(range(0, req.n, req.batch_size)):

@@ -1,7 +1,8 @@
 """The diffusion autoencoder's kinds (Preechakul et al. 2022; lecture 002, "Diffusion Autoencoders"):
 
-    "diffae"             the semantic encoder and the conditional decoder, trained together by the plain diffusion loss
-                         ||eps - eps_theta(x_t, t, Enc(x_0))||^2 (the encoder learns only through it); on the training
+    "diffae"             the semantic encoder and the conditional decoder, trained together by the diffusion loss of
+                         DiffusionObjective (the paper's ||eps - eps_theta(x_t, t, Enc(x_0))||^2, or the config's target
+                         and weighting) with z_sem = Enc(x_0): the encoder learns only through it; on the training
                          split of its data (the last tenth is held out, as for the autoencoder: kinds.autoencoder.held_out)
     "diffae_prior"       the latent DDIM: eps_omega(z_t, t) on the frozen encoder's codes of the training images,
                          z-normalised, MLPSkipNet, the L1 loss and a constant beta = 0.008 (app. B); a second run
@@ -217,6 +218,9 @@ class DiffAEPriorObjective(DiffusionObjective):
         for bad, why in [(s.hidden < 1 or s.layers < 2, f"semantic.hidden must be >= 1 and semantic.layers >= 2, got "
                                                         f"{s.hidden}, {s.layers}"),
                          (cfg.train.hflip, "train.hflip would reverse the code's entries; set it to false"),
+                         (cfg.train.loss != "simple", f"train.loss = '{cfg.train.loss}' needs the images' discrete "
+                                                      "likelihood; codes train with 'simple' (the paper: L1, train.loss_norm)"),
+                         (cfg.train.offset_noise > 0, "train.offset_noise shifts image channels; set it to 0"),
                          (cfg.train.augment_p > 0, "train.augment_p augments images, not codes; set it to 0"),
                          (cfg.model.prediction == "edm" and cfg.schedule.kind != "edm",
                           "model.prediction = 'edm' needs schedule.kind = 'edm'")]:
@@ -250,6 +254,10 @@ class DiffAEPriorObjective(DiffusionObjective):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         pass
 
+    def checkpoint_info(self) -> dict:
+        """The training codes' mean and std: what de-normalises the codes it draws (saved with every checkpoint)."""
+        return {"mean": self.dataset.stats["mean"].tolist(), "std": self.dataset.stats["std"].tolist()}
+
     @torch.no_grad()
     def preview(self, trainer) -> Path:
         """RUN/samples/step_NNNNNNNN.png: sample.n codes drawn by the EMA prior, decoded (sample_pair)."""
@@ -267,10 +275,13 @@ class DiffAEPriorObjective(DiffusionObjective):
 
 def codes_for(cfg: RunConfig) -> CodeDataset:
     """The training codes of semantic.run at semantic.run_step, z-normalised if semantic.normalize, as a CodeDataset
-    whose `stats` are the codes' mean and std (and, for a classifier, `target` and `threshold`)."""
-    stats = semantic_codes(cfg.semantic.run, cfg.semantic.run_step or ckpt.latest_step(cfg.semantic.run))
-    data = CodeDataset(normalise(stats["codes"], stats, cfg.semantic.normalize))
-    data.stats = {"mean": stats["mean"], "std": stats["std"]}
+    whose `stats` are the codes' mean and std, the normalisation (zeros and ones without it), and `index` the images'
+    indices in the run's data (a classifier then adds `extras["target"]` and, for an attribute, `threshold`)."""
+    stats = semantic_codes(cfg.semantic.run, cfg.semantic.run_step)
+    on = cfg.semantic.normalize
+    data = CodeDataset(normalise(stats["codes"], stats, on))
+    d = stats["codes"].shape[1]  # without normalisation the codes' own space: mean 0, std 1
+    data.stats = {"mean": stats["mean"] if on else torch.zeros(d), "std": stats["std"] if on else torch.ones(d)}
     data.index = stats["index"]
     return data
 
@@ -294,7 +305,8 @@ class DiffAEClassifierObjective(Objective):
     """model.kind = "diffae_classifier": a linear classifier on the z-normalised codes (Preechakul et al. 2022, sec.
     4.2, the reference's nn.Linear(style_ch, num_cls)): softmax cross-entropy over the classes for semantic.target =
     "label", binary cross-entropy on an attribute split at its training median otherwise (the paper's binary attributes,
-    BCE). Row k of the weights (or the one row) is the direction w of z' = z + s sqrt(d) w / |w| (tasks.diffae.manipulate).
+    BCE). The one row of a binary attribute, or row k minus the rows' mean for class k (app.requests.Direction), is
+    the direction w of z' = z + s sqrt(d) w / |w| (tasks.semantic.edit_code).
     Previews and evaluation: none; `diffuse edit manipulate` uses it."""
 
     groups = {"main": Group(("model",))}
@@ -331,8 +343,13 @@ class DiffAEClassifierObjective(Objective):
             target = torch.cat([images.batch(i)[1]["label"] for i in data.index.split(256)])
             data.num_classes = images.num_classes
         else:
-            values = torch.cat([measure(images.batch(i)[0], [cfg.semantic.target])[cfg.semantic.target]
+            values = torch.cat([measure(images.batch(i)[0], [cfg.semantic.target], empty="nan")[cfg.semantic.target]
                                 for i in data.index.split(256)])
+            empty = data.index[values.isnan()].tolist()
+            if empty:
+                raise ValueError(f"semantic.target = {cfg.semantic.target!r} cannot be measured on {len(empty)} image(s) of "
+                                 f"{run}'s data without ink (indices {empty[:5]}); remove them from the data, or train on "
+                                 "'label'")
             target, threshold = binarise(values)
             data.threshold = float(threshold)
             data.num_classes = 2

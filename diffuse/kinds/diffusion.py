@@ -48,9 +48,12 @@ from .base import Context, Objective
 def build_model(cfg: RunConfig, num_classes: int) -> UNet | NoisyClassifier | DiffusionAutoencoder | MLPSkipNet:
     """The network of a config, for the variable it diffuses (stages.diffusion_shape: images, or their latents; a
     diffusion autoencoder's codes for its latent DDIM, of width read from that run's config)."""
-    if cfg.model.kind == "diffae_prior":
-        dim = load_config(Path(cfg.semantic.run).expanduser() / "config.toml").model.semantic_dim
-        return MLPSkipNet(dim, cfg.semantic.hidden, cfg.semantic.layers)
+    if cfg.model.kind == "diffae_prior":  # the codes' width is the diffusion autoencoder's
+        source = Path(cfg.semantic.run).expanduser() / "config.toml"
+        if not source.is_file():
+            raise FileNotFoundError(f"semantic.run = {cfg.semantic.run!r}: {source.parent} holds no run; the latent DDIM "
+                                    "draws that diffusion autoencoder's codes and is read with it: restore it")
+        return MLPSkipNet(load_config(source).model.semantic_dim, cfg.semantic.hidden, cfg.semantic.layers)
     channels, size, _ = diffusion_shape(cfg)
     if cfg.model.kind == "diffae":
         return DiffusionAutoencoder(cfg.model, in_channels=channels, image_size=size, num_classes=num_classes,
@@ -216,6 +219,9 @@ class DiffusionObjective(Objective):
                     for k in ("p2_k", "p2_gamma")]
         if t.loss != "hybrid":
             out.append(("train.vlb_lambda", f'train.loss = "{t.loss}" has no lambda L_vlb term', 'set train.loss = "hybrid" or remove it'))
+        if m.kind in ("denoiser", "classifier") and m.semantic_dim:
+            out.append(("model.semantic_dim", "only a diffusion autoencoder has a semantic code",
+                        'set model.kind = "diffae", or remove it'))
         if m.learned_variance and t.loss == "simple":
             out.append(("model.learned_variance", 'train.loss = "simple" never trains the variance output (ancestral '
                         "sampling would then use an untrained variance)", 'set train.loss = "hybrid" (or "vlb")'))

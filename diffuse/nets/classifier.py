@@ -51,7 +51,10 @@ class UNetEncoder(nn.Module):
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels)) if hasattr(self, "time_mlp") else None
+        timed = hasattr(self, "time_mlp")
+        if timed != (t is not None):
+            raise ValueError(f"{type(self).__name__} " + ("takes the time t (B,)" if timed else "takes no time input"))
+        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), self.cfg.channels)) if timed else None
         h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))
         for level, down in zip(self.down, self.downsample):
             for block, attn in zip(level.blocks, level.attns):

@@ -60,8 +60,8 @@ class DiffusionAutoencoder(nn.Module):
 
 
 class SkipLayer(nn.Module):
-    """One layer of MLPSkipNet: Linear, then h (1 + Linear(t_emb)) where `conditioned`, LayerNorm and SiLU where `inner`
-    (the reference's MLPLNAct with condition_bias 1)."""
+    """One layer of MLPSkipNet (the reference's MLPLNAct with condition_bias 1): Linear; then, for an inner layer,
+    h (1 + Linear(SiLU(t_emb))), LayerNorm and SiLU; the last layer is the Linear alone."""
 
     def __init__(self, d_in: int, d_out: int, time_dim: int, inner: bool):
         super().__init__()
@@ -74,16 +74,17 @@ class SkipLayer(nn.Module):
     def forward(self, h: Tensor, t_emb: Tensor) -> Tensor:
         h = self.linear(h)
         if self.inner:
-            h = F.silu(self.norm(h * (1 + self.time(t_emb))))
+            h = F.silu(self.norm(h * (1 + self.time(F.silu(t_emb)))))
         return h
 
 
 class MLPSkipNet(nn.Module):
     """The latent DDIM's network eps_omega(z_t, t) (Preechakul et al. 2022, sec. 3.3 and app. B; the reference's
     MLPSkipNet): `layers` linear layers of width `hidden`, the input z_t concatenated again before every layer after the
-    first, LayerNorm and SiLU after each inner layer, the time as a scale h (1 + Linear(t_emb)) of each inner layer,
-    t_emb a 2-layer MLP of a 64-wide sinusoidal embedding. (B, d) codes, (B,) model times -> (B, d). The paper uses 10
-    layers of 2048 at d = 512; width and depth are config values (model.channels, model.num_res_blocks)."""
+    first (skip_layers 1..layers-1), LayerNorm and SiLU after each inner layer, the time as a scale h (1 + Linear(SiLU(
+    t_emb))) of each inner layer, t_emb a 2-layer MLP of a 64-wide sinusoidal embedding to the code's width d. (B, d)
+    codes, (B,) model times -> (B, d). The paper uses 10 layers of 2048 at d = 512; semantic.hidden and semantic.layers
+    set width and depth. ValueError for dim < 1, hidden < 1, layers < 2, or codes of another shape."""
 
     condition_spec = ConditionSpec()  # unconditional
     num_classes = 0
@@ -93,9 +94,9 @@ class MLPSkipNet(nn.Module):
         if dim < 1 or hidden < 1 or layers < 2:
             raise ValueError(f"MLPSkipNet needs dim >= 1, hidden >= 1 and layers >= 2, got {dim}, {hidden}, {layers}")
         self.dim, self.time_embed = dim, time_embed
-        self.time_mlp = nn.Sequential(nn.Linear(time_embed, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.time_mlp = nn.Sequential(nn.Linear(time_embed, dim), nn.SiLU(), nn.Linear(dim, dim))
         widths = [dim, *[hidden] * (layers - 1), dim]
-        self.layers = nn.ModuleList(SkipLayer(widths[i] + (dim if i else 0), widths[i + 1], hidden, inner=i < layers - 1)
+        self.layers = nn.ModuleList(SkipLayer(widths[i] + (dim if i else 0), widths[i + 1], dim, inner=i < layers - 1)
                                     for i in range(layers))
 
     def forward(self, z: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
@@ -107,4 +108,3 @@ class MLPSkipNet(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h if i == 0 else torch.cat([h, z], dim=1), t_emb)  # the skip: z_t again
         return h
-
