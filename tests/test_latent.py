@@ -60,10 +60,15 @@ def ldm_run(tmp_path_factory, ae_run):
 
 
 # --- the autoencoder run -------------------------------------------------------------------------------------
-def test_held_out_split_is_the_last_tenth():
+def test_held_out_split_is_every_tenth_image():
     train_idx, test_idx = held_out(1797)
-    assert len(test_idx) == 179 and int(test_idx[0]) == 1797 - 179 and len(train_idx) + len(test_idx) == 1797
-    assert len(held_out(5)[1]) == 1
+    assert len(test_idx) == 179 and test_idx[:3].tolist() == [9, 19, 29] and len(train_idx) + len(test_idx) == 1797
+    assert not set(train_idx.tolist()) & set(test_idx.tolist())
+    assert held_out(5)[1].tolist() == [4]
+    # data in class order (the bundled MNIST: 500 of each digit in turn) give every class to both parts
+    labels = torch.arange(5000) // 500
+    train_idx, test_idx = held_out(5000)
+    assert torch.bincount(labels[test_idx]).tolist() == [50] * 10 and torch.bincount(labels[train_idx]).tolist() == [450] * 10
     with pytest.raises(ValueError, match="at least 2 images"):
         held_out(1)
 
@@ -75,7 +80,7 @@ def test_autoencoder_run_trains_logs_and_never_sees_the_held_out_images(ae_run):
     assert "disc_loss" in log[-1] and "disc_loss" not in log[0]  # the GAN switches on at disc_start = 3
     trainer = Trainer(ae_cfg(), ae_run.parent / "probe", progress=False)
     seen = torch.cat([trainer.dataset.idx[trainer.global_batch_indices(s)] for s in range(200)])  # indices of the images
-    assert int(seen.max()) < len(trainer.objective.pixels) - len(trainer.objective.test_idx)
+    assert not set(seen.tolist()) & set(trainer.objective.test_idx.tolist())  # no held-out image is ever drawn
 
 
 def test_autoencoder_resume_is_exact(tmp_path, ae_run):

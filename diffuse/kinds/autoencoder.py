@@ -6,7 +6,7 @@ the [autoencoder] network of nets/autoencoder.py trained by the one Trainer as t
     disc  the patch discriminator's hinge loss (nets.autoencoder.discriminator_loss), only once the GAN is on
 
 both AdamW with betas (0.5, 0.9) (taming-transformers and LDM), the autoencoder's gradients clipped by train.grad_clip,
-the discriminator's not. Trained on all but the last tenth of the data (`held_out`); the held-out part is what
+the discriminator's not. Trained on all but every tenth image of the data (`held_out`); the held-out part is what
 the reconstruction grids show and `train.fid_every` scores (PSNR, rFID, codebook usage). No EMA.
 
 The one draw of a step is the KL posterior's noise for the global batch; a VQ codebook's dead-code restarts draw from
@@ -31,16 +31,20 @@ from ..visualize import save_grid, to_uint8
 from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 
 
-HELD_OUT = 0.1          # the last tenth of an autoencoder run's data is held out of its training, for `diffuse eval`
+HELD_OUT = 10           # every tenth image of an autoencoder run's data is held out of its training, for `diffuse eval`
 
 
 def held_out(n: int) -> tuple[Tensor, Tensor]:
-    """(training indices, held-out indices) of n images: the last max(1, n / 10) are held out (a fixed split, so the
-    trainer and `diffuse eval` agree). ValueError for fewer than 2 images."""
+    """(training indices, held-out indices) of n images: every HELD_OUT-th image, indices 9, 19, 29, ... (at least one,
+    the last), is held out: a fixed split, so the trainer and `diffuse eval` agree, and an interleaved one, so data
+    stored in class order (the bundled MNIST digits: 500 zeros, then 500 ones, ...) give every class to both parts.
+    ValueError for fewer than 2 images."""
     if n < 2:
         raise ValueError(f"an autoencoder run needs at least 2 images (one to train on, one held out), got {n}")
-    k = max(1, int(n * HELD_OUT))
-    return torch.arange(n - k), torch.arange(n - k, n)
+    test = torch.arange(HELD_OUT - 1, n, HELD_OUT) if n >= HELD_OUT else torch.tensor([n - 1])
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[test] = False
+    return torch.arange(n)[keep], test
 
 
 @torch.no_grad()
@@ -85,7 +89,7 @@ class AutoencoderObjective(Objective):
                         (t.mixed_precision != "fp16", "train.mixed_precision = 'fp16' is not used for autoencoders (the "
                          "adaptive GAN weight divides gradient norms); use 'bf16', 'auto' or 'no'"),
                         (not t.fid_every or len(self.test_idx) >= 2,
-                         f"train.fid_every needs at least 2 held-out images for an rFID and the last tenth of "
+                         f"train.fid_every needs at least 2 held-out images for an rFID and every tenth image of "
                          f"{len(data)} images holds {len(self.test_idx)}; use more images or train.fid_every = 0"),
                         (not t.fid_every or t.fid_features != "digits" or cfg.data.channels == 1,
                          f"train.fid_features = 'digits' is the feature space of 1-channel digits and the data have "

@@ -3,7 +3,7 @@
     "diffae"             the semantic encoder and the conditional decoder, trained together by the diffusion loss of
                          DiffusionObjective (the paper's ||eps - eps_theta(x_t, t, Enc(x_0))||^2, or the config's target
                          and weighting) with z_sem = Enc(x_0): the encoder learns only through it; on the training
-                         split of its data (the last tenth is held out, as for the autoencoder: kinds.autoencoder.held_out)
+                         split of its data (every tenth image is held out, as for the autoencoder: kinds.autoencoder.held_out)
     "diffae_prior"       the latent DDIM: eps_omega(z_t, t) on the frozen encoder's codes of the training images,
                          z-normalised, MLPSkipNet, the L1 loss and a constant beta = 0.008 (app. B); a second run
     "diffae_classifier"  a linear classifier on the z-normalised codes, trained on the labels or on a measured attribute
