@@ -39,7 +39,8 @@ from diffuse.data.attributes import measure
 from diffuse.denoiser import Denoiser
 from diffuse.generate import generate, invert
 from diffuse.kinds.autoencoder import held_out
-from diffuse.kinds.diffae import denormalise, load_diffae, sample_pair, semantic_codes
+from diffuse.app.requests import Direction
+from diffuse.kinds.diffae import denormalise, load_diffae, normalise, sample_pair, semantic_codes
 from diffuse.metrics import extract_features, feature_statistics, frechet_distance
 from diffuse.runs import open_run
 from diffuse.samplers import ddim
@@ -122,11 +123,10 @@ def classifiers(diffae: Path, out: Path) -> dict[str, Path]:
 
 
 def direction(run: Path, row: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(w, mean, std) of a classifier run on codes: its one row, or row k minus the rows' mean for class k (as
-    app.requests.Direction)."""
-    c = load_checkpoint(run)
-    w = c.tensors["model"]["weight"]
-    return w[row] - (w.mean(0) if len(w) > 1 else 0), torch.tensor(c.state["mean"]), torch.tensor(c.state["std"])
+    """(w, mean, std) of a classifier run on codes, as `diffuse edit manipulate` reads them (app.requests.Direction)."""
+    state = load_checkpoint(run).state
+    d = Direction(open_run(run), row, torch.tensor(state["mean"]), torch.tensor(state["std"]))
+    return d.vector(), d.mean, d.std
 
 
 def table_part(args, out: Path) -> None:
@@ -177,8 +177,8 @@ def table_part(args, out: Path) -> None:
     codes = semantic_codes(args.diffae, step)
     train_labels = data.batch(codes["index"])[1]["label"]
     probe = LogisticRegression(max_iter=3000)
-    probe.fit(((codes["codes"] - codes["mean"]) / codes["std"]).numpy(), train_labels.numpy())
-    zn = ((z - codes["mean"]) / codes["std"]).numpy()
+    probe.fit(normalise(codes["codes"], codes).numpy(), train_labels.numpy())
+    zn = normalise(z, codes).numpy()
     probes = {"z_sem, trained on the 4,500 training codes": float(probe.score(zn, labels.numpy())),
               "z_sem, 5-fold CV on the 500": float(cross_val_score(LogisticRegression(max_iter=3000), zn, labels.numpy(), cv=5).mean()),
               "x_T (100 steps), 5-fold CV on the 500": float(cross_val_score(LogisticRegression(max_iter=3000),

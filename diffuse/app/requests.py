@@ -829,10 +829,9 @@ def _coded_edit(plan: Plan, space, counted, kw: dict) -> Result:
         return Result(x, [image], counted.calls)
     if req.task == "manipulate":  # amounts 0 .. s along the direction, the same x_T (one image: s alone)
         d = plan.direction
-        amounts = [req.amount] if req.n == 1 else torch.linspace(0, req.amount, req.n).tolist()
-        w = d.vector()
-        codes = torch.cat([semantic.edit_code(z, w, a, d.mean, d.std) for a in amounts])
-        x = semantic.decode(counted, codes, x_T.expand(len(amounts), *x_T.shape[1:]), **render)
+        w, steps = d.vector(), semantic.amounts(req.amount, req.n)
+        codes = torch.cat([semantic.edit_code(z, w, a, d.mean, d.std) for a in steps])
+        x = semantic.decode(counted, codes, x_T.expand(len(steps), *x_T.shape[1:]), **render)
         return Result(x, [image], counted.calls)
     z_b, x_b = semantic.encode(counted, plan.to.to(dev), **inv)  # interpolate: lerp of z_sem, slerp of x_T
     codes, noises = semantic.interpolation(z[0], z_b[0], x_T[0], x_b[0], req.n)

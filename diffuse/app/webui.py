@@ -71,6 +71,7 @@ from ..samplers import SAMPLERS, Step
 from ..schedule import SPACINGS
 from ..stages import diffusion_shape
 from ..tasks.editing import STRENGTH_HELP, latent_factor
+from ..tasks.semantic import amounts
 from ..train import feature_network
 from ..visualize import grid, save_gif, save_grid, save_image
 from .segment import Segmented, check_segmenter, output_paths
@@ -501,8 +502,7 @@ def autoencode_status(req: EditRequest, calls: int) -> str:
     """What an Autoencode job made, in a line: the reconstruction and its variations, the amounts along the attribute,
     or the frames between the two images."""
     if req.task == "manipulate":
-        amounts = [req.amount] if req.n == 1 else torch.linspace(0, req.amount, req.n).tolist()
-        what = f"{req.n} images along {req.attribute} at amounts {', '.join(f'{a:.3g}' for a in amounts)}"
+        what = f"{req.n} images along {req.attribute} at amounts {', '.join(f'{a:.3g}' for a in amounts(req.amount, req.n))}"
     elif req.task == "interpolate":
         what = f"{req.n} frames from {Path(req.image).name} to {Path(req.to).name}"
     else:

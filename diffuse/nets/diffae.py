@@ -29,6 +29,8 @@ class DiffusionAutoencoder(nn.Module):
     holding `z_sem` (B, d), or `encode` (B, C, H, W), the clean images whose code Enc(x_0) the decoder then takes (the
     training path: the encoder's gradient flows through the diffusion loss). `encode(x0)` alone gives z_sem. The
     condition keys are the decoder's (`condition_spec`: z_sem, plus a label or other keys the config adds).
+    The encoder reuses the decoder's [model] widths and pools by the spatial mean then a Linear (the reference's
+    AdaptiveAvgPool and 1x1 convolution; the reference goes one level deeper, to 1x1, which a mean makes unnecessary).
     ValueError for model.semantic_dim < 1."""
 
     def __init__(self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int = 0,

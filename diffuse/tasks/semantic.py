@@ -60,6 +60,12 @@ def edit_code(z: Tensor, direction: Tensor, amount: float, mean: Tensor, std: Te
     return z + step * std.to(z)  # denorm(norm(z) + step) = z + step * std
 
 
+def amounts(amount: float, n: int) -> list[float]:
+    """The steps s of n manipulations along one direction: 0 .. amount evenly (the unedited code first, so a strip shows
+    the path), or the amount alone for one image."""
+    return [float(amount)] if n == 1 else torch.linspace(0, amount, n).tolist()
+
+
 @torch.no_grad()
 def encode(denoiser, x0: Tensor, *, steps: int | None = 250, refine: int = 0, device="cpu", **kw) -> tuple[Tensor, Tensor]:
     """(z_sem (B, d), x_T (B, C, H, W)) of images x0 (B, C, H, W) in [-1, 1]: the semantic encoder, then DDIM inversion
