@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .condition import ConditionSpec
 from .checkpoint import mismatch_parts
-from .config import RunConfig, SampleConfig
+from .config import RunConfig, SampleConfig, TrainConfig
 from .data import DataConfig
 from .nets.unet import UNetConfig
 from .schedule import ScheduleConfig
@@ -104,10 +104,10 @@ def read_config(path: str | Path) -> RunConfig:
     if net.get("_class_name") not in MODEL_CLASSES:
         raise ValueError(f"{unet_file}: _class_name = {net.get('_class_name')!r}; diffuse runs {', '.join(MODEL_CLASSES)} "
                          "(unconditional image models such as google/ddpm-cifar10-32)")
-    for key in ("num_class_embeds", "class_embed_type"):
-        if net.get(key) is not None:
-            raise ValueError(f"{unet_file}: {key} = {net[key]!r}: class-conditional diffusers networks are not supported; "
-                             "use an unconditional UNet2DModel")
+    if net.get("class_embed_type") is not None:
+        raise ValueError(f"{unet_file}: class_embed_type = {net['class_embed_type']!r}: diffuse reads class labels through "
+                         "the embedding table of num_class_embeds only; use a UNet2DModel without class_embed_type")
+    classes = num_classes(path, net, unet_file)
     channels, size = int(net.get("in_channels", 3)), net.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
@@ -123,9 +123,14 @@ def read_config(path: str | Path) -> RunConfig:
     if out != channels * (2 if learned else 1):
         raise ValueError(f"{unet_file}: out_channels = {out} with in_channels = {channels} and variance_type = {variance!r} "
                          f"in {sched_file.name}; expected {channels * (2 if learned else 1)}")
-    if sched.get("trained_betas") is not None:
-        raise ValueError(f"{sched_file}: trained_betas is set; diffuse reads the betas of a named beta_schedule "
-                         f"({', '.join(BETA_SCHEDULES)})")
+    kind = sched.get("_class_name", "")
+    if kind == FLOW_SCHEDULER:
+        return _flow_config(path, net, sched, unet_file, sched_file, size, channels, classes)
+    betas = sched.get("trained_betas")
+    if betas is not None and (not betas or len(set(betas)) != 1 or not 0 < float(betas[0]) < 1):
+        raise ValueError(f"{sched_file}: trained_betas holds betas of no schedule diffuse names; diffuse reads a named "
+                         f"beta_schedule ({', '.join(BETA_SCHEDULES)}) or constant trained_betas (schedule.kind = "
+                         "'constant')")
     beta_schedule = _choice(sched, "beta_schedule", BETA_SCHEDULES, "linear", sched_file)
     prediction = _choice(sched, "prediction_type", PREDICTIONS, "epsilon", sched_file)
     if sched.get("thresholding"):
@@ -138,35 +143,98 @@ def read_config(path: str | Path) -> RunConfig:
         warnings.warn(f"{sched_file}: steps_offset = {sched['steps_offset']} shifts diffusers' leading grid up by that many "
                       "steps; diffuse samples it on the trailing grid instead, which starts at the top", UserWarning, stacklevel=2)
         spacing = "trailing"
-    kind = sched.get("_class_name", "")
     if kind not in SAMPLER_DEFAULTS:
         warnings.warn(f"{sched_file}: {kind or 'the scheduler'} has no counterpart here; its schedule is read and sampling "
                       "defaults to ddim with 50 steps (choose with --sampler and --steps)", UserWarning, stacklevel=2)
     sampler, steps = SAMPLER_DEFAULTS.get(kind, ("ddim", 50))
     if kind == "DPMSolverMultistepScheduler" and int(sched.get("solver_order", 2)) == 3:
         sampler = "dpmpp-3m"
-    schedule = ScheduleConfig(kind=BETA_SCHEDULES[beta_schedule], T=int(sched.get("num_train_timesteps", 1000)),
+    T = int(sched.get("num_train_timesteps", 1000))
+    if betas is not None and len(betas) != T:
+        raise ValueError(f"{sched_file}: trained_betas holds {len(betas)} betas for num_train_timesteps = {T}")
+    schedule = ScheduleConfig(kind=BETA_SCHEDULES[beta_schedule], T=T,
                               beta_start=float(sched.get("beta_start", 1e-4)), beta_end=float(sched.get("beta_end", 0.02)),
                               zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)))
+    if betas is not None:  # constant betas (the diffusion autoencoder's latent DDIM schedule)
+        schedule = ScheduleConfig(kind="constant", T=T, beta_end=float(betas[0]), zero_terminal_snr=schedule.zero_terminal_snr)
     return RunConfig(data=DataConfig(source="folder", image_size=size, channels=channels), schedule=schedule,
-                     model=UNetConfig(prediction=PREDICTIONS[prediction], learned_variance=learned),
+                     model=UNetConfig(prediction=PREDICTIONS[prediction], learned_variance=learned, class_conditional=bool(classes)),
+                     train=TrainConfig(condition_dropout=_label_dropout(path)),
                      sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, variance=VARIANCES[variance],
                                          clip=bool(sched.get("clip_sample", True)), mixed_precision="no"))
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_FIXED = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "invert_sigmas": False,
+              "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "stochastic_sampling": False}  # the flow scheduler's settings diffuse's flow process has (Flow: time 1000 t)
+
+
+def _flow_config(path: str | Path, net: dict, sched: dict, unet_file: Path, sched_file: Path, size: int, channels: int,
+                 classes: int) -> RunConfig:
+    """The RunConfig of a rectified-flow folder (FlowMatchEulerDiscreteScheduler): x_t = (1 - t) x_0 + t eps, the
+    network fed 1000 t and predicting the velocity eps - x_0 (schedule.Flow); sampled by DDIM, which on this straight
+    path is the scheduler's Euler step x_s = x_t + (s - t) v, without clipping, as the scheduler does not clip."""
+    for key, value in FLOW_FIXED.items():
+        got = sched.get(key, value)
+        if got != value and not (isinstance(value, float) and isinstance(got, (int, float)) and float(got) == value):
+            raise ValueError(f"{sched_file}: {key} = {got!r}; diffuse reads the flow scheduler with {key} = "
+                             f"{json.dumps(value)} (its flow process feeds the network 1000 t on an unshifted grid)")
+    if int(net.get("out_channels", channels)) != channels:
+        raise ValueError(f"{unet_file}: out_channels = {net['out_channels']} with in_channels = {channels}: a flow "
+                         f"network outputs the velocity, {channels} channels")
+    return RunConfig(data=DataConfig(source="folder", image_size=size, channels=channels),
+                     schedule=ScheduleConfig(kind="flow"),
+                     model=UNetConfig(prediction="flow", class_conditional=bool(classes)),
+                     train=TrainConfig(condition_dropout=_label_dropout(path)),
+                     sample=SampleConfig(sampler="ddim", steps=50, spacing="trailing", clip=False, mixed_precision="no"))
+
+
+EXPORT_FILE = "diffuse.json"  # what `diffuse export` writes beside a pipeline's folders: the run, its null label
+
+
+def _export_record(path: str | Path) -> dict:
+    """The diffuse.json of a folder written by `diffuse export` ({} for other folders)."""
+    file = Path(path) / EXPORT_FILE
+    return _json(file) if file.is_file() else {}
+
+
+def _label_dropout(path: str | Path) -> dict:
+    """train.condition_dropout of the exported run ({} for other folders): whether its null label was trained."""
+    return {k: float(v) for k, v in _export_record(path).get("condition_dropout", {}).items()}
+
+
+def num_classes(path: str | Path, net: dict | None = None, unet_file: Path | None = None) -> int:
+    """The class labels a diffusers folder's network takes: 0 without num_class_embeds; K for a folder written by
+    `diffuse export`, whose K + 1 embeddings end with diffuse's null label (its diffuse.json says so). ValueError for
+    another class-conditional folder: which row is "no class" is not known."""
+    if net is None:
+        unet_file, _ = model_files(path) or (None, None)
+        net = _json(unet_file) if unet_file is not None else {}
+    embeds = net.get("num_class_embeds")
+    if embeds is None:
+        return 0
+    record = _export_record(path)
+    if record.get("null_label") != int(embeds) - 1:
+        raise ValueError(f"{unet_file}: num_class_embeds = {embeds} on a network not written by `diffuse export` (no "
+                         f"{EXPORT_FILE} naming its null label = {int(embeds) - 1}): diffuse reads class-conditional "
+                         "diffusers networks whose last class row is the null label of classifier-free guidance only")
+    return int(embeds) - 1
+
+
 class DiffusersUNet(nn.Module):
-    """A diffusers UNet2DModel as a diffuse network: (x_t (B, C, H, W), model_time (B,): the 0-based step index, as
-    diffusers feeds it) -> the network's output tensor (B, C or 2C, H, W). It takes no condition."""
+    """A diffusers UNet2DModel as a diffuse network: (x_t (B, C, H, W), model_time (B,): the 0-based step index, or 1000 t
+    of a flow network, as diffusers feeds it) -> the network's output tensor (B, C or 2C, H, W). It takes a class
+    `label` (B,) when it has `num_classes` (its num_class_embeds - 1, the last row the null label), no other condition."""
 
-    condition_spec = ConditionSpec()
-
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, num_classes: int = 0):
         super().__init__()
         self.unet = unet
+        self.condition_spec = ConditionSpec(num_classes)
 
     def forward(self, x_t: Tensor, model_time: Tensor, **cond) -> Tensor:
         self.condition_spec.check(cond, x_t)
-        return self.unet(x_t, model_time).sample
+        return self.unet(x_t, model_time, class_labels=cond.get("label")).sample
 
 
 def load_unet(path: str | Path) -> DiffusersUNet:
@@ -197,7 +265,7 @@ def load_unet(path: str | Path) -> DiffusersUNet:
     missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
     if missing or unexpected:  # diffusers would leave the missing ones at their random initial values
         raise ValueError(_mismatch(unet_file, weights, "; ".join(mismatch_parts(unet_file.name, (), missing, unexpected))))
-    return DiffusersUNet(unet)
+    return DiffusersUNet(unet, num_classes(path))
 
 
 _SIZE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "

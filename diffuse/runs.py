@@ -9,6 +9,7 @@ a post-hoc EMA as a run folder (`diffuse ema`).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,46 @@ from .kinds.autoencoder import held_out, reconstruction_scores
 from .kinds.diffusion import build_denoiser, build_model
 from .train import feature_network
 from .tasks.image_to_image import run_edits
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # a Hugging Face model id: owner/name
+HUB_FILES = ["*.json", "*.toml", "*.safetensors", "*.bin"]  # what a run or a diffusers folder reads from a hub snapshot
+
+
+def locate(run: str, revision: str | None = None) -> str:
+    """The local folder of RUN: RUN itself when it exists here; otherwise, for a Hugging Face model id "owner/name",
+    its snapshot at `revision` (a branch, tag or commit; default main) in huggingface_hub's cache (HF_HOME /
+    HF_HUB_CACHE), downloaded into it first where the network allows (`huggingface_hub.snapshot_download`; with
+    HF_HUB_OFFLINE=1 the cache alone). A path that is neither is returned as given, for `run_config` to name.
+
+    Raises ValueError for --revision with a local folder or a revision the model lacks, FileNotFoundError for an id
+    neither cached nor downloadable (naming HF_HUB_OFFLINE and the download), ImportError without huggingface_hub."""
+    if Path(run).expanduser().exists() or not HUB_ID.match(run):
+        if revision is not None:
+            raise ValueError(f"--revision {revision} picks a version of a Hugging Face model id, and {run} is "
+                             f"{'a local path' if Path(run).expanduser().exists() else 'no model id (owner/name)'}; leave --revision out")
+        return run
+    try:  # deferred: only a model id needs the hub client (installed with diffusers)
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        raise ImportError(f"{run} is no folder here; reading it as a Hugging Face model id needs huggingface_hub: "
+                          f"{pretrained.INSTALL}") from None
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return huggingface_hub.snapshot_download(run, revision=revision, allow_patterns=HUB_FILES)
+    except RevisionNotFoundError:
+        raise ValueError(f"--revision {revision}: the Hugging Face model {run} has no such branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{run} is no folder here, nor a model on the Hugging Face Hub (a private or gated one "
+                                "needs `hf auth login`); check the path or the id") from None
+    except LocalEntryNotFoundError:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        why = ("HF_HUB_OFFLINE=1 reads the cache alone: download it with the network on (unset HF_HUB_OFFLINE) or "
+               f"`hf download {run}`" if offline else
+               "the Hub could not be reached to download it: check the network, or download it elsewhere into the cache")
+        raise FileNotFoundError(f"{run} is no folder here, and the Hugging Face model {run}{at} is not in the cache "
+                                f"{huggingface_hub.constants.HF_HUB_CACHE}; {why}") from None
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
@@ -86,7 +127,7 @@ def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | Non
     if pretrained.is_model_folder(run_dir):  # one set of weights, no checkpoints
         if step is not None:
             raise ValueError(f"{run_dir} is a diffusers model folder with one set of weights; it has no step {step}")
-        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), 0
+        return cfg, pretrained.load_unet(run_dir).to(device).eval().requires_grad_(False), pretrained.num_classes(run_dir)
     c = ckpt.load_checkpoint(run_dir, step)
     if ema and "posthoc_ema" not in c.state:  # a folder of `diffuse ema` holds a power-function EMA, not the decay's
         warn_ema_init_share(run_dir, c.step, cfg.train.ema_decay, cfg.train.ema_warmup)
@@ -251,7 +292,7 @@ def open_run(path: str | Path) -> Run:
     cfg = run_config(path)
     diffusers = pretrained.is_model_folder(path)
     step = None if diffusers else ckpt.latest_step(path)
-    num_classes = 0 if step is None else int(ckpt.read_state(path, step).get("num_classes", 0))
+    num_classes = pretrained.num_classes(path) if diffusers else int(ckpt.read_state(path, step).get("num_classes", 0))
     return Run(path, cfg, cfg.model.kind, step, num_classes, diffusers, capabilities(cfg, num_classes))
 
 

@@ -8,6 +8,8 @@
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
     diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1]     (the local web UI; pip install -e ".[ui]")
+    diffuse export RUN --format diffusers --out DIR           (a UNet2DModel pipeline folder diffusers samples)
+    (sample, edit, eval and serve also take a Hugging Face model id as RUN, with --revision)
     diffuse demo [--out DIR]
 """
 
@@ -82,6 +84,11 @@ MIXED_PRECISION_HELP = ("the network under autocast while sampling (the sampler 
                         "sample.mixed_precision")
 
 
+RUN_HELP = "run folder written by `diffuse train`, a diffusers folder, or a Hugging Face model id (owner/name)"
+REVISION_HELP = ("a branch, tag or commit of a Hugging Face model id given as RUN (default: main); the id is read from "
+                 "huggingface_hub's cache, downloaded there where the network allows (HF_HUB_OFFLINE=1: the cache only)")
+
+
 def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> None:
     """The flags of `sample` and `edit`: sampler, grid, options, class and guidance, thresholding, seed, weights, device, out."""
     s.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME",
@@ -107,6 +114,7 @@ def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> 
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--out", required=True, help=out_help or "FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1])")
+    s.add_argument("--revision", help=REVISION_HELP)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
                         "(nothing is written to --out)")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
-    s.add_argument("run", help="run folder written by `diffuse train`")
+    s.add_argument("run", help=RUN_HELP)
     s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
     s.add_argument("--batch-size", type=number(int, low=1), default=CHUNK,
                    help=f"draw in chunks of this many (default {CHUNK}, fast on CPUs); chunk k > 0 has its own seed from (--seed, k)")
@@ -149,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     coded = ("invert", "reconstruct", "manipulate", "interpolate")
     for task, text in about.items():
         tp = tasks_sub.add_parser(task, help=text, description=text)
-        tp.add_argument("run", help="run folder written by `diffuse train`")
+        tp.add_argument("run", help=RUN_HELP)
         if task == "ilvr":
             tp.add_argument("--reference", required=True, help="reference image (resized to the model's size with a note)")
             tp.add_argument("--factor", type=number(int, low=1), required=True, help="downsampling factor N of the low-pass filter; must divide the image size")
@@ -208,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim; "
                                     "an autoencoder's reconstructions (recon); a segmentation run's mIoU (miou)")
-    e.add_argument("run", help="run folder written by `diffuse train`")
+    e.add_argument("run", help=RUN_HELP)
     e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon", "miou"],
                    help="fid / kid / is / pr of --n samples against --n real images (in the --features space); "
                         "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim; "
@@ -240,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--no-ema", action="store_true")
     e.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--revision", help=REVISION_HELP)
 
     m = sub.add_parser("ema", help="rebuild an EMA of any length from a run's post-hoc EMA snapshots (EDM2) into a run folder")
     m.add_argument("run", help="run folder trained with train.posthoc_ema (it holds RUN/ema_snapshots)")
@@ -248,12 +257,22 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--step", type=number(int, low=1), help="rebuild the EMA at this snapshot's step (default: the last)")
     m.add_argument("--out", required=True, help="output run folder, e.g. RUN/ema_005; `diffuse sample` and `eval` read it")
 
+    x = sub.add_parser("export", help="write a run as a diffusers folder (UNet2DModel and scheduler: DDPMPipeline / "
+                                      "DDIMPipeline.from_pretrained(DIR) sample it)")
+    x.add_argument("run", help="run folder written by `diffuse train`")
+    x.add_argument("--format", choices=["diffusers"], required=True, help="the folder's format: diffusers (a pipeline "
+                                                                          "folder: unet/, scheduler/, model_index.json)")
+    x.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist, or be empty)")
+    x.add_argument("--step", type=number(int, low=0), help="the checkpoint to export (default: the newest)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+
     w = sub.add_parser("serve", help="a local web page to sample, edit, segment with and inspect runs (Gradio; the [ui] extra)")
     w.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or diffusers model folders) to offer: diffusion runs "
                                                           "(Sample, Edit) and segmentation runs (Segment)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=number(int, low=1, high=65535), default=7860, help="port (default 7860)")
     w.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
+    w.add_argument("--revision", help=REVISION_HELP + "; the same revision for every id given")
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
     d.add_argument("--out", default="demo", help="output folder (default ./demo)")

@@ -25,7 +25,8 @@ from ..kinds.diffusion import sample_config_kwargs
 from ..kinds.segmentation import SegmentationRun
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
 from ..precision import autocast_dtype
-from ..runs import check_guidance, check_kind, evaluate_autoencoder, load_run, open_run, write_run
+from ..export import export_diffusers
+from ..runs import check_guidance, check_kind, evaluate_autoencoder, load_run, locate, open_run, write_run
 from ..samplers import SAMPLERS, check_plan
 from ..schedule import Schedule
 from ..stages import space
@@ -77,6 +78,7 @@ def sample_command(args) -> None:
     """`diffuse sample RUN`: n samples of a run, or of a cascade folder's stages, written as OUT."""
     out = Path(args.out)
     check_out(out)
+    args.run = locate(args.run, args.revision)  # a Hugging Face model id: its snapshot in the cache
     plan = resolve(SampleRequest.from_args(args))  # every flag checked before a model loads
     progress = Progress()
     result = execute(plan, progress.step, on_stage=progress.stage)
@@ -97,6 +99,7 @@ def edit_command(args) -> None:
             raise ValueError(f"--out of edit invert is the file x_T is written to, NAME.safetensors; got {out}")
     else:
         check_out(out)
+    args.run = locate(args.run, args.revision)
     plan = resolve(EditRequest.from_args(args))  # the input image and mask read and checked before a model loads
     progress = Progress()
     result = execute(plan, progress.step, on_stage=progress.stage)
@@ -153,6 +156,7 @@ def eval_command(args) -> None:
     """`diffuse eval RUN`: a sample-quality metric (fid, kid, is, pr) or a likelihood (nll, vlb, in bits/dim) of a
     diffusion run, an autoencoder run's reconstructions, or a segmentation run's mIoU; printed and appended to
     RUN/eval.json."""
+    args.run = locate(args.run, args.revision)
     run = open_run(args.run)  # what the run can measure, said once (runs.Capabilities)
     cfg, can = run.cfg, run.capabilities
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
@@ -410,7 +414,14 @@ def ema_command(args) -> None:
 
 
 def serve_command(args) -> None:
-    serve(args.runs, host=args.host, port=args.port, device=args.device)
+    serve([locate(run, args.revision) for run in args.runs], host=args.host, port=args.port, device=args.device)
+
+
+def export_command(args) -> None:
+    """`diffuse export RUN --format diffusers --out DIR`: the run as a diffusers pipeline folder (export.py)."""
+    out = export_diffusers(args.run, args.out, ema=not args.no_ema, step=args.step)
+    print(f"wrote {args.run} as a diffusers folder {out}: DDPMPipeline.from_pretrained({str(out)!r}) (or DDIMPipeline, as "
+          f"{out / 'model_index.json'} names) samples it, and so does `diffuse sample {out}`")
 
 
 def demo_command(args) -> None:
@@ -421,4 +432,4 @@ def demo_command(args) -> None:
 
 
 COMMANDS = {"train": train_command, "sample": sample_command, "edit": edit_command, "segment": segment_command,
-            "eval": eval_command, "ema": ema_command, "serve": serve_command, "demo": demo_command}
+            "eval": eval_command, "ema": ema_command, "serve": serve_command, "export": export_command, "demo": demo_command}
