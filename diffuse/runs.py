@@ -60,7 +60,7 @@ def locate(run: str, revision: str | None = None) -> str:
         raise FileNotFoundError(f"{run} is no folder here, nor a model on the Hugging Face Hub (a private or gated one "
                                 "needs `hf auth login`); check the path or the id") from None
     except LocalEntryNotFoundError:
-        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        offline = huggingface_hub.constants.is_offline_mode()
         why = ("HF_HUB_OFFLINE=1 reads the cache alone: download it with the network on (unset HF_HUB_OFFLINE) or "
                f"`hf download {run}`" if offline else
                "the Hub could not be reached to download it: check the network, or download it elsewhere into the cache")
