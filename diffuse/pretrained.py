@@ -5,13 +5,15 @@ the DDPM CIFAR-10, CelebA-HQ and LSUN checkpoints of Ho et al. 2020 are publishe
 with `unet/` and `scheduler/` subfolders) is read as a `RunConfig` (`read_config`) and a network (`load_unet`):
 
 - the network's `config.json` gives the image shape (in_channels, sample_size) and, through out_channels, whether it
-  predicts a variance;
+  predicts a variance; num_class_embeds is read for folders written by `diffuse export` (export.py, the inverse of
+  this module), whose diffuse.json names the null label;
 - `scheduler_config.json` gives the process: num_train_timesteps, beta_schedule (linear, scaled_linear,
   squaredcos_cap_v2 = Nichol & Dhariwal's cosine, sigmoid) with beta_start / beta_end, rescale_betas_zero_snr
   (Lin et al. 2024), prediction_type (epsilon, sample, v_prediction), variance_type (fixed_small(_log) = beta-tilde,
   fixed_large(_log) = beta, learned_range = Nichol & Dhariwal's interpolation, eq. 15), clip_sample, and the
   sampling defaults: the scheduler class picks the sampler (DDPMScheduler: ddpm over every step, as DDPMPipeline;
-  DDIMScheduler: ddim, 50 steps) and timestep_spacing the grid; sampling runs in float32, as diffusers' pipelines do
+  DDIMScheduler: ddim, 50 steps) and timestep_spacing the grid; FlowMatchEulerDiscreteScheduler is rectified flow
+  (schedule.Flow, a velocity network fed 1000 t, sampled by DDIM: the scheduler's Euler step on the straight path); sampling runs in float32, as diffusers' pipelines do
   (sample.mixed_precision = "no"; `--mixed-precision auto` or bf16 asks for autocast).
 
 The network then runs through diffuse's `Denoiser` like any trained run, so every sampler, guidance wrapper and
@@ -92,9 +94,10 @@ def read_config(path: str | Path) -> RunConfig:
     """The RunConfig of a diffusers model folder (see the module docstring for what each field becomes).
 
     Raises FileNotFoundError (no diffusers network or scheduler config), ValueError naming the file and the field for a
-    setting diffuse cannot run as diffusers would: another network class, class or other conditioning, non-square or
-    non-1/3-channel images, beta_schedule laplace or trained_betas, variance_type learned, thresholding, clip_sample_range
-    other than 1."""
+    setting diffuse cannot run as diffusers would: another network class, class labels without an export's null label
+    (`num_classes`) or other conditioning, non-square or non-1/3-channel images, beta_schedule laplace or trained_betas
+    other than constant ones, variance_type learned, thresholding, clip_sample_range other than 1, a flow scheduler
+    other than FLOW_FIXED's."""
     files = model_files(path)
     if files is None:
         raise FileNotFoundError(f"{path} is neither a run folder (config.toml) nor a diffusers model folder (config.json "

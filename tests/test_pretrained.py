@@ -122,6 +122,9 @@ def test_prediction_and_variance_fields(tmp_path, prediction, variance, ours_):
     ({}, {"thresholding": True}, "thresholding"),
     ({}, {"clip_sample_range": 2.0}, "clip_sample_range"),
     ({}, {"timestep_spacing": "karras"}, "timestep_spacing"),
+    ({}, {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "shift = 3.0"),
+    ({}, {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 100}, "num_train_timesteps = 100"),
+    ({"num_class_embeds": 11}, {"_class_name": "FlowMatchEulerDiscreteScheduler"}, "num_class_embeds = 11"),
 ])
 def test_unsupported_settings_are_refused_by_name(tmp_path, capsys, net, scheduler, field):
     folder = write_config(tmp_path / "m", net, **scheduler)
