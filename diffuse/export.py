@@ -44,7 +44,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import RunConfig, load_config
 from .kinds.diffusion import augment_dim
-from .pretrained import BETA_SCHEDULES, FLOW_FIXED, FLOW_SCHEDULER, INSTALL, PREDICTIONS, SPACINGS
+from .pretrained import BETA_SCHEDULES, EXPORT_FILE, FLOW_FIXED, FLOW_SCHEDULER, INSTALL, PREDICTIONS, SPACINGS
 from .schedule import DISCRETE_KINDS, LOG_SNR_MIN, Schedule, cosine_betas, schedule_from_config
 
 NAMED_BETAS = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}  # model's schedule.kind -> diffusers' beta_schedule
@@ -252,15 +252,15 @@ def export_diffusers(run_dir: str | Path, out: str | Path, *, ema: bool = True, 
                          f"over {unexpected[:3]}); the network differs from the config.toml beside it")
     scheduler = getattr(diffusers, kind).from_config(sched)
     pipeline = (diffusers.DDIMPipeline if kind == "DDIMScheduler" else diffusers.DDPMPipeline)(unet=unet, scheduler=scheduler)
+    classes = num_classes if unet.config.num_class_embeds else 0
+    record = {"run": str(run_dir), "step": c.step, "weights": "ema" if ema else "model", "num_classes": classes,
+              "null_label": classes if classes else None,  # the last class row: "no class" (pretrained.num_classes)
+              "condition_dropout": dict(cfg.train.condition_dropout)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "diffuse.json").write_text(json.dumps({"run": str(run_dir), "step": c.step, "weights": "ema" if ema else "model",
-                                                      "num_classes": num_classes if unet.config.num_class_embeds else 0,
-                                                      "null_label": num_classes if unet.config.num_class_embeds else None,
-                                                      "condition_dropout": dict(cfg.train.condition_dropout)},
-                                                     indent=2) + "\n")
+        ckpt.write_atomically(tmp / EXPORT_FILE, json.dumps(record, indent=2) + "\n")
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -59,7 +59,9 @@ def locate(run: str, revision: str | None = None) -> str:
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{run} is no folder here, nor a model on the Hugging Face Hub (a private or gated one "
                                 "needs `hf auth login`); check the path or the id") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        if isinstance(e, getattr(huggingface_hub.errors, "IncompleteSnapshotError", ())):  # some files never came
+            raise FileNotFoundError(f"{run}{at}: {e}") from None
         offline = huggingface_hub.constants.is_offline_mode()
         why = ("HF_HUB_OFFLINE=1 reads the cache alone: download it with the network on (unset HF_HUB_OFFLINE) or "
                f"`hf download {run}`" if offline else

@@ -144,6 +144,18 @@ def test_an_id_not_in_the_cache_offline_names_the_download(offline, tmp_path, ca
     assert not (tmp_path / "x.png").exists()
 
 
+def test_an_incomplete_snapshot_is_named(offline, tmp_path, monkeypatch):
+    """A cached snapshot that misses a file of its tree (an interrupted download) is named as such, offline."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(offline[1], cache, symlinks=True)
+    (cache / "models--owner--name" / "snapshots" / V1 / "unet" / "config.json").unlink()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(FileNotFoundError, match=r"owner/name at revision 'v1': .*is incomplete: 1 file\(s\) are missing \(unet/config.json\)"):
+        locate(REPO, "v1")
+
+
 def test_revision_needs_a_model_id(hub, tmp_path, capsys):
     assert main(["sample", str(hub[2][MAIN]), "--revision", "v1", "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "--revision v1 picks a version of a Hugging Face model id" in capsys.readouterr().err
