@@ -37,15 +37,17 @@ def wanted(mode: str, device: str | torch.device, key: str) -> bool:
     return mode == "yes" or (mode == "auto" and torch.device(device).type == "cuda")
 
 
-def compile_network(net: nn.Module, device: str | torch.device, *, sampling: bool = False) -> nn.Module:
+def compile_network(net: nn.Module, device: str | torch.device, *, sampling: bool = False,
+                    backend: str = "inductor") -> nn.Module:
     """Compile `net` in place with torch.compile (its forward; parameters, buffers and state_dict keys unchanged) and
     return it. For sampling on CUDA, mode "reduce-overhead": the network is captured as a CUDA graph and replayed at
     every step (a sampler calls it with the same shapes each time). Compiled graphs are cached on disk by
-    TorchInductor (TORCHINDUCTOR_CACHE_DIR), so a second process compiles faster. Needs a C++ compiler on a CPU."""
+    TorchInductor (TORCHINDUCTOR_CACHE_DIR), so a second process compiles faster. Needs a C++ compiler on a CPU.
+    `backend` is torch.compile's ("aot_eager" traces without generating kernels: the tests' cheap check of the wiring)."""
     if getattr(net, "_compiled_call_impl", None) is not None:  # compiled already (a page's cached model): keep its graphs
         return net
     cuda = torch.device(device).type == "cuda"
-    net.compile(mode="reduce-overhead" if sampling and cuda else None, dynamic=False)
+    net.compile(backend=backend, mode="reduce-overhead" if sampling and cuda and backend == "inductor" else None, dynamic=False)
     return net
 
 
