@@ -61,6 +61,7 @@ class SampleConfig:
     n: int = 64                                              # images in periodic sample grids
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # the network under autocast while sampling (the sampler
     #                                                          steps in float32); auto: bf16 on GPUs and CPUs with native bf16
+    compile: Literal["auto", "yes", "no"] = "auto"  # torch.compile the network for sampling (a CUDA graph on GPUs); auto: on CUDA
 
 
 @dataclass
@@ -99,6 +100,9 @@ class TrainConfig:
     condition_dropout: dict[str, float] = field(default_factory=dict)  # per condition key, the probability of its null value,
     #                                 e.g. {label = 0.1}: one net learns p(x | c) and p(x) for classifier-free guidance (0.1-0.2)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPUs and CPUs with native bf16 (AMX, AVX512-BF16), else fp32
+    compile: Literal["auto", "yes", "no"] = "auto"         # torch.compile the trained networks (speed.py); auto: on CUDA
+    channels_last: Literal["auto", "yes", "no"] = "auto"   # convolution weights in NHWC order (speed.py); auto: on CUDA
+    data_on_device: Literal["auto", "yes", "no"] = "auto"  # a small in-memory dataset copied to the device once; auto: on CUDA
     seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
     log_every: int = 50             # steps between log lines / loss-curve updates
@@ -384,7 +388,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 # settings that change neither the weights nor the random draws of a step: free to change on resume
 FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                            "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps", "fid_features"}}
+                            "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps", "fid_features",
+                            "compile", "channels_last", "data_on_device"}}
 
 
 def trajectory_settings(cfg: RunConfig) -> dict:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .checkpoint import write_atomically
 
-__all__ = ["EMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
+__all__ = ["EMA", "fold", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "posthoc_coefficients", "PowerEMA",
            "Snapshot", "list_snapshots", "reconstruct", "reconstructable_range", "snapshot_steps"]
 
 GAMMA_MIN = (math.sqrt(5) - 3) / 2
@@ -67,12 +67,24 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, n: int) -> None:
-        """Fold in the weights after update n (0-based)."""
-        ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - self.decay_at(n))
+    def update(self, model: nn.Module, n: int, keep: Tensor | None = None) -> None:
+        """Fold in the weights after update n (0-based). `keep` (a 0-d float tensor on the weights' device, 1 or 0):
+        with 0 the average holds still, decided on the device without a host synchronisation (train.Trainer's
+        deferred checks)."""
+        fold(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - self.decay_at(n), keep)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+def fold(average: list[Tensor], new: list[Tensor], weight: float, keep: Tensor | None = None) -> None:
+    """average <- average + weight * keep * (new - average), in place over lists of tensors (one fused kernel per
+    list: torch._foreach_*). keep None is 1 (a lerp); a 0-d tensor keep of 0 leaves the average as it is."""
+    if keep is None:
+        torch._foreach_lerp_(average, new, weight)
+        return
+    delta = torch._foreach_sub(new, average)
+    torch._foreach_mul_(delta, keep * weight)
+    torch._foreach_add_(average, delta)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -165,14 +177,15 @@ class PowerEMA:
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Fold in the weights after optimizer step `step` (1-based); steps must come one by one (1, 2, ...)."""
+    def update(self, model: nn.Module, step: int, keep: Tensor | None = None) -> None:
+        """Fold in the weights after optimizer step `step` (1-based); steps must come one by one (1, 2, ...). `keep`
+        as for EMA.update: a 0-d tensor 0 holds every track still."""
         if step != self.step + 1:
             raise ValueError(f"PowerEMA.update expects step {self.step + 1} (1-based, consecutive), got {step}; "
                              "restore a saved state with load_state_dict when resuming")
         new = [p.detach().float() for _, p in model.named_parameters()]
         for track, gamma in zip(self.tracks, self.gammas):
-            torch._foreach_lerp_(list(track.values()), new, 1.0 - power_ema_beta(step, gamma))
+            fold(list(track.values()), new, 1.0 - power_ema_beta(step, gamma), keep)
         for name, b in model.named_buffers():
             self.buffers[name].copy_(b)
         self.step = step

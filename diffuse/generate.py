@@ -116,24 +116,58 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     elif clip:
         den = ClipX0(den)
 
-    def watch(step: Step) -> None:  # stop at the first non-finite step, and say where
-        if not bool(torch.isfinite(step.x_next).all()):
-            source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
-                      "earlier checkpoint)" if step.x0 is not None and not bool(torch.isfinite(step.x0).all()) else
-                      "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
-                      "or the sampler options")
-            raise NonFiniteSample(f"{sampler}: the samples became non-finite at step {step.index + 1}"
-                                  f"{f' of {step.total}' if step.total else ''} (t = {step.t:.4g} -> {step.s:.4g}); {source}. "
-                                  "Nothing was written")
-        if callback is not None:
-            callback(step)
-
+    watch = FiniteWatch(sampler, callback, deferred=torch.device(device).type == "cuda")
     if project is not None:
         kw["project"] = project
     # autocast reaches only the network's convolutions and matrix products; x_t stays float32 and a float32 x_t
     # promotes the network's bf16 output back to float32 in the prediction, so the sampler steps in float32
     with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
-        return info(den, x_T, grid, generator=g, callback=watch, **kw).to(x_T.dtype)
+        x = info(den, x_T, grid, generator=g, callback=watch, **kw).to(x_T.dtype)
+    watch.close()
+    return x
+
+
+class FiniteWatch:
+    """A sampler callback that stops at the first step whose x_s is NaN or infinite and says where, then passes each
+    step on to `callback`. Eager (on a CPU, where reading a tensor costs nothing): it reads every step and raises at
+    once. `deferred` (on a GPU, where a read waits for the device): it keeps the first bad step on the device and
+    raises NonFiniteSample from `close()`, after the loop, with the same message; the host never waits in the loop."""
+
+    def __init__(self, sampler: str, callback=None, *, deferred: bool = False):
+        self.sampler, self.callback, self.deferred = sampler, callback, deferred
+        self.steps: list[tuple[int, int, float, float]] = []  # deferred: (index, total, t, s) of each step seen
+        self.first: Tensor | None = None   # deferred: the position in `steps` of the first bad step, -1 while none
+        self.x0_bad: Tensor | None = None  # deferred: whether the x_0 prediction of that step was non-finite too
+
+    def __call__(self, step: Step) -> None:
+        bad = ~torch.isfinite(step.x_next).all()
+        x0_bad = lambda: ~torch.isfinite(step.x0).all() if step.x0 is not None else torch.zeros_like(bad)  # noqa: E731
+        if not self.deferred:
+            if bool(bad):
+                self._raise(step.index, step.total, step.t, step.s, bool(x0_bad()))
+        else:
+            if self.first is None:
+                self.first = torch.full((), -1, dtype=torch.long, device=bad.device)
+                self.x0_bad = torch.zeros((), dtype=torch.bool, device=bad.device)
+            new = (self.first < 0) & bad
+            self.x0_bad = torch.where(new, x0_bad(), self.x0_bad)
+            self.first = torch.where(new, torch.full_like(self.first, len(self.steps)), self.first)
+            self.steps.append((step.index, step.total, step.t, step.s))
+        if self.callback is not None:
+            self.callback(step)
+
+    def close(self) -> None:
+        """Deferred: one read of the first bad step; raises NonFiniteSample if there was one."""
+        if self.first is not None and (k := int(self.first)) >= 0:
+            self._raise(*self.steps[k], bool(self.x0_bad))
+
+    def _raise(self, index: int, total: int, t: float, s: float, x0_bad: bool):
+        source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
+                  "earlier checkpoint)" if x0_bad else
+                  "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
+                  "or the sampler options")
+        raise NonFiniteSample(f"{self.sampler}: the samples became non-finite at step {index + 1}"
+                              f"{f' of {total}' if total else ''} (t = {t:.4g} -> {s:.4g}); {source}. Nothing was written")
 
 
 def sampling_grid(schedule, steps: int | None, spacing: str | None) -> Tensor:

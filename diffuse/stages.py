@@ -239,6 +239,11 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.latents)
 
+    @property
+    def pure_batches(self) -> bool:
+        """batch(idx) slices the cached latents and the base's conditions: pure when the base's batches are."""
+        return bool(getattr(self.base, "pure_batches", False))
+
     def batch(self, idx: Tensor) -> tuple[Tensor, dict]:
         _, cond = self.base.batch(idx)
         return self.latents[idx], cond

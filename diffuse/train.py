@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, speed
 from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
 from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
@@ -135,13 +135,17 @@ class Trainer:
     cfg.data: anything with `__len__`, `batch(idx) -> (x, cond)`, `num_classes` and `condition_keys`
     (data.ImageDataset's interface), e.g. pairs that carry a condition image. `features(spec, device)` resolves
     train.fid_features (default `feature_network`); `device` replaces this process's own; `one_process` trains in this process alone
-    even inside a torchrun job (rank 0 training a measuring instrument while the others wait). Raises ValueError (or config.ConfigError)
+    even inside a torchrun job (rank 0 training a measuring instrument while the others wait). `deferred_checks`
+    (None: on CUDA without fp16) reads the non-finite checks of the losses and gradient norms once per log interval
+    instead of at every step (`check_finite`), so the host never waits for the GPU inside the loop; its optimizers are
+    then fused AdamW, which skip a step on the device once a check failed (see `train_step`). Raises ValueError (or config.ConfigError)
     naming the setting for a config that cannot train, before any module is built or file written; ResumeError when
     the run folder cannot be resumed as asked.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, inexact_resume: bool = False, progress: bool = True,
-                 dataset: Dataset | None = None, features=None, one_process: bool = False, device: str | None = None):
+                 dataset: Dataset | None = None, features=None, one_process: bool = False, device: str | None = None,
+                 deferred_checks: bool | None = None):
         self.run_dir = Path(run_dir)
         self.rank, self.world = (0, 1) if one_process else distributed.init()
         self.is_main = self.rank == 0
@@ -167,7 +171,11 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # initial weights: the same on every rank
         self.modules = {name: m.to(self.device) for name, m in self.objective.build().items()}
+        if speed.wanted(t.channels_last, self.device, "train.channels_last"):
+            for m in self.modules.values():
+                speed.to_channels_last(m)
         self.dataset = self.objective.dataset
+        self.train_data = speed.hold_on_device(self.dataset, self.device, t.data_on_device)  # what the batches read
         for m in self.modules.values():  # dropout masks and VQ statistics of the global batch: each layer knows its process
             for sub in m.modules():
                 if isinstance(sub, (ShardedDropout, VectorQuantizer, GlobalBatchNorm)):
@@ -175,18 +183,31 @@ class Trainer:
         averaged = self.objective.ema
         self.ema = EMA(self.modules[averaged], t.ema_decay, t.ema_warmup) if averaged else None
         self.phema = PowerEMA(self.modules[averaged], t.posthoc_ema) if averaged and t.posthoc_ema else None
+        if speed.wanted(t.compile, self.device, "train.compile"):  # after the EMA copies: they stay eager
+            for m in self.modules.values():
+                if any(p.requires_grad for p in m.parameters()):
+                    speed.compile_network(m, self.device)
         self.nets = {name: nn.parallel.DistributedDataParallel(m) if self.world > 1 and any(p.requires_grad for p in m.parameters())
                      else m for name, m in self.modules.items()}
         self.objective.bind(self.nets, self.modules)
+        self.amp_dtype = autocast_dtype(t.mixed_precision, self.device, "train.mixed_precision")
+        fp16 = self.amp_dtype == torch.float16
+        self.deferred_checks = self.device.type == "cuda" and not fp16 if deferred_checks is None else deferred_checks
+        if self.deferred_checks and (fp16 or not speed.fused_adamw_available(self.device)):
+            raise ValueError("deferred non-finite checks skip a bad step inside fused AdamW, which "
+                             + ("the fp16 loss scaler drives itself: use train.mixed_precision = 'bf16' or 'no'" if fp16
+                                else f"this torch ({torch.__version__}) lacks on {self.device.type}: pass deferred_checks=False"))
+        fused = self.deferred_checks or (self.device.type == "cuda" and speed.fused_adamw_available(self.device))
         self.params, self.optimizers, self.schedules = {}, {}, {}
         for name, group in self.objective.groups.items():  # a group whose modules this config does not build is left out
             if all(m in self.modules for m in group.modules):
                 self.params[name] = [p for m in group.modules for p in self.modules[m].parameters() if p.requires_grad]
-                self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=t.lr, betas=group.betas,
-                                                          weight_decay=t.weight_decay)
+                self.optimizers[name] = speed.adamw(self.params[name], fused=fused, lr=t.lr, betas=group.betas,
+                                                    weight_decay=t.weight_decay)
                 self.schedules[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lambda step: lr_factor(step, t))
-        self.amp_dtype = autocast_dtype(t.mixed_precision, self.device, "train.mixed_precision")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred checks: a step since the last check failed
+        self._pending: list[tuple[int, Tensor, dict[str, Tensor]]] = []   # (step, all finite, its checked values)
         self.step = 0
         self.history: list[tuple[int, float]] = []
         self.fid_history: list[tuple[int, float]] = []  # (step, score) of train.fid_every
@@ -233,8 +254,8 @@ class Trainer:
         return distributed.local(x, self.rank, self.world)
 
     def _batch(self, step: int) -> tuple[Tensor, dict]:
-        x, cond = self.dataset.batch(self._local(self.global_batch_indices(step)))
-        return x.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
+        x, cond = self.train_data.batch(self._local(self.global_batch_indices(step)))
+        return speed.to_device(x, self.device), {k: speed.to_device(v, self.device) for k, v in cond.items()}
 
     # --- one step -----------------------------------------------------------------------------
     @torch.enable_grad()  # a trainer needs gradients, even called inside no_grad (a metric training its instrument)
@@ -274,11 +295,10 @@ class Trainer:
             self.objective.after_backward(draws, {key: distributed.gather(torch.cat(v), self.world) for key, v in aux.items()})
         losses = {name: distributed.mean(torch.cat([p.reshape(-1) for p in v]).mean() if self.objective.separable
                                          else torch.stack(v).mean(), self.world) for name, v in parts.items()}
-        for name, value in losses.items():  # raised before any optimizer steps: the step is not applied
-            if not torch.isfinite(value):
-                what = self.objective.loss_name if name == "main" else f"{name} loss"
-                raise NonFiniteLoss(f"the {what} became {value.item()} at step {self.step + 1}; {self.last_checkpoint()}. "
-                                    f"{self.objective.nonfinite_hint}")
+        if not self.deferred_checks:
+            for name, value in losses.items():  # raised before any optimizer steps: the step is not applied
+                if not torch.isfinite(value):
+                    raise self._loss_error(name, value.item(), self.step + 1)
         self._losses = losses
         return losses["main"]
 
@@ -292,34 +312,76 @@ class Trainer:
                 stack.enter_context(net.no_sync())
         return stack
 
+    def _loss_error(self, name: str, value: float, step: int) -> NonFiniteLoss:
+        what = self.objective.loss_name if name == "main" else f"{name} loss"
+        return NonFiniteLoss(f"the {what} became {value} at step {step}; {self.last_checkpoint()}. {self.objective.nonfinite_hint}")
+
+    def _grad_error(self, name: str, value: float, loss: float, step: int) -> NonFiniteLoss:
+        what = "gradient norm" if name == "main" else f"{name} gradient norm"
+        return NonFiniteLoss(f"the {what} became {value} at step {step} (loss {loss:.4g}); the step was not applied; "
+                             f"{self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) and keep train.grad_clip > 0")
+
     def train_step(self) -> dict:
+        """One optimizer step of every group with a loss this step; returns the logged values (loss, grad_norm, lr,
+        the kind's own): floats, or 0-d tensors under deferred checks, which `fit` reads only at log steps.
+
+        A non-finite loss or gradient norm raises NonFiniteLoss before any optimizer steps (the step is not applied).
+        Under deferred checks nothing is read here: from the first such step on, every optimizer skips its update on the
+        device (fused AdamW's found_inf, as torch's fp16 loss scaler uses it) and the EMAs hold still, until
+        `check_finite` raises; the weights are then those from before that step."""
         loss = self.loss_and_backward()
-        stats = {"loss": loss.item()}
+        stats = {"loss": loss}
         clip = self.cfg.train.grad_clip
+        norms = {}
         for name in self._present:  # every group's gradient norm is checked; clipped where the group says so
-            opt = self.optimizers[name]
-            self.scaler.unscale_(opt)
+            self.scaler.unscale_(self.optimizers[name])
             clipped = self.objective.groups[name].clip and clip > 0
-            grad_norm = nn.utils.clip_grad_norm_(self.params[name], clip if clipped else float("inf"))
-            if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
-                what = "gradient norm" if name == "main" else f"{name} gradient norm"
-                raise NonFiniteLoss(f"the {what} became {grad_norm.item()} at step {self.step + 1} (loss {loss.item():.4g}); "
-                                    f"the step was not applied; {self.last_checkpoint()}. Lower train.lr (now {self.cfg.train.lr:g}) "
-                                    "and keep train.grad_clip > 0")
-            stats.setdefault("grad_norm" if name == "main" else f"{name}_grad_norm", grad_norm.item())
-            self.scaler.step(opt)
+            norms[name] = grad_norm = nn.utils.clip_grad_norm_(self.params[name], clip if clipped else float("inf"))
+            if not self.deferred_checks and not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+                raise self._grad_error(name, grad_norm.item(), loss.item(), self.step + 1)  # fp16: the scaler skips such steps
+            stats.setdefault("grad_norm" if name == "main" else f"{name}_grad_norm", grad_norm)
+        keep = None
+        if self.deferred_checks:
+            checked = {**{f"loss:{k}": v for k, v in self._losses.items()}, **{f"grad:{k}": v for k, v in norms.items()}}
+            finite = torch.isfinite(torch.stack([v.float() for v in checked.values()])).all()
+            self._bad = self._bad | ~finite
+            self._pending.append((self.step + 1, finite, checked))
+            for opt in self.optimizers.values():
+                opt.found_inf = self._bad.float()
+            keep = (~self._bad).float()
+        for name in self._present:
+            self.scaler.step(self.optimizers[name])
         self.scaler.update()
         for name in self._present:
             self.schedules[name].step()
         if self.ema is not None:
-            self.ema.update(self.modules[self.objective.ema], self.step)
+            self.ema.update(self.modules[self.objective.ema], self.step, keep)
         if self.phema is not None:
-            self.phema.update(self.modules[self.objective.ema], self.step + 1)  # its steps count from 1
+            self.phema.update(self.modules[self.objective.ema], self.step + 1, keep)  # its steps count from 1
         self.step += 1
         stats["lr"] = self.lr_schedule.get_last_lr()[0]
-        stats.update({key: float(v) for key, v in self._log.items()})
-        stats.update({f"{name}_loss": v.item() for name, v in self._losses.items() if name != "main" and f"{name}_loss" not in stats})
-        return stats
+        stats.update(self._log)
+        stats.update({f"{name}_loss": v for name, v in self._losses.items() if name != "main" and f"{name}_loss" not in stats})
+        return stats if self.deferred_checks else {key: float(v) for key, v in stats.items()}
+
+    def check_finite(self) -> None:
+        """Deferred checks: read the finiteness of every step since the last check (one host synchronisation) and raise
+        NonFiniteLoss naming the first step whose loss or gradient norm was NaN or infinite; the trainer's step is then
+        set back to the step before it, whose weights (and EMAs) it holds. Nothing to do without deferred checks."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        finite = torch.stack([ok for _, ok, _ in pending]).tolist()
+        if all(finite):
+            return
+        step, _, checked = pending[finite.index(False)]
+        values = {k: v.item() for k, v in checked.items()}
+        self.step = step - 1
+        loss = values["loss:main"]
+        for key, value in values.items():
+            if not math.isfinite(value):
+                kind, name = key.split(":")
+                raise (self._loss_error(name, value, step) if kind == "loss" else self._grad_error(name, value, loss, step))
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -338,8 +400,17 @@ class Trainer:
                 stats = self.train_step()
                 seen += t.batch_size
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device, self.world)
+                snapshot = self.phema is not None and (self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time)
+                save = self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time
+                preview = t.sample_every and self.step % t.sample_every == 0
+                measure = t.fid_every and self.step % t.fid_every == 0
+                logged = self.step % t.log_every == 0 or self.step == t.steps
+                if logged or snapshot or save or preview or measure:  # nothing leaves the loop before its steps are checked
+                    self.check_finite()
+                if logged:
                     now = time.perf_counter()
+                    stats = {key: float(v) for key, v in stats.items()}  # under deferred checks, the one read of the interval
                     stats.update(step=self.step, images_per_s=seen / (now - last_log), time=now - start)
                     seen, last_log = 0, now
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
@@ -348,16 +419,14 @@ class Trainer:
                         log.flush()
                         self.history.append([self.step, stats["loss"]])
                 aside = time.perf_counter()  # previews and measurements are not training: the images/s leave them out
-                if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
+                if preview and self.is_main:
                     self.objective.preview(self)
-                if t.fid_every and self.step % t.fid_every == 0 and self.is_main:
+                if measure and self.is_main:
                     self._evaluate(log)
                 last_log += time.perf_counter() - aside
-                out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device, self.world)
-                if self.phema is not None and self.is_main and (
-                        self.step % t.ema_snapshot_every == 0 or self.step == t.steps or out_of_time):
+                if snapshot and self.is_main:
                     self.phema.save_snapshot(self.run_dir / "ema_snapshots", self.step)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps or out_of_time:
+                if save:
                     self.save()
                 if out_of_time:
                     break

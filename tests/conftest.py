@@ -119,3 +119,19 @@ def wait_workers(procs: list[subprocess.Popen], logs: list[Path], timeout: float
     if problem:
         output = "\n".join(f"--- rank {r} ---\n{log.read_text()[-8000:]}" for r, log in enumerate(logs))
         pytest.fail(f"the {len(procs)}-process run failed: {problem}\n{output}")
+
+
+def nan_loss_from(monkeypatch, bad_step: int) -> None:
+    """Make the diffusion kind's L_simple NaN from its `bad_step`-th call (0-based) on."""
+    import math
+
+    from diffuse.kinds import diffusion as diffusion_kind
+
+    real, calls = diffusion_kind.l_simple, []
+
+    def l_simple(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * math.nan if len(calls) > bad_step else loss
+
+    monkeypatch.setattr(diffusion_kind, "l_simple", l_simple)

@@ -292,3 +292,43 @@ if __name__ == "__main__":
         _fit_worker(Path(sys.argv[1]), Path(sys.argv[2]) / "run")
     else:
         _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+@pytest.mark.slow
+def test_two_machines_through_a_c10d_rendezvous_train_as_one_process(tmp_path, images, single):
+    """Two "machines" on this host, each `torchrun --nnodes 2 --nproc-per-node 1` with the c10d rendezvous on
+    127.0.0.1 (the README's multi-node command, with gloo on CPUs), train the run one process trains."""
+    import socket
+    import subprocess
+
+    from diffuse import checkpoint as ckpt
+    from diffuse.config import save_config
+
+    config = tmp_path / "tiny.toml"
+    save_config(tiny_cfg(images), config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "diffuse-test", "--local-addr", "127.0.0.1",
+            "--max-restarts", "0", "-m", "diffuse", "train", str(config), "--out", str(run)]
+    logs = [tmp_path / f"machine{k}.log" for k in range(2)]
+    machines = []
+    for log in logs:
+        with open(log, "w") as f:
+            machines.append(subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [m.wait(timeout=240) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    c = ckpt.load_checkpoint(run)
+    assert c.step == STEPS
+    for group in ("model", "ema"):
+        for name, w in single[group].items():
+            torch.testing.assert_close(c.tensors[group][name], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{group} {name}: {m}")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import diffuse.kinds.diffusion as diffusion_kind
 from diffuse import checkpoint as ckpt
 from diffuse.config import RunConfig, apply_overrides
 from diffuse.data import load_dataset
@@ -20,6 +19,7 @@ from diffuse.runs import load_run
 from diffuse.ema import EMA
 from diffuse.precision import cpu_has_native_bf16
 from diffuse.train import NonFiniteLoss, ResumeError, Trainer, check_train
+from conftest import nan_loss_from
 
 BASE = [
     "data.source=digits", "data.image_size=8", "data.channels=1",
@@ -201,18 +201,6 @@ def test_missing_training_state_refuses_exact_resume(tmp_path, monkeypatch):
 
 
 # --- a NaN loss -------------------------------------------------------------------------------------------
-def _nan_from(monkeypatch, bad_step: int):
-    """Make L_simple NaN from the `bad_step`-th call (0-based) on."""
-    real, calls = diffusion_kind.l_simple, []
-
-    def l_simple(*args, **kw):
-        calls.append(1)
-        loss = real(*args, **kw)
-        return loss * math.nan if len(calls) > bad_step else loss
-
-    monkeypatch.setattr(diffusion_kind, "l_simple", l_simple)
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg("train.checkpoint_every=2", "train.log_every=1")
     trainer = Trainer(cfg, tmp_path, progress=False)
@@ -232,7 +220,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return step_fn()
 
     trainer.train_step = recording_step
-    _nan_from(monkeypatch, bad_step=3)
+    nan_loss_from(monkeypatch, bad_step=3)
     with pytest.raises(NonFiniteLoss) as e:
         trainer.fit()
     msg = str(e.value)
@@ -258,7 +246,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_nan_loss_before_any_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(tiny_cfg(), tmp_path, progress=False)
-    _nan_from(monkeypatch, bad_step=0)
+    nan_loss_from(monkeypatch, bad_step=0)
     with pytest.raises(NonFiniteLoss, match="at step 1; no checkpoint was written yet"):  # the first step, 1-based
         trainer.fit()
     assert ckpt.latest_step(tmp_path) is None

@@ -109,6 +109,8 @@ def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> 
                                                              "--prompt and guidance > 0)")
     s.add_argument("--threshold", help="x_0 thresholding: static (clip to [-1, 1]), none, or dynamic:P (Imagen, e.g. dynamic:0.995)")
     s.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], help=MIXED_PRECISION_HELP)
+    s.add_argument("--compile", choices=["auto", "yes", "no"], help="torch.compile the network for sampling (a CUDA graph on a "
+                   "GPU; the first chunk pays the compile); auto: on CUDA (default: the run's sample.compile)")
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

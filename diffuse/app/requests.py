@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import tasks
+from .. import speed, tasks
 from ..tasks import semantic
 from ..tasks.semantic import AMOUNT_LIMIT
 from ..checkpoint import load_checkpoint, read_state
@@ -74,6 +74,7 @@ class SampleRequest:
     threshold: str | None = None               # static, none or dynamic:P
     clip: bool = True                          # False: --no-clip
     mixed_precision: str | None = None
+    compile: str | None = None                 # torch.compile the network (speed.MODES); None: the run's sample.compile
     seed: int = 0
     ema: bool = True                           # False: the raw weights (--no-ema)
     device: str | None = None                  # None: cuda if available, else cpu
@@ -165,7 +166,8 @@ def _sampling_args(args: argparse.Namespace) -> dict:
     return dict(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta, options=tuple(args.opt or ()),
                 label=args.label, prompt=args.prompt, negative_prompt=args.negative_prompt, guidance=args.guidance,
                 guidance_interval=args.guidance_interval, classifier=args.classifier, threshold=args.threshold,
-                clip=not args.no_clip, mixed_precision=args.mixed_precision, seed=args.seed, ema=not args.no_ema,
+                clip=not args.no_clip, mixed_precision=args.mixed_precision, compile=args.compile, seed=args.seed,
+                ema=not args.no_ema,
                 device=args.device)
 
 
@@ -191,7 +193,7 @@ def _sampling_argv(req: SampleRequest) -> list[str]:
         out += ["--guidance", repr(float(req.guidance))]
     if req.guidance_interval is not None:
         out += ["--guidance-interval", ",".join(repr(float(v)) for v in req.guidance_interval) or "all"]
-    for field in ("classifier", "threshold", "mixed_precision"):
+    for field in ("classifier", "threshold", "mixed_precision", "compile"):
         if getattr(req, field) is not None:
             out += _option(flag(field), getattr(req, field))
     out += ["--seed", str(int(req.seed))]
@@ -269,6 +271,7 @@ def _checked(req: SampleRequest) -> SampleRequest:
     _choice(req, "sampler", SAMPLERS)
     _choice(req, "spacing", SPACINGS)
     _choice(req, "mixed_precision", MIXED_PRECISION)
+    _choice(req, "compile", speed.MODES)
     numbers = {"n": _number(req, "n", int, 1), "seed": _number(req, "seed", int, 0, MAX_SEED),
                "batch_size": _number(req, "batch_size", int, 1)}
     for field, kind, low, high in (("steps", int, 0, None), ("eta", float, 0, 100), ("label", int, 0, None),
@@ -342,6 +345,7 @@ class Plan:
     to: Tensor | None = None                   # interpolate: the second image (1, C, H, W)
     direction: Direction | None = None         # manipulate: the classifier's direction and the codes' statistics
     decoder: Run | None = None                 # a diffae_prior run's diffusion autoencoder, which decodes its codes
+    compiled: bool = False                     # the network torch.compiled for sampling (speed.compile_network)
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -479,6 +483,7 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mixed_precision = req.mixed_precision or s.mixed_precision
     _raise_as("mixed_precision", autocast_dtype, mixed_precision, device, "--mixed-precision")  # fp16 on a CPU fails here
+    compiled = _raise_as("compile", speed.wanted, req.compile or s.compile, device, "--compile")
     _check_weights(run, "denoiser", "run")
     num_classes, conditional = run.num_classes, caps.classes > 0
     if classifier is not None:
@@ -499,7 +504,7 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     kw = dict(sampler=sampler, steps=steps, spacing=spacing, clip=clip, dynamic_threshold=dyn, labels=labels,
               guidance=guidance, guidance_interval=interval or None, seed=req.seed, device=device,
               mixed_precision=mixed_precision, **options)
-    return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier)
+    return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier, compiled=compiled)
 
 
 @dataclass(frozen=True, eq=False)
@@ -721,6 +726,8 @@ def _model_kw(plan: Plan, loaded: Loaded, callback) -> dict:
     """generate's keyword arguments: the plan's, the prompt's condition (tokenized by the run's text encoder), the
     classifier's weights, the callback."""
     req = plan.request
+    if plan.compiled:
+        speed.compile_network(loaded.denoiser.net, plan.device, sampling=True)
     text = {} if req.prompt is None else prompt_condition(loaded.denoiser, req.n, req.prompt, req.negative_prompt,
                                                           plan.device)
     classifier = None if plan.classifier is None else plan.classifier.classifier(device=plan.device)

@@ -94,6 +94,12 @@ class ImageDataset(Dataset):
         return self.channels, self.image_size, self.image_size
 
     @property
+    def pure_batches(self) -> bool:
+        """Whether batch(idx) is a slice of tensors in memory (the pixels were decoded at load), so the examples can be
+        held on a device (speed.hold_on_device); False for images read from their files at each batch."""
+        return self.images is not None
+
+    @property
     def condition_keys(self) -> tuple[str, ...]:
         """The condition keys each example carries: ("label",) for labelled data, () otherwise."""
         return ("label",) if self.num_classes else ()

@@ -1,0 +1,128 @@
+"""Fast paths: the same computation, arranged for a GPU.
+
+Each path is chosen by a setting ("auto", "yes", "no"; "auto" = on a CUDA device only, where it was chosen by
+measurement, bench/gpu.py) and computes what the plain path computes, to rounding (tests/test_speed.py checks each on
+the CPU against the plain path):
+
+- `compile_network`: torch.compile of a network, in place (`nn.Module.compile`, so its state_dict keys do not change);
+  for sampling in "reduce-overhead" mode on CUDA, which replays the network as a CUDA graph.
+- `to_channels_last`: convolution weights in NHWC order; cuDNN then runs the whole network NHWC (its output follows
+  its weights' layout), which tensor cores prefer.
+- `adamw`: torch.optim.AdamW with its fused kernel (one launch for every parameter) where the device has it.
+- `hold_on_device`: a small in-memory dataset copied to the device once, so a training batch is an index on the
+  device, not a host-to-device copy; `to_device` copies a batch read on the host through pinned memory, without a
+  synchronisation.
+
+The trainer's and the sampler's non-finite checks are batched elsewhere (train.Trainer, generate.FiniteWatch): a check
+that reads a tensor on the host waits for the GPU, so they read once per log interval instead of once per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("auto", "yes", "no")
+HOLD_BYTES = 2 * 2**30
+"""The largest dataset `hold_on_device` copies to a GPU (and never more than a tenth of its memory): 2 GiB."""
+
+
+def wanted(mode: str, device: str | torch.device, key: str) -> bool:
+    """Whether a fast path set to `mode` runs on `device`: "yes", "no", or "auto" (on CUDA only). Raises ValueError
+    naming `key` (the setting) for any other value."""
+    if mode not in MODES:
+        raise ValueError(f"{key} must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode == "yes" or (mode == "auto" and torch.device(device).type == "cuda")
+
+
+def compile_network(net: nn.Module, device: str | torch.device, *, sampling: bool = False,
+                    backend: str = "inductor") -> nn.Module:
+    """Compile `net` in place with torch.compile (its forward; parameters, buffers and state_dict keys unchanged) and
+    return it. For sampling on CUDA, mode "reduce-overhead": the network is captured as a CUDA graph and replayed at
+    every step (a sampler calls it with the same shapes each time). Compiled graphs are cached on disk by
+    TorchInductor (TORCHINDUCTOR_CACHE_DIR), so a second process compiles faster. Needs a C++ compiler on a CPU.
+    `backend` is torch.compile's ("aot_eager" traces without generating kernels: the tests' cheap check of the wiring)."""
+    if getattr(net, "_compiled_call_impl", None) is not None:  # compiled already (a page's cached model): keep its graphs
+        return net
+    cuda = torch.device(device).type == "cuda"
+    net.compile(backend=backend, mode="reduce-overhead" if sampling and cuda and backend == "inductor" else None, dynamic=False)
+    return net
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """Every 4-d parameter and buffer of `net` (convolution weights) in channels_last (NHWC) order, in place."""
+    return net.to(memory_format=torch.channels_last)
+
+
+def fused_adamw_available(device: str | torch.device) -> bool:
+    """Whether torch.optim.AdamW has a fused kernel for `device` here (CUDA; CPU from torch 2.4)."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def adamw(params, *, fused: bool, **kw) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `params` (kw: lr, betas, weight_decay), with the fused kernel if `fused`: the same update
+    (Loshchilov & Hutter 2019, Algorithm 2) in one launch, equal to the loop's to float32 rounding."""
+    return torch.optim.AdamW(params, fused=True, **kw) if fused else torch.optim.AdamW(params, **kw)
+
+
+class DeviceDataset:
+    """A copy of an in-memory dataset's examples (x and its condition tensors) on a device: batch(idx) indexes there.
+    Only for datasets whose batch(idx) is a pure function of idx (no draws, no decoding): data.ImageDataset with its
+    pixels in memory and the cached latents of stages. The values are those of the host dataset, bit for bit."""
+
+    def __init__(self, dataset, device: torch.device):
+        x, cond = dataset.batch(torch.arange(len(dataset)))
+        self.x = x.to(device)
+        self.cond = {k: v.to(device) for k, v in cond.items()}
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        idx = idx.to(self.device, non_blocking=True)
+        return self.x[idx], {k: v[idx] for k, v in self.cond.items()}
+
+
+def dataset_bytes(dataset) -> int | None:
+    """The bytes of a dataset's examples held as float32 on a device, or None when its batches are not a pure slice of
+    tensors in memory (images read from files at each batch, latents encoded at each batch)."""
+    if not getattr(dataset, "pure_batches", False):
+        return None
+    x, cond = dataset.batch(torch.arange(1))
+    per = x.element_size() * x.numel() + sum(v.element_size() * v.numel() for v in cond.values())
+    return per * len(dataset)
+
+
+def hold_on_device(dataset, device: torch.device, mode: str = "auto"):
+    """`dataset` itself, or a DeviceDataset copy of it on `device` when `mode` (train.data_on_device) asks and it is
+    small: at most HOLD_BYTES and a tenth of the device's memory ("auto": on CUDA only)."""
+    if not wanted(mode, device, "train.data_on_device"):
+        return dataset
+    size = dataset_bytes(dataset)
+    if size is None:
+        return dataset
+    limit = HOLD_BYTES
+    if device.type == "cuda":
+        limit = min(limit, torch.cuda.get_device_properties(device).total_memory // 10)
+    return DeviceDataset(dataset, device) if size <= limit or mode == "yes" else dataset
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device`: from the host through pinned memory without waiting (non_blocking) when the device is CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
