@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
+from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config, to_dict
 from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
@@ -46,6 +45,7 @@ from .nets.digits import DigitClassifier
 from .nets.ensemble import GlobalBatchNorm
 from .nets.inception import inception_fid
 from .precision import autocast_dtype
+from .trackers import Trackers, check_trackers
 from .visualize import plot_loss
 
 
@@ -120,6 +120,15 @@ def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
             raise ValueError(msg)
 
 
+def time_left(elapsed: float, limit: float, done: int, remaining: int) -> float:
+    """Seconds until a run under train.time_limit stops: at the limit (`limit` - `elapsed`), or sooner when its
+    `remaining` steps end first at the rate so far (`done` steps in `elapsed` seconds); never below 0."""
+    left = max(limit - elapsed, 0.0)
+    if done > 0 and elapsed > 0:
+        left = min(left, remaining * elapsed / done)
+    return left
+
+
 def progress_disabled() -> bool:
     """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar,
     the trainer's and the sampling commands' alike."""
@@ -156,6 +165,7 @@ class Trainer:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
+        check_trackers(cfg.train.log_to)  # on every rank (the others would wait for rank 0 forever): a missing package named
         self.progress = progress and self.is_main and not progress_disabled()
         data = kind.load_data(cfg) if dataset is None else dataset
         check_train(cfg, self.world, data, kind)  # before the kind prepares anything (a stage's cache, a feature network)
@@ -191,6 +201,7 @@ class Trainer:
         self.history: list[tuple[int, float]] = []
         self.fid_history: list[tuple[int, float]] = []  # (step, score) of train.fid_every
         self.best_fid = math.inf
+        self.trackers: Trackers | None = None  # rank 0's, while fit runs
         self._try_resume(inexact_resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,10 +340,13 @@ class Trainer:
         desc = self.objective.progress_desc
         bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{desc} ({t.time_limit:g} s)" if t.time_limit else desc)
-        start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
+        start, seen, last_log, first = time.perf_counter(), 0, time.perf_counter(), self.step
+        postfix = {}
         for m in self.modules.values():
             m.train()
-        log = ckpt.open_log(self.run_dir / "log.jsonl") if self.is_main else None  # a torn last line (a kill) cut first
+        # rank 0 tracks: log.jsonl (a torn last line a kill left cut first) and the other trackers of train.log_to
+        config = {k: v for k, v in to_dict(self.cfg).items() if k not in ignored_sections(self.cfg)}  # as config.toml
+        self.trackers = Trackers(t.log_to, self.run_dir, self.step, config) if self.is_main else None
         try:
             while self.step < t.steps:
                 stats = self.train_step()
@@ -340,18 +354,23 @@ class Trainer:
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     now = time.perf_counter()
-                    stats.update(step=self.step, images_per_s=seen / (now - last_log), time=now - start)
+                    stats.update(images_per_s=seen / (now - last_log), time=now - start)
                     seen, last_log = 0, now
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
-                    if log is not None:
-                        log.write(json.dumps(stats) + "\n")
-                        log.flush()
+                    postfix.update(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+                    if self.trackers is not None:
+                        self.trackers.scalars(self.step, stats)
                         self.history.append([self.step, stats["loss"]])
+                if t.time_limit:  # the run ends at the limit or at train.steps, whichever comes first
+                    elapsed = time.perf_counter() - start
+                    postfix["left"] = tqdm.format_interval(time_left(elapsed, t.time_limit, self.step - first, t.steps - self.step))
+                bar.set_postfix(postfix, refresh=False)
                 aside = time.perf_counter()  # previews and measurements are not training: the images/s leave them out
                 if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
-                    self.objective.preview(self)
+                    grid = self.objective.preview(self)
+                    if grid is not None:
+                        self.trackers.image(self.step, "samples", grid)
                 if t.fid_every and self.step % t.fid_every == 0 and self.is_main:
-                    self._evaluate(log)
+                    self._evaluate()
                 last_log += time.perf_counter() - aside
                 out_of_time = t.time_limit > 0 and distributed.agree(time.perf_counter() - start >= t.time_limit, self.device, self.world)
                 if self.phema is not None and self.is_main and (
@@ -363,17 +382,16 @@ class Trainer:
                     break
         finally:
             bar.close()
-            if log is not None:
-                log.close()
+            if self.trackers is not None:
+                self.trackers.close()
+                self.trackers = None
         return self.run_dir
 
-    def _evaluate(self, log) -> None:
-        """The kind's measurement (rank 0), logged; a score better than every earlier one keeps its weights as the run
+    def _evaluate(self) -> None:
+        """The kind's measurement (rank 0), tracked; a score better than every earlier one keeps its weights as the run
         folder RUN/best."""
         record, score = self.objective.evaluate(self)
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **record}) + "\n")
-            log.flush()
+        self.trackers.scalars(self.step, record)
         if score is None:
             return
         self.fid_history.append([self.step, score])
@@ -426,6 +444,8 @@ class Trainer:
                                 f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")
         if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
             plot_loss(*zip(*self.history), self.run_dir / "loss.png", fid=self.fid_history)
+            if self.trackers is not None:  # the loss curve, and the FID curve of train.fid_every on it
+                self.trackers.image(self.step, "loss_figure", self.run_dir / "loss.png")
         state_tensors, state = {}, {"step": self.step, "num_classes": self.dataset.num_classes, "world_size": self.world}
         for name, opt in self.optimizers.items():
             opt_name, sched_name = self._state_names(name)

@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "diffuse"
 LAYERS = {  # the first name of a module's path inside the package -> its layer
     **dict.fromkeys(["schedule", "denoiser", "condition", "guidance", "losses", "likelihood", "samplers", "augment"], 0),
-    **dict.fromkeys(["nets", "data", "generate", "tasks", "ema", "distributed", "precision", "checkpoint", "segmentation",
+    **dict.fromkeys(["nets", "data", "generate", "tasks", "ema", "distributed", "precision", "checkpoint", "segmentation", "trackers",
                      "metrics", "visualize", "footprint"], 1),
     **dict.fromkeys(["kinds", "stages", "config", "pretrained"], 2),
     **dict.fromkeys(["runs", "train"], 3),
