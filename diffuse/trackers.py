@@ -15,7 +15,8 @@ segmentation run's "iou/background"); RUN/log.jsonl keeps each record whole, as 
 pictures (tensorboard, wandb) get the same pictures: each sample grid the kind writes (RUN/samples/step_N.png) and the
 loss figure with its FID curve (RUN/loss.png, drawn at each checkpoint); the file trackers leave those files where
 they are. A resumed run appends to the files; TensorBoard drops the events an interrupted run wrote past the step it
-resumes from (SummaryWriter's purge_step), W&B keeps them (its history cannot be rewound offline).
+resumes from (SummaryWriter's purge_step), W&B keeps them (its history cannot be rewound offline). A W&B run whose
+training raised is marked failed (exit code 1).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class JsonlTracker:
     def image(self, step: int, name: str, path: Path) -> None:
         pass  # the grid or figure is the run folder's file at `path`
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.log.close()
 
 
@@ -117,7 +118,7 @@ class CsvTracker:
     def image(self, step: int, name: str, path: Path) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.log.close()
 
 
@@ -141,7 +142,7 @@ class TensorBoardTracker:
         self.writer.add_image(name, read_png(path), step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -173,8 +174,8 @@ class WandbTracker:
     def image(self, step: int, name: str, path: Path) -> None:
         self.run.log({name: self.wandb.Image(str(path))}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 TRACKERS = {"jsonl": JsonlTracker, "csv": CsvTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
@@ -194,7 +195,7 @@ class Trackers:
             for name in names:
                 self.trackers.append(TRACKERS[name](run_dir, step, config or {}))
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def scalars(self, step: int, record: dict) -> None:
@@ -207,12 +208,12 @@ class Trackers:
         for tracker in self.trackers:
             tracker.image(step, name, Path(path))
 
-    def close(self) -> None:
-        """Close every tracker (each is tried, the first error raised after)."""
+    def close(self, failed: bool = False) -> None:
+        """Close every tracker (each is tried, the first error raised after); `failed`: the run stopped on an error."""
         error = None
         for tracker in self.trackers:
             try:
-                tracker.close()
+                tracker.close(failed)
             except Exception as e:  # noqa: BLE001 - the others still close
                 error = error or e
         self.trackers = []

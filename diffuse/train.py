@@ -341,13 +341,13 @@ class Trainer:
         bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{desc} ({t.time_limit:g} s)" if t.time_limit else desc)
         start, seen, last_log, first = time.perf_counter(), 0, time.perf_counter(), self.step
-        postfix = {}
+        shown, failed = {}, True
         for m in self.modules.values():
             m.train()
-        # rank 0 tracks: log.jsonl (a torn last line a kill left cut first) and the other trackers of train.log_to
         config = {k: v for k, v in to_dict(self.cfg).items() if k not in ignored_sections(self.cfg)}  # as config.toml
-        self.trackers = Trackers(t.log_to, self.run_dir, self.step, config) if self.is_main else None
         try:
+            # rank 0 tracks: log.jsonl (a torn last line a kill left cut first) and the other trackers of train.log_to
+            self.trackers = Trackers(t.log_to, self.run_dir, self.step, config) if self.is_main else None
             while self.step < t.steps:
                 stats = self.train_step()
                 seen += t.batch_size
@@ -356,14 +356,15 @@ class Trainer:
                     now = time.perf_counter()
                     stats.update(images_per_s=seen / (now - last_log), time=now - start)
                     seen, last_log = 0, now
-                    postfix.update(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+                    shown.update(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
                     if self.trackers is not None:
                         self.trackers.scalars(self.step, stats)
                         self.history.append([self.step, stats["loss"]])
                 if t.time_limit:  # the run ends at the limit or at train.steps, whichever comes first
-                    elapsed = time.perf_counter() - start
-                    postfix["left"] = tqdm.format_interval(time_left(elapsed, t.time_limit, self.step - first, t.steps - self.step))
-                bar.set_postfix(postfix, refresh=False)
+                    left = time_left(time.perf_counter() - start, t.time_limit, self.step - first, t.steps - self.step)
+                    bar.set_postfix({**shown, "left": tqdm.format_interval(left)}, refresh=False)
+                elif shown:
+                    bar.set_postfix(shown, refresh=False)
                 aside = time.perf_counter()  # previews and measurements are not training: the images/s leave them out
                 if t.sample_every and self.step % t.sample_every == 0 and self.is_main:
                     grid = self.objective.preview(self)
@@ -380,10 +381,11 @@ class Trainer:
                     self.save()
                 if out_of_time:
                     break
+            failed = False
         finally:
             bar.close()
             if self.trackers is not None:
-                self.trackers.close()
+                self.trackers.close(failed)  # a W&B run is marked failed when training raised
                 self.trackers = None
         return self.run_dir
 

@@ -66,13 +66,13 @@ def tensorboard_events(run):
     return scalars, images, acc
 
 
-def wandb_history(run) -> list[dict]:
-    """The history rows of every offline run in RUN/wandb, read from its run-ID.wandb file: a LevelDB-style log (a
-    7-byte header, 32 KiB blocks of records: crc32, length, type; FULL = 1, FIRST/MIDDLE/LAST = 2/3/4) of W&B's
-    Record protobufs."""
+def wandb_records(run) -> list:
+    """The records of every offline run in RUN/wandb, read from its run-ID.wandb file: a LevelDB-style log (a 7-byte
+    header, 32 KiB blocks of records: crc32, length, type; FULL = 1, FIRST/MIDDLE/LAST = 2/3/4) of W&B's Record
+    protobufs."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
+    out = []
     for path in sorted(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))):
         data, pos, part, records = open(path, "rb").read(), 7, b"", []
         assert data[:4] == b":W&B"
@@ -90,11 +90,15 @@ def wandb_history(run) -> list[dict]:
                 records.append(part)
                 part = b""
         for raw in records:
-            record = pb.Record()
-            record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
+            out.append(pb.Record())
+            out[-1].ParseFromString(raw)
+    return out
+
+
+def wandb_history(run) -> list[dict]:
+    """The history rows (name -> value) of RUN/wandb's offline runs."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in wandb_records(run) if r.WhichOneof("record_type") == "history"]
 
 
 # --- one run, every tracker ------------------------------------------------------------------------------------------
@@ -159,6 +163,23 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     assert sorted(step for step, name in csv_rows(run) if name == "loss") == [1, 2, 3, 4]  # keyed: the later value wins
     assert (run / "wandb" / "run_id").read_text() == run_id
     assert len(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))) == 2
+
+
+def test_a_run_that_raises_marks_its_wandb_run_failed(tmp_path):
+    trainer = Trainer(tiny_cfg('train.log_to=["wandb"]', "train.steps=4", "train.log_every=1"), tmp_path, progress=False)
+    step = trainer.train_step
+
+    def fails_at_step_3():
+        if trainer.step == 2:
+            raise RuntimeError("a failure mid-run")
+        return step()
+
+    trainer.train_step = fails_at_step_3
+    with pytest.raises(RuntimeError, match="a failure mid-run"):
+        trainer.fit()
+    assert [row["_step"] for row in wandb_history(tmp_path)] == [1, 2]
+    assert [r.exit.exit_code for r in wandb_records(tmp_path) if r.WhichOneof("record_type") == "exit"] == [1]
+    assert not (tmp_path / "log.jsonl").exists()  # only the trackers named are written
 
 
 # --- refusals and units ------------------------------------------------------------------------------------------------
