@@ -56,7 +56,7 @@ def check_trackers(names: list[str]) -> None:
         package, install = EXTRAS.get(name, (None, None))
         if package is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"train.log_to names {name!r}, but the {package} package is not installed: {install} "
-                             f"(or pip install 'diffuse[track]'), or remove {name!r} from train.log_to")
+                             f"(in a clone: pip install -e \".[track]\"), or remove {name!r} from train.log_to")
 
 
 def scalars_of(record: dict, prefix: str = "") -> dict[str, float]:
