@@ -30,6 +30,7 @@ from .nets.unet import UNetConfig
 from .samplers import SAMPLERS
 from .segmentation import SegmentConfig
 from .tasks.image_to_image import TaskConfig
+from .trackers import TrackerName
 from .schedule import DISCRETE_KINDS, ScheduleConfig, Spacing
 
 if sys.version_info >= (3, 11):
@@ -106,6 +107,9 @@ class TrainConfig:
     seed: int = 0                   # seeds data order, t and noise draws, and the initial weights
     time_limit: float = 0.0         # stop after this many seconds of training (0: no limit), checkpointing first
     log_every: int = 50             # steps between log lines / loss-curve updates
+    log_to: list[TrackerName] = field(default_factory=lambda: ["jsonl"])  # where they go (trackers.py): jsonl
+    #                                 (RUN/log.jsonl), csv (RUN/log.csv), tensorboard (RUN/tensorboard; pip install
+    #                                 tensorboard), wandb (RUN/wandb, offline unless WANDB_MODE is set; pip install wandb)
     sample_every: int = 10_000      # steps between sample grids (0: never)
     fid_every: int = 0              # steps between FIDs of the EMA model on a fixed noise batch, logged, drawn on the loss
     #                                 plot, and the best kept as the run folder RUN/best (0: never)
@@ -176,7 +180,9 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list of {item.__name__}, e.g. [1, 2], got {value!r}")
+            what, example = (f"one of {', '.join(map(repr, typing.get_args(item)))}", f"[{typing.get_args(item)[0]!r}]") \
+                if typing.get_origin(item) is Literal else (item.__name__, "[1, 2]")
+            raise ConfigError(f"{key} must be a list of {what}, e.g. {example}, got {value!r}")
         return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -387,7 +393,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 # settings that change neither the weights nor the random draws of a step: free to change on resume
-FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+FREE_ON_RESUME = {"train": {"steps", "time_limit", "log_every", "log_to", "sample_every", "checkpoint_every", "keep_checkpoints",
                             "num_workers", "ema_snapshot_every", "fid_every", "fid_samples", "fid_steps", "fid_features",
                             "compile", "channels_last", "data_on_device"}}
 

@@ -312,13 +312,14 @@ def reconstructable_range(directory, step=None, max_error: float = MAX_ERROR):
             float(grid[-1]) if hi == len(grid) - 1 else edge(grid[hi], grid[hi + 1]))
 
 
-def reconstruct(directory, sigma_rel: float, step=None, max_error: float = MAX_ERROR) -> dict[str, Tensor]:
+def reconstruct(directory, sigma_rel: float, step=None, max_error: float = MAX_ERROR, on_snapshot=None) -> dict[str, Tensor]:
     """Parameters (float32, CPU) of the power-function EMA of width sigma_rel at `step` (default: the last snapshot),
     as sum_i x_i snapshot_i over every track of every snapshot at or before `step`, plus the buffers of the newest
     of those snapshots. max_error bounds the relative L2 profile error (default `MAX_ERROR` = 0.05, what a ~6% change
     of sigma_rel itself does to a profile). Raises ValueError for sigma_rel outside (0, 0.3003] or NaN, for an error above
     max_error (naming the tracked sigma_rels and the reconstructable range), for < 2 snapshots or corrupt files;
-    FileNotFoundError when DIR does not exist."""
+    FileNotFoundError when DIR does not exist. `on_snapshot(done, total)` is told after each snapshot is read (a
+    progress bar: reading them is the long part)."""
     used, step, solve = _usable(directory, step)
     try:
         x, err = solve(step, sigma_rel_to_gamma(sigma_rel))
@@ -332,7 +333,7 @@ def reconstruct(directory, sigma_rel: float, step=None, max_error: float = MAX_E
                          f"{list(used[-1].sigma_rels)}: {problem}; the snapshots rebuild {rng_txt} within "
                          f"max_error={max_error}; pick a sigma_rel there, raise max_error, or track it directly")
     out, k = {}, 0
-    for snap in used:
+    for done, snap in enumerate(used, 1):
         with safe_open(str(snap.path), framework="pt") as f:
             for i in range(len(snap.gammas)):
                 keys = {key.split(".", 1)[1]: key for key in f.keys() if key.startswith(f"{i}.")}
@@ -342,6 +343,8 @@ def reconstruct(directory, sigma_rel: float, step=None, max_error: float = MAX_E
                     out[name] = out.get(name, 0) + float(x[k]) * f.get_tensor(key).double()
                 k += 1
             buffers = {key.split(".", 1)[1]: f.get_tensor(key) for key in f.keys() if key.startswith("buffers.")}
+        if on_snapshot is not None:
+            on_snapshot(done, len(used))
     return {n: v.float() for n, v in out.items()} | buffers
 
 

@@ -139,8 +139,9 @@ def _feature_fn(net: nn.Module):
 
 
 @torch.no_grad()
-def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None = None) -> Tensor:
-    """feature_net.features (or feature_net itself) of images x (N, C, H, W), in eval mode, batch by batch -> (N, D) float64."""
+def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None = None, on_batch=None) -> Tensor:
+    """feature_net.features (or feature_net itself) of images x (N, C, H, W), in eval mode, batch by batch -> (N, D) float64.
+    `on_batch(k)` is told after each batch of k images (a progress bar)."""
     batch_size = _batch_size(feature_net, batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,8 +150,11 @@ def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None =
     if training:
         feature_net.eval()  # no dropout or batch statistics in a metric
     try:
-        out = [fn(x[i:i + batch_size].to(device, torch.float32)).flatten(1).to("cpu", torch.float64)
-               for i in range(0, x.shape[0], batch_size)]
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            out.append(fn(x[i:i + batch_size].to(device, torch.float32)).flatten(1).to("cpu", torch.float64))
+            if on_batch is not None:
+                on_batch(len(out[-1]))
     finally:
         if training:
             feature_net.train()
@@ -162,10 +166,11 @@ def extract_features(x: Tensor, feature_net: nn.Module, batch_size: int | None =
     return features
 
 
-def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int | None = None) -> float:
-    """Frechet Inception Distance (Heusel et al. 2017) of two image sets in [-1, 1], in feature_net's feature space."""
+def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int | None = None, on_batch=None) -> float:
+    """Frechet Inception Distance (Heusel et al. 2017) of two image sets in [-1, 1], in feature_net's feature space
+    (`on_batch` as extract_features')."""
     check_image_sets(real, fake)
-    f_real, f_fake = extract_features(real, feature_net, batch_size), extract_features(fake, feature_net, batch_size)
+    f_real, f_fake = (extract_features(x, feature_net, batch_size, on_batch) for x in (real, fake))
     d = f_real.shape[1]
     if min(len(f_real), len(f_fake)) <= d:
         warnings.warn(f"FID from {len(f_real)} real and {len(f_fake)} fake images in a {d}-dimensional feature space: "
@@ -218,12 +223,12 @@ def kid_from_features(f_real: Tensor, f_fake: Tensor, subsets: int = 100, subset
 
 
 def kid(real: Tensor, fake: Tensor, feature_net: nn.Module, subsets: int = 100, subset_size: int = 1000,
-        batch_size: int | None = None) -> tuple[float, float]:
+        batch_size: int | None = None, on_batch=None) -> tuple[float, float]:
     """KID (mean, std over subsets) of two image sets in [-1, 1], in feature_net's feature space; 0 in expectation
     for identical distributions (unbiased, unlike FID)."""
     check_image_sets(real, fake)
-    return kid_from_features(extract_features(real, feature_net, batch_size), extract_features(fake, feature_net, batch_size),
-                             subsets, subset_size)
+    return kid_from_features(extract_features(real, feature_net, batch_size, on_batch),
+                             extract_features(fake, feature_net, batch_size, on_batch), subsets, subset_size)
 
 
 def is_min_images(splits: int = 10) -> int:
@@ -232,7 +237,8 @@ def is_min_images(splits: int = 10) -> int:
 
 
 @torch.no_grad()
-def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int | None = None) -> tuple[float, float]:
+def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch_size: int | None = None,
+                    on_batch=None) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), over `splits` parts of the set: (mean, std).
     `classifier(x)` returns logits; for digits the digit classifier (at most 10, for ten equally likely,
     confidently classified classes). Raises ValueError below `is_min_images(splits)` images."""
@@ -244,8 +250,12 @@ def inception_score(fake: Tensor, classifier: nn.Module, splits: int = 10, batch
     batch_size = _batch_size(classifier, batch_size)
     classifier.eval()
     device = _device(classifier)
-    logp = torch.cat([F.log_softmax(classifier(fake[i:i + batch_size].to(device, torch.float32)).double(), dim=1).cpu()
-                      for i in range(0, len(fake), batch_size)])
+    logp = []
+    for i in range(0, len(fake), batch_size):
+        logp.append(F.log_softmax(classifier(fake[i:i + batch_size].to(device, torch.float32)).double(), dim=1).cpu())
+        if on_batch is not None:
+            on_batch(len(logp[-1]))
+    logp = torch.cat(logp)
     scores = []
     for part in logp.chunk(splits):
         log_py = torch.logsumexp(part, dim=0) - math.log(len(part))  # log of the marginal p(y) over the part
@@ -271,8 +281,9 @@ def precision_recall_from_features(f_real: Tensor, f_fake: Tensor, k: int = 3) -
     return covered(f_fake, f_real, radii(f_real)), covered(f_real, f_fake, radii(f_fake))
 
 
-def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int = 3, batch_size: int | None = None) -> tuple[float, float]:
+def precision_recall(real: Tensor, fake: Tensor, feature_net: nn.Module, k: int = 3, batch_size: int | None = None,
+                     on_batch=None) -> tuple[float, float]:
     """(precision, recall) of two image sets in [-1, 1] in feature_net's feature space (Kynkaanniemi et al. 2019)."""
     check_image_sets(real, fake)
-    return precision_recall_from_features(extract_features(real, feature_net, batch_size),
-                                          extract_features(fake, feature_net, batch_size), k)
+    return precision_recall_from_features(extract_features(real, feature_net, batch_size, on_batch),
+                                          extract_features(fake, feature_net, batch_size, on_batch), k)

@@ -193,12 +193,13 @@ def prompt_condition(denoiser, n: int, prompt: str, negative: str | None = None,
     return out
 
 
-def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error: float = MAX_ERROR) -> Path:
+def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error: float = MAX_ERROR,
+              on_snapshot=None) -> Path:
     """`diffuse ema RUN --sigma-rel S --out OUT`: the EMA of width sigma_rel rebuilt from RUN/ema_snapshots at `step`
     (default: the last snapshot) written as a run folder OUT (RUN's config.toml and one checkpoint whose raw and EMA
     weights are both the rebuilt ones), which `diffuse sample OUT` and `diffuse eval OUT` read like any run.
     Raises FileNotFoundError when RUN is not a run or holds no snapshots (naming train.posthoc_ema), ValueError as
-    `reconstruct`, and when OUT holds a training run (it is never overwritten)."""
+    `reconstruct`, and when OUT holds a training run (it is never overwritten). `on_snapshot` as `reconstruct`'s."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = run_config(run_dir)
     snaps = run_dir / "ema_snapshots"
@@ -208,7 +209,7 @@ def write_run(run_dir, sigma_rel: float, out, step: int | None = None, max_error
     last = ckpt.latest_step(out) if out.is_dir() else None
     if out.resolve() == run_dir.resolve() or (last is not None and "posthoc_ema" not in ckpt.read_state(out, last)):
         raise ValueError(f"{out} holds a training run; choose another --out (e.g. {run_dir / 'ema_005'})")
-    weights = reconstruct(snaps, sigma_rel, step, max_error)
+    weights = reconstruct(snaps, sigma_rel, step, max_error, on_snapshot)
     used_step = step if step is not None else list_snapshots(snaps)[-1].step
     num_classes = int(ckpt.read_state(run_dir, ckpt.latest_step(run_dir))["num_classes"])
     ckpt.load_weights(build_model(cfg, num_classes), weights, config=run_dir / "config.toml",  # they fit the network

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed, speed
-from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config
+from .config import RunConfig, apply_overrides, load_config, resume_changes, save_config, to_dict
 from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
@@ -46,6 +45,7 @@ from .nets.digits import DigitClassifier
 from .nets.ensemble import GlobalBatchNorm
 from .nets.inception import inception_fid
 from .precision import autocast_dtype
+from .trackers import Trackers, check_trackers
 from .visualize import plot_loss
 
 
@@ -120,6 +120,15 @@ def check_train(cfg: RunConfig, world: int, dataset, kind=None) -> None:
             raise ValueError(msg)
 
 
+def time_left(elapsed: float, limit: float, done: int, remaining: int) -> float:
+    """Seconds until a run under train.time_limit stops: at the limit (`limit` - `elapsed`), or sooner when its
+    `remaining` steps end first at the rate so far (`done` steps in `elapsed` seconds); never below 0."""
+    left = max(limit - elapsed, 0.0)
+    if done > 0 and elapsed > 0:
+        left = min(left, remaining * elapsed / done)
+    return left
+
+
 def progress_disabled() -> bool:
     """TQDM_DISABLE read now (tqdm reads it once, when it is imported): 1, true, yes ... silence every progress bar,
     the trainer's and the sampling commands' alike."""
@@ -160,6 +169,7 @@ class Trainer:
                 raise ResumeError(f"{self.run_dir} holds a run with a different config ({changed}); resume it with its own "
                                   "config (`diffuse train RUN/config.toml --out RUN`), choose a new --out, or pass --inexact-resume")
         check_config(cfg)  # settings that would do nothing, the network against its shape: before data, stages or writes
+        check_trackers(cfg.train.log_to)  # on every rank (the others would wait for rank 0 forever): a missing package named
         self.progress = progress and self.is_main and not progress_disabled()
         data = kind.load_data(cfg) if dataset is None else dataset
         check_train(cfg, self.world, data, kind)  # before the kind prepares anything (a stage's cache, a feature network)
@@ -212,6 +222,7 @@ class Trainer:
         self.history: list[tuple[int, float]] = []
         self.fid_history: list[tuple[int, float]] = []  # (step, score) of train.fid_every
         self.best_fid = math.inf
+        self.trackers: Trackers | None = None  # rank 0's, while fit runs
         self._try_resume(inexact_resume)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -391,11 +402,14 @@ class Trainer:
         desc = self.objective.progress_desc
         bar = tqdm(total=None if t.time_limit else t.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=f"{desc} ({t.time_limit:g} s)" if t.time_limit else desc)
-        start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
+        start, seen, last_log, first = time.perf_counter(), 0, time.perf_counter(), self.step
+        shown, failed = {}, True
         for m in self.modules.values():
             m.train()
-        log = ckpt.open_log(self.run_dir / "log.jsonl") if self.is_main else None  # a torn last line (a kill) cut first
+        config = {k: v for k, v in to_dict(self.cfg).items() if k not in ignored_sections(self.cfg)}  # as config.toml
         try:
+            # rank 0 tracks: log.jsonl (a torn last line a kill left cut first) and the other trackers of train.log_to
+            self.trackers = Trackers(t.log_to, self.run_dir, self.step, config) if self.is_main else None
             while self.step < t.steps:
                 stats = self.train_step()
                 seen += t.batch_size
@@ -411,18 +425,24 @@ class Trainer:
                 if logged:
                     now = time.perf_counter()
                     stats = {key: float(v) for key, v in stats.items()}  # under deferred checks, the one read of the interval
-                    stats.update(step=self.step, images_per_s=seen / (now - last_log), time=now - start)
+                    stats.update(images_per_s=seen / (now - last_log), time=now - start)
                     seen, last_log = 0, now
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
-                    if log is not None:
-                        log.write(json.dumps(stats) + "\n")
-                        log.flush()
+                    shown.update(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+                    if self.trackers is not None:
+                        self.trackers.scalars(self.step, stats)
                         self.history.append([self.step, stats["loss"]])
+                if t.time_limit:  # the run ends at the limit or at train.steps, whichever comes first
+                    left = time_left(time.perf_counter() - start, t.time_limit, self.step - first, t.steps - self.step)
+                    bar.set_postfix({**shown, "left": tqdm.format_interval(left)}, refresh=False)
+                elif shown:
+                    bar.set_postfix(shown, refresh=False)
                 aside = time.perf_counter()  # previews and measurements are not training: the images/s leave them out
                 if preview and self.is_main:
-                    self.objective.preview(self)
+                    grid = self.objective.preview(self)
+                    if grid is not None:
+                        self.trackers.image(self.step, "samples", grid)
                 if measure and self.is_main:
-                    self._evaluate(log)
+                    self._evaluate()
                 last_log += time.perf_counter() - aside
                 if snapshot and self.is_main:
                     self.phema.save_snapshot(self.run_dir / "ema_snapshots", self.step)
@@ -430,19 +450,19 @@ class Trainer:
                     self.save()
                 if out_of_time:
                     break
+            failed = False
         finally:
             bar.close()
-            if log is not None:
-                log.close()
+            if self.trackers is not None:
+                self.trackers.close(failed)  # a W&B run is marked failed when training raised
+                self.trackers = None
         return self.run_dir
 
-    def _evaluate(self, log) -> None:
-        """The kind's measurement (rank 0), logged; a score better than every earlier one keeps its weights as the run
+    def _evaluate(self) -> None:
+        """The kind's measurement (rank 0), tracked; a score better than every earlier one keeps its weights as the run
         folder RUN/best."""
         record, score = self.objective.evaluate(self)
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **record}) + "\n")
-            log.flush()
+        self.trackers.scalars(self.step, record)
         if score is None:
             return
         self.fid_history.append([self.step, score])
@@ -495,6 +515,8 @@ class Trainer:
                                 f"{self.last_checkpoint()}. Lower train.lr and keep train.grad_clip > 0")
         if self.history:  # rendered here, not per log line: matplotlib costs ~0.1 s in the training loop
             plot_loss(*zip(*self.history), self.run_dir / "loss.png", fid=self.fid_history)
+            if self.trackers is not None:  # the loss curve, and the FID curve of train.fid_every on it
+                self.trackers.image(self.step, "loss_figure", self.run_dir / "loss.png")
         state_tensors, state = {}, {"step": self.step, "num_classes": self.dataset.num_classes, "world_size": self.world}
         for name, opt in self.optimizers.items():
             opt_name, sched_name = self._state_names(name)

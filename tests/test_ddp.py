@@ -41,6 +41,7 @@ def tiny_cfg(images: Path):
         "train.batch_size=8", f"train.steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=2", "train.hflip=true",
         "train.ema_decay=0.9", "train.log_every=100", "train.sample_every=0", "train.checkpoint_every=2",
         "train.mixed_precision=no",  # fp32: these tests compare the sharded step's sums with one process's to 1e-5
+        'train.log_to=["jsonl", "csv", "tensorboard"]',  # rank 0 tracks (test_ddp_only_rank0_writes)
     ])
 
 
@@ -226,7 +227,8 @@ def test_ddp_only_rank0_writes(ddp_run, single):
     for r in range(1, WORLD):
         assert writes[r] == [], f"rank {r} wrote into the run folder: {writes[r][:10]}"
     written = {Path(p).name for _, p in writes[0]}
-    assert "log.jsonl" in written  # the hook sees rank 0's writes: the log appended, every other file atomically,
+    assert {"log.jsonl", "log.csv"} <= written and any(n.startswith("events.out.tfevents") for n in written)  # rank 0 tracks
+    # the hook sees rank 0's writes: the logs appended, every other file atomically,
     for name in ("config.toml", "loss.png", "manifest.json"):  # to a temporary name (checkpoint.write_atomically)
         assert any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in written), (name, sorted(written))
     # the shared run folder holds one run, laid out like the single-process run

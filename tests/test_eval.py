@@ -258,3 +258,51 @@ def test_fid_and_kid_agree_with_torchmetrics():
     ref_kid.update(fake, real=False)
     f_real, f_fake = metrics.extract_features(real[:200], net), metrics.extract_features(fake, net)
     assert metrics.mmd2_unbiased(f_real, f_fake) == pytest.approx(float(ref_kid.compute()[0]), rel=1e-5)
+
+
+SAMPLE_RECORD = {"metric", "step", "n", "n_real", "n_fake", "seed", "sampler", "steps", "spacing", "guidance",
+                 "guidance_interval", "labels", "prompts", "mixed_precision", "dtype", "features", "feature_network", "date"}
+"""What changes a sample metric's number, in every record of eval.json (besides the metric's own values)."""
+
+
+def test_a_sample_record_carries_what_changes_its_number(hybrid_run):
+    """Precision/recall: the record names the network's dtype apart from the metric's precision (once one key)."""
+    assert main(["eval", str(hybrid_run), "--metric", "pr", "--n", "40", "--sampler", "ddim", "--steps", "3",
+                 "--spacing", "leading", "--seed", "2", "--mixed-precision", "no", "--batch-size", "16"]) == 0
+    record = json.loads((hybrid_run / "eval.json").read_text())[-1]
+    assert set(record) == SAMPLE_RECORD | {"precision", "recall"}
+    assert {k: v for k, v in record.items() if k not in ("date", "precision", "recall")} == {
+        "metric": "pr", "step": 4, "n": 40, "n_real": 40, "n_fake": 40, "seed": 2, "sampler": "ddim", "steps": 3,
+        "spacing": "leading", "guidance": 0.0, "guidance_interval": [], "labels": "none (not class-conditional)",
+        "prompts": "none (not text-conditional)", "mixed_precision": "no", "dtype": "float32", "features": "digits",
+        "feature_network": train_mod.digit_classifier_folder().name}
+    assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
+
+
+def test_a_guided_class_conditional_record_names_its_guidance_and_labels(tmp_path, monkeypatch):
+    run = tmp_path / "cond"
+    assert main(["train", "configs/mnist_cond.toml", *_sets(TINY), "--out", str(run)]) == 0
+    (tmp_path / "pool.py").write_text("import torch\nnet = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten())\n")
+    assert main(["eval", str(run), "--metric", "fid", "--n", "20", "--steps", "2", "--guidance", "1.5",
+                 "--guidance-interval", "0.1,5", "--features", f"{tmp_path / 'pool.py'}:net"]) == 0
+    record = json.loads((run / "eval.json").read_text())[-1]
+    assert set(record) == SAMPLE_RECORD - {"feature_network"} | {"fid"}  # a feature network of the user's: its spec
+    assert (record["guidance"], record["guidance_interval"], record["labels"]) == (1.5, [0.1, 5.0], "classes 0-9 in turn")
+    assert (record["sampler"], record["steps"], record["step"]) == ("dpmpp-2m", 2, 4)  # the run's [sample] sampler
+
+
+def test_eval_shows_progress_of_its_sampling_and_feature_passes(hybrid_run, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main(["eval", str(hybrid_run), "--metric", "kid", "--n", "40", "--sampler", "ddim", "--steps", "3",
+                 "--batch-size", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "sampling (ddim): 100%" in err and "6/6" in err  # 3 steps in each of 2 chunks
+    assert "features: 100%" in err and "80/80" in err  # 40 real and 40 generated images
+
+
+def test_likelihood_records_name_their_labels_and_step(hybrid_run):
+    assert main(["eval", str(hybrid_run), "--metric", "vlb", "--n", "4", "--vlb-samples", "2", "--seed", "1"]) == 0
+    record = json.loads((hybrid_run / "eval.json").read_text())[-1]
+    assert {k: record[k] for k in ("metric", "step", "n", "n_real", "seed", "labels", "prompts", "dtype")} == {
+        "metric": "vlb", "step": 4, "n": 4, "n_real": 4, "seed": 1, "labels": "none (not class-conditional)",
+        "prompts": "none (not text-conditional)", "dtype": "float32"}

@@ -266,3 +266,25 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ema.save_snapshot(tmp_path, 1)
     assert os.listdir(tmp_path) == []
+
+
+def test_reconstruct_reports_each_snapshot_it_reads(walk):
+    d, *_ = walk
+    for step, used in ((None, 20), (1000, 10)):
+        seen = []
+        reconstruct(d, 0.07, step=step, on_snapshot=lambda done, total: seen.append((done, total)))
+        assert seen == [(k, used) for k in range(1, used + 1)]
+
+
+def test_the_ema_command_shows_its_progress(tmp_path, capsys, monkeypatch):
+    from diffuse.app.cli import main
+    from test_cli import TINY, _sets
+
+    run, out = tmp_path / "run", tmp_path / "ema"
+    assert main(["train", "configs/mnist.toml", *_sets(TINY + ["train.posthoc_ema=[0.05, 0.1]", "train.ema_snapshot_every=1"]),
+                 "--out", str(run)]) == 0
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    capsys.readouterr()
+    assert main(["ema", str(run), "--sigma-rel", "0.1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "post-hoc EMA 0.1: 100%" in err and "4/4" in err  # the 4 snapshots of 4 steps

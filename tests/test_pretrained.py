@@ -197,7 +197,7 @@ def test_eval_of_a_diffusers_model_on_a_folder_of_real_images(tmp_path, capsys):
     assert record["fid"] == pytest.approx(metrics.fid(real, fake, net), rel=1e-4)
     # the record says how the samples were drawn: the grid's spacing (the scheduler's leading) and the precision
     assert (record["sampler"], record["steps"], record["spacing"]) == ("ddim", 4, "leading")
-    assert (record["mixed_precision"], record["precision"]) == ("no", "float32")
+    assert (record["mixed_precision"], record["dtype"]) == ("no", "float32")
 
 
 @pytest.mark.parametrize("change, detail", [

@@ -31,7 +31,7 @@ from ..samplers import SAMPLERS, check_plan
 from ..schedule import Schedule
 from ..stages import space
 from ..tasks.image_to_image import training_condition
-from ..train import dry_run, feature_network, progress_disabled, train
+from ..train import digit_classifier_folder, dry_run, feature_network, progress_disabled, train
 from ..visualize import save_samples, to_uint8
 from .webui import serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
@@ -162,7 +162,7 @@ def eval_command(args) -> None:
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "recon" in can.metrics:
-        return _eval_autoencoder(args, cfg, device)
+        return _eval_autoencoder(args, cfg, device, run.step)
     if "miou" in can.metrics:
         return _eval_segmenter(args, can.metrics, device)
     if run.kind == "diffae_prior":
@@ -209,11 +209,9 @@ def eval_command(args) -> None:
         if can.text and args.real is None:  # a text model draws the captions of the real images it is compared with
             captions = [data.captions[int(pick[k % len(pick)])] for k in range(args.n)]
             task_text = {"text": den.net.text_encoder.tokenize(captions).to(device)}
-            record_caption = "the captions of the real images"
-    record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "seed": args.seed,
-                    "date": datetime.date.today().isoformat()}
-    if can.text:
-        record["condition"] = record_caption
+    # what changes the number: the run's step and the draws (seed, counts) here; how the samples were drawn below
+    record: dict = {"metric": args.metric, "step": run.step, "n": args.n, "n_real": len(real), "seed": args.seed,
+                    "prompts": _prompt_set(can.text, args.real is None), "date": datetime.date.today().isoformat()}
     if len(real) < args.n and args.metric != "is":  # IS reads no real images
         if len(real) < least:
             raise ValueError(f"the run's dataset has {len(real)} images; --metric {args.metric} needs {least} or more")
@@ -233,6 +231,7 @@ def eval_command(args) -> None:
         if can.classes:  # the null label: log p(x), comparable with unconditional models
             cond["label"] = torch.full((len(x0),), num_classes, device=device)
             record["condition"] = "the null label (the unconditional density)" + (" and " + record["condition"] if task_cond else "")
+        record.update(labels="the null label" if can.classes else "none (not class-conditional)", dtype="float32")
         if args.metric == "nll":
             rtol = 1e-5 if args.rtol is None else args.rtol
             bpd, nfe = ode_bits_per_dim(Conditioned(den, **cond), x0, rtol=rtol, atol=rtol,
@@ -260,31 +259,63 @@ def eval_command(args) -> None:
             kw["mixed_precision"] = args.mixed_precision
         n_fake = len(real) if task_cond else args.n  # one sample per real image's input
         cond = task_cond or (task_text if can.text else None)
+        adaptive = SAMPLERS[sampler].calls_per_step == 0
+        grid_steps = None if adaptive else steps or getattr(den.schedule, "top_step", None)
+        chunks = -(-n_fake // (args.batch_size or n_fake))
+        bar = _bar(f"sampling ({sampler})", grid_steps and grid_steps * chunks, "step")
         fake = latent_space.decode(generate_in_chunks(
             den, n_fake, latent_space.shape, chunk=args.batch_size, seed=args.seed, device=device, cond=cond,
-            labels=default_labels(n_fake, can.classes), **kw))
+            labels=default_labels(n_fake, can.classes), callback=lambda step: bar.update(1), **kw))
+        bar.close()
         # rounded to 8 bits as the real images are, and as samples saved to PNG are in published FIDs
         fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        adaptive = SAMPLERS[sampler].calls_per_step == 0
         amp = autocast_dtype(kw["mixed_precision"], device)  # what the network ran in: float32 unless autocast
-        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else steps or getattr(den.schedule, "top_step", None),
-                      spacing="adaptive" if adaptive else kw["spacing"], mixed_precision=kw["mixed_precision"],
-                      precision=str(amp or torch.float32).removeprefix("torch."), features=features)
+        record.update(n_fake=len(fake), sampler=sampler, steps="adaptive" if adaptive else grid_steps,
+                      spacing="adaptive" if adaptive else kw["spacing"], guidance=kw["guidance"],
+                      guidance_interval=list(kw["guidance_interval"] or []),
+                      labels=_label_policy(can.classes, bool(task_cond)), mixed_precision=kw["mixed_precision"],
+                      dtype=str(amp or torch.float32).removeprefix("torch."), **_feature_space(features))
         _measure(record, args.metric, real, fake, net)
     _report(record, Path(args.run) / "eval.json")
 
 
+def _bar(desc: str, total: int | None, unit: str) -> tqdm:
+    """A progress bar of `diffuse eval` or `ema` (silenced as every bar is: TQDM_DISABLE, train.progress_disabled)."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=progress_disabled())
+
+
 def _measure(record: dict, metric: str, real: torch.Tensor, fake: torch.Tensor, net) -> None:
-    """A sample metric of `fake` against `real` in `net`'s feature space, added to `record`."""
+    """A sample metric of `fake` against `real` in `net`'s feature space, added to `record`; a progress bar over the
+    images of the feature pass."""
+    bar = _bar("features", len(fake) if metric == "is" else len(real) + len(fake), "image")
     if metric == "fid":
-        record["fid"] = metrics.fid(real, fake, net)
+        record["fid"] = metrics.fid(real, fake, net, on_batch=bar.update)
     elif metric == "kid":
-        record["kid"], record["kid_std"] = metrics.kid(real, fake, net)
+        record["kid"], record["kid_std"] = metrics.kid(real, fake, net, on_batch=bar.update)
         record["kid_subset_size"] = metrics.kid_subset_size(len(real), len(fake))
     elif metric == "is":
-        record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net)
+        record["inception_score"], record["inception_score_std"] = metrics.inception_score(fake, net, on_batch=bar.update)
     else:
-        record["precision"], record["recall"] = metrics.precision_recall(real, fake, net)
+        record["precision"], record["recall"] = metrics.precision_recall(real, fake, net, on_batch=bar.update)
+    bar.close()
+
+
+def _label_policy(classes: int, task: bool = False) -> str:
+    """eval.json's `labels`: which labels the samples were drawn with (generate.default_labels)."""
+    if not classes:
+        return "none (" + ("a task model, given each real image's input" if task else "not class-conditional") + ")"
+    return f"classes 0-{classes - 1} in turn"
+
+
+def _prompt_set(text: bool, own_data: bool) -> str:
+    """eval.json's `prompts`: the captions a text-conditional run's samples were drawn with."""
+    return "the captions of the real images picked by --seed" if text and own_data else "none (not text-conditional)"
+
+
+def _feature_space(features: str) -> dict:
+    """eval.json's feature network: the --features spec, and for the digit classifier its cached run's name (its
+    version and the hash of its layers and recipe: another name, another feature space)."""
+    return {"features": features, **({"feature_network": digit_classifier_folder().name} if features == "digits" else {})}
 
 
 def _eval_pair(args, run, device) -> None:
@@ -313,11 +344,13 @@ def _eval_pair(args, run, device) -> None:
     progress.close()
     fake = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).float() / 127.5 - 1  # 8 bits, as the real images
     kw = plan.generate_kw
-    record: dict = {"metric": args.metric, "n": args.n, "n_real": len(real), "n_fake": len(fake), "seed": args.seed,
-                    "latent_sampler": run.cfg.sample.sampler, "latent_steps": run.cfg.sample.steps,
+    amp = autocast_dtype(kw["mixed_precision"], device)
+    record: dict = {"metric": args.metric, "step": run.step, "n": args.n, "n_real": len(real), "n_fake": len(fake),
+                    "seed": args.seed, "latent_sampler": run.cfg.sample.sampler, "latent_steps": run.cfg.sample.steps,
                     "sampler": kw["sampler"], "steps": kw["steps"], "spacing": kw["spacing"],
-                    "mixed_precision": kw["mixed_precision"], "features": features, "step": run.step,
-                    "decoder": str(decoder.path), "decoder_step": run.cfg.semantic.run_step,
+                    "guidance": 0.0, "guidance_interval": [],  # unguided codes and decoding "labels": _label_policy(0), "prompts": _prompt_set(False, True),
+                    "mixed_precision": kw["mixed_precision"], "dtype": str(amp or torch.float32).removeprefix("torch."),
+                    **_feature_space(features), "decoder": str(decoder.path), "decoder_step": run.cfg.semantic.run_step,
                     "date": datetime.date.today().isoformat()}
     _measure(record, args.metric, real, fake, net)
     _report(record, Path(args.run) / "eval.json")
@@ -342,7 +375,7 @@ def _report(record: dict, path: Path) -> None:
     print(f"appended to {path}")
 
 
-def _eval_autoencoder(args, cfg, device) -> None:
+def _eval_autoencoder(args, cfg, device, step: int) -> None:
     """`diffuse eval AE_RUN`: reconstruction PSNR, rFID and codebook statistics on the held-out images
     (runs.evaluate_autoencoder), printed and appended to RUN/eval.json."""
     sampling = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "real", "rtol",
@@ -352,7 +385,7 @@ def _eval_autoencoder(args, cfg, device) -> None:
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in sampling) or ("--no-ema" if args.no_ema else f"--metric {args.metric}")
         raise ValueError(f"{flags} does nothing for an autoencoder run: `diffuse eval` measures its reconstructions of the "
                          "held-out images (PSNR, rFID, codebook usage); leave it out")
-    record = {**evaluate_autoencoder(args.run, args.features, device), "date": datetime.date.today().isoformat()}
+    record = {**evaluate_autoencoder(args.run, args.features, device), "step": step, "date": datetime.date.today().isoformat()}
     _report(record, Path(args.run) / "eval.json")
 
 
@@ -409,7 +442,15 @@ def _check_plan(args, cfg) -> None:
 
 
 def ema_command(args) -> None:
-    out = write_run(args.run, args.sigma_rel, args.out, step=args.step)
+    """`diffuse ema RUN --sigma-rel S --out OUT` (runs.write_run), with a progress bar over the snapshots it reads."""
+    bar = _bar(f"post-hoc EMA {args.sigma_rel:g}", None, "snapshot")
+
+    def read(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    out = write_run(args.run, args.sigma_rel, args.out, step=args.step, on_snapshot=read)
+    bar.close()
     print(f"wrote the post-hoc EMA with sigma_rel = {args.sigma_rel:g} to {out}; sample it with `diffuse sample {out} ...`")
 
 
