@@ -261,7 +261,7 @@ def test_fid_and_kid_agree_with_torchmetrics():
 
 
 SAMPLE_RECORD = {"metric", "step", "n", "n_real", "n_fake", "seed", "sampler", "steps", "spacing", "guidance",
-                 "guidance_interval", "labels", "prompts", "mixed_precision", "dtype", "features", "feature_network", "date"}
+                 "guidance_interval", "labels", "prompts", "mixed_precision", "compiled", "dtype", "features", "feature_network", "date"}
 """What changes a sample metric's number, in every record of eval.json (besides the metric's own values)."""
 
 
@@ -274,7 +274,7 @@ def test_a_sample_record_carries_what_changes_its_number(hybrid_run):
     assert {k: v for k, v in record.items() if k not in ("date", "precision", "recall")} == {
         "metric": "pr", "step": 4, "n": 40, "n_real": 40, "n_fake": 40, "seed": 2, "sampler": "ddim", "steps": 3,
         "spacing": "leading", "guidance": 0.0, "guidance_interval": [], "labels": "none (not class-conditional)",
-        "prompts": "none (not text-conditional)", "mixed_precision": "no", "dtype": "float32", "features": "digits",
+        "prompts": "none (not text-conditional)", "mixed_precision": "no", "compiled": False, "dtype": "float32", "features": "digits",
         "feature_network": train_mod.digit_classifier_folder().name}
     assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
 

@@ -245,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
                    help="guide only at noise levels sigma/alpha in (LO, HI]; all: every level (default: the run's)")
     e.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], help="fid/kid/is/pr: " + MIXED_PRECISION_HELP)
+    e.add_argument("--compile", choices=["auto", "yes", "no"], help="fid/kid/is/pr: torch.compile the network for sampling "
+                   "(a CUDA graph on a GPU); auto: on CUDA (default: the run's sample.compile)")
     e.add_argument("--rtol", type=number(low=0, above=True, high=1), help="nll: the ODE solver's tolerance (default 1e-5)")
     e.add_argument("--vlb-samples", type=number(int, low=1), help="vlb: estimate from this many random steps (default: all T terms)")
     e.add_argument("--seed", type=SEED, default=0)
