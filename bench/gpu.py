@@ -60,6 +60,9 @@ from diffuse.train import Trainer  # noqa: E402
 CONFIG = ROOT / "configs" / "ddpm_cifar10.toml"
 SCHEDULERS = {"dpmpp-2m": 20, "ddim": 50}
 """Our sampler name -> steps; diffusers' DPMSolverMultistepScheduler (solver_order 2, dpmsolver++) and DDIMScheduler."""
+MAX_COMPILED_DIFF = 0.01
+"""The mean |compiled - eager| of our bf16 samples (pixels in [-1, 1]) within which the two agree: bf16 rounds to
+2^-8 relative, and a 20-50 step trajectory compounds it; a wrong graph (a stale CUDA-graph output) differs by ~0.1-1."""
 TINY = ["data.image_size=16", "model.channels=32", "model.channel_mult=[1, 2]", "model.attention_resolutions=[8]",
         "model.norm_groups=8"]
 """--tiny: the same architecture family at 16x16 with two levels (about 2M parameters)."""
@@ -80,10 +83,15 @@ class Bench:
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.start)
 
-    def measure(self, section: str, name: str, fn, *, needs_compile: bool = False, needs_peer: bool = False) -> dict:
+    def measure(self, section: str, name: str, fn, *, cost: float = 20, needs_compile: bool = False,
+                needs_peer: bool = False) -> dict:
+        """Run fn() -> dict of figures as one row, unless its estimated cost on an H100 (seconds; a compile of the
+        35.7M U-Net's training step some 60-90) exceeds the budget left, or it needs torch.compile on a CPU, or the
+        peer is missing; an exception becomes the row's error. gpu.json is rewritten after every row, so a run cut
+        short keeps what it measured."""
         row = {"section": section, "name": name}
-        if self.left() <= 0:
-            row["skipped"] = f"the time budget ({self.args.budget:g} s) was spent"
+        if self.left() < (cost if self.cuda else 0) or self.left() <= 0:
+            row["skipped"] = f"the time budget ({self.args.budget:g} s) left {max(self.left(), 0):.0f} s, it needs ~{cost:g} s"
         elif needs_compile and not self.cuda and not self.args.cpu_compile:
             row["skipped"] = "torch.compile on a CPU (--cpu-compile runs it; tests/test_speed.py checks it)"
         elif needs_peer and peer() is None:
@@ -100,7 +108,15 @@ class Bench:
                 torch.cuda.empty_cache()
         self.rows.append(row)
         say(f"{section:9s} {name:42s} " + brief(row))
+        self.write()
         return row
+
+    def write(self) -> dict:
+        """The report so far into OUT/gpu.json."""
+        report = {"facts": self.facts, "rows": self.rows, "limits": limits(self), "ratios": ratios(self.rows),
+                  "seconds": round(time.perf_counter() - self.start, 1)}
+        (self.args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
 
 
 def say(msg: str) -> None:
@@ -108,6 +124,7 @@ def say(msg: str) -> None:
 
 
 def brief(row: dict) -> str:
+    """A row in one line: skipped, its error, or its main figures."""
     if "skipped" in row:
         return f"skipped: {row['skipped']}"
     if "error" in row:
@@ -165,6 +182,7 @@ def peer():
     except ImportError:
         wheels = ROOT / "bench" / "wheels"
         if wheels.is_dir():
+            # diffusers and its dependencies from the folder (pip download diffusers==0.42.1 -d bench/wheels)
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
                             "diffusers"], check=False)
         try:
@@ -192,6 +210,7 @@ def peer_unet(cfg: RunConfig) -> nn.Module:
 
 
 def n_params(net: nn.Module) -> int:
+    """The parameter count."""
     return sum(p.numel() for p in net.parameters())
 
 
@@ -214,6 +233,8 @@ class RandomImages:
 
 
 def run_config(args, **train) -> RunConfig:
+    """configs/ddpm_cifar10.toml (TINY's network with --tiny), trained without warm-up, previews or checkpoints (a
+    benchmark measures steps, not a run), with these train.* settings."""
     cfg = load_config(CONFIG)
     overrides = [f"train.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in train.items()]
     return apply_overrides(cfg, (TINY if args.tiny else []) + ["train.sample_every=0", "train.checkpoint_every=1000000000",
@@ -231,6 +252,7 @@ OUR_MODES = {  # name -> (mixed_precision, compile, channels_last); tf32 is fp32
 
 @contextlib.contextmanager
 def tf32(on: bool):
+    """TF32 matrix products and convolutions on or off inside the block (cuDNN allows TF32 by default)."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
     try:
@@ -239,25 +261,32 @@ def tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def our_trainer(bench: Bench, mode: str, batch: int, folder: Path, seed: int = 0) -> Trainer:
+def our_trainer(bench: Bench, mode: str, batch: int, folder: Path, seed: int = 0, *overrides: str) -> Trainer:
+    """Our Trainer in one of OUR_MODES on random images held on the device."""
     amp, comp, cl = OUR_MODES[mode]
     amp = amp if bench.low == torch.bfloat16 else "no"
     cfg = run_config(bench.args, mixed_precision=amp, compile=comp, channels_last=cl, batch_size=batch, seed=seed,
                      data_on_device="yes")
+    cfg = apply_overrides(cfg, list(overrides))
     data = RandomImages(max(4 * batch, 2048 if not bench.args.tiny else 64), (cfg.data.channels,) + (cfg.data.image_size,) * 2)
     return Trainer(cfg, folder, progress=False, dataset=data, device=str(bench.device))
 
 
 def train_ours(bench: Bench, mode: str, batch: int) -> dict:
+    """Images/s of our full training step (EMA, clipping, deferred checks) in `mode` at `batch`."""
     with tempfile.TemporaryDirectory() as folder, tf32(mode == "tf32"):
         trainer = our_trainer(bench, mode, batch, Path(folder))
         per_step = timed(bench, trainer.train_step, bench.args.warmup, bench.args.steps)
         trainer.check_finite()
-        return {"images_per_s": batch / per_step, "s_per_step": per_step, "params": n_params(trainer.model),
-                "deferred_checks": trainer.deferred_checks, "peak_gib": peak_gib(bench)}
+        row = {"images_per_s": batch / per_step, "s_per_step": per_step, "params": n_params(trainer.model),
+               "deferred_checks": trainer.deferred_checks, "peak_gib": peak_gib(bench)}
+        if bench.cuda:
+            row["host_syncs"] = count_syncs(trainer.train_step)
+        return row
 
 
 def train_peer(bench: Bench, mode: str, batch: int) -> dict:
+    """Images/s of diffusers' UNet2DModel training step (eps MSE, fused AdamW) in `mode` at `batch`."""
     cfg = run_config(bench.args)
     dev = bench.device
     torch.manual_seed(0)
@@ -289,6 +318,7 @@ def train_peer(bench: Bench, mode: str, batch: int) -> dict:
 
 
 def peak_gib(bench: Bench) -> float | None:
+    """The peak GPU memory since the last call, GiB (None on a CPU)."""
     if not bench.cuda:
         return None
     out = torch.cuda.max_memory_allocated() / 2**30
@@ -297,16 +327,25 @@ def peak_gib(bench: Bench) -> float | None:
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
+_NETS: dict = {}
+
+
 def our_denoiser(bench: Bench, compiled: bool):
-    cfg = run_config(bench.args)
-    torch.manual_seed(0)
-    net = build_model(cfg, 0).to(bench.device).eval().requires_grad_(False)
-    if compiled:
-        speed.compile_network(net, bench.device, sampling=True)
-    return cfg, build_denoiser(cfg, net)
+    """(config, denoiser) of our network with fixed random weights, compiled for sampling or not: built once per
+    kind, so both samplers reuse one compile."""
+    if compiled not in _NETS:
+        cfg = run_config(bench.args)
+        torch.manual_seed(0)
+        net = build_model(cfg, 0).to(bench.device).eval().requires_grad_(False)
+        if compiled:
+            speed.compile_network(net, bench.device, sampling=True)
+        _NETS[compiled] = cfg, build_denoiser(cfg, net)
+    return _NETS[compiled]
 
 
 def sample_ours(bench: Bench, sampler: str, compiled: bool, keep: dict | None = None) -> dict:
+    """Images/s of our `generate` at the bench's batch in bf16; compiled samples against the eager ones kept in
+    `keep` (the same noise and weights; bf16 rounding differs, so within MAX_COMPILED_DIFF)."""
     cfg, den = our_denoiser(bench, compiled)
     n, shape = bench.args.sample_batch, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
@@ -323,7 +362,8 @@ def sample_ours(bench: Bench, sampler: str, compiled: bool, keep: dict | None = 
         if compiled and eager is not None:  # the same noise, the same weights: compiled against eager, in bf16
             row["max_abs_diff"] = float((x.float().cpu() - eager).abs().max())
             row["mean_abs_diff"] = float((x.float().cpu() - eager).abs().mean())
-    if bench.cuda and not compiled:
+            row["agrees"] = row["mean_abs_diff"] < MAX_COMPILED_DIFF
+    if bench.cuda:
         row["host_syncs"] = count_syncs(draw)
     return row
 
@@ -340,12 +380,20 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+_PEER_NETS: dict = {}
+
+
 def sample_peer(bench: Bench, sampler: str, compiled: bool) -> dict:
+    """Images/s of diffusers' scheduler loop (the pipelines' own loop without their post-processing) at the bench's
+    batch in bf16, the U-Net eager or torch.compile(mode="reduce-overhead", fullgraph=True) as diffusers advises."""
     d = peer()
     cfg = run_config(bench.args)
-    torch.manual_seed(0)
-    unet = peer_unet(cfg).to(bench.device).eval().requires_grad_(False)
-    forward = torch.compile(unet, mode="reduce-overhead" if bench.cuda else None, fullgraph=True) if compiled else unet
+    if compiled not in _PEER_NETS:
+        torch.manual_seed(0)
+        unet = peer_unet(cfg).to(bench.device).eval().requires_grad_(False)
+        _PEER_NETS[compiled] = (torch.compile(unet, mode="reduce-overhead" if bench.cuda else None, fullgraph=True)
+                                if compiled else unet)
+    forward = _PEER_NETS[compiled]
     common = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     if sampler == "ddim":
         sched = d.DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=True)
@@ -360,7 +408,7 @@ def sample_peer(bench: Bench, sampler: str, compiled: bool) -> dict:
         x = torch.randn((n, *shape), generator=torch.Generator(bench.device).manual_seed(0), device=bench.device)
         with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.low == torch.bfloat16):
             for t in sched.timesteps:
-                x = sched.step(forward(x, t).sample, t, x).prev_sample
+                x = sched.step(forward(x, t).sample.float(), t, x).prev_sample  # x stays float32, as ours
         return x
 
     draw()
@@ -370,10 +418,12 @@ def sample_peer(bench: Bench, sampler: str, compiled: bool) -> dict:
 
 # --- bf16 against fp32 over the first steps --------------------------------------------------------------------------
 def loss_curves(bench: Bench, out: Path) -> dict:
+    """Our training loss over the first curve_steps steps in bf16 and in strict fp32 (no TF32), the same seed, batches
+    and draws, dropout off (so the two differ by rounding alone): both curves and the gap of their 10%-window means."""
     curves = {}
-    for mode in ("fp32", "bf16+cl+compile" if bench.cuda or bench.args.cpu_compile else "bf16"):
-        with tempfile.TemporaryDirectory() as folder:
-            trainer = our_trainer(bench, mode, bench.args.curve_batch, Path(folder), seed=1)
+    for mode in ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory() as folder, tf32(False):
+            trainer = our_trainer(bench, mode, bench.args.curve_batch, Path(folder), 1, "model.dropout=0")
             curves[mode] = [float(trainer.train_step()["loss"]) for _ in range(bench.args.curve_steps)]
     (a, ca), (b, cb) = curves.items()
     w = max(1, len(ca) // 10)
@@ -385,6 +435,7 @@ def loss_curves(bench: Bench, out: Path) -> dict:
 
 
 def plot_curves(curves: dict, path: Path) -> None:
+    """Both loss curves on a log axis, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,6 +453,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 # --- the device and the limits ------------------------------------------------------------------------------------------
 def matmul_tflops(bench: Bench, dtype: torch.dtype, allow_tf32: bool = False) -> dict:
+    """The measured rate of a large square matrix product in `dtype`, TFLOP/s."""
     n = 512 if bench.args.tiny else 8192
     a, b = (torch.randn(n, n, device=bench.device, dtype=dtype) for _ in range(2))
     with tf32(allow_tf32):
@@ -410,6 +462,7 @@ def matmul_tflops(bench: Bench, dtype: torch.dtype, allow_tf32: bool = False) ->
 
 
 def copy_gbps(bench: Bench) -> dict:
+    """The measured device-to-device copy bandwidth (bytes read plus written), GB/s."""
     x = torch.empty(2**24 if bench.args.tiny else 2**28, dtype=torch.uint8, device=bench.device)
     y = torch.empty_like(x)
     per = timed(bench, lambda: y.copy_(x), 2, 10)
@@ -460,6 +513,7 @@ def limits(bench: Bench) -> list[dict]:
 
 
 def facts(bench: Bench) -> dict:
+    """What the figures depend on: date, versions, device, precision of the "bf16" rows."""
     d = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
          "device": str(bench.device), "tiny": bench.args.tiny, "cpu": platform.processor() or platform.machine()}
     if bench.cuda:
@@ -491,36 +545,36 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
     b1, b2 = args.batches
     say(f"diffuse GPU bench on {bench.device} ({'tiny' if args.tiny else CONFIG.name}), budget {args.budget:g} s")
+    bench.facts = facts(bench)
     m = bench.measure
-    m("device", "matmul bf16", lambda: matmul_tflops(bench, bench.low))
-    m("device", "copy", lambda: copy_gbps(bench))
-    m("device", "network costs", lambda: network_costs(bench))
-    # the headline pair first: each one's best mode at batch 128, then sampling compiled
-    m("train", f"ours bf16+cl+compile b{b1}", lambda: train_ours(bench, "bf16+cl+compile", b1), needs_compile=True)
-    m("train", f"peer bf16+cl+compile b{b1}", lambda: train_peer(bench, "bf16+cl+compile", b1), needs_compile=True,
-      needs_peer=True)
+    m("device", "matmul bf16", lambda: matmul_tflops(bench, bench.low), cost=5)
+    m("device", "copy", lambda: copy_gbps(bench), cost=5)
+    m("device", "network costs", lambda: network_costs(bench), cost=5)
+    # the targets first: each one's best mode at batch 128, sampling compiled, bf16 against fp32, the best batch
+    m("train", f"ours bf16+cl+compile b{b1}", lambda: train_ours(bench, "bf16+cl+compile", b1), cost=90, needs_compile=True)
+    m("train", f"peer bf16+cl+compile b{b1}", lambda: train_peer(bench, "bf16+cl+compile", b1), cost=90,
+      needs_compile=True, needs_peer=True)
     kept = {}
-    for sampler in SCHEDULERS:
-        m("sample", f"ours {sampler} eager", lambda s=sampler: sample_ours(bench, s, False, kept))
-        m("sample", f"ours {sampler} compiled", lambda s=sampler: sample_ours(bench, s, True, kept), needs_compile=True)
-        m("sample", f"peer {sampler} compiled", lambda s=sampler: sample_peer(bench, s, True), needs_compile=True,
-          needs_peer=True)
+    for k, sampler in enumerate(SCHEDULERS):  # the compiled networks are built once, for the first sampler
+        m("sample", f"ours {sampler} eager", lambda s=sampler: sample_ours(bench, s, False, kept), cost=20)
+        m("sample", f"ours {sampler} compiled", lambda s=sampler: sample_ours(bench, s, True, kept), cost=60 if k == 0 else 20,
+          needs_compile=True)
+        m("sample", f"peer {sampler} compiled", lambda s=sampler: sample_peer(bench, s, True), cost=60 if k == 0 else 20,
+          needs_compile=True, needs_peer=True)
+    m("correct", "loss bf16 vs fp32", lambda: loss_curves(bench, args.out), cost=70)
+    m("train", f"ours bf16+cl+compile b{b2}", lambda: train_ours(bench, "bf16+cl+compile", b2), cost=80, needs_compile=True)
+    m("train", f"peer bf16+cl+compile b{b2}", lambda: train_peer(bench, "bf16+cl+compile", b2), cost=80,
+      needs_compile=True, needs_peer=True)
     for mode in ("bf16", "tf32", "fp32"):
         if mode == "tf32" and not bench.cuda:
             continue
-        m("train", f"ours {mode} b{b1}", lambda mode=mode: train_ours(bench, mode, b1))
-        m("train", f"peer {mode} b{b1}", lambda mode=mode: train_peer(bench, mode, b1), needs_peer=True)
-    m("train", f"ours bf16+cl+compile b{b2}", lambda: train_ours(bench, "bf16+cl+compile", b2), needs_compile=True)
-    m("train", f"peer bf16+cl+compile b{b2}", lambda: train_peer(bench, "bf16+cl+compile", b2), needs_compile=True,
-      needs_peer=True)
-    m("correct", "loss bf16 vs fp32", lambda: loss_curves(bench, args.out))
+        m("train", f"ours {mode} b{b1}", lambda mode=mode: train_ours(bench, mode, b1), cost=15)
+        m("train", f"peer {mode} b{b1}", lambda mode=mode: train_peer(bench, mode, b1), cost=15, needs_peer=True)
     for sampler in SCHEDULERS:
-        m("sample", f"peer {sampler} eager", lambda s=sampler: sample_peer(bench, s, False), needs_peer=True)
-    m("device", "matmul tf32", lambda: matmul_tflops(bench, torch.float32, True))
-    m("device", "matmul fp32", lambda: matmul_tflops(bench, torch.float32))
-    report = {"facts": facts(bench), "rows": bench.rows, "limits": limits(bench), "ratios": ratios(bench.rows),
-              "seconds": round(time.perf_counter() - bench.start, 1)}
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        m("sample", f"peer {sampler} eager", lambda s=sampler: sample_peer(bench, s, False), cost=20, needs_peer=True)
+    m("device", "matmul tf32", lambda: matmul_tflops(bench, torch.float32, True), cost=5)
+    m("device", "matmul fp32", lambda: matmul_tflops(bench, torch.float32), cost=5)
+    report = bench.write()
     say(table(report))
     return report
 

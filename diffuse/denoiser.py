@@ -28,7 +28,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule, append_dims
+from .schedule import NoiseSchedule, append_dims, to_device
 
 PredictionType = Literal["eps", "x0", "v", "flow", "edm"]
 PREDICTION_TYPES = ("eps", "x0", "v", "flow", "edm")
@@ -209,7 +209,7 @@ class Denoiser:
             alpha, sigma = scales(self.schedule, t, x_t)
             x_t = x_t * (edm_scalings(sigma / alpha, self.sigma_data)[2] / alpha)
         # float32 at least: bf16 cannot tell step 999 from 1000
-        return x_t, self.schedule.model_time(t).to(device=x_t.device, dtype=torch.float32)
+        return x_t, to_device(self.schedule.model_time(t).float(), x_t.device)
 
     def raw(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
         """The network's prediction (eps, x0 or v) at (x_t, t), without any learned variance."""

@@ -141,7 +141,10 @@ class FiniteWatch:
 
     def __call__(self, step: Step) -> None:
         bad = ~torch.isfinite(step.x_next).all()
-        x0_bad = lambda: ~torch.isfinite(step.x0).all() if step.x0 is not None else torch.zeros_like(bad)  # noqa: E731
+
+        def x0_bad() -> Tensor:
+            return ~torch.isfinite(step.x0).all() if step.x0 is not None else torch.zeros_like(bad)
+
         if not self.deferred:
             if bool(bad):
                 self._raise(step.index, step.total, step.t, step.s, bool(x0_bad()))
@@ -163,7 +166,7 @@ class FiniteWatch:
 
     def _raise(self, index: int, total: int, t: float, s: float, x0_bad: bool):
         source = ("the denoiser's x_0 prediction there is already non-finite: check the run's weights (--no-ema, an "
-                  "earlier checkpoint)" if x0_bad else
+                  "earlier checkpoint), or lower the guidance weight of a guided run" if x0_bad else
                   "the denoiser's x_0 prediction there is finite, the update overflowed: lower the guidance weight "
                   "or the sampler options")
         raise NonFiniteSample(f"{self.sampler}: the samples became non-finite at step {index + 1}"

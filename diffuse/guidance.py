@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .condition import concat_conditions
 from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
+from .schedule import to_device
 from .samplers.base import NonFiniteSample
 
 
@@ -204,7 +205,7 @@ class ClassifierFreeGuidance:
             if not bool(inside.any()):
                 w = 0.0
             elif not bool(inside.all()):
-                w = (w * inside).to(device=x_t.device, dtype=x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+                w = to_device(w * inside, x_t.device).to(x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
         if not torch.is_tensor(w) and w == 0:  # the conditional model alone: one network call
             return self.denoiser(x_t, t, **self.cond, **more)
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **concat_conditions(self.cond, self.uncond),
@@ -213,7 +214,9 @@ class ClassifierFreeGuidance:
         # weights on x_0 give exactly (x_t - sigma_t eps~) / alpha_t, without dividing by alpha_t (0 at zero terminal SNR)
         cond_v = None if both.variance_mix is None else both.variance_mix[:B]  # the conditional model's variance (as GLIDE)
         out = Prediction(guided_eps(both.x0[:B], both.x0[B:], w), guided_eps(both.eps[:B], both.eps[B:], w), cond_v)
-        if not bool(torch.isfinite(out.x0).all()) and bool(torch.isfinite(both.x0).all()):
+        # read on a CPU only (free there); on a GPU the read would wait for it at every step, and the sampler's own
+        # deferred check (generate.FiniteWatch) reports a non-finite x_0 after the loop
+        if x_t.device.type == "cpu" and not bool(torch.isfinite(out.x0).all()) and bool(torch.isfinite(both.x0).all()):
             raise NonFiniteSample(f"classifier-free guidance with weight w = {self.w:g} overflowed at t = {float(tt.max()):.4g}: "
                                   "the conditional and unconditional predictions are finite, (1 + w) x_0(cond) - w "
                                   "x_0(uncond) is not; lower the guidance weight (--guidance, sample.guidance; typical "
@@ -247,14 +250,15 @@ class ClassifierGuidance:
 
     def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
         pred = self.denoiser(x_t, t, **cond)
-        alpha, sigma = scales(self.schedule, t, x_t)
-        if self.scale == 0 or not bool((alpha > 0).all()):  # at alpha_t = 0, x_t is independent of y: grad log p(y | x_t) = 0
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])  # the host's times: read without waiting
+        if self.scale == 0 or not bool((self.schedule.alpha(tt) > 0).all()):  # at alpha_t = 0, x_t is independent of y
             return pred
-        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
-        model_time = self.schedule.model_time(tt).to(device=x_t.device, dtype=torch.float32)
+        alpha, sigma = scales(self.schedule, t, x_t)
+        model_time = to_device(self.schedule.model_time(tt).float(), x_t.device)
         grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.labels)
         eps = pred.eps - self.scale * sigma * grad
-        if not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(pred.eps).all()) and bool(torch.isfinite(grad).all()):
+        if x_t.device.type == "cpu" and not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(pred.eps).all()) \
+                and bool(torch.isfinite(grad).all()):  # a CPU only, as classifier-free guidance's check
             raise NonFiniteSample(f"classifier guidance with scale s = {self.scale:g} overflowed at t = {float(tt.max()):.4g}: "
                                   "the model's eps and the classifier's gradient are finite, eps - s sigma grad is not; "
                                   "lower the guidance scale (--guidance with --classifier; typical values are 1-10)")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .likelihood import bits_per_dim, vlb_term
 from .denoiser import x0_error_scale
-from .schedule import Schedule
+from .schedule import Schedule, to_device
 
 
 WEIGHTINGS = ("none", "min_snr", "p2", "edm")
@@ -72,7 +72,7 @@ def classifier_loss(classifier, schedule: Schedule, x0: Tensor, y: Tensor, t: Te
     """Per-example cross-entropy -log p_phi(y | x_t, t) on x_t ~ q(x_t | x_0): how the noisy classifier of
     classifier guidance is trained (Dhariwal & Nichol 2021, sec. 4.1)."""
     x_t = schedule.q_sample(x0, t, eps)
-    logits = classifier(x_t, schedule.model_time(t).to(device=x0.device, dtype=torch.float32))
+    logits = classifier(x_t, to_device(schedule.model_time(t).float(), x0.device))
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 

@@ -626,9 +626,21 @@ def schedule_from_config(cfg: ScheduleConfig) -> NoiseSchedule:
 
 
 def append_dims(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example (B,) or scalar tensor to broadcast against `like` (B, C, H, W)."""
-    v = torch.as_tensor(v, device=like.device)
+    """Reshape a per-example (B,) or scalar tensor to broadcast against `like` (B, C, H, W), on like's device."""
+    v = to_device(torch.as_tensor(v), like.device)
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def to_device(v: Tensor, device: torch.device | str) -> Tensor:
+    """`v` on `device`. From the CPU to a GPU it goes through pinned memory without waiting (non_blocking): the schedule
+    computes alpha_t, sigma_t and model times in float64 on the CPU, and a plain copy of them would make the host wait
+    for the GPU at every network call (a pageable host-to-device copy synchronises the stream)."""
+    device = torch.device(device)
+    if v.device == device:
+        return v
+    if device.type == "cuda" and v.device.type == "cpu":
+        return v.pin_memory().to(device, non_blocking=True)
+    return v.to(device)
 
 
 def posterior(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -20,9 +20,12 @@ that reads a tensor on the host waits for the GPU, so they read once per log int
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import Tensor, nn
+
+from . import schedule
 
 MODES = ("auto", "yes", "no")
 HOLD_BYTES = 2 * 2**30
@@ -40,15 +43,40 @@ def wanted(mode: str, device: str | torch.device, key: str) -> bool:
 def compile_network(net: nn.Module, device: str | torch.device, *, sampling: bool = False,
                     backend: str = "inductor") -> nn.Module:
     """Compile `net` in place with torch.compile (its forward; parameters, buffers and state_dict keys unchanged) and
-    return it. For sampling on CUDA, mode "reduce-overhead": the network is captured as a CUDA graph and replayed at
-    every step (a sampler calls it with the same shapes each time). Compiled graphs are cached on disk by
+    return it; a second call changes nothing. For sampling on CUDA, mode "reduce-overhead": the network is captured as
+    a CUDA graph and replayed at every step (a sampler calls it with the same shapes each time), its outputs copied out
+    of the graph's pool (`fresh_outputs`). Compiled graphs are cached on disk by
     TorchInductor (TORCHINDUCTOR_CACHE_DIR), so a second process compiles faster. Needs a C++ compiler on a CPU.
     `backend` is torch.compile's ("aot_eager" traces without generating kernels: the tests' cheap check of the wiring)."""
-    if getattr(net, "_compiled_call_impl", None) is not None:  # compiled already (a page's cached model): keep its graphs
+    if net in _COMPILED:  # compiled already (a page's cached model): keep its graphs
         return net
-    cuda = torch.device(device).type == "cuda"
-    net.compile(backend=backend, mode="reduce-overhead" if sampling and cuda and backend == "inductor" else None, dynamic=False)
+    _COMPILED.add(net)
+    if sampling and torch.device(device).type == "cuda" and backend == "inductor":
+        net.forward = fresh_outputs(torch.compile(net.forward, mode="reduce-overhead", dynamic=False))
+    else:
+        net.compile(backend=backend, dynamic=False)
     return net
+
+
+_COMPILED: weakref.WeakSet = weakref.WeakSet()
+
+
+def is_compiled(net: nn.Module) -> bool:
+    """Whether compile_network compiled `net`."""
+    return net in _COMPILED
+
+
+def fresh_outputs(network):
+    """`network` with its outputs copied out of the CUDA graph's memory pool, where the next replay would overwrite
+    them: a sampler keeps predictions across calls (classifier-free guidance's first half while the second runs,
+    DPM-Solver's previous x_0, self-conditioning's last estimate), and an output of a replayed graph is valid only
+    until the graph runs again. One copy of the output per call."""
+
+    def forward(*args, **kwargs):
+        out = network(*args, **kwargs)
+        return out.clone() if isinstance(out, Tensor) else type(out)(o.clone() for o in out)
+
+    return forward
 
 
 def to_channels_last(net: nn.Module) -> nn.Module:
@@ -119,10 +147,5 @@ def hold_on_device(dataset, device: torch.device, mode: str = "auto"):
     return DeviceDataset(dataset, device) if size <= limit or mode == "yes" else dataset
 
 
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """`t` on `device`: from the host through pinned memory without waiting (non_blocking) when the device is CUDA."""
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+to_device = schedule.to_device
+"""A tensor on a device: from the host through pinned memory without waiting (non_blocking) when the device is CUDA."""

@@ -378,7 +378,9 @@ class Trainer:
     def check_finite(self) -> None:
         """Deferred checks: read the finiteness of every step since the last check (one host synchronisation) and raise
         NonFiniteLoss naming the first step whose loss or gradient norm was NaN or infinite; the trainer's step is then
-        set back to the step before it, whose weights (and EMAs) it holds. Nothing to do without deferred checks."""
+        set back to the step before it, whose parameters and EMAs it holds (buffers a forward pass updates, such as a VQ
+        codebook's statistics, and the LR schedule and the draws' generator have moved on: resume from the last
+        checkpoint rather than continue this trainer). Nothing to do without deferred checks."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -388,6 +390,7 @@ class Trainer:
         step, _, checked = pending[finite.index(False)]
         values = {k: v.item() for k, v in checked.items()}
         self.step = step - 1
+        self._bad = torch.zeros_like(self._bad)  # read: a caller that goes on anyway steps again
         loss = values["loss:main"]
         for key, value in values.items():
             if not math.isfinite(value):

@@ -289,13 +289,6 @@ def test_kill_during_a_two_process_run_leaves_every_file_loadable_and_it_resumes
     assert steps[-1] == KILL_STEPS and set(range(last + 1, KILL_STEPS + 1)) <= set(steps)
 
 
-if __name__ == "__main__":
-    if sys.argv[4:] == ["fit"]:
-        _fit_worker(Path(sys.argv[1]), Path(sys.argv[2]) / "run")
-    else:
-        _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
-
-
 @pytest.mark.slow
 def test_two_machines_through_a_c10d_rendezvous_train_as_one_process(tmp_path, images, single):
     """Two "machines" on this host, each `torchrun --nnodes 2 --nproc-per-node 1` with the c10d rendezvous on
@@ -334,3 +327,10 @@ def test_two_machines_through_a_c10d_rendezvous_train_as_one_process(tmp_path, i
     for group in ("model", "ema"):
         for name, w in single[group].items():
             torch.testing.assert_close(c.tensors[group][name], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{group} {name}: {m}")
+
+
+if __name__ == "__main__":
+    if sys.argv[4:] == ["fit"]:
+        _fit_worker(Path(sys.argv[1]), Path(sys.argv[2]) / "run")
+    else:
+        _worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -191,6 +191,43 @@ def test_deferred_checks_stop_at_the_first_bad_step_with_its_weights(tmp_path, m
     assert ckpt.latest_step(tmp_path) == 2
 
 
+@needs_fused
+def test_after_one_bad_step_every_step_is_skipped_until_the_check(tmp_path, monkeypatch):
+    """One NaN loss at step 2 only (the later losses finite): steps 3 and 4 are skipped too, so at the check the
+    weights are those of step 1."""
+    from diffuse.kinds import diffusion as diffusion_kind
+
+    real, calls = diffusion_kind.l_simple, []
+
+    def l_simple(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw) * (math.nan if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(diffusion_kind, "l_simple", l_simple)
+    trainer = Trainer(cfg(), tmp_path, progress=False, deferred_checks=True)
+    trainer.train_step()
+    after_1 = weights(trainer.model)
+    for _ in range(3):
+        stats = trainer.train_step()
+    assert math.isfinite(float(stats["loss"]))  # step 4's own loss is finite, and it was still skipped
+    assert close(weights(trainer.model), after_1, 0)
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 2"):
+        trainer.check_finite()
+    assert trainer.step == 1
+
+
+@needs_fused
+def test_a_finite_loss_with_an_infinite_gradient_is_caught(tmp_path, monkeypatch):
+    trainer = Trainer(cfg(), tmp_path, progress=False, deferred_checks=True)
+    real = nn.utils.clip_grad_norm_
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", lambda params, max_norm: real(params, max_norm) * math.inf)
+    before = weights(trainer.model)
+    trainer.train_step()
+    assert close(weights(trainer.model), before, 0)
+    with pytest.raises(NonFiniteLoss, match="the gradient norm became inf at step 1 \\(loss [0-9.]+\\)"):
+        trainer.check_finite()
+
+
 def test_deferred_checks_refuse_fp16(tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         Trainer(cfg("train.mixed_precision=fp16"), tmp_path, progress=False, deferred_checks=True)
@@ -252,8 +289,7 @@ def test_a_compiled_trainer_trains_and_saves_as_the_eager_one(tmp_path, monkeypa
     monkeypatch.setattr(speed, "compile_network", lambda net, device, **kw: real(net, device, backend="aot_eager", **kw))
     eager = Trainer(cfg("train.compile=no", "train.steps=3"), tmp_path / "a", progress=False)
     compiled = Trainer(cfg("train.compile=yes", "train.steps=3"), tmp_path / "b", progress=False)
-    assert getattr(compiled.model, "_compiled_call_impl", None) is not None
-    assert getattr(compiled.ema.model, "_compiled_call_impl", None) is None
+    assert speed.is_compiled(compiled.model) and not speed.is_compiled(compiled.ema.model)
     assert compiled.fit() and eager.fit()
     a, b = ckpt.load_checkpoint(tmp_path / "a"), ckpt.load_checkpoint(tmp_path / "b")
     assert a.tensors["model"].keys() == b.tensors["model"].keys()
@@ -278,3 +314,42 @@ def test_sampling_with_compile_yes_draws_the_eager_samples(tmp_path, monkeypatch
     compiled = execute(resolve(SampleRequest(run=str(tmp_path), n=2, steps=3, compile="yes")))
     assert seen == [{"sampling": True}]
     assert torch.allclose(compiled.x, plain.x, atol=1e-5) and plain.x.std() > 0.1
+
+
+class OneBuffer(nn.Module):
+    """A network that writes every output into the same memory, as a replayed CUDA graph does: an output is valid only
+    until the next call."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.buffer, self.condition_spec = net, None, net.condition_spec
+
+    def forward(self, *args, **kw):
+        out = self.net(*args, **kw)
+        if self.buffer is None or self.buffer.shape != out.shape:
+            self.buffer = torch.empty_like(out)
+        return self.buffer.copy_(out)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
+def test_fresh_outputs_keep_guided_multistep_sampling_exact(tmp_path, sampler):
+    """Classifier-free guidance (two halves of one call kept while the other runs) and DPM-Solver++(2M) (the previous
+    x_0 kept across steps) through a network whose outputs are overwritten by the next call: wrong without
+    fresh_outputs, the plain samples with it."""
+    from diffuse.generate import generate
+    from diffuse.kinds.diffusion import build_denoiser, build_model
+
+    c = cfg("model.class_conditional=true", "model.prediction=x0")
+    torch.manual_seed(0)
+    net = build_model(c, 10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # away from the zero-initialised output layer
+    kw = dict(sampler=sampler, steps=6, labels=torch.arange(3), guidance=2.0, clip=False, seed=0)
+    plain = generate(build_denoiser(c, net), 3, (1, 8, 8), **kw)
+    reused = OneBuffer(net)
+    overwritten = generate(build_denoiser(c, reused), 3, (1, 8, 8), **kw)
+    reused.forward = speed.fresh_outputs(reused.forward)
+    fresh = generate(build_denoiser(c, reused), 3, (1, 8, 8), **kw)
+    assert (overwritten - plain).abs().max() > 1e-3  # the hazard is real here
+    assert torch.allclose(fresh, plain, atol=1e-6)

@@ -38,7 +38,7 @@ from ..losses import ImportanceSampler, classifier_loss, hybrid_loss, l_simple
 from ..metrics import extract_features, feature_statistics, frechet_distance
 from ..generate import default_labels, generate
 from ..samplers import SAMPLERS
-from ..schedule import Schedule
+from ..schedule import Schedule, to_device
 from ..tasks.image_to_image import check_task, condition_keys as task_condition_keys, training_condition, viewable
 from ..visualize import save_grid, to_uint8
 from .base import Context, Objective
@@ -280,15 +280,15 @@ class DiffusionObjective(Objective):
         with each dropped key replaced by its null; eps on the device."""
         dev = x0.device
         if self.cfg.train.hflip:
-            x0 = torch.where(d["flip"].to(dev).view(-1, *([1] * (x0.ndim - 1))), x0.flip(-1), x0)
+            x0 = torch.where(to_device(d["flip"], dev).view(-1, *([1] * (x0.ndim - 1))), x0.flip(-1), x0)
         if "augment" in d:
             x0 = augment_apply(x0, d["augment"])
         if "task_seeds" in d:
             cond.update(training_condition(self.cfg.task, x0, d["task_seeds"], self.denoiser.schedule))
-        cond = self.condition(cond, {k.removeprefix("drop."): v.to(dev) for k, v in d.items() if k.startswith("drop.")})
+        cond = self.condition(cond, {k.removeprefix("drop."): to_device(v, dev) for k, v in d.items() if k.startswith("drop.")})
         if "augment" in d:
-            cond["augment"] = d["augment"].to(dev, torch.float32)
-        return x0, cond, {**d, "eps": d["eps"].to(dev)}
+            cond["augment"] = to_device(d["augment"], dev).float()
+        return x0, cond, {**d, "eps": to_device(d["eps"], dev)}  # pinned, without waiting for the GPU (speed.to_device)
 
     def condition(self, cond: dict, dropped: dict[str, Tensor]) -> dict:
         """The batch's condition restricted to the keys the model takes, each key replaced by its null value where
