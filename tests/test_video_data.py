@@ -157,7 +157,7 @@ def test_mp4_round_trip_within_codec_tolerance(tmp_path):
     back = VideoFolder(tmp_path, frames=F, image_size=S, channels=1).batch(torch.tensor([0]))[0][0]
     assert back.shape == x.shape
     err = (back - x).abs()
-    assert err.mean() < 0.03 and err.max() < 0.6  # H.264 at high quality: a few levels on average, edges worst
+    assert err.mean() < 0.02 and err.max() < 0.2  # H.264 at quality 9: here 0.1 levels of 255 on average, 5 at most
 
 
 def test_folder_clips_stride_labels_and_resize(tmp_path):
