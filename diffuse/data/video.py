@@ -250,7 +250,8 @@ class VideoFolder:
             labels += [self.class_names.index(rel.parts[0]) if self.num_classes else 0] * len(clips)
             nbytes += clips.nbytes
             if arrays is not None:  # kept while the decoded clips fit in memory, else read again per batch
-                arrays = arrays + [clips] if nbytes <= MAX_IN_MEMORY_BYTES else None
+                arrays.append(clips)
+                arrays = arrays if nbytes <= MAX_IN_MEMORY_BYTES else None
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.videos = torch.from_numpy(np.concatenate(arrays)) if arrays is not None else None  # (N, C, F, S, S) uint8
 
