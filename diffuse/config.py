@@ -289,11 +289,17 @@ def _unused(cfg: RunConfig) -> list[tuple[str, str, str]]:
     d, sc, m, t, smp = cfg.data, cfg.schedule, cfg.model, cfg.train, cfg.sample
 
     out = []
-    if d.source not in ("photos", "shapes"):
-        out.append(("data.crops", f'data.source = "{d.source}" takes whole images', 'set data.source = "photos" or "shapes", or remove it'))
-    if d.path and d.source != "folder":
-        out.append(("data.path", f'data.source = "{d.source}" trains on the {"generated" if d.source == "shapes" else "bundled"} {d.source} images',
-                    'set data.source = "folder" to train on the folder, or remove data.path'))
+    if d.source not in ("photos", "shapes", "moving_digits"):
+        out.append(("data.crops", f'data.source = "{d.source}" takes whole {"files" if d.source == "video_folder" else "images"}',
+                    'set data.source = "photos" or "shapes" (or "moving_digits": its number of videos), or remove it'))
+    if d.path and d.source not in ("folder", "video_folder"):
+        out.append(("data.path", f'data.source = "{d.source}" trains on the {"generated" if d.source in ("shapes", "moving_digits") else "bundled"} {d.source} images',
+                    'set data.source = "folder" (or "video_folder") to train on the folder, or remove data.path'))
+    if d.source != "video_folder":
+        out.append(("data.frame_stride", f'data.source = "{d.source}" reads no video files', 'set data.source = "video_folder" or remove it'))
+    if d.source != "moving_digits":
+        out += [(f"data.{k}", f'data.source = "{d.source}" is not moving digits', 'set data.source = "moving_digits" or remove it')
+                for k in ("digits_per_video", "digit_size", "velocity", "bounce")]
     if sc.kind not in ("linear", "scaled_linear", "sigmoid"):
         out += [(f"schedule.{k}", f'schedule.kind = "{sc.kind}" has no betas from beta_start to beta_end',
                  'set schedule.kind = "linear" (or "scaled_linear", "sigmoid") or remove it')

@@ -1,18 +1,20 @@
-"""Figures of images and processes: grids, strips, GIFs, loss curves (files a person looks at), each written atomically
-(checkpoint.write_atomically)."""
+"""Figures of images and processes: grids, strips, GIFs, videos and their contact sheets, loss curves (files a person
+looks at), each written atomically (checkpoint.write_atomically)."""
 
 from __future__ import annotations
 
 import io
 import math
 from pathlib import Path
+import tempfile
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .checkpoint import write_atomically
+from .data.video import imageio_v3
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -87,6 +89,80 @@ def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, sc
     imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
     durations = [frame_ms] * (len(imgs) - 1) + [hold_last_ms]
     return save_image(imgs[0], path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
+
+
+def video_frames(x: Tensor) -> Tensor:
+    """Videos (C, F, H, W) or (B, C, F, H, W) in [-1, 1] as frames (F, B, C, H, W); ValueError naming the layout when
+    x is neither (frames-first (F, C, H, W) video: pass x.transpose(0, 1))."""
+    if not isinstance(x, Tensor) or x.ndim not in (4, 5):
+        raise ValueError(f"a video must be a tensor (C, F, H, W) or a batch (B, C, F, H, W), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    x = x[None] if x.ndim == 4 else x
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"a video (B, C, F, H, W) has 1 or 3 channels on axis 1, got shape {tuple(x.shape)}; for "
+                         "frames first (F, C, H, W) pass x.transpose(0, 1)")
+    return x.permute(2, 0, 1, 3, 4)
+
+
+def save_video(x: Tensor, path: str | Path, fps: float = 8, scale: int = 1) -> Path:
+    """Write a video (C, F, H, W) in [-1, 1], or a batch (B, C, F, H, W) tiled as a grid in every frame (`grid`), to
+    `path` atomically: .gif (Pillow, lossless for grayscale, looping; each frame shown round(100 / fps) centiseconds,
+    the unit of GIF) or .mp4 (H.264 through imageio's ffmpeg, the [video] extra; the frame needs an even width and
+    height). `scale` enlarges the pixels (nearest neighbour). ValueError for another suffix, an odd MP4 size or fps <= 0;
+    ImportError naming the extra for MP4 without imageio-ffmpeg."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise ValueError(f"{path}: a video is written as .gif or .mp4, not {suffix or 'a file without a suffix'}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    frames = [grid(f) for f in video_frames(x)]
+    if scale > 1:
+        frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
+    if suffix == ".gif":
+        centiseconds = max(2, round(100 / fps))  # browsers show frames under 2 cs at 10 cs
+        return save_image(frames[0], path, save_all=True, append_images=frames[1:], duration=10 * centiseconds, loop=0)
+    write_atomically(path, mp4_bytes(np.stack([np.asarray(f.convert("RGB")) for f in frames]), fps, str(path)))
+    return path
+
+
+def mp4_bytes(frames: np.ndarray, fps: float, name: str = "video.mp4") -> bytes:
+    """Frames uint8 (F, H, W, 3) encoded as an H.264 MP4 (yuv420p, high quality) by imageio's ffmpeg, as bytes."""
+    iio = imageio_v3(f"writing {name}", ", or write a .gif")
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        raise ValueError(f"{name}: an MP4 (H.264, yuv420p) needs an even width and height, got {w}x{h}; write a .gif, or "
+                         "pass scale=2")
+    with tempfile.TemporaryDirectory() as folder:  # ffmpeg writes a file; its bytes are then written atomically
+        out = Path(folder) / "video.mp4"
+        iio.imwrite(out, frames, fps=fps, codec="libx264", quality=9, macro_block_size=2)
+        return out.read_bytes()
+
+
+def contact_sheet(x: Tensor, scale: int = 2) -> Image.Image:
+    """Videos (C, F, H, W) or (B, C, F, H, W) in [-1, 1] as one image: a row per video, a column per frame, pixels
+    enlarged `scale` times, and each column's frame index (0-based) written under it."""
+    frames = video_frames(x)  # (F, B, C, H, W)
+    n_frames, b = frames.shape[:2]
+    pad = 2
+    tiles = grid(frames.transpose(0, 1).reshape(-1, *frames.shape[2:]), nrow=n_frames, pad=pad)
+    tiles = tiles.resize((tiles.width * scale, tiles.height * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    label_h = 14
+    sheet = Image.new(tiles.mode, (tiles.width, tiles.height + label_h), 255)
+    sheet.paste(tiles, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    w = frames.shape[-1]
+    for j in range(n_frames):
+        left, top, right, bottom = draw.textbbox((0, 0), str(j), font=font)
+        centre = scale * (pad + j * (w + pad) + w / 2)
+        draw.text((centre - (right + left) / 2, tiles.height + (label_h - bottom - top) / 2), str(j), fill=0, font=font)
+    return sheet
+
+
+def save_contact_sheet(x: Tensor, path: str | Path, scale: int = 2) -> Path:
+    """`contact_sheet(x, scale)` written atomically to `path` (.png): the still beside every written video."""
+    return save_image(contact_sheet(x, scale), path)
 
 
 def plot_loss(steps: list[int], losses: list[float], path: str | Path, fid: list | None = None) -> None:

