@@ -69,6 +69,21 @@ def _check_mask_values(spec: ConditionSpec, mask: Tensor) -> None:
         raise ValueError("every context_mask row needs at least one True (attended) token")
 
 
+def _check_frame_index_values(spec: ConditionSpec, index: Tensor) -> None:
+    if index.is_floating_point() and not bool(torch.isfinite(index).all()):
+        raise ValueError("frame_index must be finite (the frames' positions in time, e.g. 0, 2, 4, 6)")
+
+
+def _frames_of(x: Tensor) -> int | str:
+    """F, the frame axis of a video x (B, C, F, H, W); "F" (a free axis, for messages) for x of another rank."""
+    return x.shape[2] if x.ndim == 5 else "F"
+
+
+def _unchanged(spec: ConditionSpec, value: Tensor) -> Tensor:
+    """The null of a key that says how the input is laid out, not what to generate: itself (guidance keeps it)."""
+    return value
+
+
 CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
     ConditionKind(
         "label", "num_classes", lambda spec, x, cond: (x.shape[0],),
@@ -125,6 +140,29 @@ CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
         message="z_sem, the semantic code, must have shape {want} (batch, model.semantic_dim), got {shape}",
         doc="(B, d) float, the semantic code of a diffusion autoencoder, Enc(x_0) of its semantic encoder, which scales "
             "every residual block of the decoder (Preechakul et al. 2022, sec. 3.1); null: zeros"),
+    ConditionKind(
+        "frame_index", "video", lambda spec, x, cond: (x.shape[0], _frames_of(x)), null=_unchanged, optional=True,
+        values=_check_frame_index_values, check_order=8,
+        message="frame_index must have shape {want} (batch, frames: one position in time per frame of x), got "
+                "{dtype} {shape}",
+        doc="(B, F) int or float, each frame's position in time in any units and spacing (only differences count: "
+            "the relative-position bias of temporal attention, Harvey et al. 2022, FDM); optional, default "
+            "arange(F); no null: guidance keeps it (it says where the frames are, not what they show)"),
+    ConditionKind(
+        "independent", "video", lambda spec, x, cond: (x.shape[0], _frames_of(x)), dtypes=(torch.bool,),
+        null=_unchanged, optional=True, check_order=9,
+        message="independent must be a bool tensor of shape {want} (batch, frames; True: the frame is an image of its "
+                "own), got {dtype} {shape}",
+        doc="(B, F) bool, True for a frame that is an independent image: temporal attention lets it attend only "
+            "itself (Ho et al. 2022, sec. 3, joint image-video training; all True is image mode); optional, default "
+            "all False; no null: guidance keeps it"),
+    ConditionKind(
+        "observed", "observed", lambda spec, x, cond: (x.shape[0], _frames_of(x)), dtypes=(torch.bool,),
+        null=_unchanged, check_order=10,
+        message="observed must be a bool tensor of shape {want} (batch, frames; True: the frame is given clean in "
+                "x), got {dtype} {shape}; from 0/1 values pass observed > 0.5",
+        doc="(B, F) bool, True for the frames given clean in x_t's place, an extra input channel (Harvey et al. 2022, "
+            "FDM's mask channel; Hoppe et al. 2022, RaMViD); no null: guidance keeps it (all False: nothing given)"),
 )}
 
 CONDITION_KEYS = tuple(CONDITION_KINDS)
@@ -160,7 +198,8 @@ class ConditionSpec:
     """The conditioning a network takes: class labels (num_classes > 0), image channels to concatenate to x_t,
     scalars per example, a cross-attention context of width context_dim, captions of `text` tokens (null_text: the
     empty caption's tokens), a semantic code z_sem of width `semantic`, and two optional keys: (self_condition) a previous x_0 estimate and (augment, its width)
-    the augmentation labels of training. All zero: unconditional.
+    the augmentation labels of training; for a video net (`video`) the optional frame_index and independent, and
+    (`observed`) which frames are given clean. All zero: unconditional.
 
     Each field but null_text switches on the rows of CONDITION_KINDS that name it; a new kind adds its field at the
     end (networks build a spec positionally)."""
@@ -174,6 +213,8 @@ class ConditionSpec:
     text: int = 0
     null_text: tuple[int, ...] = ()
     semantic: int = 0  # the width of z_sem (a diffusion autoencoder's decoder)
+    video: bool = False  # x is (B, C, F, H, W): frame_index and independent (both optional)
+    observed: bool = False  # a video net's observed-frames channel: observed (required)
 
     @property
     def kinds(self) -> dict[str, ConditionKind]:

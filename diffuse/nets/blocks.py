@@ -1,12 +1,14 @@
 """The U-Net's building blocks (Ho et al. 2020, appendix B; Dhariwal & Nichol 2021), shared by the U-Net, the noisy
 classifier and the autoencoder: the sinusoidal time embedding, GroupNorm, zero-initialised output layers, residual
 blocks with the time embedding, self- and cross-attention, down- and upsampling, and dropout drawn for the global
-batch under DDP.
+batch under DDP; for video, temporal attention over the frames at each pixel with a relative-position bias from the
+frame indices (Ho et al. 2022, "Video Diffusion Models", sec. 3; Harvey et al. 2022, FDM).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +141,77 @@ class CrossAttention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+def frame_distance_features(frame_index: Tensor) -> Tensor:
+    """FDM's features of the distance between frames (Harvey et al. 2022, `rpe.py` `RPENet`): for query frame i and key
+    frame j with d = index_j - index_i, [log(1 + max(d, 0)), log(1 + max(-d, 0)), 1[d == 0]].
+
+    frame_index (B, F), integers or floats in any units (any spacing; only differences enter, so adding a constant to
+    every index changes nothing) -> (B, F, F, 3) float32, query frames along dim 1, key frames along dim 2.
+    """
+    index = frame_index.float()
+    d = index[:, None, :] - index[:, :, None]  # (B, F_query, F_key)
+    return torch.stack([torch.log1p(d.clamp(min=0)), torch.log1p((-d).clamp(min=0)), (d == 0).float()], dim=-1)
+
+
+@dataclass
+class Frames:
+    """How a batch of B videos of F frames sits in the U-Net: frames folded into the batch (row b * F + f is frame f of
+    video b) for the 2D layers, with what temporal attention needs to unfold them: `features` (B, F, F, 3), the frame
+    distances (frame_distance_features), and `allowed` (B, F, F) bool, which key frames each query frame may attend
+    (None: all), e.g. only itself for an image (`independent_frames`)."""
+
+    count: int  # F, frames per video
+    features: Tensor  # (B, F, F, 3) float
+    allowed: Tensor | None = None  # (B, F, F) bool, or None
+
+
+def independent_frames(independent: Tensor) -> Tensor:
+    """(B, F) bool, True for a frame that is an independent image (Ho et al. 2022, sec. 3: images appended to each
+    video for joint training, masked so they do not mix) -> (B, F, F) bool attention mask: query frame i may attend
+    key frame j when i == j or both are video frames. An all-True row is image mode: every frame alone."""
+    video = ~independent
+    return torch.eye(independent.shape[1], dtype=torch.bool, device=independent.device) | (video[:, :, None] & video[:, None, :])
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over the F frames at each of the H*W pixels, residual (Ho et al. 2022, sec. 3, the "temporal
+    attention" block; B*H*W sequences of length F), with a relative-position bias from the frame indices:
+        h = x + W_out softmax(Q K^T / sqrt(d) + b(index_j - index_i)) V,   per head,
+    b = Linear(SiLU(Linear(features))) one scalar per head, on FDM's distance features (frame_distance_features;
+    Harvey et al. 2022 feed them with the time embedding to per-head key embeddings; here a scalar bias per head, as
+    the T5 bias of video-diffusion-pytorch, so it enters scaled_dot_product_attention as an additive mask and any
+    spacing of frames works). W_out and the bias's last layer start at zero, so a fresh block is the identity and a
+    fresh video net is the image net on each frame.
+
+    Parameters for width C and h heads: GroupNorm 2C, qkv 3C^2 + 3C, out C^2 + C, bias MLP 4C + Ch + h;
+    4C^2 + 10C + Ch + h in all.
+    """
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"model.num_heads = {num_heads} must divide the width {channels}")
+        self.heads = num_heads
+        self.norm = norm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.rpe = nn.Sequential(nn.Linear(3, channels), nn.SiLU(), zero_init(nn.Linear(channels, num_heads)))
+        self.out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, frames: Frames) -> Tensor:  # x (B*F, C, H, W), frames folded into the batch
+        BF, C, H, W = x.shape
+        n, heads = frames.count, self.heads
+        B = BF // n
+        qkv = self.qkv(self.norm(x)).reshape(B, n, 3, heads, C // heads, H * W)
+        # each (B, HW, heads, F, d): one sequence per pixel; contiguous, as the attention kernels read it (CPU: 1.15x)
+        q, k, v = qkv.permute(2, 0, 5, 3, 1, 4).contiguous().unbind(0)
+        bias = self.rpe(frames.features).permute(0, 3, 1, 2)  # (B, heads, F_query, F_key)
+        if frames.allowed is not None:  # the diagonal is always allowed, so no row is all -inf
+            bias = bias.masked_fill(~frames.allowed[:, None], float("-inf"))
+        # the bias broadcasts over the H*W pixels (never copied per pixel)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None].to(q.dtype))  # (B, HW, heads, F, d)
+        return x + self.out(h.permute(0, 3, 2, 4, 1).reshape(BF, C, H, W))
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -158,10 +231,11 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """The residual blocks of one resolution, each optionally followed by self-attention and by cross-attention
-    on the context (context_dim > 0)."""
+    """The residual blocks of one resolution, each optionally followed by self-attention, by cross-attention
+    on the context (context_dim > 0) and (temporal) by temporal attention over the frames."""
 
-    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int, context_dim: int = 0):
+    def __init__(self, blocks: list[ResBlock], attend: bool, num_heads: int, groups: int, context_dim: int = 0,
+                 temporal: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(
@@ -169,8 +243,14 @@ class Level(nn.Module):
         )
         if context_dim:
             self.cross = nn.ModuleList(CrossAttention(b.conv2.out_channels, context_dim, num_heads, groups) for b in blocks)
+        if temporal:
+            self.temporal = nn.ModuleList(TemporalAttention(b.conv2.out_channels, num_heads, groups) for b in blocks)
 
-    def block(self, i: int, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
-        """Residual block i, then its attention and cross-attention (where this level has them)."""
+    def block(self, i: int, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None,
+              frames: Frames | None = None) -> Tensor:
+        """Residual block i, then its attention, cross-attention and temporal attention (where this level has them;
+        frames: the video layout, given exactly when the level is temporal)."""
         h = self.attns[i](self.blocks[i](h, emb))
-        return self.cross[i](h, context, mask) if hasattr(self, "cross") else h
+        if hasattr(self, "cross"):
+            h = self.cross[i](h, context, mask)
+        return self.temporal[i](h, frames) if hasattr(self, "temporal") else h
