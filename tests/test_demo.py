@@ -1,5 +1,8 @@
 """The demo's figures, on a tiny model (the real demo is timed by bench/, not here)."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -7,6 +10,7 @@ from PIL import Image
 from diffuse import Denoiser, Schedule
 from diffuse.app import demo
 from diffuse.config import apply_overrides
+from diffuse.ema import snapshot_steps
 from diffuse.schedule import Flow
 
 from test_cli import TINY
@@ -35,6 +39,10 @@ def test_demo_writes_every_figure(tmp_path, monkeypatch):
     for name in ("samples", "forward process", "reverse trajectory", "denoising animation", "loss curve"):
         assert paths[name].is_file(), name
     assert paths["sampled weights"] == tmp_path / "run" / "posthoc_ema"  # the figures use the rebuilt EMA
+    snapshots = tmp_path / "run" / "ema_snapshots"
+    assert sorted(snapshot_steps(snapshots)) == [8, 20, 28, 40]  # thinned after the rebuild: 4 of 10, spread
+    model = next((tmp_path / "run" / "checkpoints").iterdir()) / "model.safetensors"
+    assert sum(p.stat().st_size for p in snapshots.iterdir()) <= 10 * model.stat().st_size
     paths = demo.run_demo(tmp_path, n_samples=10, progress=False)  # a second call resumes and rebuilds it again
     assert paths["sampled weights"] == tmp_path / "run" / "posthoc_ema"
     assert Image.open(paths["forward process"]).size[0] == 2 * (2 + 21 * 10)  # 21 columns of 8 px + padding, x2
@@ -57,3 +65,32 @@ def test_reverse_trajectory_keeps_x_t_above_predicted_x0():
     rows = strip.view(2, 2, 3, 1, 4, 4)  # (sample, [x_t, x0_hat], frame, C, H, W)
     t0 = s.grid(6)[0]
     torch.testing.assert_close(rows[:, 1, 0], rows[:, 0, 0] / s.alpha(t0).float())
+
+
+def test_the_demos_snapshots_stay_within_ten_times_the_model():
+    """From the demo's config, not by training: the bytes of DEMO_SNAPSHOTS_KEPT snapshot files (every track of
+    train.posthoc_ema, float32, with their buffers and metadata) against the bytes of model.safetensors."""
+    from safetensors.torch import save
+
+    from diffuse.ema import PowerEMA
+    from diffuse.kinds.diffusion import build_model
+
+    cfg = demo.demo_config()
+    model = build_model(cfg, num_classes=10)
+    model_bytes = len(save(model.state_dict()))
+    assert 2.5e6 < model_bytes < 3e6  # the 687k-parameter network, 2.7 MB
+    snapshot = PowerEMA(model, cfg.train.posthoc_ema)
+    snapshot.step = 1
+    snapshot_bytes = (snapshot.save_snapshot(Path(tempfile.mkdtemp()), 1)).stat().st_size
+    assert len(cfg.train.posthoc_ema) * model_bytes < snapshot_bytes < (len(cfg.train.posthoc_ema) + 0.1) * model_bytes
+    assert demo.DEMO_SNAPSHOTS_KEPT * snapshot_bytes <= 10 * model_bytes
+
+
+def test_thin_snapshots_keeps_the_last_and_a_spread(tmp_path):
+    for step in range(100, 2001, 100):
+        (tmp_path / f"phema_{step:08d}.safetensors").write_bytes(b"x")
+    deleted = demo.thin_snapshots(tmp_path, keep=4)
+    assert sorted(snapshot_steps(tmp_path)) == [500, 1000, 1500, 2000] and len(deleted) == 16
+    assert demo.thin_snapshots(tmp_path, keep=4) == []  # already thin
+    with pytest.raises(ValueError, match="keep at least 2"):
+        demo.thin_snapshots(tmp_path, keep=1)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..config import RunConfig, load_config
 from ..data import load_dataset
+from ..ema import snapshot_steps
 from ..runs import write_run
 from ..generate import default_labels, generate
 from ..runs import load_run
@@ -33,6 +34,34 @@ DEMO_SIGMA_REL = 0.10
 of the rectified-flow recipe (bench/RESULTS.md "CPU budget", 2026-12-01) sigma_rel 0.10 against 0.03: unguided FID
 10.6 against 14.0 and 12.1 against 14.4, guided accuracy 98.1% against 97.3% at a guided FID 1 higher. (The VP recipe
 before issue 19, guided at every step, preferred 0.03: bench/recipes.py.)"""
+
+
+DEMO_SNAPSHOTS_KEPT = 4
+"""The post-hoc EMA snapshots the demo keeps once it has rebuilt its EMA: the last and three spread over the run
+(thin_snapshots). A snapshot holds one float32 copy of the network per track of train.posthoc_ema (two), so four are
+8x the model file where every snapshot of an 8-minute run (one each 100 steps: 57 on a fast CPU) was 301 MB for a
+2.7 MB model; tests/test_demo.py checks the bound of 10x from the config. The rebuilt sigma_rel 0.10 is one of the
+tracks, so it is exact from any of them; `diffuse ema demo/run --sigma-rel S` rebuilds other lengths from the four
+(`ema.reconstructable_range` says which)."""
+
+
+def thin_snapshots(directory: str | Path, keep: int = DEMO_SNAPSHOTS_KEPT) -> list[Path]:
+    """Delete all but `keep` (>= 2) post-hoc EMA snapshots in DIR: the last one and, for k = 1 .. keep - 1, the one
+    nearest to step k / keep of the last (each chosen once), so the kept ones spread over the run. Returns the deleted
+    paths; none when DIR holds `keep` or fewer. ValueError for keep < 2 (a rebuild needs two)."""
+    if keep < 2:
+        raise ValueError(f"keep at least 2 post-hoc EMA snapshots (a rebuild needs two), got {keep}")
+    steps = sorted(snapshot_steps(directory))
+    if len(steps) <= keep:
+        return []
+    kept = {steps[-1]}
+    for k in range(1, keep):
+        target = steps[-1] * k / keep
+        kept.add(min((s for s in steps if s not in kept), key=lambda s: abs(s - target)))
+    doomed = [path for step, path in sorted(snapshot_steps(directory).items()) if step not in kept]
+    for path in doomed:
+        path.unlink()
+    return doomed
 
 
 def demo_config() -> RunConfig:
@@ -95,6 +124,8 @@ def run_demo(out: str | Path = "demo", *, time_limit: float | None = None, n_sam
             weights = write_run(run, DEMO_SIGMA_REL, run / "posthoc_ema")
         except ValueError as e:  # a demo cut short has too few snapshots for this length
             warnings.warn(f"the figures use the run's own EMA: {e}", UserWarning, stacklevel=2)
+        else:
+            thin_snapshots(run / "ema_snapshots")  # rebuilt: keep a few (DEMO_SNAPSHOTS_KEPT), not hundreds of MB
     cfg, den, num_classes = load_run(weights)
     s, d = cfg.sample, cfg.data
     shape = (d.channels, d.image_size, d.image_size)
