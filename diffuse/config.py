@@ -257,6 +257,9 @@ def config_path(name: str | Path) -> Path:
             return PACKAGED / f"{stem}.toml"
         raise FileNotFoundError(f"config file {path} not found; the packaged config of that name is `{stem}` (e.g. "
                                 f"`diffuse train {stem} --out runs/{stem}`)")
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a config: pass a TOML file (a run folder's is "
+                                f"{path / RUN_CONFIG}) or the name of a packaged config (`diffuse config list`)")
     close = difflib.get_close_matches(stem, packaged_configs(), n=1)
     hint = f"did you mean `{close[0]}`? " if close else ""
     raise FileNotFoundError(f"config {name} not found: {hint}pass a TOML file or the name of a packaged config: "

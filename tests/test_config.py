@@ -216,6 +216,10 @@ def test_an_unknown_name_lists_the_packaged_configs_and_the_closest(tmp_path, mo
     with pytest.raises(FileNotFoundError, match="config file configs/mnist.toml not found; the packaged config of that "
                                                 "name is `mnist`"):
         load_config("configs/mnist.toml")  # the README's path, run outside the repository
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="runs/r is a folder, not a config: pass a TOML file \\(a run folder's is "
+                                                "runs/r/config.toml\\)"):
+        load_config("runs/r")
 
 
 def test_config_summary_is_the_first_comment_line():
