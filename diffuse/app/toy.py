@@ -19,21 +19,17 @@ import io
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ..denoiser import Denoiser  # noqa: E402
-from ..generate import generate  # noqa: E402
-from ..losses import l_simple  # noqa: E402
-from ..mixture import GaussianMixture, exact_eps  # noqa: E402
-from ..nets.diffae import MLPSkipNet  # noqa: E402
-from ..schedule import VPCosine  # noqa: E402
-from ..visualize import save_image  # noqa: E402
+from ..denoiser import Denoiser
+from ..generate import generate
+from ..losses import l_simple
+from ..mixture import GaussianMixture, exact_eps
+from ..nets.diffae import MLPSkipNet
+from ..schedule import VPCosine
+from ..visualize import save_image
 
 TOY_DATA = GaussianMixture.isotropic(means=[[-0.6, -0.5], [0.55, 0.6], [0.6, -0.45]], stds=[0.08, 0.08, 0.08],
                                      weights=[0.4, 0.3, 0.3])
@@ -91,11 +87,22 @@ def eps_error(den: Denoiser, data: GaussianMixture, t: float, n: int = 4000, see
     return float(((den.net(xt, mt) - exact) ** 2).sum() / (exact**2).sum())
 
 
-def _figure_bytes(fig) -> bytes:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_image(fig) -> Image.Image:
+    """A matplotlib figure rendered to a PIL image, and closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    _pyplot().close(fig)
+    return Image.open(io.BytesIO(buffer.getvalue()))
 
 
 def _plane(ax, title: str) -> None:
@@ -117,6 +124,7 @@ def _unit_circles(ax) -> None:
 
 def forward_figure(data: GaussianMixture, schedule, path: Path, n: int = 1500, seed: int = 0) -> Path:
     """The cloud of x_t = alpha_t x_0 + sigma_t eps at FORWARD_TIMES, one x_0 and eps per point throughout."""
+    plt = _pyplot()
     g = torch.Generator().manual_seed(seed)
     x0, eps = data.sample(n, g).float(), torch.randn(n, data.dim, generator=g)
     fig, axes = plt.subplots(1, len(FORWARD_TIMES), figsize=(3 * len(FORWARD_TIMES), 3.3), dpi=80)
@@ -129,7 +137,7 @@ def forward_figure(data: GaussianMixture, schedule, path: Path, n: int = 1500, s
         _plane(ax, f"t = {t:g}: alpha = {float(schedule.alpha(tt)):.2f}, sigma = {float(schedule.sigma(tt)):.2f}")
     fig.suptitle("forward process: two-pixel images spread from the data to N(0, I) (dashed: 1 and 2 sigma)", fontsize=10)
     fig.tight_layout()
-    save_image(Image.open(io.BytesIO(_figure_bytes(fig))), path)
+    save_image(_figure_image(fig), path)
     return path
 
 
@@ -148,6 +156,7 @@ def trajectories(den: Denoiser, n: int, seed: int = 1) -> list[torch.Tensor]:
 
 def reverse_figure(learned: Denoiser, exact: Denoiser, data: GaussianMixture, path: Path, n: int = 40) -> Path:
     """Paths from the same x_T to the data under the learned network and under the exact score, over the data."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), dpi=80)
     dots = data.sample(600, torch.Generator().manual_seed(2))
     for ax, den, name in ((axes[0], learned, "learned network"), (axes[1], exact, "exact score")):
@@ -159,7 +168,7 @@ def reverse_figure(learned: Denoiser, exact: Denoiser, data: GaussianMixture, pa
         _plane(ax, f"reverse process, {name}: DDIM, {TOY_SAMPLER_STEPS} steps")
     axes[0].legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    save_image(Image.open(io.BytesIO(_figure_bytes(fig))), path)
+    save_image(_figure_image(fig), path)
     return path
 
 
@@ -167,6 +176,7 @@ def reverse_figure(learned: Denoiser, exact: Denoiser, data: GaussianMixture, pa
 def score_figure(learned: Denoiser, data: GaussianMixture, path: Path, points: int = 17) -> Path:
     """sigma_t * score (= -eps) on a grid of the plane at SCORE_TIMES: the learned network above, the exact below,
     each column titled with the learned field's relative error over x_t ~ p_t (eps_error)."""
+    plt = _pyplot()
     schedule = learned.schedule
     exact = exact_eps(data, schedule)
     u = torch.linspace(-2.5, 2.5, points)
@@ -187,7 +197,7 @@ def score_figure(learned: Denoiser, data: GaussianMixture, path: Path, points: i
     fig.suptitle("sigma_t * score = -eps: where each two-pixel image moves (x: the clusters' centres alpha_t mu_k)",
                  fontsize=10)
     fig.tight_layout()
-    save_image(Image.open(io.BytesIO(_figure_bytes(fig))), path)
+    save_image(_figure_image(fig), path)
     return path
 
 
@@ -195,17 +205,23 @@ def reverse_gif(den: Denoiser, data: GaussianMixture, path: Path, n: int = 800, 
                 hold_ms: int = 2000) -> Path:
     """The cloud of n samples flowing from N(0, I) to the data, one frame per DDIM step, each titled with its step and
     time; the last frame held."""
+    plt = _pyplot()
     xs = trajectories(den, n, seed=3)
     grid_t = den.schedule.grid(TOY_SAMPLER_STEPS).tolist() + [0.0]
     dots = data.sample(400, torch.Generator().manual_seed(2))
+    fig, ax = plt.subplots(figsize=(4, 4.2), dpi=70)  # one figure, its cloud moved frame by frame
+    ax.scatter(dots[:, 0], dots[:, 1], s=2, color="0.8")
+    cloud = ax.scatter(xs[0][:, 0], xs[0][:, 1], s=3, color="tab:blue", alpha=0.6)
+    _plane(ax, "reverse process")  # the axes laid out once, with their labels
+    fig.tight_layout()
     frames = []
     for k, x in enumerate(xs):
-        fig, ax = plt.subplots(figsize=(4, 4.2), dpi=70)
-        ax.scatter(dots[:, 0], dots[:, 1], s=2, color="0.8")
-        ax.scatter(x[:, 0], x[:, 1], s=3, color="tab:blue", alpha=0.6)
+        cloud.set_offsets(x.numpy())
         _plane(ax, f"reverse process: step {k} of {len(xs) - 1}, t = {grid_t[min(k, len(grid_t) - 1)]:.2f}")
-        fig.tight_layout()
-        frames.append(Image.open(io.BytesIO(_figure_bytes(fig))).convert("P", palette=Image.ADAPTIVE))
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        frames.append(Image.open(io.BytesIO(buffer.getvalue())).convert("P", palette=Image.ADAPTIVE))
+    plt.close(fig)
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
     return save_image(frames[0], path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
