@@ -149,3 +149,18 @@ def test_gif_captions_and_pace(tmp_path):
     assert durations == [300, 300, 2500] and gif.height > 3 * (2 + 10)  # a caption line above the grid
     with pytest.raises(ValueError, match="2 captions for 3 frames"):
         save_gif(frames, tmp_path / "b.gif", captions=["a", "b"])
+
+
+def test_the_readme_opens_with_the_demos_grid_and_its_pictures_exist():
+    """The first thing under the README's title is the grid the demo drew, then the screenshots; every picture it shows
+    is in the repository (docs/make_readme_figures.py makes them)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)|<img src=\"([^\"]+)\"", readme)
+    paths = [a or b for a, b in pictures]
+    assert paths[:3] == ["docs/figures/samples.png", "docs/screenshots/sample_tab.png", "docs/screenshots/edit_tab.png"]
+    assert readme.index("docs/figures/samples.png") < readme.index("## Set-up")
+    assert [p for p in paths if not (root / p).is_file()] == []
+    assert "diffuse-lectures" in readme and "Debian's `diffuse` package" in readme
