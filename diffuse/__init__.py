@@ -2,6 +2,6 @@
 
 from .denoiser import Denoiser, Prediction
 from .schedule import Schedule
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["Denoiser", "Prediction", "Schedule"]
+__all__ = ["Denoiser", "Prediction", "Schedule", "__version__"]

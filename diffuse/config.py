@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import sys
 import typing
@@ -182,7 +183,7 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             what, example = (f"one of {', '.join(map(repr, typing.get_args(item)))}", f"[{typing.get_args(item)[0]!r}]") \
                 if typing.get_origin(item) is Literal else (item.__name__, "[1, 2]")
-            raise ConfigError(f"{key} must be a list of {what}, e.g. {example}, got {value!r}")
+            raise ConfigError(f"{key} must be a list of {what}, e.g. {example} ([] for none), got {value!r}")
         return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -238,16 +239,52 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
+PACKAGED = Path(__file__).parent / "configs"  # the configs that ship in the package (the repo's configs/ links here)
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs that ship in the package (diffuse/configs/NAME.toml), sorted: `diffuse train NAME`."""
+    return sorted(p.stem for p in PACKAGED.glob("*.toml"))
+
+
+def config_summary(name: str, width: int = 100) -> str:
+    """The first comment line of packaged config NAME (what it trains), cut to `width` characters; "" if it has none."""
+    first = (PACKAGED / f"{name}.toml").read_text().splitlines()[:1]
+    text = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+
+
+def config_path(name: str | Path) -> Path:
+    """The file a config argument names: an existing file as it is, else a bare NAME (no folder; `.toml` optional) of a
+    packaged config, diffuse/configs/NAME.toml, so `diffuse train mnist_cond` works outside the repository.
+    Raises FileNotFoundError naming the packaged configs (and the closest name) for anything else."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name.removesuffix(".toml")
+    if stem in packaged_configs():
+        if path.parent == Path("."):
+            return PACKAGED / f"{stem}.toml"
+        raise FileNotFoundError(f"config file {path} not found; the packaged config of that name is `{stem}` (e.g. "
+                                f"`diffuse train {stem} --out runs/{stem}`)")
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a config: pass a TOML file (a run folder's is "
+                                f"{path / RUN_CONFIG}) or the name of a packaged config (`diffuse config list`)")
+    close = difflib.get_close_matches(stem, packaged_configs(), n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    raise FileNotFoundError(f"config {name} not found: {hint}pass a TOML file or the name of a packaged config: "
+                            f"{', '.join(packaged_configs())} (`diffuse config show NAME` prints one)")
+
+
 def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a TOML config file; keys it leaves out keep the defaults (or `base`).
+    """Read a TOML config file, or a packaged config by its NAME (config_path); keys it leaves out keep the defaults
+    (or `base`).
 
     An empty file is the defaults, except a run folder's saved `config.toml`, which `save_config` never leaves empty:
     an empty one was cut off while being written by an older version (a full disk), and reading it as the defaults
     would make a resume compare the run with the wrong settings, so it is a ConfigError naming the file and the fix,
     as a file that is not valid TOML is."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; pass a TOML file such as configs/mnist.toml")
+    path = config_path(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError as e:
@@ -378,7 +415,8 @@ def check_unused(cfg: RunConfig, kind_rules: list[tuple[str, str, str]] = ()) ->
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """'train.lr=1e-4' -> ('train', 'lr', 1e-4). Values are TOML; a bare word is a string."""
+    """'train.lr=1e-4' -> ('train', 'lr', 1e-4). Values are TOML (a list: model.channel_mult=[1,2]; an empty one:
+    train.posthoc_ema=[]; a table: train.condition_dropout={label=0.1}); a bare word is a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)
@@ -391,11 +429,23 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` with `--set section.key=value` overrides applied (parse_override). An override that switches a feature off
+    takes the settings that only that feature reads with it: those the file gave (used before, unused now, not
+    themselves overridden) go back to their defaults instead of being refused by check_unused, so
+    `--set train.posthoc_ema=[]` turns post-hoc EMA off in a config that sets train.ema_snapshot_every."""
     d: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, name, value = parse_override(text)
         d.setdefault(section, {})[name] = value
-    return from_dict(d, cfg)
+    out = from_dict(d, cfg)
+    given = {f"{s}.{k}" for s, keys in d.items() for k in keys}
+    unused_before = {key for key, _, _ in _unused(cfg)}
+    defaults = RunConfig()
+    for key, _, _ in _unused(out):
+        if key not in given and key not in unused_before:
+            section, name = key.split(".")
+            setattr(getattr(out, section), name, copy.deepcopy(getattr(getattr(defaults, section), name)))
+    return out
 
 
 # settings that change neither the weights nor the random draws of a step: free to change on resume

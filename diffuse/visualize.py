@@ -46,6 +46,62 @@ def grid(x: Tensor, nrow: int | None = None, pad: int | None = None) -> Image.Im
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
+def font(size: int = 12):
+    """Pillow's own font at `size` pixels (FreeType, Pillow >= 10.1), else its small bitmap font: no font file needed."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one size
+        return ImageFont.load_default()
+
+
+def caption(img: Image.Image, *, title: str | None = None, below: list[tuple[float, str]] = (),
+            left: list[tuple[float, str]] = (), size: int = 12) -> Image.Image:
+    """`img` on a white canvas with text around it: `title` centred above, `below` [(x, text)] centred at pixel column x
+    under it (a text may hold several lines), `left` [(y, text)] right-aligned at pixel row y in a margin on its left. Grayscale images stay grayscale."""
+    from PIL import ImageDraw
+
+    f = font(size)
+    line = size + 6
+    width = lambda text: ImageDraw.Draw(Image.new("L", (1, 1))).textlength(text, font=f)
+    margin = int(max((width(t) for _, t in left), default=-8)) + 8
+    top = line if title else 0
+    bottom = line * max((t.count("\n") + 1 for _, t in below), default=0)
+    canvas = Image.new(img.mode, (img.width + margin, img.height + top + bottom), "white")
+    canvas.paste(img, (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((margin + img.width / 2, line / 2), title, fill="black", font=f, anchor="mm")
+    for x, text in below:
+        draw.multiline_text((margin + x, top + img.height + 3), text, fill="black", font=f, anchor="ma", align="center")
+    for y, text in left:
+        draw.text((margin - 4, top + y), text, fill="black", font=f, anchor="rm")
+    return canvas
+
+
+def cell_centres(count: int, size: int, pad: int, scale: int = 1) -> list[float]:
+    """The pixel centres of `count` cells of `size` pixels along one side of a `grid` with padding `pad`, after scaling
+    by `scale`: where a column's or a row's label goes."""
+    return [(pad + k * (size + pad) + size / 2) * scale for k in range(count)]
+
+
+def labelled_grid(x: Tensor, nrow: int, *, columns: list[str] = (), rows: list[str] = (), title: str | None = None,
+                  scale: int = 1, size: int = 12) -> Image.Image:
+    """`grid(x, nrow)` scaled `scale` times with a label under each column (`columns`, one per column, or none), one
+    left of each row (`rows`, one per row, or none) and a `title`. ValueError when a list does not match the grid."""
+    img = grid(x, nrow)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    b, _, h, w = x.shape
+    n_rows, pad = math.ceil(b / nrow), (0 if b == 1 else 2)
+    if columns and len(columns) != nrow or rows and len(rows) != n_rows:
+        raise ValueError(f"a grid of {n_rows} rows of {nrow} takes {nrow} column and {n_rows} row labels, got "
+                         f"{len(columns)} and {len(rows)}")
+    return caption(img, title=title, size=size, below=list(zip(cell_centres(nrow, w, pad, scale), columns)),
+                   left=list(zip(cell_centres(n_rows, h, pad, scale), rows)))
+
+
 def image_bytes(img: Image.Image, path: str | Path, **params) -> bytes:
     """A PIL image encoded in the format of `path`'s suffix (.png, .gif, .jpg, ...), as bytes to write atomically."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
@@ -83,10 +139,17 @@ def save_samples(x: Tensor, path: str | Path) -> Path:
 
 
 def save_gif(frames: list[Tensor], path: str | Path, nrow: int | None = None, scale: int = 2,
-             frame_ms: int = 60, hold_last_ms: int = 1500) -> Path:
-    """An animated GIF of grids, one per frame (e.g. x_t along a sampling trajectory), written atomically."""
-    imgs = [grid(f, nrow).convert("P") for f in frames]
+             frame_ms: int = 60, hold_last_ms: int = 1500, captions: list[str] | None = None) -> Path:
+    """An animated GIF of grids, one per frame (e.g. x_t along a sampling trajectory), written atomically; each frame
+    shown frame_ms, the last hold_last_ms; `captions` (one per frame, e.g. "step 3 of 10, t = 0.70") above each.
+    ValueError when the captions do not match the frames."""
+    if captions is not None and len(captions) != len(frames):
+        raise ValueError(f"{len(captions)} captions for {len(frames)} frames")
+    imgs = [grid(f, nrow) for f in frames]
     imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
+    if captions is not None:
+        imgs = [caption(im, title=text) for im, text in zip(imgs, captions)]
+    imgs = [im.convert("P") for im in imgs]
     durations = [frame_ms] * (len(imgs) - 1) + [hold_last_ms]
     return save_image(imgs[0], path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
 

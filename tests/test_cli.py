@@ -1,5 +1,7 @@
 """The `diffuse` command end to end on a tiny model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,3 +63,79 @@ def test_bad_inputs_give_clear_errors(run, tmp_path, capsys):
     assert ".png" in capsys.readouterr().err
     assert main(["train", str(run / "config.toml"), "--set", "train.lr=0.5", "--out", str(run)]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+# --- first contact: the version, a misspelt command, the packaged configs ----------------------------------------------
+def test_version_is_the_installed_distributions_or_the_packages(capsys):
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    import diffuse
+    from diffuse.app.cli import DISTRIBUTION, version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"diffuse {version()} (the {DISTRIBUTION} package)\n"
+    try:
+        assert version() == importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        assert version() == diffuse.__version__  # a source tree pip has not installed
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["name"] == DISTRIBUTION and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "diffuse.version.__version__"}
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["trian", "configs/mnist.toml"], "diffuse: error: unknown command 'trian'; did you mean 'train'? (commands: train, "),
+    (["smaple", "RUN"], "did you mean 'sample'?"),
+    (["edit", "inpiant", "RUN"], "diffuse edit: error: unknown command 'inpiant'; did you mean 'inpaint'?"),
+    (["config", "shwo", "mnist"], "diffuse config: error: unknown command 'shwo'; did you mean 'show'?"),
+])
+def test_a_misspelt_command_names_the_closest(argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_a_word_far_from_every_command_gets_argparses_own_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["xyzzy"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'xyzzy'" in err and "did you mean" not in err
+
+
+def test_config_show_prints_the_whole_resolved_config(capsys, tmp_path):
+    """The printed TOML is every key, --set applied: it loads back to the config `diffuse train NAME --set ...` uses."""
+    import tomllib
+
+    from diffuse.config import RunConfig, apply_overrides, load_config, to_dict
+
+    assert main(["config", "show", "mnist_cond", "--set", "train.posthoc_ema=[]", "--set", "train.lr=3e-4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# ") and "mnist_cond.toml --set train.posthoc_ema=[] --set train.lr=3e-4, resolved" in out
+    shown = tomllib.loads(out)
+    expected = apply_overrides(load_config("mnist_cond"), ["train.posthoc_ema=[]", "train.lr=3e-4"])
+    assert shown["train"] == to_dict(expected)["train"] and shown["train"]["posthoc_ema"] == []
+    assert set(shown["model"]) == set(to_dict(RunConfig())["model"])  # every key, defaults filled in
+    (tmp_path / "c.toml").write_text(out)
+    assert to_dict(load_config(tmp_path / "c.toml"))["model"] == to_dict(expected)["model"]
+    assert "autoencoder" not in shown  # the sections its kind ignores, as RUN/config.toml leaves them out
+
+
+def test_config_show_refuses_what_train_refuses_and_list_names_them(capsys):
+    assert main(["config", "show", "mnist_cnod"]) == 2
+    assert "did you mean `mnist_cond`?" in capsys.readouterr().err
+    assert main(["config", "show", "mnist", "--set", "train.ema_snapshot_every=7"]) == 2
+    assert "train.ema_snapshot_every = 7 is ignored" in capsys.readouterr().err
+    assert main(["config", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("mnist_cond ") and "The `diffuse demo` model" in line for line in lines)
+    assert len(lines) == len(list((Path(__file__).parents[1] / "diffuse" / "configs").glob("*.toml")))
+
+
+def test_train_takes_a_packaged_config_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert main(["train", "mnist", *_sets(TINY), "--set", "train.steps=2", "--out", "r"]) == 0
+    assert (tmp_path / "r" / "checkpoints" / "step_00000002").is_dir()

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 
 from diffuse.config import (
+    PACKAGED,
     ConfigError,
     RunConfig,
     apply_overrides,
+    check_unused,
+    config_path,
+    config_summary,
     from_dict,
     load_config,
+    packaged_configs,
     parse_override,
     save_config,
     to_dict,
@@ -178,3 +183,76 @@ def test_bad_files(tmp_path):
     bad.write_text('[schedule]\nkind = "quadratic"\n')
     with pytest.raises(ConfigError, match="schedule.kind = 'quadratic' is not valid; choose one of 'linear', 'cosine'"):
         load_config(bad)
+
+
+# --- packaged configs by name ------------------------------------------------------------------------------------------
+def test_the_repos_configs_folder_is_the_packaged_one():
+    """configs/ at the root links to diffuse/configs, whose files pyproject ships as package data (a wheel holds them:
+    `pip wheel . --no-deps`), so a README command `diffuse train configs/X.toml` and `diffuse train X` read one file."""
+    import tomllib
+
+    assert (ROOT / "configs").resolve() == PACKAGED.resolve()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["diffuse"]
+    assert data == ["configs/*.toml"]
+    assert packaged_configs() == sorted(p.stem for p in PACKAGED.glob("*.toml")) and "mnist_cond" in packaged_configs()
+
+
+def test_a_bare_name_is_the_packaged_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert config_path("mnist_cond") == PACKAGED / "mnist_cond.toml" == config_path("mnist_cond.toml")
+    assert load_config("mnist_cond") == load_config(PACKAGED / "mnist_cond.toml")
+    (tmp_path / "mnist_cond").write_text("[train]\nlr = 0.5\n")  # a file of that name here wins
+    assert load_config("mnist_cond").train.lr == 0.5
+
+
+def test_an_unknown_name_lists_the_packaged_configs_and_the_closest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config mnist_cnod not found: did you mean `mnist_cond`\\? pass a TOML "
+                                                "file or the name of a packaged config: ae_mnist, ") as e:
+        load_config("mnist_cnod")
+    assert "mnist_flow" in str(e.value) and "`diffuse config show NAME`" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="config zzz not found: pass a TOML file"):
+        load_config("zzz")
+    with pytest.raises(FileNotFoundError, match="config file configs/mnist.toml not found; the packaged config of that "
+                                                "name is `mnist`"):
+        load_config("configs/mnist.toml")  # the README's path, run outside the repository
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="runs/r is a folder, not a config: pass a TOML file \\(a run folder's is "
+                                                "runs/r/config.toml\\)"):
+        load_config("runs/r")
+
+
+def test_config_summary_is_the_first_comment_line():
+    assert config_summary("mnist").startswith("An unconditional DDPM on the 5,000 bundled MNIST digits")
+    assert all(len(config_summary(n)) <= 100 for n in packaged_configs())
+
+
+# --- emptying a list from --set ----------------------------------------------------------------------------------------
+def test_an_empty_list_override_switches_posthoc_ema_off():
+    """`--set train.posthoc_ema=[]` on the demo config, which sets ema_snapshot_every = 100: the snapshot interval goes
+    back to its default with the feature, so check_unused passes; given explicitly, it is still refused."""
+    base = load_config("mnist_cond")
+    assert base.train.posthoc_ema == [0.05, 0.10] and base.train.ema_snapshot_every == 100
+    cfg = apply_overrides(base, ["train.posthoc_ema=[]"])
+    assert cfg.train.posthoc_ema == [] and cfg.train.ema_snapshot_every == RunConfig().train.ema_snapshot_every
+    check_unused(cfg)
+    assert base.train.ema_snapshot_every == 100  # the base is not changed
+    cfg = apply_overrides(base, ["train.posthoc_ema=[]", "train.ema_snapshot_every=50"])
+    with pytest.raises(ConfigError, match="train.ema_snapshot_every = 50 is ignored because train.posthoc_ema is empty"):
+        check_unused(cfg)
+    assert apply_overrides(base, ["train.posthoc_ema=[0.07]"]).train.ema_snapshot_every == 100  # still used: kept
+    assert apply_overrides(base, ["sample.guidance_interval=[]"]).sample.guidance_interval == []
+    assert apply_overrides(base, ["train.condition_dropout={}"]).train.condition_dropout == {}
+
+
+def test_a_setting_unused_in_the_file_itself_is_still_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nema_snapshot_every = 7\n")  # no posthoc_ema in the file: refused, not silently reset
+    with pytest.raises(ConfigError, match="train.ema_snapshot_every = 7 is ignored"):
+        check_unused(apply_overrides(load_config(path), ["train.lr=0.1"]))
+
+
+def test_an_empty_value_names_the_empty_list():
+    with pytest.raises(ConfigError, match=r"train.posthoc_ema must be a list of float, e.g. \[1, 2\] \(\[\] for none\), "
+                                          "got ''"):
+        apply_overrides(RunConfig(), ["train.posthoc_ema="])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffuse"
 LAYERS = {  # the first name of a module's path inside the package -> its layer
-    **dict.fromkeys(["schedule", "denoiser", "condition", "guidance", "losses", "likelihood", "samplers", "augment"], 0),
+    **dict.fromkeys(["schedule", "denoiser", "condition", "guidance", "losses", "likelihood", "samplers", "augment",
+                     "mixture", "version"], 0),
     **dict.fromkeys(["nets", "data", "generate", "tasks", "ema", "distributed", "precision", "checkpoint", "segmentation",
                      "trackers", "metrics", "visualize", "footprint", "speed"], 1),
     **dict.fromkeys(["kinds", "stages", "config", "pretrained", "export"], 2),

@@ -10,16 +10,21 @@
     diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1]     (the local web UI; pip install -e ".[ui]")
     diffuse export RUN --format diffusers --out DIR           (a UNet2DModel pipeline folder diffusers samples)
     (sample, edit, eval and serve also take a Hugging Face model id as RUN, with --revision)
-    diffuse demo [--out DIR]
+    diffuse demo [--out DIR] [--toy]
+    diffuse config list | show NAME|FILE [--set key=value ...]
+    diffuse --version
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.metadata
 import math
 import sys
 import warnings
 
+from ..version import __version__
 from ..config import ConfigError
 from ..generate import CHUNK
 from ..samplers import SAMPLERS
@@ -79,6 +84,8 @@ def device_arg(text: str) -> str:
     return text
 
 
+SET_HELP = ("override a config value, as TOML: train.lr=1e-4, model.channel_mult=[1,2], train.posthoc_ema=[] (an empty "
+            "list: post-hoc EMA off, with the settings only it reads) (repeatable)")
 MIXED_PRECISION_HELP = ("the network under autocast while sampling (the sampler steps in float32): auto (bf16 on GPUs and "
                         "CPUs with native bf16: AMX, AVX512-BF16), no (float32), bf16, fp16 (CUDA); default: the run's "
                         "sample.mixed_precision")
@@ -119,13 +126,48 @@ def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> 
     s.add_argument("--revision", help=REVISION_HELP)
 
 
+DISTRIBUTION = "diffuse-lectures"  # the name pip knows the package by (pyproject.toml); the import name is diffuse
+
+
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), or the package's __version__ when it runs from a
+    source tree that pip has not installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a hint for a misspelt command: `diffuse trian` -> "unknown command 'trian'; did you mean 'train'?"
+    (at every level: `diffuse edit inpiant` names inpaint)."""
+
+    commands = None  # the subparsers action of this parser, if it has commands
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        word = next((a for a in args if not a.startswith("-")), None)  # no option before a command takes a value
+        if self.commands is not None and word is not None and word not in self.commands.choices:
+            close = difflib.get_close_matches(word, list(self.commands.choices), n=1, cutoff=0.6)
+            if close:
+                self.error(f"unknown command {word!r}; did you mean {close[0]!r}? (commands: "
+                           f"{', '.join(self.commands.choices)})")
+        return super().parse_known_args(args, namespace)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffuse", description="Denoising diffusion models: train, sample, demo.")
+    p = Parser(prog="diffuse", description="Denoising diffusion models: train, sample, demo.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()} (the {DISTRIBUTION} package)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a TOML config into a run folder (resumes an existing one)")
-    t.add_argument("config", help="TOML config, e.g. configs/mnist.toml or RUN/config.toml")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4 (repeatable)")
+    t.add_argument("config", help="a packaged config by name (e.g. mnist_cond; `diffuse config list`), a TOML file, or "
+                                  "RUN/config.toml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     t.add_argument("--out", required=True, help="run folder (created, or resumed if it holds a run)")
     t.add_argument("--inexact-resume", action="store_true", help="resume from the weights even if training state is missing or the config changed")
     t.add_argument("--dry-run", action="store_true",
@@ -278,10 +320,23 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     w.add_argument("--revision", help=REVISION_HELP + "; the same revision for every id given")
 
-    d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures")
-    d.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures; "
+                                    "--toy: two-pixel images in under a minute")
+    d.add_argument("--out", help="output folder (default ./demo, with --toy ./demo_toy)")
     d.add_argument("--time-limit", type=number(low=0),
                    help="seconds of training (default: the demo config's 480; 0 = no limit, as train.time_limit = 0)")
+    d.add_argument("--toy", action="store_true",
+                   help="the two-pixel picture of the lectures: train on 2-D points (two-pixel images) from a mixture of "
+                        "Gaussians and draw the forward process, reverse trajectories and the learned score against "
+                        "the exact one (PNGs and a GIF)")
+
+    c = sub.add_parser("config", help="the packaged configs: list their names, or show one resolved")
+    config_sub = c.add_subparsers(dest="action", required=True)
+    config_sub.add_parser("list", help="the names of the configs that ship in the package, each with its first line")
+    cs = config_sub.add_parser("show", help="print the whole resolved config (every key, defaults filled in, --set "
+                                            "applied), as `diffuse train` would save it in RUN/config.toml")
+    cs.add_argument("config", help="a packaged config by name (e.g. mnist_cond), a TOML file, or RUN/config.toml")
+    cs.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     return p
 
 

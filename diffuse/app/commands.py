@@ -9,18 +9,21 @@ import datetime
 import warnings
 from pathlib import Path
 
+import tomli_w
 import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
 from .. import metrics, speed
 from ..checkpoint import append_json_record, read_json_records, write_atomically
-from ..config import apply_overrides, load_config
+from ..config import apply_overrides, check_unused, config_path, config_summary, load_config, packaged_configs, to_dict
 from ..data import load_dataset, load_image
 from ..data.segmentation import load_folder
 from .demo import run_demo
+from .toy import run_toy_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
+from ..kinds import ignored_sections, unused_rows
 from ..kinds.diffusion import sample_config_kwargs
 from ..kinds.segmentation import SegmentationRun
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
@@ -469,11 +472,26 @@ def export_command(args) -> None:
 
 
 def demo_command(args) -> None:
-    paths = run_demo(args.out, time_limit=args.time_limit)
+    if args.toy:
+        paths = run_toy_demo(args.out or "demo_toy", time_limit=args.time_limit)
+    else:
+        paths = run_demo(args.out or "demo", time_limit=args.time_limit)
     print("demo figures:")
     for name, path in paths.items():
         print(f"  {name:20s} {path}")
 
 
+def config_command(args) -> None:
+    if args.action == "list":
+        for name in packaged_configs():
+            print(f"{name:20s} {config_summary(name)}")
+        return
+    cfg = apply_overrides(load_config(args.config), args.set or [])
+    check_unused(cfg, unused_rows(cfg))  # what `diffuse train` would refuse before writing anything
+    print(f"# {config_path(args.config)}" + "".join(f" --set {s}" for s in args.set or []) + ", resolved: every key")
+    print(tomli_w.dumps({k: v for k, v in to_dict(cfg).items() if k not in ignored_sections(cfg)}), end="")
+
+
 COMMANDS = {"train": train_command, "sample": sample_command, "edit": edit_command, "segment": segment_command,
-            "eval": eval_command, "ema": ema_command, "serve": serve_command, "export": export_command, "demo": demo_command}
+            "eval": eval_command, "ema": ema_command, "serve": serve_command, "export": export_command, "demo": demo_command,
+            "config": config_command}
