@@ -96,8 +96,9 @@ def test_condition_frames_exact():
     assert out.flatten().tolist() == [0, 0, 0, 0, 0, 5]
 
 
-@pytest.mark.parametrize("process, sampler, steps", [(vp, "ddim", 100), (vp, "dpmpp-2m", 30), (EDM, "heun", 30),
-                                                     (Flow, "euler", 100)])
+@pytest.mark.parametrize("process, sampler, steps", [(vp, "ddim", 100), (vp, "ddpm", 200), (vp, "dpmpp-2m", 30),
+                                                     (vp, "dpmpp-2s", 20), (vp, "sde-pc", 200), (vp, "ode-rk45", 1),
+                                                     (EDM, "heun", 30), (EDM, "euler-ancestral", 200), (Flow, "euler", 100)])
 def test_every_sampler_family_samples_gaussian_videos(process, sampler, steps):
     """generate() on 5-D videos (n, C, F, H, W) with each family: the frames' covariance is rho^|i-j|."""
     schedule = process()
@@ -106,6 +107,39 @@ def test_every_sampler_family_samples_gaussian_videos(process, sampler, steps):
     assert x.shape == (1000, 1, 4, 2, 2)
     mean_se, cov_se = moments_error(frame_rows(x), torch.zeros(4, dtype=torch.float64), GaussianVideo(None).cov(range(4)))
     assert mean_se < 4.5 and cov_se < 4.5, (mean_se, cov_se)
+
+
+class ShiftedVideo:
+    """GaussianVideo shifted by `shift` label on every frame: label 1 is N(shift, Sigma), label 0 (the null) N(0, Sigma)."""
+
+    def __init__(self, base: GaussianVideo, shift: float):
+        self.base, self.shift = base, shift
+
+    def __call__(self, x, model_time, label):
+        t = self.base.schedule.t_from_model_time(model_time.double()).expand(x.shape[0])
+        alpha = self.base.schedule.alpha(t).float().view(-1, 1, 1, 1, 1)
+        m = self.shift * label.float().view(-1, 1, 1, 1, 1)
+        return m + self.base(x - alpha * m, model_time)
+
+
+def test_classifier_free_guidance_and_thresholding_on_videos():
+    """Guidance of two Gaussians with the same covariance: (1 + w) x0(c) - w x0(u) is exactly the denoiser of
+    N((1 + w) m_c, Sigma) (both are G x_t + (I - alpha G) m), so guided video samples have that mean and covariance;
+    dynamic thresholding (its percentile over each video's values, all frames) holds samples that go past 1 to [-1, 1]."""
+    schedule = vp()
+    den = Denoiser(ShiftedVideo(GaussianVideo(schedule), 0.3), schedule, prediction="x0", bounded=False)
+    n = 1000
+    kw = dict(sampler="dpmpp-2m", steps=30, seed=5, cond={"label": torch.ones(n, dtype=torch.long)},
+              uncond={"label": torch.zeros(n, dtype=torch.long)}, clip=False)
+    x = generate(den, n, (1, 4, 2, 2), guidance=1.0, **kw)
+    mean_se, cov_se = moments_error(frame_rows(x), torch.full((4,), 0.6, dtype=torch.float64), GaussianVideo(None).cov(range(4)))
+    assert mean_se < 4.5 and cov_se < 4.5, (mean_se, cov_se)
+    small = Denoiser(ShiftedVideo(GaussianVideo(schedule, rho=0.5), 0.0), schedule, prediction="x0")
+    tiny = generate(small, 4, (1, 3, 2, 2), sampler="ddim", steps=5, seed=6, cond={"label": torch.ones(4).long()}, clip=False)
+    assert tiny.abs().max() > 1  # some |x_0| above 1: the threshold acts on videos (per video, over all its frames)
+    thresholded = generate(small, 4, (1, 3, 2, 2), sampler="ddim", steps=5, seed=6, cond={"label": torch.ones(4).long()},
+                           dynamic_threshold=0.9)
+    assert thresholded.abs().max() <= 1 + 1e-6
 
 
 def conditional_residuals(x, a, b, F=4):
@@ -250,3 +284,72 @@ def test_long_video_has_the_right_correlations(scheme):
     lag_err = [float((torch.diagonal(corr, k) - RHO**k).abs().max()) for k in range(1, 16)]
     print(scheme, "max |corr - rho^k| per lag", [round(e, 3) for e in lag_err], "cov error in SE", round(cov_se, 2))
     assert mean_se < 5 and cov_se < 5, (mean_se, cov_se)
+
+
+# --- with the space-time U-Net (nets/unet.py, model.video) ------------------------------------------------------------
+def unet(observed: bool):
+    import dataclasses
+
+    from diffuse.nets.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    cfg = UNetConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=2,
+                     dropout=0.0, norm_groups=4)
+    net = UNet(dataclasses.replace(cfg, video=True, video_observed=observed), 1, 8).eval()
+    with torch.no_grad():  # off its initialisation (conv_out and the temporal blocks start at zero)
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+class Recorder:
+    """A network that records what it is called with and passes the call on."""
+
+    def __init__(self, net):
+        self.net, self.condition_spec, self.calls = net, net.condition_spec, []
+
+    def __call__(self, x, t, **cond):
+        self.calls.append((x.clone(), {k: v.clone() for k, v in cond.items()}))
+        return self.net(x, t, **cond)
+
+
+def test_masked_sampling_with_the_video_unet_gives_it_the_observed_frames_and_their_indices():
+    schedule = vp()
+    net = Recorder(unet(observed=True))
+    den = Denoiser(net, schedule)
+    video = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    observed = torch.tensor([True, False, False, True])
+    index = torch.tensor([0, 3, 6, 9]).expand(2, 4)
+    x = tv.sample_masked(den, video, observed, frame_index=index, sampler="dpmpp-2m", steps=3, seed=0)
+    assert len(net.calls) == 3 and torch.equal(x[:, :, [0, 3]], video[:, :, [0, 3]])
+    assert not torch.allclose(x[:, :, 1:3], torch.zeros(2, 1, 2, 8, 8), atol=1e-3)
+    for x_in, cond in net.calls:  # every call: the given frames clean, the mask and the frames' positions
+        assert torch.equal(x_in[:, :, [0, 3]], video[:, :, [0, 3]])
+        assert torch.equal(cond["observed"], observed.expand(2, 4)) and torch.equal(cond["frame_index"], index)
+
+
+def test_long_video_with_the_video_unet_calls_it_per_stage():
+    net = Recorder(unet(observed=True))
+    den = Denoiser(net, vp())
+    stages = list(tv.hierarchy_2(4, 12, 1))
+    x = tv.sample_long(den, stages, torch.zeros(1, 1, 12, 8, 8), 1, frames=4, sampler="ddim", steps=2, seed=0)
+    assert torch.equal(x[:, :, 0], torch.zeros(1, 1, 8, 8)) and bool((x[:, :, 1:] != 0).all())
+    assert len(net.calls) == 2 * len(stages)
+    for k, (obs, latent) in enumerate(stages):
+        _, cond = net.calls[2 * k]
+        assert cond["frame_index"].tolist() == [sorted(obs + latent)]
+        assert cond["observed"].tolist() == [[i in obs for i in sorted(obs + latent)]]
+
+
+def test_reconstruction_guidance_differentiates_through_the_video_unet():
+    """A net without the observed channel: the masked wrapper is refused by name; replacement and reconstruction guidance
+    run through it (the gradient through the U-Net moves the generated frames, not the given ones)."""
+    den = Denoiser(unet(observed=False), vp())
+    video = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    observed = torch.tensor([1, 1, 0, 0])
+    with pytest.raises(ValueError, match="model.video_observed = false.*reconstruction guidance or replacement"):
+        tv.sample_masked(den, video, observed)
+    kw = dict(sampler="ddim", steps=3, seed=0)
+    plain = tv.sample_replacement(den, video, observed, **kw)
+    guided = tv.sample_reconstruction(den, video, observed, 4.0, **kw)
+    assert torch.equal(guided[:, :, :2], video[:, :, :2]) and torch.equal(plain[:, :, :2], video[:, :, :2])
+    assert float((guided[:, :, 2:] - plain[:, :, 2:]).abs().max()) > 1e-3
