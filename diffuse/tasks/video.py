@@ -50,10 +50,10 @@ def check_video(video: Tensor, name: str = "the video") -> None:
         raise ValueError(f"{name} holds NaN or infinite values")
 
 
-def check_observed(observed, video: Tensor, *, some: bool = True, all_ok: bool = False) -> Tensor:
+def check_observed(observed, video: Tensor, *, some: bool = True) -> Tensor:
     """The observed frames of video (B, C, F, H, W) as a (B, F) bool tensor on its device: observed may be (F,) (the same
     frames for every video) or (B, F), bool or 0/1. ValueError for another shape or value; for no frame observed when
-    `some` (that is unconditional sampling: `generate`), for every frame observed unless `all_ok` (nothing to generate)."""
+    `some` (that is unconditional sampling: `generate`), for every frame observed (nothing to generate)."""
     B, F = video.shape[0], video.shape[2]
     m = torch.as_tensor(observed, device=video.device)
     if m.ndim == 1:
@@ -68,7 +68,7 @@ def check_observed(observed, video: Tensor, *, some: bool = True, all_ok: bool =
     if some and not bool(m.any(1).all()):
         raise ValueError("observed gives no frame of some video: that is unconditional sampling (generate, `diffuse "
                          "sample`); mark the given frames True")
-    if not all_ok and bool(m.all(1).any()):
+    if bool(m.all(1).any()):
         raise ValueError("observed gives every frame of some video: nothing to generate; mark the frames to generate False")
     return m
 
@@ -263,7 +263,8 @@ def hierarchy_2(frames: int, total: int, observed_first: int = 0, step: int | No
     the given first frames and generates the rest of the stage's F_model frames spread evenly over the whole video,
     its last frame included (with none given, from frame 0 to the last); level 2 fills each gap between done frames,
     `step` frames at a time (default F_model / 2), conditioning on the nearest done frames before and after (alternately,
-    up to F_model in all, at least one on each side). Yields (obs_indices, latent_indices) sorted, at most F_model
+    up to F_model in all, at least one on each side; FDM spaces level 2's frames by a power law, here each gap is filled
+    in order, which is the same when a gap fits one stage). Yields (obs_indices, latent_indices) sorted, at most F_model
     frames per stage, every frame after the given ones latent exactly once. ValueError for sizes that do not fit."""
     step = frames // 2 if step is None else step
     _check_scheme(frames, total, observed_first, step)
@@ -273,7 +274,7 @@ def hierarchy_2(frames: int, total: int, observed_first: int = 0, step: int | No
     obs = list(range(max(0, observed_first - frames // 2), observed_first))
     free = list(range(observed_first, total))
     k = min(frames - len(obs), len(free))
-    picks = sorted({free[round(i * (len(free) - 1) / max(k - 1, 1))] for i in range(k)} | ({free[-1]} if k else set()))
+    picks = sorted({free[round(i * (len(free) - 1) / max(k - 1, 1))] for i in range(k)})  # free[0] .. free[-1]
     done = set(range(observed_first)) | set(picks)
     yield obs, picks
     while len(done) < total:
