@@ -93,7 +93,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         if not 0 <= t_start <= 1:
             raise ValueError(f"t_start must lie in [0, 1], got {t_start}")
         if tuple(x_start.shape) != (n, *shape):
-            raise ValueError(f"x_start must have shape {(n, *shape)} (n, C, H, W), got {tuple(x_start.shape)}")
+            raise ValueError(f"x_start must have shape {(n, *shape)} (n, *shape), got {tuple(x_start.shape)}")
         if t_start == 0:
             grid = grid.new_zeros(1)  # no move: x_start is returned
         elif t_start < float(grid[0]):  # the grid from its first time below t_start on (a grid with jumps keeps them)

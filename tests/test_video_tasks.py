@@ -1,0 +1,355 @@
+"""Video sampling tasks (diffuse/tasks/video.py) against exact answers: Gaussian "videos" x_0 ~ N(0, Sigma) over frames,
+Sigma_ij = rho^|f_i - f_j| (each pixel its own independent copy), whose denoisers and conditionals are closed-form."""
+
+import pytest
+import torch
+from torch import Tensor
+
+from diffuse.denoiser import Denoiser
+from diffuse.generate import generate
+from diffuse.schedule import EDM, Flow, Schedule, linear_betas
+from diffuse.tasks import video as tv
+
+RHO = 0.8
+
+
+class GaussianVideo:
+    """x_0 (B, C, F, H, W) ~ N(0, Sigma) over frames at every pixel, Sigma_ij = rho^|f_i - f_j| of the frames' positions
+    f = frame_index (default 0..F-1), so a stage of a long video with spaced frames gets their true correlations.
+
+    Called as a network (x, model_time, observed=None, frame_index=None) -> x_0 prediction (prediction "x0"). Given the
+    observed frames a (clean in x, as a masked-conditioning net gets them) the exact E[x_0^b | x_t^b, x^a] of the
+    conditional x^b | x^a ~ N(mu, S), mu = Sigma_ba Sigma_aa^-1 x^a, S = Sigma_bb - Sigma_ba Sigma_aa^-1 Sigma_ab:
+        E[x_0^b | x_t^b] = mu + alpha S (alpha^2 S + sigma^2 I)^-1 (x_t^b - alpha mu);
+    with none observed this is the joint model's E[x_0 | x_t] = alpha Sigma (alpha^2 Sigma + sigma^2 I)^-1 x_t.
+    Differentiable in x (reconstruction guidance takes its gradient)."""
+
+    def __init__(self, schedule, rho: float = RHO):
+        self.schedule, self.rho = schedule, rho
+
+    def cov(self, index) -> Tensor:
+        f = torch.as_tensor(index, dtype=torch.float64)
+        return self.rho ** (f[:, None] - f[None]).abs()
+
+    def conditional(self, index, a: list[int], b: list[int]):
+        """(K (|a|, |b|), S (|b|, |b|)): E[x^b | x^a] = x^a K (x as rows over frames), Cov[x^b | x^a] = S."""
+        S = self.cov(index)
+        if not a:
+            return torch.zeros(0, len(b), dtype=torch.float64), S[b][:, b]
+        K = torch.linalg.solve(S[a][:, a], S[a][:, b])
+        return K, S[b][:, b] - S[b][:, a] @ K
+
+    def __call__(self, x, model_time, observed=None, frame_index=None):
+        B, F = x.shape[0], x.shape[2]
+        t = self.schedule.t_from_model_time(model_time.double()).expand(B)
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        observed = torch.zeros(B, F, dtype=torch.bool) if observed is None else observed
+        index = torch.arange(F).expand(B, F) if frame_index is None else frame_index
+        v = x.double().movedim(2, -1)  # (B, C, H, W, F)
+        out = v.clone()
+        keys, group = torch.unique(torch.cat([index.double(), observed.double()], 1), dim=0, return_inverse=True)
+        for g, key in enumerate(keys):
+            rows = (group == g).nonzero()[:, 0]
+            a = [i for i in range(F) if key[F + i]]
+            b = [i for i in range(F) if not key[F + i]]
+            K, S = self.conditional(key[:F], a, b)
+            mu = v[rows][..., a] @ K
+            al, si = alpha[rows].view(-1, 1, 1), sigma[rows].view(-1, 1, 1)
+            A = al**2 * S + si**2 * torch.eye(len(b), dtype=torch.float64)
+            Gt = al * torch.linalg.solve(A, S.expand(len(rows), -1, -1))  # (alpha S A^-1)^T, per row
+            x0_b = mu + torch.einsum("nchwj,nji->nchwi", v[rows][..., b] - al.view(-1, 1, 1, 1, 1) * mu, Gt)
+            out[rows.view(-1, 1), :, :, :, torch.tensor(b).view(1, -1)] = x0_b.movedim(-1, 1)
+        return out.movedim(-1, 2).to(x.dtype)
+
+
+def vp():
+    return Schedule(linear_betas(1000))
+
+
+def draw(n: int, F: int, generator, rho: float = RHO, pixels=(1, 2, 2)) -> Tensor:
+    """n Gaussian videos (n, C, F, H, W) with frame covariance rho^|i-j|."""
+    L = torch.linalg.cholesky(GaussianVideo(None, rho).cov(torch.arange(F)))
+    z = torch.randn(n, pixels[0], pixels[1], pixels[2], F, generator=generator, dtype=torch.float64)
+    return (z @ L.T).movedim(-1, 2).float()
+
+
+def frame_rows(x):
+    """Every pixel of every video as one row over frames: (n C H W, F) float64."""
+    return x.double().movedim(2, -1).reshape(-1, x.shape[2])
+
+
+def moments_error(rows, mean, cov):
+    """max |sample mean - mean| and max |sample cov - cov| in standard errors (per entry, Gaussian rows)."""
+    n = len(rows)
+    d = rows - rows.mean(0)
+    C = d.T @ d / (n - 1)
+    var = torch.diagonal(cov)
+    se_mean = (var / n).sqrt()
+    se_cov = ((cov**2 + var[:, None] * var[None]) / n).sqrt()
+    return float(((rows.mean(0) - mean).abs() / se_mean).max()), float(((C - cov).abs() / se_cov).max())
+
+
+def test_condition_frames_exact():
+    x_t, x_obs = torch.zeros(2, 1, 3, 1, 1), torch.arange(6.0).view(2, 1, 3, 1, 1)
+    observed = torch.tensor([[True, False, False], [False, False, True]])
+    out = tv.condition_frames(x_t, x_obs, observed)
+    assert out.flatten().tolist() == [0, 0, 0, 0, 0, 5]
+
+
+@pytest.mark.parametrize("process, sampler, steps", [(vp, "ddim", 100), (vp, "ddpm", 200), (vp, "dpmpp-2m", 30),
+                                                     (vp, "dpmpp-2s", 20), (vp, "sde-pc", 200), (vp, "ode-rk45", 1),
+                                                     (EDM, "heun", 30), (EDM, "euler-ancestral", 200), (Flow, "euler", 100)])
+def test_every_sampler_family_samples_gaussian_videos(process, sampler, steps):
+    """generate() on 5-D videos (n, C, F, H, W) with each family: the frames' covariance is rho^|i-j|."""
+    schedule = process()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    x = generate(den, 1000, (1, 4, 2, 2), sampler=sampler, steps=steps, seed=1)
+    assert x.shape == (1000, 1, 4, 2, 2)
+    mean_se, cov_se = moments_error(frame_rows(x), torch.zeros(4, dtype=torch.float64), GaussianVideo(None).cov(range(4)))
+    assert mean_se < 4.5 and cov_se < 4.5, (mean_se, cov_se)
+
+
+class ShiftedVideo:
+    """GaussianVideo shifted by `shift` label on every frame: label 1 is N(shift, Sigma), label 0 (the null) N(0, Sigma)."""
+
+    def __init__(self, base: GaussianVideo, shift: float):
+        self.base, self.shift = base, shift
+
+    def __call__(self, x, model_time, label):
+        t = self.base.schedule.t_from_model_time(model_time.double()).expand(x.shape[0])
+        alpha = self.base.schedule.alpha(t).float().view(-1, 1, 1, 1, 1)
+        m = self.shift * label.float().view(-1, 1, 1, 1, 1)
+        return m + self.base(x - alpha * m, model_time)
+
+
+def test_classifier_free_guidance_and_thresholding_on_videos():
+    """Guidance of two Gaussians with the same covariance: (1 + w) x0(c) - w x0(u) is exactly the denoiser of
+    N((1 + w) m_c, Sigma) (both are G x_t + (I - alpha G) m), so guided video samples have that mean and covariance;
+    dynamic thresholding (its percentile over each video's values, all frames) holds samples that go past 1 to [-1, 1]."""
+    schedule = vp()
+    den = Denoiser(ShiftedVideo(GaussianVideo(schedule), 0.3), schedule, prediction="x0", bounded=False)
+    n = 1000
+    kw = dict(sampler="dpmpp-2m", steps=30, seed=5, cond={"label": torch.ones(n, dtype=torch.long)},
+              uncond={"label": torch.zeros(n, dtype=torch.long)}, clip=False)
+    x = generate(den, n, (1, 4, 2, 2), guidance=1.0, **kw)
+    mean_se, cov_se = moments_error(frame_rows(x), torch.full((4,), 0.6, dtype=torch.float64), GaussianVideo(None).cov(range(4)))
+    assert mean_se < 4.5 and cov_se < 4.5, (mean_se, cov_se)
+    small = Denoiser(ShiftedVideo(GaussianVideo(schedule, rho=0.5), 0.0), schedule, prediction="x0")
+    tiny = generate(small, 4, (1, 3, 2, 2), sampler="ddim", steps=5, seed=6, cond={"label": torch.ones(4).long()}, clip=False)
+    assert tiny.abs().max() > 1  # some |x_0| above 1: the threshold acts on videos (per video, over all its frames)
+    thresholded = generate(small, 4, (1, 3, 2, 2), sampler="ddim", steps=5, seed=6, cond={"label": torch.ones(4).long()},
+                           dynamic_threshold=0.9)
+    assert thresholded.abs().max() <= 1 + 1e-6
+
+
+def conditional_residuals(x, a, b, F=4):
+    """x^b - E[x^b | x^a] per pixel row, and the exact Cov[x^b | x^a]."""
+    K, S = GaussianVideo(None).conditional(torch.arange(F), a, b)
+    rows = frame_rows(x)
+    return rows[:, b] - rows[:, a] @ K, S
+
+
+@pytest.mark.parametrize("a, b", [([0, 1], [2, 3]), ([0, 3], [1, 2]), ([2, 3], [0, 1])])
+def test_masked_sampling_matches_exact_conditional(a, b):
+    """Prediction forward, interpolation, prediction backward with the exact conditional model as the masked net: the
+    generated frames have the exact conditional mean and covariance given each video's own x^a, within MC error."""
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    given = draw(1000, 4, torch.Generator().manual_seed(0))
+    observed = torch.tensor([i in a for i in range(4)])
+    x = tv.sample_masked(den, given.masked_fill(~observed[None, None, :, None, None], 7.0), observed, sampler="ddpm",
+                         steps=200, seed=2, clip=False)
+    assert torch.equal(x[:, :, a], given[:, :, a])
+    r, S = conditional_residuals(x, a, b)
+    mean_se, cov_se = moments_error(r, torch.zeros(2, dtype=torch.float64), S)
+    assert mean_se < 4.5 and cov_se < 4.5, (mean_se, cov_se)
+
+
+def regression_bias(x, a, b):
+    """The fitted slope of x^b on x^a (|a|, |b|) minus the exact Sigma_aa^-1 Sigma_ab, its standard error, and the
+    residual variance against the exact one (mean over b)."""
+    rows = frame_rows(x)
+    xa, xb = rows[:, a], rows[:, b]
+    K_hat = torch.linalg.lstsq(xa, xb).solution
+    K, S = GaussianVideo(None).conditional(torch.arange(4), a, b)
+    res = xb - xa @ K_hat
+    se = (torch.diagonal(S)[None] / len(rows) * torch.diagonal(torch.linalg.inv(xa.T @ xa / len(rows)))[:, None]).sqrt()
+    return K_hat - K, se, float(res.var(0).mean() / torch.diagonal(S).mean())
+
+
+def test_replacement_is_incoherent_and_reconstruction_guidance_reduces_it():
+    """Prediction 2 -> 2 with the joint model (no conditioning), DDPM 100 steps, 1000 videos of 4 pixels: replacement's
+    x^b follows x^a too weakly (its slope on x_1 is ~0.38 where the exact one is rho = 0.8: > 15 standard errors);
+    reconstruction guidance removes much of the bias (||slope bias|| 0.64 -> 0.37 at w_r = 2, 0.23 at w_r = 4; it
+    overshoots past w_r ~ 8); the masked model has none (bench figures: this test's printout)."""
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    given = draw(1000, 4, torch.Generator().manual_seed(0))
+    a, b, observed = [0, 1], [2, 3], torch.tensor([1, 1, 0, 0])
+    kw = dict(sampler="ddpm", steps=100, seed=3, clip=False)
+    runs = {"replacement": tv.sample_replacement(den, given, observed, **kw),
+            "guidance w_r=2": tv.sample_reconstruction(den, given, observed, 2.0, **kw),
+            "guidance w_r=4": tv.sample_reconstruction(den, given, observed, 4.0, **kw)}
+    bias = {}
+    for name, x in runs.items():
+        assert torch.equal(x[:, :, a], given[:, :, a])
+        slope_bias, se, var_ratio = regression_bias(x, a, b)
+        bias[name] = float(slope_bias.norm())
+        print(f"{name}: slope bias {slope_bias.flatten().numpy().round(3)} (SE {float(se.max()):.3f}), ||bias|| "
+              f"{bias[name]:.3f}, residual variance / exact {var_ratio:.3f}")
+        if name == "replacement":
+            assert float((slope_bias.abs() / se).max()) > 15  # the known incoherence, far beyond MC error
+    assert bias["guidance w_r=2"] < 0.75 * bias["replacement"]
+    assert bias["guidance w_r=4"] < 0.5 * bias["replacement"]
+
+
+def test_reconstruction_gradient_is_the_formula():
+    """For the linear Gaussian denoiser x^(z) = M z the guided x~^b is x^^b - w alpha M_ab^T (M_a z - x^a) exactly."""
+    schedule = vp()
+    net = GaussianVideo(schedule)
+    den = Denoiser(net, schedule, prediction="x0", bounded=False)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
+    S = net.cov(torch.arange(3))
+    M = alpha * S @ torch.linalg.inv(alpha**2 * S + sigma**2 * torch.eye(3))  # E[x_0 | z] = M z
+    z = torch.randn(2, 1, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+    x_obs = torch.randn(2, 1, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    observed = torch.tensor([[True, False, False]] * 2)
+    out = tv.ReconstructionGuidance(den, x_obs, observed, 3.0)(z, t)
+    zr, xa = z.double().view(2, 3), x_obs.double().view(2, 3)
+    x0 = zr @ M.T
+    grad = 2 * (x0[:, :1] - xa[:, :1]) @ M[:1]  # grad_z ||x^a - (M z)_a||^2
+    want = x0 - 3.0 * alpha / 2 * grad
+    assert torch.allclose(out.x0.double().view(2, 3)[:, 1:], want[:, 1:], atol=1e-5)
+    assert torch.equal(out.x0[:, :, 0], x_obs[:, :, 0])
+    assert torch.allclose(alpha * out.x0 + sigma * out.eps, z, atol=1e-5)
+
+
+def test_bad_inputs_named():
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    v = torch.zeros(2, 1, 4, 1, 1)
+    with pytest.raises(ValueError, match="shape \\(4,\\) or \\(2, 4\\)"):
+        tv.sample_masked(den, v, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="nothing to generate"):
+        tv.sample_masked(den, v, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unconditional sampling"):
+        tv.sample_replacement(den, v, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="w_r must be a finite number >= 0"):
+        tv.sample_reconstruction(den, v, torch.tensor([1, 0, 0, 0]), -1.0)
+    with pytest.raises(ValueError, match="frames, height, width"):
+        tv.sample_masked(den, torch.zeros(2, 1, 4, 4), torch.tensor([1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="step\\) must be 1..7"):
+        list(tv.autoregressive(8, 32, 2, step=8))
+    with pytest.raises(ValueError, match="more than the model's 4"):
+        tv.sample_long(den, [([], [0, 1, 2, 3, 4])], torch.zeros(1, 1, 5, 1, 1), frames=4)
+    with pytest.raises(ValueError, match="not yet done \\[5\\]"):
+        tv.sample_long(den, [([], [0, 1, 2]), ([5], [3, 4])], torch.zeros(1, 1, 6, 1, 1))
+    with pytest.raises(ValueError, match="leaves frames \\[5\\]"):
+        tv.sample_long(den, [([], [0, 1, 2]), ([2], [3, 4])], torch.zeros(1, 1, 6, 1, 1))
+
+
+@pytest.mark.parametrize("scheme", ["autoregressive", "hierarchy-2"])
+@pytest.mark.parametrize("frames, total, given", [(8, 32, 0), (8, 64, 4), (4, 16, 1), (6, 37, 2)])
+def test_scheme_index_sets(scheme, frames, total, given):
+    stages = list(tv.SCHEMES[scheme](frames, total, given))
+    latent = [i for _, lat in stages for i in lat]
+    assert sorted(latent) == list(range(given, total))  # every frame generated exactly once
+    done = set(range(given))
+    for k, (obs, lat) in enumerate(stages):
+        assert len(obs) + len(lat) <= frames and set(obs) <= done and not set(lat) & done
+        assert obs == sorted(obs) and lat == sorted(lat)
+        if scheme == "hierarchy-2" and k > 0:  # later stages condition on done frames before and after
+            assert min(obs) < min(lat) and max(obs) > max(lat)
+        done |= set(lat)
+    if scheme == "hierarchy-2":  # the first stage spans the whole video
+        assert stages[0][1][0] == given and stages[0][1][-1] == total - 1
+    else:
+        assert all(lat[0] == max(obs) + 1 for obs, lat in stages if obs)
+
+
+@pytest.mark.parametrize("scheme", ["autoregressive", "hierarchy-2"])
+def test_long_video_has_the_right_correlations(scheme):
+    """A 16-frame video from a 4-frame masked model: every pair of frames correlates as rho^|i-j| within MC error
+    (the frame_index of each stage tells the model its frames' spacing; without it hierarchy-2's spread first stage
+    would get rho^1 between frames 5 apart)."""
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    video = torch.zeros(1000, 1, 16, 2, 2)
+    x = tv.sample_long(den, tv.SCHEMES[scheme](4, 16, 0, step=2), video, frames=4, sampler="dpmpp-2m", steps=30,
+                       seed=4, clip=False)
+    mean_se, cov_se = moments_error(frame_rows(x), torch.zeros(16, dtype=torch.float64), GaussianVideo(None).cov(range(16)))
+    rows = frame_rows(x)
+    corr = torch.corrcoef(rows.T)
+    lag_err = [float((torch.diagonal(corr, k) - RHO**k).abs().max()) for k in range(1, 16)]
+    print(scheme, "max |corr - rho^k| per lag", [round(e, 3) for e in lag_err], "cov error in SE", round(cov_se, 2))
+    assert mean_se < 5 and cov_se < 5, (mean_se, cov_se)
+
+
+# --- with the space-time U-Net (nets/unet.py, model.video) ------------------------------------------------------------
+def unet(observed: bool):
+    import dataclasses
+
+    from diffuse.nets.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    cfg = UNetConfig(channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=2,
+                     dropout=0.0, norm_groups=4)
+    net = UNet(dataclasses.replace(cfg, video=True, video_observed=observed), 1, 8).eval()
+    with torch.no_grad():  # off its initialisation (conv_out and the temporal blocks start at zero)
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+class Recorder:
+    """A network that records what it is called with and passes the call on."""
+
+    def __init__(self, net):
+        self.net, self.condition_spec, self.calls = net, net.condition_spec, []
+
+    def __call__(self, x, t, **cond):
+        self.calls.append((x.clone(), {k: v.clone() for k, v in cond.items()}))
+        return self.net(x, t, **cond)
+
+
+def test_masked_sampling_with_the_video_unet_gives_it_the_observed_frames_and_their_indices():
+    schedule = vp()
+    net = Recorder(unet(observed=True))
+    den = Denoiser(net, schedule)
+    video = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    observed = torch.tensor([True, False, False, True])
+    index = torch.tensor([0, 3, 6, 9]).expand(2, 4)
+    x = tv.sample_masked(den, video, observed, frame_index=index, sampler="dpmpp-2m", steps=3, seed=0)
+    assert len(net.calls) == 3 and torch.equal(x[:, :, [0, 3]], video[:, :, [0, 3]])
+    assert not torch.allclose(x[:, :, 1:3], torch.zeros(2, 1, 2, 8, 8), atol=1e-3)
+    for x_in, cond in net.calls:  # every call: the given frames clean, the mask and the frames' positions
+        assert torch.equal(x_in[:, :, [0, 3]], video[:, :, [0, 3]])
+        assert torch.equal(cond["observed"], observed.expand(2, 4)) and torch.equal(cond["frame_index"], index)
+
+
+def test_long_video_with_the_video_unet_calls_it_per_stage():
+    net = Recorder(unet(observed=True))
+    den = Denoiser(net, vp())
+    stages = list(tv.hierarchy_2(4, 12, 1))
+    x = tv.sample_long(den, stages, torch.zeros(1, 1, 12, 8, 8), 1, frames=4, sampler="ddim", steps=2, seed=0)
+    assert torch.equal(x[:, :, 0], torch.zeros(1, 1, 8, 8)) and bool((x[:, :, 1:] != 0).all())
+    assert len(net.calls) == 2 * len(stages)
+    for k, (obs, latent) in enumerate(stages):
+        _, cond = net.calls[2 * k]
+        assert cond["frame_index"].tolist() == [sorted(obs + latent)]
+        assert cond["observed"].tolist() == [[i in obs for i in sorted(obs + latent)]]
+
+
+def test_reconstruction_guidance_differentiates_through_the_video_unet():
+    """A net without the observed channel: the masked wrapper is refused by name; replacement and reconstruction guidance
+    run through it (the gradient through the U-Net moves the generated frames, not the given ones)."""
+    den = Denoiser(unet(observed=False), vp())
+    video = torch.rand(2, 1, 4, 8, 8) * 2 - 1
+    observed = torch.tensor([1, 1, 0, 0])
+    with pytest.raises(ValueError, match="model.video_observed = false.*reconstruction guidance or replacement"):
+        tv.sample_masked(den, video, observed)
+    kw = dict(sampler="ddim", steps=3, seed=0)
+    plain = tv.sample_replacement(den, video, observed, **kw)
+    guided = tv.sample_reconstruction(den, video, observed, 4.0, **kw)
+    assert torch.equal(guided[:, :, :2], video[:, :, :2]) and torch.equal(plain[:, :, :2], video[:, :, :2])
+    assert float((guided[:, :, 2:] - plain[:, :, 2:]).abs().max()) > 1e-3
