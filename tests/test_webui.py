@@ -483,13 +483,14 @@ def test_a_drawn_mask_is_inpainted(browser, server, run, tmp_path):
     browser.get(url)
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).save(tmp_path / "in.png")
     upload_to_editor(browser, tmp_path / "in.png")
+    assert "in.png: 32x32 reduced on upload to 8x8" in text_of(browser, "e-status")  # the run's 8x8: its working size
     command = paint_and_inpaint(browser, [(-50, -30, 90, 0), (40, -30, 0, 50)])
     assert browser.find_elements(By.CSS_SELECTOR, "#e-image img") and browser.find_elements(By.CSS_SELECTOR, "#e-figure img")
     assert "--image input.png --mask mask.png" in command
     folder = sorted(app.webui.folder.glob("edit_*"))[-1]
     mask = pixels(folder / "mask.png") > 0
-    assert mask.shape == (32, 32) and 0 < mask.mean() < 0.5  # the strokes, on the image's own pixels
-    assert pixels(folder / "input.png").shape == (32, 32)
+    assert mask.shape == (8, 8) and 0 < mask.mean() < 0.5  # the strokes, on the reduced image's own pixels
+    assert pixels(folder / "input.png").shape == (8, 8)
 
 
 @browser_test
