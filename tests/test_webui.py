@@ -467,7 +467,12 @@ def test_the_page_samples_and_shows_the_command(browser, server, model, run):
     assert command == shlex.join(["diffuse", *expected.argv(), "--out", "samples.png"])
     folder = sorted(app.webui.folder.glob("sample_*"))[-1]
     assert (folder / "samples.png").is_file() and (folder / "trajectory.gif").is_file()
-    open_tab(browser, "Runs")
+    (run / "eval.json").write_text('[{"metric": "fid", "value": 123.25}]')  # an eval added after the page opened
+    try:
+        open_tab(browser, "Runs")  # read afresh when shown
+        wait(browser, lambda d: "123.2" in text_of(d, "r-evals"), "the eval added since the page opened")
+    finally:
+        (run / "eval.json").unlink()
     wait(browser, lambda d: "class_conditional = true" in d.page_source, "the run's config")
     hosts = {json.loads(e["message"])["message"]["params"]["request"]["url"].split("/")[2]
              for e in browser.get_log("performance") if '"Network.requestWillBeSent"' in e["message"]}
@@ -506,7 +511,10 @@ def test_cancel_stops_a_job_and_frees_the_device(browser, server):
     wait(browser, lambda d: "step" in text_of(d, "s-status"), "the first steps")
     browser.find_element(By.ID, "s-cancel").click()
     wait(browser, lambda d: "cancelled" in text_of(d, "s-status"), "the cancellation")
-    wait(browser, lambda d: not app.webui.device_lock.locked(), "the job's worker to stop", timeout=10)
+    assert "nothing was saved" in text_of(browser, "s-status") and not re.search(  # a neutral state, no error badge
+        r"\bError\b", browser.find_element(By.TAG_NAME, "body").text)
+    wait(browser, lambda d: not app.webui.device_lock.locked() and len(app.webui.queue) == 0, "the job's worker to stop",
+         timeout=10)
     set_value(browser, "s-steps", 5)
     assert "--steps 5 " in sample(browser, seed=4)  # the device is free for the next job
 

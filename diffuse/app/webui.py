@@ -1,6 +1,8 @@
 """`diffuse serve`: a local web page (Gradio) to sample from, edit with and inspect trained runs.
 
-    diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda]   (pip install -e ".[ui]")
+    diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda] [--auth-file FILE]
+                  [--max-upload-mb 20] [--max-upload-pixels 16777216] [--queue-size 16] [--jobs-per-client 2]
+                                                                                    (pip install -e ".[ui]")
 
 The page has up to five tabs (Sample and Edit for the diffusion runs served, Autoencode for the diffusion
 autoencoders, Segment for the segmentation runs):
@@ -21,18 +23,24 @@ autoencoders, Segment for the segmentation runs):
     Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
             `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
             each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
-    Runs    each run's config, loss curve, sample grids over training and eval.json figures.
+    Runs    each run's config, loss curve, sample grids over training and eval.json figures, read again whenever the
+            tab is shown (a `diffuse ema` folder: its parent run's log and grids); an empty box says why it is empty.
 
 It is a thin layer over the library: the widgets make a request (app/requests.py: `page_request`), which `resolve`
 checks and `execute` runs as they run `diffuse sample` / `diffuse edit`, so the command line printed under a result
 (`Plan.argv`) reproduces it pixel for pixel, and a bad choice gets the command line's message with each flag named by
-its widget (`LABELS`). Long jobs (sampling, editing) run one at a time on the device
-through Gradio's queue, each in a worker thread that the Cancel button stops at its next sampler step; every
-run's model is loaded once and kept. Bad inputs (a file that is not an image, a mask of another size, a
-guidance weight the run cannot use) give a message on the page, never a traceback, and the server keeps serving.
+its widget (`LABELS`). Long jobs (sampling, editing, segmenting) run one at a time on the device in the order they
+came (`DeviceQueue`: at most `Limits.queue` running or waiting, `Limits.per_client` of them from one address), each
+in a worker thread that the Cancel button stops at its next sampler step; every run's model is loaded once and kept.
+Bad inputs (a file that is not an image, a mask of another size, a guidance weight the run cannot use) give a message
+on the page, never a traceback, and the server keeps serving. An upload is checked on its header before it is decoded
+(`Limits.upload_pixels`; its bytes by `Limits.upload_mb` as it arrives) and reduced to a working size near the model's
+(`working_size`), so a small file of huge dimensions costs neither memory nor the editor's strokes.
 
 Nothing leaves the machine: Gradio's analytics are off (GRADIO_ANALYTICS_ENABLED=False, set before Gradio is
-imported), no share link is ever made, and the server listens on 127.0.0.1 unless --host says otherwise.
+imported), no share link is ever made, and the server listens on 127.0.0.1 unless --host says otherwise; any other
+host needs a login (--auth, --auth-file or $DIFFUSE_AUTH: `read_auth`, `check_exposure`). Ctrl+C and SIGTERM close the
+server and remove the folder of the jobs' files.
 """
 
 from __future__ import annotations
@@ -114,6 +122,7 @@ CSS = """
 #r-grids img {image-rendering: pixelated}
 #r-loss img, #e-figure img, #a-figure img, #g-figure img {object-fit: contain}
 """  # grids fill their box (Gradio's images only shrink to fit), scaled up as pixels, not blurred
+CANCELLED = "cancelled: nothing was saved (an image above is the last preview)"  # neutral: no error
 AUTH_ENV = "DIFFUSE_AUTH"  # USER:PASSWORD of the page's login, when --auth / --auth-file are not given
 HINTS = {  # one line under a sampling control: what it changes
     "sampler": "the update rule: ddim and dpmpp-2m are deterministic and good in 10-25 steps; ddpm, euler-ancestral and "
@@ -937,7 +946,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             if kind == "preview":
                 return {s_image: display(decoded(req, r.x0)), s_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {s_status: "cancelled" if kind == "cancelled" else gr.update()}  # a tick: no change
+                return {s_status: CANCELLED if kind == "cancelled" else gr.update()}  # a tick: no change
             return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command("samples.png"),
                     s_files: [str(folder / "samples.png"), str(folder / "trajectory.gif")], last: r["x"],
                     s_status: f"{len(r['x'])} samples, {r['calls']} denoiser calls"}
@@ -1031,7 +1040,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             if kind == "preview":
                 return {e_image: display(decoded(req, r.x0)), e_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {e_status: "cancelled" if kind == "cancelled" else gr.update()}
+                return {e_status: CANCELLED if kind == "cancelled" else gr.update()}
             argv = [Path(a).name if a in (req.image, req.mask) else a for a in r["plan"].argv()] + ["--out", "edited.png"]
             files = [str(p) for p in (folder / "input.png", folder / "mask.png", folder / "edited.png",
                                       folder / "edited_before_after.png") if p.is_file()]
@@ -1124,7 +1133,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             if kind == "preview":
                 return {a_strip: display(decoded(req, r.x0)), a_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {a_status: "cancelled" if kind == "cancelled" else gr.update()}
+                return {a_status: CANCELLED if kind == "cancelled" else gr.update()}
             inputs = [p for p in (req.image, req.to) if p]
             argv = [Path(a).name if a in inputs else a for a in r["plan"].argv()] + ["--out", out]
             files = [*inputs, str(folder / out), str(folder / f"{mode}_before_after.png")]
@@ -1325,7 +1334,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             s_run.change(on_run, s_run, [*s_controls[:5], *s_prompts], queue=False)
             s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
                                show_progress_on=[s_status], **jobs)
-            s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
+            s_cancel.click(lambda: CANCELLED, None, s_status, cancels=[s_job], queue=False)
         if e_first is not None:
             e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
             e_task.change(on_task, [e_run, e_task], [e_about, e_editor, e_strength, e_factor, e_t_stop, e_jumps, e_length,
@@ -1337,7 +1346,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_t_stop, e_jumps,
                                       e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
                                show_progress_on=[e_status], **jobs)
-            e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
+            e_cancel.click(lambda: CANCELLED, None, e_status, cancels=[e_job], queue=False)
         if a_first is not None:
             a_shown = [a_about, a_to, a_attribute, a_class, a_amount, a_n]
             a_run.change(on_ae_run, [a_run, a_mode, a_n], [*a_shown, a_steps], queue=False)
@@ -1348,7 +1357,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             a_job = a_go.click(autoencode, [a_run, a_mode, a_image, a_to, a_attribute, a_class, a_amount, a_n, a_encode,
                                             a_steps, a_seed, a_ema], [a_strip, a_figure, a_status, a_command, a_files],
                                show_progress_on=[a_status], **jobs)
-            a_cancel.click(lambda: "cancelled", None, a_status, cancels=[a_job], queue=False)
+            a_cancel.click(lambda: CANCELLED, None, a_status, cancels=[a_job], queue=False)
         if ui.models.segmenters:
             g_outputs = [g_figure, g_table, g_files, g_status, g_command]
             g_upload.upload(segment, [g_run, g_upload], g_outputs, **jobs)
