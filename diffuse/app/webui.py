@@ -118,10 +118,11 @@ SEMANTIC_ABOUT = {  # a diffusion autoencoder's edit -> what it does, as the pag
 }
 SHARE_HEADERS = ["class", "share of the pixels", "mean uncertainty (nats)"]  # the Segment tab's table
 CSS = """
-#s-image img, #e-image img, #a-strip img, #a-inputs img, #s-gif img {object-fit: contain; image-rendering: pixelated}
+#s-image img, #e-image img, #a-strip img, #a-inputs img, #s-gif img {object-fit: contain; image-rendering: pixelated;
+  padding-top: 30px; box-sizing: border-box}
 #r-grids img {image-rendering: pixelated}
 #r-loss img, #e-figure img, #a-figure img, #g-figure img {object-fit: contain}
-"""  # grids fill their box (Gradio's images only shrink to fit), scaled up as pixels, not blurred
+"""  # grids fill their box (Gradio's images only shrink to fit), scaled up as pixels, not blurred, below the label
 CANCELLED = "cancelled: nothing was saved (an image above is the last preview)"  # neutral: no error
 AUTH_ENV = "DIFFUSE_AUTH"  # USER:PASSWORD of the page's login, when --auth / --auth-file are not given
 HINTS = {  # one line under a sampling control: what it changes
