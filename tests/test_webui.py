@@ -313,6 +313,12 @@ def test_the_strength_slider_says_what_it_means(run):
     app = build_app([str(run)], device="cpu")
     slider = next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == "e-strength")
     assert "sigma/alpha = s / (1 - s)" in slider.info and slider.value == 0.75
+    shown = {getattr(c, "elem_id", None): c for c in app.blocks.values()}
+    assert all(shown[f"s-{k}"].info for k in ("sampler", "spacing", "guidance"))  # a one-line hint under each
+    assert shown["e-editor"].brush.default_color == "#e03030"  # inpaint: a red region shows on any image
+    on_task = next(f.fn for f in app.fns.values() if getattr(f, "name", "") == "on_task")
+    assert on_task(str(run), "sdedit")[1].brush.default_color == "#ffffff"  # 1-channel SDEdit: white strokes
+    assert on_task(str(run), "ilvr")[1].brush.default_color == "#e03030"
 
 
 # --- the page in a real browser ------------------------------------------------------------------------------------

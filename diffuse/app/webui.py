@@ -995,7 +995,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
     def on_edit_run(run: str) -> tuple:
         offered = edit_choices(run)
         return (gr.Radio(choices=offered, value=offered[0]), gr.Dropdown(choices=factors(run), value=factors(run)[0]),
-                *on_run(run))
+                gr.ImageEditor(brush=brush(run, offered[0])), *on_run(run))
 
     def brush(run: str, task: str):
         """The editor's brush: red to mark a region (it shows on any image), but white for SDEdit on a 1-channel run,
@@ -1337,7 +1337,7 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                                show_progress_on=[s_status], **jobs)
             s_cancel.click(lambda: CANCELLED, None, s_status, cancels=[s_job], queue=False)
         if e_first is not None:
-            e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
+            e_run.change(on_edit_run, e_run, [e_task, e_factor, e_editor, *e_controls[:5], *e_prompts], queue=False)
             e_task.change(on_task, [e_run, e_task], [e_about, e_editor, e_strength, e_factor, e_t_stop, e_jumps, e_length,
                                                      e_mask_file], queue=False)
             uploaded = e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
