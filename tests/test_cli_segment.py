@@ -223,4 +223,5 @@ def test_the_segment_tab_shows_what_the_command_line_writes(runs, model, held_ou
     import gradio
 
     with pytest.raises(gradio.Error, match="no image: upload an image file"):
-        handler(seg, None)
+        list(handler(seg, None))  # (a generator: it waits its turn on the device first)
+    assert not app.webui.device_lock.locked() and len(app.webui.queue) == 0  # the failed job left the queue

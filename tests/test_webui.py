@@ -313,6 +313,12 @@ def test_the_strength_slider_says_what_it_means(run):
     app = build_app([str(run)], device="cpu")
     slider = next(c for c in app.blocks.values() if getattr(c, "elem_id", None) == "e-strength")
     assert "sigma/alpha = s / (1 - s)" in slider.info and slider.value == 0.75
+    shown = {getattr(c, "elem_id", None): c for c in app.blocks.values()}
+    assert all(shown[f"s-{k}"].info for k in ("sampler", "spacing", "guidance"))  # a one-line hint under each
+    assert shown["e-editor"].brush.default_color == "#e03030"  # inpaint: a red region shows on any image
+    on_task = next(f.fn for f in app.fns.values() if getattr(f, "name", "") == "on_task")
+    assert on_task(str(run), "sdedit")[1].brush.default_color == "#ffffff"  # 1-channel SDEdit: white strokes
+    assert on_task(str(run), "ilvr")[1].brush.default_color == "#e03030"
 
 
 # --- the page in a real browser ------------------------------------------------------------------------------------
@@ -467,7 +473,12 @@ def test_the_page_samples_and_shows_the_command(browser, server, model, run):
     assert command == shlex.join(["diffuse", *expected.argv(), "--out", "samples.png"])
     folder = sorted(app.webui.folder.glob("sample_*"))[-1]
     assert (folder / "samples.png").is_file() and (folder / "trajectory.gif").is_file()
-    open_tab(browser, "Runs")
+    (run / "eval.json").write_text('[{"metric": "fid", "value": 123.25}]')  # an eval added after the page opened
+    try:
+        open_tab(browser, "Runs")  # read afresh when shown
+        wait(browser, lambda d: "123.2" in text_of(d, "r-evals"), "the eval added since the page opened")
+    finally:
+        (run / "eval.json").unlink()
     wait(browser, lambda d: "class_conditional = true" in d.page_source, "the run's config")
     hosts = {json.loads(e["message"])["message"]["params"]["request"]["url"].split("/")[2]
              for e in browser.get_log("performance") if '"Network.requestWillBeSent"' in e["message"]}
@@ -483,13 +494,14 @@ def test_a_drawn_mask_is_inpainted(browser, server, run, tmp_path):
     browser.get(url)
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).save(tmp_path / "in.png")
     upload_to_editor(browser, tmp_path / "in.png")
+    assert "in.png: 32x32 reduced on upload to 8x8" in text_of(browser, "e-status")  # the run's 8x8: its working size
     command = paint_and_inpaint(browser, [(-50, -30, 90, 0), (40, -30, 0, 50)])
     assert browser.find_elements(By.CSS_SELECTOR, "#e-image img") and browser.find_elements(By.CSS_SELECTOR, "#e-figure img")
     assert "--image input.png --mask mask.png" in command
     folder = sorted(app.webui.folder.glob("edit_*"))[-1]
     mask = pixels(folder / "mask.png") > 0
-    assert mask.shape == (32, 32) and 0 < mask.mean() < 0.5  # the strokes, on the image's own pixels
-    assert pixels(folder / "input.png").shape == (32, 32)
+    assert mask.shape == (8, 8) and 0 < mask.mean() < 0.5  # the strokes, on the reduced image's own pixels
+    assert pixels(folder / "input.png").shape == (8, 8)
 
 
 @browser_test
@@ -505,7 +517,10 @@ def test_cancel_stops_a_job_and_frees_the_device(browser, server):
     wait(browser, lambda d: "step" in text_of(d, "s-status"), "the first steps")
     browser.find_element(By.ID, "s-cancel").click()
     wait(browser, lambda d: "cancelled" in text_of(d, "s-status"), "the cancellation")
-    wait(browser, lambda d: not app.webui.device_lock.locked(), "the job's worker to stop", timeout=10)
+    assert "nothing was saved" in text_of(browser, "s-status") and not re.search(  # a neutral state, no error badge
+        r"\bError\b", browser.find_element(By.TAG_NAME, "body").text)
+    wait(browser, lambda d: not app.webui.device_lock.locked() and len(app.webui.queue) == 0, "the job's worker to stop",
+         timeout=10)
     set_value(browser, "s-steps", 5)
     assert "--steps 5 " in sample(browser, seed=4)  # the device is free for the next job
 

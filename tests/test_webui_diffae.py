@@ -157,7 +157,7 @@ def test_bad_amounts_and_a_missing_second_image_give_clear_messages(runs, models
     bad.write_text("not an image\n")
     with pytest.raises(ValueError, match="notes.png is not a readable image .*upload a PNG or JPEG"):
         job_upload(str(bad), tmp_path, "input")  # said before the job starts, naming the uploaded file
-    assert job_upload(image, tmp_path, "input") == str(tmp_path / "input.png")  # byte for byte: the command's input
+    assert job_upload(image, tmp_path, "input") == (str(tmp_path / "input.png"), "")  # byte for byte: the command's input
     assert (tmp_path / "input.png").read_bytes() == open(image, "rb").read()
     assert said(models, tab(models, "manipulate", image, attribute=thick, amount=float("nan"))) == \
         "the amount must be a number between -10 and 10, got nan"

@@ -7,7 +7,7 @@
     diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
-    diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1]     (the local web UI; pip install -e ".[ui]")
+    diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1] [--auth-file F]   (the web UI; pip install -e ".[ui]")
     diffuse export RUN --format diffusers --out DIR           (a UNet2DModel pipeline folder diffusers samples)
     (sample, edit, eval and serve also take a Hugging Face model id as RUN, with --revision)
     diffuse demo [--out DIR] [--toy]
@@ -315,10 +315,23 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("serve", help="a local web page to sample, edit, segment with and inspect runs (Gradio; the [ui] extra)")
     w.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or diffusers model folders) to offer: diffusion runs "
                                                           "(Sample, Edit) and segmentation runs (Segment)")
-    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                         "any other, 0.0.0.0 included, needs a login)")
     w.add_argument("--port", type=number(int, low=1, high=65535), default=7860, help="port (default 7860)")
     w.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     w.add_argument("--revision", help=REVISION_HELP + "; the same revision for every id given")
+    w.add_argument("--auth", metavar="USER:PASSWORD", help="the page's login (kept in the shell history: prefer "
+                                                           "--auth-file or $DIFFUSE_AUTH)")
+    w.add_argument("--auth-file", metavar="FILE", help="a file whose first line is USER:PASSWORD (default: "
+                                                       "$DIFFUSE_AUTH when set)")
+    w.add_argument("--max-upload-mb", type=number(above=True, low=0),
+                   help="largest upload file in MB (default 20)")
+    w.add_argument("--max-upload-pixels", type=number(int, low=1),
+                   help="most pixels of an uploaded image, checked before it is decoded (default 16777216 = 4096x4096)")
+    w.add_argument("--queue-size", type=number(int, low=1),
+                   help="most jobs running or waiting on the device (default 16)")
+    w.add_argument("--jobs-per-client", type=number(int, low=1),
+                   help="most of those from one client address (default 2: one running, one waiting)")
 
     d = sub.add_parser("demo", help="train on the bundled MNIST digits (~10 min on a 2-core CPU) and write figures; "
                                     "--toy: two-pixel images in under a minute")

@@ -36,7 +36,7 @@ from ..stages import space
 from ..tasks.image_to_image import training_condition
 from ..train import digit_classifier_folder, dry_run, feature_network, progress_disabled, train
 from ..visualize import save_samples, to_uint8
-from .webui import serve
+from .webui import Limits, read_auth, serve
 from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
 from .segment import Segmented, check_segmenter, output_paths
 
@@ -461,7 +461,11 @@ def ema_command(args) -> None:
 
 
 def serve_command(args) -> None:
-    serve([locate(run, args.revision) for run in args.runs], host=args.host, port=args.port, device=args.device)
+    given = dict(upload_mb=args.max_upload_mb, upload_pixels=args.max_upload_pixels, queue=args.queue_size,
+                 per_client=args.jobs_per_client)
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})  # the rest at Limits' defaults
+    serve([locate(run, args.revision) for run in args.runs], host=args.host, port=args.port, device=args.device,
+          auth=read_auth(args.auth, args.auth_file), limits=limits)
 
 
 def export_command(args) -> None:

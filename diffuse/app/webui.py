@@ -1,6 +1,8 @@
 """`diffuse serve`: a local web page (Gradio) to sample from, edit with and inspect trained runs.
 
-    diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda]   (pip install -e ".[ui]")
+    diffuse serve RUN [RUN ...] [--port 7860] [--host 127.0.0.1] [--device cpu|cuda] [--auth-file FILE]
+                  [--max-upload-mb 20] [--max-upload-pixels 16777216] [--queue-size 16] [--jobs-per-client 2]
+                                                                                    (pip install -e ".[ui]")
 
 The page has up to five tabs (Sample and Edit for the diffusion runs served, Autoencode for the diffusion
 autoencoders, Segment for the segmentation runs):
@@ -21,29 +23,38 @@ autoencoders, Segment for the segmentation runs):
     Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
             `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
             each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
-    Runs    each run's config, loss curve, sample grids over training and eval.json figures.
+    Runs    each run's config, loss curve, sample grids over training and eval.json figures, read again whenever the
+            tab is shown (a `diffuse ema` folder: its parent run's log and grids); an empty box says why it is empty.
 
 It is a thin layer over the library: the widgets make a request (app/requests.py: `page_request`), which `resolve`
 checks and `execute` runs as they run `diffuse sample` / `diffuse edit`, so the command line printed under a result
 (`Plan.argv`) reproduces it pixel for pixel, and a bad choice gets the command line's message with each flag named by
-its widget (`LABELS`). Long jobs (sampling, editing) run one at a time on the device
-through Gradio's queue, each in a worker thread that the Cancel button stops at its next sampler step; every
-run's model is loaded once and kept. Bad inputs (a file that is not an image, a mask of another size, a
-guidance weight the run cannot use) give a message on the page, never a traceback, and the server keeps serving.
+its widget (`LABELS`). Long jobs (sampling, editing, segmenting) run one at a time on the device in the order they
+came (`DeviceQueue`: at most `Limits.queue` running or waiting, `Limits.per_client` of them from one address), each
+in a worker thread that the Cancel button stops at its next sampler step; every run's model is loaded once and kept.
+Bad inputs (a file that is not an image, a mask of another size, a guidance weight the run cannot use) give a message
+on the page, never a traceback, and the server keeps serving. An upload is checked on its header before it is decoded
+(`Limits.upload_pixels`; its bytes by `Limits.upload_mb` as it arrives) and reduced to a working size near the model's
+(`working_size`), so a small file of huge dimensions costs neither memory nor the editor's strokes.
 
 Nothing leaves the machine: Gradio's analytics are off (GRADIO_ANALYTICS_ENABLED=False, set before Gradio is
-imported), no share link is ever made, and the server listens on 127.0.0.1 unless --host says otherwise.
+imported), no share link is ever made, and the server listens on 127.0.0.1 unless --host says otherwise; any other
+host needs a login (--auth, --auth-file or $DIFFUSE_AUTH: `read_auth`, `check_exposure`). Ctrl+C and SIGTERM close the
+server and remove the folder of the jobs' files.
 """
 
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import itertools
 import math
 import os
 import queue
 import shlex
 import shutil
+import signal
+import socket
 import tempfile
 import threading
 import time
@@ -62,9 +73,10 @@ from torch import Tensor
 from .. import pretrained
 from .requests import (CODED, EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
                            save_before_after)
-from ..checkpoint import read_json_records, read_log, write_atomically
+from ..checkpoint import read_json_records, read_log, read_state, write_atomically
 from ..config import to_dict
 from ..data import load_image, open_image
+from ..data.images import ImageTooLarge
 from ..kinds.segmentation import SegmentationRun
 from ..runs import SEMANTIC_EDITS, Run, open_run
 from ..samplers import SAMPLERS, Step
@@ -105,6 +117,44 @@ SEMANTIC_ABOUT = {  # a diffusion autoencoder's edit -> what it does, as the pag
     "interpolate": "frames from the image to the second image: z_sem by lerp, x_T by slerp (both ends included)",
 }
 SHARE_HEADERS = ["class", "share of the pixels", "mean uncertainty (nats)"]  # the Segment tab's table
+CSS = """
+#s-image img, #e-image img, #a-strip img, #a-inputs img, #s-gif img {object-fit: contain; image-rendering: pixelated;
+  padding-top: 30px; box-sizing: border-box}
+#r-grids img {image-rendering: pixelated}
+#r-loss img, #e-figure img, #a-figure img, #g-figure img {object-fit: contain}
+"""  # grids fill their box (Gradio's images only shrink to fit), scaled up as pixels, not blurred, below the label
+CANCELLED = "cancelled: nothing was saved (an image above is the last preview)"  # neutral: no error
+AUTH_ENV = "DIFFUSE_AUTH"  # USER:PASSWORD of the page's login, when --auth / --auth-file are not given
+HINTS = {  # one line under a sampling control: what it changes
+    "sampler": "the update rule: ddim and dpmpp-2m are deterministic and good in 10-25 steps; ddpm, euler-ancestral and "
+               "the sde ones add fresh noise each step and want more",
+    "spacing": "where the steps fall in time: trailing, karras and log_snr start at pure noise; leading starts one "
+               "stride below it (Lin et al. 2024)",
+    "guidance": "classifier-free w: eps = (1 + w) eps(x, c) - w eps(x); 0 is the conditional model, larger follows the "
+                "label or prompt more closely and varies less",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server takes (each a flag of `diffuse serve`): an upload's file size in MB (--max-upload-mb, refused by
+    Gradio as it arrives), its pixels (--max-upload-pixels, checked on the file's header before it is decoded), the jobs
+    running or waiting on the device (--queue-size) and of them from one client address (--jobs-per-client)."""
+
+    upload_mb: float = 20            # a phone photo is 2-12 MB
+    upload_pixels: int = 4096 * 4096  # 16.8 million: 64 MB decoded as RGBA; a JPEG over it is decoded at 1/2..1/8 scale
+    queue: int = 16                  # jobs on the device, running or waiting
+    per_client: int = 2              # of those, from one client address: one running and one waiting
+
+    def __post_init__(self):
+        for name, low in (("upload_mb", 0), ("upload_pixels", 1), ("queue", 1), ("per_client", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < low or (name == "upload_mb" and value == 0):
+                raise ValueError(f"--{FLAGS[name]} must be a number {'> 0' if low == 0 else '>= 1'}, got {value!r}")
+
+
+FLAGS = {"upload_mb": "max-upload-mb", "upload_pixels": "max-upload-pixels", "queue": "queue-size",
+         "per_client": "jobs-per-client"}  # Limits' fields as `diffuse serve` flags
 
 
 def _gradio():
@@ -280,9 +330,9 @@ class Job:
     `work(report)` samples with `report` as the sampler's callback. The job puts (kind, payload) events on `events`:
     ("step", Step) for every step, ("preview", Step) instead for about PREVIEWS of them, ("note", text) for each
     warning the library raises (data.load_image's fitting, generate's grid), then ("done", result) or ("error",
-    exception). After `cancel()` the next report raises Cancelled. `device_lock` is held from `start` until the worker
-    ends, so a cancelled job has stopped before the next one begins (and jobs, one at a time, never overlap their
-    warning filters).
+    exception). After `cancel()` the next report raises Cancelled. `device_lock`, held when the job starts (its turn
+    in the DeviceQueue took it), is released when the worker ends, so a cancelled job has stopped before the next one
+    begins (and jobs, one at a time, never overlap their warning filters).
     """
 
     def __init__(self, work: Callable, device_lock: threading.Lock):
@@ -304,7 +354,8 @@ class Job:
         self._cancel.set()
 
     def start(self) -> None:
-        self.lock.acquire()  # a cancelled job's worker stops at its next step, then releases it
+        """Run the work in a worker thread; the caller holds `device_lock`, which the worker releases at its end (a
+        cancelled job's worker stops at its next step)."""
         threading.Thread(target=self._run, daemon=True, name="diffuse-webui-job").start()
 
     def _tell(self) -> None:
@@ -325,6 +376,68 @@ class Job:
             self.events.put(("error", e))
         finally:
             self.lock.release()
+
+
+class DeviceQueue:
+    """The jobs on the device in order of arrival: each `enter`s (refused with a message when `size` jobs are running or
+    waiting, or `per_client` of them are the client's), waits until it is first and `lock` (the device) is free, which
+    `take` then acquires for it, and `leave`s when it ends, run or not. Whoever took the lock releases it."""
+
+    def __init__(self, lock: threading.Lock, size: int, per_client: int):
+        self.lock, self.size, self.per_client = lock, size, per_client
+        self._tickets: list[tuple[int, str]] = []  # (ticket, client), in order of arrival
+        self._count = itertools.count()
+        self._changed = threading.Condition()
+
+    def enter(self, client: str) -> int:
+        """A ticket for a job of `client` (an address). ValueError naming the limit, its flag and what to do when the
+        queue is full or the client has its share in it."""
+        with self._changed:
+            mine = sum(c == client for _, c in self._tickets)
+            if mine >= self.per_client:
+                raise ValueError(f"you have {mine} jobs running or waiting on this server, the most one client may have "
+                                 f"(diffuse serve --jobs-per-client {self.per_client}); wait for one to finish, or cancel "
+                                 "it")
+            if len(self._tickets) >= self.size:
+                raise ValueError(f"the server is busy: {len(self._tickets)} jobs are running or waiting, the most it holds "
+                                 f"(diffuse serve --queue-size {self.size}); try again when one has finished")
+            ticket = next(self._count)
+            self._tickets.append((ticket, client))
+            return ticket
+
+    def __len__(self) -> int:
+        """The jobs running or waiting."""
+        with self._changed:
+            return len(self._tickets)
+
+    def ahead(self, ticket: int) -> int:
+        """How many jobs are before this one (0: it is next, or running)."""
+        with self._changed:
+            return next((i for i, (t, _) in enumerate(self._tickets) if t == ticket), 0)
+
+    def take(self, ticket: int, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for this ticket's turn: first in line with the device free. True when it came,
+        and the caller now holds `lock`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if self._tickets and self._tickets[0][0] == ticket and self.lock.acquire(blocking=False):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.1))  # the lock's release is not announced: look again soon
+
+    def leave(self, ticket: int) -> None:
+        with self._changed:
+            self._tickets = [(t, c) for t, c in self._tickets if t != ticket]
+            self._changed.notify_all()
+
+
+def client_of(request) -> str:
+    """The client a page's request comes from, for the per-client limit: its address (Gradio's gr.Request)."""
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", None) or "unknown")
 
 
 def page_error(gr, text: str):
@@ -368,14 +481,52 @@ def editor_value(img: Image.Image) -> tuple[dict, tuple[int, int]]:
     return {"background": big, "layers": [], "composite": big}, img.size
 
 
-def read_upload(path: str) -> Image.Image:
-    """An uploaded image file, read as data.load_image reads it (data.open_image: upright by its EXIF orientation, the
-    pixel limit with its fix). Raises ValueError naming the file and the problem."""
+def read_upload(path: str, side: int | None = None, limit: int = Limits.upload_pixels) -> Image.Image:
+    """An uploaded image file, read as data.load_image reads it (data.open_image: upright by its EXIF orientation), its
+    pixels counted on the file's header before it is decoded: at most `limit` (a JPEG over it is decoded at 1/2, 1/4 or
+    1/8 scale when that fits and is no smaller than `side`), then reduced to the working size near the model's
+    (`working_size`: the shorter side `side`). Raises ValueError naming the file and the problem: not an image,
+    damaged, or over the limit (with its flag and the fix)."""
+    name = Path(path).name
     try:
-        return open_image(path, "the uploaded image")
-    except ValueError as e:  # the message names the real reason: not an image, damaged, or over the pixel limit
-        text = str(e).replace(str(Path(path).expanduser()), Path(path).name).replace("the uploaded image ", "")
+        img = open_image(path, "the uploaded image", side, limit=limit)
+    except ImageTooLarge as e:
+        w, h = e.size
+        if w * h <= limit:  # the library's own limit, lower than the page's: its message names its fix
+            raise ValueError(str(e).replace(str(Path(path).expanduser()), name).replace("the uploaded image ", "")) from None
+        jpeg = ", even decoded at 1/8 scale" if "1/8" in str(e) else ""
+        fix = f" (the model works at {side}x{side} pixels)" if side else ""
+        raise ValueError(f"{name} is {w}x{h} = {w * h:,} pixels, more than the {limit:,} this page reads (diffuse serve "
+                         f"--max-upload-pixels){jpeg}; upload a smaller copy{fix}") from None
+    except ValueError as e:  # the message names the real reason: not an image, or damaged
+        text = str(e).replace(str(Path(path).expanduser()), name).replace("the uploaded image ", "")
         raise ValueError(text.replace("; give a PNG or JPEG file", "; upload a PNG or JPEG file")) from None
+    return working_size(img, side)
+
+
+def working_size(img: Image.Image, side: int | None) -> Image.Image:
+    """An image scaled down so its shorter side is `side` (bicubic, antialiased, as data.fit_square scales it to the
+    model's size: its centre crop is then what the model reads), or as it is when that side is already no longer;
+    info["reduced_from"] the file's own size (data.open_image's "original_size")."""
+    if side is None or min(img.size) <= side:
+        return img
+    w, h = img.size
+    scale = side / min(w, h)
+    if img.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F"):
+        img = img.convert("I") if img.mode.startswith("I;16") else _flatten(img) if "A" in img.mode or img.mode == "P" \
+            else img.convert("RGB")
+    small = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BICUBIC,
+                       reducing_gap=3.0)
+    small.info["reduced_from"] = img.info.get("original_size", (w, h))  # a JPEG's before its reduced decode
+    return small
+
+
+def reduced_note(img: Image.Image, name: str) -> str:
+    """A line saying that an upload was reduced to its working size, or "" when it was not."""
+    if "reduced_from" not in img.info:
+        return ""
+    w, h = img.info["reduced_from"]
+    return f"{name}: {w}x{h} reduced on upload to {img.width}x{img.height} (the model's size is near the shorter side)"
 
 
 def editor_files(value: dict | None, size: tuple[int, int] | None, folder: Path, strokes: bool) -> tuple[str, str | None]:
@@ -406,35 +557,60 @@ def editor_files(value: dict | None, size: tuple[int, int] | None, folder: Path,
     return str(folder / "input.png"), str(folder / "mask.png")
 
 
+def posthoc_parent(folder: Path, steps: list[int]) -> tuple[Path, dict] | None:
+    """The training run a `diffuse ema` folder was rebuilt from and its record ({"sigma_rel", "run", ...}), or None for
+    any other folder: read from the state of its last checkpoint (of `steps`), without its tensors."""
+    try:
+        state = read_state(folder, steps[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    record = state.get("posthoc_ema")
+    return (Path(record["run"]), record) if isinstance(record, dict) and record.get("run") else None
+
+
 def run_summary(run: str, cfg) -> dict:
-    """What a run folder shows on the Runs tab: its config text (a diffusers model folder's as diffuse reads it), loss
-    plot, up to GRIDS sample grids over training [(image, caption)], eval.json records, and a few lines about its
-    checkpoints and last logged loss."""
+    """What a run folder shows on the Runs tab, read afresh: its config text (a diffusers model folder's as diffuse
+    reads it), loss plot, up to GRIDS sample grids over training [(image, caption)], eval.json records, a few lines
+    about its checkpoints and last logged loss, and why the loss or grids are missing ("loss_why", "grids_why": "" when
+    they are there). A `diffuse ema` folder shows its parent run's log, loss and grids (it has none of its own)."""
     folder = Path(run)
     read = lambda p: Image.open(p).copy() if p.is_file() else None  # noqa: E731 (the page gets pixels, not paths)
     diffusers_folder = pretrained.is_model_folder(folder)
     config = ("# a diffusers model folder, read as this config (pretrained.read_config)\n" + tomli_w.dumps(to_dict(cfg))
               if diffusers_folder else (folder / "config.toml").read_text())
-    grids = sorted((folder / "samples").glob("step_*.png")) if (folder / "samples").is_dir() else []
+    ckpts = folder / "checkpoints"
+    steps = sorted(int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit()) if ckpts.is_dir() else []
+    parent = None if diffusers_folder else posthoc_parent(folder, steps)
+    trained = parent[0] if parent is not None else folder  # the folder whose training log, loss and grids are shown
+    grids = sorted((trained / "samples").glob("step_*.png")) if (trained / "samples").is_dir() else []
     if len(grids) > GRIDS:  # evenly spaced over training, the last one included
         grids = [grids[round(i * (len(grids) - 1) / (GRIDS - 1))] for i in range(GRIDS)]
     try:
         evals = read_json_records(folder / "eval.json")
     except ValueError as e:  # the message names the file and the fix
         evals = [{"eval.json": str(e)}]
-    ckpts = folder / "checkpoints"
-    steps = sorted(int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit()) if ckpts.is_dir() else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a line that does not parse is left out; the page shows the last good one
-        log = read_log(folder / "log.jsonl")  # a torn last line (a kill mid-append) is left out
+        log = read_log(trained / "log.jsonl")  # a torn last line (a kill mid-append) is left out
     last = next((r for r in reversed(log) if "loss" in r), {})
     about = [f"**{run}**", "a diffusers model folder: one set of weights" if diffusers_folder else
              f"checkpoints at steps {', '.join(map(str, steps)) or 'none'}"]
+    if parent is not None:
+        about.append(f"the post-hoc EMA of {parent[0]} with sigma_rel = {parent[1].get('sigma_rel')} (`diffuse ema`): the "
+                     "loss and sample grids are its parent's, over the training it was rebuilt from")
     if "loss" in last:
         about.append(f"last logged: step {last.get('step')}, loss {last['loss']:.4g}")
     if (folder / "best").is_dir():
         about.append(f"the best weights by FID during training: {folder / 'best'} (serve it as a run of its own)")
-    return {"config": config, "loss": read(folder / "loss.png"), "evals": evals, "about": "  \n".join(about),
+    loss = read(trained / "loss.png")
+    loss_why = "" if loss is not None else (
+        "none: a diffusers model folder holds no training log" if diffusers_folder else
+        f"none yet: {trained / 'loss.png'} is drawn at each checkpoint from the losses logged every train.log_every steps")
+    grids_why = "" if grids else (
+        "none: a diffusers model folder holds no training samples" if diffusers_folder else
+        f"none: {trained / 'samples'} holds no step_*.png (train.sample_every = {cfg.train.sample_every}: 0 draws none)")
+    return {"config": config, "loss": loss, "evals": evals, "about": "  \n".join(about), "loss_why": loss_why,
+            "grids_why": grids_why,
             "grids": [(read(p), f"step {int(p.stem[5:])}" if p.stem[5:].isdigit() else p.stem) for p in grids]}
 
 
@@ -486,16 +662,21 @@ def autoencode_request(models: Models, run: str, mode: str, image: str | None, t
                         device=device, task=mode, image=image or "", encode_steps=encode_steps, **own)
 
 
-def job_upload(path: str | None, folder: Path, stem: str) -> str | None:
-    """An uploaded image file, checked as uploads are (`read_upload`: a message naming the file), copied byte for byte
-    into a job's folder as STEM + its suffix: the file the command line reads, downloaded beside the outputs. None for
-    no file."""
+def job_upload(path: str | None, folder: Path, stem: str, side: int | None = None,
+               limit: int = Limits.upload_pixels) -> tuple[str | None, str]:
+    """An uploaded image file, checked as uploads are (`read_upload`: a message naming the file), put in a job's folder
+    as the file the command line reads, downloaded beside the outputs: copied byte for byte as STEM + its suffix, or,
+    when it is larger than the working size (`working_size`: shorter side `side`), reduced to it as STEM.png (so the
+    job never decodes the full file again). Returns (its path, `reduced_note` or ""); (None, "") for no file."""
     if not path:
-        return None
-    read_upload(path)
+        return None, ""
+    img = read_upload(path, side, limit)
+    if "reduced_from" in img.info:
+        save_image(img, folder / f"{stem}.png")
+        return str(folder / f"{stem}.png"), reduced_note(img, Path(path).name)
     target = folder / (stem + Path(path).suffix.lower())
     write_atomically(target, Path(path).read_bytes())
-    return str(target)
+    return str(target), ""
 
 
 def autoencode_status(req: EditRequest, calls: int) -> str:
@@ -522,40 +703,46 @@ def segmenter_about(models: Models, run: str) -> str:
             f"{c}-channel {side}x{side} images; {head}")
 
 
-def segment_upload(models: Models, run: str, path: str | None, folder: Path, device: str | None = None) -> dict:
+def segment_upload(models: Models, run: str, path: str | None, folder: Path, device: str | None = None,
+                   limit: int = Limits.upload_pixels) -> dict:
     """The Segment tab's answer for an uploaded image file and a served segmentation run, what `diffuse segment RUN
-    --image NAME.png --out FOLDER` writes: the file read as uploads are (`read_upload`: data.open_image's limits, a
-    message naming the file), fitted to the run's images by data.load_image, segmented, and NAME_mask.png and
-    NAME_mask_overlay.png written in `folder` (app/segment.py). Returns {"figure": the overlay's path, "table": one row
-    of SHARE_HEADERS per class found, "files": [mask, overlay], "status": the classes' shares and the mean uncertainty,
-    "command": the command line that writes the same files, "notes": how the image was fitted}. ValueError naming the
-    problem for no file, a file that is not an image, or a run that is not a served segmentation run. `device`: the
-    server's --device, said in the command line only when the server was given one."""
+    --image NAME.png --out FOLDER` writes: the file checked as uploads are (`job_upload`: at most `limit` pixels, reduced
+    to the working size near the run's, a message naming the file), fitted to the run's images by data.load_image,
+    segmented, and NAME_mask.png and NAME_mask_overlay.png written in `folder` (app/segment.py). Returns {"figure": the
+    overlay's path, "table": one row of SHARE_HEADERS per class found, "files": [mask, overlay] (and the reduced upload
+    first, which the command reads), "status": the classes' shares and the mean uncertainty, "command": the command
+    line that writes the same files, "notes": how the image was fitted}. ValueError naming the problem for no file, a
+    file that is not an image or too large, or a run that is not a served segmentation run. `device`: the server's
+    --device, said in the command line only when the server was given one."""
     if not path:
         raise ValueError("no image: upload an image file (PNG, JPEG, ...) to segment")
     model = models.segmenter(run)
-    read_upload(path)  # not an image, damaged, over the pixel limit: said before the model runs
     c, side, _ = model.image_shape
+    image, reduced = job_upload(path, folder, Path(path).stem, side, limit)  # said before the model runs
+    name = Path(image).name
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        x, _ = load_image(path, c, side)  # (1, C, S, S), fitted as `diffuse segment` fits it
+        x, _ = load_image(image, c, side)  # (1, C, S, S), fitted as `diffuse segment` fits it
     labels, uncertainty = model.segment(x)
     result = Segmented(x[0], labels[0], uncertainty[0], model.class_names)
-    name = Path(path).name
     (mask, overlay), = output_paths([name], folder)
     result.write(mask, overlay)
     argv = ["diffuse", "segment", run, "--image", name, "--out", mask.name] + (["--device", device] if device else [])
-    return {"figure": str(overlay), "files": [str(mask), str(overlay)], "status": f"{name}: {result.summary()}",
+    return {"figure": str(overlay), "files": [image] * bool(reduced) + [str(mask), str(overlay)],
+            "status": f"{name}: {result.summary()}",
             "table": [[k, f"{share:.1%}", f"{u:.4g}"] for k, share, u in result.shares()],
-            "command": shlex.join(argv), "notes": [str(w.message).replace(str(path), name) for w in caught]}
+            "command": shlex.join(argv) + ("   # with the downloaded " + name if reduced else ""),
+            "notes": [reduced] * bool(reduced) + [str(w.message).replace(str(image), name) for w in caught]}
 
 
 # --- the page ----------------------------------------------------------------------------------------------------
 class WebUI:
-    """The server's state: the runs and their models, the device, the one-job-at-a-time lock, a folder for outputs
-    (removed at exit)."""
+    """The server's state: the runs and their models, the device, its queue of jobs (one at a time on the device, at
+    most `limits.queue` running or waiting, `limits.per_client` of one client), the working sides uploads are reduced
+    to, a folder for outputs (removed at exit: `cleanup`)."""
 
-    def __init__(self, runs: list[str], device: str | None = None):
+    def __init__(self, runs: list[str], device: str | None = None, limits: Limits = Limits()):
+        self.limits = limits
         self.device_flag = device is not None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.models = Models(runs, self.device)
@@ -568,25 +755,59 @@ class WebUI:
         for run in self.models.segmenters:  # and every segmentation run's head and features
             self.models.segmenter(run)
         self.device_lock = threading.Lock()
+        self.queue = DeviceQueue(self.device_lock, limits.queue, limits.per_client)
+        side = lambda names: max((self.models.run(r).cfg.data.image_size for r in names), default=None)  # noqa: E731
+        self.edit_side, self.autoencode_side = side(self.models.editors), side(self.models.autoencoders)
         self.folder = Path(tempfile.mkdtemp(prefix="diffuse-webui-"))
-        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
+        atexit.register(self.cleanup)
         self._count = itertools.count(1)
+
+    def cleanup(self) -> None:
+        """Remove the folder of the jobs' files (at exit, Ctrl+C or SIGTERM)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def job_folder(self, kind: str) -> Path:
         folder = self.folder / f"{kind}_{next(self._count):04d}"
         folder.mkdir()
         return folder
 
-    def follow(self, gr, work: Callable, progress, outputs: Callable, folder: Path,
-               labels: dict[str, str] = LABELS) -> Iterator[dict]:
-        """Run `work` as a Job and yield the page's updates, `outputs(kind, payload)` -> {component: value}, for each
-        preview, the end ("done", "cancelled") and, at least every second, nothing ("tick"), which keeps the job
-        cancellable: closing the generator (the Cancel button, a closed page) cancels it. Steps move the progress bar;
-        notes (warnings) show as gr.Warning; a failed job raises gr.Error(`error_message`, widgets named by the tab's
-        `labels`). Paths in `folder` are shown by their names."""
+    def turn(self, gr, request, status, first: dict | None = None) -> Iterator[dict]:
+        """Queue a job of `request`'s client (DeviceQueue.enter: a full queue, or the client's share of it, is a message
+        on the page) and yield `first`, then every second the jobs ahead in the `status` box, until its turn: `yield
+        from` it returns the ticket, with the device lock held. Closing the generator while it waits leaves the queue."""
+        try:
+            ticket = self.queue.enter(client_of(request))
+        except ValueError as e:
+            raise page_error(gr, str(e))
+        try:
+            if first:
+                yield first
+            while not self.queue.take(ticket, timeout=1.0):
+                ahead = self.queue.ahead(ticket)
+                yield {status: f"waiting for the device: {ahead} job{'s' * (ahead != 1)} before this one"
+                               if ahead else "waiting for the device: the last job is stopping"}
+        except BaseException:
+            self.queue.leave(ticket)
+            raise
+        return ticket
+
+    def follow(self, gr, request, work: Callable, progress, outputs: Callable, folder: Path, status,
+               first: dict | None = None, labels: dict[str, str] = LABELS) -> Iterator[dict]:
+        """Wait for the device (`turn`: `first`, then the place in the queue in `status`), run `work` as a Job and yield
+        the page's updates, `outputs(kind, payload)` -> {component: value}, for each preview, the end ("done",
+        "cancelled") and, at least every second, nothing ("tick"), which keeps the job cancellable: closing the
+        generator (the Cancel button, a closed page) cancels it, or takes it out of the queue. Steps move the progress
+        bar; notes (warnings) show as gr.Warning; a failed job raises gr.Error(`error_message`, widgets named by the
+        tab's `labels`). Paths in `folder` are shown by their names."""
         strip = lambda text: text.replace(f"{folder}{os.sep}", "")  # noqa: E731
+        ticket = yield from self.turn(gr, request, status, first)
         job = Job(work, self.device_lock)
-        job.start()
+        try:
+            job.start()  # the worker releases the device lock when it ends
+        except BaseException:
+            self.device_lock.release()
+            self.queue.leave(ticket)
+            raise
         told: set[str] = set()
         last = time.monotonic()
         try:
@@ -612,18 +833,19 @@ class WebUI:
                     return
         finally:
             job.cancel()
+            self.queue.leave(ticket)
 
 
-def build_app(runs: list[str], device: str | None = None):
+def build_app(runs: list[str], device: str | None = None, limits: Limits = Limits()):
     """The Gradio Blocks of `diffuse serve` for these run folders, queued (one job at a time on the device, the rest
-    wait in Gradio's queue), not launched: `serve` (or `launch`) launches it. The Sample tab is there when a run to
+    wait in the server's DeviceQueue, bounded by `limits`, as uploads are), not launched: `serve` (or `launch`) launches it. The Sample tab is there when a run to
     sample from is served (a denoiser, or a diffusion autoencoder's latent DDIM), the Edit tab when a denoiser is, the
     Autoencode tab when a diffusion autoencoder is, the Segment tab when a segmentation run is. Every run's EMA weights
     (a segmentation run's head and features) are loaded first. Raises ValueError when Gradio is not installed (naming
     `pip install -e ".[ui]"`) or a run is of a kind the page does not serve, FileNotFoundError for a folder that is not
     a run or holds no checkpoint."""
     gr = _gradio()
-    ui = WebUI(runs, device)
+    ui = WebUI(runs, device, limits)
     first = ui.models.runs[0] if ui.models.runs else None  # the Sample tab's run (none: no such tab)
     e_first = ui.models.editors[0] if ui.models.editors else None  # the Edit tab's
     a_first = ui.models.autoencoders[0] if ui.models.autoencoders else None  # the Autoencode tab's
@@ -635,7 +857,9 @@ def build_app(runs: list[str], device: str | None = None):
         s, caps = (ui.models.decoders[run] if run in ui.models.decoders else r).cfg.sample, r.capabilities
         return dict(sampler=s.sampler, steps=s.steps, spacing=s.spacing, guidance=s.guidance, conditional=caps.classes > 0,
                     labels=[ALL_CLASSES] + [str(k) for k in range(caps.classes)], guidance_ok=bool(caps.guidance_keys),
-                    text=caps.text)
+                    text=caps.text, guidance_info=HINTS["guidance"] if caps.guidance_keys else
+                    "none: this run was trained without condition dropout (train.condition_dropout)"
+                    if caps.classes or caps.text else "none: this run takes no class label or prompt")
 
     def prompt_controls(run: str, prefix: str) -> list:
         """The prompt and negative-prompt boxes, shown for a text-conditional run."""
@@ -650,12 +874,14 @@ def build_app(runs: list[str], device: str | None = None):
         """Sampler, steps, spacing, guidance, label, seed, n and EMA fields, set to the run's defaults, in rows."""
         c = run_choices(run)
         with gr.Row():
-            sampler = gr.Dropdown(list(SAMPLERS), value=c["sampler"], label="sampler", elem_id=f"{prefix}-sampler")
-            spacing = gr.Dropdown(list(SPACINGS), value=c["spacing"], label="spacing", elem_id=f"{prefix}-spacing")
+            sampler = gr.Dropdown([(f"{k}: {v.about}", k) for k, v in SAMPLERS.items()], value=c["sampler"],
+                                  label="sampler", info=HINTS["sampler"], elem_id=f"{prefix}-sampler")
+            spacing = gr.Dropdown(list(SPACINGS), value=c["spacing"], label="spacing", info=HINTS["spacing"],
+                                  elem_id=f"{prefix}-spacing")
         with gr.Row():
             steps = gr.Number(c["steps"], label="steps (0: all)", precision=0, minimum=0, elem_id=f"{prefix}-steps")
             guidance = gr.Number(c["guidance"], label="guidance weight", minimum=0, interactive=c["guidance_ok"],
-                                 elem_id=f"{prefix}-guidance")
+                                 info=c["guidance_info"], elem_id=f"{prefix}-guidance")
         with gr.Row():
             label = gr.Dropdown(c["labels"], value=ALL_CLASSES, label="class label", interactive=c["conditional"],
                                 elem_id=f"{prefix}-label")
@@ -667,7 +893,7 @@ def build_app(runs: list[str], device: str | None = None):
     def on_run(run: str) -> tuple:
         c = run_choices(run)
         return (gr.Dropdown(value=c["sampler"]), gr.Number(value=c["steps"]), gr.Dropdown(value=c["spacing"]),
-                gr.Number(value=c["guidance"], interactive=c["guidance_ok"]),
+                gr.Number(value=c["guidance"], interactive=c["guidance_ok"], info=c["guidance_info"]),
                 gr.Dropdown(choices=c["labels"], value=ALL_CLASSES, interactive=c["conditional"]),
                 gr.Textbox(visible=c["text"]), gr.Textbox(visible=c["text"]))
 
@@ -688,7 +914,15 @@ def build_app(runs: list[str], device: str | None = None):
         return text if step is None else f"step {step.index + 1}{f' of {step.total}' if step.total else ''}: {text}"
 
     # ---- Sample: generate with previews; the grid, the trajectory GIF and the command line
-    def sample(run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, progress=gr.Progress()):
+    def takes_request(fn: Callable) -> Callable:
+        """`fn` with its `http` parameter typed as gr.Request, which Gradio then passes (the page's client). (This
+        module's annotations are strings, which Gradio cannot read for a function defined in here.)"""
+        fn.__annotations__ = {"http": gr.Request}
+        return fn
+
+    @takes_request
+    def sample(run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative, http=None,
+               progress=gr.Progress()):
         req = request(SampleRequest, run, sampler, steps, spacing, guidance, label, seed, n, ema, prompt, negative)
         folder = ui.job_folder("sample")
 
@@ -713,13 +947,12 @@ def build_app(runs: list[str], device: str | None = None):
             if kind == "preview":
                 return {s_image: display(decoded(req, r.x0)), s_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {s_status: "cancelled" if kind == "cancelled" else gr.update()}  # a tick: no change
+                return {s_status: CANCELLED if kind == "cancelled" else gr.update()}  # a tick: no change
             return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command("samples.png"),
                     s_files: [str(folder / "samples.png"), str(folder / "trajectory.gif")], last: r["x"],
                     s_status: f"{len(r['x'])} samples, {r['calls']} denoiser calls"}
 
-        yield {s_status: "waiting for the device" if ui.device_lock.locked() else "loading", s_command: ""}
-        yield from ui.follow(gr, work, progress, outputs, folder)
+        yield from ui.follow(gr, http, work, progress, outputs, folder, s_status, {s_status: "loading", s_command: ""})
 
     # ---- Edit: an uploaded image or a sample in the editor; the chosen edit; the figure and the command line
     def into_editor(img: Image.Image, name: str) -> tuple:
@@ -729,9 +962,11 @@ def build_app(runs: list[str], device: str | None = None):
 
     def upload(path):
         try:
-            return into_editor(read_upload(path), Path(path).name)
-        except ValueError as e:
+            img = read_upload(path, ui.edit_side, ui.limits.upload_pixels)
+        except (ValueError, OSError) as e:
             raise page_error(gr, str(e))
+        value, size, text = into_editor(img, Path(path).name)
+        return value, size, text + (f"  \n{reduced_note(img, Path(path).name)}" if "reduced_from" in img.info else "")
 
     def use_sample(samples, k):
         if samples is None:
@@ -760,15 +995,24 @@ def build_app(runs: list[str], device: str | None = None):
     def on_edit_run(run: str) -> tuple:
         offered = edit_choices(run)
         return (gr.Radio(choices=offered, value=offered[0]), gr.Dropdown(choices=factors(run), value=factors(run)[0]),
-                *on_run(run))
+                gr.ImageEditor(brush=brush(run, offered[0])), *on_run(run))
 
-    def on_task(task: str) -> tuple:
-        return (f"**{task}**: {EDITS.get(task, '')}", gr.Slider(visible=task == "sdedit"),
+    def brush(run: str, task: str):
+        """The editor's brush: red to mark a region (it shows on any image), but white for SDEdit on a 1-channel run,
+        whose strokes are read as gray levels (white strokes draw white, as a digit's pen)."""
+        white = task == "sdedit" and ui.models.run(run).cfg.data.channels == 1
+        colors = ["#e03030", "#ffffff", "#000000", "#808080", "#30a030", "#3050e0"]
+        return gr.Brush(colors=colors, default_color="#ffffff" if white else "#e03030", default_size=24,
+                        color_mode="defaults")
+
+    def on_task(run: str, task: str) -> tuple:
+        return (f"**{task}**: {EDITS.get(task, '')}", gr.ImageEditor(brush=brush(run, task)), gr.Slider(visible=task == "sdedit"),
                 gr.Dropdown(visible=task == "ilvr"), gr.Slider(visible=task == "ilvr"), gr.Slider(visible=task == "inpaint"),
                 gr.Slider(visible=task == "inpaint"), gr.File(visible=task == "inpaint"))
 
+    @takes_request
     def edit(run, task, value, size, mask_file, strength, factor, t_stop, jumps, length, sampler, steps, spacing,
-             guidance, label, seed, n, ema, prompt, negative, progress=gr.Progress()):
+             guidance, label, seed, n, ema, prompt, negative, http=None, progress=gr.Progress()):
         folder = ui.job_folder("edit")
         try:
             image, drawn = editor_files(value, size, folder, strokes=task == "sdedit")
@@ -797,7 +1041,7 @@ def build_app(runs: list[str], device: str | None = None):
             if kind == "preview":
                 return {e_image: display(decoded(req, r.x0)), e_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {e_status: "cancelled" if kind == "cancelled" else gr.update()}
+                return {e_status: CANCELLED if kind == "cancelled" else gr.update()}
             argv = [Path(a).name if a in (req.image, req.mask) else a for a in r["plan"].argv()] + ["--out", "edited.png"]
             files = [str(p) for p in (folder / "input.png", folder / "mask.png", folder / "edited.png",
                                       folder / "edited_before_after.png") if p.is_file()]
@@ -806,8 +1050,7 @@ def build_app(runs: list[str], device: str | None = None):
                     + (" and mask.png" if req.mask else ""),
                     e_status: f"{len(r['x'])} {task} outputs, {r['calls']} denoiser calls"}
 
-        yield {e_status: "waiting for the device" if ui.device_lock.locked() else "loading", e_command: ""}
-        yield from ui.follow(gr, work, progress, outputs, folder)
+        yield from ui.follow(gr, http, work, progress, outputs, folder, e_status, {e_status: "loading", e_command: ""})
 
     # ---- Autoencode: an uploaded image through a diffusion autoencoder; the strip, the figure and the command line
     def autoencode_about(run: str, mode: str) -> str:
@@ -843,30 +1086,36 @@ def build_app(runs: list[str], device: str | None = None):
         r = ui.models.run(run)
         c, side = r.cfg.data.channels, r.cfg.data.image_size
         shown, names, notes = [], [], []
-        for path in (image_file, to_file if mode == "interpolate" else None):
-            if not path:
-                continue
-            try:
-                read_upload(path)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    shown.append(load_image(path, c, side)[0])
-            except ValueError as e:
-                raise page_error(gr, str(e).replace(str(path), Path(path).name))
-            names.append(Path(path).name)
-            notes += [str(w.message).replace(str(path), Path(path).name) for w in caught]
+        folder = ui.job_folder("upload")  # the uploads as a job will read them: reduced to the working size when larger
+        try:
+            for path, stem in ((image_file, "input"), (to_file if mode == "interpolate" else None, "to")):
+                if not path:
+                    continue
+                try:
+                    kept, reduced = job_upload(path, folder, stem, ui.autoencode_side, ui.limits.upload_pixels)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        shown.append(load_image(kept, c, side)[0])
+                except (ValueError, OSError) as e:
+                    raise page_error(gr, str(e).replace(str(path), Path(path).name))
+                names.append(Path(path).name)
+                notes += [reduced] * bool(reduced) + [str(w.message).replace(kept, Path(path).name) for w in caught]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         if not shown:
             return None, ""
         return (display(torch.cat(shown), len(shown)),
                 f"{' and '.join(names)}, as {run} reads {'them' if len(names) > 1 else 'it'} ({c}x{side}x{side})"
                 + "".join(f"  \n{note}" for note in notes))
 
+    @takes_request
     def autoencode(run, mode, image_file, to_file, attribute, cls, amount, n, encode_steps, steps, seed, ema,
-                   progress=gr.Progress()):
+                   http=None, progress=gr.Progress()):
         folder = ui.job_folder("autoencode")
         try:
-            image = job_upload(image_file, folder, "input")
-            to = job_upload(to_file, folder, "to") if mode == "interpolate" else None
+            side, limit = ui.autoencode_side, ui.limits.upload_pixels
+            image, _ = job_upload(image_file, folder, "input", side, limit)
+            to = job_upload(to_file, folder, "to", side, limit)[0] if mode == "interpolate" else None
             req = autoencode_request(ui.models, run, mode, image, to, attribute, cls, amount, n, encode_steps, steps,
                                      seed, ema, device=ui.device if ui.device_flag else None)
         except ValueError as e:
@@ -885,7 +1134,7 @@ def build_app(runs: list[str], device: str | None = None):
             if kind == "preview":
                 return {a_strip: display(decoded(req, r.x0)), a_status: status("the predicted x_0", r)}
             if kind != "done":
-                return {a_status: "cancelled" if kind == "cancelled" else gr.update()}
+                return {a_status: CANCELLED if kind == "cancelled" else gr.update()}
             inputs = [p for p in (req.image, req.to) if p]
             argv = [Path(a).name if a in inputs else a for a in r["plan"].argv()] + ["--out", out]
             files = [*inputs, str(folder / out), str(folder / f"{mode}_before_after.png")]
@@ -894,26 +1143,43 @@ def build_app(runs: list[str], device: str | None = None):
                     a_command: shlex.join(["diffuse", *argv]) + "   # with the downloaded "
                     + " and ".join(Path(p).name for p in inputs)}
 
-        yield {a_status: "waiting for the device" if ui.device_lock.locked() else "loading", a_command: ""}
-        yield from ui.follow(gr, work, progress, outputs, folder, AUTOENCODE_LABELS)
+        yield from ui.follow(gr, http, work, progress, outputs, folder, a_status, {a_status: "loading", a_command: ""},
+                             AUTOENCODE_LABELS)
 
     # ---- Segment: an uploaded image segmented; the overlay figure, the classes' shares, the files, the command line
-    def segment(run, path):
+    @takes_request
+    def segment(run, path, http=None):
         folder = ui.job_folder("segment")
+        ticket = yield from ui.turn(gr, http, g_status)  # one job on the device at a time, in the queue's order
         try:
-            with ui.device_lock:  # one job on the device at a time (a cancelled sampling job may still be ending)
-                r = segment_upload(ui.models, run, path, folder, device=ui.device if ui.device_flag else None)
+            r = segment_upload(ui.models, run, path, folder, device=ui.device if ui.device_flag else None,
+                               limit=ui.limits.upload_pixels)
         except Exception as e:  # bad input: the library's message; anything else: a short line and the log's traceback
             raise page_error(gr, error_message(e).replace(f"{folder}{os.sep}", ""))
+        finally:
+            ui.device_lock.release()
+            ui.queue.leave(ticket)
         for note in r["notes"]:
             gr.Warning(note)
-        return r["figure"], r["table"], r["files"], r["status"], r["command"]
+        yield {g_figure: r["figure"], g_table: r["table"], g_files: r["files"], g_status: r["status"],
+               g_command: r["command"]}
 
     # ---- Runs
-    def show_run(run):
+    def runs_view(run) -> dict:
+        """The Runs tab for a run, read from its folder now (evals, grids, checkpoints added since are there); an
+        empty box's label says why it is empty."""
         info = run_summary(run, ui.models.run(run).cfg)
-        return info["about"], info["config"], info["loss"], info["grids"], evals_markdown(info["evals"])
+        return dict(info, evals=evals_markdown(info["evals"]),
+                    loss_label="training loss" + (f" ({info['loss_why']})" if info["loss_why"] else ""),
+                    grids_label="sample grids during training" + (f" ({info['grids_why']})" if info["grids_why"] else ""))
 
+    def show_run(run) -> tuple:
+        v = runs_view(run)
+        return (v["about"], v["config"], gr.Image(v["loss"], label=v["loss_label"]),
+                gr.Gallery(v["grids"], label=v["grids_label"]), v["evals"])
+
+    upload_label = (f"image file (PNG, JPEG, ...; at most {limits.upload_mb:g} MB and "
+                    f"{limits.upload_pixels / 1e6:.3g} million pixels)")
     with gr.Blocks(title="diffuse", analytics_enabled=False) as app:
         gr.Markdown("## diffuse: sample, edit, segment with and inspect trained runs")
         last = gr.State(None)  # this page's last samples (n, C, H, W), for the Edit tab
@@ -944,10 +1210,10 @@ def build_app(runs: list[str], device: str | None = None):
                     offered = edit_choices(e_first)
                     with gr.Row():
                         with gr.Column(scale=1):
-                            e_run = gr.Dropdown(ui.models.runs, value=e_first, label="run", elem_id="e-run")
+                            e_run = gr.Dropdown(ui.models.editors, value=e_first, label="run", elem_id="e-run")
                             e_task = gr.Radio(offered, value=offered[0], label="edit", elem_id="e-task")
                             e_about = gr.Markdown(f"**{offered[0]}**: {EDITS[offered[0]]}")
-                            e_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="e-upload")
+                            e_upload = gr.File(label=upload_label, type="filepath", elem_id="e-upload")
                             with gr.Row():
                                 e_k = gr.Number(1, label="sample #", precision=0, minimum=1, min_width=80, scale=1)
                                 e_use = gr.Button("use a sample from the Sample tab", scale=2, elem_id="e-use")
@@ -968,17 +1234,16 @@ def build_app(runs: list[str], device: str | None = None):
                             e_prompts = prompt_controls(e_first, "e")
                             with gr.Accordion("sampling", open=False):
                                 e_controls = sampling_controls(e_first, 8, "e") + e_prompts
-                            with gr.Row():
-                                e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
-                                e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
                         with gr.Column(scale=2):
                             blank, blank_size = editor_value(Image.new("L", (ui.models.run(e_first).cfg.data.image_size,) * 2))
                             e_editor = gr.ImageEditor(  # png: the pixels come back as they were (webp would change them)
                                 blank, type="pil", sources=(), layers=False, transforms=(), format="png",
                                 label="the image: paint the region to inpaint, or strokes for SDEdit", elem_id="e-editor",
-                                brush=gr.Brush(colors=["#e03030", "#ffffff", "#000000", "#808080", "#30a030", "#3050e0"],
-                                               default_color="#e03030", default_size=24, color_mode="defaults"))
+                                brush=brush(e_first, offered[0]))
                             e_size = gr.State(blank_size)  # the editor image's own size (W, H), before it was scaled up
+                            with gr.Row():  # under the image painted on: in view whatever the controls' length
+                                e_go = gr.Button("Edit", variant="primary", elem_id="e-go")
+                                e_cancel = gr.Button("Cancel", variant="stop", elem_id="e-cancel")
                             e_status = gr.Markdown(elem_id="e-status", min_height=64)
                             with gr.Row():
                                 e_image = gr.Image(label="outputs (the predicted x_0 while sampling)", type="pil",
@@ -997,7 +1262,7 @@ def build_app(runs: list[str], device: str | None = None):
                                                 elem_id="a-run")
                             a_mode = gr.Radio(list(SEMANTIC_EDITS), value="reconstruct", label="mode", elem_id="a-mode")
                             a_about = gr.Markdown(autoencode_about(a_first, "reconstruct"), elem_id="a-about")
-                            a_image = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="a-image")
+                            a_image = gr.File(label=upload_label, type="filepath", elem_id="a-image")
                             a_to = gr.File(label="second image file: the other end of the interpolation", type="filepath",
                                            visible=False, elem_id="a-to")
                             with gr.Row():  # (their choices for the run: `ae_widgets`)
@@ -1041,7 +1306,7 @@ def build_app(runs: list[str], device: str | None = None):
                             g_run = gr.Dropdown(ui.models.segmenters, value=ui.models.segmenters[0],
                                                 label="segmentation run", elem_id="g-run")
                             g_about = gr.Markdown(segmenter_about(ui.models, ui.models.segmenters[0]), elem_id="g-about")
-                            g_upload = gr.File(label="image file (PNG, JPEG, ...)", type="filepath", elem_id="g-upload")
+                            g_upload = gr.File(label=upload_label, type="filepath", elem_id="g-upload")
                             g_go = gr.Button("Segment", variant="primary", elem_id="g-go")
                         with gr.Column(scale=2):
                             g_figure = gr.Image(label="the image, its labels over it, the uncertainty (nats)",
@@ -1053,33 +1318,36 @@ def build_app(runs: list[str], device: str | None = None):
                                                    elem_id="g-command")
                             g_files = gr.File(label="download", file_count="multiple", interactive=False,
                                               elem_id="g-files")
-            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs") as r_tab:  # read afresh each time it is shown
                 r_run = gr.Dropdown(ui.models.all, value=ui.models.all[0], label="run", elem_id="r-run")
-                info = show_run(ui.models.all[0])
-                r_about = gr.Markdown(info[0])
+                v = runs_view(ui.models.all[0])  # as the page opens; read again each time the tab is shown
+                r_about = gr.Markdown(v["about"], elem_id="r-about")
                 with gr.Row():
-                    r_loss = gr.Image(info[2], label="training loss", type="pil", interactive=False)
-                    r_grids = gr.Gallery(info[3], label="sample grids during training", columns=4, height=360,
-                                         interactive=False)
-                r_evals = gr.Markdown(info[4])
-                r_config = gr.Code(info[1], label="config.toml", interactive=False, max_lines=30)
+                    r_loss = gr.Image(v["loss"], label=v["loss_label"], type="pil", format="png", interactive=False,
+                                      height=360, elem_id="r-loss")
+                    r_grids = gr.Gallery(v["grids"], label=v["grids_label"], columns=4, height=360, interactive=False,
+                                         object_fit="contain", format="png", elem_id="r-grids")
+                r_evals = gr.Markdown(v["evals"], elem_id="r-evals")
+                r_config = gr.Code(v["config"], label="config.toml", interactive=False, max_lines=30, elem_id="r-config")
 
-        jobs = dict(concurrency_limit=1, concurrency_id="device")  # one job at a time on the device; the rest queue
+        jobs = dict(concurrency_limit=None)  # every job enters its handler at once and waits its turn in ui.queue
         if first is not None:
             s_run.change(on_run, s_run, [*s_controls[:5], *s_prompts], queue=False)
             s_job = s_go.click(sample, [s_run, *s_controls], [s_image, s_status, s_command, s_gif, s_files, last],
                                show_progress_on=[s_status], **jobs)
-            s_cancel.click(lambda: "cancelled", None, s_status, cancels=[s_job], queue=False)
+            s_cancel.click(lambda: CANCELLED, None, s_status, cancels=[s_job], queue=False)
         if e_first is not None:
-            e_run.change(on_edit_run, e_run, [e_task, e_factor, *e_controls[:5], *e_prompts], queue=False)
-            e_task.change(on_task, e_task, [e_about, e_strength, e_factor, e_t_stop, e_jumps, e_length, e_mask_file],
-                          queue=False)
-            e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
+            e_run.change(on_edit_run, e_run, [e_task, e_factor, e_editor, *e_controls[:5], *e_prompts], queue=False)
+            e_task.change(on_task, [e_run, e_task], [e_about, e_editor, e_strength, e_factor, e_t_stop, e_jumps, e_length,
+                                                     e_mask_file], queue=False)
+            uploaded = e_upload.upload(upload, e_upload, [e_editor, e_size, e_status])
+            for after in (uploaded.success, uploaded.failure):  # the box empty again for the next file
+                after(lambda: None, None, e_upload, queue=False)
             e_use.click(use_sample, [last, e_k], [e_editor, e_size, e_status])
             e_job = e_go.click(edit, [e_run, e_task, e_editor, e_size, e_mask_file, e_strength, e_factor, e_t_stop, e_jumps,
                                       e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
                                show_progress_on=[e_status], **jobs)
-            e_cancel.click(lambda: "cancelled", None, e_status, cancels=[e_job], queue=False)
+            e_cancel.click(lambda: CANCELLED, None, e_status, cancels=[e_job], queue=False)
         if a_first is not None:
             a_shown = [a_about, a_to, a_attribute, a_class, a_amount, a_n]
             a_run.change(on_ae_run, [a_run, a_mode, a_n], [*a_shown, a_steps], queue=False)
@@ -1090,37 +1358,124 @@ def build_app(runs: list[str], device: str | None = None):
             a_job = a_go.click(autoencode, [a_run, a_mode, a_image, a_to, a_attribute, a_class, a_amount, a_n, a_encode,
                                             a_steps, a_seed, a_ema], [a_strip, a_figure, a_status, a_command, a_files],
                                show_progress_on=[a_status], **jobs)
-            a_cancel.click(lambda: "cancelled", None, a_status, cancels=[a_job], queue=False)
+            a_cancel.click(lambda: CANCELLED, None, a_status, cancels=[a_job], queue=False)
         if ui.models.segmenters:
             g_outputs = [g_figure, g_table, g_files, g_status, g_command]
             g_upload.upload(segment, [g_run, g_upload], g_outputs, **jobs)
             g_go.click(segment, [g_run, g_upload], g_outputs, **jobs)
             g_run.change(lambda run: segmenter_about(ui.models, run), g_run, g_about, queue=False)
-        r_run.change(show_run, r_run, [r_about, r_config, r_loss, r_grids, r_evals], queue=False)
-    app.queue()
+        r_shown = [r_about, r_config, r_loss, r_grids, r_evals]
+        r_run.change(show_run, r_run, r_shown, queue=False)
+        r_tab.select(show_run, r_run, r_shown, queue=False)
+    app.queue(max_size=4 * limits.queue)  # Gradio's own queue (uploads); the jobs wait in ui.queue
     app.webui = ui  # the server's state, for tests and tools
     return app
 
 
-def launch(app, host: str = "127.0.0.1", port: int = 7860) -> str:
-    """Start serving a `build_app` page on host:port in a background thread and return its URL: never a share link,
-    no browser opened, messages of failed events shown on the page. `app.close()` stops it. Raises ValueError when
-    the port cannot be had."""
+# --- serving: the address, the login, the end ----------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address of this machine only (127.0.0.0/8, ::1, localhost); 0.0.0.0 and :: listen on
+    every interface, and any other name or address is reachable from elsewhere."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: str, source: str) -> tuple[str, str]:
+    """USER:PASSWORD (the password may hold colons) -> (user, password). ValueError naming `source` (the flag, file or
+    variable it came from) when either part is empty."""
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"{source} must be USER:PASSWORD with neither part empty (e.g. ada:correct-horse), got "
+                         f"{'an empty value' if not text.strip() else 'no password' if user else 'no user'}")
+    return user, password
+
+
+def read_auth(auth: str | None = None, auth_file: str | None = None) -> tuple[str, str] | None:
+    """The page's login: --auth USER:PASSWORD, else the first line of --auth-file, else $DIFFUSE_AUTH; None when none
+    is given. ValueError naming the source for a malformed one or an unreadable file."""
+    if auth is not None:
+        return parse_auth(auth, "--auth")
+    if auth_file is not None:
+        try:
+            lines = Path(auth_file).expanduser().read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"--auth-file {auth_file} cannot be read ({e.strerror or e}); give a file whose first line "
+                             "is USER:PASSWORD") from None
+        return parse_auth(lines[0] if lines else "", f"the first line of --auth-file {auth_file}")
+    if os.environ.get(AUTH_ENV):
+        return parse_auth(os.environ[AUTH_ENV], f"${AUTH_ENV}")
+    return None
+
+
+def check_exposure(host: str, auth: tuple[str, str] | None) -> None:
+    """Refuse to serve beyond this machine without a login: ValueError naming --host and the flags that give one."""
+    if auth is None and not is_loopback(host):
+        raise ValueError(f"--host {host} makes the page reachable from other machines, so it needs a login: pass "
+                         f"--auth-file FILE (its first line USER:PASSWORD), or set {AUTH_ENV}=USER:PASSWORD in the "
+                         "environment, or --auth USER:PASSWORD (kept in the shell's history); or serve on --host "
+                         "127.0.0.1 and reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 HOST)")
+
+
+def page_url(host: str, port: int) -> tuple[str, str]:
+    """The URL a browser opens for a server on host:port, and where it listens in words: a wildcard address (0.0.0.0,
+    ::) is no address to open, so the URL names this machine (its host name) and the words say every interface and
+    the local URL."""
+    wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
+    if wildcard:
+        return (f"http://{socket.gethostname()}:{port}",
+                f"listening on every interface (on this machine: http://127.0.0.1:{port})")
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a URL
+    return f"http://{shown}:{port}", ("this machine only" if is_loopback(host) else f"listening on {host}")
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None) -> str:
+    """Start serving a `build_app` page on host:port in a background thread and return its URL (`page_url`): never a
+    share link, no browser opened, messages of failed events shown on the page, uploads over the app's
+    limits.upload_mb refused as they arrive, and with `auth` (user, password) a login form before anything else.
+    `app.close()` stops it. Raises ValueError for a host beyond this machine without `auth` (`check_exposure`) and
+    when the port cannot be had."""
+    check_exposure(host, auth)
+    limits = app.webui.limits
     try:
         app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True, quiet=True,
-                   prevent_thread_lock=True, allowed_paths=[str(app.webui.folder)])
+                   prevent_thread_lock=True, allowed_paths=[str(app.webui.folder)], auth=auth, css=CSS,
+                   auth_message="diffuse serve: log in with the user and password the server was started with",
+                   max_file_size=int(limits.upload_mb * 2**20))  # Gradio's MB
     except OSError:  # Gradio's "Cannot find empty port": one line, as every CLI error
         raise ValueError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another "
                          "--port (or --host)") from None
-    return f"http://{host}:{port}"
+    return page_url(host, port)[0]
 
 
-def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860, device: str | None = None) -> None:
-    """`diffuse serve`: the page for these runs on host:port until Ctrl+C (blocking). Listens on 127.0.0.1 (this
-    machine only) unless host says otherwise. Raises ValueError without Gradio 6 (naming `pip install -e ".[ui]"`), for
-    a run that is neither a denoiser nor a segmentation run, or a port in use; FileNotFoundError for a folder that is
-    not a run."""
-    app = build_app(runs, device=device)
-    url = launch(app, host, port)
-    print(f"serving {', '.join(app.webui.models.all)} on {url} ({app.webui.device}); Ctrl+C stops")
-    app.block_thread()
+def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
+          auth: tuple[str, str] | None = None, limits: Limits = Limits()) -> None:
+    """`diffuse serve`: the page for these runs on host:port until Ctrl+C or SIGTERM (what systemd and docker send to
+    stop it; blocking), either of which closes the server and removes the folder of the jobs' files. Listens on
+    127.0.0.1 (this machine only) unless host says otherwise, which needs `auth` (`check_exposure`, before any run
+    loads). Raises ValueError without Gradio 6 (naming `pip install -e ".[ui]"`), for a run that is neither a denoiser
+    nor a segmentation run, a host beyond this machine without a login, or a port in use; FileNotFoundError for a
+    folder that is not a run."""
+    check_exposure(host, auth)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # (Python runs it in the main thread, here)
+    try:
+        app = build_app(runs, device=device, limits=limits)
+        try:
+            url = launch(app, host, port, auth)
+            print(f"serving {', '.join(app.webui.models.all)} on {url} ({page_url(host, port)[1]}; {app.webui.device}"
+                  f"{'; login required' if auth else ''}); Ctrl+C stops", flush=True)
+            try:
+                while not stop.wait(0.5):  # Ctrl+C raises KeyboardInterrupt here
+                    pass
+            except KeyboardInterrupt:
+                pass
+            print("diffuse serve: stopping; the jobs' files are removed", flush=True)
+        finally:
+            app.close()
+            app.webui.cleanup()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -237,19 +237,21 @@ def _limit_source() -> str:
     return "Pillow's decompression-bomb limit, a guard against small files that decode to gigabytes"
 
 
-def open_image(path: str | os.PathLike, what: str = "image", side: int | None = None) -> Image.Image:
+def open_image(path: str | os.PathLike, what: str = "image", side: int | None = None,
+               limit: int | None = None) -> Image.Image:
     """Open and fully decode one image file, upright by its EXIF orientation: the one way every image is read (training
     folders, `diffuse edit` inputs and masks, the web page's uploads).
 
     An image of more pixels than `max_image_pixels()` is refused with ImageTooLarge, which names its size, the limit
-    and the fix ($DIFFUSE_MAX_IMAGE_PIXELS, or a smaller copy), except a JPEG when `side` is given: it is decoded
+    and the fix ($DIFFUSE_MAX_IMAGE_PIXELS, or a smaller copy), or of more than `limit` when given (the web page's
+    uploads; ImageTooLarge then too, which the caller words), except a JPEG when `side` is given: it is decoded
     at a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode) no smaller than side x side, if that fits the limit.
     FileNotFoundError for a missing file, ValueError naming Pillow's reason for a file that is not an image or whose
     data are damaged."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
-    limit = max_image_pixels()
+    limit = min((n for n in (max_image_pixels(), limit) if n), default=None)
     try:
         with _OPEN_LOCK:  # the header only: Pillow would refuse a large image here, without saying what to do
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
