@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -365,16 +366,22 @@ def test_kill_during_sample_edit_eval_and_ema_leaves_every_earlier_file_loadable
            "OMP_NUM_THREADS": "1"}
     zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(erun), str(out)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    watchdog = threading.Timer(240, zygote.kill)  # never hang the test suite
+    watchdog = threading.Timer(420, zygote.kill)  # never hang the test suite
     watchdog.start()
     rng = random.Random(38)
     n_evals, kills = 0, 0
     try:
-        for k, delay in enumerate([5.0] + [rng.uniform(0.05, 2.0) for _ in range(10)]):  # first: every command once
+        first_round = ("s.npy", "s.png", "e.png", "e_before_after.png", "ema/config.toml")
+        for k, delay in enumerate([None] + [rng.uniform(0.05, 2.0) for _ in range(10)]):
             zygote.stdin.write(f"{k}\n")
             zygote.stdin.flush()
             child = int(zygote.stdout.readline())
-            threading.Event().wait(delay)
+            if delay is None:  # first: every command once (however busy the machine), then the kill
+                deadline = time.monotonic() + 180
+                while not all((out / name).exists() for name in first_round) and time.monotonic() < deadline:
+                    threading.Event().wait(0.2)
+            else:
+                threading.Event().wait(delay)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
             status = int(zygote.stdout.readline())
