@@ -230,6 +230,7 @@ def test_preview_is_a_contact_sheet_of_unconditional_samples(tmp_path):
     (["video.p_unconditional=1.5"], r"video.p_unconditional must be a probability in \[0, 1\]"),
     (["video.patterns=[]"], "video.patterns must name one or more distinct patterns"),
     (["video.p_images=1.0"], r"video.p_images must be in \[0, 1\)"),
+    (["video.p_images=0.5", "model.class_conditional=true"], "video.p_images makes examples of frames from different"),
     (["model.kind=classifier"], 'model.kind = "classifier" has no video version: set model.kind = \'denoiser\''),
     (["model.video=false", "model.video_observed=false", "video.max_observed=0"],
      "data.frames = 4 makes videos .* set model.video = true"),
@@ -240,3 +241,29 @@ def test_settings_that_do_not_apply_to_video_are_refused_by_name(extra, message)
 
     with pytest.raises(ValueError, match=message):
         check_config(config(*extra))
+
+
+def test_a_video_network_on_images_is_refused():
+    from diffuse.kinds import check_config
+
+    cfg = apply_overrides(RunConfig(), ["data.source=mnist", "model.video=true"])
+    with pytest.raises(ValueError, match='model.video = true trains on videos, and data.source = "mnist" holds images; '
+                                         'set data.source = "moving_digits" or "video_folder" and data.frames'):
+        check_config(cfg)
+
+
+def test_the_shipped_config_trains_a_step(tmp_path):
+    from pathlib import Path
+
+    from diffuse.config import load_config
+    from diffuse.kinds import VideoObjective, check_config
+    from diffuse.train import Trainer
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "video_digits.toml")
+    check_config(cfg)
+    assert (cfg.data.frames, cfg.data.image_size, cfg.video.max_observed) == (8, 32, 4)
+    cfg.train.steps = 1
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    assert isinstance(tr.objective, VideoObjective)
+    tr.fit()
+    assert tr.step == 1 and 0 < tr.history[-1][1] < 10
