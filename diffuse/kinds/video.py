@@ -10,8 +10,9 @@ for the one Trainer. It is thin: it adds to DiffusionObjective's draws and loss 
 - Joint image-video training (Ho et al. 2022, sec. 3): a share video.p_images of the examples are made of independent
   frames (frame f is frame j_f of video i_f, both uniform, drawn per frame), marked `independent` so temporal attention
   lets each attend only itself; no frame of them is observed.
-- Previews are contact sheets (a row per video, a column per frame) of unconditional samples. FID during training is
-  off (train.fid_every is refused): the per-frame FID and the video metrics belong to the evaluation of trained runs.
+- Previews are contact sheets (a row per video, a column per frame) of unconditional samples; the FID of
+  train.fid_every is per frame (each frame of unconditional sample videos an image, against the frames of the first
+  training videos): it measures what the frames look like, not how they move (the video metrics of trained runs do).
 
 A step's draws: DiffusionObjective's (flips, t, eps, offset noise, dropout; the others are refused), then with
 video.p_images > 0: 9. the image coins (B,), 10. their source videos (B, F), 11. their source frames (B, F); then with
@@ -21,6 +22,7 @@ uniforms (B, F). All are drawn whatever their values, so the trajectory depends 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,9 +34,11 @@ from ..data.video import VIDEO_SOURCES, check_video_config
 from ..denoiser import Denoiser
 from ..generate import default_labels, generate
 from ..losses import ImportanceSampler, l_simple
+from ..metrics import extract_features, feature_statistics, frechet_distance
+from ..nets.unet import fold_frames
 from ..schedule import to_device
 from ..stages import PixelSpace
-from ..visualize import save_contact_sheet
+from ..visualize import save_contact_sheet, to_uint8
 from .base import Context
 from .diffusion import DiffusionObjective, build_denoiser, check, sample_config_kwargs
 
@@ -113,7 +117,7 @@ def independent_images(x0: Tensor, images: Tensor, sources: Tensor, frames: Tens
 def check_video_training(cfg: RunConfig) -> None:
     """ValueError naming the setting and the fix for a video denoiser config (model.video) that cannot train: data that
     are not videos (data.check_video_config's checks too), [video] values, and the settings the video kind does not
-    apply (a latent autoencoder, a trained task, the hybrid or VLB loss, self-conditioning, augmentation, FID)."""
+    apply (a latent autoencoder, a trained task, the hybrid or VLB loss, self-conditioning, augmentation)."""
     d, v, m, t = cfg.data, cfg.video, cfg.model, cfg.train
     check_video_config(d)
     frames = d.frames
@@ -131,8 +135,6 @@ def check_video_training(cfg: RunConfig) -> None:
                                "set model.self_condition = false"),
         (t.augment_p == 0, f"train.augment_p = {t.augment_p}: the non-leaking augmentation transforms images (B, C, H, W), "
                            "not videos; set train.augment_p = 0 (train.hflip flips whole videos)"),
-        (t.fid_every == 0, f"train.fid_every = {t.fid_every}: FID during training measures images; a video run is "
-                           "measured after training (per-frame FID and the video metrics); set train.fid_every = 0"),
         (0 <= v.max_observed < max(frames, 1), f"video.max_observed = {v.max_observed} must be in 0..{frames - 1} "
                                                f"(data.frames - 1: a video keeps a frame to generate); 0: no given frames"),
         (not v.max_observed or m.video_observed, f"video.max_observed = {v.max_observed} gives frames clean, which the "
@@ -235,3 +237,23 @@ class VideoObjective(DiffusionObjective):
         x, _ = self.fixed_samples(trainer, self.cfg.sample.n)
         return save_contact_sheet(x, trainer.run_dir / "samples" / f"step_{trainer.step:08d}.png")
 
+    def evaluate(self, trainer) -> tuple[dict, float]:
+        """Per-frame FID: the frames of ceil(train.fid_samples / F) unconditional sample videos of the EMA weights (the
+        fixed noise of `fixed_samples`, 8-bit as saved) against the frames of as many first training videos, in
+        train.fid_features' space. Biased upward with few frames: a curve to compare with itself."""
+        t = self.cfg.train
+        videos = -(-t.fid_samples // self.cfg.data.frames)
+        if self._fid_reference is None:
+            net = self.ctx.feature_network(t.fid_features, trainer.device)
+            real, _ = self.pixels.batch(torch.arange(min(videos, len(self.pixels))))
+            features = extract_features(fold_frames(real), net)
+            if len(features) <= features.shape[1]:
+                warnings.warn(f"train.fid_samples = {t.fid_samples}: {len(features)} frames in a {features.shape[1]}-"
+                              "dimensional feature space: the covariances are singular and the FID is strongly biased; "
+                              f"use more than {features.shape[1]}", UserWarning, stacklevel=2)
+            self._fid_reference = (net, *feature_statistics(features))
+        net, mu, sigma = self._fid_reference
+        x, _ = self.fixed_samples(trainer, videos, t.fid_steps)
+        frames = torch.from_numpy(to_uint8(fold_frames(x))).permute(0, 3, 1, 2).float() / 127.5 - 1
+        fid = frechet_distance(mu, sigma, *feature_statistics(extract_features(frames, net)))
+        return {"fid": fid}, fid
