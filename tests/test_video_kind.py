@@ -128,6 +128,14 @@ def test_masked_loss_with_l1_and_an_x0_target():
     assert torch.allclose(loss, (out[:, :, [0, 2]] - x0[:, :, [0, 2]]).abs().mean().view(1), rtol=1e-6)
 
 
+def test_masked_loss_of_a_bf16_output_adds_no_rounding_on_observed_frames():
+    g = torch.Generator().manual_seed(2)
+    x0, eps, out = (torch.randn(1, 1, 4, 2, 2, generator=g) for _ in range(3))
+    observed = torch.tensor([[True, True, False, False]])
+    loss = masked_l_simple(toy(out.bfloat16()), x0, torch.tensor([0.6], dtype=torch.float64), eps, observed)
+    assert torch.allclose(loss, ((out.bfloat16().float() - eps)[:, :, 2:] ** 2).mean().view(1), rtol=1e-6)
+
+
 def test_masked_loss_refuses_a_video_without_a_frame_to_generate():
     x = torch.zeros(1, 1, 2, 2, 2)
     with pytest.raises(ValueError, match="every frame of a video is observed"):

@@ -93,7 +93,8 @@ def masked_l_simple(denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, obse
     if not bool((n_latent > 0).all()):
         raise ValueError("every frame of a video is observed: masked conditioning needs a frame to generate")
     raw = denoiser.raw(condition_frames(denoiser.schedule.q_sample(x0, t, eps), x0, observed), t, **(cond or {}))
-    kept = torch.where(latent[:, None, :, None, None], raw, denoiser.target(x0, eps, t).to(raw))  # observed: no error
+    # observed frames: the target itself, in float32 as l_simple compares (a bf16 copy would leave its rounding error)
+    kept = torch.where(latent[:, None, :, None, None], raw.float(), denoiser.target(x0, eps, t).float())
     return l_simple(denoiser, x0, t, eps, weighting=weighting, norm=norm, raw=kept, **weights) * (x0.shape[2] / n_latent)
 
 
