@@ -151,6 +151,29 @@ class SemanticConfig:
     layers: int = 10            # diffae_prior: its linear layers (the paper: 10; 20 for horses and bedrooms)
 
 
+VideoPattern = Literal["prediction", "backward", "interpolation", "scattered"]
+
+
+@dataclass
+class VideoConfig:
+    """[video]: how a video denoiser (model.video, kinds/video.py) is trained beyond whole videos. Masked conditioning
+    (FDM, Harvey et al. 2022; RaMViD, Hoppe et al. 2022; MCVD, Voleti et al. 2022): per video, no frame is given with
+    probability p_unconditional, else k ~ Uniform{1..max_observed} frames are given clean (with model.video_observed's
+    indicator) in a pattern drawn uniformly from `patterns`, and the loss is on the other frames only; one model then
+    generates, predicts forward and backward, and interpolates. Joint image-video training (Ho et al. 2022, sec. 3):
+    a share p_images of the examples are independent images (self-only temporal attention)."""
+
+    max_observed: int = 0             # most frames given per video (RaMViD: 4; MCVD: 5 of 10); < data.frames; 0: every
+    #                                   video is generated whole (no masked conditioning; model.video_observed off)
+    p_unconditional: float = 0.25     # share of videos with no frame given (RaMViD's uncondition_rate 0.25)
+    patterns: list[VideoPattern] = field(default_factory=lambda: ["prediction", "backward", "interpolation", "scattered"])
+    #                                   which k frames are given: the first k (prediction, MCVD's past), the last k
+    #                                   (backward prediction, MCVD's future), the ends (interpolation: ceil(k/2) first and
+    #                                   floor(k/2) last, MCVD's past + future), or k uniformly at random (scattered, RaMViD)
+    p_images: float = 0.0             # joint training: share of examples whose frames are independent images, frame f
+    #                                   being frame j of video i, (i, j) uniform over the data, drawn per frame (0: off)
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,6 +186,7 @@ class RunConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)  # model.kind = "segmenter": features, labels, head
     semantic: SemanticConfig = field(default_factory=SemanticConfig)  # "diffae_prior", "diffae_classifier": the codes
+    video: VideoConfig = field(default_factory=VideoConfig)  # a video denoiser (model.video): masks, joint image training
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:

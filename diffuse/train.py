@@ -38,7 +38,7 @@ from .config import RunConfig, apply_overrides, load_config, resume_changes, sav
 from .data import Dataset
 from .ema import EMA, PowerEMA, SIGMA_REL_MAX, snapshot_steps
 from .footprint import step_footprint
-from .kinds import KINDS, Context, check_config, ignored_sections
+from .kinds import Context, check_config, ignored_sections, objective_class
 from .nets.autoencoder import VectorQuantizer
 from .nets.blocks import ShardedDropout
 from .nets.digits import DigitClassifier
@@ -161,7 +161,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else distributed.device()
         saved = self.run_dir / "config.toml"
         saved_cfg = load_config(saved) if saved.is_file() else None
-        kind = KINDS[cfg.model.kind]
+        kind = objective_class(cfg)  # KINDS[model.kind], or its video objective (model.video)
         cfg = kind.resolve(cfg, saved_cfg)  # stages pinned as training will pin them, so a resume compares like with like
         if saved_cfg is not None:
             changed = resume_changes(saved_cfg, cfg)

@@ -46,7 +46,12 @@ SOURCE = "diffae_source"  # beside the images folder
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too
             # an FID on rank 0 mid-run, which may first train the digit classifier (the DDP workers' cache is empty)
-            "denoiser_fid": ("denoiser", ["train.fid_every=1", "train.fid_samples=8", "sample.steps=2"])}
+            "denoiser_fid": ("denoiser", ["train.fid_every=1", "train.fid_samples=8", "sample.steps=2"]),
+            # a video denoiser (kinds.VIDEO_KINDS): masked conditioning and joint image examples, both drawn per step
+            "video": ("denoiser", ["model.class_conditional=false", "train.condition_dropout={}", "data.source=moving_digits",
+                                   "data.frames=4", "data.crops=16", "data.digit_size=4", "data.velocity=1",
+                                   "model.video=true", "model.video_observed=true", "video.max_observed=2",
+                                   "video.p_images=0.25"])}
 
 
 def config(images: Path, kind: str, steps: int, extra=()):
@@ -128,9 +133,10 @@ def straight(tmp_path_factory, images):
 
 
 def test_every_kind_has_a_contract_config():
-    from diffuse.kinds import KINDS
+    from diffuse.kinds import KINDS, VIDEO_KINDS
 
     assert set(KINDS) == set(CONFIGS)
+    assert set(VIDEO_KINDS) <= {kind for kind, extra in VARIANTS.values() if "model.video=true" in extra}
 
 
 @pytest.mark.parametrize("name", list(cases()))

@@ -13,6 +13,7 @@ from .diffusion import ClassifierObjective, DiffusionObjective
 from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
 from .segmentation import SegmentationObjective
+from .video import VideoObjective
 
 KINDS: dict[str, type[Objective]] = {
     "denoiser": DiffusionObjective,
@@ -24,16 +25,37 @@ KINDS: dict[str, type[Objective]] = {
     "diffae_prior": DiffAEPriorObjective,
     "diffae_classifier": DiffAEClassifierObjective,
 }
+VIDEO_KINDS: dict[str, type[Objective]] = {  # model.kind -> its objective for a video network (model.video = true)
+    "denoiser": VideoObjective,
+}
+
+
+def objective_class(cfg: RunConfig) -> type[Objective]:
+    """The Objective a config trains: KINDS[model.kind], or VIDEO_KINDS[model.kind] for a video network (model.video;
+    a video run stays a "denoiser" run for sampling and the app). ValueError naming model.video for a kind without a
+    video objective, and for video data (data.frames) without model.video."""
+    if not cfg.model.video:
+        if cfg.data.frames:
+            raise ValueError(f"data.frames = {cfg.data.frames} makes videos (C, F, H, W), which an image network does not "
+                             "take: set model.video = true (and model.video_observed for masked conditioning), or "
+                             "data.frames = 0 with an image source")
+        return KINDS[cfg.model.kind]
+    if cfg.model.kind not in VIDEO_KINDS:
+        raise ValueError(f'model.video = true makes a video denoiser; model.kind = "{cfg.model.kind}" has no video version: '
+                         f'set model.kind = {" or ".join(map(repr, VIDEO_KINDS))}, or model.video = false')
+    return VIDEO_KINDS[cfg.model.kind]
 
 
 
 def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """The kind's ignored settings (Objective.unused) and, for every kind but the segmenter, the [segment] section; for
-    every kind but the diffusion autoencoder's second runs, the [semantic] section."""
+    every kind but the diffusion autoencoder's second runs, the [semantic] section; for every run but a video
+    denoiser's, the [video] section."""
     segment = [] if cfg.model.kind == "segmenter" else ignored(cfg, 'only model.kind = "segmenter" reads it', ("segment",))
-    own = KINDS[cfg.model.kind].unused(cfg)
+    own = objective_class(cfg).unused(cfg)
     semantic = [] if cfg.model.kind in ("diffae_prior", "diffae_classifier") else semantic_unused(cfg, cfg.model.kind)
-    return own + [row for row in segment + semantic if row[0] not in {r[0] for r in own}]
+    video = [] if cfg.model.video else ignored(cfg, "only a video denoiser (model.video = true) reads it", ("video",))
+    return own + [row for row in segment + semantic + video if row[0] not in {r[0] for r in own}]
 
 
 def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:
@@ -50,7 +72,8 @@ def check_config(cfg: RunConfig) -> None:
     bad config is refused before the data load, before a latent run encodes its data and before anything is written.
     ConfigError or ValueError naming the setting; FileNotFoundError naming latent.autoencoder when it holds no run."""
     check_unused(cfg, unused_rows(cfg))
-    KINDS[cfg.model.kind].check_config(cfg)
+    objective_class(cfg).check_config(cfg)
 
 
-__all__ = ["KINDS", "Context", "Group", "Objective", "check_config", "ignored_sections", "unused_rows"]
+__all__ = ["KINDS", "VIDEO_KINDS", "Context", "Group", "Objective", "check_config", "ignored_sections", "objective_class",
+           "unused_rows"]
