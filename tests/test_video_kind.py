@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from diffuse.config import RunConfig, apply_overrides
-from diffuse.kinds.video import condition_frames, draw_observed, masked_l_simple
+from diffuse.kinds.video import draw_observed, masked_l_simple
+from diffuse.tasks.video import condition_frames
 
 TINY = ["data.source=moving_digits", "data.image_size=8", "data.frames=4", "data.crops=32", "data.digit_size=4",
         "data.velocity=1", "data.channels=1", "model.video=true", "model.video_observed=true", "model.channels=8",

@@ -38,6 +38,7 @@ from ..metrics import extract_features, feature_statistics, frechet_distance
 from ..nets.unet import fold_frames
 from ..schedule import to_device
 from ..stages import PixelSpace
+from ..tasks.video import condition_frames
 from ..visualize import save_contact_sheet, to_uint8
 from .base import Context
 from .diffusion import DiffusionObjective, build_denoiser, check, sample_config_kwargs
@@ -69,12 +70,6 @@ def draw_observed(B: int, frames: int, max_observed: int, p_unconditional: float
               "scattered": rank < k}
     observed = torch.stack([chosen[p] for p in patterns])[pattern, torch.arange(B)]  # (B, frames)
     return observed & ~unconditional[:, None]
-
-
-def condition_frames(x_t: Tensor, x_obs: Tensor, observed: Tensor) -> Tensor:
-    """The network's input of masked conditioning: x_in = where(observed, x_obs, x_t), x_t and x_obs (B, C, F, H, W),
-    observed (B, F) bool: the given frames clean, the others noisy (FDM: x_t (1 - obs) + x_0 obs)."""
-    return torch.where(observed[:, None, :, None, None].to(x_t.device), x_obs.to(x_t), x_t)
 
 
 def masked_l_simple(denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, observed: Tensor, *, weighting: str = "none",
