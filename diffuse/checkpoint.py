@@ -442,10 +442,11 @@ class LogFile:
         self.close()
 
 
-def open_log(path: str | os.PathLike) -> LogFile:
+def open_log(path: str | os.PathLike, keep=None) -> LogFile:
     """Open a JSON-lines log such as RUN/log.jsonl for appending, after cutting off a torn last line (a kill or a full
     disk mid-append left a part of a record with no newline), so the next record starts on a line of its own; every
-    whole line is kept."""
+    whole line is kept, or, with `keep(line: bytes) -> bool`, every whole line it keeps (a resumed run drops what the
+    interrupted one logged past the checkpoint it resumes from, so no step is logged twice)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
@@ -454,6 +455,13 @@ def open_log(path: str | os.PathLike) -> LogFile:
             if f.read(1) != b"\n":
                 data = f.seek(0) or f.read()
                 f.truncate(data.rfind(b"\n") + 1)
+            if keep is not None:
+                lines = (f.seek(0) or f.read()).splitlines(keepends=True)
+                kept = [line for line in lines if keep(line)]
+                if len(kept) < len(lines):
+                    f.seek(0)
+                    f.write(b"".join(kept))
+                    f.truncate()
     return LogFile(path)
 
 

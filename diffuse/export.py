@@ -66,7 +66,9 @@ def check_exportable(cfg: RunConfig) -> None:
         raise ValueError(f"latent.autoencoder = {cfg.latent.autoencoder!r}: a latent-diffusion run's samples are decoded "
                          "by its autoencoder, which a UNet2DModel pipeline (pixels only) has no place for; export a "
                          "pixel-space run")
-    features = [(cfg.task.kind != "none" or m.cond_channels > 0, f"a condition image concatenated to x_t (task.kind = "
+    features = [(m.video, "a video network (model.video: temporal attention over frames): UNet2DModel is an image "
+                          "network (diffusers' UNet3DConditionModel is another design)"),
+                (cfg.task.kind != "none" or m.cond_channels > 0, f"a condition image concatenated to x_t (task.kind = "
                  f"{cfg.task.kind!r}, model.cond_channels = {m.cond_channels}): UNet2DModel takes x_t alone"),
                 (m.self_condition, "self-conditioning (model.self_condition): UNet2DModel has no input for the previous "
                                    "x_0 estimate"),

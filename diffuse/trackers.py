@@ -15,7 +15,7 @@ segmentation run's "iou/background"); RUN/log.jsonl keeps each record whole, as 
 pictures (tensorboard, wandb) get the same pictures: each sample grid the kind writes (RUN/samples/step_N.png) and the
 loss figure with its FID curve (RUN/loss.png, drawn at each checkpoint); the file trackers leave those files where
 they are. A resumed run appends to the files; TensorBoard drops the events an interrupted run wrote past the step it
-resumes from (SummaryWriter's purge_step), W&B keeps them (its history cannot be rewound offline). A W&B run whose
+resumes from (SummaryWriter's purge_step), and so do log.jsonl and log.csv; W&B keeps them (its history cannot be rewound offline). A W&B run whose
 training raised is marked failed (exit code 1).
 """
 
@@ -83,7 +83,8 @@ class JsonlTracker:
     tore first); pictures stay the run folder's own files."""
 
     def __init__(self, run_dir: Path, step: int, config: dict):
-        self.log = open_log(run_dir / "log.jsonl")
+        # resumed from `step`: what an interrupted run logged past it is dropped, as TensorBoard's purge_step does
+        self.log = open_log(run_dir / "log.jsonl", keep=lambda line: json.loads(line).get("step", 0) <= step)
 
     def scalars(self, step: int, record: dict) -> None:
         self.log.write(json.dumps({"step": step, **record}) + "\n")
@@ -103,7 +104,8 @@ class CsvTracker:
     def __init__(self, run_dir: Path, step: int, config: dict):
         path = run_dir / "log.csv"
         new = not path.exists() or path.stat().st_size == 0
-        self.log = open_log(path)  # a row a kill tore is cut, as in log.jsonl
+        # a row a kill tore is cut, and rows past the step it resumes from, as in log.jsonl
+        self.log = open_log(path, keep=lambda line: not line[:1].isdigit() or int(line.split(b",", 1)[0]) <= step)
         if new:
             self._rows([self.HEADER])
 

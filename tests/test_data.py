@@ -380,6 +380,8 @@ def test_an_image_over_the_pixel_limit_is_named_as_such_with_the_fix(huge_png, t
     with pytest.raises(data.ImageTooLarge) as info:
         data.load_mask(huge_png, data.Geometry("x.png", (13000, 14000), 8))
     _says_too_large(str(info.value), "mask")
+    with pytest.raises(ValueError, match="the mask .* is 13000x14000 but the image x.png is 64x64"):  # on its header
+        data.load_mask(huge_png, data.Geometry("x.png", (64, 64), 8))
     with pytest.raises(ValueError) as info:  # the page's own, lower limit, counted on the header too
         read_upload(str(huge_png))
     assert str(info.value).startswith("huge.png is 13000x14000 = 182,000,000 pixels, more than the 16,777,216 this page "

@@ -188,6 +188,7 @@ def test_scheduler_config_has_the_run_schedule(overrides, tmp_path):
 
 @pytest.mark.parametrize("overrides, named", [
     (["model.self_condition=true"], "self-conditioning (model.self_condition)"),
+    (["model.video=true"], "a video network (model.video"),
     (["model.patch_size=2"], "model.patch_size = 2"),
     (["model.channel_mult=[2, 2]"], "model.channel_mult[0] = 2"),
     (["model.num_heads=2", "model.attention_resolutions=[8]"], "model.num_heads = 2 over attention blocks of widths [8, 16]"),

@@ -148,19 +148,21 @@ def test_trackers_that_hold_pictures_get_the_sample_grids_and_the_loss_figure(tr
 
 def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     """Interrupted after logging step 3 with its last checkpoint at step 2: the resumed run logs steps 3 and 4 again;
-    TensorBoard drops the interrupted run's step 3, the csv and W&B keep appending (one header), W&B's run id stays."""
+    TensorBoard, log.jsonl and the csv drop the interrupted run's step 3 (one header), W&B keeps appending under the
+    same run id."""
     cfg = tracked_cfg(tmp_path, measured=False)
     run = tmp_path / "run"
     Trainer(apply_overrides(cfg, ["train.steps=3"]), run, progress=False).fit()
     shutil.rmtree(run / "checkpoints" / "step_00000003")  # as if killed after logging step 3, before its checkpoint
     run_id = (run / "wandb" / "run_id").read_text()
     Trainer(cfg, run, progress=False).fit()
-    resumed = [r for r in ckpt.read_log(run / "log.jsonl")][3:]
-    assert [r["step"] for r in resumed] == [3, 4]
+    logged = [r for r in ckpt.read_log(run / "log.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # step 3 once: the resumed run's
+    resumed = logged[2:]
     scalars, _, _ = tensorboard_events(run)
     assert sorted(step for step, tag in scalars if tag == "loss") == [1, 2, 3, 4]
     assert scalars[3, "loss"] == pytest.approx(resumed[0]["loss"], rel=1e-6)  # the resumed run's, not the interrupted one's
-    assert sorted(step for step, name in csv_rows(run) if name == "loss") == [1, 2, 3, 4]  # keyed: the later value wins
+    assert sorted(step for step, name in csv_rows(run) if name == "loss") == [1, 2, 3, 4]
     assert (run / "wandb" / "run_id").read_text() == run_id
     assert len(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))) == 2
 
@@ -225,3 +227,22 @@ def test_the_progress_bar_under_a_time_limit_shows_the_time_left(tmp_path, capsy
     Trainer(tiny_cfg("train.steps=3", "train.time_limit=3600"), tmp_path, progress=True).fit()
     err = capsys.readouterr().err
     assert "left=" in err and "(3600 s)" in err, err
+
+
+def test_a_resume_drops_what_the_interrupted_run_logged_past_its_checkpoint(tmp_path):
+    """Resumed at step 3, log.jsonl and log.csv keep steps 1-3 of the interrupted run and go on from there, as
+    TensorBoard's purge_step does: no step is logged twice."""
+    from diffuse.trackers import Trackers
+
+    first = Trackers(["jsonl", "csv"], tmp_path, 0, {})
+    for step in range(1, 6):
+        first.scalars(step, {"loss": 1.0 / step})
+    first.close()
+    again = Trackers(["jsonl", "csv"], tmp_path, 3, {})
+    again.scalars(4, {"loss": 0.2})
+    again.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    rows = list(csv.reader((tmp_path / "log.csv").read_text().splitlines()))
+    assert rows[0] == ["step", "name", "value"] and [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4]
+    assert float(rows[-1][2]) == 0.2

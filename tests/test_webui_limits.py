@@ -126,9 +126,13 @@ def test_a_request_without_the_login_is_refused(run):
     port = free_port()
     url = launch(app, port=port, auth=("ada", "correct-horse"))
     try:
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(f"{url}/config", timeout=30)
-        assert e.value.code == 401
+        job_file = app.webui.job_folder("probe") / "secret.png"
+        job_file.write_bytes(b"not for strangers")
+        for path, data in (("/config", None), (f"/gradio_api/file={job_file}", None), ("/gradio_api/info", None),
+                           ("/gradio_api/queue/join", b"{}"), ("/gradio_api/upload", b"")):
+            with pytest.raises(urllib.error.HTTPError) as e:  # every route, the files and the queue's included
+                urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=data), timeout=30)
+            assert e.value.code == 401, path
         def login(password):
             data = urllib.parse.urlencode({"username": "ada", "password": password}).encode()
             return urllib.request.urlopen(urllib.request.Request(f"{url}/login", data=data), timeout=30)

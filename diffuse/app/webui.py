@@ -149,7 +149,7 @@ class Limits:
     def __post_init__(self):
         for name, low in (("upload_mb", 0), ("upload_pixels", 1), ("queue", 1), ("per_client", 1)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < low or (name == "upload_mb" and value == 0):
+            if not isinstance(value, (int, float)) or value < low or (name == "upload_mb" and value * 2**20 < 1):
                 raise ValueError(f"--{FLAGS[name]} must be a number {'> 0' if low == 0 else '>= 1'}, got {value!r}")
 
 
@@ -1020,7 +1020,11 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
             raise page_error(gr, str(e))
         mask = None
         if task == "inpaint":
-            if mask_file:  # a mask file replaces what is drawn
+            if mask_file:  # a mask file replaces what is drawn; its pixels counted on its header, as every upload's
+                try:
+                    read_upload(mask_file, None, ui.limits.upload_pixels)
+                except ValueError as e:
+                    raise page_error(gr, f"the mask file: {e}")
                 mask = str(folder / "mask.png")
                 write_atomically(mask, Path(mask_file).read_bytes())
             elif drawn is None:
@@ -1462,6 +1466,15 @@ def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860, device: st
     check_exposure(host, auth)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # (Python runs it in the main thread, here)
+    # Gradio's own copies of uploads and outputs in a private folder of this server (0700), removed with the jobs'
+    # files; every image Gradio decodes (the editor's layers come as images, not files) under the page's pixel limit
+    # (Pillow refuses above twice MAX_IMAGE_PIXELS); the client of a request is the socket's peer, never a
+    # X-Forwarded-For header anyone behind a local proxy or tunnel could set (uvicorn trusts 127.0.0.1's by default)
+    cache = Path(tempfile.mkdtemp(prefix="diffuse-gradio-"))
+    saved = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "FORWARDED_ALLOW_IPS")}
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+    pixels, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max(limits.upload_pixels // 2, 1)
     try:
         app = build_app(runs, device=device, limits=limits)
         try:
@@ -1479,3 +1492,10 @@ def serve(runs: list[str], host: str = "127.0.0.1", port: int = 7860, device: st
             app.webui.cleanup()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        Image.MAX_IMAGE_PIXELS = pixels
+        shutil.rmtree(cache, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -316,9 +316,16 @@ def load_mask(path: str | os.PathLike, geometry: Geometry) -> torch.Tensor:
     """An inpainting mask for the image `geometry` describes, as (1, 1, S, S) float with 1 = keep, 0 = generate: white
     pixels (>= 128 in grayscale) are the region to generate, black the pixels to keep (the convention of image
     editors and diffusers). It must have the image's original size and is fitted like the image, with
-    nearest-neighbour resampling so it stays binary. Raises ValueError for another size or an unreadable file."""
-    img = open_image(path, "mask", geometry.side)
-    img_size = img.info.get("original_size", img.size)
+    nearest-neighbour resampling so it stays binary. Raises ValueError for another size (a larger one on its header,
+    before it is decoded) or an unreadable file."""
+    try:
+        img = open_image(path, "mask", geometry.side, limit=geometry.size[0] * geometry.size[1])
+    except ImageTooLarge as e:  # over the image's own pixel count: the wrong size, told without decoding it
+        if e.size == geometry.size:  # the image's size, over the library's limit: that limit's message
+            raise
+        img_size = e.size
+    else:
+        img_size = img.info.get("original_size", img.size)
     if img_size != geometry.size:
         raise ValueError(f"the mask {path} is {img_size[0]}x{img_size[1]} but the image {geometry.path} is "
                          f"{geometry.size[0]}x{geometry.size[1]}; draw the mask on the image itself, at its size")
