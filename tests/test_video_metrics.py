@@ -4,8 +4,13 @@ way its definition says when the videos are spoiled."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +99,25 @@ def test_fd_digits_video_is_zero_for_a_set_against_itself_and_grows_with_a_pertu
         small = fd_digits_video(x, (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1), classifier)
         large = fd_digits_video(x, (x + 0.6 * torch.randn(x.shape, generator=g)).clamp(-1, 1), classifier)
     assert abs(same) < 1e-3 and 0 < small < large, (same, small, large)
+
+
+@pytest.mark.slow
+def test_the_video_benchmark_runs_end_to_end_in_its_smoke_mode(tmp_path):
+    """bench/video.py --smoke (~45 s on a busy 2-core CPU): trains its three runs 2 steps each, measures every part,
+    leaves bench/RESULTS.md alone."""
+    root = Path(__file__).resolve().parents[1]
+    results = root / "bench" / "RESULTS.md"
+    before = results.read_text() if results.is_file() else None
+    done = subprocess.run([sys.executable, str(root / "bench" / "video.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert {v["steps"] for v in r["runs"].values()} == {2}
+    methods = {(row["task"], row["method"]) for row in r["tasks"]}
+    assert len(methods) == 8 and ("prediction 4 -> 4", "reconstruction guidance") in methods
+    copied = [row for row in r["tasks"] if row["method"] == "nearest given frame, copied"]
+    assert all(row["label constant"] == 1.0 and row["trajectory px"] > 0 for row in copied)  # a frozen digit: kept, not moving
+    assert [row["run"] for row in r["joint"]] == ["masked", "video-only"]
+    assert [row["scheme"] for row in r["long"]] == ["autoregressive", "hierarchy-2"]
+    assert [row["frames"] for row in r["cost"]] == [4, 8] and all(row["frames/s"] > 0 for row in r["cost"])
+    assert (results.read_text() if results.is_file() else None) == before
