@@ -36,6 +36,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -88,10 +89,14 @@ def cpu_description() -> str:
 # --- the runs ----------------------------------------------------------------------------------------------------
 def train_runs(args) -> dict[str, dict]:
     """Each run of RUNS trained for the same budget (train.time_limit = --budget; --smoke: 2 steps) into --runs/NAME,
-    or reused (--reuse) when it holds a checkpoint. Returns {name: {"path", "steps", "train_s"}}."""
+    or reused (--reuse) when it holds a checkpoint. Returns {name: {"path", "steps", "train_s"}}. SystemExit for a run
+    folder that exists without --reuse (training into it would resume it for another budget)."""
     out = {}
     for name, overrides in RUNS.items():
         path = args.runs / name
+        if path.exists() and not args.reuse:
+            raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or remove it (or pass another --runs) "
+                             "to train them anew; training into it would resume it for another --budget")
         limit = ["train.steps=2", "train.time_limit=0", "train.warmup_steps=1"] if args.smoke else [f"train.time_limit={args.budget}"]
         cfg = apply_overrides(load_config(CONFIG), overrides + limit + ["train.checkpoint_every=100000"])
         t0 = time.perf_counter()
@@ -146,6 +151,7 @@ def score(samples: torch.Tensor, real: torch.Tensor, trajectories, glyphs, side:
     kept = identity_kept(labels, true)
     return {"PSNR mean": p["mean"], "PSNR best": p["best"], "SSIM mean": s["mean"], "SSIM best": s["best"],
             "label constant": kept["constant"], "true label": kept["true"], "trajectory px": float(err.nanmean()),
+            "empty frame": float(torch.isnan(err).double().mean()),
             "acceleration px/f^2": float(acc.nanmean()), "FD-digits-video": fd}
 
 
@@ -173,13 +179,14 @@ def joint_part(args, runs, classifier, result) -> None:
     frames = real.shape[2]
     rows = []
     for name in ("masked", "video-only"):
-        den = open_run(runs[name]["path"]).denoiser()
+        run = open_run(runs[name]["path"])
+        den = run.denoiser()
         t0 = time.perf_counter()
         x = torch.cat([sample_masked(den, real[lo:lo + args.batch], [False] * frames, seed=chunk_seed(7, lo), sampler="ddim",
                                      steps=args.steps, eta=0.0, clip=True) for lo in range(0, len(real), args.batch)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            row = {"run": name, "p_images": 0.25 if name == "masked" else 0.0, "train steps": runs[name]["steps"],
+            row = {"run": name, "p_images": run.cfg.video.p_images, "train steps": runs[name]["steps"],
                    "per-frame FID": fid(fold_frames(real), fold_frames(x), classifier),
                    "FD-digits-video": fd_digits_video(real, x, classifier),
                    "label constant (unconditional)": identity_kept(frame_labels(x, classifier, crop=side))["constant"]}
@@ -213,7 +220,8 @@ def long_part(args, runs, classifier, result) -> None:
         err = trajectory_error(x, centres, generated)
         last = trajectory_error(x, centres, torch.arange(args.long_frames) >= args.long_frames - F)
         rows.append({"scheme": name, "stages": len(stages), "label constant": kept["constant"], "true label": kept["true"],
-                     "trajectory px": float(err.nanmean()), f"trajectory px, last {F}": float(last.nanmean()),
+                     "trajectory px": float(err.nanmean()), "empty frame": float(torch.isnan(err).double().mean()),
+                     f"trajectory px, last {F}": float(last.nanmean()),
                      "acceleration px/f^2": float(acceleration(x, trs, generated).nanmean()),
                      "sample s": time.perf_counter() - t0})
         say(json.dumps(rows[-1]))
@@ -231,10 +239,11 @@ def rss_mib() -> float:
 
 
 def memory_child(run: str, frames: int, steps: int) -> None:
-    """In a fresh process: load the run, sample one 32x32 video of `frames` frames (none given) with DDIM `steps` steps,
+    """In a fresh process: load the run, sample one video (the run's size) of `frames` frames (none given) with DDIM `steps` steps,
     print {"frames", "s", "rss_before_mib", "maxrss_mib"}: the resident set before sampling and the process's peak."""
-    den = open_run(run).denoiser()
-    video = torch.zeros(1, 1, frames, 32, 32)
+    opened = open_run(run)
+    den, d = opened.denoiser(), opened.cfg.data
+    video = torch.zeros(1, d.channels, frames, d.image_size, d.image_size)
     before = rss_mib()
     t0 = time.perf_counter()
     sample_masked(den, video, [False] * frames, sampler="ddim", steps=steps, eta=0.0, clip=True)
@@ -270,12 +279,13 @@ def results_section(args, result: dict) -> str:
              "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR/SSIM mean over "
              f"{args.k} samples and best of them per video (MCVD); label: the digit classifier on each frame's "
              "digit-sized crop around its centre of mass, the share of videos whose label is the same in all frames "
-             "(and is the true one); trajectory: mean distance in pixels between the centre of mass and the true one; "
+             "(and is the true one); trajectory: mean distance in pixels between the centre of mass and the true one, "
+             "over the videos without an empty generated frame (empty frame: the share of videos with one); "
              "acceleration: mean |second difference| of the centre where the truth moves at constant velocity; "
              f"FD-digits-video: Frechet distance of per-video digit-classifier features (mean, std, mean |difference| over "
              f"frames; 384 dimensions, so from {args.videos} videos strongly biased: compare rows only), not FVD.", ""]
     cols = ["task", "method", "PSNR mean", "PSNR best", "SSIM mean", "SSIM best", "label constant", "true label",
-            "trajectory px", "acceleration px/f^2", "FD-digits-video", "sample s"]
+            "trajectory px", "empty frame", "acceleration px/f^2", "FD-digits-video", "sample s"]
     lines += ["### Prediction and interpolation: masked model, reconstruction guidance "
               f"(w_r = {args.weight:g}), replacement", "", table(r["tasks"], cols), ""]
     lines += ["### Joint image-video against video-only training, equal time", "",
@@ -287,7 +297,7 @@ def results_section(args, result: dict) -> str:
     F = load_config(CONFIG).data.frames
     lines += [f"### {args.long_frames}-frame videos from the {F}-frame masked model, 4 frames given, "
               f"{args.long_videos} videos", "",
-              table(r["long"], ["scheme", "stages", "label constant", "true label", "trajectory px",
+              table(r["long"], ["scheme", "stages", "label constant", "true label", "trajectory px", "empty frame",
                                 f"trajectory px, last {F}", "acceleration px/f^2", "sample s"]), ""]
     lines += ["### Sampling cost against the frame count (one video, none given, a fresh process each)", "",
               "Peak RSS: the process's high-water mark (ru_maxrss), loading included; the last column is how far "
@@ -318,7 +328,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=480, help="training seconds per run (default 480, the config's)")
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
-    p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs)")
+    p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs; --smoke: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/video)")
     p.add_argument("--videos", type=int, default=32, help="held-out videos per task (default 32)")
     p.add_argument("--k", type=int, default=4, help="samples per video, MCVD's best-of-k (default 4)")
@@ -341,8 +351,13 @@ def main() -> None:
     if args.long_frames <= 4 or args.budget <= 0:
         p.error("--long-frames must exceed the 4 given frames and --budget be > 0 seconds")
     args.out = args.out or ROOT / "bench" / "out" / ("video-smoke" if args.smoke else "video")
-    args.runs = args.runs or args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="video-smoke-runs-") as tmp:  # --smoke trains anew into a fresh folder
+        args.runs = args.runs or (Path(tmp) if args.smoke else args.out / "runs")
+        measure(args)
+
+
+def measure(args) -> None:
     say(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32")
     t0 = time.perf_counter()
     classifier = digit_classifier()

@@ -119,7 +119,8 @@ def frame_labels(videos: Tensor, classifier: nn.Module, crop: int | None = None,
     B, C, F, H, W = videos.shape
     frames = videos.transpose(1, 2).reshape(B * F, 1, H, W)
     classifier.eval()
-    device = next(iter(classifier.parameters())).device
+    param = next(iter(classifier.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     labels = torch.cat([classifier(frames[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(frames), batch_size)])
     return labels.reshape(B, F)
 
@@ -131,6 +132,10 @@ def identity_kept(labels: Tensor, true: Tensor | None = None) -> dict[str, float
     one label, the classifier's reading of the pair (often the larger or brighter digit): "constant" then measures that
     the reading does not flip over the video (overlaps can flip it in true videos too), not that both digits are
     kept; pass no true labels then."""
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (B videos, F frames), got {tuple(labels.shape)}; use frame_labels(videos, ...)")
+    if true is not None and torch.as_tensor(true).numel() != labels.shape[0]:
+        raise ValueError(f"true labels must be one per video ({labels.shape[0]}), got {torch.as_tensor(true).numel()}")
     constant = (labels == labels[:, :1]).all(1)
     out = {"constant": float(constant.double().mean())}
     if true is not None:
