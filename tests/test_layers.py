@@ -17,7 +17,7 @@ LAYERS = {  # the first name of a module's path inside the package -> its layer
     **dict.fromkeys(["schedule", "denoiser", "condition", "guidance", "losses", "likelihood", "samplers", "augment",
                      "mixture", "version"], 0),
     **dict.fromkeys(["nets", "data", "generate", "tasks", "ema", "distributed", "precision", "checkpoint", "segmentation",
-                     "trackers", "metrics", "visualize", "footprint", "speed"], 1),
+                     "trackers", "metrics", "video_metrics", "visualize", "footprint", "speed"], 1),
     **dict.fromkeys(["kinds", "stages", "config", "pretrained", "export"], 2),
     **dict.fromkeys(["runs", "train"], 3),
     **dict.fromkeys(["app", "__main__"], 4),
