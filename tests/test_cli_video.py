@@ -168,3 +168,63 @@ def test_an_image_run_refuses_frames_and_videos(tmp_path, clip):
         resolve(EditRequest(str(image_run), task="interpolate", video=clip))
     with pytest.raises(ValueError, match="draws images, not videos"):
         run_cli("sample", image_run, "--n", 1, "--out", tmp_path / "x.gif", "--device", "cpu")
+
+
+# --- the page (app/webui.py): its video functions, without a browser ----------------------------------------------
+def test_the_page_reads_checks_and_shows_videos(runs, clip, tmp_path):
+    from diffuse.app.webui import check_video_upload, display, video_files, video_request
+
+    assert check_video_upload(clip) == (6, SIDE, SIDE)
+    with pytest.raises(ValueError, match=r"in.gif is 6 frames of 16x16 = 1,536 pixels, more than the 1,000 this page "
+                                         r"reads \(diffuse serve --max-upload-pixels\)"):
+        check_video_upload(clip, limit=1000)  # every frame counts
+    fake = tmp_path / "fake.gif"
+    fake.write_bytes(b"not a gif")
+    with pytest.raises(ValueError, match="fake.gif cannot be read as a video.*upload a GIF or an MP4"):
+        check_video_upload(str(fake))
+    req = video_request(runs["masked"], "predict", clip, " 0, 1", "", tmp_path, n=1, steps=2)
+    assert req.given == (0, 1) and req.method is None and req.video == str(tmp_path / "input.gif")
+    assert (tmp_path / "input.gif").read_bytes() == open(clip, "rb").read()  # the command's input, beside its output
+    with pytest.raises(ValueError, match="no video: upload a GIF or an MP4"):
+        video_request(runs["masked"], "predict", None, "", "", tmp_path)
+    plan = resolve(req)
+    assert plan.argv()[:3] == ["edit", "predict", runs["masked"]]
+    x = torch.rand(2, 1, FRAMES, SIDE, SIDE) * 2 - 1
+    gif, shown, sheet = video_files(x, tmp_path, "edited", [x[:1]], plan.observed)
+    assert read_video(gif).shape == (FRAMES, SIDE + 4, 2 * SIDE + 6, 3)  # 2 videos side by side (padded), 1x
+    assert Image.open(shown).size[0] > Image.open(gif).size[0]  # the page's copy enlarged
+    assert Image.open(sheet).size == contact_sheet(torch.zeros(3, 1, FRAMES, SIDE, SIDE)).size  # input row + 2 outputs
+    assert display(x).width >= contact_sheet(x, 1).width  # a preview of videos: their contact sheet
+
+
+def test_the_page_serves_a_video_run_on_its_own_tab(runs, clip):
+    pytest.importorskip("gradio")
+    from diffuse.app.webui import build_app
+
+    app = build_app([runs["masked"]], device="cpu")
+    ui = app.webui
+    assert ui.models.videos == [runs["masked"]] and ui.models.editors == []  # no image edits of a video run
+    assert ui.models.runs == [runs["masked"]]  # the Sample tab draws its videos
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"tab-video", "v-upload", "v-sheet", "tab-sample"} <= ids and "tab-edit" not in ids
+    handler = {f.name: f.fn for f in app.fns.values() if getattr(f, "name", "")}
+    shown = {getattr(c, "elem_id", None): c for c in app.blocks.values()}
+
+    def final(updates) -> dict:  # the last update of a job's generator, by elem_id
+        *_, last = updates
+        return {getattr(k, "elem_id", None): v for k, v in last.items()}
+
+    def progress(*a, **k):
+        pass
+
+    done = final(handler["sample"](runs["masked"], "ddim", 2, None, 0, "all classes in turn", 0, 2, True, "", "",
+                                   progress=progress))
+    assert done["s-image"].height > done["s-image"].width / FRAMES  # the contact sheet: two rows of 4 frames
+    assert done["s-command"].endswith("--out samples.gif") and "2 videos of 4 frames" in done["s-status"]
+    assert read_video(done["s-gif"].value["path"] if isinstance(done["s-gif"].value, dict) else done["s-gif"].value
+                      ).shape[0] == FRAMES
+    done = final(handler["video_edit"](runs["masked"], "predict", clip, "0,1", "", 1, 0, 2, True,
+                                       progress=progress))
+    assert read_video(done["v-gif"]).shape[0] == FRAMES and "frames 0,1 given" in done["v-status"]
+    assert "edit predict" in done["v-command"] and "--given 0,1" in done["v-command"]
+    assert shown["v-upload"].file_types == [".gif", ".mp4"]
