@@ -107,6 +107,19 @@ def test_predict_keeps_the_given_frames_exactly(runs, clip, tmp_path, run, metho
     assert sheet.shape[0] > contact_sheet(torch.zeros(2, 1, FRAMES, SIDE, SIDE)).size[1] - 1  # input row + output row
 
 
+@pytest.mark.parametrize("sampler", ["heun", "euler-ancestral", "sde-pc"])
+def test_every_sampler_draws_and_edits_videos(runs, clip, tmp_path, sampler):
+    out = tmp_path / "s.npy"
+    run_cli("sample", runs["masked"], "--n", 1, "--frames", 6, "--scheme", "autoregressive", "--sampler", sampler,
+            "--steps", 2, "--out", out, "--device", "cpu")
+    assert np.load(out).shape == (1, 1, 6, SIDE, SIDE)
+    edited = tmp_path / "e.npy"
+    run_cli("edit", "predict", runs["plain"], "--video", clip, "--given", "0", "--method", "replacement", "--sampler",
+            sampler, "--steps", 2, "--n", 1, "--out", edited, "--device", "cpu")
+    given = read_video(clip)[0, ..., 0].astype(np.float32) / 255
+    assert np.abs(np.load(edited)[0, 0, 0] - given).max() < 1 / 255 + 1e-6  # the given frame kept (8-bit input)
+
+
 def test_interpolate_keeps_both_ends(runs, clip, tmp_path):
     out = tmp_path / "i.gif"
     run_cli("edit", "interpolate", runs["masked"], "--video", clip, "--n", 1, "--out", out, "--device", "cpu")

@@ -659,7 +659,7 @@ def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor
     fit_frames: grayscale or RGB, scaled and centre-cropped). ValueError when the file has fewer frames."""
     raw = read_video(path)
     if len(raw) < frames:
-        raise ValueError(f"--video {path} has {len(raw)} frames, fewer than the {frames} asked; pass --frames {len(raw)} "
+        raise ValueError(f"--video {path} has {len(raw)} frame{'s' * (len(raw) != 1)}, fewer than the {frames} asked; pass --frames {len(raw)} "
                          "or a longer video")
     x = torch.from_numpy(fit_frames(raw[:frames], channels, size)).float() / 127.5 - 1
     return x[None]
