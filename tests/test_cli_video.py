@@ -74,6 +74,13 @@ def test_sample_writes_a_gif_of_n_frames_and_its_contact_sheet(runs, tmp_path):
     assert array.shape == (2, 1, FRAMES, SIDE, SIDE) and 0 <= array.min() and array.max() <= 1
 
 
+def test_sample_writes_an_mp4_with_its_contact_sheet(runs, tmp_path):
+    pytest.importorskip("imageio_ffmpeg")  # the [video] extra
+    out = tmp_path / "v.mp4"
+    run_cli("sample", runs["masked"], "--n", 1, "--frames", 3, "--out", out, "--device", "cpu")
+    assert read_video(out).shape[:3] == (3, SIDE, SIDE) and out.with_suffix(".png").is_file()
+
+
 @pytest.mark.parametrize("scheme", ["autoregressive", "hierarchy-2"])
 def test_long_videos_take_a_scheme_on_a_masked_model(runs, tmp_path, scheme):
     out = tmp_path / "long.gif"
