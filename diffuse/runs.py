@@ -120,6 +120,7 @@ def check_kind(run_dir: str | Path, cfg: RunConfig, kind: str) -> None:
 DENOISERS = ("denoiser", "diffae", "diffae_prior")  # kinds whose network a Denoiser wraps (a diffusion autoencoder's
 #                                                  decoder takes z_sem; its latent DDIM diffuses codes)
 SEMANTIC_EDITS = ("reconstruct", "manipulate", "interpolate")  # a diffusion autoencoder's edits (tasks/semantic.py)
+VIDEO_EDITS = ("predict", "interpolate")  # a video run's edits: frames given, the rest generated (tasks/video.py)
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -238,6 +239,13 @@ class Capabilities:
     bounded: bool                    # its x_0 lies in [-1, 1], so clipping and thresholding apply
     likelihood: bool                 # bits/dim of real images (`--metric nll`, `vlb`) apply
     metrics: tuple[str, ...]         # `diffuse eval --metric` values it accepts
+    frames: int = 0                  # a video run's frames per video (model.video; 0: a model of images)
+    observed: bool = False           # a video run trained with given frames (model.video_observed: masked conditioning)
+
+    @property
+    def video(self) -> bool:
+        """A video run (model.video): it samples videos and edits them by predict and interpolate (VIDEO_EDITS)."""
+        return self.frames > 0
 
 
 @dataclass(frozen=True)
@@ -281,6 +289,12 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     classes = num_classes if m.class_conditional else 0
     conditioned = [k for k, on in (("label", classes > 0), ("text", bool(m.text_encoder))) if on]
     latent = bool(cfg.latent.autoencoder)
+    if m.video:  # videos: no image edits, no image metrics (the video metrics are bench/'s); predict and interpolate
+        return Capabilities(
+            samples=True, classes=classes, text=bool(m.text_encoder),
+            guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)), edits=VIDEO_EDITS,
+            trained_task=task, latent=False, bounded=True, likelihood=False, metrics=(), frames=cfg.data.frames,
+            observed=bool(m.video_observed))
     return Capabilities(
         samples=task == "none", classes=classes, text=bool(m.text_encoder),
         guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)),

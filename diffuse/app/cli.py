@@ -4,6 +4,8 @@
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
     diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
+    diffuse sample VIDEO_RUN [--frames N --scheme autoregressive|hierarchy-2] --out V.gif|V.mp4   (and V.png: the sheet)
+    diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --given 0,1 [--method masked|reconstruction|replacement]
     diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
@@ -32,6 +34,8 @@ from ..schedule import SPACINGS
 from ..tasks.editing import STRENGTH_HELP
 from ..tasks.semantic import AMOUNT_LIMIT
 from ..train import NonFiniteLoss, ResumeError
+from ..runs import VIDEO_EDITS
+from .requests import LONG_SCHEMES, RECONSTRUCTION_WEIGHT, VIDEO_METHODS, parse_given
 
 
 def guidance_interval(text: str) -> tuple[float, ...]:
@@ -94,6 +98,14 @@ MIXED_PRECISION_HELP = ("the network under autocast while sampling (the sampler 
 RUN_HELP = "run folder written by `diffuse train`, a diffusers folder, or a Hugging Face model id (owner/name)"
 REVISION_HELP = ("a branch, tag or commit of a Hugging Face model id given as RUN (default: main); the id is read from "
                  "huggingface_hub's cache, downloaded there where the network allows (HF_HUB_OFFLINE=1: the cache only)")
+
+
+def given_arg(text: str) -> tuple[int, ...]:
+    """--given I,J,...: the given frames' indices (requests.parse_given), an argparse error naming the form otherwise."""
+    try:
+        return parse_given(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sampling_flags(s: argparse.ArgumentParser, out_help: str | None = None) -> None:
@@ -179,7 +191,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=number(int, low=1), default=64, help="number of samples (default 64)")
     s.add_argument("--batch-size", type=number(int, low=1), default=CHUNK,
                    help=f"draw in chunks of this many (default {CHUNK}, fast on CPUs); chunk k > 0 has its own seed from (--seed, k)")
-    _sampling_flags(s)
+    s.add_argument("--frames", type=number(int, low=1), help="a video run: frames per video (default: the run's "
+                   "data.frames); more than the model's need --scheme and a masked-conditioning model")
+    s.add_argument("--scheme", choices=list(LONG_SCHEMES), help="a video run, --frames beyond the model's: draw the video in "
+                   "stages (Harvey et al. 2022): autoregressive (each stage continues the last frames) or hierarchy-2 "
+                   "(sparse frames over the whole video first, then the frames between)")
+    _sampling_flags(s, "FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1]); a video run: FILE.gif or FILE.mp4 "
+                       "(the videos tiled, with the contact sheet FILE.png beside it) or FILE.npy ((N, C, F, H, W))")
 
     ed = sub.add_parser("edit", help="edit an image with a trained run, without training: sdedit, inpaint (RePaint), ilvr")
     tasks_sub = ed.add_subparsers(dest="task", required=True)
@@ -197,7 +215,10 @@ def parser() -> argparse.ArgumentParser:
                             "rendered back, then --n - 1 variations of z_sem from random x_T (Preechakul et al. 2022)",
              "manipulate": "a diffusion autoencoder: move --image's code along an --attribute classifier's direction by "
                            "--amount, rendered with the same x_T (--n images from 0 to the amount)",
-             "interpolate": "a diffusion autoencoder: --n images from --image to --to, z_sem by lerp and x_T by slerp"}
+             "interpolate": "a diffusion autoencoder: --n images from --image to --to, z_sem by lerp and x_T by slerp; "
+                            "a video run: --video's --given frames kept, the frames between them generated",
+             "predict": "a video run: --video's first frames (--given 0,1,...,k-1) kept, the rest generated (Harvey et "
+                        "al. 2022)"}
     coded = ("invert", "reconstruct", "manipulate", "interpolate")
     for task, text in about.items():
         tp = tasks_sub.add_parser(task, help=text, description=text)
@@ -206,8 +227,24 @@ def parser() -> argparse.ArgumentParser:
             tp.add_argument("--reference", required=True, help="reference image (resized to the model's size with a note)")
             tp.add_argument("--factor", type=number(int, low=1), required=True, help="downsampling factor N of the low-pass filter; must divide the image size")
             tp.add_argument("--t-stop", type=number(low=0, high=1), default=0.0, help="condition only while t >= this (0: every step)")
-        else:
-            tp.add_argument("--image", required=True, help="input image (resized to the model's size with a note)")
+        elif task != "predict":
+            tp.add_argument("--image", required=task != "interpolate",
+                            help="input image (resized to the model's size with a note)")
+        if task in VIDEO_EDITS:
+            tp.add_argument("--video", help="a video run: the input video, .gif or .mp4 (frames resized to the model's "
+                                            "size)" + ("" if task == "predict" else "; instead of --image and --to"))
+            tp.add_argument("--frames", type=number(int, low=1), help="the video's first frames edited (default: the "
+                                                                      "run's data.frames)")
+            tp.add_argument("--given", type=given_arg, metavar="I,J,...",
+                            help="the given frames' indices, kept exactly (default: " +
+                                 ("the first half" if task == "predict" else "the first and the last") + ")")
+            tp.add_argument("--method", choices=list(VIDEO_METHODS),
+                            help="masked: a masked-conditioning model (model.video_observed; the default for one); "
+                                 "reconstruction: reconstruction guidance of any video run (Ho et al. 2022; the default "
+                                 "otherwise); replacement: the given frames' noisy versions put back after every step")
+            tp.add_argument("--guidance-weight", type=number(low=0),
+                            help=f"--method reconstruction: the weight w_r (default {RECONSTRUCTION_WEIGHT:g}; Ho et al. "
+                                 "take w_r > 1)")
         if task == "sdedit":
             tp.add_argument("--strength", type=number(low=0, high=1), required=True, help="in [0, 1]: " + STRENGTH_HELP)
         if task == "inpaint":
@@ -216,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                             help="RePaint's resamplings r per jump point (1: plain replacement; the paper: 10; costs ~r times the steps)")
             tp.add_argument("--repaint-length", type=number(int, low=1), default=10, help="RePaint's jump length in grid steps (the paper: 10)")
         if task == "interpolate":
-            tp.add_argument("--to", required=True, help="the image to interpolate towards (resized like --image)")
+            tp.add_argument("--to", help="the image to interpolate towards (resized like --image)")
         if task == "manipulate":
             tp.add_argument("--attribute", required=True, metavar="RUN[:CLASS]",
                             help="a classifier run on this run's codes (model.kind = 'diffae_classifier', e.g. "
@@ -235,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
                             help="also render x_T back with deterministic DDIM: OUT.png and OUT_before_after.png")
         if task != "invert":
             tp.add_argument("--n", type=number(int, low=1), default=8, help="outputs of the one input (default 8)")
-        if task not in coded:
+        if task not in coded and task != "predict":
             tp.add_argument("--mean", action="store_true",
                             help="write the mean of the --n outputs, an estimate of E[x | input]: higher PSNR, less detail "
                                  "(JPEG restoration: 4 samples beat the input's PSNR where one does not, bench/RESULTS.md)")

@@ -35,9 +35,9 @@ from ..schedule import Schedule
 from ..stages import space
 from ..tasks.image_to_image import training_condition
 from ..train import digit_classifier_folder, dry_run, feature_network, progress_disabled, train
-from ..visualize import save_samples, to_uint8
+from ..visualize import save_image, save_samples, save_video, to_uint8
 from .webui import Limits, read_auth, serve
-from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after
+from .requests import EditRequest, Plan, SampleRequest, execute, resolve, save_before_after, video_sheet
 from .segment import Segmented, check_segmenter, output_paths
 
 
@@ -50,11 +50,38 @@ def train_command(args) -> None:
     print(f"run folder: {run}")
 
 
+VIDEO_OUT = (".gif", ".mp4")  # what a video run writes (visualize.save_video), with its contact sheet beside
+
+
 def check_out(out: Path) -> None:
-    if out.suffix not in (".png", ".npy"):
-        raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]), got {out}")
+    if out.suffix not in (".png", ".npy", *VIDEO_OUT):
+        raise ValueError(f"--out must end in .png (an image grid) or .npy (an array of shape (N, C, H, W) in [0, 1]); a video "
+                         f"run's in .gif or .mp4; got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file in it, e.g. {out / 'samples.png'}")
+
+
+def check_video_out(out: Path, plan: Plan) -> None:
+    """A video plan (a video run's) writes .gif, .mp4 or .npy; any other plan .png or .npy. ValueError naming the fix."""
+    video = bool(plan.model_frames)
+    if video and out.suffix == ".png":
+        raise ValueError(f"--out {out}: {plan.request.run} is a video run; write {out.with_suffix('.gif')} (or .mp4, or .npy "
+                         "for the array); the contact sheet PNG is written beside it")
+    if not video and out.suffix in VIDEO_OUT:
+        raise ValueError(f"--out {out}: {plan.request.run} draws images, not videos; write {out.with_suffix('.png')} or .npy")
+
+
+def write_video(x: torch.Tensor, out: Path, before: list[torch.Tensor] = (), observed: torch.Tensor | None = None) -> str:
+    """Videos x (N, C, F, H, W) in [-1, 1] written as OUT (.gif or .mp4: the N tiled in every frame; .npy: the array in
+    [0, 1]) with the contact sheet OUT.png beside a .gif or .mp4 (rows: `before`, then each video; given frames, observed
+    (F,) bool, framed in red). Returns what was written, for the message."""
+    if out.suffix == ".npy":
+        save_samples(x, out)
+        return str(out)
+    save_video(x, out)
+    sheet = out.with_suffix(".png")
+    save_image(video_sheet(torch.cat([b.to(x) for b in before] + [x]), observed), sheet)
+    return f"{out} and its contact sheet {sheet}"
 
 
 class Progress:
@@ -83,9 +110,15 @@ def sample_command(args) -> None:
     check_out(out)
     args.run = locate(args.run, args.revision)  # a Hugging Face model id: its snapshot in the cache
     plan = resolve(SampleRequest.from_args(args))  # every flag checked before a model loads
+    check_video_out(out, plan)
     progress = Progress()
     result = execute(plan, progress.step, on_stage=progress.stage)
     progress.close()
+    if plan.model_frames:
+        scheme = f", by the {args.scheme} scheme" if getattr(args, "scheme", None) else ""
+        print(f"wrote {args.n} videos of {plan.shape[1]} frames{scheme} to {write_video(result.x, out)} "
+              f"({result.calls} denoiser calls)")
+        return
     save_samples(result.x, out)  # atomically: a failed write leaves an earlier OUT as it was
     what = f"samples of the {len(plan.stages)}-stage cascade {args.run}" if plan.stages else "samples"
     print(f"wrote {args.n} {what} to {out} ({result.calls} denoiser calls)")
@@ -104,9 +137,15 @@ def edit_command(args) -> None:
         check_out(out)
     args.run = locate(args.run, args.revision)
     plan = resolve(EditRequest.from_args(args))  # the input image and mask read and checked before a model loads
+    check_video_out(out, plan)
     progress = Progress()
     result = execute(plan, progress.step, on_stage=progress.stage)
     progress.close()
+    if plan.model_frames:
+        given = ",".join(str(i) for i in plan.observed.nonzero()[:, 0].tolist())
+        print(f"wrote {args.n} {args.task} outputs ({plan.method}, frames {given} given) to "
+              f"{write_video(result.x, out, result.before, plan.observed)} ({result.calls} denoiser calls)")
+        return
     if args.task == "invert":
         return _write_inverted(plan, result, out)
     save_samples(result.x, out)
@@ -162,6 +201,11 @@ def eval_command(args) -> None:
     args.run = locate(args.run, args.revision)
     run = open_run(args.run)  # what the run can measure, said once (runs.Capabilities)
     cfg, can = run.cfg, run.capabilities
+    if can.video:
+        raise ValueError(f"{args.run} is a video run: `diffuse eval`'s metrics measure images, not videos. A video run "
+                         f"draws videos (`diffuse sample {args.run} --frames N --out V.gif`) and edits them (`diffuse edit "
+                         "predict|interpolate RUN --video IN.gif --given 0,1`); its training FID is per frame "
+                         "(train.fid_every)")
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "recon" in can.metrics:

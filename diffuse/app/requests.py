@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .. import speed, tasks
@@ -33,23 +34,29 @@ from ..data import load_image, load_mask
 from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
 from ..kinds.diffae import sample_pair
 from ..precision import autocast_dtype
-from ..runs import SEMANTIC_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
+from ..runs import SEMANTIC_EDITS, VIDEO_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
 from ..schedule import SPACINGS, Schedule
 from ..stages import check_same_space, diffusion_shape
 from ..tasks.editing import check_mask, latent_edit, latent_factor
 from ..tasks.image_to_image import (CASCADE_FILE, EDITS, EXAMPLE_CONFIGS, TRAINED_TASKS, check_cascade, edit_name,
                                     input_condition, read_cascade, viewable)
-from ..visualize import save_grid
+from ..tasks.video import SCHEMES, sample_long, sample_masked, sample_reconstruction, sample_replacement
+from ..data.video import fit_frames, read_video
+from ..visualize import contact_sheet, save_grid
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+VIDEO_FIELDS = ("video", "given", "method", "guidance_weight")  # a video edit's own fields (predict, interpolate)
 CODED = ("invert", *SEMANTIC_EDITS)  # the edits that invert the input image to x_T first (generate.invert)
-EDIT_TASKS = (*EDITS, *TRAINED_TASKS, *CODED)  # every `diffuse edit` task
+EDIT_TASKS = (*EDITS, *TRAINED_TASKS, *CODED, "predict")  # every `diffuse edit` task
 TASK_FIELDS = {"strength": ("sdedit",), "factor": ("ilvr",), "t_stop": ("ilvr",), "mask": ("inpaint",),
                "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",), "to": ("interpolate",),
                "attribute": ("manipulate",), "amount": ("manipulate",), "encode_steps": CODED,
-               "refine": CODED, "reconstruct": ("invert",)}  # an edit's own fields -> the tasks taking them
+               "refine": CODED, "reconstruct": ("invert",), **{f: VIDEO_EDITS for f in VIDEO_FIELDS}}  # an edit's own fields -> the tasks taking them
 MAX_SEED = 2**63 - 1
+VIDEO_METHODS = ("masked", "reconstruction", "replacement")  # tasks/video.py: how given frames condition the rest
+LONG_SCHEMES = tuple(SCHEMES)  # autoregressive, hierarchy-2 (Harvey et al. 2022)
+RECONSTRUCTION_WEIGHT = 2.0  # w_r of reconstruction guidance by default (Ho et al. 2022 take w_r > 1)
 
 
 # --- the requests --------------------------------------------------------------------------------------------------
@@ -79,6 +86,8 @@ class SampleRequest:
     ema: bool = True                           # False: the raw weights (--no-ema)
     device: str | None = None                  # None: cuda if available, else cpu
     batch_size: int = CHUNK                    # samples drawn at once; chunk k > 0 has its own seed
+    frames: int | None = None                  # a video run: frames per video (None: its data.frames)
+    scheme: str | None = None                  # a video run, frames beyond the model's: LONG_SCHEMES (FDM)
 
     def __post_init__(self):  # lists from a caller become tuples, so equal requests compare equal
         object.__setattr__(self, "options", tuple(self.options or ()))
@@ -88,12 +97,15 @@ class SampleRequest:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SampleRequest:
         """The request of `diffuse sample`'s parsed flags."""
-        return cls(run=args.run, n=args.n, batch_size=args.batch_size, **_sampling_args(args))
+        return cls(run=args.run, n=args.n, batch_size=args.batch_size, frames=getattr(args, "frames", None),
+                   scheme=getattr(args, "scheme", None), **_sampling_args(args))
 
     def argv(self) -> list[str]:
         """The `diffuse sample` command line of this request (after `diffuse`, without --out)."""
         batch = [] if self.batch_size == CHUNK else ["--batch-size", str(int(self.batch_size))]
-        return ["sample", self.run, "--n", str(int(self.n)), *batch, *_sampling_argv(self)]
+        video = ([] if self.frames is None else ["--frames", str(int(self.frames))]) + \
+            ([] if self.scheme is None else ["--scheme", self.scheme])
+        return ["sample", self.run, "--n", str(int(self.n)), *batch, *video, *_sampling_argv(self)]
 
 
 @dataclass(frozen=True)
@@ -117,11 +129,24 @@ class EditRequest(SampleRequest):
     encode_steps: int = 250                    # the coded edits: DDIM steps of the inversion to x_T (the paper: 250)
     refine: int = 0                            # the coded edits: fixed-point iterations per inversion step
     reconstruct: bool = False                  # invert: also render x_T back
+    video: str | None = None                   # predict, interpolate: the input video file (.gif, .mp4)
+    given: tuple[int, ...] | None = None       # predict, interpolate: the given frames' indices (None: the task's)
+    method: str | None = None                  # predict, interpolate: VIDEO_METHODS (None: masked where trained, else
+    #                                            reconstruction)
+    guidance_weight: float | None = None       # reconstruction: w_r (None: RECONSTRUCTION_WEIGHT)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.given is not None and not isinstance(self.given, str):
+            object.__setattr__(self, "given", tuple(self.given))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EditRequest:
         """The request of `diffuse edit TASK`'s parsed flags."""
-        return cls(run=args.run, n=args.n, task=args.task, image=args.reference if args.task == "ilvr" else args.image,
+        image = args.reference if args.task == "ilvr" else getattr(args, "image", None)
+        return cls(run=args.run, n=args.n, task=args.task, image=image or "", frames=getattr(args, "frames", None),
+                   video=getattr(args, "video", None), given=getattr(args, "given", None),
+                   method=getattr(args, "method", None), guidance_weight=getattr(args, "guidance_weight", None),
                    mask=getattr(args, "mask", None), strength=getattr(args, "strength", None),
                    factor=getattr(args, "factor", None), t_stop=getattr(args, "t_stop", 0.0),
                    repaint_jumps=getattr(args, "repaint_jumps", 1), repaint_length=getattr(args, "repaint_length", 10),
@@ -132,7 +157,17 @@ class EditRequest(SampleRequest):
 
     def argv(self) -> list[str]:
         """The `diffuse edit TASK` command line of this request (after `diffuse`, without --out)."""
-        own = [*_option(flag("image", self.task), self.image)]
+        own = [*_option(flag("image", self.task), self.image)] if self.image else []
+        if self.video is not None:
+            own += _option("--video", self.video)
+        if self.frames is not None:
+            own += ["--frames", str(int(self.frames))]
+        if self.given is not None:
+            own += ["--given", ",".join(str(int(i)) for i in self.given)]
+        if self.method is not None:
+            own += ["--method", self.method]
+        if self.guidance_weight is not None:
+            own += ["--guidance-weight", repr(float(self.guidance_weight))]
         if self.mask is not None:
             own += _option("--mask", self.mask)
         if self.strength is not None:
@@ -272,10 +307,11 @@ def _checked(req: SampleRequest) -> SampleRequest:
     _choice(req, "spacing", SPACINGS)
     _choice(req, "mixed_precision", MIXED_PRECISION)
     _choice(req, "compile", speed.MODES)
+    _choice(req, "scheme", LONG_SCHEMES)
     numbers = {"n": _number(req, "n", int, 1), "seed": _number(req, "seed", int, 0, MAX_SEED),
                "batch_size": _number(req, "batch_size", int, 1)}
     for field, kind, low, high in (("steps", int, 0, None), ("eta", float, 0, 100), ("label", int, 0, None),
-                                   ("guidance", float, 0, None)):
+                                   ("guidance", float, 0, None), ("frames", int, 1, None)):
         if getattr(req, field) is not None:
             numbers[field] = _number(req, field, kind, low, high)
     interval = req.guidance_interval
@@ -302,13 +338,21 @@ def _checked(req: SampleRequest) -> SampleRequest:
         for field, kind, low, high in (("strength", float, 0, 1), ("factor", int, 1, None), ("t_stop", float, 0, 1),
                                        ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None),
                                        ("amount", float, -AMOUNT_LIMIT, AMOUNT_LIMIT), ("encode_steps", int, 1, None),
-                                       ("refine", int, 0, 100)):
+                                       ("refine", int, 0, 100), ("guidance_weight", float, 0, None)):
             if getattr(req, field) is not None or getattr(EditRequest, field) is not None:  # None: only where optional
                 numbers[field] = _number(req, field, kind, low, high)
         for field in ("to", "attribute"):
             if getattr(req, field) is not None and not (isinstance(getattr(req, field), str) and getattr(req, field)):
                 raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
-        if not (isinstance(req.image, str) and req.image):
+        if req.scheme is not None:
+            raise RequestError("scheme", "--scheme does nothing here: an edit writes a video of the model's frames; "
+                                         "`diffuse sample RUN --frames N --scheme ...` writes longer ones; leave it out")
+        if is_video_edit(req):
+            _check_video_fields(req)
+        elif req.task == "interpolate" and not req.image:
+            raise RequestError("image", "edit interpolate needs --video IN.gif|.mp4 (a video run: the frames between the "
+                                        "--given ones generated) or --image and --to (a diffusion autoencoder)")
+        elif not (isinstance(req.image, str) and req.image):
             raise RequestError("image", f"edit {req.task} needs {flag('image', req.task)}, the image file to edit")
         needs = {"sdedit": [("strength", "--strength S in [0, 1]")], "ilvr": [("factor", "--factor N")],
                  "inpaint": [("mask", "--mask, the image of the region to generate (white)")],
@@ -317,10 +361,55 @@ def _checked(req: SampleRequest) -> SampleRequest:
                                               "RUN:CLASS for a class of a label classifier)"),
                                 ("amount", "--amount S, the step along the attribute (the paper: 0.3; negative: less)")]
                  }.get(req.task, [])
-        for field, what in needs:
+        for field, what in needs if not is_video_edit(req) else ():
             if getattr(req, field) is None:
                 raise RequestError(field, f"edit {req.task} needs {what}")
     return dataclasses.replace(req, **numbers)
+
+
+def is_video_edit(req: EditRequest) -> bool:
+    """Whether an edit is a video run's: predict, or interpolate of a --video (interpolate of --image and --to is a
+    diffusion autoencoder's)."""
+    return req.task == "predict" or (req.task == "interpolate" and req.video is not None)
+
+
+def _check_video_fields(req: EditRequest) -> None:
+    """A video edit's own fields as values: the video file named, --given distinct whole numbers >= 0, the method one
+    of VIDEO_METHODS, --guidance-weight only for reconstruction, and no image fields. RequestError naming the field."""
+    if not (isinstance(req.video, str) and req.video):
+        raise RequestError("video", f"edit {req.task} needs --video IN.gif|.mp4, the video whose --given frames are kept")
+    for field in ("image", "to"):
+        if getattr(req, field):
+            raise RequestError(field, f"{flag(field)} does nothing here: edit {req.task} of a video reads --video; leave "
+                                      "it out")
+    for field in ("encode_steps", "refine"):
+        if getattr(req, field) != getattr(EditRequest, field):
+            raise RequestError(field, f"{flag(field)} does nothing here: it is a diffusion autoencoder's; leave it out")
+    if req.given is not None:
+        given = req.given
+        if not (isinstance(given, tuple) and given and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in given)):
+            raise RequestError("given", f"--given takes the given frames' indices as whole numbers >= 0, e.g. 0,1,2,3; "
+                                        f"got {given!r}")
+        if len(set(given)) != len(given):
+            raise RequestError("given", f"--given names a frame twice: {','.join(map(str, given))}; name each once")
+    _choice(req, "method", VIDEO_METHODS)
+    if req.guidance_weight is not None and req.method != "reconstruction":
+        raise RequestError("guidance_weight", "--guidance-weight is w_r of reconstruction guidance: pass --method "
+                                              "reconstruction, or leave it out")
+    if req.mean:
+        raise RequestError("mean", "--mean does nothing here: the mean of videos is a blur; leave it out")
+
+
+def parse_given(text: str) -> tuple[int, ...]:
+    """--given's text, e.g. '0,1,2,3', as a tuple of indices; ValueError naming the form otherwise."""
+    try:
+        out = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or any(i < 0 for i in out):
+        raise ValueError(f"--given takes the given frames' indices separated by commas, e.g. 0,1,2,3; got {text!r}")
+    return out
 
 
 # --- the plan --------------------------------------------------------------------------------------------------------
@@ -346,6 +435,10 @@ class Plan:
     direction: Direction | None = None         # manipulate: the classifier's direction and the codes' statistics
     decoder: Run | None = None                 # a diffae_prior run's diffusion autoencoder, which decodes its codes
     compiled: bool = False                     # the network torch.compiled for sampling (speed.compile_network)
+    model_frames: int = 0                      # a video run: the model's frames (shape[1] beyond it: a long scheme)
+    video: Tensor | None = None                # a video edit's input (1, C, F, H, W) in [-1, 1]
+    observed: Tensor | None = None             # a video edit's given frames (F,) bool
+    method: str | None = None                  # a video edit's VIDEO_METHODS
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -361,10 +454,18 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
     command line's checks and messages, each error a RequestError naming its field (OSError for a missing file)."""
     req = _checked(req)
     if isinstance(req, EditRequest):
-        return _resolve_edit(req, run or open_run(req.run))
+        run = run or open_run(req.run)
+        if is_video_edit(req) or run.capabilities.video:
+            return _resolve_video_edit(req, run)
+        _refuse_frames(req, f"{req.run} is a model of images ({run.kind})")
+        return _resolve_edit(req, run)
     if run is None and (Path(req.run) / CASCADE_FILE).is_file():
+        _refuse_frames(req, f"{req.run} is a cascade of image models")
         return _resolve_cascade(req)
     run = run or open_run(req.run)
+    if run.capabilities.video:
+        return _resolve_video_sample(req, run)
+    _refuse_frames(req, f"{req.run} is a model of images ({run.kind})")
     if run.kind == "diffae":
         raise RequestError("run", f"{req.run} is a diffusion autoencoder, whose decoder draws an image from a semantic "
                                   "code: sample its latent DDIM (`diffuse train configs/diffae_prior.toml --out PRIOR`, then "
@@ -505,6 +606,130 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
               guidance=guidance, guidance_interval=interval or None, seed=req.seed, device=device,
               mixed_precision=mixed_precision, **options)
     return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier, compiled=compiled)
+
+
+# --- videos (model.video: tasks/video.py) ---------------------------------------------------------------------------
+def _refuse_frames(req: SampleRequest, what: str) -> None:
+    """--frames and --scheme are a video run's; RequestError naming the fix for any other run."""
+    for field in ("frames", "scheme"):
+        if getattr(req, field) is not None:
+            raise RequestError(field, f"{flag(field)} draws videos, and {what}: leave {flag(field)} out, or sample a video "
+                                      "run (model.video = true, e.g. `diffuse train video_digits --out RUN`)")
+
+
+def _video_sampling(req: SampleRequest, run: Run) -> Plan:
+    """`_sampling` of a video run: classifier guidance refused (noisy classifiers read images), the shape (C, F, H, W)."""
+    if req.classifier is not None:
+        raise RequestError("classifier", f"--classifier guides with a noisy classifier of images; {req.run} draws videos: "
+                                         "leave it out (classifier-free guidance, --guidance, works on a class-conditional "
+                                         "video run)")
+    return _sampling(req, run)
+
+
+def _resolve_video_sample(req: SampleRequest, run: Run) -> Plan:
+    """`diffuse sample VIDEO_RUN [--frames N] [--scheme S]`: N frames (default the run's data.frames) drawn at once when
+    they fit the model's F frames; more by a long-video scheme (tasks.video.SCHEMES) of a masked-conditioning model,
+    each stage conditioned on frames already drawn. RequestError naming the fix otherwise."""
+    caps, d = run.capabilities, run.cfg.data
+    model, frames = caps.frames, req.frames if req.frames is not None else caps.frames
+    if frames > model:
+        if not caps.observed:
+            raise RequestError("frames", f"--frames {frames} is more than the {model} frames of {req.run}; a longer video is "
+                                         "drawn in stages, each conditioned on frames already drawn, which needs a masked-"
+                                         "conditioning model (model.video_observed = true, e.g. configs/video_digits.toml); "
+                                         f"pass --frames {model} or fewer")
+        if req.scheme is None:
+            raise RequestError("scheme", f"--frames {frames} is more than the {model} frames of {req.run}: a longer video is "
+                                         f"drawn in stages by a scheme; pass --scheme {' or --scheme '.join(LONG_SCHEMES)}")
+        _raise_as("scheme", lambda: list(SCHEMES[req.scheme](model, frames)))  # sizes the scheme cannot cut
+    elif req.scheme is not None:
+        raise RequestError("scheme", f"--scheme does nothing here: {frames} frames fit the {model} of {req.run} and are "
+                                     f"drawn at once; leave it out, or pass --frames more than {model}")
+    plan = _video_sampling(req, run)
+    return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model)
+
+
+def default_given(task: str, frames: int) -> tuple[int, ...]:
+    """The given frames when --given is left out: predict the first half, interpolate the first and the last."""
+    return tuple(range(max(1, frames // 2))) if task == "predict" else (0, frames - 1)
+
+
+def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor:
+    """The first `frames` frames of a video file as (1, channels, frames, size, size) in [-1, 1] (data.video.read_video,
+    fit_frames: grayscale or RGB, scaled and centre-cropped). ValueError when the file has fewer frames."""
+    raw = read_video(path)
+    if len(raw) < frames:
+        raise ValueError(f"--video {path} has {len(raw)} frame{'s' * (len(raw) != 1)}, fewer than the {frames} asked; pass --frames {len(raw)} "
+                         "or a longer video")
+    x = torch.from_numpy(fit_frames(raw[:frames], channels, size)).float() / 127.5 - 1
+    return x[None]
+
+
+def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
+    """`diffuse edit predict|interpolate VIDEO_RUN --video IN --given I,J,...`: the video read (its first F frames, F =
+    --frames or the run's), the given frames kept and the rest generated by the method (masked: a masked-conditioning
+    model; reconstruction guidance or replacement: any video run). Every check before the model loads."""
+    caps, d = run.capabilities, run.cfg.data
+    if not caps.video:
+        if req.task == "predict":
+            raise RequestError("task", f"edit predict needs a video run (model.video = true, e.g. `diffuse train "
+                                       f"video_digits --out RUN`); {req.run} is a model of images, whose edits are "
+                                       f"{', '.join(caps.edits) or 'none'}")
+        raise RequestError("video", f"--video needs a video run (model.video = true); {req.run} is a model of images: "
+                                    "leave --video out (edit interpolate of a diffusion autoencoder takes --image and --to)")
+    if req.task not in VIDEO_EDITS:
+        raise RequestError("task", f"edit {req.task} edits images, and {req.run} is a video run: its edits are predict and "
+                                   f"interpolate (--video IN.gif --given 0,1,2,3), and `diffuse sample {req.run} --frames N` "
+                                   "draws videos")
+    if not is_video_edit(req):
+        raise RequestError("video", f"{req.run} is a video run: edit interpolate takes --video IN.gif|.mp4 and --given, "
+                                    "not --image")
+    model = caps.frames
+    frames = req.frames if req.frames is not None else model
+    if frames > model:
+        raise RequestError("frames", f"--frames {frames}: an edit writes at most the {model} frames of {req.run}; pass "
+                                     f"--frames {model} or fewer")
+    method = req.method or ("masked" if caps.observed else "reconstruction")
+    if method == "masked" and not caps.observed:
+        raise RequestError("method", f"--method masked needs a masked-conditioning model (model.video_observed = true), "
+                                     f"trained with given frames; {req.run} was not: pass --method reconstruction (Ho et "
+                                     "al. 2022) or --method replacement")
+    given = req.given if req.given is not None else default_given(req.task, frames)
+    outside = [i for i in given if i >= frames]
+    if outside:
+        raise RequestError("given", f"--given {','.join(map(str, given))}: frame {outside[0]} is outside the video's "
+                                    f"{frames} frames 0..{frames - 1}")
+    if len(given) >= frames:
+        raise RequestError("given", f"--given names every one of the {frames} frames: nothing to generate; leave some out")
+    free = [f for f in range(frames) if f not in given]
+    if req.task == "predict" and sorted(given) != list(range(len(given))):
+        raise RequestError("given", f"edit predict keeps the first frames (--given 0,1,...,k-1) and generates the rest; "
+                                    f"--given {','.join(map(str, given))} leaves a gap: use edit interpolate")
+    if req.task == "interpolate" and not any(min(given) < f < max(given) for f in free):
+        raise RequestError("given", f"edit interpolate generates frames between given ones, and --given "
+                                    f"{','.join(map(str, given))} has none between: use edit predict, or give frames "
+                                    "on both sides of a gap")
+    video = _raise_as("video", read_video_input, req.video, d.channels, d.image_size, frames)
+    observed = torch.zeros(frames, dtype=torch.bool)
+    observed[list(given)] = True
+    plan = _video_sampling(req, run)
+    return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model,
+                               video=video, observed=observed, method=method)
+
+
+def video_sheet(rows: Tensor, observed: Tensor | None = None, scale: int = 2) -> "Image.Image":
+    """A contact sheet (visualize.contact_sheet: a row per video, a column per frame, each column's index under it) of
+    videos (B, C, F, H, W) in [-1, 1], in RGB, each given frame (observed (F,) bool) framed in red in every row."""
+    sheet = contact_sheet(rows, scale).convert("RGB")
+    if observed is not None:
+        draw = ImageDraw.Draw(sheet)
+        pad, (h, w) = 2, rows.shape[-2:]  # contact_sheet's pad between tiles, in pixels before scaling
+        for i in range(rows.shape[0]):
+            for j in observed.nonzero()[:, 0].tolist():
+                left, top = scale * (pad + j * (w + pad)), scale * (pad + i * (h + pad))
+                draw.rectangle([left - scale * pad, top - scale * pad, left + scale * (w + pad) - 1,
+                                top + scale * (h + pad) - 1], outline=(255, 0, 0), width=scale * pad)
+    return sheet
 
 
 @dataclass(frozen=True, eq=False)
@@ -751,6 +976,8 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
         return _execute_cascade(plan, callback, load, on_stage)
     if plan.decoder is not None:
         return _execute_pair(plan, callback, load, on_stage)
+    if plan.model_frames:
+        return _execute_video(plan, callback, load, on_stage)
     req = plan.request
     loaded = load(plan.run, req.ema, plan.device)
     kw = _model_kw(plan, loaded, callback)
@@ -773,6 +1000,53 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
         x = space.decode(generate_in_chunks(counted, req.n, space.shape, chunk=req.batch_size, **kw))
         before = []
     return Result(x, before, counted.calls)
+
+
+def _execute_video(plan: Plan, callback, load, on_stage) -> Result:
+    """A video run's plan: n videos (B, C, F, H, W) drawn at once (F within the model's frames), or by the request's
+    long-video scheme per chunk of batch_size (tasks.video.sample_long); or a video edit, the given frames kept by the
+    plan's method (tasks.video.sample_masked, sample_reconstruction, sample_replacement)."""
+    req, dev, shape = plan.request, plan.device, plan.shape
+    loaded = load(plan.run, req.ema, dev)
+    kw = _model_kw(plan, loaded, callback)
+    counted = CountCalls(loaded.denoiser)
+    steps = _steps_total(plan, counted.schedule) or 0
+    rest = {k: v for k, v in kw.items() if k not in ("seed", "device", "labels")}
+    labels = kw.get("labels")
+    if plan.video is not None:  # an edit: the n outputs in one batch
+        if on_stage is not None:
+            on_stage(plan, steps)
+        video = plan.video.expand(req.n, *shape).to(dev)
+        common = dict(seed=req.seed, device=dev, labels=labels, **rest)
+        if plan.method != "masked" and plan.run.capabilities.observed:  # its unconditional mode: no frame observed
+            common["cond"] = {**(rest.get("cond") or {}),
+                              "observed": torch.zeros(req.n, shape[1], dtype=torch.bool, device=dev)}
+        if plan.method == "masked":
+            x = sample_masked(counted, video, plan.observed, **common)
+        elif plan.method == "replacement":
+            x = sample_replacement(counted, video, plan.observed, **common)
+        else:
+            weight = RECONSTRUCTION_WEIGHT if req.guidance_weight is None else req.guidance_weight
+            x = sample_reconstruction(counted, video, plan.observed, weight, **common)
+        given = plan.observed.to(plan.video.dtype)[None, None, :, None, None]
+        return Result(x.cpu(), [plan.video * given], counted.calls)  # the frames not given shown mid-grey
+    chunks = -(-req.n // req.batch_size)
+    if shape[1] <= plan.model_frames:
+        if on_stage is not None:
+            on_stage(plan, steps * chunks if steps else None)
+        cond = {"observed": torch.zeros(req.n, shape[1], dtype=torch.bool)} if plan.run.capabilities.observed else None
+        x = generate_in_chunks(counted, req.n, shape, chunk=req.batch_size, **_with_condition(kw, cond))
+        return Result(x, [], counted.calls)
+    stages = list(SCHEMES[req.scheme](plan.model_frames, shape[1]))
+    if on_stage is not None:
+        on_stage(plan, steps * len(stages) * chunks if steps else None)
+    out = []
+    for k, lo in enumerate(range(0, req.n, req.batch_size)):
+        b = min(req.batch_size, req.n - lo)
+        part = None if labels is None else labels[lo:lo + b]
+        out.append(sample_long(counted, stages, torch.zeros(b, *shape), 0, frames=plan.model_frames,
+                               seed=chunk_seed(req.seed, k), device=dev, labels=part, **rest).cpu())
+    return Result(torch.cat(out), [], counted.calls)
 
 
 def _edit(plan: Plan, space, counted, kw: dict) -> tuple[Tensor, list[Tensor]]:

@@ -71,7 +71,7 @@ from PIL import Image
 from torch import Tensor
 
 from .. import pretrained
-from .requests import (CODED, EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
+from .requests import (CODED, VIDEO_METHODS, parse_given, video_sheet, EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
                            save_before_after)
 from ..checkpoint import read_json_records, read_log, read_state, write_atomically
 from ..config import to_dict
@@ -85,7 +85,8 @@ from ..stages import diffusion_shape
 from ..tasks.editing import STRENGTH_HELP, latent_factor
 from ..tasks.semantic import amounts
 from ..train import feature_network
-from ..visualize import grid, save_gif, save_grid, save_image
+from ..data.video import imageio_v3
+from ..visualize import grid, save_gif, save_grid, save_image, save_video
 from .segment import Segmented, check_segmenter, output_paths
 
 INSTALL = 'pip install -e ".[ui]"'
@@ -258,7 +259,9 @@ class Models:
                 raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from or a "
                                  "segmenter to segment with; serve denoiser, diffusion autoencoder or segmentation runs")
         kinds = lambda *k: [run for run in self.all if self.opened[run].kind in k]  # noqa: E731
-        self.runs, self.editors = kinds("denoiser", "diffae_prior"), kinds("denoiser")
+        self.runs = kinds("denoiser", "diffae_prior")
+        self.editors = [run for run in kinds("denoiser") if not self.opened[run].capabilities.video]
+        self.videos = [run for run in kinds("denoiser") if self.opened[run].capabilities.video]  # the Video tab's
         self.autoencoders, self.attributes, self.segmenters = kinds("diffae"), kinds("diffae_classifier"), kinds("segmenter")
         self.decoders = {run: self._decoder(run) for run in kinds("diffae_prior")}
         self._loaded: dict[tuple[str, bool], Model] = {}
@@ -459,8 +462,10 @@ def error_message(e: BaseException, labels: dict[str, str] = LABELS) -> str:
 
 # --- images on the page and in the editor ------------------------------------------------------------------------
 def display(x: Tensor, nrow: int | None = None) -> Image.Image:
-    """A batch (B, C, H, W) in [-1, 1] as a grid for the page, scaled up by a whole factor (nearest neighbour)."""
-    img = grid(x.detach().float().cpu(), nrow)
+    """A batch (B, C, H, W) in [-1, 1] as a grid for the page, or videos (B, C, F, H, W) as their contact sheet (a row
+    per video), scaled up by a whole factor (nearest neighbour)."""
+    x = x.detach().float().cpu()
+    img = video_sheet(x, scale=1) if x.ndim == 5 else grid(x, nrow)
     k = max(1, DISPLAY_SIDE // img.width)
     return img.resize((img.width * k, img.height * k), Image.NEAREST) if k > 1 else img
 
@@ -502,6 +507,63 @@ def read_upload(path: str, side: int | None = None, limit: int = Limits.upload_p
         text = str(e).replace(str(Path(path).expanduser()), name).replace("the uploaded image ", "")
         raise ValueError(text.replace("; give a PNG or JPEG file", "; upload a PNG or JPEG file")) from None
     return working_size(img, side)
+
+
+def check_video_upload(path: str, limit: int = Limits.upload_pixels) -> tuple[int, int, int]:
+    """(frames, width, height) of an uploaded video (.gif, .mp4, ...), read from its header before any frame is decoded,
+    with frames x width x height at most `limit` (the page's pixel limit, --max-upload-pixels, counts every frame).
+    ValueError naming the file and the fix otherwise (not a video, damaged, over the limit)."""
+    name = Path(path).name
+    try:
+        if Path(path).suffix.lower() == ".gif":
+            with Image.open(path) as img:
+                if img.format != "GIF":
+                    raise ValueError(f"{name} is a {img.format} image, not a GIF")
+                frames, (w, h) = getattr(img, "n_frames", 1), img.size
+        else:
+            (w, h), frames = _ffmpeg_meta(path)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{name} cannot be read as a video ({e}); upload a GIF or an MP4") from None
+    if frames * w * h > limit:
+        raise ValueError(f"{name} is {frames} frames of {w}x{h} = {frames * w * h:,} pixels, more than the {limit:,} this "
+                         "page reads (diffuse serve --max-upload-pixels); upload a shorter or smaller copy")
+    return frames, w, h
+
+
+def _ffmpeg_meta(path: str) -> tuple[tuple[int, int], int]:
+    """((width, height), frames) of a video file from ffmpeg's header (imageio's ffmpeg plugin), frames = fps x duration
+    rounded up (an estimate that errs high, as a limit should)."""
+    iio = imageio_v3(f"reading {Path(path).suffix} videos", "; or upload a GIF")
+    meta = iio.immeta(path, plugin="FFMPEG")
+    w, h = meta["size"]
+    return (int(w), int(h)), max(1, math.ceil(float(meta["fps"]) * float(meta["duration"])))
+
+
+def video_files(x: Tensor, folder: Path, stem: str, before: list[Tensor] = (),
+                observed: Tensor | None = None) -> tuple[Path, Path, Path]:
+    """Videos x (N, C, F, H, W) in [-1, 1] written as FOLDER/STEM.gif and its contact sheet FOLDER/STEM.png (rows:
+    `before`, then the videos; given frames framed in red), what `diffuse sample|edit ... --out STEM.gif` writes, and
+    FOLDER/STEM_shown.gif, the GIF scaled up by a whole factor to about DISPLAY_SIDE for the page: (gif, shown, sheet)."""
+    gif, shown, sheet = folder / f"{stem}.gif", folder / f"{stem}_shown.gif", folder / f"{stem}.png"
+    save_video(x, gif)
+    save_video(x, shown, scale=max(1, DISPLAY_SIDE // grid(x[:, :, 0]).width))
+    save_image(video_sheet(torch.cat([b.to(x) for b in before] + [x]), observed), sheet)
+    return gif, shown, sheet
+
+
+def video_request(run: str, task: str, path: str | None, given: str, method: str | None, folder: Path, *,
+                  limit: int = Limits.upload_pixels, **fields) -> EditRequest:
+    """The Video tab's request: edit `task` (predict, interpolate) of the uploaded video at `path`, checked on its header
+    (`check_video_upload`: frames x pixels within `limit`) and copied into the job's `folder` as input.gif (or .mp4,
+    ...), the name its command line reads; `given` the indices as typed ("0,1" or empty: the task's default); `fields`
+    the request's other fields (n, seed, steps, ema, ...). ValueError naming the problem (no file, a bad --given)."""
+    if not path:
+        raise ValueError("no video: upload a GIF or an MP4 first")
+    check_video_upload(path, limit)
+    video = folder / f"input{Path(path).suffix.lower()}"
+    write_atomically(video, Path(path).read_bytes())
+    indices = parse_given(given.replace(" ", "")) if given and given.strip() else None
+    return EditRequest(run, task=task, video=str(video), given=indices, method=method or None, **fields)
 
 
 def working_size(img: Image.Image, side: int | None) -> Image.Image:
@@ -932,6 +994,8 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
 
             def callback(step: Step):
                 report(step)
+                if plan.model_frames:  # videos: no trajectory GIF (the videos are one)
+                    return
                 if step.index == 0:
                     frames.append(step.x.cpu())  # x_T
                 if step.total == 0 or step.index % max(1, step.total // PREVIEWS) == 0 or step.index == step.total - 1:
@@ -939,6 +1003,9 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
 
             result = execute(plan, callback, load=ui.models.load)
             x = result.x.cpu()
+            if plan.model_frames:  # a video run: the GIF and its contact sheet, as `diffuse sample ... --out samples.gif`
+                gif, shown, sheet = video_files(x, folder, "samples")
+                return dict(x=x, plan=plan, calls=result.calls, video=(gif, shown, sheet))
             save_grid(x, folder / "samples.png")  # what `diffuse sample ... --out samples.png` writes
             save_gif([decoded(req, f) for f in frames], folder / "trajectory.gif")  # latents decoded
             return dict(x=x, plan=plan, calls=result.calls)
@@ -948,7 +1015,15 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                 return {s_image: display(decoded(req, r.x0)), s_status: status("the predicted x_0", r)}
             if kind != "done":
                 return {s_status: CANCELLED if kind == "cancelled" else gr.update()}  # a tick: no change
-            return {s_image: display(r["x"]), s_gif: str(folder / "trajectory.gif"), s_command: r["plan"].command("samples.png"),
+            if "video" in r:
+                gif, shown, sheet = r["video"]
+                return {s_image: display(r["x"]), s_gif: gr.Image(str(shown), label="the videos"),
+                        s_command: r["plan"].command("samples.gif"), s_files: [str(gif), str(sheet)], last: None,
+                        s_status: f"{len(r['x'])} videos of {r['x'].shape[2]} frames (the contact sheet above: a row per "
+                                  f"video), {r['calls']} denoiser calls"}
+            return {s_image: display(r["x"]),
+                    s_gif: gr.Image(str(folder / "trajectory.gif"), label="trajectory x_t"),
+                    s_command: r["plan"].command("samples.png"),
                     s_files: [str(folder / "samples.png"), str(folder / "trajectory.gif")], last: r["x"],
                     s_status: f"{len(r['x'])} samples, {r['calls']} denoiser calls"}
 
@@ -1055,6 +1130,45 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                     e_status: f"{len(r['x'])} {task} outputs, {r['calls']} denoiser calls"}
 
         yield from ui.follow(gr, http, work, progress, outputs, folder, e_status, {e_status: "loading", e_command: ""})
+
+    # ---- Video: an uploaded GIF or MP4, its given frames kept, the rest generated; the GIF, its sheet, the command line
+    def video_about(run: str) -> str:
+        caps = ui.models.run(run).capabilities
+        return (f"{run}: videos of {caps.frames} frames; " + ("trained with given frames (model.video_observed): method "
+                "masked by default" if caps.observed else "trained without given frames: method reconstruction (Ho et "
+                "al. 2022) by default, or replacement") + ". Given frames: indices such as 0,1 (empty: predict the "
+                "first half, interpolate the first and the last frame); they are framed in red in the sheet.")
+
+    @takes_request
+    def video_edit(run, task, path, given, method, n, seed, steps, ema, http=None, progress=gr.Progress()):
+        folder = ui.job_folder("video")
+        try:
+            req = video_request(run, task, path, given, method, folder, limit=ui.limits.upload_pixels, n=int(n),
+                                seed=int(seed), steps=None if steps is None else int(steps), ema=bool(ema),
+                                device=ui.device if ui.device_flag else None)
+        except ValueError as e:
+            raise page_error(gr, error_message(e))
+
+        def work(report):
+            plan = resolve(req, ui.models.run(req.run))  # the video, the given frames and the method checked first
+            result = execute(plan, report, load=ui.models.load)
+            files = video_files(result.x.cpu(), folder, "edited", result.before, plan.observed)
+            return dict(x=result.x.cpu(), plan=plan, calls=result.calls, files=files)
+
+        def outputs(kind, r):
+            if kind == "preview":
+                return {v_sheet: display(r.x0), v_status: status("the predicted x_0", r)}
+            if kind != "done":
+                return {v_status: CANCELLED if kind == "cancelled" else gr.update()}
+            gif, shown, sheet = r["files"]
+            argv = [Path(a).name if a == req.video else a for a in r["plan"].argv()] + ["--out", "edited.gif"]
+            given_frames = ",".join(map(str, r["plan"].observed.nonzero()[:, 0].tolist()))
+            return {v_gif: str(shown), v_sheet: str(sheet), v_files: [str(gif), str(sheet), req.video],
+                    v_command: shlex.join(["diffuse", *argv]) + f"   # with the downloaded {Path(req.video).name}",
+                    v_status: f"{len(r['x'])} {task} outputs ({r['plan'].method}; frames {given_frames} given), "
+                              f"{r['calls']} denoiser calls"}
+
+        yield from ui.follow(gr, http, work, progress, outputs, folder, v_status, {v_status: "loading", v_command: ""})
 
     # ---- Autoencode: an uploaded image through a diffusion autoencoder; the strip, the figure and the command line
     def autoencode_about(run: str, mode: str) -> str:
@@ -1258,6 +1372,41 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                                     e_files = gr.File(label="download", file_count="multiple", interactive=False)
                             e_figure = gr.Image(label="the input beside the outputs", type="filepath", interactive=False,
                                                 elem_id="e-figure")
+            if ui.models.videos:  # Video: predict and interpolate with the video runs
+                v_first = ui.models.videos[0]
+                with gr.Tab("Video", id="video", elem_id="tab-video"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            v_run = gr.Dropdown(ui.models.videos, value=v_first, label="video run", elem_id="v-run")
+                            v_about = gr.Markdown(video_about(v_first), elem_id="v-about")
+                            v_upload = gr.File(label=f"video file (GIF or MP4; at most {limits.upload_mb:g} MB and "
+                                                     f"{limits.upload_pixels / 1e6:.3g} million pixels over all frames)",
+                                               type="filepath", file_types=[".gif", ".mp4"], elem_id="v-upload")
+                            v_task = gr.Radio(["predict", "interpolate"], value="predict", label="edit", elem_id="v-task")
+                            v_given = gr.Textbox(label="given frames (e.g. 0,1; empty: the edit's default)",
+                                                 elem_id="v-given")
+                            v_method = gr.Dropdown([("the run's default", ""), *[(m, m) for m in VIDEO_METHODS]],
+                                                   value="", label="method", elem_id="v-method")
+                            with gr.Row():
+                                v_n = gr.Slider(1, 8, value=2, step=1, label="outputs", elem_id="v-n")
+                                v_seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="v-seed")
+                            v_steps = gr.Number(ui.models.run(v_first).cfg.sample.steps, label="steps (0: all)",
+                                                precision=0, minimum=0, elem_id="v-steps")
+                            v_ema = gr.Checkbox(True, label="EMA weights", elem_id="v-ema")
+                            with gr.Row():
+                                v_go = gr.Button("Edit the video", variant="primary", elem_id="v-go")
+                                v_cancel = gr.Button("Cancel", variant="stop", elem_id="v-cancel")
+                        with gr.Column(scale=2):
+                            v_gif = gr.Image(label="the outputs (the given frames kept)", type="filepath",
+                                             interactive=False, elem_id="v-gif", height=300)
+                            v_sheet = gr.Image(label="contact sheet: the input (given frames only), then each output; "
+                                                     "given frames framed in red", type="filepath", interactive=False,
+                                               elem_id="v-sheet")
+                            v_status = gr.Markdown(elem_id="v-status", min_height=48)
+                            v_command = gr.Textbox(label="the command line that writes these files", interactive=False,
+                                                   elem_id="v-command")
+                            v_files = gr.File(label="download", file_count="multiple", interactive=False,
+                                              elem_id="v-files")
             if a_first is not None:  # Autoencode: the diffusion autoencoders
                 with gr.Tab("Autoencode", id="autoencode", elem_id="tab-autoencode"):
                     with gr.Row():
@@ -1352,6 +1501,11 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                                       e_length, *e_controls], [e_image, e_figure, e_status, e_command, e_files],
                                show_progress_on=[e_status], **jobs)
             e_cancel.click(lambda: CANCELLED, None, e_status, cancels=[e_job], queue=False)
+        if ui.models.videos:
+            v_run.change(video_about, v_run, v_about, queue=False)
+            v_job = v_go.click(video_edit, [v_run, v_task, v_upload, v_given, v_method, v_n, v_seed, v_steps, v_ema],
+                               [v_gif, v_sheet, v_status, v_command, v_files], show_progress_on=[v_status], **jobs)
+            v_cancel.click(lambda: CANCELLED, None, v_status, cancels=[v_job], queue=False)
         if a_first is not None:
             a_shown = [a_about, a_to, a_attribute, a_class, a_amount, a_n]
             a_run.change(on_ae_run, [a_run, a_mode, a_n], [*a_shown, a_steps], queue=False)
