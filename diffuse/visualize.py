@@ -167,6 +167,10 @@ def video_frames(x: Tensor) -> Tensor:
     return x.permute(2, 0, 1, 3, 4)
 
 
+GIF_CLOCK = "diffuse frame_ms="
+"""The comment of a GIF save_video writes: the duration of one frame, by which a reader counts merged frames."""
+
+
 def save_video(x: Tensor, path: str | Path, fps: float = 8, scale: int = 1) -> Path:
     """Write a video (C, F, H, W) in [-1, 1], or a batch (B, C, F, H, W) tiled as a grid in every frame (`grid`), to
     `path` atomically: .gif (Pillow, lossless for grayscale, looping; each frame shown round(100 / fps) centiseconds,
@@ -184,7 +188,9 @@ def save_video(x: Tensor, path: str | Path, fps: float = 8, scale: int = 1) -> P
         frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
     if suffix == ".gif":
         centiseconds = max(2, round(100 / fps))  # browsers show frames under 2 cs at 10 cs
-        return save_image(frames[0], path, save_all=True, append_images=frames[1:], duration=10 * centiseconds, loop=0)
+        # Pillow stores a run of identical frames as one longer frame; the comment keeps the clock (data.video.read_video)
+        return save_image(frames[0], path, save_all=True, append_images=frames[1:], duration=10 * centiseconds, loop=0,
+                          comment=f"{GIF_CLOCK}{10 * centiseconds}".encode())
     write_atomically(path, mp4_bytes(np.stack([np.asarray(f.convert("RGB")) for f in frames]), fps, str(path)))
     return path
 

@@ -308,3 +308,18 @@ def test_settings_the_source_ignores_are_refused(data, message):
     ok = RunConfig(data=DataConfig(source="moving_digits", frames=8, crops=100, digit_size=14, velocity=3,
                                    bounce="stochastic", digits_per_video=2))
     check_unused(ok)  # every moving-digits setting is read
+
+
+def test_a_still_clip_reads_back_with_all_its_frames(tmp_path):
+    """Pillow writes a run of identical frames as one longer GIF frame; save_video's clock comment lets read_video
+    count them again, so a still clip of 5 frames reads back as 5 (and a moving one as written)."""
+    from diffuse.data.video import read_video
+    from diffuse.visualize import save_video
+
+    still = torch.zeros(1, 5, 8, 8)
+    save_video(still, tmp_path / "still.gif")
+    assert read_video(tmp_path / "still.gif").shape == (5, 8, 8, 3)
+    half = torch.cat([torch.full((1, 2, 8, 8), -1.0), torch.full((1, 3, 8, 8), 1.0)], dim=1)  # 2 black, 3 white
+    save_video(half, tmp_path / "half.gif")
+    frames = read_video(tmp_path / "half.gif")
+    assert frames.shape == (5, 8, 8, 3) and [int(f.max()) for f in frames] == [0, 0, 255, 255, 255]

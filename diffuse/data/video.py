@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 import warnings
@@ -358,12 +359,16 @@ def _read_gif(path: Path) -> np.ndarray:
     frames, durations = [], []
     try:
         with Image.open(path) as img:
+            comment = img.info.get("comment", b"")
             for frame in ImageSequence.Iterator(img):
                 frames.append(np.asarray(frame.convert("RGB")))
                 durations.append(int(frame.info.get("duration", 0) or 0))
     except Exception as e:  # Pillow reports bad data with several exception types
         raise _unreadable(path, e) from None
-    shortest = min([d for d in durations if d > 0], default=0)
+    clock = re.search(rb"diffuse frame_ms=(\d+)", comment if isinstance(comment, bytes) else comment.encode())
+    # one frame's duration: the clock save_video wrote (a clip whose frames are all equal is one GIF frame), else the
+    # shortest frame's
+    shortest = int(clock.group(1)) if clock else min([d for d in durations if d > 0], default=0)
     repeats = [max(1, round(d / shortest)) if shortest and d > 0 else 1 for d in durations]
     return np.stack([f for f, k in zip(frames, repeats) for _ in range(k)])
 
