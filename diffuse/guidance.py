@@ -9,12 +9,15 @@ combines both predictions with the same weights, which is that consistency witho
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import LABELS as AUGMENT_LABELS, apply as augment_apply
 from .condition import concat_conditions
 from .denoiser import Prediction, eps_to_x0, scales, x0_to_eps
 from .schedule import to_device
@@ -253,13 +256,237 @@ class ClassifierGuidance:
         tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])  # the host's times: read without waiting
         if self.scale == 0 or not bool((self.schedule.alpha(tt) > 0).all()):  # at alpha_t = 0, x_t is independent of y
             return pred
-        alpha, sigma = scales(self.schedule, t, x_t)
         model_time = to_device(self.schedule.model_time(tt).float(), x_t.device)
         grad = classifier_log_prob_grad(self.classifier, x_t, model_time, self.labels)
-        eps = pred.eps - self.scale * sigma * grad
-        if x_t.device.type == "cpu" and not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(pred.eps).all()) \
-                and bool(torch.isfinite(grad).all()):  # a CPU only, as classifier-free guidance's check
-            raise NonFiniteSample(f"classifier guidance with scale s = {self.scale:g} overflowed at t = {float(tt.max()):.4g}: "
-                                  "the model's eps and the classifier's gradient are finite, eps - s sigma grad is not; "
-                                  "lower the guidance scale (--guidance with --classifier; typical values are 1-10)")
-        return _with_eps(x_t, t, eps, self.schedule, pred)
+        return score_guided(x_t, t, self.schedule, pred, self.scale, grad, "classifier guidance", "the classifier's gradient",
+                            "--guidance with --classifier; typical values are 1-10")
+
+
+def score_guided(x_t: Tensor, t, schedule, pred: Prediction, scale: float, grad: Tensor, what: str, source: str,
+                 fix: str) -> Prediction:
+    """The prediction whose score gains s grad_x l(x_t) for a log-likelihood l: eps~ = eps - s sigma_t grad (Dhariwal &
+    Nichol 2021, eq. 14; guided-diffusion's condition_score), x_0 re-derived from x_t. grad shaped as x_t. Raises
+    NonFiniteSample (on a CPU, where the check is free) when eps~ overflows although eps and grad are finite, naming
+    `what` (e.g. "classifier guidance"), `source` (what gave the gradient) and `fix` (the flag to lower)."""
+    _, sigma = scales(schedule, t, x_t)
+    eps = pred.eps - scale * sigma * grad
+    if x_t.device.type == "cpu" and not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(pred.eps).all()) \
+            and bool(torch.isfinite(grad).all()):  # a CPU only, as classifier-free guidance's check
+        level = float(torch.as_tensor(t, dtype=torch.float64).max())
+        raise NonFiniteSample(f"{what} with scale s = {scale:g} overflowed at t = {level:.4g}: the model's eps and "
+                              f"{source} are finite, eps - s sigma grad is not; lower the guidance scale ({fix})")
+    return _with_eps(x_t, t, eps, schedule, pred)
+
+
+# --- CLIP guidance (GLIDE, Nichol et al. 2021) and guidance by a loss on x_0 (k-diffusion's CLIP-guided sampler) --------
+# The CLIP is duck-typed: `clip.image_embedding(x, model_time) -> (B, D)` (unit vectors for a real CLIP; x in the
+# denoiser's space, model_time (B,) float as the U-Net's, ignored by a plain CLIP), and optionally `clip.image_size`
+# (the side it was trained on) and `clip.embed_dim` (D), which are checked when present. Text embeddings g(c) are given.
+
+
+def check_guidance_scale(scale, what: str, flag: str) -> float:
+    """The scale as a float: a finite number >= 0, else ValueError naming `what` and the `flag` that sets it."""
+    try:
+        value = math.nan if isinstance(scale, (str, bytes, bool)) else float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"the {what} scale must be a finite number >= 0 (0: no guidance), got {scale!r}; pass one with {flag}")
+    return value
+
+
+def check_prompts(prompts) -> list[str]:
+    """The prompts a CLIP's text tower embeds, as a list: a string or a sequence of strings, none empty or blank. An
+    empty prompt has no content to guide towards: ValueError naming it."""
+    listed = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not listed:
+        raise ValueError("CLIP guidance needs a prompt to guide towards, got none; pass one with --prompt")
+    for i, p in enumerate(listed):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is {p!r}: CLIP guidance needs a non-empty prompt to guide towards (an empty one "
+                             "says nothing); give it words with --prompt, or leave CLIP guidance out (--clip-scale 0)")
+    return listed
+
+
+def check_text_embedding(text_emb: Tensor, clip) -> Tensor:
+    """The text embedding g(c), (D,) or (B, D), finite and of unit norm (CLIP's text tower L2-normalises it), and D the
+    CLIP's width where it says (`clip.embed_dim`). ValueError naming the problem otherwise."""
+    g = torch.as_tensor(text_emb)
+    if g.ndim not in (1, 2) or g.shape[-1] == 0 or not g.is_floating_point():
+        raise ValueError(f"the text embedding must be a float tensor (D,) or (B, D), got {g.dtype} {tuple(g.shape)}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("the text embedding holds NaN or inf values; embed the prompt again with the CLIP's text tower")
+    width = getattr(clip, "embed_dim", None)
+    if width is not None and g.shape[-1] != int(width):
+        raise ValueError(f"the text embedding is {g.shape[-1]} wide and this CLIP's embeddings are {int(width)} wide; embed "
+                         "the prompt with the same CLIP run's text tower")
+    norm = g.double().norm(dim=-1)
+    if not bool(((norm - 1).abs() <= 1e-3).all()):
+        raise ValueError(f"the text embedding must have unit norm (CLIP's are L2-normalised), got norms from "
+                         f"{float(norm.min()):.4g} to {float(norm.max()):.4g}; pass g / g.norm(dim=-1, keepdim=True)")
+    return g
+
+
+def eval_mode(clip) -> None:
+    """Put a CLIP that is an nn.Module in eval mode (dropout off, normalisation statistics fixed), as GLIDE guides."""
+    if isinstance(clip, torch.nn.Module):
+        clip.eval()
+
+
+def clip_embedding(clip, x: Tensor, model_time: Tensor, text_emb: Tensor) -> Tensor:
+    """f(x, t) (B, D) of the CLIP in float32 at least with autocast off, after checking x's side against
+    `clip.image_size` (if it says) and the embedding's width and rows against text_emb's (D,) or (B, D).
+    ValueError naming the mismatch."""
+    size = getattr(clip, "image_size", None)
+    if size is not None:
+        want = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        if tuple(x.shape[-2:]) != want:
+            raise ValueError(f"the CLIP was trained on {want[0]}x{want[1]} images and this run's are "
+                             f"{x.shape[-2]}x{x.shape[-1]}; guide with a CLIP trained at the run's size (its data.image_size, "
+                             "in the space the run samples: pixels or latents)")
+    with torch.autocast(x.device.type, enabled=False):
+        f = clip.image_embedding(x.to(torch.promote_types(x.dtype, torch.float32)), model_time)
+    f = f.to(torch.promote_types(f.dtype, torch.float32))
+    if f.ndim != 2 or f.shape[0] != x.shape[0]:
+        raise ValueError(f"clip.image_embedding must return (B, D) = ({x.shape[0]}, D), got {tuple(f.shape)}")
+    if f.shape[-1] != text_emb.shape[-1]:
+        raise ValueError(f"the CLIP's image embeddings are {f.shape[-1]} wide and the text embedding {text_emb.shape[-1]}; "
+                         "embed the prompt with the same CLIP run's text tower")
+    if text_emb.ndim == 2 and text_emb.shape[0] != x.shape[0]:
+        raise ValueError(f"the text embedding has {text_emb.shape[0]} rows for a batch of {x.shape[0]}; give one row per "
+                         "sample or one (D,) for all")
+    return f
+
+
+def clip_score_grad(clip, x_t: Tensor, model_time: Tensor, text_emb: Tensor) -> Tensor:
+    """grad_x sum_i f(x_i, t_i) . g_i for a CLIP f and text embeddings g ((D,) or (B, D)): each example's gradient of its
+    own score (the CLIP treats each image on its own), shaped and typed as x_t; float32 at least, autocast off."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        f = clip_embedding(clip, x, model_time, text_emb)
+        score = (f * text_emb.to(f)).sum()
+        return torch.autograd.grad(score, x)[0].to(x_t.dtype)
+
+
+class NoisyClipGuidance:
+    """CLIP guidance with a noise-aware CLIP at scale s (Nichol et al. 2021, GLIDE, sec. 3.2; lecture 002): the score
+    gains s grad_{x_t} f(x_t, t) . g(c),
+        eps~ = eps - s sigma_t grad_{x_t} f(x_t, t) . g(c)       (as ClassifierGuidance, guided-diffusion's condition_score)
+    Where the CLIP is optimal, f(x) . g(c) / tau = log p(c | x) - log p(c) (tau its temperature), so s = 1 / tau is
+    classifier guidance at scale 1, which samples p(x | c). Scale convention: GLIDE's cond_fn multiplies the cosine by
+    exp(logit_scale) = 100 and then by its grad_scale, so GLIDE's grad_scale 3 is s = 300 here. Acting on the prediction,
+    it works with every sampler and process (VP, EDM, flow); skipped where alpha_t = 0 (x_t is independent of c there).
+    The CLIP runs in eval mode, float32, autocast off. clip: see `clip_embedding`; text_emb (D,) or (B, D) unit vectors.
+    ValueError for a negative or non-finite scale, a text embedding of the wrong width or norm, or (when called) an
+    x_t whose side is not the CLIP's `image_size`."""
+
+    def __init__(self, denoiser, clip, text_emb: Tensor, scale: float):
+        self.scale = check_guidance_scale(scale, "CLIP guidance", "--clip-scale")
+        self.text_emb = check_text_embedding(text_emb, clip)
+        self.denoiser, self.schedule, self.bounded = denoiser, denoiser.schedule, getattr(denoiser, "bounded", True)
+        self.clip = clip
+        eval_mode(clip)
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        pred = self.denoiser(x_t, t, **cond)
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        if self.scale == 0 or not bool((self.schedule.alpha(tt) > 0).all()):  # at alpha_t = 0, x_t is independent of c
+            return pred
+        model_time = to_device(self.schedule.model_time(tt).float(), x_t.device)
+        grad = clip_score_grad(self.clip, x_t, model_time, self.text_emb.to(x_t.device))
+        return score_guided(x_t, t, self.schedule, pred, self.scale, grad, "CLIP guidance", "the CLIP's gradient",
+                            "--clip-scale")
+
+
+def x0_loss_grad(denoiser, x_t: Tensor, t, loss: Callable[[Tensor, Tensor], Tensor], **cond) -> tuple[Prediction, Tensor]:
+    """The denoiser's prediction at x_t (detached) and grad_{x_t} sum_i L_i(x^_0(x_t)), the gradient of the per-example
+    losses loss(x0, t) -> (B,) (t (B,) float64) through the denoiser (autograd)."""
+    tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        pred = denoiser(x, t, **cond)
+        grad = torch.autograd.grad(loss(pred.x0, tt).sum(), x)[0].to(x_t.dtype)
+    mix = None if pred.variance_mix is None else pred.variance_mix.detach()
+    return Prediction(pred.x0.detach(), pred.eps.detach(), mix), grad
+
+
+class X0LossGuidance:
+    """Guidance by a differentiable loss on the predicted x_0, the gradient taken through the denoiser (k-diffusion's
+    sample_clip_guided.py; Ho et al. 2022's reconstruction guidance): the score gains -s grad_{x_t} L(x^_0(x_t), t),
+        eps~ = eps + s sigma_t grad_{x_t} L,     i.e.  x~_0 = x^_0 - s (sigma_t^2 / alpha_t) grad_{x_t} L,
+    which in EDM's terms (x = x_t / alpha_t, sigma = sigma_t / alpha_t) is k-diffusion's D~ = D - s sigma^2 grad_x L.
+    loss(x0, t) -> (B,) per example (t (B,) float64, the continuous times), lower is better. Reconstruction guidance
+    (tasks.video.ReconstructionGuidance) is this with L = (alpha_t^2 / (2 sigma_t^2)) ||x^a - x^_0^a||^2 and s = w_r,
+    before its observed frames are replaced (tests/test_clip_guidance.py checks the two agree). Skipped where alpha_t = 0
+    (x_0 cannot be read there) and at s = 0. ValueError for a negative or non-finite scale."""
+
+    def __init__(self, denoiser, loss: Callable[[Tensor, Tensor], Tensor], scale: float, what: str = "x_0 loss guidance",
+                 flag: str = "its scale argument"):
+        self.scale = check_guidance_scale(scale, what, flag)
+        self.denoiser, self.schedule, self.bounded = denoiser, denoiser.schedule, getattr(denoiser, "bounded", True)
+        self.loss, self.what, self.flag = loss, what, flag
+
+    def __call__(self, x_t: Tensor, t, **cond) -> Prediction:
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        if self.scale == 0 or not bool((self.schedule.alpha(tt) > 0).all()):
+            return self.denoiser(x_t, t, **cond)
+        pred, grad = x0_loss_grad(self.denoiser, x_t, t, self.loss, **cond)
+        return score_guided(x_t, t, self.schedule, pred, self.scale, -grad, self.what, "the loss's gradient", self.flag)
+
+
+def spherical_dist_loss(u: Tensor, v: Tensor) -> Tensor:
+    """2 arcsin(|u^ - v^| / 2)^2 over the last dim, u^ and v^ the unit vectors along u and v: half the squared geodesic
+    distance on the sphere times 2 (k-diffusion's and the CLIP-guided diffusion notebooks' loss); 0 for equal
+    directions, pi^2 / 2 for opposite ones. Broadcasts; returns the leading shape."""
+    u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
+    return 2 * torch.arcsin((u - v).norm(dim=-1) / 2) ** 2
+
+
+class RandomShift:
+    """A random sub-pixel translation of each image by up to `max_shift` of its side in x and y (uniform), bilinear
+    with reflected borders (augment.apply): k-diffusion's RandomAffine(0, (1/14, 1/14)) augmentation of the x_0 a CLIP
+    sees, differentiable in the image. Square images (B, C, H, H). ValueError for max_shift outside [0, 0.5]."""
+
+    def __init__(self, max_shift: float = 1 / 14):
+        if not 0 <= max_shift <= 0.5:
+            raise ValueError(f"max_shift is a fraction of the image side in [0, 0.5], got {max_shift}")
+        self.max_shift = float(max_shift)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        labels = torch.zeros(x.shape[0], len(AUGMENT_LABELS), dtype=torch.float64, device=x.device)
+        shift = torch.rand(x.shape[0], 2, generator=generator, dtype=torch.float64, device=generator.device)
+        labels[:, 4:6] = ((2 * shift - 1) * self.max_shift).to(x.device)  # translate_x, translate_y over the side
+        return augment_apply(x, labels)
+
+
+class ClipX0Guidance(X0LossGuidance):
+    """CLIP guidance with a plain CLIP on the predicted x_0 through the denoiser (k-diffusion's sample_clip_guided.py;
+    the diffusers community CLIP-guided pipeline): X0LossGuidance with
+        L(x_0) = mean over k cutouts j of spherical_dist_loss(f(aug_j(x_0)), g(c)),
+    each cutout an independent draw of `augment` (default RandomShift(1/14), k-diffusion's; None: x_0 itself, so
+    cutouts = 1 is the plain loss). The CLIP sees x_0 at model_time(0) (clean images; a noise-aware CLIP is then a
+    plain one), in eval mode, float32, autocast off. Scale s as k-diffusion's clip_guidance_scale (default 500 there,
+    whose loss sums the cutouts where this averages them). The augmentations are drawn from a generator seeded with
+    `seed` on the first call, so a run repeats. ValueError for a bad scale, cutouts < 1 or text embedding."""
+
+    def __init__(self, denoiser, clip, text_emb: Tensor, scale: float, cutouts: int = 1,
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = RandomShift(), seed: int = 0):
+        if isinstance(cutouts, bool) or not isinstance(cutouts, int) or cutouts < 1:
+            raise ValueError(f"cutouts is the number of augmented copies of x_0 the CLIP sees, an integer >= 1, got {cutouts!r}")
+        super().__init__(denoiser, self.clip_loss, scale, "CLIP guidance on x_0", "--clip-scale")
+        self.clip, self.text_emb = clip, check_text_embedding(text_emb, clip)
+        self.cutouts, self.augment, self.seed, self.generator = cutouts, augment, seed, None
+        eval_mode(clip)
+
+    def clip_loss(self, x0: Tensor, t: Tensor) -> Tensor:
+        """mean_j spherical_dist_loss(f(aug_j(x0)), g) per example (B,), float32 at least."""
+        if self.generator is None or self.generator.device != x0.device:
+            self.generator = torch.Generator(x0.device).manual_seed(self.seed)
+        g = self.text_emb.to(x0.device)
+        clean = to_device(self.schedule.model_time(torch.zeros_like(t)).float(), x0.device)
+        total = 0.0
+        for _ in range(self.cutouts):
+            view = x0 if self.augment is None else self.augment(x0, self.generator)
+            f = clip_embedding(self.clip, view, clean, g)
+            total = total + spherical_dist_loss(f, g.to(f))
+        return total / self.cutouts
