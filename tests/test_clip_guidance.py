@@ -262,3 +262,18 @@ def test_bad_input_is_refused_by_name(mix):
         with pytest.raises(ValueError, match=r"prompt.*--prompt"):
             check_prompts(prompts)
     assert check_prompts("a red square") == ["a red square"]
+
+
+@pytest.mark.parametrize("kind,prediction,sampler", [("linear", "eps", "euler-ancestral"), ("linear", "eps", "dpmpp-2m"),
+                                                     ("edm", "edm", "heun"), ("flow", "flow", "euler")])
+def test_generate_runs_noisy_clip_guidance_with_any_sampler_and_process(kind, prediction, sampler):
+    """The wrapper composes with `generate` (its SplitCalls inside, clipping outside) on stochastic and deterministic
+    samplers and on the VP, EDM and flow processes: guided by the optimal CLIP at s = 1 they draw component 1."""
+    from diffuse.generate import generate
+    den, mix = exact_denoiser(kind, prediction)
+    den.bounded = False  # the mixture is not held to [-1, 1]
+    opts, steps, spacing = ACCURATE[sampler]
+    x0 = generate(NoisyClipGuidance(den, ExactClip(mix), torch.tensor([0.0, 1.0, 0.0]), 1.0), 300, (2, 1, 1),
+                  sampler=sampler, steps=steps, spacing=spacing, seed=13, **opts)
+    assert float((mix.component(x0.flatten(1)) == 1).double().mean()) > 0.97
+    torch.testing.assert_close(x0.flatten(1).double().mean(0), mix.mu[1], atol=0.06, rtol=0)
