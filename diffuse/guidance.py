@@ -361,7 +361,7 @@ def clip_embedding(clip, x: Tensor, model_time: Tensor, text_emb: Tensor) -> Ten
 def clip_score_grad(clip, x_t: Tensor, model_time: Tensor, text_emb: Tensor) -> Tensor:
     """grad_x sum_i f(x_i, t_i) . g_i for a CLIP f and text embeddings g ((D,) or (B, D)): each example's gradient of its
     own score (the CLIP treats each image on its own), shaped and typed as x_t; float32 at least, autocast off."""
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x_t.device.type, enabled=False):  # the backward too: it follows autocast
         x = x_t.detach().requires_grad_(True)
         f = clip_embedding(clip, x, model_time, text_emb)
         score = (f * text_emb.to(f)).sum()
@@ -404,8 +404,10 @@ def x0_loss_grad(denoiser, x_t: Tensor, t, loss: Callable[[Tensor, Tensor], Tens
     tt = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        pred = denoiser(x, t, **cond)
-        grad = torch.autograd.grad(loss(pred.x0, tt).sum(), x)[0].to(x_t.dtype)
+        pred = denoiser(x, t, **cond)  # under the caller's autocast, as the network runs unguided
+        total = loss(pred.x0, tt).sum()
+        with torch.autocast(x_t.device.type, enabled=False):  # a CLIP's backward in float32 too (it follows autocast)
+            grad = torch.autograd.grad(total, x)[0].to(x_t.dtype)
     mix = None if pred.variance_mix is None else pred.variance_mix.detach()
     return Prediction(pred.x0.detach(), pred.eps.detach(), mix), grad
 
@@ -464,8 +466,9 @@ class ClipX0Guidance(X0LossGuidance):
     the diffusers community CLIP-guided pipeline): X0LossGuidance with
         L(x_0) = mean over k cutouts j of spherical_dist_loss(f(aug_j(x_0)), g(c)),
     each cutout an independent draw of `augment` (default RandomShift(1/14), k-diffusion's; None: x_0 itself, so
-    cutouts = 1 is the plain loss). The CLIP sees x_0 at model_time(0) (clean images; a noise-aware CLIP is then a
-    plain one), in eval mode, float32, autocast off. Scale s as k-diffusion's clip_guidance_scale (default 500 there,
+    cutouts = 1 is the plain loss). The CLIP sees x_0 at the model time of the schedule's t_min, the least noise the
+    process knows (t = 0 is -inf on EDM's), so a noise-aware CLIP acts as a plain one; in eval mode, float32, autocast
+    off. Scale s as k-diffusion's clip_guidance_scale (default 500 there,
     whose loss sums the cutouts where this averages them). The augmentations are drawn from a generator seeded with
     `seed` on the first call, so a run repeats. ValueError for a bad scale, cutouts < 1 or text embedding."""
 
@@ -483,7 +486,7 @@ class ClipX0Guidance(X0LossGuidance):
         if self.generator is None or self.generator.device != x0.device:
             self.generator = torch.Generator(x0.device).manual_seed(self.seed)
         g = self.text_emb.to(x0.device)
-        clean = to_device(self.schedule.model_time(torch.zeros_like(t)).float(), x0.device)
+        clean = to_device(self.schedule.model_time(torch.full_like(t, self.schedule.t_min)).float(), x0.device)
         total = 0.0
         for _ in range(self.cutouts):
             view = x0 if self.augment is None else self.augment(x0, self.generator)

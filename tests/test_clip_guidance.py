@@ -277,3 +277,48 @@ def test_generate_runs_noisy_clip_guidance_with_any_sampler_and_process(kind, pr
                   sampler=sampler, steps=steps, spacing=spacing, seed=13, **opts)
     assert float((mix.component(x0.flatten(1)) == 1).double().mean()) > 0.97
     torch.testing.assert_close(x0.flatten(1).double().mean(0), mix.mu[1], atol=0.06, rtol=0)
+
+
+class ModuleClip(torch.nn.Module):
+    """A CLIP that is an nn.Module with dropout, recording the model times it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.drop, self.times = torch.nn.Linear(2, 3), torch.nn.Dropout(0.5), []
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(14))
+
+    def image_embedding(self, x, model_time):
+        self.times.append(model_time)
+        u = self.drop(self.proj(x.flatten(1)))
+        return u / u.norm(dim=1, keepdim=True)
+
+
+def test_the_clip_runs_in_eval_mode_and_float32_under_autocast_and_sees_clean_times_on_x0(mix):
+    """GLIDE's pitfalls: dropout off (the gradient repeats), float32 even inside bf16 autocast; the CLIP on x_0 gets the
+    model time of t_min (the least noise the process knows; t = 0 is -inf on EDM), the noise-aware one x_t's own."""
+    den, clip, x = Denoiser(mix.eps, mix.schedule), ModuleClip(), points(8, seed=15).float()
+    g = unit([1.0, 0.0, 0.0]).float()
+    guided = NoisyClipGuidance(den, clip, g, 2.0)
+    assert not clip.training
+    first = guided(x, 0.5).eps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = guided(x, 0.5).eps
+    assert again.dtype == torch.float32
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(clip.times[-1], torch.full((8,), 499.0))  # t = 0.5 on the 1000-step schedule: step 499
+    on_x0 = ClipX0Guidance(den, clip, g, 2.0, augment=None)
+    first = on_x0(x, 0.5).eps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(on_x0(x, 0.5).eps, first, rtol=0, atol=0)
+    edm, _ = exact_denoiser("edm", "edm")
+    ClipX0Guidance(edm, clip, g, 2.0, augment=None)(x, 0.5)
+    assert bool(torch.isfinite(clip.times[-1]).all())
+    torch.testing.assert_close(clip.times[-1], edm.schedule.model_time(torch.full((8,), edm.schedule.t_min)).float())
+
+
+def test_an_overflowing_scale_names_the_flag(mix):
+    from diffuse.samplers.base import NonFiniteSample
+    den, clip, x, g = Denoiser(mix.eps, mix.schedule), LinearClip(W().float()), points(8, seed=16).float(), unit([1.0, 0, 0])
+    for wrapper in (NoisyClipGuidance(den, clip, g, 1e300), ClipX0Guidance(den, clip, g, 1e300, augment=None)):
+        with pytest.raises(NonFiniteSample, match=r"CLIP guidance.* scale s = 1e\+300 overflowed .*--clip-scale"):
+            wrapper(x, 0.5)
