@@ -372,8 +372,9 @@ class NoisyClipGuidance:
     """CLIP guidance with a noise-aware CLIP at scale s (Nichol et al. 2021, GLIDE, sec. 3.2; lecture 002): the score
     gains s grad_{x_t} f(x_t, t) . g(c),
         eps~ = eps - s sigma_t grad_{x_t} f(x_t, t) . g(c)       (as ClassifierGuidance, guided-diffusion's condition_score)
-    Where the CLIP is optimal, f(x) . g(c) / tau = log p(c | x) - log p(c) (tau its temperature), so s = 1 / tau is
-    classifier guidance at scale 1, which samples p(x | c). Scale convention: GLIDE's cond_fn multiplies the cosine by
+    Where the CLIP is optimal, f(x) . g(c) / tau = log p(c | x) - log p(c) (tau its temperature), so s = omega / tau is
+    classifier guidance at the lecture's scale omega, and s = 1 / tau (about 100 once CLIP's logit scale saturates)
+    samples p(x | c). Scale convention: GLIDE's cond_fn multiplies the cosine by
     exp(logit_scale) = 100 and then by its grad_scale, so GLIDE's grad_scale 3 is s = 300 here. Acting on the prediction,
     it works with every sampler and process (VP, EDM, flow); skipped where alpha_t = 0 (x_t is independent of c there).
     The CLIP runs in eval mode, float32, autocast off. clip: see `clip_embedding`; text_emb (D,) or (B, D) unit vectors.
@@ -468,8 +469,8 @@ class ClipX0Guidance(X0LossGuidance):
     each cutout an independent draw of `augment` (default RandomShift(1/14), k-diffusion's; None: x_0 itself, so
     cutouts = 1 is the plain loss). The CLIP sees x_0 at the model time of the schedule's t_min, the least noise the
     process knows (t = 0 is -inf on EDM's), so a noise-aware CLIP acts as a plain one; in eval mode, float32, autocast
-    off. Scale s as k-diffusion's clip_guidance_scale (default 500 there,
-    whose loss sums the cutouts where this averages them). The augmentations are drawn from a generator seeded with
+    off. Scale s as k-diffusion's clip_guidance_scale (default 500 there);
+    the k cutouts' losses are averaged, so the scale means the same for every k. The augmentations are drawn from a generator seeded with
     `seed` on the first call, so a run repeats. ValueError for a bad scale, cutouts < 1 or text embedding."""
 
     def __init__(self, denoiser, clip, text_emb: Tensor, scale: float, cutouts: int = 1,
