@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..denoiser import Prediction, scales, x0_to_eps
 from ..generate import chunk_seed, generate
-from ..guidance import SelfConditioning
+from ..guidance import SelfConditioning, x0_loss_grad
 from ..samplers.base import Project
 from ..schedule import NoiseSchedule
 from .editing import inpaint_projection
@@ -156,13 +156,11 @@ def reconstruction_grad(denoiser, x_t: Tensor, t, x_obs: Tensor, observed: Tenso
     """The denoiser's prediction at z_t (B, C, F, H, W) and grad_{z_t} ||x^a - x^^a(z_t)||^2, the squared error of its x_0
     on the observed frames (observed (B, F) bool), each video's own, the gradient through the denoiser (autograd)."""
     a = observed[:, None, :, None, None].to(x_t)
-    with torch.enable_grad():
-        z = x_t.detach().requires_grad_(True)
-        pred = denoiser(z, t, **cond)
-        error = ((x_obs.to(x_t) - pred.x0) ** 2 * a).sum()
-        grad = torch.autograd.grad(error, z)[0]
-    return Prediction(pred.x0.detach(), pred.eps.detach(),
-                      None if pred.variance_mix is None else pred.variance_mix.detach()), grad
+
+    def error(x0: Tensor, _t: Tensor) -> Tensor:  # (B,): each video's squared error on its observed frames
+        return ((x_obs.to(x0) - x0) ** 2 * a).flatten(1).sum(1)
+
+    return x0_loss_grad(denoiser, x_t, t, error, **cond)
 
 
 class ReconstructionGuidance:
