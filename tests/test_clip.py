@@ -155,3 +155,34 @@ def test_retrieval_eval_of_a_run_and_its_bad_inputs(tmp_path):
     cfg.data.crops = type(cfg.data)().crops
     with pytest.raises(ValueError, match='trains on captioned images: set data.source = "shapes"'):
         Trainer(cfg, tmp_path / "b", progress=False)
+
+
+def test_diffuse_eval_on_captioned_digits_appends_retrieval_and_zero_shot_accuracy(tmp_path, capsys):
+    import json
+
+    from diffuse.app.cli import main
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.train import Trainer
+
+    cfg = apply_overrides(RunConfig(), [
+        "model.kind=clip", "data.source=digits", "data.channels=1", "data.image_size=8", "model.channels=8",
+        "model.channel_mult=[1, 2]", "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.norm_groups=4",
+        "model.text_encoder=chars", "model.max_tokens=24", "clip.dim=8", "clip.text_width=8", "train.batch_size=32",
+        "train.steps=2", "train.log_every=1000", "train.sample_every=0", "train.checkpoint_every=1000"])
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert main(["eval", str(tmp_path / "run"), "--metric", "retrieval", "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "run" / "eval.json").read_text())[-1]
+    assert record["metric"] == "retrieval" and record["distinct_captions"] == 10 and [k for k in record if k.startswith("t=")] == ["t=0"]
+    level = record["t=0"]  # the ten prompts are the held-out gallery's ten captions: zero-shot accuracy is i2t recall@1
+    assert level["zero_shot_accuracy"] == pytest.approx(level["i2t_r@1"]) and level["i2t_chance@1"] == pytest.approx(0.1)
+    assert main(["eval", str(tmp_path / "run"), "--metric", "fid"]) != 0
+    assert "--metric fid does not apply to a CLIP run" in capsys.readouterr().err
+
+
+def test_the_minilm_tower_trains_only_its_projection():
+    torch.manual_seed(0)
+    model = CLIP(TOWER, 3, 16, dim=8, text="minilm", max_tokens=16)
+    text_params = [name for name, _ in model.named_parameters() if not name.startswith("image_tower")]
+    assert text_params == ["logit_scale", "text_proj.weight", "text_proj.bias"] and model.text_proj.in_features == 384
+    emb = model.text_embedding(model.tokenize(["a red circle", "a red circle", "two blue squares"]))
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-6) and torch.allclose(emb[0], emb[1])
