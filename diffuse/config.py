@@ -151,6 +151,18 @@ class SemanticConfig:
     layers: int = 10            # diffae_prior: its linear layers (the paper: 10; 20 for horses and bedrooms)
 
 
+@dataclass
+class ClipConfig:
+    """[clip]: a CLIP trained here (model.kind = "clip", nets/clip.py): the image tower is the U-Net encoder of [model]
+    (channels, channel_mult, ...), the text tower model.text_encoder ("chars" of width model.context_dim, or frozen
+    "minilm" with a trained projection) over model.max_tokens tokens."""
+
+    dim: int = 64               # D, the width of both towers' unit embeddings (CLIP ViT-B/32: 512)
+    noise_aware: bool = False   # GLIDE's noised CLIP: the image tower reads x_t of [schedule] at its model time
+    clean_share: float = 0.25   # noise_aware: share of examples at t = 0 (clean images); the rest t ~ U(0, 1]
+    text_width: int = 64        # model.text_encoder = "chars": its width (minilm's is its own 384)
+
+
 VideoPattern = Literal["prediction", "backward", "interpolation", "scattered"]
 
 
@@ -186,6 +198,7 @@ class RunConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)  # model.kind = "segmenter": features, labels, head
     semantic: SemanticConfig = field(default_factory=SemanticConfig)  # "diffae_prior", "diffae_classifier": the codes
+    clip: ClipConfig = field(default_factory=ClipConfig)  # model.kind = "clip": embedding width, noise-aware variant
     video: VideoConfig = field(default_factory=VideoConfig)  # a video denoiser (model.video): masks, joint image training
 
 

@@ -55,6 +55,31 @@ def gather(x: Tensor, world: int) -> Tensor:
     return torch.cat(parts)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient of the global batch and keeps this process's rows (an
+    all_reduce: gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, world: int) -> Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def gather_with_grad(x: Tensor, world: int) -> Tensor:
+    """The global batch of a per-example tensor (b, ...) in rank order, differentiable: every process computes the same
+    global-batch loss L, and this process's rows receive the sum over processes of dL/dx, world * dL/dx, which DDP's
+    mean over processes turns back into dL/dtheta (open_clip's gather_with_grad). The identity for one process."""
+    return x if world == 1 else _GatherWithGrad.apply(x, world)
+
+
 def mean(x: Tensor, world: int) -> Tensor:
     """The mean over the `world` processes of a tensor of the same shape on each (a copy; the identity for one)."""
     if world == 1:

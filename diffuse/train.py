@@ -365,6 +365,7 @@ class Trainer:
         self.scaler.update()
         for name in self._present:
             self.schedules[name].step()
+        self.objective.after_step()  # a constraint on the parameters (kinds/base.py), before the EMA reads them
         if self.ema is not None:
             self.ema.update(self.modules[self.objective.ema], self.step, keep)
         if self.phema is not None:

@@ -40,6 +40,10 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     "diffae_prior": ["model.kind=diffae_prior", "semantic.hidden=8", "semantic.layers=3", "schedule.kind=constant",
                      "schedule.beta_end=0.05", "schedule.T=100", "train.ema_decay=0.9", "train.loss_norm=l1"],
     "diffae_classifier": ["model.kind=diffae_classifier", "semantic.target=label"],
+    # captioned digits: ten captions, so every batch repeats some (the soft targets); two ranks gather with gradient
+    "clip": ["model.kind=clip", "data.source=digits", "model.channels=8", "model.channel_mult=[1, 2]",
+             "model.num_res_blocks=1", "model.norm_groups=4", "model.attention_resolutions=[4]",
+             "model.text_encoder=chars", "model.max_tokens=24", "clip.dim=8", "clip.text_width=8"],
 }
 SEMANTIC = ("diffae_prior", "diffae_classifier")  # no [data] of their own: the codes of the source run's data
 SOURCE = "diffae_source"  # beside the images folder
@@ -51,7 +55,9 @@ VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencod
             "video": ("denoiser", ["model.class_conditional=false", "train.condition_dropout={}", "data.source=moving_digits",
                                    "data.frames=4", "data.crops=16", "data.digit_size=4", "data.velocity=1",
                                    "model.video=true", "model.video_observed=true", "video.max_observed=2",
-                                   "video.p_images=0.25"])}
+                                   "video.p_images=0.25"]),
+            # GLIDE's noised CLIP: x_t of the schedule at a drawn t (a share at t = 0)
+            "clip_noised": ("clip", ["clip.noise_aware=true", "schedule.T=100"])}
 
 
 def config(images: Path, kind: str, steps: int, extra=()):
@@ -171,6 +177,9 @@ def test_two_processes_end_where_one_ends(tmp_path, images, straight):
             # another order across processes, may move its weight by up to lr: allowed for one element or 1% of a
             # tensor, every other element equal up to float32 rounding
             off = ~torch.isclose(got[key].double(), w.double(), rtol=1e-5, atol=1e-6)
+            if key.endswith("self_attn.in_proj_bias"):  # torch attention's key bias (the middle third): its gradient is
+                d = off.numel() // 3                     # 0 exactly (a softmax ignores a shift), rounding's only (the chars encoder)
+                off[d:2 * d] = False
             assert int(off.sum()) <= max(1, off.numel() // 100), f"{name} {key}: {int(off.sum())} of {off.numel()} differ"
             assert float((got[key].double() - w.double()).abs().max()) <= 2 * 1e-3 * 1.01, f"{name} {key}"
 

@@ -24,6 +24,7 @@ from .toy import run_toy_demo
 from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
 from ..kinds import ignored_sections, unused_rows
+from ..kinds.clip import evaluate_run as evaluate_clip
 from ..kinds.diffusion import sample_config_kwargs
 from ..kinds.segmentation import SegmentationRun
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
@@ -208,6 +209,8 @@ def eval_command(args) -> None:
                          "(train.fid_every)")
     read_json_records(Path(args.run) / "eval.json")  # a broken eval.json fails now, not after the measurement
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if run.kind == "clip":
+        return _eval_clip(args, can.metrics, device)
     if "recon" in can.metrics:
         return _eval_autoencoder(args, cfg, device, run.step)
     if "miou" in can.metrics:
@@ -463,6 +466,22 @@ def _eval_segmenter(args, measures: tuple[str, ...], device) -> None:
               "iou": result["iou"],
               "images": result["images"], "step": result["step"], "date": datetime.date.today().isoformat()}
     _report(record, Path(args.run) / "eval.json")
+
+
+def _eval_clip(args, measures: tuple[str, ...], device) -> None:
+    """`diffuse eval CLIPRUN --metric retrieval`: held-out text->image and image->text recall@1/5 (per noise level for
+    a noise-aware CLIP) and zero-shot digit accuracy for a CLIP trained on captioned digits (kinds.clip.evaluate_run),
+    printed and appended to RUN/eval.json."""
+    if args.metric not in (None, *measures):
+        raise ValueError(f"--metric {args.metric} does not apply to a CLIP run, which measures --metric {_either(measures)}: "
+                         "held-out retrieval recall; sample metrics and likelihoods measure diffusion runs")
+    unused = [f for f in ("sampler", "steps", "spacing", "guidance", "guidance_interval", "mixed_precision", "rtol",
+                          "vlb_samples", "features", "real", "compile") if getattr(args, f, None) is not None]
+    if unused or args.no_ema:
+        flag = unused[0].replace("_", "-") if unused else "no-ema"
+        raise ValueError(f"--{flag} does nothing for a CLIP run: `diffuse eval` ranks its held-out images and captions "
+                         "by its own embeddings (raw weights, no EMA); leave it out")
+    _report(evaluate_clip(args.run, device, args.seed), Path(args.run) / "eval.json")
 
 
 def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 from ..config import RunConfig, check_unused
 from .autoencoder import AutoencoderObjective
 from .base import Context, Group, Objective, ignored
+from .clip import ClipObjective
 from .diffusion import ClassifierObjective, DiffusionObjective
 from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
@@ -24,6 +25,7 @@ KINDS: dict[str, type[Objective]] = {
     "diffae": DiffAEObjective,
     "diffae_prior": DiffAEPriorObjective,
     "diffae_classifier": DiffAEClassifierObjective,
+    "clip": ClipObjective,
 }
 VIDEO_KINDS: dict[str, type[Objective]] = {  # model.kind -> its objective for a video network (model.video = true)
     "denoiser": VideoObjective,
@@ -55,7 +57,8 @@ def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
     own = objective_class(cfg).unused(cfg)
     semantic = [] if cfg.model.kind in ("diffae_prior", "diffae_classifier") else semantic_unused(cfg, cfg.model.kind)
     video = [] if cfg.model.video else ignored(cfg, "only a video denoiser (model.video = true) reads it", ("video",))
-    return own + [row for row in segment + semantic + video if row[0] not in {r[0] for r in own}]
+    clip = [] if cfg.model.kind == "clip" else ignored(cfg, 'only model.kind = "clip" reads it', ("clip",))
+    return own + [row for row in segment + semantic + video + clip if row[0] not in {r[0] for r in own}]
 
 
 def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ One training step, as the Trainer runs it:
                            backward of each group's mean, into that group's parameters only
     objective.after_backward(d, gathered aux)          e.g. the importance sampler's history of L_t
     for each group with a loss this step: unscale, clip, step, schedule
+    objective.after_step()                              e.g. CLIP's clamp of its temperature (before the EMA update)
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ class Objective:
     def after_backward(self, d: dict[str, Tensor], aux: dict[str, Tensor]) -> None:
         """Once per step, after the last micro-batch's backward and before the optimizers step, when `losses` returned
         "aux": the step's global draws and the aux values gathered over the global batch."""
+
+    def after_step(self) -> None:
+        """Once per step, after the optimizers stepped and before the EMA update: a constraint on the parameters (CLIP's
+        logit_scale clamped to [0, ln 100], as open_clip after every optimizer step)."""
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors of the objective's own state, checkpointed for exact resume (EDM2 checkpoints its loss object)."""
