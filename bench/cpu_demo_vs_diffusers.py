@@ -45,9 +45,9 @@ from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.train import Trainer
 from diffuse.visualize import save_grid
+from results import RESULTS, write_results  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
 TITLE = "CPU: demo pipeline vs diffusers at the same wall-clock budget"
 
 # The peer's recipe: the diffusers unconditional-training tutorial (lr 1e-4, 500 warm-up steps,
@@ -231,20 +231,6 @@ def results_section(rows: list[dict], budget: float, n: int, configs: list[Path]
     lines += [f"| {r['model']} | " + " | ".join(map(str, r["classes"])) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
-
-def write_results(section: str, path: Path = RESULTS) -> None:
-    """Replace this bench's section of the same date in RESULTS.md, or append it; other sections are kept."""
-    heading = section.splitlines()[0]
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    blocks, current = [], []
-    for line in text.splitlines(keepends=True):
-        if line.startswith("## ") and current:
-            blocks.append("".join(current))
-            current = []
-        current.append(line)
-    blocks.append("".join(current))
-    kept = [b.rstrip("\n") for b in blocks if b.splitlines()[0] != heading]
-    path.write_text("\n\n".join(kept + [section.rstrip("\n")]) + "\n")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -53,10 +53,10 @@ from diffuse.tasks.video import SCHEMES, sample_long, sample_masked, sample_reco
 from diffuse.train import digit_classifier, train
 from diffuse.video_metrics import (acceleration, best_of_k, fd_digits_video, frame_labels, identity_kept, over_generated,
                                    psnr, ssim, trajectory_error, true_centres)
+from results import RESULTS, write_results  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "video_digits.toml"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 TITLE = "Video diffusion on moving digits (bench/video.py, issue 35"
 RUNS = {  # name: overrides of configs/video_digits.toml
     "masked": [],
@@ -305,21 +305,6 @@ def results_section(args, result: dict) -> str:
               table(r["cost"], ["frames", "DDIM steps", "seconds", "frames/s", "RSS before sampling MiB", "peak RSS MiB",
                                 "sampling's peak above MiB"]), ""]
     return "\n".join(lines)
-
-
-def write_results(section: str, path: Path = RESULTS) -> None:
-    """Replace this bench's section of the same date in RESULTS.md, or append it; other sections are kept."""
-    heading = section.splitlines()[0]
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    blocks, current = [], []
-    for line in text.splitlines(keepends=True):
-        if line.startswith("## ") and current:
-            blocks.append("".join(current))
-            current = []
-        current.append(line)
-    blocks.append("".join(current))
-    kept = [b.rstrip("\n") for b in blocks if b.splitlines()[0] != heading]
-    path.write_text("\n\n".join(kept + [section.rstrip("\n")]) + "\n")
 
 
 def main() -> None:

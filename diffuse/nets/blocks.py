@@ -173,7 +173,7 @@ def independent_frames(independent: Tensor) -> Tensor:
     return torch.eye(independent.shape[1], dtype=torch.bool, device=independent.device) | (video[:, :, None] & video[:, None, :])
 
 
-class TemporalAttention(nn.Module):
+class TemporalAttention(Attention):
     """Self-attention over the F frames at each of the H*W pixels, residual (Ho et al. 2022, sec. 3, the "temporal
     attention" block; B*H*W sequences of length F), with a relative-position bias from the frame indices:
         h = x + W_out softmax(Q K^T / sqrt(d) + b(index_j - index_i)) V,   per head,
@@ -188,14 +188,8 @@ class TemporalAttention(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int, groups: int):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"model.num_heads = {num_heads} must divide the width {channels}")
-        self.heads = num_heads
-        self.norm = norm(groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        super().__init__(channels, num_heads, groups)  # norm, qkv, out (zero) and the heads, as spatial attention's
         self.rpe = nn.Sequential(nn.Linear(3, channels), nn.SiLU(), zero_init(nn.Linear(channels, num_heads)))
-        self.out = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: Tensor, frames: Frames) -> Tensor:  # x (B*F, C, H, W), frames folded into the batch
         BF, C, H, W = x.shape
