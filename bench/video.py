@@ -97,7 +97,12 @@ def train_runs(args) -> dict[str, dict]:
         if path.exists() and not args.reuse:
             raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or remove it (or pass another --runs) "
                              "to train them anew; training into it would resume it for another --budget")
-        limit = ["train.steps=2", "train.time_limit=0", "train.warmup_steps=1"] if args.smoke else [f"train.time_limit={args.budget}"]
+        if args.smoke:
+            limit = ["train.steps=2", "train.time_limit=0", "train.warmup_steps=1"]
+        elif args.train_steps:  # equal steps = equal compute: every run's batch has the same shape (images are frames)
+            limit = [f"train.steps={args.train_steps}", "train.time_limit=0"]
+        else:
+            limit = [f"train.time_limit={args.budget}"]
         cfg = apply_overrides(load_config(CONFIG), overrides + limit + ["train.checkpoint_every=100000"])
         t0 = time.perf_counter()
         if not (args.reuse and (path / "config.toml").is_file()):
@@ -229,26 +234,39 @@ def long_part(args, runs, classifier, result) -> None:
 
 
 # --- part 4: speed and memory against the frame count ----------------------------------------------------------------
-def rss_mib() -> float:
-    """This process's resident set now (Linux /proc/self/status VmRSS), MiB; NaN where there is no /proc."""
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set now (field VmRSS) or its high-water mark (VmHWM) from Linux /proc/self/status, MiB;
+    NaN where there is no /proc."""
     try:
         return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmRSS:")) / 1024
+                    if line.startswith(field + ":")) / 1024
     except (OSError, StopIteration):
         return float("nan")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux: "5" into /proc/self/clear_refs); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_child(run: str, frames: int, steps: int) -> None:
     """In a fresh process: load the run, sample one video (the run's size) of `frames` frames (none given) with DDIM `steps` steps,
-    print {"frames", "s", "rss_before_mib", "maxrss_mib"}: the resident set before sampling and the process's peak."""
+    print {"frames", "s", "rss_before_mib", "maxrss_mib", "sampling_peak_mib"}: the resident set before sampling, the
+    process's peak (loading included) and the peak during sampling alone (the high-water mark reset just before it)."""
     opened = open_run(run)
     den, d = opened.denoiser(), opened.cfg.data
     video = torch.zeros(1, d.channels, frames, d.image_size, d.image_size)
     before = rss_mib()
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     sample_masked(den, video, [False] * frames, sampler="ddim", steps=steps, eta=0.0, clip=True)
     print(json.dumps({"frames": frames, "s": time.perf_counter() - t0, "rss_before_mib": before,
-                      "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "sampling_peak_mib": rss_mib("VmHWM") if reset else float("nan")}))
 
 
 def cost_part(args, runs, result) -> None:
@@ -259,7 +277,8 @@ def cost_part(args, runs, result) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"frames": frames, "DDIM steps": args.speed_steps, "seconds": r["s"], "frames/s": frames / r["s"],
                      "RSS before sampling MiB": r["rss_before_mib"], "peak RSS MiB": r["maxrss_mib"],
-                     "sampling's peak above MiB": max(0.0, r["maxrss_mib"] - r["rss_before_mib"])})
+                     "sampling peak RSS MiB": r["sampling_peak_mib"],
+                     "sampling's peak above MiB": r["sampling_peak_mib"] - r["rss_before_mib"]})
         say(json.dumps(rows[-1]))
     result["cost"] = rows
 
@@ -268,13 +287,15 @@ def cost_part(args, runs, result) -> None:
 def results_section(args, result: dict) -> str:
     date = datetime.date.today().isoformat()
     r = result
+    train_flag = f"--train-steps {args.train_steps}" if args.train_steps else f"--budget {args.budget:g}"
+    trained = (f"{args.train_steps} steps (equal compute: every run's batches have the same shape)" if args.train_steps
+               else f"{args.budget:g} s (train.time_limit)")
     lines = [f"## {TITLE}, {date})", "",
              f"Device: {cpu_description()}; torch {torch.__version__} ({torch.get_num_threads()} threads), float32. "
-             f"`python bench/video.py --budget {args.budget:g} --videos {args.videos} --k {args.k} --steps {args.steps}"
+             f"`python bench/video.py {train_flag} --videos {args.videos} --k {args.k} --steps {args.steps}"
              f"{' --reuse' if args.reuse else ''}`. Runs from `configs/video_digits.toml`, "
-             + ("reused from earlier: " if args.reuse else f"each trained {args.budget:g} s (train.time_limit), one after "
-                "the other: ") + ", ".join(f"{n} ({v['steps']} steps; {' '.join(v['overrides']) or 'as is'})"
-                                                 for n, v in r["runs"].items()) + ". "
+             + ("reused from earlier: " if args.reuse else f"each trained {trained}, one after the other: ")
+             + ", ".join(f"{n} ({v['steps']} steps; {' '.join(v['overrides']) or 'as is'})" for n, v in r["runs"].items()) + ". "
              f"Sampling: DDIM {args.steps} steps, eta 0, clipped. Held-out videos: the test split (digit instances never "
              "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR/SSIM mean over "
              f"{args.k} samples and best of them per video (MCVD); label: the digit classifier on each frame's "
@@ -286,24 +307,29 @@ def results_section(args, result: dict) -> str:
              f"frames; 384 dimensions, so from {args.videos} videos strongly biased: compare rows only), not FVD.", ""]
     cols = ["task", "method", "PSNR mean", "PSNR best", "SSIM mean", "SSIM best", "label constant", "true label",
             "trajectory px", "empty frame", "acceleration px/f^2", "FD-digits-video", "sample s"]
-    lines += ["### Prediction and interpolation: masked model, reconstruction guidance "
-              f"(w_r = {args.weight:g}), replacement", "", table(r["tasks"], cols), ""]
-    lines += ["### Joint image-video against video-only training, equal time", "",
-              f"Per-frame FID: frames of {args.uncond} unconditional videos against the frames of as many test videos, "
-              "digit-classifier features of whole 32x32 frames. Prediction columns: 4 -> 4, mean over samples.", "",
-              table(r["joint"], ["run", "p_images", "train steps", "per-frame FID", "FD-digits-video",
+    if "tasks" in r:
+        lines += ["### Prediction and interpolation: masked model, reconstruction guidance "
+                  f"(w_r = {args.weight:g}), replacement", "", table(r["tasks"], cols), ""]
+    if "joint" in r:
+        lines += [f"### Joint image-video against video-only training, equal {'compute' if args.train_steps else 'time'}", "",
+                  f"Per-frame FID: frames of {args.uncond} unconditional videos against the frames of as many test videos, "
+                  "digit-classifier features of whole 32x32 frames. Prediction columns: 4 -> 4, mean over samples.", "",
+                  table(r["joint"], ["run", "p_images", "train steps", "per-frame FID", "FD-digits-video",
                                  "label constant (unconditional)", "prediction PSNR mean", "prediction SSIM mean",
                                  "prediction label constant", "prediction trajectory px", "sample s"]), ""]
     F = load_config(CONFIG).data.frames
-    lines += [f"### {args.long_frames}-frame videos from the {F}-frame masked model, 4 frames given, "
-              f"{args.long_videos} videos", "",
-              table(r["long"], ["scheme", "stages", "label constant", "true label", "trajectory px", "empty frame",
+    if "long" in r:
+        lines += [f"### {args.long_frames}-frame videos from the {F}-frame masked model, 4 frames given, "
+                  f"{args.long_videos} videos", "",
+                  table(r["long"], ["scheme", "stages", "label constant", "true label", "trajectory px", "empty frame",
                                 f"trajectory px, last {F}", "acceleration px/f^2", "sample s"]), ""]
-    lines += ["### Sampling cost against the frame count (one video, none given, a fresh process each)", "",
-              "Peak RSS: the process's high-water mark (ru_maxrss), loading included; the last column is how far "
-              "sampling took it above the resident set before sampling (0: sampling stayed below the loading's peak).", "",
-              table(r["cost"], ["frames", "DDIM steps", "seconds", "frames/s", "RSS before sampling MiB", "peak RSS MiB",
-                                "sampling's peak above MiB"]), ""]
+    if "cost" in r:
+        lines += ["### Sampling cost against the frame count (one video, none given, a fresh process each)", "",
+                  "Peak RSS: the process's high-water mark (ru_maxrss), loading included. Sampling peak: the high-water mark "
+                  "reset (/proc/self/clear_refs) just before sampling and read after it; the last column is that peak "
+                  "above the resident set before sampling: the memory sampling F frames needs.", "",
+                  table(r["cost"], ["frames", "DDIM steps", "seconds", "frames/s", "RSS before sampling MiB", "peak RSS MiB",
+                                    "sampling peak RSS MiB", "sampling's peak above MiB"]), ""]
     return "\n".join(lines)
 
 
@@ -312,6 +338,10 @@ def main() -> None:
         return memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=480, help="training seconds per run (default 480, the config's)")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train every run this many steps instead of --budget seconds (equal compute, immune to load)")
+    p.add_argument("--parts", nargs="+", default=["tasks", "joint", "long", "cost"],
+                   choices=["tasks", "joint", "long", "cost"], help="which parts to measure (default all)")
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
     p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs; --smoke: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/video)")
@@ -347,12 +377,16 @@ def measure(args) -> None:
     t0 = time.perf_counter()
     classifier = digit_classifier()
     result = {"date": datetime.date.today().isoformat(), "device": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()}}
+    earlier = args.out / "results.json"
+    if args.reuse and earlier.is_file():  # parts measured earlier on these runs are kept unless measured again
+        result = {**{k: v for k, v in json.loads(earlier.read_text()).items() if k in ("tasks", "joint", "long", "cost")}, **result}
     result["runs"] = train_runs(args)
-    for part in (lambda: tasks_part(args, result["runs"], classifier, result),
-                 lambda: joint_part(args, result["runs"], classifier, result),
-                 lambda: long_part(args, result["runs"], classifier, result),
-                 lambda: cost_part(args, result["runs"], result)):
-        part()
+    parts = {"tasks": lambda: tasks_part(args, result["runs"], classifier, result),
+             "joint": lambda: joint_part(args, result["runs"], classifier, result),
+             "long": lambda: long_part(args, result["runs"], classifier, result),
+             "cost": lambda: cost_part(args, result["runs"], result)}
+    for name in args.parts:
+        parts[name]()
         (args.out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     result["seconds"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=float))
