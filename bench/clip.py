@@ -1,0 +1,279 @@
+"""CLIP, CLIP guidance and unCLIP on the captioned shapes, measured (issue 34, "How it is checked").
+
+Trains (or reuses with --reuse) every model of the comparison for a fixed number of steps, each about the demo's
+8-minute CPU budget at the rate its config states (fixed steps, so a loaded machine changes the wall time, not the
+model; the wall time of each is reported):
+
+    clip          configs/clip_shapes.toml, plain, seed 0: the CLIP that guides x_0 (k-diffusion's way)
+    clip-seed1    the same, seed 1: a second CLIP that never guides, the judge of adversarial gain (and FID features)
+    clip-noised   clip.noise_aware on x_t of the rectified flow (GLIDE's noised CLIP): guides x_t
+    uncond        configs/text_shapes.toml without its text (an unconditional pixel model of the same size and process)
+    cfg-pixel     configs/text_shapes.toml: text-conditioned, classifier-free guidance, pixels (the same space as uncond)
+    ae, cfg-latent   configs/ae_shapes.toml + configs/ldm_shapes.toml with the chars encoder (the latent CFG model)
+
+then, on --n captions of scenes outside every training set (captions.shapes_data seed 12345), one sample per caption
+per method and scale:
+    - the detector's prompt following (captions.prompt_scores: "all" criteria and each criterion), a judge no
+      generator was trained against;
+    - FID-CLIP1: the Frechet distance between the samples and the held-out scenes' own renders in the image-embedding
+      space of clip-seed1 (64 dimensions; not Inception FID), beside the distance between two disjoint real sets;
+    - the guiding CLIP's mean cosine score of sample and prompt beside clip-seed1's: a gain the second CLIP does not
+      see is adversarial.
+Each part prints a Markdown table; all go into --out/results.json and, unless --no-results, bench/RESULTS.md.
+
+    python bench/clip.py                      # train everything (~60 min of 2-core CPU), then measure
+    python bench/clip.py --reuse              # the runs in --runs already trained: measure only
+    python bench/clip.py --smoke              # the whole pipeline with tiny settings; writes no RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from diffuse.config import apply_overrides, load_config
+from diffuse.data.captions import prompt_scores, shapes_data
+from diffuse.generate import generate
+from diffuse.guidance import ClipX0Guidance, NoisyClipGuidance
+from diffuse.kinds.clip import evaluate_run, load_clip
+from diffuse.kinds.diffusion import sample_config_kwargs
+from diffuse.metrics import frechet_distance
+from diffuse.runs import load_run, open_run
+from diffuse.stages import space
+from diffuse.train import train
+from results import RESULTS, write_results  # bench/results.py, beside this script
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TITLE = "CLIP guidance against classifier-free guidance on the captioned shapes (bench/clip.py, issue 34"
+UNCOND = ["model.text_encoder=", "model.context_dim=0", "model.cross_attention_resolutions=[]",
+          "train.condition_dropout={}", "model.max_tokens=0", "sample.guidance=0"]
+CHARS = ["model.text_encoder=chars", "model.context_dim=64"]  # ldm_shapes.toml's default is MiniLM (the [text] extra)
+RUNS = {  # name: (config, overrides, steps: about 8 minutes at the rate the config states)
+    "clip": ("clip_shapes.toml", ["train.seed=0"], 2000),
+    "clip-seed1": ("clip_shapes.toml", ["train.seed=1"], 2000),
+    "clip-noised": ("clip_shapes.toml", ["clip.noise_aware=true", "schedule.kind=flow"], 1800),
+    "uncond": ("text_shapes.toml", UNCOND, 900),
+    "cfg-pixel": ("text_shapes.toml", [], 900),
+    "ae": ("ae_shapes.toml", [], 500),
+    "cfg-latent": ("ldm_shapes.toml", CHARS, 800),  # + latent.autoencoder = the ae run
+}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
+# --- the runs ----------------------------------------------------------------------------------------------------
+def train_runs(args) -> dict[str, dict]:
+    """Every run of RUNS trained for its steps (--smoke: 3) into --runs/NAME, or reused (--reuse) where it holds one.
+    Returns {name: {"path", "steps", "train_s", "overrides"}}; SystemExit for a run folder that exists without --reuse."""
+    out = {}
+    for name, (config, overrides, steps) in RUNS.items():
+        path = args.runs / name
+        if path.exists() and not args.reuse:
+            raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or another --runs to train anew")
+        extra = [f"latent.autoencoder={args.runs / 'ae'}"] if name == "cfg-latent" else []
+        n = 3 if args.smoke else steps
+        limit = [f"train.steps={n}", "train.time_limit=0", "train.checkpoint_every=100000", "train.sample_every=0"]
+        if args.smoke:
+            limit += ["train.warmup_steps=1", "data.crops=64", "train.batch_size=8"]
+        cfg = apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
+        t0 = time.perf_counter()
+        if not (args.reuse and (path / "config.toml").is_file()):
+            train(cfg, path, progress=False)
+        out[name] = {"path": str(path), "steps": open_run(path).step, "train_s": time.perf_counter() - t0,
+                     "overrides": " ".join(overrides) or "as is"}
+        say(f"run {name}: {out[name]['steps']} steps ({out[name]['train_s']:.0f} s here)")
+    return out
+
+
+# --- part 1: the CLIPs' held-out retrieval -------------------------------------------------------------------------
+def retrieval_part(args, runs, result) -> None:
+    rows = []
+    for name in ("clip", "clip-seed1", "clip-noised"):
+        rec = evaluate_run(runs[name]["path"])
+        for level, r in ((k, v) for k, v in rec.items() if k.startswith("t=")):
+            rows.append({"CLIP": name, "t": level[2:], "t2i R@1": r["t2i_r@1"], "i2t R@1": r["i2t_r@1"],
+                         "t2i R@5": r["t2i_r@5"], "i2t R@5": r["i2t_r@5"]})
+            say(json.dumps(rows[-1]))
+    result["retrieval"] = rows
+
+
+# --- part 2: guidance curves ------------------------------------------------------------------------------------------
+def held_out(n: int) -> tuple[torch.Tensor, list[str]]:
+    """n scenes outside every training set (seed 12345) as images (n, 3, 32, 32) in [-1, 1] and their captions."""
+    images, captions = shapes_data(n, 32, seed=12345)
+    return torch.from_numpy(images).float() / 127.5 - 1, captions
+
+
+def clip_features(clip, x: torch.Tensor) -> torch.Tensor:
+    """A plain CLIP's image embeddings (N, D) of images in [-1, 1], batched."""
+    with torch.no_grad():
+        return torch.cat([clip.image_embedding(part) for part in x.split(256)])
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The Frechet distance of two feature sets (N, D)."""
+    stats = lambda f: (f.double().mean(0).numpy(), torch.cov(f.double().T).numpy())  # noqa: E731
+    return float(frechet_distance(*stats(a), *stats(b)))
+
+
+def clip_score(clip, x: torch.Tensor, captions: list[str], model_time=None) -> float:
+    """Mean cosine f(x) . g(caption) of a CLIP over the samples (a noise-aware one at the process's clean time)."""
+    with torch.no_grad():
+        f = torch.cat([clip.image_embedding(part, model_time) for part in x.split(256)])
+        g = clip.text_embedding(clip.tokenize(captions))
+    return float((f * g).sum(-1).mean())
+
+
+def sample_method(method: str, scale: float, runs: dict, captions: list[str], args) -> torch.Tensor:
+    """One sample per caption, images (n, 3, 32, 32) in [-1, 1], by a method at a scale, with the run's [sample]
+    sampler; the same seed (so the same x_T) for every method and scale."""
+    n = len(captions)
+    if method in ("cfg-pixel", "cfg-latent"):
+        cfg, den, _ = load_run(runs[method]["path"])
+        s = space(cfg)
+        tokens = den.net.text_encoder.tokenize(captions)
+        z = generate(den, n, s.shape, cond={"text": tokens}, seed=args.seed,
+                     **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": scale})
+        return s.decode(z).clamp(-1, 1)
+    cfg, den, _ = load_run(runs["uncond"]["path"])
+    clip_run = "clip-noised" if method == "noisy CLIP" else "clip"
+    _, clip = load_clip(runs[clip_run]["path"])
+    text = clip.text_embedding(clip.tokenize(captions))
+    guided = (NoisyClipGuidance(den, clip, text, scale) if method == "noisy CLIP"
+              else ClipX0Guidance(den, clip, text, scale, cutouts=args.cutouts, seed=args.seed))
+    return generate(guided, n, space(cfg).shape, seed=args.seed,
+                    **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": 0.0}).clamp(-1, 1)
+
+
+def guidance_part(args, runs, result) -> None:
+    real, captions = held_out(args.n)
+    _, judge = load_clip(runs["clip-seed1"]["path"])
+    _, plain = load_clip(runs["clip"]["path"])
+    noised_cfg, noised = load_clip(runs["clip-noised"]["path"])
+    clean = torch.tensor(0.0)  # the noised CLIP's model time of a clean image under the flow (t = 0)
+    real_f = clip_features(judge, real)
+    other, _ = held_out(2 * args.n)  # a second real set: the first n of seed 12345 again, so take the other half
+    floor = frechet(real_f, clip_features(judge, other[args.n:]))
+    methods = {"cfg-latent": args.cfg_scales, "cfg-pixel": args.cfg_scales, "noisy CLIP": args.noisy_scales,
+               "x0 CLIP": args.x0_scales}
+    rows = []
+    for method, scales in methods.items():
+        for scale in scales:
+            t0 = time.perf_counter()
+            x = sample_method(method, scale, runs, captions, args)
+            seconds = time.perf_counter() - t0
+            if not torch.isfinite(x).all():
+                raise SystemExit(f"{method} at scale {scale} gave non-finite samples")
+            frac = prompt_scores(x, captions)["fraction"]
+            guiding = (clip_score(noised, x, captions, clean) if method == "noisy CLIP" else clip_score(plain, x, captions))
+            rows.append({"method": method, "scale": scale, **{k: frac[k] for k in ("all", "colour", "shape", "size", "count", "position")},
+                         "FID-CLIP1": frechet(real_f, clip_features(judge, x)),
+                         "guiding CLIP score": guiding, "clip-seed1 score": clip_score(judge, x, captions),
+                         "s / image": seconds / len(captions)})
+            say(json.dumps(rows[-1]))
+    result["guidance"] = rows
+    result["fid_floor"] = floor
+    result["real_scores"] = {"clip": clip_score(plain, real, captions), "clip-seed1": clip_score(judge, real, captions),
+                             "clip-noised": clip_score(noised, real, captions, clean),
+                             "detector all": prompt_scores(real, captions)["fraction"]["all"]}
+    del noised_cfg
+
+
+# --- RESULTS.md ------------------------------------------------------------------------------------------------------
+def results_section(args, result: dict) -> str:
+    r = result
+    runs = ", ".join(f"{n} ({v['steps']} steps, {v['train_s']:.0f} s here; {v['overrides']})" for n, v in r["runs"].items())
+    lines = [f"## {TITLE}, {r['date']})", "",
+             f"Device: {r['device']}; torch {torch.__version__}, float32. `python bench/clip.py --n {args.n} "
+             f"--steps {args.steps}{' --reuse' if args.reuse else ''}`. Runs: {runs}. Held-out: {args.n} captions of "
+             "scenes outside every training set (seed 12345), one sample each, the same x_T for every method and scale "
+             f"(seed {args.seed}); each run's own sampler at {args.steps} steps.", ""]
+    if "retrieval" in r:
+        lines += ["### The CLIPs: held-out retrieval recall", "",
+                  table(r["retrieval"], ["CLIP", "t", "t2i R@1", "i2t R@1", "t2i R@5", "i2t R@5"]), ""]
+    if "guidance" in r:
+        rs = r["real_scores"]
+        lines += ["### Prompt following, FID and CLIP scores against the guidance scale", "",
+                  "Detector: captions.prompt_scores, the fraction of prompts met in every respect (all) and per criterion "
+                  f"(with {args.n} prompts a fraction near 0.3 carries a standard error of about "
+                  f"{math.sqrt(0.3 * 0.7 / args.n):.2f}). FID-CLIP1: Frechet distance in clip-seed1's embedding space "
+                  f"against the held-out scenes' renders (two disjoint real sets: {r['fid_floor']:.3g}). Scores: mean "
+                  "cosine of sample and prompt; the guiding CLIP is clip-noised for noisy CLIP, clip otherwise (for CFG "
+                  f"rows it guides nothing). Real scenes: detector all {rs['detector all']:.3f}, clip {rs['clip']:.3f}, "
+                  f"clip-seed1 {rs['clip-seed1']:.3f}, clip-noised {rs['clip-noised']:.3f}.", "",
+                  table(r["guidance"], ["method", "scale", "all", "colour", "shape", "size", "count", "position",
+                                        "FID-CLIP1", "guiding CLIP score", "clip-seed1 score", "s / image"]), ""]
+    return "\n".join(lines)
+
+
+def cpu_description() -> str:
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        native = "native bf16" if "avx512_bf16" in info.get("flags", "") or "amx_bf16" in info.get("flags", "") else "no native bf16"
+        return f"{info['model name'].strip()}, {torch.get_num_threads()} threads, {native}"
+    except (OSError, KeyError):
+        return f"{torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
+    p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs)")
+    p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/clip)")
+    p.add_argument("--parts", nargs="+", default=["retrieval", "guidance"], choices=["retrieval", "guidance"])
+    p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cutouts", type=int, default=4, help="augmented x_0 views per step of CLIP guidance on x_0")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--noisy-scales", type=float, nargs="+", default=[0, 30, 100, 300])
+    p.add_argument("--x0-scales", type=float, nargs="+", default=[100, 300, 1000])
+    p.add_argument("--smoke", action="store_true", help="tiny settings end to end; no RESULTS.md")
+    p.add_argument("--no-results", action="store_true", help="leave bench/RESULTS.md alone")
+    args = p.parse_args()
+    if args.smoke:
+        args.n, args.steps, args.no_results = 4, 2, True
+        args.cfg_scales, args.noisy_scales, args.x0_scales = [1.0], [30.0], [100.0]
+    if min(args.n, args.steps, args.cutouts) < 1 or args.n < 4:
+        p.error("--n must be >= 4, --steps and --cutouts >= 1")
+    args.out = args.out or ROOT / "bench" / "out" / ("clip-smoke" if args.smoke else "clip")
+    args.runs = args.runs or args.out / "runs"
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = {"date": datetime.date.today().isoformat(), "device": cpu_description()}
+    earlier = args.out / "results.json"
+    if args.reuse and earlier.is_file():
+        result = {**{k: v for k, v in json.loads(earlier.read_text()).items() if k not in result}, **result}
+    result["runs"] = train_runs(args)
+    parts = {"retrieval": retrieval_part, "guidance": guidance_part}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for name in args.parts:
+            parts[name](args, result["runs"], result)
+            earlier.write_text(json.dumps(result, indent=1, default=float))
+    section = results_section(args, result)
+    say("\n" + section)
+    if not args.no_results:
+        write_results(section)
+        say(f"wrote {RESULTS}")
+    say(f"{time.perf_counter() - t0:.0f} s; results.json in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
