@@ -316,10 +316,10 @@ def interpolation_stages(frames: int, total: int, given, step: int | None = None
     given ones). `given` the kept frames' indices (some, not every frame, each in 0..total - 1 once). ValueError for
     sizes that do not fit (F_model >= 3: one frame on each side and one generated; step 1..F_model - 2)."""
     given = [operator.index(i) for i in given]
-    step = frames // 2 if step is None else step
     if not (isinstance(frames, int) and frames >= 3):
         raise ValueError(f"interpolation in stages conditions each stage on a frame before and one after the frames it "
                          f"generates, so the model needs F_model >= 3 frames; got {frames!r}")
+    step = frames // 2 if step is None else step
     if not (isinstance(total, int) and total >= 2):
         raise ValueError(f"the video length must be an integer >= 2, got {total!r}")
     if not (isinstance(step, int) and 1 <= step <= frames - 2):
