@@ -244,7 +244,7 @@ class Capabilities:
 
     @property
     def video(self) -> bool:
-        """A video run (model.video): it samples videos and edits them by predict and interpolate (VIDEO_EDITS)."""
+        """A video run (model.video): it samples videos and edits them by predict and interpolate (VIDEO_EDITS) and sdedit."""
         return self.frames > 0
 
 
@@ -289,10 +289,10 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     classes = num_classes if m.class_conditional else 0
     conditioned = [k for k, on in (("label", classes > 0), ("text", bool(m.text_encoder))) if on]
     latent = bool(cfg.latent.autoencoder)
-    if m.video:  # videos: no image edits, no image metrics (the video metrics are bench/'s); predict and interpolate
-        return Capabilities(
+    if m.video:  # videos: no image edits, no image metrics (the video metrics are bench/'s); predict, interpolate, and
+        return Capabilities(  # SDEdit of a whole video (tasks.video.sdedit_video)
             samples=True, classes=classes, text=bool(m.text_encoder),
-            guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)), edits=VIDEO_EDITS,
+            guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)), edits=(*VIDEO_EDITS, "sdedit"),
             trained_task=task, latent=False, bounded=True, likelihood=False, metrics=(), frames=cfg.data.frames,
             observed=bool(m.video_observed))
     return Capabilities(

@@ -149,7 +149,9 @@ def test_a_requests_command_line_parses_back_to_it(request_):
 
 
 def test_what_a_video_run_cannot_do_is_refused_by_name(runs, clip, tmp_path):
-    with pytest.raises(RequestError, match="edit sdedit edits images.*its edits are predict and interpolate"):
+    with pytest.raises(RequestError, match="edit inpaint edits images.*its edits are predict, interpolate .* and sdedit"):
+        resolve(EditRequest(runs["masked"], task="inpaint", image=clip, mask=clip))
+    with pytest.raises(RequestError, match="is a video run: edit sdedit takes --video IN.gif|.mp4, not --image"):
         resolve(EditRequest(runs["masked"], task="sdedit", image=clip, strength=0.5))
     with pytest.raises(RequestError, match="--method masked needs a masked-conditioning model.*--method reconstruction"):
         resolve(EditRequest(runs["plain"], task="predict", video=clip, method="masked"))
@@ -168,7 +170,7 @@ def test_what_a_video_run_cannot_do_is_refused_by_name(runs, clip, tmp_path):
     with pytest.raises(ValueError, match="is a video run; write .*v.gif"):
         run_cli("sample", runs["masked"], "--n", 1, "--out", tmp_path / "v.png", "--device", "cpu")
     caps = open_run(runs["masked"]).capabilities
-    assert caps.video and caps.edits == ("predict", "interpolate") and caps.metrics == () and caps.observed
+    assert caps.video and caps.edits == ("predict", "interpolate", "sdedit") and caps.metrics == () and caps.observed
     assert not open_run(runs["plain"]).capabilities.observed
 
 
@@ -186,6 +188,8 @@ def test_an_image_run_refuses_frames_and_videos(tmp_path, clip):
         resolve(EditRequest(str(image_run), task="predict", video=clip))
     with pytest.raises(RequestError, match="--video needs a video run"):
         resolve(EditRequest(str(image_run), task="interpolate", video=clip))
+    with pytest.raises(RequestError, match="--video needs a video run"):
+        resolve(EditRequest(str(image_run), task="sdedit", video=clip, strength=0.5))
     with pytest.raises(ValueError, match="draws images, not videos"):
         run_cli("sample", image_run, "--n", 1, "--out", tmp_path / "x.gif", "--device", "cpu")
 
@@ -248,3 +252,83 @@ def test_the_page_serves_a_video_run_on_its_own_tab(runs, clip):
     assert read_video(done["v-gif"]).shape[0] == FRAMES and "frames 0,1 given" in done["v-status"]
     assert "edit predict" in done["v-command"] and "--given 0,1" in done["v-command"]
     assert shown["v-upload"].file_types == [".gif", ".mp4"]
+
+
+# --- edits of videos longer than the model, and SDEdit of a video -----------------------------------------------------
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """An input GIF of 10 frames (more than the runs' 4), 16x16: a bright square moving right and down over a gradient."""
+    x = torch.linspace(-1, 1, SIDE)[None, None, None, :].expand(1, 1, 10, SIDE, SIDE).clone()
+    for f in range(10):
+        x[0, 0, f, 2 + f // 2:6 + f // 2, 1 + f:5 + f] = 1
+    path = tmp_path_factory.mktemp("long") / "long.gif"
+    save_video(x[0], path)
+    return str(path)
+
+
+@pytest.mark.parametrize("task, given, scheme", [("predict", "0,1,2", None), ("predict", "0,1", "hierarchy-2"),
+                                                 ("interpolate", "0,5,9", None), ("interpolate", "2,7", None)])
+def test_a_video_longer_than_the_model_is_edited_in_stages(runs, long_clip, tmp_path, task, given, scheme):
+    """10 frames with a 4-frame masked model: the output has all 10, the given frames pixel for pixel the input's, every
+    other frame generated, in as many denoiser passes as the plan has stages."""
+    out = tmp_path / "long.gif"
+    extra = ["--scheme", scheme] if scheme else []
+    run_cli("edit", task, runs["masked"], "--video", long_clip, "--frames", 10, "--given", given, *extra, "--n", 1,
+            "--steps", 2, "--sampler", "ddim", "--out", out, "--device", "cpu")
+    got, want = frames_of(out), frames_of(long_clip)
+    kept = [int(i) for i in given.split(",")]
+    assert got.shape == (10, SIDE, SIDE)
+    assert np.array_equal(got[kept], want[kept])
+    assert all(not np.array_equal(got[f], want[f]) for f in range(10) if f not in kept)
+    plan = resolve(EditRequest(runs["masked"], task=task, video=long_clip, frames=10, given=tuple(kept), scheme=scheme,
+                               n=1, steps=2, sampler="ddim", device="cpu"))
+    from diffuse.app.requests import execute, video_stages
+    stages = video_stages(task, 4, 10, kept, scheme)
+    assert execute(plan).calls == 2 * len(stages)  # two DDIM steps per stage, each stage one network call per step
+    assert Image.open(out.with_suffix(".png")).size == contact_sheet(torch.zeros(2, 1, 10, SIDE, SIDE)).size
+
+
+def test_what_a_long_edit_cannot_do_is_refused_by_name(runs, long_clip):
+    with pytest.raises(RequestError, match="--frames 10 is more than the 4 frames.*needs a masked-conditioning model "
+                                           "\\(model.video_observed = true\\) and --method masked; pass --frames 4"):
+        resolve(EditRequest(runs["plain"], task="predict", video=long_clip, frames=10))
+    with pytest.raises(RequestError, match="and --method masked"):
+        resolve(EditRequest(runs["masked"], task="interpolate", video=long_clip, frames=10, method="replacement"))
+    with pytest.raises(RequestError, match="--scheme does nothing here: 4 frames fit the 4"):
+        resolve(EditRequest(runs["masked"], task="predict", video=long_clip, scheme="hierarchy-2"))
+    with pytest.raises(RequestError, match="--scheme does nothing here: only edit predict"):
+        resolve(EditRequest(runs["masked"], task="interpolate", video=long_clip, frames=10, scheme="autoregressive"))
+    with pytest.raises(RequestError, match="frame 9 is outside the video's 4 frames 0..3 \\(--frames N edits its first N"):
+        resolve(EditRequest(runs["masked"], task="interpolate", video=long_clip, given=(0, 9)))
+    with pytest.raises(RequestError, match="has 10 frames, fewer than the 12 asked"):
+        resolve(EditRequest(runs["masked"], task="predict", video=long_clip, frames=12))
+
+
+def test_sdedit_of_a_video(runs, clip, tmp_path):
+    """Strength 0 writes the input back (8-bit, pixel for pixel); strength 0.6 changes every frame; the masked run
+    denoises in its unconditional mode (no frame observed) and a plain run as it is."""
+    out = tmp_path / "same.gif"
+    run_cli("edit", "sdedit", runs["masked"], "--video", clip, "--strength", 0, "--n", 1, "--out", out, "--device", "cpu")
+    assert np.array_equal(frames_of(out), frames_of(clip)[:FRAMES])
+    for run in ("masked", "plain"):
+        moved = tmp_path / f"{run}.npy"
+        run_cli("edit", "sdedit", runs[run], "--video", clip, "--strength", 0.6, "--n", 2, "--steps", 2, "--out", moved,
+                "--device", "cpu")
+        x = np.load(moved)
+        assert x.shape == (2, 1, FRAMES, SIDE, SIDE) and not np.allclose(x[0], x[1])  # each output its own noise
+        given = frames_of(clip)[:FRAMES].astype(np.float32) / 255
+        assert all(np.abs(x[0, 0, f] - given[f]).max() > 0.05 for f in range(FRAMES))
+    assert (tmp_path / "same.png").is_file()  # the contact sheet: the input, then the output
+    with pytest.raises(RequestError, match="edit sdedit noises and denoises the whole video at once, at most the 4"):
+        resolve(EditRequest(runs["masked"], task="sdedit", video=clip, strength=0.5, frames=6))
+    with pytest.raises(RequestError, match="edit sdedit needs --strength"):
+        resolve(EditRequest(runs["masked"], task="sdedit", video=clip))
+    with pytest.raises(RequestError, match="--given does nothing here: only edit predict and interpolate"):
+        resolve(EditRequest(runs["masked"], task="sdedit", video=clip, strength=0.5, given=(0,)))
+
+
+@pytest.mark.parametrize("request_", [
+    EditRequest("RUN", n=1, task="predict", video="in.gif", given=(0, 1), frames=32, scheme="hierarchy-2"),
+    EditRequest("RUN", n=3, task="sdedit", video="in.mp4", strength=0.25, frames=4, seed=2)])
+def test_a_long_or_sdedit_requests_command_line_parses_back_to_it(request_):
+    assert parsed(request_.argv()) == request_

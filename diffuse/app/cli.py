@@ -6,6 +6,8 @@
     diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
     diffuse sample VIDEO_RUN [--frames N --scheme autoregressive|hierarchy-2] --out V.gif|V.mp4   (and V.png: the sheet)
     diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --given 0,1 [--method masked|reconstruction|replacement]
+    diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --frames 32 [--scheme hierarchy-2]  (longer than the model)
+    diffuse edit sdedit VIDEO_RUN --video IN.gif --strength S --out OUT.gif
     diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
@@ -229,13 +231,14 @@ def parser() -> argparse.ArgumentParser:
             tp.add_argument("--factor", type=number(int, low=1), required=True, help="downsampling factor N of the low-pass filter; must divide the image size")
             tp.add_argument("--t-stop", type=number(low=0, high=1), default=0.0, help="condition only while t >= this (0: every step)")
         elif task != "predict":
-            tp.add_argument("--image", required=task != "interpolate",
+            tp.add_argument("--image", required=task not in ("interpolate", "sdedit"),
                             help="input image (resized to the model's size with a note)")
         if task in VIDEO_EDITS:
             tp.add_argument("--video", help="a video run: the input video, .gif or .mp4 (frames resized to the model's "
                                             "size)" + ("" if task == "predict" else "; instead of --image and --to"))
             tp.add_argument("--frames", type=number(int, low=1), help="the video's first frames edited (default: the "
-                                                                      "run's data.frames)")
+                                                                      "run's data.frames; more than the model's: in "
+                                                                      "stages, by a masked-conditioning model)")
             tp.add_argument("--given", type=given_arg, metavar="I,J,...",
                             help="the given frames' indices, kept exactly (default: " +
                                  ("the first half" if task == "predict" else "the first and the last") + ")")
@@ -248,6 +251,13 @@ def parser() -> argparse.ArgumentParser:
                                  "take w_r > 1)")
         if task == "sdedit":
             tp.add_argument("--strength", type=number(low=0, high=1), required=True, help="in [0, 1]: " + STRENGTH_HELP)
+            tp.add_argument("--video", help="a video run: the input video, .gif or .mp4, every frame noised to --strength "
+                                            "and the whole video denoised (instead of --image)")
+            tp.add_argument("--frames", type=number(int, low=1), help="a video run: the video's first frames edited "
+                                                                      "(default and at most: the run's data.frames)")
+        if task == "predict":
+            tp.add_argument("--scheme", choices=list(LONG_SCHEMES), help="--frames beyond the model's: the stages after "
+                            "the given frames (Harvey et al. 2022): autoregressive (the default) or hierarchy-2")
         if task == "inpaint":
             tp.add_argument("--mask", required=True, help="mask image of the same size as --image: white = generate, black = keep")
             tp.add_argument("--repaint-jumps", type=number(int, low=1, high=100), default=1,

@@ -143,8 +143,9 @@ def edit_command(args) -> None:
     result = execute(plan, progress.step, on_stage=progress.stage)
     progress.close()
     if plan.model_frames:
-        given = ",".join(str(i) for i in plan.observed.nonzero()[:, 0].tolist())
-        print(f"wrote {args.n} {args.task} outputs ({plan.method}, frames {given} given) to "
+        given = "" if plan.observed is None else ",".join(str(i) for i in plan.observed.nonzero()[:, 0].tolist())
+        how = f"{plan.method}, frames {given} given" if plan.observed is not None else f"strength {args.strength:g}"
+        print(f"wrote {args.n} {args.task} outputs ({how}) to "
               f"{write_video(result.x, out, result.before, plan.observed)} ({result.calls} denoiser calls)")
         return
     if args.task == "invert":

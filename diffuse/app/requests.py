@@ -42,6 +42,7 @@ from ..tasks.editing import check_mask, latent_edit, latent_factor
 from ..tasks.image_to_image import (CASCADE_FILE, EDITS, EXAMPLE_CONFIGS, TRAINED_TASKS, check_cascade, edit_name,
                                     input_condition, read_cascade, viewable)
 from ..tasks.video import SCHEMES, sample_long, sample_masked, sample_reconstruction, sample_replacement
+from ..tasks.video import interpolation_stages, sample_stages, sdedit_video
 from ..data.video import fit_frames, read_video
 from ..visualize import contact_sheet, save_grid
 
@@ -53,6 +54,7 @@ TASK_FIELDS = {"strength": ("sdedit",), "factor": ("ilvr",), "t_stop": ("ilvr",)
                "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",), "to": ("interpolate",),
                "attribute": ("manipulate",), "amount": ("manipulate",), "encode_steps": CODED,
                "refine": CODED, "reconstruct": ("invert",), **{f: VIDEO_EDITS for f in VIDEO_FIELDS}}  # an edit's own fields -> the tasks taking them
+TASK_FIELDS["video"] = (*VIDEO_EDITS, "sdedit")  # SDEdit of a video run reads --video too (tasks.video.sdedit_video)
 MAX_SEED = 2**63 - 1
 VIDEO_METHODS = ("masked", "reconstruction", "replacement")  # tasks/video.py: how given frames condition the rest
 LONG_SCHEMES = tuple(SCHEMES)  # autoregressive, hierarchy-2 (Harvey et al. 2022)
@@ -145,7 +147,7 @@ class EditRequest(SampleRequest):
         """The request of `diffuse edit TASK`'s parsed flags."""
         image = args.reference if args.task == "ilvr" else getattr(args, "image", None)
         return cls(run=args.run, n=args.n, task=args.task, image=image or "", frames=getattr(args, "frames", None),
-                   video=getattr(args, "video", None), given=getattr(args, "given", None),
+                   video=getattr(args, "video", None), given=getattr(args, "given", None), scheme=getattr(args, "scheme", None),
                    method=getattr(args, "method", None), guidance_weight=getattr(args, "guidance_weight", None),
                    mask=getattr(args, "mask", None), strength=getattr(args, "strength", None),
                    factor=getattr(args, "factor", None), t_stop=getattr(args, "t_stop", 0.0),
@@ -164,6 +166,8 @@ class EditRequest(SampleRequest):
             own += ["--frames", str(int(self.frames))]
         if self.given is not None:
             own += ["--given", ",".join(str(int(i)) for i in self.given)]
+        if self.scheme is not None:
+            own += ["--scheme", self.scheme]
         if self.method is not None:
             own += ["--method", self.method]
         if self.guidance_weight is not None:
@@ -344,16 +348,18 @@ def _checked(req: SampleRequest) -> SampleRequest:
         for field in ("to", "attribute"):
             if getattr(req, field) is not None and not (isinstance(getattr(req, field), str) and getattr(req, field)):
                 raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
-        if req.scheme is not None:
-            raise RequestError("scheme", "--scheme does nothing here: an edit writes a video of the model's frames; "
-                                         "`diffuse sample RUN --frames N --scheme ...` writes longer ones; leave it out")
+        if req.scheme is not None and req.task != "predict":
+            raise RequestError("scheme", "--scheme does nothing here: only edit predict of a video longer than the model "
+                                         "(--frames N) takes it, and `diffuse sample RUN --frames N --scheme ...`; leave "
+                                         "it out")
         if is_video_edit(req):
             _check_video_fields(req)
         elif req.task == "interpolate" and not req.image:
             raise RequestError("image", "edit interpolate needs --video IN.gif|.mp4 (a video run: the frames between the "
                                         "--given ones generated) or --image and --to (a diffusion autoencoder)")
         elif not (isinstance(req.image, str) and req.image):
-            raise RequestError("image", f"edit {req.task} needs {flag('image', req.task)}, the image file to edit")
+            raise RequestError("image", f"edit {req.task} needs {flag('image', req.task)}, the image file to edit" +
+                               (" (a video run: --video IN.gif|.mp4)" if req.task == "sdedit" else ""))
         needs = {"sdedit": [("strength", "--strength S in [0, 1]")], "ilvr": [("factor", "--factor N")],
                  "inpaint": [("mask", "--mask, the image of the region to generate (white)")],
                  "interpolate": [("to", "--to, the image to interpolate towards")],
@@ -361,16 +367,16 @@ def _checked(req: SampleRequest) -> SampleRequest:
                                               "RUN:CLASS for a class of a label classifier)"),
                                 ("amount", "--amount S, the step along the attribute (the paper: 0.3; negative: less)")]
                  }.get(req.task, [])
-        for field, what in needs if not is_video_edit(req) else ():
+        for field, what in needs if not (is_video_edit(req) and req.task in VIDEO_EDITS) else ():
             if getattr(req, field) is None:
                 raise RequestError(field, f"edit {req.task} needs {what}")
     return dataclasses.replace(req, **numbers)
 
 
 def is_video_edit(req: EditRequest) -> bool:
-    """Whether an edit is a video run's: predict, or interpolate of a --video (interpolate of --image and --to is a
-    diffusion autoencoder's)."""
-    return req.task == "predict" or (req.task == "interpolate" and req.video is not None)
+    """Whether an edit is a video run's: predict, or interpolate or sdedit of a --video (interpolate of --image and --to
+    is a diffusion autoencoder's, sdedit of an --image a model of images')."""
+    return req.task == "predict" or (req.task in ("interpolate", "sdedit") and req.video is not None)
 
 
 def _check_video_fields(req: EditRequest) -> None:
@@ -668,7 +674,10 @@ def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor
 def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
     """`diffuse edit predict|interpolate VIDEO_RUN --video IN --given I,J,...`: the video read (its first F frames, F =
     --frames or the run's), the given frames kept and the rest generated by the method (masked: a masked-conditioning
-    model; reconstruction guidance or replacement: any video run). Every check before the model loads."""
+    model; reconstruction guidance or replacement: any video run). More frames than the model's are edited in stages
+    by a masked-conditioning model (`video_stages`: predict by --scheme, default autoregressive; interpolate by
+    tasks.video.interpolation_stages). `edit sdedit --video` goes to `_resolve_video_sdedit`. Every check before the
+    model loads."""
     caps, d = run.capabilities, run.cfg.data
     if not caps.video:
         if req.task == "predict":
@@ -677,28 +686,36 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
                                        f"{', '.join(caps.edits) or 'none'}")
         raise RequestError("video", f"--video needs a video run (model.video = true); {req.run} is a model of images: "
                                     "leave --video out (edit interpolate of a diffusion autoencoder takes --image and --to)")
-    if req.task not in VIDEO_EDITS:
-        raise RequestError("task", f"edit {req.task} edits images, and {req.run} is a video run: its edits are predict and "
-                                   f"interpolate (--video IN.gif --given 0,1,2,3), and `diffuse sample {req.run} --frames N` "
-                                   "draws videos")
+    if req.task not in (*VIDEO_EDITS, "sdedit"):
+        raise RequestError("task", f"edit {req.task} edits images, and {req.run} is a video run: its edits are predict, "
+                                   f"interpolate (--video IN.gif --given 0,1,2,3) and sdedit (--video IN.gif --strength S), "
+                                   f"and `diffuse sample {req.run} --frames N` draws videos")
     if not is_video_edit(req):
-        raise RequestError("video", f"{req.run} is a video run: edit interpolate takes --video IN.gif|.mp4 and --given, "
-                                    "not --image")
+        raise RequestError("video", f"{req.run} is a video run: edit {req.task} takes --video IN.gif|.mp4" +
+                                    (" and --given" if req.task == "interpolate" else "") + ", not --image")
     model = caps.frames
     frames = req.frames if req.frames is not None else model
-    if frames > model:
-        raise RequestError("frames", f"--frames {frames}: an edit writes at most the {model} frames of {req.run}; pass "
-                                     f"--frames {model} or fewer")
+    if req.task == "sdedit":
+        return _resolve_video_sdedit(req, run, frames)
     method = req.method or ("masked" if caps.observed else "reconstruction")
     if method == "masked" and not caps.observed:
         raise RequestError("method", f"--method masked needs a masked-conditioning model (model.video_observed = true), "
                                      f"trained with given frames; {req.run} was not: pass --method reconstruction (Ho et "
                                      "al. 2022) or --method replacement")
+    if frames > model and method != "masked":
+        raise RequestError("frames", f"--frames {frames} is more than the {model} frames of {req.run}; a longer video is "
+                                     "edited in stages, each conditioned on frames given or generated before, which needs "
+                                     "a masked-conditioning model (model.video_observed = true) and --method masked; pass "
+                                     f"--frames {model} or fewer")
+    if req.scheme is not None and frames <= model:
+        raise RequestError("scheme", f"--scheme does nothing here: {frames} frames fit the {model} of {req.run} and are "
+                                     f"edited at once; leave it out, or pass --frames more than {model}")
     given = req.given if req.given is not None else default_given(req.task, frames)
     outside = [i for i in given if i >= frames]
     if outside:
         raise RequestError("given", f"--given {','.join(map(str, given))}: frame {outside[0]} is outside the video's "
-                                    f"{frames} frames 0..{frames - 1}")
+                                    f"{frames} frames 0..{frames - 1}" +
+                                    ("" if req.frames is not None else " (--frames N edits its first N frames)"))
     if len(given) >= frames:
         raise RequestError("given", f"--given names every one of the {frames} frames: nothing to generate; leave some out")
     free = [f for f in range(frames) if f not in given]
@@ -709,12 +726,37 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
         raise RequestError("given", f"edit interpolate generates frames between given ones, and --given "
                                     f"{','.join(map(str, given))} has none between: use edit predict, or give frames "
                                     "on both sides of a gap")
+    if frames > model:  # the stages (sizes a scheme cannot cut fail here)
+        _raise_as("scheme" if req.task == "predict" else "given", video_stages, req.task, model, frames, given, req.scheme)
     video = _raise_as("video", read_video_input, req.video, d.channels, d.image_size, frames)
     observed = torch.zeros(frames, dtype=torch.bool)
     observed[list(given)] = True
     plan = _video_sampling(req, run)
     return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model,
                                video=video, observed=observed, method=method)
+
+
+def video_stages(task: str, model: int, frames: int, given, scheme: str | None = None) -> list:
+    """The stages (obs_indices, latent_indices) of a video edit longer than the model's `model` frames (Harvey et al.
+    2022): predict, the given first frames then `scheme`'s stages (default autoregressive; tasks.video.SCHEMES);
+    interpolate, tasks.video.interpolation_stages (each gap filled from both sides). ValueError for sizes that do not
+    fit."""
+    if task == "predict":
+        return list(SCHEMES[scheme or "autoregressive"](model, frames, len(given)))
+    return interpolation_stages(model, frames, sorted(given))
+
+
+def _resolve_video_sdedit(req: EditRequest, run: Run, frames: int) -> Plan:
+    """`diffuse edit sdedit VIDEO_RUN --video IN --strength S`: the video's first `frames` frames (at most the model's:
+    the whole video is noised and denoised at once) read before the model loads."""
+    d, model = run.cfg.data, run.capabilities.frames
+    if frames > model:
+        raise RequestError("frames", f"--frames {frames}: edit sdedit noises and denoises the whole video at once, at most "
+                                     f"the {model} frames of {req.run}; pass --frames {model} or fewer")
+    video = _raise_as("video", read_video_input, req.video, d.channels, d.image_size, frames)
+    plan = _video_sampling(req, run)
+    return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model,
+                               video=video)
 
 
 def video_sheet(rows: Tensor, observed: Tensor | None = None, scale: int = 2) -> "Image.Image":
@@ -1014,14 +1056,22 @@ def _execute_video(plan: Plan, callback, load, on_stage) -> Result:
     rest = {k: v for k, v in kw.items() if k not in ("seed", "device", "labels")}
     labels = kw.get("labels")
     if plan.video is not None:  # an edit: the n outputs in one batch
+        long = shape[1] > plan.model_frames
+        stages = video_stages(req.task, plan.model_frames, shape[1], plan.observed.nonzero()[:, 0].tolist(),
+                              req.scheme) if long else []
         if on_stage is not None:
-            on_stage(plan, steps)
+            on_stage(plan, steps * max(1, len(stages)) if steps else None)
         video = plan.video.expand(req.n, *shape).to(dev)
         common = dict(seed=req.seed, device=dev, labels=labels, **rest)
         if plan.method != "masked" and plan.run.capabilities.observed:  # its unconditional mode: no frame observed
             common["cond"] = {**(rest.get("cond") or {}),
                               "observed": torch.zeros(req.n, shape[1], dtype=torch.bool, device=dev)}
-        if plan.method == "masked":
+        if req.task == "sdedit":
+            return Result(sdedit_video(counted, video, req.strength, **common).cpu(), [plan.video], counted.calls)
+        if long:
+            x = sample_stages(counted, stages, video, plan.observed.nonzero()[:, 0].tolist(), frames=plan.model_frames,
+                              **common)
+        elif plan.method == "masked":
             x = sample_masked(counted, video, plan.observed, **common)
         elif plan.method == "replacement":
             x = sample_replacement(counted, video, plan.observed, **common)

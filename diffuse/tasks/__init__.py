@@ -4,8 +4,9 @@ and generated (video.py: masked conditioning, replacement, reconstruction guidan
 
 from .editing import ilvr, inpaint, low_pass, repaint_grid, sdedit
 from .video import (SCHEMES, ObservedFrames, ReconstructionGuidance, autoregressive, condition_frames, hierarchy_2,
-                    sample_long, sample_masked, sample_reconstruction, sample_replacement)
+                    interpolation_stages, sample_long, sample_masked, sample_reconstruction, sample_replacement,
+                    sample_stages, sdedit_video)
 
 __all__ = ["ilvr", "inpaint", "low_pass", "repaint_grid", "sdedit", "SCHEMES", "ObservedFrames", "ReconstructionGuidance",
            "autoregressive", "condition_frames", "hierarchy_2", "sample_long", "sample_masked", "sample_reconstruction",
-           "sample_replacement"]
+           "sample_replacement", "interpolation_stages", "sample_stages", "sdedit_video"]

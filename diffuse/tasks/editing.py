@@ -84,6 +84,14 @@ def sdedit(denoiser, guide: Tensor, strength: float, *, seed: int = 0, device: s
     a finite image batch.
     """
     check_input(guide, "the guide image", pixels)
+    return sdedit_checked(denoiser, guide, strength, seed=seed, device=device, **generate_kw)
+
+
+def sdedit_checked(denoiser, guide: Tensor, strength: float, *, seed: int = 0, device: str | torch.device = "cpu",
+                   **generate_kw) -> Tensor:
+    """`sdedit` of a guide already checked, of any shape (n, ...): images, latents, videos (n, C, F, H, W)
+    (tasks.video.sdedit_video). x_t0 = alpha_t0 x_g + sigma_t0 eps (schedule.q_sample) with eps generate's first draw
+    of `seed`, then `generate` from (x_t0, t0). ValueError for a strength outside [0, 1]."""
     t0 = sdedit_time(denoiser.schedule, strength)
     n, shape = guide.shape[0], tuple(guide.shape[1:])
     if strength == 1:

@@ -20,11 +20,17 @@ or the projection after each step (docs/architecture.md), so each runs with ever
 Long videos (Harvey et al. 2022, FDM `sampling_schemes.py`): a scheme is a list of stages (obs_indices,
 latent_indices) of at most F_model frames each (`autoregressive`, `hierarchy_2`); `sample_long` runs each stage
 with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing.
+`sample_stages` runs any such plan around given frames anywhere: prediction of a long video is the given first frames
+then a scheme's stages; interpolation of a long video is `interpolation_stages` (each gap filled from both sides).
+
+SDEdit of a video (Meng et al. 2022, `sdedit_video`): the whole video noised to t0, x_t0 = alpha_t0 x_0 + sigma_t0 eps,
+then denoised, as tasks.editing.sdedit does an image.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterator
 
 import torch
@@ -35,7 +41,7 @@ from ..generate import chunk_seed, generate
 from ..guidance import SelfConditioning, x0_loss_grad
 from ..samplers.base import Project
 from ..schedule import NoiseSchedule
-from .editing import inpaint_projection
+from .editing import inpaint_projection, sdedit_checked
 
 Stage = tuple[list[int], list[int]]  # (obs_indices, latent_indices) of one stage of a long video, each sorted
 
@@ -295,21 +301,79 @@ SCHEMES = {"autoregressive": autoregressive, "hierarchy-2": hierarchy_2}
 """The long-video sampling schemes by name (FDM's names)."""
 
 
-def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, frames: int | None = None, seed: int = 0,
-                device: str | torch.device = "cpu", **generate_kw) -> Tensor:
-    """A video longer than the model: video (B, C, T, H, W) holds the first `observed_first` frames (the rest are
-    overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices) (`autoregressive`, `hierarchy_2`).
-    Each stage takes its frames idx = sorted(obs + latent), runs `sample_masked` on video[:, :, idx] with the obs frames
-    given and frame_index = idx (the network sees their spacing), with seed chunk_seed(seed, stage), and writes its
-    latent frames back. `generate_kw` as `generate`. Returns (B, C, T, H, W). ValueError, before any sampling, for a
-    stage with more than `frames` (F_model, if given) frames, one that conditions on a frame not yet done or generates
-    one already done or out of range, or a scheme that leaves a frame undone."""
+def interpolation_stages(frames: int, total: int, given, step: int | None = None) -> list[Stage]:
+    """The stages of an interpolation longer than the model: a video of `total` frames whose frames `given` are kept,
+    from a masked-conditioning model of `frames` (F_model) frames, in stages (obs_indices, latent_indices) as FDM's
+    schemes (Harvey et al. 2022), for `sample_stages`. While frames are missing, the leftmost gap with done frames
+    on both sides is filled first: all of it when it has at most `step` frames (default F_model / 2), else `step`
+    frames spread evenly inside it (hierarchy-2's level 1 within the gap), so the next stages fill shorter gaps; each
+    such stage conditions on the nearest done frames before and after it, alternately, up to F_model frames in all
+    (at least one on each side). Then the frames before the first given one and after the last (no done frame beyond
+    them) continue outwards `step` at a time from the nearest done frames, as `autoregressive`. Every missing frame
+    is latent exactly once, every stage has at most F_model frames and conditions only on frames done before it (for
+    a Gaussian video whose frames are Markov in time, e.g. Sigma_ij = rho^|i - j|, the nearest done frame on each
+    side is all the conditional needs, so the stages sample the exact conditional of the missing frames given the
+    given ones). `given` the kept frames' indices (some, not every frame, each in 0..total - 1 once). ValueError for
+    sizes that do not fit (F_model >= 3: one frame on each side and one generated; step 1..F_model - 2)."""
+    given = [operator.index(i) for i in given]
+    if not (isinstance(frames, int) and frames >= 3):
+        raise ValueError(f"interpolation in stages conditions each stage on a frame before and one after the frames it "
+                         f"generates, so the model needs F_model >= 3 frames; got {frames!r}")
+    step = frames // 2 if step is None else step
+    if not (isinstance(total, int) and total >= 2):
+        raise ValueError(f"the video length must be an integer >= 2, got {total!r}")
+    if not (isinstance(step, int) and 1 <= step <= frames - 2):
+        raise ValueError(f"the frames generated per stage (step) must be 1..{frames - 2} (F_model - 2, leaving a frame on "
+                         f"each side), got {step!r}")
+    done = set(given)
+    if len(done) != len(given) or not done or not done < set(range(total)):
+        raise ValueError(f"the given frames must be distinct indices in 0..{total - 1}, some but not all of the {total}; "
+                         f"got {sorted(given)}")
+    stages: list[Stage] = []
+    while len(done) < total:
+        missing = [i for i in range(total) if i not in done]
+        inner = [i for i in missing if min(done) < i < max(done)]
+        if inner:  # the leftmost gap between done frames: [s, e]
+            s = inner[0]
+            e = min(i for i in done if i > s) - 1
+            L = e - s + 1
+            latent = list(range(s, e + 1)) if L <= step else \
+                [s - 1 + round((i + 1) * (L + 1) / (step + 1)) for i in range(step)]  # spread evenly, distinct
+        elif missing[-1] > max(done):  # after the last done frame, onwards
+            latent = list(range(max(done) + 1, min(max(done) + 1 + step, total)))
+        else:  # before the first done frame, backwards
+            latent = list(range(max(0, min(done) - step), min(done)))
+        before = sorted((i for i in done if i < latent[0]), reverse=True)
+        after = sorted(i for i in done if i > latent[-1])
+        room, chosen = frames - len(latent), []
+        while room > 0 and (before or after):
+            for side in (before, after):
+                if side and room > 0:
+                    chosen.append(side.pop(0))
+                    room -= 1
+        stages.append((sorted(chosen), latent))
+        done |= set(latent)
+    return stages
+
+
+def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | None = None, seed: int = 0,
+                  device: str | torch.device = "cpu", **generate_kw) -> Tensor:
+    """A video longer than the model in stages around given frames: video (B, C, T, H, W) holds the frames `given`
+    (indices, kept exactly; the rest are overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices)
+    (`autoregressive`, `hierarchy_2` with observed_first, `interpolation_stages`). Each stage takes its frames
+    idx = sorted(obs + latent), runs `sample_masked` on video[:, :, idx] with the obs frames given and frame_index = idx
+    (the network sees their spacing), with seed chunk_seed(seed, stage), and writes its latent frames back.
+    `generate_kw` as `generate`. Returns (B, C, T, H, W), the given frames exactly `video`'s. ValueError, before any
+    sampling, for a given frame out of range, a stage with more than `frames` (F_model, if given) frames, one that
+    conditions on a frame not yet done or generates one already done or out of range, or a scheme that leaves a frame
+    undone."""
     check_video(video)
     T = video.shape[2]
-    if not (isinstance(observed_first, int) and 0 <= observed_first < T):
-        raise ValueError(f"observed_first must be 0..{T - 1}, the number of the video's first frames given, got {observed_first!r}")
+    given = [operator.index(i) for i in given]
+    done = set(given)
+    if len(done) != len(given) or not all(0 <= i < T for i in given):
+        raise ValueError(f"the given frames must be distinct indices in 0..{T - 1} of the video's {T}, got {given}")
     stages = [(list(map(int, o)), list(map(int, lat))) for o, lat in scheme]
-    done = set(range(observed_first))
     for k, (obs, latent) in enumerate(stages):
         idx = obs + latent
         if not latent or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= T:
@@ -327,9 +391,41 @@ def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, fra
     B = out.shape[0]
     for k, (obs, latent) in enumerate(stages):
         idx = sorted(obs + latent)
-        given = torch.tensor([i in obs for i in idx], device=device)
+        observed = torch.tensor([i in obs for i in idx], device=device)
         frame_index = torch.tensor(idx, device=device).expand(B, -1)
-        part = sample_masked(denoiser, out[:, :, idx], given, frame_index=frame_index, seed=chunk_seed(seed, k),
+        part = sample_masked(denoiser, out[:, :, idx], observed, frame_index=frame_index, seed=chunk_seed(seed, k),
                              device=device, **generate_kw)
         out[:, :, idx] = part
     return out
+
+
+def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, frames: int | None = None, seed: int = 0,
+                device: str | torch.device = "cpu", **generate_kw) -> Tensor:
+    """A video longer than the model: video (B, C, T, H, W) holds the first `observed_first` frames (the rest are
+    overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices) (`autoregressive`, `hierarchy_2`),
+    run by `sample_stages` with the first `observed_first` frames given. Returns (B, C, T, H, W). ValueError, before
+    any sampling, as there, or for observed_first outside 0..T - 1."""
+    check_video(video)
+    T = video.shape[2]
+    if not (isinstance(observed_first, int) and 0 <= observed_first < T):
+        raise ValueError(f"observed_first must be 0..{T - 1}, the number of the video's first frames given, got {observed_first!r}")
+    return sample_stages(denoiser, scheme, video, tuple(range(observed_first)), frames=frames, seed=seed, device=device,
+                         **generate_kw)
+
+
+# --- SDEdit of a video --------------------------------------------------------------------------------------------------
+def sdedit_video(denoiser, video: Tensor, strength: float, *, seed: int = 0, device: str | torch.device = "cpu",
+                 **generate_kw) -> Tensor:
+    """SDEdit of videos (Meng et al. 2022, Algorithm 1; tasks.editing.sdedit for images): video (B, C, F, H, W) in
+    [-1, 1], every frame noised to t0 = editing.sdedit_time(schedule, strength) (sigma/alpha = strength / (1 - strength)
+    on every process) by x_t0 = alpha_t0 x_0 + sigma_t0 eps with one eps per video (generate's first draw of `seed`),
+    then denoised by `generate` from (x_t0, t0) with any sampler (`generate_kw`). strength 0 returns the video, 1 is
+    unconditional sampling of the same seed. A masked-conditioning network needs cond observed all False (its
+    unconditional mode) in generate_kw. Returns (B, C, F, H, W). ValueError for a bad video (check_video, or values
+    outside [-1, 1]) or a strength outside [0, 1]."""
+    check_video(video)
+    lo, hi = float(video.min()), float(video.max())
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"the video must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; rescale it (x * 2 - 1 for "
+                         "[0, 1] frames, x / 127.5 - 1 for 0..255)")
+    return sdedit_checked(denoiser, video, strength, seed=seed, device=device, **generate_kw)
