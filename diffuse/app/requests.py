@@ -583,9 +583,8 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     if not caps.text and ((prompt is not None and req.clip_run is None) or negative is not None):
         raise RequestError("prompt" if prompt is not None else "negative_prompt",
                            f"--prompt and --negative-prompt need a text-conditional run (model.text_encoder); {req.run} "
-                           "takes no captions" + (" (it is class-conditional: use --label)" if cfg.model.class_conditional
-                                                  else "") + "; to guide it towards --prompt, add --clip CLIPRUN "
-                                                             "--clip-scale S")
+                           "takes no captions; --clip CLIPRUN --clip-scale S guides it towards --prompt" +
+                           (" (it is class-conditional: use --label)" if cfg.model.class_conditional else ""))
     if caps.text and prompt is None:
         raise RequestError("prompt", f'{req.run} is a text-conditional run: say what to draw with --prompt, e.g. --prompt '
                                      '"a red circle"')
