@@ -221,6 +221,7 @@ def bad_requests(runs, tmp_path):
         (dict(clip_scale=3.0), "clip_scale", "--clip-scale needs --clip CLIPRUN"),
         (dict(clip_cutouts=3), "clip_cutouts", "--clip-cutouts needs --clip CLIPRUN"),
         (dict(clip_run=3, **clip), "clip_run", "--clip must be text, got 3"),
+        (dict(clip_run=plain, negative_prompt="a one", **clip), "negative_prompt", "need a text-conditional run"),
     ]
 
 
@@ -241,6 +242,13 @@ def test_a_noise_aware_clip_is_refused_on_a_latent_run_and_clips_beyond_images(r
     with pytest.raises(RequestError, match="CLIP guidance is `diffuse sample`'s") as e:
         resolve(EditRequest(runs["uncond"], task="sdedit", image="x.png", strength=0.5, clip_run=runs["plain"],
                             prompt=PROMPT, clip_scale=1.0))
+    assert e.value.field == "clip_run"
+
+
+def test_a_cascade_is_refused_before_its_stages_are_read(tmp_path):
+    (tmp_path / "cascade.toml").write_text("")
+    with pytest.raises(RequestError, match="--clip guides one run, and .* is a cascade: guide its base run") as e:
+        resolve(SampleRequest(str(tmp_path), clip_run="clip", prompt=PROMPT, clip_scale=1.0))
     assert e.value.field == "clip_run"
 
 

@@ -581,7 +581,7 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     guidance = s.guidance if req.guidance is None else req.guidance
     prompt, negative = req.prompt, req.negative_prompt
     if not caps.text and ((prompt is not None and req.clip_run is None) or negative is not None):
-        raise RequestError("prompt" if prompt is not None else "negative_prompt",
+        raise RequestError("prompt" if prompt is not None and req.clip_run is None else "negative_prompt",
                            f"--prompt and --negative-prompt need a text-conditional run (model.text_encoder); {req.run} "
                            "takes no captions; --clip CLIPRUN --clip-scale S guides it towards --prompt" +
                            (" (it is class-conditional: use --label)" if cfg.model.class_conditional else ""))
