@@ -24,7 +24,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 0.0, classifier=None, seed: int = 0,
              device: str | torch.device = "cpu", callback=None, start: tuple[Tensor, float] | None = None, project=None,
              grid: Tensor | None = None, guidance_interval: tuple[float, float] | None = None, mixed_precision: str = "no",
-             **options) -> Tensor:
+             guide=None, **options) -> Tensor:
     """Draw n samples of `shape` ((C, H, W) images, or any rank) with a named sampler; x_T and all noise from `seed`.
 
     steps = None or 0 is every step of the schedule (0 means this in every command and config); spacing None is the
@@ -39,7 +39,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     sigma_t / alpha_t in (lo, hi] (Kynkaanniemi et al. 2024), which also saves the unconditional call outside it. The guided x_0 is
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped to [-1, 1] if `clip` (None: if the
     denoiser's data are bounded, `Denoiser.bounded`, i.e. images and not latents; ValueError for clipping or
-    thresholding an unbounded denoiser's x_0).
+    thresholding an unbounded denoiser's x_0). `guide` (denoiser -> denoiser), if given, wraps the conditioned and
+    guided denoiser inside the thresholding: CLIP guidance (guidance.NoisyClipGuidance, ClipX0Guidance) or any wrapper.
     `mixed_precision` ("no", "auto", "bf16", "fp16"; `autocast_dtype`) runs the network's convolutions and matrix
     products under torch.autocast while the sampler's own arithmetic and the returned samples stay float32: on a CPU
     with native bf16 the demo network samples 1.6-1.9x faster, and its samples agree with float32 ones to about
@@ -111,6 +112,8 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
         raise ValueError("clip / dynamic_threshold hold x_0 to [-1, 1], and this denoiser's data (latents) have no such "
                          "range; pass clip=False and dynamic_threshold=0 (or leave clip out)")
     den = conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
+    if guide is not None:
+        den = guide(den)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:

@@ -471,19 +471,25 @@ class ClipX0Guidance(X0LossGuidance):
     process knows (t = 0 is -inf on EDM's), so a noise-aware CLIP acts as a plain one; in eval mode, float32, autocast
     off. Scale s as k-diffusion's clip_guidance_scale (default 500 there);
     the k cutouts' losses are averaged, so the scale means the same for every k. The augmentations are drawn from a generator seeded with
-    `seed` on the first call, so a run repeats. ValueError for a bad scale, cutouts < 1 or text embedding."""
+    `seed` on the first call, so a run repeats. `decode` maps the predicted x_0 to the images the CLIP reads before
+    the augmentations, differentiably (a latent run's decoder, stages.LatentSpace.decode_with_grad: the gradient then
+    flows through decoder and denoiser); None: x_0 itself. ValueError for a bad scale, cutouts < 1 or text embedding."""
 
     def __init__(self, denoiser, clip, text_emb: Tensor, scale: float, cutouts: int = 1,
-                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = RandomShift(), seed: int = 0):
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = RandomShift(), seed: int = 0,
+                 decode: Callable[[Tensor], Tensor] | None = None):
         if isinstance(cutouts, bool) or not isinstance(cutouts, int) or cutouts < 1:
             raise ValueError(f"cutouts is the number of augmented copies of x_0 the CLIP sees, an integer >= 1, got {cutouts!r}")
         super().__init__(denoiser, self.clip_loss, scale, "CLIP guidance on x_0", "--clip-scale")
         self.clip, self.text_emb = clip, check_text_embedding(text_emb, clip)
         self.cutouts, self.augment, self.seed, self.generator = cutouts, augment, seed, None
+        self.decode = decode
         eval_mode(clip)
 
     def clip_loss(self, x0: Tensor, t: Tensor) -> Tensor:
-        """mean_j spherical_dist_loss(f(aug_j(x0)), g) per example (B,), float32 at least."""
+        """mean_j spherical_dist_loss(f(aug_j(x0)), g) per example (B,), float32 at least (x0 decoded first if `decode`)."""
+        if self.decode is not None:
+            x0 = self.decode(x0)
         if self.generator is None or self.generator.device != x0.device:
             self.generator = torch.Generator(x0.device).manual_seed(self.seed)
         g = self.text_emb.to(x0.device)

@@ -119,6 +119,14 @@ class LatentSpace:
         parts = [self.autoencoder.decode(part.to(self.device) / self.scale_factor) for part in z.split(ENCODE_BATCH)]
         return torch.cat(parts).clamp(-1, 1).to(z.device)
 
+    def decode_with_grad(self, z: Tensor) -> Tensor:
+        """`decode` with gradients, in one call on z's device (the autoencoder's): x = D(z / s) clamped to [-1, 1],
+        (B, C, H, W); CLIP guidance on a latent run's predicted x_0 differentiates through it (a clamped pixel has no
+        gradient: moving it changes nothing that is shown)."""
+        if tuple(z.shape[1:]) != tuple(self.shape):
+            raise ValueError(f"this latent space decodes latents of shape {tuple(self.shape)}, got {tuple(z.shape[1:])}")
+        return self.autoencoder.decode(z / self.scale_factor).clamp(-1, 1)
+
     def mask(self, mask: Tensor) -> Tensor:
         """A pixel mask (B|1, 1|C, H, W) of 1 = keep, 0 = generate -> the latent mask (B|1, 1, H/f, W/f): a latent position
         is kept only where every pixel of its f x f cell (and every channel) is kept."""

@@ -3,6 +3,7 @@
     diffuse train CONFIG [--set key=value ...] --out RUN      (again on RUN: resume)
     diffuse sample RUN --n N --sampler NAME --steps K --seed S --out FILE.png|FILE.npy
                   [--label L] [--guidance W] [--classifier RUN] [--threshold static|none|dynamic:P] [--opt KEY=VALUE]
+                  [--clip CLIPRUN --prompt TEXT --clip-scale S [--clip-cutouts N]]     (CLIP guidance)
     diffuse edit sdedit RUN --image IMG --strength S --out OUT.png     (also inpaint --mask, ilvr --reference --factor)
     diffuse sample VIDEO_RUN [--frames N --scheme autoregressive|hierarchy-2] --out V.gif|V.mp4   (and V.png: the sheet)
     diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --given 0,1 [--method masked|reconstruction|replacement]
@@ -199,6 +200,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scheme", choices=list(LONG_SCHEMES), help="a video run, --frames beyond the model's: draw the video in "
                    "stages (Harvey et al. 2022): autoregressive (each stage continues the last frames) or hierarchy-2 "
                    "(sparse frames over the whole video first, then the frames between)")
+    s.add_argument("--clip", dest="clip_run", metavar="CLIPRUN",
+                   help="CLIP guidance towards --prompt with a CLIP run (model.kind = 'clip', configs/clip_shapes.toml) "
+                        "of the run's image size, on an unconditional or class-conditional run: a noise-aware CLIP "
+                        "guides x_t (GLIDE), a plain one the predicted x_0 (k-diffusion; decoded on a latent run)")
+    s.add_argument("--clip-scale", type=number(low=0), metavar="S",
+                   help="the CLIP guidance scale (needed with --clip; 0: none): s times the gradient of the cosine "
+                        "f(x_t, t) . g(c) (noise-aware), or of the spherical distance on x_0 (plain)")
+    s.add_argument("--clip-cutouts", type=number(int, low=1), metavar="N",
+                   help="a plain CLIP: the randomly shifted copies of x_0 it reads per step, losses averaged (default 1)")
     _sampling_flags(s, "FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1]); a video run: FILE.gif or FILE.mp4 "
                        "(the videos tiled, with the contact sheet FILE.png beside it) or FILE.npy ((N, C, F, H, W))")
 

@@ -122,7 +122,10 @@ def sample_command(args) -> None:
         return
     save_samples(result.x, out)  # atomically: a failed write leaves an earlier OUT as it was
     what = f"samples of the {len(plan.stages)}-stage cascade {args.run}" if plan.stages else "samples"
-    print(f"wrote {args.n} {what} to {out} ({result.calls} denoiser calls)")
+    req = plan.request
+    guided = "" if req.clip_run is None else (f", guided by the CLIP {req.clip_run} towards {req.prompt!r} at scale "
+                                              f"{req.clip_scale:g}")
+    print(f"wrote {args.n} {what} to {out}{guided} ({result.calls} denoiser calls)")
 
 
 def edit_command(args) -> None:

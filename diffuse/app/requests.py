@@ -32,8 +32,10 @@ from ..tasks.semantic import AMOUNT_LIMIT
 from ..checkpoint import load_checkpoint, read_state
 from ..data import load_image, load_mask
 from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
+from ..kinds.clip import check_guiding_clip, clip_guidance, load_clip, prompt_embedding
 from ..kinds.diffae import sample_pair
 from ..precision import autocast_dtype
+from ..guidance import check_prompts
 from ..runs import SEMANTIC_EDITS, VIDEO_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
 from ..schedule import SPACINGS, Schedule
@@ -90,6 +92,9 @@ class SampleRequest:
     batch_size: int = CHUNK                    # samples drawn at once; chunk k > 0 has its own seed
     frames: int | None = None                  # a video run: frames per video (None: its data.frames)
     scheme: str | None = None                  # a video run, frames beyond the model's: LONG_SCHEMES (FDM)
+    clip_run: str | None = None                # a CLIP run guiding towards --prompt (--clip; GLIDE, k-diffusion)
+    clip_scale: float | None = None            # its scale s (--clip-scale); needed with clip_run
+    clip_cutouts: int | None = None            # a plain CLIP: augmented copies of x_0 it reads (None: 1)
 
     def __post_init__(self):  # lists from a caller become tuples, so equal requests compare equal
         object.__setattr__(self, "options", tuple(self.options or ()))
@@ -100,14 +105,19 @@ class SampleRequest:
     def from_args(cls, args: argparse.Namespace) -> SampleRequest:
         """The request of `diffuse sample`'s parsed flags."""
         return cls(run=args.run, n=args.n, batch_size=args.batch_size, frames=getattr(args, "frames", None),
-                   scheme=getattr(args, "scheme", None), **_sampling_args(args))
+                   scheme=getattr(args, "scheme", None), clip_run=getattr(args, "clip_run", None),
+                   clip_scale=getattr(args, "clip_scale", None), clip_cutouts=getattr(args, "clip_cutouts", None),
+                   **_sampling_args(args))
 
     def argv(self) -> list[str]:
         """The `diffuse sample` command line of this request (after `diffuse`, without --out)."""
         batch = [] if self.batch_size == CHUNK else ["--batch-size", str(int(self.batch_size))]
         video = ([] if self.frames is None else ["--frames", str(int(self.frames))]) + \
             ([] if self.scheme is None else ["--scheme", self.scheme])
-        return ["sample", self.run, "--n", str(int(self.n)), *batch, *video, *_sampling_argv(self)]
+        clip = ([] if self.clip_run is None else _option("--clip", self.clip_run)) + \
+            ([] if self.clip_scale is None else ["--clip-scale", repr(float(self.clip_scale))]) + \
+            ([] if self.clip_cutouts is None else ["--clip-cutouts", str(int(self.clip_cutouts))])
+        return ["sample", self.run, "--n", str(int(self.n)), *batch, *video, *clip, *_sampling_argv(self)]
 
 
 @dataclass(frozen=True)
@@ -242,7 +252,7 @@ def _sampling_argv(req: SampleRequest) -> list[str]:
 
 
 # --- errors that name their field ----------------------------------------------------------------------------------
-FLAGS = {"ema": "--no-ema", "clip": "--no-clip", "options": "--opt", "run": "RUN", "task": "TASK"}
+FLAGS = {"ema": "--no-ema", "clip": "--no-clip", "options": "--opt", "run": "RUN", "task": "TASK", "clip_run": "--clip"}
 
 
 def flag(field: str, task: str | None = None) -> str:
@@ -315,7 +325,8 @@ def _checked(req: SampleRequest) -> SampleRequest:
     numbers = {"n": _number(req, "n", int, 1), "seed": _number(req, "seed", int, 0, MAX_SEED),
                "batch_size": _number(req, "batch_size", int, 1)}
     for field, kind, low, high in (("steps", int, 0, None), ("eta", float, 0, 100), ("label", int, 0, None),
-                                   ("guidance", float, 0, None), ("frames", int, 1, None)):
+                                   ("guidance", float, 0, None), ("frames", int, 1, None), ("clip_scale", float, 0, None),
+                                   ("clip_cutouts", int, 1, None)):
         if getattr(req, field) is not None:
             numbers[field] = _number(req, field, kind, low, high)
     interval = req.guidance_interval
@@ -324,7 +335,7 @@ def _checked(req: SampleRequest) -> SampleRequest:
             and 0 <= interval[0] < interval[1] and math.isfinite(interval[0]) and not math.isnan(interval[1])):
         raise RequestError("guidance_interval", f"--guidance-interval must be LO,HI with 0 <= LO < HI and LO finite, or "
                                                 f"all, got {interval!r}")
-    for field in ("run", "prompt", "negative_prompt", "classifier", "threshold", "device"):
+    for field in ("run", "prompt", "negative_prompt", "classifier", "threshold", "device", "clip_run"):
         if getattr(req, field) is not None and not isinstance(getattr(req, field), str):
             raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
     if not all(isinstance(pair, str) for pair in req.options):
@@ -335,6 +346,10 @@ def _checked(req: SampleRequest) -> SampleRequest:
                                              "leave it out")
         if req.task not in EDIT_TASKS:
             raise RequestError("task", f"unknown edit {req.task!r}; choose one of {', '.join(EDIT_TASKS)}")
+        for field in ("clip_run", "clip_scale", "clip_cutouts"):
+            if getattr(req, field) is not None:
+                raise RequestError(field, f"{flag(field)} does nothing here: CLIP guidance is `diffuse sample`'s (--clip "
+                                          "CLIPRUN --prompt TEXT --clip-scale S); leave it out")
         for field, tasks_taking in TASK_FIELDS.items():
             if getattr(req, field) != getattr(EditRequest, field) and req.task not in tasks_taking:
                 raise RequestError(field, f"{flag(field)} does nothing here: only edit {' and '.join(tasks_taking)} "
@@ -445,6 +460,7 @@ class Plan:
     video: Tensor | None = None                # a video edit's input (1, C, F, H, W) in [-1, 1]
     observed: Tensor | None = None             # a video edit's given frames (F,) bool
     method: str | None = None                  # a video edit's VIDEO_METHODS
+    clip_run: Run | None = None                # the CLIP run guiding the samples (--clip)
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -570,11 +586,11 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
         clip = False
     guidance = s.guidance if req.guidance is None else req.guidance
     prompt, negative = req.prompt, req.negative_prompt
-    if not caps.text and (prompt is not None or negative is not None):
-        raise RequestError("prompt" if prompt is not None else "negative_prompt",
+    if not caps.text and ((prompt is not None and req.clip_run is None) or negative is not None):
+        raise RequestError("prompt" if prompt is not None and req.clip_run is None else "negative_prompt",
                            f"--prompt and --negative-prompt need a text-conditional run (model.text_encoder); {req.run} "
-                           "takes no captions" + (" (it is class-conditional: use --label)" if cfg.model.class_conditional
-                                                  else ""))
+                           "takes no captions; --clip CLIPRUN --clip-scale S guides it towards --prompt" +
+                           (" (it is class-conditional: use --label)" if cfg.model.class_conditional else ""))
     if caps.text and prompt is None:
         raise RequestError("prompt", f'{req.run} is a text-conditional run: say what to draw with --prompt, e.g. --prompt '
                                      '"a red circle"')
@@ -587,11 +603,14 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     if req.classifier is not None:  # it must read what this run diffuses (pixels, or the same latents)
         classifier = open_run(req.classifier)
         _raise_as("classifier", check_same_space, cfg, classifier.cfg, f"the classifier {req.classifier}")
+    clip_run = _clip_run(req, run)
     device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mixed_precision = req.mixed_precision or s.mixed_precision
     _raise_as("mixed_precision", autocast_dtype, mixed_precision, device, "--mixed-precision")  # fp16 on a CPU fails here
     compiled = _raise_as("compile", speed.wanted, req.compile or s.compile, device, "--compile")
     _check_weights(run, "denoiser", "run")
+    if clip_run is not None:
+        _raise_as("clip_run", load_checkpoint, clip_run.path)  # FileNotFoundError naming why: no valid checkpoint
     num_classes, conditional = run.num_classes, caps.classes > 0
     if classifier is not None:
         _check_weights(classifier, "classifier", "classifier")
@@ -611,7 +630,34 @@ def _sampling(req: SampleRequest, run: Run) -> Plan:
     kw = dict(sampler=sampler, steps=steps, spacing=spacing, clip=clip, dynamic_threshold=dyn, labels=labels,
               guidance=guidance, guidance_interval=interval or None, seed=req.seed, device=device,
               mixed_precision=mixed_precision, **options)
-    return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier, compiled=compiled)
+    return Plan(req, run, device, diffusion_shape(cfg), kw, classifier=classifier, compiled=compiled, clip_run=clip_run)
+
+
+def _clip_run(req: SampleRequest, run: Run) -> Run | None:
+    """The CLIP run of --clip, checked against the run (kinds.clip.check_guiding_clip) with the fields it needs: a
+    non-empty --prompt and --clip-scale; --clip-cutouts only for a plain CLIP. Without --clip, its fields are refused.
+    RequestError naming the field."""
+    if req.clip_run is None:
+        for field in ("clip_scale", "clip_cutouts"):
+            if getattr(req, field) is not None:
+                raise RequestError(field, f"{flag(field)} needs --clip CLIPRUN, the CLIP run to guide with; pass it, or "
+                                          f"leave {flag(field)} out")
+        return None
+    if req.prompt is None:
+        raise RequestError("prompt", '--clip guides the samples towards a caption: pass it with --prompt, e.g. --prompt '
+                                     '"a red circle"')
+    _raise_as("prompt", check_prompts, req.prompt)
+    if req.clip_scale is None:
+        raise RequestError("clip_scale", "--clip needs --clip-scale S, the guidance scale (0: none; a noise-aware CLIP "
+                                         "multiplies the cosine f(x_t, t) . g(c), so GLIDE's grad_scale 3 is S = 300; "
+                                         "a plain CLIP its spherical distance on x_0, k-diffusion's default S = 500)")
+    clip = _raise_as("clip_run", open_run, req.clip_run)
+    _raise_as("clip_run", check_guiding_clip, run.cfg, clip.cfg, f"the CLIP {req.clip_run}")
+    if req.clip_cutouts is not None and clip.cfg.clip.noise_aware:
+        raise RequestError("clip_cutouts", f"--clip-cutouts does nothing here: the CLIP {req.clip_run} is noise-aware and "
+                                           "guides x_t itself (cutouts are augmented copies of the predicted x_0 that a "
+                                           "plain CLIP reads); leave it out")
+    return clip
 
 
 # --- videos (model.video: tasks/video.py) ---------------------------------------------------------------------------
@@ -625,6 +671,8 @@ def _refuse_frames(req: SampleRequest, what: str) -> None:
 
 def _video_sampling(req: SampleRequest, run: Run) -> Plan:
     """`_sampling` of a video run: classifier guidance refused (noisy classifiers read images), the shape (C, F, H, W)."""
+    if req.clip_run is not None:
+        raise RequestError("clip_run", f"--clip guides with a CLIP of images; {req.run} draws videos: leave it out")
     if req.classifier is not None:
         raise RequestError("classifier", f"--classifier guides with a noisy classifier of images; {req.run} draws videos: "
                                          "leave it out (classifier-free guidance, --guidance, works on a class-conditional "
@@ -831,7 +879,7 @@ def _resolve_pair(req: SampleRequest, run: Run) -> Plan:
                                   f"train the latent DDIM again on it (`diffuse train {run.path / 'config.toml'} --out NEW "
                                   "--set semantic.run_step=0`, a few minutes)")
     _check_weights(run, "denoiser", "run")
-    for field in ("label", "prompt", "classifier", "guidance"):
+    for field in ("clip_run", "label", "prompt", "classifier", "guidance"):
         if getattr(req, field) is not None:
             raise RequestError(field, f"{flag(field)} does nothing here: a diffusion autoencoder's latent DDIM draws "
                                       "unconditional codes; leave it out")
@@ -933,6 +981,9 @@ def _resolve_cascade(req: SampleRequest) -> Plan:
     """`diffuse sample CASCADE`: every stage's request (the sampling fields apply to every stage; the label, guidance,
     classifier and negative prompt to the first, the prompt to every text-conditional stage) resolved before the first
     stage draws."""
+    if req.clip_run is not None:
+        raise RequestError("clip_run", f"--clip guides one run, and {req.run} is a cascade: guide its base run "
+                                       "(`diffuse sample BASE --clip ...`) or leave --clip out")
     stages, level = read_cascade(req.run)
     runs = [open_run(s) for s in stages]
     check_cascade([r.cfg for r in runs])  # before any model loads
@@ -995,10 +1046,24 @@ def _model_kw(plan: Plan, loaded: Loaded, callback) -> dict:
     req = plan.request
     if plan.compiled:
         speed.compile_network(loaded.denoiser.net, plan.device, sampling=True)
-    text = {} if req.prompt is None else prompt_condition(loaded.denoiser, req.n, req.prompt, req.negative_prompt,
-                                                          plan.device)
+    text = {} if req.prompt is None or not plan.run.capabilities.text else \
+        prompt_condition(loaded.denoiser, req.n, req.prompt, req.negative_prompt, plan.device)
     classifier = None if plan.classifier is None else plan.classifier.classifier(device=plan.device)
-    return {**plan.generate_kw, "callback": callback, "classifier": classifier, **text}
+    guide = {} if plan.clip_run is None else {"guide": clip_guide(plan, loaded)}
+    return {**plan.generate_kw, "callback": callback, "classifier": classifier, **text, **guide}
+
+
+def clip_guide(plan: Plan, loaded: Loaded) -> Callable:
+    """generate's `guide` of a plan with --clip: the CLIP run loaded on the plan's device, the prompt embedded by its
+    text tower (RequestError naming --prompt when it is too long for it), and denoiser -> kinds.clip.clip_guidance(...)
+    (the decoder of a latent run's space passed to a plain CLIP, which reads the decoded x_0)."""
+    req = plan.request
+    _, clip = load_clip(plan.clip_run.path, plan.device)
+    text_emb = _raise_as("prompt", prompt_embedding, clip, req.prompt)
+    space = loaded.space
+    decode = space.decode_with_grad if space.latent and not clip.noise_aware else None
+    cutouts = 1 if req.clip_cutouts is None else req.clip_cutouts
+    return lambda denoiser: clip_guidance(denoiser, clip, text_emb, req.clip_scale, cutouts, req.seed, decode)
 
 
 def _steps_total(plan: Plan, schedule, chunks: int = 1) -> int | None:

@@ -16,6 +16,10 @@ The noise-aware variant (clip.noise_aware, GLIDE's noised CLIP, Nichol et al. 20
 eps of the run's [schedule] at its continuous model time, t = 0 for a share clip.clean_share of the examples and
 t ~ U(0, t_top] otherwise; it can then guide a sampler from its first step.
 
+A CLIP run guides a denoiser run (`diffuse sample RUN --clip CLIPRUN --prompt ... --clip-scale S`): `check_guiding_clip`
+says whether it can, `prompt_embedding` embeds the prompt, `clip_guidance` picks the wrapper (guidance.py): GLIDE's
+gradient at x_t for a noise-aware CLIP, k-diffusion's on the predicted x_0 (decoded on a latent run) for a plain one.
+
 A step's draws, for the global batch and in this order (noise-aware only; a plain CLIP draws nothing): the clean
 uniforms, the t uniforms, eps.
 
@@ -39,7 +43,8 @@ from ..data import Subset, load_dataset
 from ..data.captions import Captioned, digit_caption
 from ..nets.clip import CLIP
 from ..nets.unet import UNetConfig
-from ..schedule import NoiseSchedule, Schedule, to_device
+from ..guidance import ClipX0Guidance, NoisyClipGuidance, check_prompts
+from ..schedule import NoiseSchedule, Schedule, ScheduleConfig, to_device
 from .autoencoder import held_out
 from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
 
@@ -263,3 +268,78 @@ def evaluate_run(run_dir: str | Path, device: str | torch.device = "cpu", seed: 
             **levels, "note": "recall@k against the held-out gallery (every tenth image) per noise level t (x_t of the "
             "run's process, eps from the seed); a larger gallery or fewer distinct captions changes the figure; each "
             "*_chance is a random ranking's", "date": datetime.date.today().isoformat()}
+
+
+# --- guiding a denoiser run (`diffuse sample RUN --clip CLIPRUN --prompt ... --clip-scale S`) -------------------------
+PROCESS_TIMES = 65  # times from t_min to t_top at which `same_process` compares two processes
+
+
+def same_process(a: ScheduleConfig, b: ScheduleConfig, times: int = PROCESS_TIMES) -> bool:
+    """Whether two [schedule]s give one process as a noise-aware CLIP sees it: the same grid ends t_min and t_top and,
+    at `times` times between them, the same alpha_t, sigma_t (x_t = alpha_t x_0 + sigma_t eps) and network time input
+    (rel. 1e-6). Keys that only change how training draws t (edm's p_mean, flow's t_sampling) do not count."""
+    sa, sb = Schedule.from_config(a), Schedule.from_config(b)
+    if not (math.isclose(sa.t_min, sb.t_min, rel_tol=1e-9) and math.isclose(sa.t_top, sb.t_top, rel_tol=1e-9)):
+        return False
+    t = torch.linspace(sa.t_min, sa.t_top, times, dtype=torch.float64)
+    return all(torch.allclose(f(sa, t).double(), f(sb, t).double(), rtol=1e-6, atol=1e-12)
+               for f in (lambda s, t: s.alpha(t), lambda s, t: s.sigma(t), lambda s, t: s.model_time(t)))
+
+
+def check_guiding_clip(run_cfg: RunConfig, clip_cfg: RunConfig, name: str) -> None:
+    """Whether the CLIP run of config clip_cfg (called `name` in messages) can guide samples of the denoiser run of
+    config run_cfg: a CLIP (model.kind = "clip") of the run's image channels and side; a noise-aware one also reads
+    x_t itself, so it must know the run's process (`same_process`) and its space (CLIPs train on pixels here: a latent
+    run is guided by a plain CLIP, which reads the decoded x_0). ValueError naming the mismatch and the fix."""
+    if clip_cfg.model.kind != "clip":
+        raise ValueError(f"{name} holds a {clip_cfg.model.kind} run (model.kind = {clip_cfg.model.kind!r}), not a CLIP; pass "
+                         "a CLIP run, e.g. one of `diffuse train configs/clip_shapes.toml --out CLIPRUN`")
+    if run_cfg.model.video:
+        raise ValueError(f"{name} reads images and this run draws videos; CLIP guidance works on a model of images")
+    d, c = run_cfg.data, clip_cfg.data
+    if (c.channels, c.image_size) != (d.channels, d.image_size):
+        raise ValueError(f"{name} was trained on {c.channels}-channel {c.image_size}x{c.image_size} images and this run "
+                         f"draws {d.channels}-channel {d.image_size}x{d.image_size} ones; train a CLIP at the run's size "
+                         f"(--set data.channels={d.channels} --set data.image_size={d.image_size})")
+    if not clip_cfg.clip.noise_aware:
+        return
+    if run_cfg.latent.autoencoder:
+        raise ValueError(f"{name} is noise-aware: it reads x_t of images, and this run diffuses latents of "
+                         f"{run_cfg.latent.autoencoder} (a CLIP trains on images only); guide it with a plain CLIP "
+                         "(trained without clip.noise_aware), which reads the decoded x_0")
+    if not same_process(run_cfg.schedule, clip_cfg.schedule):
+        keys = [f.name for f in dataclasses.fields(ScheduleConfig)
+                if getattr(run_cfg.schedule, f.name) != getattr(clip_cfg.schedule, f.name)]
+        there = ", ".join(f"schedule.{k} = {getattr(clip_cfg.schedule, k)!r} there, {getattr(run_cfg.schedule, k)!r} here"
+                          for k in keys)
+        sets = " ".join(f"--set schedule.{k}={getattr(run_cfg.schedule, k)}" for k in keys)
+        raise ValueError(f"{name} is noise-aware and was trained on x_t of another process than this run's ({there}): "
+                         f"at a time t its x_t holds another mix of image and noise; train it on this run's process "
+                         f"({sets}), or guide with a plain CLIP (on the predicted x_0)")
+
+
+def prompt_embedding(clip: CLIP, prompt: str) -> Tensor:
+    """g(c) (D,), the unit text embedding of one prompt by the CLIP's text tower, on its device. ValueError for an empty
+    prompt (guidance.check_prompts) or one that needs more tokens than the tower's max_tokens (never truncated)."""
+    (prompt,) = check_prompts(prompt)
+    encoder = clip.text_encoder
+    need = len(encoder.encode_ids(prompt))
+    if need > encoder.max_tokens:
+        raise ValueError(f"the prompt needs {need} {encoder.unit} of the CLIP's text tower, more than its max_tokens = "
+                         f"{encoder.max_tokens} (prompts are never truncated); shorten it")
+    with torch.no_grad():
+        return clip.text_embedding(clip.tokenize([prompt]).to(clip.logit_scale.device))[0]
+
+
+def clip_guidance(denoiser, clip: CLIP, text_emb: Tensor, scale: float, cutouts: int = 1, seed: int = 0, decode=None):
+    """`denoiser` guided by the CLIP towards the text embedding g = text_emb (D,) at scale s: a noise-aware CLIP by
+    guidance.NoisyClipGuidance (GLIDE, Nichol et al. 2021, sec. 3.2: eps~ = eps - s sigma_t grad_{x_t} f(x_t, t) . g),
+    a plain one by guidance.ClipX0Guidance (k-diffusion: the spherical distance of f(aug(x^_0)) to g, its gradient
+    through the denoiser, averaged over `cutouts` RandomShift copies drawn from `seed`; x^_0 `decode`d first on a latent
+    run). ValueError as theirs, and for cutouts or a decoder given with a noise-aware CLIP (it reads x_t itself)."""
+    if clip.noise_aware:
+        if cutouts != 1 or decode is not None:
+            raise ValueError("a noise-aware CLIP guides x_t itself: it takes no cutouts and no decoder (those are the "
+                             "plain CLIP's, on the predicted x_0)")
+        return NoisyClipGuidance(denoiser, clip, text_emb, scale)
+    return ClipX0Guidance(denoiser, clip, text_emb, scale, cutouts=cutouts, seed=seed, decode=decode)

@@ -55,6 +55,7 @@ class CLIP(nn.Module):
         if dim < 1:
             raise ValueError(f"the CLIP embedding width must be >= 1, got clip.dim = {dim}")
         self.dim, self.noise_aware = dim, noise_aware
+        self.image_size, self.embed_dim = image_size, dim  # what guidance.clip_embedding checks x and g against
         self.image_tower = UNetEncoder(image_cfg, in_channels, image_size, dim, time=noise_aware)
         self.text_encoder = text_encoder(text, max_tokens, **({"dim": text_width} if text == "chars" else {}))
         self.text_proj = nn.Linear(self.text_encoder.dim, dim)
