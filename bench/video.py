@@ -103,9 +103,10 @@ def train_runs(args) -> dict[str, dict]:
             limit = [f"train.steps={args.train_steps}", "train.time_limit=0"]
         else:
             limit = [f"train.time_limit={args.budget}"]
-        cfg = apply_overrides(load_config(CONFIG), overrides + limit + ["train.checkpoint_every=100000"])
+        cfg = apply_overrides(load_config(CONFIG), overrides + limit + ["train.checkpoint_every=100"])
         t0 = time.perf_counter()
-        if not (args.reuse and (path / "config.toml").is_file()):
+        done = args.reuse and (path / "config.toml").is_file() and (not args.train_steps or open_run(path).step >= args.train_steps)
+        if not done:  # a new run, or (--reuse --train-steps) one stopped short of its steps: resumed from its checkpoint
             train(cfg, path, progress=False)
         run = open_run(path)
         out[name] = {"path": str(path), "steps": run.step, "train_s": time.perf_counter() - t0, "overrides": overrides}
