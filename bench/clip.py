@@ -89,13 +89,13 @@ def train_runs(args) -> dict[str, dict]:
             raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or another --runs to train anew")
         extra = [f"latent.autoencoder={args.runs / 'ae'}"] if name == "cfg-latent" else []
         n = 3 if args.smoke else steps
-        limit = [f"train.steps={n}", "train.time_limit=0", "train.checkpoint_every=100000", "train.sample_every=0"]
+        limit = [f"train.steps={n}", "train.time_limit=0", "train.checkpoint_every=200", "train.sample_every=0"]
         if args.smoke:
             limit += ["train.warmup_steps=1", "data.crops=64", "train.batch_size=8"]
         cfg = apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
         t0 = time.perf_counter()
-        if not (args.reuse and (path / "config.toml").is_file()):
-            train(cfg, path, progress=False)
+        if not (args.reuse and (path / "config.toml").is_file() and open_run(path).step >= n):
+            train(cfg, path, progress=False)  # a new run, or (--reuse) one stopped short: resumed from its checkpoint
         out[name] = {"path": str(path), "steps": open_run(path).step, "train_s": time.perf_counter() - t0,
                      "overrides": " ".join(overrides) or "as is"}
         say(f"run {name}: {out[name]['steps']} steps ({out[name]['train_s']:.0f} s here)")
