@@ -598,7 +598,12 @@ def load_weights(module: torch.nn.Module, tensors: Mapping[str, Tensor], *, conf
 
 
 def read_state(run_dir: str | os.PathLike, step: int) -> dict:
-    """The JSON state of a committed checkpoint, without reading or hashing its tensors (for messages)."""
+    """The JSON state of a committed checkpoint, without reading or hashing its tensors (for messages).
+    FileNotFoundError naming the fix when step is None (the run folder holds no valid checkpoint: latest_step's None)."""
+    if step is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint yet (its training stopped before the first save, every "
+                                "train.checkpoint_every steps, or is still before it): resume it with `diffuse train "
+                                f"{Path(run_dir) / 'config.toml'} --out {run_dir}`, or wait for its first checkpoint")
     return json.loads((Path(run_dir) / CHECKPOINTS / _dirname(step) / STATE).read_text())
 
 

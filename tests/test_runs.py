@@ -52,3 +52,18 @@ def test_capabilities_follow_the_config():
 def test_a_folder_that_is_no_run_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a run folder"):
         open_run(tmp_path)
+
+
+def test_a_run_folder_without_a_checkpoint_names_the_resume_command(tmp_path, capsys):
+    """A training stopped before its first save leaves config.toml and no checkpoint: open_run (and every command built
+    on it) says so and how to resume, instead of failing on the missing step."""
+    from diffuse.app.cli import main
+    from diffuse.config import save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg(), run / "config.toml")
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint yet .*diffuse train .*config.toml --out"):
+        open_run(run)
+    assert main(["sample", str(run), "--n", "1", "--out", str(tmp_path / "x.png")]) != 0
+    assert "holds no checkpoint yet" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
