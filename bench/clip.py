@@ -79,6 +79,14 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 # --- the runs ----------------------------------------------------------------------------------------------------
+def trained_steps(path: Path) -> int:
+    """The step of the newest checkpoint in a run folder; 0 for a folder without a run or without a checkpoint yet."""
+    try:
+        return open_run(path).step
+    except FileNotFoundError:
+        return 0
+
+
 def train_runs(args) -> dict[str, dict]:
     """Every run of RUNS trained for its steps (--smoke: 3) into --runs/NAME, or reused (--reuse) where it holds one.
     Returns {name: {"path", "steps", "train_s", "overrides"}}; SystemExit for a run folder that exists without --reuse."""
@@ -94,7 +102,7 @@ def train_runs(args) -> dict[str, dict]:
             limit += ["train.warmup_steps=1", "data.crops=64", "train.batch_size=8"]
         cfg = apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
         t0 = time.perf_counter()
-        if not (args.reuse and (path / "config.toml").is_file() and open_run(path).step >= n):
+        if not (args.reuse and trained_steps(path) >= n):
             train(cfg, path, progress=False)  # a new run, or (--reuse) one stopped short: resumed from its checkpoint
         out[name] = {"path": str(path), "steps": open_run(path).step, "train_s": time.perf_counter() - t0,
                      "overrides": " ".join(overrides) or "as is"}

@@ -87,6 +87,14 @@ def cpu_description() -> str:
 
 
 # --- the runs ----------------------------------------------------------------------------------------------------
+def trained_steps(path: Path) -> int:
+    """The step of the newest checkpoint in a run folder; 0 for a folder without a run or without a checkpoint yet."""
+    try:
+        return open_run(path).step
+    except FileNotFoundError:
+        return 0
+
+
 def train_runs(args) -> dict[str, dict]:
     """Each run of RUNS trained for the same budget (train.time_limit = --budget; --smoke: 2 steps) into --runs/NAME,
     or reused (--reuse) when it holds a checkpoint. Returns {name: {"path", "steps", "train_s"}}. SystemExit for a run
@@ -105,7 +113,7 @@ def train_runs(args) -> dict[str, dict]:
             limit = [f"train.time_limit={args.budget}"]
         cfg = apply_overrides(load_config(CONFIG), overrides + limit + ["train.checkpoint_every=100"])
         t0 = time.perf_counter()
-        done = args.reuse and (path / "config.toml").is_file() and (not args.train_steps or open_run(path).step >= args.train_steps)
+        done = args.reuse and trained_steps(path) >= (args.train_steps or 1)
         if not done:  # a new run, or (--reuse --train-steps) one stopped short of its steps: resumed from its checkpoint
             train(cfg, path, progress=False)
         run = open_run(path)
