@@ -191,7 +191,8 @@ def check_video_training(cfg: RunConfig) -> None:
                               f"on videos), got {v.p_images}"),
         (not v.p_images or not m.class_conditional, "video.p_images makes examples of frames from different videos, "
                                                     "whose labels differ: set model.class_conditional = false, or "
-                                                    "video.p_images = 0"),        (v.max_span == 0 or v.max_span >= frames, f"video.max_span = {v.max_span} must be 0 (consecutive frames) or at "
+                                                    "video.p_images = 0"),
+        (v.max_span == 0 or v.max_span >= frames, f"video.max_span = {v.max_span} must be 0 (consecutive frames) or at "
                                                   f"least data.frames = {frames} (the window the frames are drawn from; "
                                                   f"FDM: the longest video sampled), e.g. {4 * frames}"),
     ]
