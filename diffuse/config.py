@@ -184,6 +184,10 @@ class VideoConfig:
     #                                   floor(k/2) last, MCVD's past + future), or k uniformly at random (scattered, RaMViD)
     p_images: float = 0.0             # joint training: share of examples whose frames are independent images, frame f
     #                                   being frame j of video i, (i, j) uniform over the data, drawn per frame (0: off)
+    max_span: int = 0                 # FDM's frame subsets: each example is F sorted distinct frames of a window of
+    #                                   max_span >= data.frames consecutive ones (kinds.video.draw_frame_subsets), the
+    #                                   network told their frame_index (positions less the first); 0 (or data.frames):
+    #                                   F consecutive frames
 
 
 @dataclass

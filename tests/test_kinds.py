@@ -56,6 +56,11 @@ VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencod
                                    "data.frames=4", "data.crops=16", "data.digit_size=4", "data.velocity=1",
                                    "model.video=true", "model.video_observed=true", "video.max_observed=2",
                                    "video.p_images=0.25"]),
+            # the same on 4 frames of windows of 8 (video.max_span): the frame subsets are drawn per step too
+            "video_span": ("denoiser", ["model.class_conditional=false", "train.condition_dropout={}",
+                                        "data.source=moving_digits", "data.frames=4", "data.crops=16", "data.digit_size=4",
+                                        "data.velocity=1", "model.video=true", "model.video_observed=true",
+                                        "video.max_observed=2", "video.p_images=0.25", "video.max_span=8"]),
             # GLIDE's noised CLIP: x_t of the schedule at a drawn t (a share at t = 0)
             "clip_noised": ("clip", ["clip.noise_aware=true", "schedule.T=100"])}
 

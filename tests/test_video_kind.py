@@ -288,7 +288,7 @@ def test_the_shipped_config_trains_a_step(tmp_path):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "video_digits.toml")
     check_config(cfg)
-    assert (cfg.data.frames, cfg.data.image_size, cfg.video.max_observed) == (8, 32, 4)
+    assert (cfg.data.frames, cfg.data.image_size, cfg.video.max_observed, cfg.video.max_span) == (8, 32, 4, 64)
     cfg.train.steps = 1
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     assert isinstance(tr.objective, VideoObjective)

@@ -9,7 +9,8 @@ Two sources (data.source), both with data.frames = F >= 2:
                    velocity component normal to that wall reflects ("deterministic") or its whole velocity is drawn
                    anew, pointing away from the wall ("stochastic"). Digits are summed and clipped to 1. Video i of a
                    split is a pure function of (seed, split, i), so `batch(idx)` is deterministic and nothing is stored;
-                   `trajectory(i)` gives the ground truth the physics metrics compare with. The bundled digits are
+                   `trajectory(i)` gives the ground truth the physics metrics compare with; `frames_at(i, positions)`
+                   renders frames at any positions (frame k is the same whatever the length asked). The bundled digits are
                    stored in class order (500 of each), so the test split is every fifth digit (100 of each class) and
                    the train split the other 4,000: no digit instance is in both.
     video_folder   every GIF or video file below data.path (sub-folders as class labels, like image folders), each cut
@@ -19,6 +20,9 @@ Two sources (data.source), both with data.frames = F >= 2:
                    load, so a damaged file or one too short for a clip is reported then, named, with the fix.
 
 `load_dataset(cfg)` is the one entry: it reads the video sources here and hands the image sources to images.py.
+`load_dataset(cfg, span=M)` (M >= F; training with video.max_span, kinds/video.py) makes each example a window of M
+consecutive frames, x (C, M, H, W), from which the objective takes F frames: moving digits render M frames, folder clips
+hold M frames taken every data.frame_stride-th and tile the file by M strides.
 """
 
 from __future__ import annotations
@@ -91,14 +95,18 @@ def check_video_config(cfg: DataConfig) -> None:
                          f"{cfg.crops}")
 
 
-def load_dataset(cfg: DataConfig):
+def load_dataset(cfg: DataConfig, span: int = 0):
     """The dataset `cfg` describes: a video dataset (MovingDigits, VideoFolder) for the video sources, checked first
-    (check_video_config), else images.load_dataset's ImageDataset."""
+    (check_video_config), else images.load_dataset's ImageDataset. `span` > 0 (a video source only): windows of `span`
+    >= data.frames consecutive frames per example instead of data.frames (video.max_span); ValueError otherwise."""
     check_video_config(cfg)
+    if span and (cfg.source not in VIDEO_SOURCES or span < cfg.frames):
+        raise ValueError(f"video.max_span = {span} takes windows of frames from videos: it must be 0 or at least data.frames "
+                         f"= {cfg.frames}, with a video data.source (got {cfg.source!r})")
     if cfg.source == "moving_digits":
-        return MovingDigits(cfg)
+        return MovingDigits(cfg, span=span)
     if cfg.source == "video_folder":
-        return VideoFolder(Path(cfg.path).expanduser(), cfg.frames, cfg.image_size, cfg.channels, cfg.frame_stride)
+        return VideoFolder(Path(cfg.path).expanduser(), cfg.frames, cfg.image_size, cfg.channels, cfg.frame_stride, span)
     return load_images(cfg)
 
 
@@ -127,18 +135,22 @@ class Trajectory:
 
 class MovingDigits:
     """Moving MNIST made on the fly (see the module docstring): `len` = data.crops videos of one split, x (C, F, S, S)
-    in [-1, 1], unlabelled (the digits' classes are in `trajectory(i).labels`)."""
+    in [-1, 1], unlabelled (the digits' classes are in `trajectory(i).labels`). `span` = M > 0: x (C, M, S, S), the
+    first M frames of each video (video.max_span's windows); `frames` stays data.frames."""
 
     num_classes = 0
     condition_keys: tuple[str, ...] = ()
     pure_batches = False  # each batch is drawn and rendered when asked (speed.hold_on_device leaves it on the host)
 
-    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
+    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0, span: int = 0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         check_video_config(cfg)
+        if span and span < cfg.frames:
+            raise ValueError(f"span = {span} must be 0 or at least data.frames = {cfg.frames} (video.max_span)")
         self.split, self.seed, self.n = split, seed, cfg.crops
         self.frames, self.size, self.channels = cfg.frames, cfg.image_size, cfg.channels
+        self.span = span or cfg.frames  # the frames of an example
         self.digit_size, self.per_video, self.velocity, self.bounce = digit_side(cfg), cfg.digits_per_video, cfg.velocity, cfg.bounce
         self.glyphs, self.labels = bundled_digits(self.digit_size)  # (5000, d, d) in [0, 1], (5000,)
         held_out = np.arange(len(self.labels)) % TEST_EVERY == TEST_EVERY - 1
@@ -146,8 +158,8 @@ class MovingDigits:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """x's shape without the batch: (C, F, S, S)."""
-        return self.channels, self.frames, self.size, self.size
+        """x's shape without the batch: (C, F, S, S), or (C, span, S, S)."""
+        return self.channels, self.span, self.size, self.size
 
     def __len__(self) -> int:
         return self.n
@@ -157,24 +169,31 @@ class MovingDigits:
         return x[0], {}
 
     def batch(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Videos idx (B,) as x (B, C, F, S, S) in [-1, 1] and the empty condition; IndexError for an index out of range."""
+        """Videos idx (B,) as x (B, C, F, S, S) in [-1, 1] (F = span frames) and the empty condition; IndexError for an
+        index out of range."""
         idx = _check_indices(idx, self.n)
-        frames = np.stack([self.render(self.trajectory(int(i))) for i in idx]) if len(idx) else \
-            np.zeros((0, self.frames, self.size, self.size), np.float32)
+        frames = np.stack([self.frames_at(int(i), range(self.span)) for i in idx]) if len(idx) else \
+            np.zeros((0, self.span, self.size, self.size), np.float32)
         x = torch.from_numpy(frames)[:, None].expand(-1, self.channels, -1, -1, -1)
         return x * 2 - 1, {}
 
-    def trajectory(self, i: int) -> Trajectory:
-        """The digits, start, velocities and bounces of video i: a pure function of (seed, split, i)."""
+    def trajectory(self, i: int, frames: int | None = None) -> Trajectory:
+        """The digits, start, velocities and bounces of video i over its first `frames` frames (default data.frames): a
+        pure function of (seed, split, i), the random numbers drawn frame by frame, so a shorter trajectory is the
+        prefix of a longer one (frame k is the same whatever `frames`). IndexError for i out of range, ValueError for
+        frames < 1."""
         if not 0 <= i < self.n:
             raise IndexError(f"video index {i} is out of range: the dataset holds {self.n} videos (0..{self.n - 1})")
+        frames = self.frames if frames is None else frames
+        if frames < 1:
+            raise ValueError(f"a trajectory has at least 1 frame, asked for {frames}")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
         n, v, free = self.per_video, self.velocity, self.size - self.digit_size
         digits = self.pool[rng.integers(0, len(self.pool), size=n)]
         pos = rng.integers(0, free + 1, size=(n, 2))
         vel = np.stack([_first_velocity(rng, v) for _ in range(n)])
-        positions, velocities = np.zeros((self.frames, n, 2), np.int64), np.zeros((self.frames, n, 2), np.int64)
-        for t in range(self.frames):
+        positions, velocities = np.zeros((frames, n, 2), np.int64), np.zeros((frames, n, 2), np.int64)
+        for t in range(frames):
             positions[t], velocities[t] = pos, vel
             pos = pos + vel
             low, high = (pos <= 0) & (vel < 0), (pos >= free) & (vel > 0)  # reached a wall moving into it: a bounce
@@ -187,14 +206,26 @@ class MovingDigits:
                     vel[k] = np.where(away != 0, away * rng.integers(1, v + 1, size=2), rng.integers(-v, v + 1, size=2))
         return Trajectory(positions, velocities, self.labels[digits].astype(np.int64), digits.astype(np.int64))
 
-    def render(self, trajectory: Trajectory) -> np.ndarray:
-        """The frames (F, S, S) float32 in [0, 1] of a trajectory: each digit pasted at its positions, summed, clipped."""
+    def render(self, trajectory: Trajectory, at=None) -> np.ndarray:
+        """The frames (F, S, S) float32 in [0, 1] of a trajectory of F frames, or those at the positions `at` (a
+        sequence of indices into it, any order, repeats allowed): each digit pasted at its positions, summed, clipped."""
         d = self.digit_size
-        canvas = np.zeros((self.frames, self.size, self.size), np.float32)
+        at = np.arange(len(trajectory.positions)) if at is None else np.asarray(at, np.int64).reshape(-1)
+        canvas = np.zeros((len(at), self.size, self.size), np.float32)
         for k, digit in enumerate(trajectory.digits):
-            for t, (r, c) in enumerate(trajectory.positions[:, k]):
+            for t, (r, c) in enumerate(trajectory.positions[at, k]):
                 canvas[t, r:r + d, c:c + d] += self.glyphs[digit]
         return np.minimum(canvas, 1.0)
+
+    def frames_at(self, i: int, positions) -> np.ndarray:
+        """Video i's frames at `positions` (a sequence of frame indices >= 0, any order, e.g. a sorted subset of a
+        window of video.max_span frames): float32 (len(positions), S, S) in [0, 1]. Frame k is frame k of the
+        consecutive render of any longer video of the same (seed, split, i): the trajectory runs to max(positions) + 1
+        frames with the same bounces. IndexError for i out of range, ValueError for no or a negative position."""
+        at = np.asarray(list(positions), np.int64).reshape(-1)
+        if not len(at) or int(at.min()) < 0:
+            raise ValueError(f"frame positions must be one or more indices >= 0, got {at.tolist()}")
+        return self.render(self.trajectory(i, int(at.max()) + 1), at)
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,18 +250,23 @@ def _first_velocity(rng: np.random.Generator, v: int) -> np.ndarray:
 class VideoFolder:
     """Clips of the videos below a folder (see the module docstring): x (C, F, S, S) in [-1, 1]; cond {"label"} when
     every file is in a sub-folder (the class names), else {}. Clips are held in memory as uint8 when they fit
-    (images.MAX_IN_MEMORY_BYTES), else their files are decoded again at each batch (`pure_batches` False).
+    (images.MAX_IN_MEMORY_BYTES), else their files are decoded again at each batch (`pure_batches` False). `span` = M
+    > 0 (video.max_span, M >= frames): clips of M frames instead, x (C, M, S, S), tiling each file by M strides.
 
     Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for a folder without video files,
     a file that cannot be decoded, or a file with fewer frames than one clip needs, naming the file and the fix."""
 
-    def __init__(self, root: str | os.PathLike, frames: int, image_size: int, channels: int, frame_stride: int = 1):
+    def __init__(self, root: str | os.PathLike, frames: int, image_size: int, channels: int, frame_stride: int = 1,
+                 span: int = 0):
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"video folder {root} does not exist; set data.path to an existing folder")
         if not root.is_dir():
             raise NotADirectoryError(f"data.path {root} is a file, not a folder; point it at the folder that holds the videos")
+        if span and span < frames:
+            raise ValueError(f"span = {span} must be 0 or at least data.frames = {frames} (video.max_span)")
         self.root, self.frames, self.size, self.channels, self.stride = root, frames, image_size, channels, frame_stride
+        self.span = span or frames  # the frames of a clip
         files, others = _video_files(root)
         if not files:
             found = f"it holds {len(others)} other file(s), e.g. {others[0].relative_to(root)}" if others else "it is empty"
@@ -247,7 +283,7 @@ class VideoFolder:
         labels, arrays, nbytes = [], [], 0
         for path, rel in zip(files, relative):
             clips = self._clips(path)  # (n, C, F, S, S) uint8
-            self.clips += [(path, k * self.frames * self.stride) for k in range(len(clips))]
+            self.clips += [(path, k * self.span * self.stride) for k in range(len(clips))]
             labels += [self.class_names.index(rel.parts[0]) if self.num_classes else 0] * len(clips)
             nbytes += clips.nbytes
             if arrays is not None:  # kept while the decoded clips fit in memory, else read again per batch
@@ -258,8 +294,8 @@ class VideoFolder:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """x's shape without the batch: (C, F, S, S)."""
-        return self.channels, self.frames, self.size, self.size
+        """x's shape without the batch: (C, F, S, S), or (C, span, S, S)."""
+        return self.channels, self.span, self.size, self.size
 
     @property
     def condition_keys(self) -> tuple[str, ...]:
@@ -278,7 +314,8 @@ class VideoFolder:
         return x[0], {k: v[0] for k, v in cond.items()}
 
     def batch(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clips idx (B,) as x (B, C, F, S, S) in [-1, 1] and their condition; IndexError for an index out of range."""
+        """Clips idx (B,) as x (B, C, F, S, S) in [-1, 1] (F = span frames) and their condition; IndexError for an
+        index out of range."""
         idx = _check_indices(idx, len(self))
         if self.videos is not None:
             pixels = self.videos[idx]
@@ -288,23 +325,28 @@ class VideoFolder:
                 path, start = self.clips[i]
                 if path not in decoded:
                     decoded[path] = self._clips(path)
-            pixels = torch.from_numpy(np.stack([decoded[self.clips[i][0]][self.clips[i][1] // (self.frames * self.stride)]
+            pixels = torch.from_numpy(np.stack([decoded[self.clips[i][0]][self.clips[i][1] // (self.span * self.stride)]
                                                 for i in idx.tolist()]))
         cond = batch_condition([{"label": self.labels[i]} for i in idx]) if self.num_classes and len(idx) else {}
         return pixels.float() / 127.5 - 1.0, cond
 
     def _clips(self, path: Path) -> np.ndarray:
-        """The clips of one file as uint8 (n, C, F, S, S): frames 0, s, .., (F - 1) s, then from F s on, and so on."""
+        """The clips of one file as uint8 (n, C, F, S, S), F = span: frames 0, s, .., (F - 1) s, then from F s on, and
+        so on."""
         video = read_video(path)
-        span = (self.frames - 1) * self.stride + 1
+        F = self.span
+        span = (F - 1) * self.stride + 1
         if len(video) < span:
-            raise ValueError(f"video {path} has {len(video)} frame(s), fewer than one clip of data.frames = {self.frames} "
-                             f"taken every data.frame_stride = {self.stride} frame(s) spans ({span}); lower data.frames "
+            clip = (f"data.frames = {F}" if F == self.frames else
+                    f"video.max_span = {F} (the window data.frames = {self.frames} are drawn from)")
+            fix = "data.frames" if F == self.frames else "video.max_span"
+            raise ValueError(f"video {path} has {len(video)} frame(s), fewer than one clip of {clip} "
+                             f"taken every data.frame_stride = {self.stride} frame(s) spans ({span}); lower {fix} "
                              "or data.frame_stride, or remove the file")
-        n = (len(video) - span) // (self.frames * self.stride) + 1
-        used = video[:n * self.frames * self.stride:self.stride]  # (n F, H, W, 3)
+        n = (len(video) - span) // (F * self.stride) + 1
+        used = video[:n * F * self.stride:self.stride]  # (n F, H, W, 3)
         fitted = fit_frames(used, self.channels, self.size)  # (C, n F, S, S)
-        return np.ascontiguousarray(fitted.reshape(self.channels, n, self.frames, self.size, self.size).transpose(1, 0, 2, 3, 4))
+        return np.ascontiguousarray(fitted.reshape(self.channels, n, F, self.size, self.size).transpose(1, 0, 2, 3, 4))
 
 
 def _video_files(root: Path) -> tuple[list[Path], list[Path]]:

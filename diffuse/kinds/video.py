@@ -10,6 +10,11 @@ for the one Trainer. It is thin: it adds to DiffusionObjective's draws and loss 
 - Joint image-video training (Ho et al. 2022, sec. 3): a share video.p_images of the examples are made of independent
   frames (frame f is frame j_f of video i_f, both uniform, drawn per frame), marked `independent` so temporal attention
   lets each attend only itself; no frame of them is observed.
+- Frame subsets of a longer window (FDM, Harvey et al. 2022, who train on frames drawn from a whole video with their
+  indices): with video.max_span = M > data.frames = F, the data yield windows of M consecutive frames
+  (data.load_dataset(span=M)), each example is F sorted distinct frames of its window (`draw_frame_subsets`), and the
+  network is told frame_index = the positions less the first (so the first is 0; tasks.video passes each stage's
+  indices the same way). The masks and image examples act on the F chosen frames as on consecutive ones.
 - Previews are contact sheets (a row per video, a column per frame) of unconditional samples; the FID of
   train.fid_every is per frame (each frame of unconditional sample videos an image, against the frames of the first
   training videos): it measures what the frames look like, not how they move (the video metrics of trained runs do).
@@ -17,7 +22,9 @@ for the one Trainer. It is thin: it adds to DiffusionObjective's draws and loss 
 A step's draws: DiffusionObjective's (flips, t, eps, offset noise, dropout; the others are refused), then with
 video.p_images > 0: 9. the image coins (B,), 10. their source videos (B, F), 11. their source frames (B, F); then with
 video.max_observed > 0: 12. the unconditional coins (B,), 13. k (B,), 14. the pattern (B,), 15. the scattered frames'
-uniforms (B, F). All are drawn whatever their values, so the trajectory depends only on the seed.
+uniforms (B, F); then with video.max_span > data.frames: 16. the extents' uniforms (B,), 17. the offsets' uniforms (B,),
+18. the inner frames' uniforms (B, max_span - 2). All are drawn whatever their values, so the trajectory depends only on
+the seed. (With video.p_images the image frames of draw 11 range over the whole window, 0..max_span - 1.)
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
-from ..data import shape_of
+from ..data import load_dataset, shape_of
 from ..data.video import VIDEO_SOURCES, check_video_config
 from ..denoiser import Denoiser
 from ..generate import default_labels, generate
@@ -38,7 +45,7 @@ from ..metrics import extract_features, feature_statistics, frechet_distance
 from ..nets.unet import fold_frames
 from ..schedule import to_device
 from ..stages import PixelSpace
-from ..tasks.video import condition_frames
+from ..tasks.video import condition_frames, relative_frame_index
 from ..visualize import save_contact_sheet, to_uint8
 from .base import Context
 from .diffusion import DiffusionObjective, build_denoiser, check, sample_config_kwargs
@@ -91,6 +98,44 @@ def masked_l_simple(denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, obse
     # observed frames: the target itself, in float32 as l_simple compares (a bf16 copy would leave its rounding error)
     kept = torch.where(latent[:, None, :, None, None], raw.float(), denoiser.target(x0, eps, t).float())
     return l_simple(denoiser, x0, t, eps, weighting=weighting, norm=norm, raw=kept, **weights) * (x0.shape[2] / n_latent)
+
+
+# --- frame subsets of a longer window (FDM) ------------------------------------------------------------------------
+def frame_subset_extents(frames: int, span: int) -> Tensor:
+    """P(L) for the extent L = last - first + 1 of `draw_frame_subsets`' frames, L = frames..span: (span - frames + 1,)
+    float64, P(L) proportional to 1 / (L - 1), a discrete log-uniform law of the mean spacing (L - 1) / (frames - 1)
+    (FDM draws its spacing log-uniformly: Harvey et al. 2022, `sample_some_indices`)."""
+    w = 1.0 / (torch.arange(frames, span + 1, dtype=torch.float64) - 1)
+    return w / w.sum()
+
+
+def draw_frame_subsets(B: int, frames: int, span: int, g: torch.Generator) -> Tensor:
+    """Which `frames` of a window of `span` consecutive frames each of B examples trains on: (B, frames) int64 positions
+    in 0..span - 1, sorted ascending and distinct.
+
+    The law, per example: the extent L (last - first + 1) is drawn from frame_subset_extents (P(L) ~ 1 / (L - 1) on
+    frames..span, so L = frames, consecutive frames, is the likeliest); the first frame o uniformly in 0..span - L; the
+    positions are o, o + L - 1 and frames - 2 inner ones, every (frames - 2)-subset of o + 1..o + L - 2 equally likely.
+    FDM (Harvey et al. 2022, `sample_some_indices`) draws groups of evenly spaced frames (count uniform, spacing
+    log-uniform, start uniform) and unites them; this draws one group of exactly `frames` with the same log-uniform
+    extent but any spacing inside it, so the even spacings of hierarchy-2's first stage and the uneven ones of its
+    in-between stages (sparse given frames around dense generated ones) both have positive probability. span = frames
+    gives arange(frames). Always draws B + B + B * (span - 2) numbers from g, in that order. ValueError for frames < 2
+    or span < frames."""
+    if not 2 <= frames <= span:
+        raise ValueError(f"frame subsets take 2 <= frames <= span, got frames = {frames}, span = {span} (video.max_span "
+                         "must be at least data.frames)")
+    cdf = frame_subset_extents(frames, span).cumsum(0)
+    u_extent = torch.rand(B, generator=g, dtype=torch.float64)
+    u_offset = torch.rand(B, generator=g, dtype=torch.float64)
+    keys = torch.rand(B, span - 2, generator=g)  # one per candidate inner frame 1..span - 2
+    L = frames + torch.searchsorted(cdf, u_extent, right=True).clamp(max=span - frames)  # (B,) extents
+    first = (u_offset * (span - L + 1)).floor().long().clamp(max=span - L)  # (B,) uniform in 0..span - L
+    inner = torch.arange(1, span - 1)  # the candidates' offsets from the first frame
+    keys = torch.where(inner[None] < (L - 1)[:, None], keys, 2.0)  # only 1..L - 2 can be chosen
+    chosen = keys.topk(frames - 2, dim=1, largest=False).indices + 1  # the frames - 2 smallest keys: a uniform subset
+    offsets = torch.cat([torch.zeros(B, 1, dtype=torch.long), chosen, (L - 1)[:, None]], 1).sort(1).values
+    return first[:, None] + offsets
 
 
 # --- joint image-video training ---------------------------------------------------------------------------------------
@@ -147,6 +192,9 @@ def check_video_training(cfg: RunConfig) -> None:
         (not v.p_images or not m.class_conditional, "video.p_images makes examples of frames from different videos, "
                                                     "whose labels differ: set model.class_conditional = false, or "
                                                     "video.p_images = 0"),
+        (v.max_span == 0 or v.max_span >= frames, f"video.max_span = {v.max_span} must be 0 (consecutive frames) or at "
+                                                  f"least data.frames = {frames} (the window the frames are drawn from; "
+                                                  f"FDM: the longest video sampled), e.g. {4 * frames}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -160,9 +208,15 @@ class VideoObjective(DiffusionObjective):
     def __init__(self, cfg: RunConfig, data, ctx: Context):
         check_video_training(cfg)
         self.ctx, self.cfg, self.pixels, self.dataset = ctx, cfg, data, data
-        self.space = PixelSpace(shape_of(data))
         d = cfg.data
-        check(cfg, data, takes=(d.channels, d.frames, d.image_size, d.image_size))
+        self.window = max(cfg.video.max_span, d.frames)  # the frames of a data example
+        shape = shape_of(data)
+        if cfg.video.max_span and len(shape) == 4 and shape[1] != self.window:
+            raise ValueError(f"video.max_span = {cfg.video.max_span} draws frames from windows of {self.window} frames and "
+                             f"the data yield examples of {shape[1]}: load them with data.load_dataset(cfg.data, "
+                             f"span={self.window}) (the Trainer does when it is given no dataset)")
+        self.space = PixelSpace((d.channels, d.frames, d.image_size, d.image_size))
+        check(cfg, data, takes=(d.channels, self.window, d.image_size, d.image_size))
         self.importance = ImportanceSampler(cfg.schedule.T)  # never sampled (train.loss = "simple"); its state is saved
         self.importance_sampling, self.augment_p = False, 0.0
         self.dropout = {k: p for k, p in sorted(cfg.train.condition_dropout.items()) if p > 0}
@@ -178,6 +232,11 @@ class VideoObjective(DiffusionObjective):
         return out
 
     @classmethod
+    def load_data(cls, cfg: RunConfig):
+        """data.load_dataset(cfg.data), with windows of video.max_span frames when it is set."""
+        return load_dataset(cfg.data, span=cfg.video.max_span)
+
+    @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         """DiffusionObjective's network check and check_video_training."""
         check_video_training(cfg)
@@ -189,16 +248,25 @@ class VideoObjective(DiffusionObjective):
         if v.p_images > 0:  # Ho et al. 2022, sec. 3: some examples are independent images
             d["images"] = torch.rand(B, generator=g) < v.p_images
             d["image_sources"] = torch.randint(0, n, (B, F), generator=g)
-            d["image_frames"] = torch.randint(0, F, (B, F), generator=g)
+            d["image_frames"] = torch.randint(0, self.window, (B, F), generator=g)
         if v.max_observed:
             d["observed"] = draw_observed(B, F, v.max_observed, v.p_unconditional, v.patterns, g)
             if "images" in d:
                 d["observed"] &= ~d["images"][:, None]
+        if v.max_span > F:  # FDM: F frames of a window of max_span
+            d["positions"] = draw_frame_subsets(B, F, v.max_span, g)
         return d
 
     def inputs(self, x0: Tensor, cond: dict, d: dict) -> tuple[Tensor, dict, dict]:
-        """The image examples' frames put in (before the flip), DiffusionObjective's preparation, then the condition
-        keys `independent` (with video.p_images) and `observed` (with model.video_observed) on the device."""
+        """The chosen frames of each window taken (with video.max_span), the image examples' frames put in (before the
+        flip), DiffusionObjective's preparation, then the condition keys `independent` (with video.p_images), `observed`
+        (with model.video_observed) and `frame_index` (with video.max_span: relative_frame_index of the positions,
+        arange(F) when max_span = data.frames) on the device."""
+        F = self.cfg.data.frames
+        if self.cfg.video.max_span:
+            positions = d["positions"] if "positions" in d else torch.arange(F).expand(x0.shape[0], F)
+            x0 = x0.gather(2, to_device(positions, x0.device)[:, None, :, None, None].expand(
+                x0.shape[0], x0.shape[1], F, *x0.shape[3:]))  # (b, C, F, H, W) of (b, C, max_span, H, W)
         if "images" in d:
             x0 = independent_images(x0, d["images"], d["image_sources"], d["image_frames"], self.dataset)
         x0, cond, d = super().inputs(x0, cond, d)
@@ -207,6 +275,8 @@ class VideoObjective(DiffusionObjective):
             cond["independent"] = to_device(d["images"], x0.device)[:, None].expand(b, F)
         if self.cfg.model.video_observed:
             cond["observed"] = to_device(d["observed"], x0.device)
+        if self.cfg.video.max_span:
+            cond["frame_index"] = to_device(relative_frame_index(positions), x0.device)
         return x0, cond, d
 
     def losses(self, x0: Tensor, cond: dict, d: dict, step: int) -> dict:
@@ -242,6 +312,7 @@ class VideoObjective(DiffusionObjective):
         if self._fid_reference is None:
             net = self.ctx.feature_network(t.fid_features, trainer.device)
             real, _ = self.pixels.batch(torch.arange(min(videos, len(self.pixels))))
+            real = real[:, :, :self.cfg.data.frames]  # a window's first F frames (video.max_span)
             features = extract_features(fold_frames(real), net)
             if len(features) <= features.shape[1]:
                 warnings.warn(f"train.fid_samples = {t.fid_samples}: {len(features)} frames in a {features.shape[1]}-"

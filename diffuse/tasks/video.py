@@ -19,7 +19,8 @@ or the projection after each step (docs/architecture.md), so each runs with ever
 
 Long videos (Harvey et al. 2022, FDM `sampling_schemes.py`): a scheme is a list of stages (obs_indices,
 latent_indices) of at most F_model frames each (`autoregressive`, `hierarchy_2`); `sample_long` runs each stage
-with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing.
+with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing
+(`relative_frame_index`: the positions less the stage's first, as training with video.max_span gives them).
 `sample_stages` runs any such plan around given frames anywhere: prediction of a long video is the given first frames
 then a scheme's stages; interpolation of a long video is `interpolation_stages` (each gap filled from both sides).
 
@@ -90,6 +91,14 @@ def _with_x0(x_t: Tensor, t, x0: Tensor, schedule, like: Prediction) -> Predicti
     """A prediction with this x_0 and eps re-derived from x_t = alpha_t x_0 + sigma_t eps; like's learned variance."""
     alpha, sigma = scales(schedule, t, x_t)
     return Prediction(x0=x0, eps=x0_to_eps(x_t, x0, alpha, sigma), variance_mix=like.variance_mix)
+
+
+def relative_frame_index(positions: Tensor) -> Tensor:
+    """The network's frame_index of frames at `positions` (B, F) (sorted, the first the earliest): positions -
+    positions[:, :1], so the first frame is 0. The one convention of training (kinds.video, video.max_span) and of
+    `sample_stages`; the relative-position bias reads only differences (nets.blocks.frame_distance_features), so
+    absolute positions give the same network output."""
+    return positions - positions[:, :1]
 
 
 def _rows(x_obs: Tensor, x_t: Tensor, what: str) -> None:
@@ -361,8 +370,8 @@ def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | No
     """A video longer than the model in stages around given frames: video (B, C, T, H, W) holds the frames `given`
     (indices, kept exactly; the rest are overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices)
     (`autoregressive`, `hierarchy_2` with observed_first, `interpolation_stages`). Each stage takes its frames
-    idx = sorted(obs + latent), runs `sample_masked` on video[:, :, idx] with the obs frames given and frame_index = idx
-    (the network sees their spacing), with seed chunk_seed(seed, stage), and writes its latent frames back.
+    idx = sorted(obs + latent), runs `sample_masked` on video[:, :, idx] with the obs frames given and frame_index =
+    relative_frame_index(idx) = idx - idx[0] (the network sees their spacing, as video.max_span trains it), with seed chunk_seed(seed, stage), and writes its latent frames back.
     `generate_kw` as `generate`. Returns (B, C, T, H, W), the given frames exactly `video`'s. ValueError, before any
     sampling, for a given frame out of range, a stage with more than `frames` (F_model, if given) frames, one that
     conditions on a frame not yet done or generates one already done or out of range, or a scheme that leaves a frame
@@ -392,7 +401,7 @@ def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | No
     for k, (obs, latent) in enumerate(stages):
         idx = sorted(obs + latent)
         observed = torch.tensor([i in obs for i in idx], device=device)
-        frame_index = torch.tensor(idx, device=device).expand(B, -1)
+        frame_index = relative_frame_index(torch.tensor(idx, device=device).expand(B, -1))
         part = sample_masked(denoiser, out[:, :, idx], observed, frame_index=frame_index, seed=chunk_seed(seed, k),
                              device=device, **generate_kw)
         out[:, :, idx] = part
