@@ -86,11 +86,11 @@ def text_diff(z_i: Tensor, z_d: Tensor, theta: float | Tensor) -> Tensor:
     """z_theta = slerp(z_i, z_d, theta) (Ramesh et al. 2022, sec. 3.3): the image embedding z_i (D,) rotated towards the
     text diff z_d (D,) by a share theta (a float, or (K,) values) of the angle between them -> (D,) (or (K, D)). Both unit,
     so every z_theta is unit. ValueError for a theta outside [0, 1] or non-finite embeddings."""
-    thetas = torch.as_tensor(theta, dtype=torch.float64).flatten()
-    for value in thetas.tolist():
-        check_theta(value)
+    single = not isinstance(theta, Tensor)
+    thetas = torch.tensor([check_theta(theta)] if single else [check_theta(v) for v in theta.flatten().tolist()],
+                          dtype=torch.float64)
     out = slerp(_finite(z_i, "the image embedding"), _finite(z_d, "the text diff"), thetas)
-    return out[0] if torch.as_tensor(theta).ndim == 0 else out
+    return out[0] if single else out
 
 
 def interpolation(z_1: Tensor, z_2: Tensor, frames: int) -> Tensor:
