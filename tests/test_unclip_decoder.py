@@ -215,6 +215,23 @@ def test_embedding_dropout_nulls_a_tenth_of_the_batch_and_keeps_the_clip_embeddi
     assert torch.allclose(z.norm(dim=1), torch.ones(8), atol=1e-5)  # unit CLIP embeddings of the clean images
 
 
+def test_a_resumed_decoder_run_takes_the_steps_an_uninterrupted_one_takes(runs, tmp_path):
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.train import Trainer
+
+    root, _ = runs
+    cfg = lambda steps: apply_overrides(RunConfig(), decoder_set(root / "clip", f"train.steps={steps}",  # noqa: E731
+                                                                 "train.checkpoint_every=2"))
+    whole = Trainer(cfg(4), tmp_path / "whole", progress=False)
+    whole.fit()
+    Trainer(cfg(2), tmp_path / "cut", progress=False).fit()
+    resumed = Trainer(cfg(4), tmp_path / "cut", progress=False)
+    resumed.fit()
+    for name, p in whole.modules["model"].state_dict().items():
+        assert torch.equal(p, resumed.modules["model"].state_dict()[name]), name
+    assert resumed.cfg.unclip.clip == str((root / "clip").resolve()) and resumed.cfg.unclip.clip_step == 1  # pinned
+
+
 def test_the_clip_must_match_the_decoder_images_and_width(runs, tmp_path):
     from diffuse.config import RunConfig, apply_overrides
     from diffuse.kinds import check_config
