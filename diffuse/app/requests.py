@@ -872,7 +872,7 @@ def _resolve_unclip(req: EditRequest, run: Run) -> Plan:
                                   "image embedding")
     path, clip_cfg = _raise_as("run", clip_run, cfg.unclip.clip, "the decoder's unclip.clip")
     _raise_as("run", check_clip, cfg, clip_cfg, f"the decoder's unclip.clip ({path})")
-    if cfg.unclip.clip_step and cfg.unclip.clip_step not in ckpt_folders(path):
+    if cfg.unclip.clip_step and cfg.unclip.clip_step not in checkpoint_folders(path):
         raise RequestError("run", f"{req.run} was trained on the embeddings of {path} at step {cfg.unclip.clip_step}, which "
                                   "that run no longer holds: restore the checkpoint (the decoder reads only that CLIP's "
                                   "embeddings)")
@@ -921,11 +921,6 @@ def _resolve_unclip(req: EditRequest, run: Run) -> Plan:
                                   mixed_precision=req.mixed_precision or "no")  # float32: bf16 rounding is not inverted
     plan = _sampling(req, run)
     return dataclasses.replace(plan, image=image, to=to, clip=path)
-
-
-def ckpt_folders(path: Path) -> list[int]:
-    """The committed checkpoint steps of a run folder."""
-    return list(checkpoint_folders(path))
 
 
 def _resolve_coded(req: EditRequest, run: Run) -> Plan:
