@@ -248,6 +248,13 @@ def test_the_clip_must_match_the_decoder_images_and_width(runs, tmp_path):
         check_config(apply_overrides(RunConfig(), decoder_set(tmp_path / "nothing")))
     with pytest.raises(ValueError, match="unclip.clip is empty"):
         check_config(apply_overrides(RunConfig(), decoder_set("")))
+    plain = [o for o in decoder_set(root / "clip") if not o.startswith(("model.image_embed_dim", "train.condition"))]
+    with pytest.raises(ValueError, match=r"unclip.clip = .* is ignored because only unCLIP's decoder"):
+        check_config(apply_overrides(RunConfig(), plain))
+    with pytest.raises(ValueError, match="a video network takes no CLIP image embedding"):
+        check_config(apply_overrides(RunConfig(), decoder_set(root / "clip", "model.video=true")))
+    with pytest.raises(ValueError, match="works on pixels"):
+        check_config(apply_overrides(RunConfig(), decoder_set(root / "clip", "latent.autoencoder=/nowhere")))
 
 
 def edit_args(argv):

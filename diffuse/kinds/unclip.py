@@ -101,10 +101,10 @@ class UnclipDecoderObjective(DiffusionObjective):
     def check_config(cls, cfg: RunConfig) -> None:
         """The diffusion checks, then: pixels (no latent.autoencoder), unclip.clip a CLIP run whose images and width are
         this run's (`check_clip`). ValueError / FileNotFoundError naming the setting."""
-        super().check_config(cfg)
-        if cfg.latent.autoencoder:
+        if cfg.latent.autoencoder:  # before the diffusion checks read the autoencoder run
             raise ValueError("model.image_embed_dim: unCLIP's decoder works on pixels (the CLIP embeds the images, not the "
                              "latents): remove latent.autoencoder")
+        super().check_config(cfg)
         if cfg.task.kind != "none":
             raise ValueError(f"model.image_embed_dim with task.kind = '{cfg.task.kind}': the decoder's condition is the "
                              "image embedding; remove task.kind")
