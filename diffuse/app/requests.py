@@ -458,7 +458,7 @@ class Plan:
     video: Tensor | None = None                # a video edit's input (1, C, F, H, W) in [-1, 1]
     observed: Tensor | None = None             # a video edit's given frames (F,) bool
     method: str | None = None                  # a video edit's VIDEO_METHODS
-    clip: Path | None = None                   # unCLIP's edits: the decoder's CLIP run (at its unclip.clip_step)
+    clip_path: Path | None = None              # unCLIP's edits: the decoder's CLIP run (at its unclip.clip_step)
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -920,7 +920,7 @@ def _resolve_unclip(req: EditRequest, run: Run) -> Plan:
         req = dataclasses.replace(req, sampler="ddim", eta=0.0 if req.eta is None else req.eta,
                                   mixed_precision=req.mixed_precision or "no")  # float32: bf16 rounding is not inverted
     plan = _sampling(req, run)
-    return dataclasses.replace(plan, image=image, to=to, clip=path)
+    return dataclasses.replace(plan, image=image, to=to, clip_path=path)
 
 
 def _resolve_coded(req: EditRequest, run: Run) -> Plan:
@@ -1075,7 +1075,7 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
     kw = _model_kw(plan, loaded, callback)
     counted = CountCalls(loaded.denoiser)
     space = loaded.space
-    if isinstance(req, EditRequest) and plan.clip is not None:
+    if isinstance(req, EditRequest) and plan.clip_path is not None:
         if on_stage is not None:  # the inversions' moves, then the renderings' steps
             inverted = (2 if req.task == "interpolate" else 1) if req.task == "textdiff" or req.invert else 0
             on_stage(plan, inverted * req.encode_steps + (_steps_total(plan, counted.schedule) or 0))
@@ -1221,7 +1221,7 @@ def _unclip_edit(plan: Plan, counted, kw: dict) -> Result:
     CLIP, x_T drawn (from --seed) or inverted (--encode-steps; textdiff always), then decoded. A caption's tokens
     (text-conditional decoders) go with every call."""
     req, dev = plan.request, plan.device
-    _, clip = load_clip(plan.clip, dev, plan.run.cfg.unclip.clip_step or None)
+    _, clip = load_clip(plan.clip_path, dev, plan.run.cfg.unclip.clip_step or None)
     image = plan.image.to(dev)
     z = unclip.image_embeddings(clip, image)  # (1, D)
 
