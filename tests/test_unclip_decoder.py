@@ -323,3 +323,32 @@ def test_textdiff_at_theta_0_is_the_inverted_reconstruction_and_the_bad_edit_inp
     from diffuse.app.requests import SampleRequest
     with pytest.raises(RequestError, match="unCLIP's decoder: it draws an image from a CLIP image embedding"):
         resolve(SampleRequest(run=run, n=2))
+
+
+@pytest.mark.slow
+def test_a_trained_decoder_denoises_better_with_the_image_own_embedding_than_with_another_or_none(tmp_path):
+    """300 steps (~2 CPU minutes) on 16 px shapes with a 60-step CLIP: the eps error at t = 0.3 and 0.6 over 256 training
+    images is lowest with each image's own z_i (measured 2026-12-07: 0.094 own, 0.097 null, 0.100 shuffled at t = 0.3)."""
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.train import Trainer
+
+    clip_cfg = [o for o in CLIP_SET if not o.startswith("train.steps")] + ["train.steps=60", "train.lr=3e-3",
+                                                                            "data.crops=400"]
+    Trainer(apply_overrides(RunConfig(), clip_cfg), tmp_path / "clip", progress=False).fit()
+    dec_cfg = [o for o in decoder_set(tmp_path / "clip") if not o.startswith(("train.steps", "train.batch_size"))]
+    trainer = Trainer(apply_overrides(RunConfig(), dec_cfg + [
+        "train.steps=300", "train.batch_size=16", "train.lr=2e-3", "data.crops=400", "model.channels=16",
+        "model.norm_groups=8", "model.context_dim=16"]), tmp_path / "decoder", progress=False)
+    trainer.fit()
+    den = trainer.objective.denoiser
+    x, _ = trainer.dataset.batch(torch.arange(256))
+    z = unclip.image_embeddings(trainer.objective.clip, x)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for level in (0.3, 0.6):
+            t = torch.full((256,), level, dtype=torch.float64)
+            eps = torch.randn(x.shape, generator=g)
+            x_t = den.schedule.q_sample(x, t, eps)
+            err = {name: float(((den(x_t, t, image_embed=e).eps - eps) ** 2).mean())
+                   for name, e in (("own", z), ("shuffled", z.roll(1, 0)), ("null", torch.zeros_like(z)))}
+            assert err["own"] < 0.98 * err["shuffled"] and err["own"] < err["null"], (level, err)
