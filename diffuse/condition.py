@@ -74,6 +74,12 @@ def _check_frame_index_values(spec: ConditionSpec, index: Tensor) -> None:
         raise ValueError("frame_index must be finite (the frames' positions in time, e.g. 0, 2, 4, 6)")
 
 
+def _check_finite_values(spec: ConditionSpec, value: Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("image_embed must be finite (a CLIP image embedding, a unit vector); it holds NaN or infinite "
+                         "values: embed the image again, or check the CLIP run's weights")
+
+
 def _frames_of(x: Tensor) -> int | str:
     """F, the frame axis of a video x (B, C, F, H, W); "F" (a free axis, for messages) for x of another rank."""
     return x.shape[2] if x.ndim == 5 else "F"
@@ -163,6 +169,14 @@ CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
                 "x), got {dtype} {shape}; from 0/1 values pass observed > 0.5",
         doc="(B, F) bool, True for the frames given clean in x_t's place, an extra input channel (Harvey et al. 2022, "
             "FDM's mask channel; Hoppe et al. 2022, RaMViD); no null: guidance keeps it (all False: nothing given)"),
+    ConditionKind(
+        "image_embed", "image_embed", lambda spec, x, cond: (x.shape[0], spec.image_embed), check_order=11,
+        values=_check_finite_values,
+        message="image_embed, the CLIP image embedding, must have shape {want} (batch, model.image_embed_dim), got "
+                "{shape}",
+        doc="(B, D) float, the unit CLIP image embedding z_i of unCLIP's decoder, projected and added to the time "
+            "embedding and projected into extra cross-attention tokens (Ramesh et al. 2022, sec. 2.1); null: zeros "
+            "(no unit embedding is zero), trained by condition dropout (the paper: 10%) for guidance on z_i"),
 )}
 
 CONDITION_KEYS = tuple(CONDITION_KINDS)
@@ -199,7 +213,8 @@ class ConditionSpec:
     scalars per example, a cross-attention context of width context_dim, captions of `text` tokens (null_text: the
     empty caption's tokens), a semantic code z_sem of width `semantic`, and two optional keys: (self_condition) a previous x_0 estimate and (augment, its width)
     the augmentation labels of training; for a video net (`video`) the optional frame_index and independent, and
-    (`observed`) which frames are given clean. All zero: unconditional.
+    (`observed`) which frames are given clean; a CLIP image embedding of width `image_embed` (unCLIP's decoder). All
+    zero: unconditional.
 
     Each field but null_text switches on the rows of CONDITION_KINDS that name it; a new kind adds its field at the
     end (networks build a spec positionally)."""
@@ -215,6 +230,7 @@ class ConditionSpec:
     semantic: int = 0  # the width of z_sem (a diffusion autoencoder's decoder)
     video: bool = False  # x is (B, C, F, H, W): frame_index and independent (both optional)
     observed: bool = False  # a video net's observed-frames channel: observed (required)
+    image_embed: int = 0  # the width D of a CLIP image embedding (unCLIP's decoder)
 
     @property
     def kinds(self) -> dict[str, ConditionKind]:

@@ -163,6 +163,15 @@ class ClipConfig:
     text_width: int = 64        # model.text_encoder = "chars": its width (minilm's is its own 384)
 
 
+@dataclass
+class UnclipConfig:
+    """[unclip]: unCLIP's decoder (Ramesh et al. 2022, sec. 2.1; kinds/unclip.py): a denoiser (model.image_embed_dim > 0)
+    conditioned on the image embedding z_i of each clean training image by a frozen CLIP run (model.kind = "clip")."""
+
+    clip: str = ""              # the CLIP run (`diffuse train configs/clip_shapes.toml --out runs/clip_shapes`)
+    clip_step: int = 0          # its checkpoint; 0 = its newest when training starts, then saved in this run's config (pinned)
+
+
 VideoPattern = Literal["prediction", "backward", "interpolation", "scattered"]
 
 
@@ -204,6 +213,7 @@ class RunConfig:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)  # "diffae_prior", "diffae_classifier": the codes
     clip: ClipConfig = field(default_factory=ClipConfig)  # model.kind = "clip": embedding width, noise-aware variant
     video: VideoConfig = field(default_factory=VideoConfig)  # a video denoiser (model.video): masks, joint image training
+    unclip: UnclipConfig = field(default_factory=UnclipConfig)  # unCLIP's decoder (model.image_embed_dim): its frozen CLIP
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:

@@ -86,14 +86,16 @@ def check_guidance(cfg: RunConfig, guidance: float, classifier: bool) -> None:
     neither a class nor a caption, or trained without dropout of that condition (its null value is then untrained)."""
     if not guidance or classifier:
         return
-    keys = [k for k, on in (("label", cfg.model.class_conditional), ("text", cfg.model.text_encoder)) if on]
+    keys = [k for k, on in (("label", cfg.model.class_conditional), ("text", cfg.model.text_encoder),
+                            ("image_embed", cfg.model.image_embed_dim > 0)) if on]
     if not keys:
         raise ValueError("guidance without --classifier is classifier-free guidance, which needs a class-conditional "
                          "model (model.class_conditional = true) or a text-conditional one (model.text_encoder); pass "
                          "--classifier RUN for classifier guidance")
     untrained = [k for k in keys if not cfg.train.condition_dropout.get(k)]
     if untrained:
-        what = " and ".join({"label": "null label", "text": "empty caption"}[k] for k in untrained)
+        what = " and ".join({"label": "null label", "text": "empty caption", "image_embed": "null image embedding"}[k]
+                            for k in untrained)
         raise ValueError(f"this model was trained without dropout of {untrained} (train.condition_dropout): its {what} is "
                          "untrained, so classifier-free guidance is meaningless; retrain with train.condition_dropout = "
                          "{" + ", ".join(f"{k} = 0.1" for k in keys) + "}")
@@ -121,6 +123,7 @@ DENOISERS = ("denoiser", "diffae", "diffae_prior")  # kinds whose network a Deno
 #                                                  decoder takes z_sem; its latent DDIM diffuses codes)
 SEMANTIC_EDITS = ("reconstruct", "manipulate", "interpolate")  # a diffusion autoencoder's edits (tasks/semantic.py)
 VIDEO_EDITS = ("predict", "interpolate")  # a video run's edits: frames given, the rest generated (tasks/video.py)
+UNCLIP_EDITS = ("variations", "interpolate", "textdiff")  # unCLIP's decoder's edits (tasks/unclip.py)
 
 
 def _load_net(run_dir: str | Path, kind: str, ema: bool, device, step: int | None):
@@ -289,6 +292,12 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     classes = num_classes if m.class_conditional else 0
     conditioned = [k for k, on in (("label", classes > 0), ("text", bool(m.text_encoder))) if on]
     latent = bool(cfg.latent.autoencoder)
+    if m.image_embed_dim:  # unCLIP's decoder: draws from a CLIP image embedding, which its edits make from input images
+        conditioned.append("image_embed")
+        return Capabilities(
+            samples=False, classes=classes, text=bool(m.text_encoder),
+            guidance_keys=tuple(k for k in conditioned if cfg.train.condition_dropout.get(k)), edits=UNCLIP_EDITS,
+            trained_task=task, latent=False, bounded=True, likelihood=False, metrics=())
     if m.video:  # videos: no image edits, no image metrics (the video metrics are bench/'s); predict, interpolate, and
         return Capabilities(  # SDEdit of a whole video (tasks.video.sdedit_video)
             samples=True, classes=classes, text=bool(m.text_encoder),

@@ -62,7 +62,13 @@ VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencod
                                         "data.velocity=1", "model.video=true", "model.video_observed=true",
                                         "video.max_observed=2", "video.p_images=0.25", "video.max_span=8"]),
             # GLIDE's noised CLIP: x_t of the schedule at a drawn t (a share at t = 0)
-            "clip_noised": ("clip", ["clip.noise_aware=true", "schedule.T=100"])}
+            "clip_noised": ("clip", ["clip.noise_aware=true", "schedule.T=100"]),
+            # unCLIP's decoder (kinds/unclip.py): z_i of each batch by CLIP_SOURCE, a 1-step CLIP on the captioned 8x8
+            # digits the `images` fixture trains first, dropped per example
+            "unclip_decoder": ("denoiser", ["model.class_conditional=false", "train.condition_dropout={image_embed = 0.3}",
+                                            "model.image_embed_dim=8", "model.context_dim=8",
+                                            "model.cross_attention_resolutions=[4]", "unclip.clip=CLIP_SOURCE"])}
+CLIP_SOURCE = "clip_source"  # beside the images folder
 
 
 def config(images: Path, kind: str, steps: int, extra=()):
@@ -73,6 +79,8 @@ def config(images: Path, kind: str, steps: int, extra=()):
         common = [o for o in COMMON if not o.startswith("data.")]
         return apply_overrides(RunConfig(), [*common, f"semantic.run={json.dumps(str(images.parent / SOURCE))}",
                                              f"train.steps={steps}", *own])
+    own = [f"unclip.clip={json.dumps(str(images.parent / CLIP_SOURCE))}" if o == "unclip.clip=CLIP_SOURCE" else o
+           for o in own]
     path = [] if any(o.startswith("data.source=") for o in own) else [f"data.path={json.dumps(str(images))}"]
     return apply_overrides(RunConfig(), [*COMMON, *path, f"train.steps={steps}", *own])
 
@@ -124,11 +132,13 @@ def _launch(images: Path, out: Path, timeout: float = 300) -> None:
 # --- the tests ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """The image folder, and beside it SOURCE, the diffusion autoencoder whose codes the second runs train on."""
+    """The image folder, and beside it SOURCE, the diffusion autoencoder whose codes the second runs train on, and
+    CLIP_SOURCE, the CLIP whose embeddings unCLIP's decoder takes."""
     from diffuse.train import train
 
     folder = make_images(tmp_path_factory.mktemp("data") / "images")
     train(config(folder, "diffae", 2), folder.parent / SOURCE, progress=False)
+    train(config(folder, "clip", 1), folder.parent / CLIP_SOURCE, progress=False)
     return folder
 
 

@@ -9,6 +9,8 @@
     diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --given 0,1 [--method masked|reconstruction|replacement]
     diffuse edit predict|interpolate VIDEO_RUN --video IN.gif --frames 32 [--scheme hierarchy-2]  (longer than the model)
     diffuse edit sdedit VIDEO_RUN --video IN.gif --strength S --out OUT.gif
+    diffuse edit variations|interpolate|textdiff DECODER --image A [--to B] [--from CAPTION --to CAPTION --theta T]
+                                                              (unCLIP's decoder, model.image_embed_dim; --invert)
     diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
@@ -229,9 +231,15 @@ def parser() -> argparse.ArgumentParser:
              "manipulate": "a diffusion autoencoder: move --image's code along an --attribute classifier's direction by "
                            "--amount, rendered with the same x_T (--n images from 0 to the amount)",
              "interpolate": "a diffusion autoencoder: --n images from --image to --to, z_sem by lerp and x_T by slerp; "
-                            "a video run: --video's --given frames kept, the frames between them generated",
+                            "a video run: --video's --given frames kept, the frames between them generated; unCLIP's "
+                            "decoder: the CLIP embeddings by slerp, one x_T (--invert: both inverted, by slerp)",
              "predict": "a video run: --video's first frames (--given 0,1,...,k-1) kept, the rest generated (Harvey et "
-                        "al. 2022)"}
+                        "al. 2022)",
+             "variations": "unCLIP's decoder (Ramesh et al. 2022, sec. 3.1): --image's CLIP embedding z_i kept, --n "
+                           "images from new x_T (--invert: its own x_T by DDIM inversion, decoded with --eta > 0)",
+             "textdiff": "unCLIP's decoder (sec. 3.3): --image's z_i rotated by slerp towards the text diff "
+                         "normalise(z_t(--to) - z_t(--from)) by --theta, decoded from its inverted x_T (--n images "
+                         "from theta 0, the reconstruction, to --theta)"}
     coded = ("invert", "reconstruct", "manipulate", "interpolate")
     for task, text in about.items():
         tp = tasks_sub.add_parser(task, help=text, description=text)
@@ -275,6 +283,18 @@ def parser() -> argparse.ArgumentParser:
             tp.add_argument("--repaint-length", type=number(int, low=1), default=10, help="RePaint's jump length in grid steps (the paper: 10)")
         if task == "interpolate":
             tp.add_argument("--to", help="the image to interpolate towards (resized like --image)")
+        if task in ("variations", "interpolate"):
+            tp.add_argument("--invert", action="store_true",
+                            help="unCLIP's decoder: x_T by DDIM inversion of the input under its embedding (--encode-steps) "
+                                 "instead of drawn from --seed")
+        if task == "textdiff":
+            tp.add_argument("--from", dest="from_prompt", required=True, metavar="CAPTION",
+                            help="the caption of what the image shows now, e.g. \"a red circle\"")
+            tp.add_argument("--to", required=True, metavar="CAPTION",
+                            help="the caption of what it should show, e.g. \"a blue circle\"")
+            tp.add_argument("--theta", type=number(low=0, high=1),
+                            help="the share of the angle from the image's embedding towards the text diff, in [0, 1] "
+                                 "(default 0.5; the paper shows 0 to 0.5)")
         if task == "manipulate":
             tp.add_argument("--attribute", required=True, metavar="RUN[:CLASS]",
                             help="a classifier run on this run's codes (model.kind = 'diffae_classifier', e.g. "
@@ -282,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
             tp.add_argument("--amount", type=number(low=-AMOUNT_LIMIT, high=AMOUNT_LIMIT), required=True,
                             help="the step s along the direction, in units of sqrt(d) of the z-normalised code (the "
                                  "paper: 0.3; negative: the other way)")
-        if task in coded:
+        if task in (*coded, "variations", "textdiff"):
             tp.add_argument("--encode-steps", type=number(int, low=1), default=250,
                             help="DDIM steps of the inversion to x_T (default 250, the paper's); the rendering takes --steps")
             tp.add_argument("--refine", type=number(int, low=0, high=100), default=0,
@@ -293,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
                             help="also render x_T back with deterministic DDIM: OUT.png and OUT_before_after.png")
         if task != "invert":
             tp.add_argument("--n", type=number(int, low=1), default=8, help="outputs of the one input (default 8)")
-        if task not in coded and task != "predict":
+        if task not in coded and task not in ("predict", "variations", "textdiff"):
             tp.add_argument("--mean", action="store_true",
                             help="write the mean of the --n outputs, an estimate of E[x | input]: higher PSNR, less detail "
                                  "(JPEG restoration: 4 samples beat the input's PSNR where one does not, bench/RESULTS.md)")

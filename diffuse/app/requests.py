@@ -27,16 +27,17 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .. import speed, tasks
-from ..tasks import semantic
+from ..tasks import semantic, unclip
 from ..tasks.semantic import AMOUNT_LIMIT
-from ..checkpoint import load_checkpoint, read_state
+from ..checkpoint import checkpoint_folders, load_checkpoint, read_state
 from ..data import load_image, load_mask
 from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
 from ..kinds.clip import check_guiding_clip, clip_guidance, load_clip, prompt_embedding
 from ..kinds.diffae import sample_pair
+from ..kinds.unclip import check_clip, clip_run
 from ..precision import autocast_dtype
 from ..guidance import check_prompts
-from ..runs import SEMANTIC_EDITS, VIDEO_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
+from ..runs import SEMANTIC_EDITS, UNCLIP_EDITS, VIDEO_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
 from ..schedule import SPACINGS, Schedule
 from ..stages import check_same_space, diffusion_shape
@@ -51,11 +52,12 @@ from ..visualize import contact_sheet, save_grid
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 VIDEO_FIELDS = ("video", "given", "method", "guidance_weight")  # a video edit's own fields (predict, interpolate)
 CODED = ("invert", *SEMANTIC_EDITS)  # the edits that invert the input image to x_T first (generate.invert)
-EDIT_TASKS = (*EDITS, *TRAINED_TASKS, *CODED, "predict")  # every `diffuse edit` task
-TASK_FIELDS = {"strength": ("sdedit",), "factor": ("ilvr",), "t_stop": ("ilvr",), "mask": ("inpaint",),
-               "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",), "to": ("interpolate",),
-               "attribute": ("manipulate",), "amount": ("manipulate",), "encode_steps": CODED,
-               "refine": CODED, "reconstruct": ("invert",), **{f: VIDEO_EDITS for f in VIDEO_FIELDS}}  # an edit's own fields -> the tasks taking them
+EDIT_TASKS = (*EDITS, *TRAINED_TASKS, *CODED, "predict", "variations", "textdiff")  # every `diffuse edit` task
+TASK_FIELDS = {"strength": ("sdedit",), "to": ("interpolate", "textdiff"), "factor": ("ilvr",), "t_stop": ("ilvr",), "mask": ("inpaint",),
+               "repaint_jumps": ("inpaint",), "repaint_length": ("inpaint",),
+               "attribute": ("manipulate",), "amount": ("manipulate",), "encode_steps": (*CODED, *UNCLIP_EDITS),
+               "refine": (*CODED, *UNCLIP_EDITS), "reconstruct": ("invert",), **{f: VIDEO_EDITS for f in VIDEO_FIELDS},
+               "from_prompt": ("textdiff",), "theta": ("textdiff",), "invert": ("variations", "interpolate")}  # an edit's own fields -> the tasks taking them
 TASK_FIELDS["video"] = (*VIDEO_EDITS, "sdedit")  # SDEdit of a video run reads --video too (tasks.video.sdedit_video)
 MAX_SEED = 2**63 - 1
 VIDEO_METHODS = ("masked", "reconstruction", "replacement")  # tasks/video.py: how given frames condition the rest
@@ -146,6 +148,10 @@ class EditRequest(SampleRequest):
     method: str | None = None                  # predict, interpolate: VIDEO_METHODS (None: masked where trained, else
     #                                            reconstruction)
     guidance_weight: float | None = None       # reconstruction: w_r (None: RECONSTRUCTION_WEIGHT)
+    from_prompt: str | None = None             # textdiff: the old caption (--from); `to` is the new one
+    theta: float | None = None                 # textdiff: the share of the angle from z_i towards the text diff (None:
+    #                                            unclip.THETA_PAPER)
+    invert: bool = False                       # unCLIP variations, interpolate: x_T by DDIM inversion of the input(s)
 
     def __post_init__(self):
         super().__post_init__()
@@ -165,7 +171,8 @@ class EditRequest(SampleRequest):
                    mean=getattr(args, "mean", False), to=getattr(args, "to", None), attribute=getattr(args, "attribute", None),
                    amount=getattr(args, "amount", None), encode_steps=getattr(args, "encode_steps", 250),
                    refine=getattr(args, "refine", 0), reconstruct=getattr(args, "reconstruct", False),
-                   **_sampling_args(args))
+                   from_prompt=getattr(args, "from_prompt", None), theta=getattr(args, "theta", None),
+                   invert=getattr(args, "invert", False), **_sampling_args(args))
 
     def argv(self) -> list[str]:
         """The `diffuse edit TASK` command line of this request (after `diffuse`, without --out)."""
@@ -206,6 +213,12 @@ class EditRequest(SampleRequest):
             own += ["--refine", str(int(self.refine))]
         if self.reconstruct:
             own += ["--reconstruct"]
+        if self.from_prompt is not None:
+            own += _option("--from", self.from_prompt)
+        if self.theta is not None:
+            own += ["--theta", repr(float(self.theta))]
+        if self.invert:
+            own += ["--invert"]
         n = [] if self.task == "invert" else ["--n", str(int(self.n))]  # invert has one output, and no --n
         return ["edit", self.task, self.run, *own, *n, *(["--mean"] if self.mean else []), *_sampling_argv(self)]
 
@@ -252,7 +265,8 @@ def _sampling_argv(req: SampleRequest) -> list[str]:
 
 
 # --- errors that name their field ----------------------------------------------------------------------------------
-FLAGS = {"ema": "--no-ema", "clip": "--no-clip", "options": "--opt", "run": "RUN", "task": "TASK", "clip_run": "--clip"}
+FLAGS = {"ema": "--no-ema", "clip": "--no-clip", "options": "--opt", "run": "RUN", "task": "TASK", "clip_run": "--clip",
+         "from_prompt": "--from"}
 
 
 def flag(field: str, task: str | None = None) -> str:
@@ -357,10 +371,15 @@ def _checked(req: SampleRequest) -> SampleRequest:
         for field, kind, low, high in (("strength", float, 0, 1), ("factor", int, 1, None), ("t_stop", float, 0, 1),
                                        ("repaint_jumps", int, 1, 100), ("repaint_length", int, 1, None),
                                        ("amount", float, -AMOUNT_LIMIT, AMOUNT_LIMIT), ("encode_steps", int, 1, None),
-                                       ("refine", int, 0, 100), ("guidance_weight", float, 0, None)):
+                                       ("refine", int, 0, 100), ("guidance_weight", float, 0, None),
+                                       ("theta", float, 0, 1)):
             if getattr(req, field) is not None or getattr(EditRequest, field) is not None:  # None: only where optional
                 numbers[field] = _number(req, field, kind, low, high)
-        for field in ("to", "attribute"):
+        for field in ("to", "attribute", "from_prompt"):
+            if req.task == "textdiff" and field != "attribute":  # captions: _resolve_unclip names an empty one
+                if getattr(req, field) is not None and not isinstance(getattr(req, field), str):
+                    raise RequestError(field, f"{flag(field)} must be a caption (text), got {getattr(req, field)!r}")
+                continue
             if getattr(req, field) is not None and not (isinstance(getattr(req, field), str) and getattr(req, field)):
                 raise RequestError(field, f"{flag(field)} must be text, got {getattr(req, field)!r}")
         if req.scheme is not None and req.task != "predict":
@@ -461,6 +480,7 @@ class Plan:
     observed: Tensor | None = None             # a video edit's given frames (F,) bool
     method: str | None = None                  # a video edit's VIDEO_METHODS
     clip_run: Run | None = None                # the CLIP run guiding the samples (--clip)
+    clip_path: Path | None = None              # unCLIP's edits: the decoder's CLIP run (at its unclip.clip_step)
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -494,6 +514,10 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
                                   f"`diffuse sample PRIOR`), or use `diffuse edit reconstruct {req.run} --image IMAGE`")
     if run.kind == "diffae_prior":
         return _resolve_pair(req, run)
+    if run.cfg.model.image_embed_dim:
+        raise RequestError("run", f"{req.run} is unCLIP's decoder: it draws an image from a CLIP image embedding, not "
+                                  f"from noise alone; use `diffuse edit variations {req.run} --image IMAGE` (or "
+                                  "interpolate, textdiff), or a pipeline with a prior that makes the embedding of a prompt")
     kind = run.capabilities.trained_task
     if kind != "none":
         raise RequestError("run", f"{req.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input "
@@ -890,6 +914,8 @@ def _resolve_pair(req: SampleRequest, run: Run) -> Plan:
 def _resolve_edit(req: EditRequest, run: Run) -> Plan:
     """`diffuse edit TASK RUN`: the task against the run, the input image and mask read and checked, then the sampling
     fields as `sample`'s."""
+    if req.task in ("variations", "textdiff") or run.cfg.model.image_embed_dim:
+        return _resolve_unclip(req, run)
     if req.task in CODED:
         return _resolve_coded(req, run)
     if run.kind == "diffae":
@@ -919,6 +945,72 @@ def _resolve_edit(req: EditRequest, run: Run) -> Plan:
         _raise_as("mask", check_mask, mask, image)
     plan = _sampling(req, run)
     return dataclasses.replace(plan, image=image, mask=mask, trained=trained)
+
+
+def _resolve_unclip(req: EditRequest, run: Run) -> Plan:
+    """`diffuse edit variations|interpolate|textdiff DECODER`: unCLIP's manipulations (tasks/unclip.py) with the decoder's
+    own CLIP (unclip.clip at its pinned step), checked against the decoder, the input images read, the captions and theta
+    checked, before any weights load. Inversion (textdiff; --invert) renders with deterministic DDIM, unguided, as
+    _resolve_coded; variations without --invert sample as `diffuse sample` does, guidance on z_i included."""
+    cfg, caps = run.cfg, run.capabilities
+    if req.task not in UNCLIP_EDITS:
+        raise RequestError("task", f"{req.run} is unCLIP's decoder (model.image_embed_dim); its edits are "
+                                   f"{', '.join(UNCLIP_EDITS)}")
+    if not cfg.model.image_embed_dim:
+        raise RequestError("run", f"edit {req.task} needs unCLIP's decoder (a denoiser with model.image_embed_dim, e.g. "
+                                  f"configs/unclip_decoder_shapes.toml); {req.run} is a {run.kind} run without a CLIP "
+                                  "image embedding")
+    path, clip_cfg = _raise_as("run", clip_run, cfg.unclip.clip, "the decoder's unclip.clip")
+    _raise_as("run", check_clip, cfg, clip_cfg, f"the decoder's unclip.clip ({path})")
+    if cfg.unclip.clip_step and cfg.unclip.clip_step not in checkpoint_folders(path):
+        raise RequestError("run", f"{req.run} was trained on the embeddings of {path} at step {cfg.unclip.clip_step}, which "
+                                  "that run no longer holds: restore the checkpoint (the decoder reads only that CLIP's "
+                                  "embeddings)")
+    if caps.text and req.prompt is None:
+        raise RequestError("prompt", f"{req.run} is also text-conditional: give the caption it decodes with, --prompt")
+    if req.task == "interpolate" and req.to is None:
+        raise RequestError("to", "edit interpolate needs --to, the second image to interpolate towards")
+    if req.task == "interpolate" and req.n < 2:
+        raise RequestError("n", f"--n must be at least 2 for edit interpolate (the frames include both ends), got {req.n}")
+    if req.task == "textdiff":
+        for field, what in (("from_prompt", "--from, the caption of what the image shows now"),
+                            ("to", "--to, the caption of what it should show")):
+            if getattr(req, field) is None or not getattr(req, field).strip():
+                raise RequestError(field, f"edit textdiff needs {what} (non-empty), e.g. --from \"a red circle\" --to "
+                                          "\"a blue circle\"")
+    inverted = req.task == "textdiff" or req.invert
+    if inverted:
+        if req.guidance:
+            raise RequestError("guidance", "--guidance does nothing here: x_T comes from DDIM inversion, which runs the "
+                                           "decoder unguided (guided DDIM does not invert); leave it out, or drop --invert")
+        if req.sampler not in (None, "ddim"):
+            raise RequestError("sampler", f"edit {req.task} with x_T inverted renders with DDIM (the inverse of the "
+                                          "inversion): leave --sampler out, or pass --sampler ddim")
+        if req.task == "variations" and not req.eta:
+            raise RequestError("eta", "edit variations --invert decodes the image's own x_T, which with eta = 0 gives the "
+                                      "image back n times: pass --eta E > 0 (the paper's variations; 1 is DDPM-like)")
+        if req.task != "variations" and req.eta:
+            raise RequestError("eta", f"edit {req.task} renders the inverted x_T with deterministic DDIM: leave --eta out")
+        if (req.spacing or cfg.sample.spacing) == "leading":
+            raise RequestError("spacing", "--spacing leading starts each grid at another top, so x_T inverted on "
+                                          "--encode-steps would be rendered from another noise level; use trailing")
+        top = getattr(Schedule.from_config(cfg.schedule), "top_step", None)
+        if top is not None and req.encode_steps > top:
+            raise RequestError("encode_steps", f"--encode-steps {req.encode_steps} is more than the {top} steps of "
+                                               f"{req.run}'s process; give at most {top}")
+    else:
+        for field in ("encode_steps", "refine"):
+            if getattr(req, field) != getattr(EditRequest, field):
+                raise RequestError(field, f"{flag(field)} does nothing here: edit {req.task} draws x_T at random; pass "
+                                          "--invert to invert the input, or leave it out")
+    image, _ = _raise_as("image", load_image, req.image, cfg.data.channels, cfg.data.image_size)
+    to = _raise_as("to", load_image, req.to, cfg.data.channels, cfg.data.image_size)[0] \
+        if req.task == "interpolate" else None
+    if inverted:
+        req = dataclasses.replace(req, sampler="ddim", eta=0.0 if req.eta is None else req.eta,
+                                  mixed_precision=req.mixed_precision or "no")  # float32: bf16 rounding is not inverted
+    plan = _sampling(req, run)
+    return dataclasses.replace(plan, image=image, to=to, clip_path=path)
 
 
 def _resolve_coded(req: EditRequest, run: Run) -> Plan:
@@ -1090,6 +1182,11 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
     kw = _model_kw(plan, loaded, callback)
     counted = CountCalls(loaded.denoiser)
     space = loaded.space
+    if isinstance(req, EditRequest) and plan.clip_path is not None:
+        if on_stage is not None:  # the inversions' moves, then the renderings' steps
+            inverted = (2 if req.task == "interpolate" else 1) if req.task == "textdiff" or req.invert else 0
+            on_stage(plan, inverted * req.encode_steps + (_steps_total(plan, counted.schedule) or 0))
+        return _unclip_edit(plan, counted, kw)
     if isinstance(req, EditRequest) and req.task in CODED:
         if on_stage is not None:  # the inversions' moves, then the renderings' steps
             render = _steps_total(plan, counted.schedule) or 0
@@ -1232,6 +1329,52 @@ def _coded_edit(plan: Plan, space, counted, kw: dict) -> Result:
     z_b, x_b = semantic.encode(counted, plan.to.to(dev), **inv)  # interpolate: lerp of z_sem, slerp of x_T
     codes, noises = semantic.interpolation(z[0], z_b[0], x_T[0], x_b[0], req.n)
     return Result(semantic.decode(counted, codes, noises, **render), [image, plan.to], counted.calls)
+
+
+def _unclip_edit(plan: Plan, counted, kw: dict) -> Result:
+    """variations, interpolate, textdiff of unCLIP's decoder (tasks/unclip.py): z_i of the input(s) by the decoder's
+    CLIP, x_T drawn (from --seed) or inverted (--encode-steps; textdiff always), then decoded. A caption's tokens
+    (text-conditional decoders) go with every call."""
+    req, dev = plan.request, plan.device
+    _, clip = load_clip(plan.clip_path, dev, plan.run.cfg.unclip.clip_step or None)
+    image = plan.image.to(dev)
+    z = unclip.image_embeddings(clip, image)  # (1, D)
+
+    def text(n: int) -> dict:
+        return {k: v[:1].expand(n, *v.shape[1:]) for k, v in (kw.get("cond") or {}).items()}
+
+    common = dict(spacing=kw["spacing"], mixed_precision=kw["mixed_precision"], device=dev)
+    inv = dict(common, steps=req.encode_steps, refine=req.refine, callback=kw["callback"])
+    render = dict(common, steps=kw["steps"], seed=req.seed, callback=kw["callback"],
+                  clip=kw["clip"] if req.threshold is not None else False)
+    if req.task == "variations" and not req.invert:  # z_i fixed, each output its own x_T
+        rest = {k: v for k, v in kw.items() if k not in ("cond", "labels", "classifier", "device", "seed")}
+        x = unclip.variations(counted, z[0], req.n, seed=req.seed, cond=text(req.n) or None, device=dev, **rest)
+        return Result(x, [image], counted.calls)
+    if req.task == "variations":  # the image's own x_T, decoded by DDIM with eta > 0
+        x_T = unclip.invert_image(counted, image, z, cond=text(1) or None, **inv)
+        x = unclip.decode(counted, z.expand(req.n, -1), x_T.expand(req.n, *x_T.shape[1:]), cond=text(req.n) or None,
+                          eta=req.eta, **render)
+        return Result(x, [image], counted.calls)
+    if req.task == "interpolate":
+        to = plan.to.to(dev)
+        z_b = unclip.image_embeddings(clip, to)
+        codes = unclip.interpolation(z[0], z_b[0], req.n)
+        if req.invert:  # both ends inverted, x_T by slerp: the ends reconstruct their images
+            x_a = unclip.invert_image(counted, image, z, cond=text(1) or None, **inv)
+            x_b = unclip.invert_image(counted, to, z_b, cond=text(1) or None, **inv)
+            noises = semantic.slerp(x_a[0], x_b[0], torch.linspace(0, 1, req.n, dtype=torch.float64))
+        else:  # one x_T for the whole path
+            noises = unclip.fixed_noise(counted, req.n, req.seed, dev)
+        return Result(unclip.decode(counted, codes, noises, cond=text(req.n) or None, **render), [image, plan.to],
+                      counted.calls)
+    z_d = unclip.text_direction(clip, req.from_prompt, req.to, dev)  # textdiff: theta 0 .. theta from the inverted x_T
+    theta = unclip.THETA_PAPER if req.theta is None else req.theta
+    thetas = torch.tensor([theta] if req.n == 1 else torch.linspace(0, theta, req.n).tolist(), dtype=torch.float64)
+    codes = unclip.text_diff(z[0], z_d, thetas)
+    x_T = unclip.invert_image(counted, image, z, cond=text(1) or None, **inv)
+    x = unclip.decode(counted, codes, x_T.expand(len(codes), *x_T.shape[1:]), cond=text(len(codes)) or None, **render)
+    return Result(x, [image], counted.calls)
 
 
 def _execute_pair(plan: Plan, callback, load, on_stage) -> Result:

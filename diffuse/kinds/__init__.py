@@ -14,6 +14,7 @@ from .diffusion import ClassifierObjective, DiffusionObjective
 from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
 from .segmentation import SegmentationObjective
+from .unclip import UnclipDecoderObjective
 from .video import VideoObjective
 
 KINDS: dict[str, type[Objective]] = {
@@ -41,7 +42,12 @@ def objective_class(cfg: RunConfig) -> type[Objective]:
             raise ValueError(f"data.frames = {cfg.data.frames} makes videos (C, F, H, W), which an image network does not "
                              "take: set model.video = true (and model.video_observed for masked conditioning), or "
                              "data.frames = 0 with an image source")
+        if cfg.model.kind == "denoiser" and cfg.model.image_embed_dim:  # unCLIP's decoder (kinds/unclip.py)
+            return UnclipDecoderObjective
         return KINDS[cfg.model.kind]
+    if cfg.model.image_embed_dim:
+        raise ValueError("model.image_embed_dim makes unCLIP's decoder of images; a video network takes no CLIP image "
+                         "embedding: set model.image_embed_dim = 0, or model.video = false")
     if cfg.model.kind not in VIDEO_KINDS:
         raise ValueError(f'model.video = true makes a video denoiser; model.kind = "{cfg.model.kind}" has no video version: '
                          f'set model.kind = {" or ".join(map(repr, VIDEO_KINDS))}, or model.video = false')
@@ -58,7 +64,15 @@ def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
     semantic = [] if cfg.model.kind in ("diffae_prior", "diffae_classifier") else semantic_unused(cfg, cfg.model.kind)
     video = [] if cfg.model.video else ignored(cfg, "only a video denoiser (model.video = true) reads it", ("video",))
     clip = [] if cfg.model.kind == "clip" else ignored(cfg, 'only model.kind = "clip" reads it', ("clip",))
-    return own + [row for row in segment + semantic + video + clip if row[0] not in {r[0] for r in own}]
+    decoder = cfg.model.kind == "denoiser" and cfg.model.image_embed_dim > 0
+    unclip = [] if decoder else ignored(cfg, 'only unCLIP\'s decoder (model.kind = "denoiser", model.image_embed_dim > 0) '
+                                        "reads it", ("unclip",))
+    if cfg.model.kind != "denoiser":
+        unclip += [(f"model.{k}", f'model.kind = "{cfg.model.kind}" takes no CLIP image embedding (unCLIP\'s decoder is a '
+                    '"denoiser")', "remove it") for k in ("image_embed_dim", "image_embed_tokens")]
+    elif not decoder:
+        unclip.append(("model.image_embed_tokens", "model.image_embed_dim = 0 (no CLIP image embedding)", "remove it"))
+    return own + [row for row in segment + semantic + video + clip + unclip if row[0] not in {r[0] for r in own}]
 
 
 def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:
@@ -78,5 +92,5 @@ def check_config(cfg: RunConfig) -> None:
     objective_class(cfg).check_config(cfg)
 
 
-__all__ = ["KINDS", "VIDEO_KINDS", "Context", "Group", "Objective", "check_config", "ignored_sections", "objective_class",
-           "unused_rows"]
+__all__ = ["KINDS", "VIDEO_KINDS", "Context", "Group", "Objective", "UnclipDecoderObjective", "check_config",
+           "ignored_sections", "objective_class", "unused_rows"]

@@ -76,8 +76,8 @@ def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
     """The condition keys (condition.py) the U-Net of a config takes, with num_classes classes in its data."""
     m = cfg.model
     return ConditionSpec(num_classes if m.class_conditional else 0, m.cond_channels, m.scalar_inputs,
-                         0 if m.text_encoder else m.context_dim, m.self_condition, augment_dim(cfg),
-                         m.max_tokens if m.text_encoder else 0)
+                         0 if m.text_encoder or m.image_embed_dim else m.context_dim, m.self_condition, augment_dim(cfg),
+                         m.max_tokens if m.text_encoder else 0, image_embed=m.image_embed_dim)
 
 
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
@@ -105,7 +105,8 @@ def check(cfg: RunConfig, dataset, classifier: bool = False, takes: tuple[int, .
     unknown_drop = sorted(k for k in t.condition_dropout if k not in spec.keys)
     check_task(cfg.task, cfg.data.channels, cfg.data.image_size, cfg.model.cond_channels, cfg.model.scalar_inputs)
     captioned = cfg.model.text_encoder and getattr(dataset, "captions", None) is not None
-    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task), *(("text",) if captioned else ()))
+    yields = (*dataset.condition_keys, *task_condition_keys(cfg.task), *(("text",) if captioned else ()),
+              *(("image_embed",) if cfg.model.image_embed_dim else ()))  # made from each x_0 (kinds/unclip.py)
     missing = [k for k in spec.keys if k not in yields] if not classifier else []
     shape, takes = shape_of(dataset), diffusion_shape(cfg) if takes is None else takes
     checks = [
@@ -285,10 +286,16 @@ class DiffusionObjective(Objective):
             x0 = augment_apply(x0, d["augment"])
         if "task_seeds" in d:
             cond.update(training_condition(self.cfg.task, x0, d["task_seeds"], self.denoiser.schedule))
+        cond.update(self.conditions_from(x0))
         cond = self.condition(cond, {k.removeprefix("drop."): to_device(v, dev) for k, v in d.items() if k.startswith("drop.")})
         if "augment" in d:
             cond["augment"] = to_device(d["augment"], dev).float()
         return x0, cond, {**d, "eps": to_device(d["eps"], dev)}  # pinned, without waiting for the GPU (speed.to_device)
+
+    def conditions_from(self, x0: Tensor) -> dict[str, Tensor]:
+        """Conditions made from the prepared (flipped, augmented) clean batch x0 by a frozen network, before dropout:
+        none here; unCLIP's decoder adds the CLIP image embedding (kinds/unclip.py)."""
+        return {}
 
     def condition(self, cond: dict, dropped: dict[str, Tensor]) -> dict:
         """The batch's condition restricted to the keys the model takes, each key replaced by its null value where

@@ -81,6 +81,11 @@ class UNetConfig:
     #                                                                 frame_index and independent (condition.py)
     video_observed: bool = False                                    # video: also take `observed` (B, F), which frames are given
     #                                                                 clean, as one more input channel (FDM's mask channel)
+    image_embed_dim: int = 0                                        # unCLIP's decoder: width D of the CLIP image embedding z_i it
+    #                                                                 takes as `image_embed` (the [unclip] CLIP's clip.dim); 0: none
+    image_embed_tokens: int = 4                                     # extra cross-attention tokens projected from z_i (Ramesh et
+    #                                                                 al. 2022, sec. 2.1: 4), after any caption's tokens; 0: the
+    #                                                                 time-embedding path only
 
 
 class UNet(nn.Module):
@@ -95,7 +100,9 @@ class UNet(nn.Module):
     absent; Chen et al. 2023); with augment_dim an optional `augment` (B, augment_dim), the
     augmentation labels of non-leaking augmentation (augment.py), mapped into the embedding (zeros when absent); with
     semantic_dim d, `z_sem` (B, d), the diffusion autoencoder's semantic code, which scales every residual block after its
-    adaptive GroupNorm (Preechakul et al. 2022; nets.blocks.ResBlock). A key the model does not take, or a missing one, is a ValueError
+    adaptive GroupNorm (Preechakul et al. 2022; nets.blocks.ResBlock); with image_embed_dim D, `image_embed` (B, D), a
+    CLIP image embedding, added to the time embedding and turned into image_embed_tokens extra context tokens (unCLIP's
+    decoder, Ramesh et al. 2022, sec. 2.1; `_image_embed`). A key the model does not take, or a missing one, is a ValueError
     naming it.
 
     With model.video: x (B, C, F, H, W) -> (B, out_channels, F, H, W), t (B,) one time per video, the per-example keys
@@ -127,8 +134,9 @@ class UNet(nn.Module):
             null_text = tuple(int(i) for i in self.text_encoder.tokenize([""])[0] if i)
         text = (cfg.max_tokens, null_text) if cfg.text_encoder else (0, ())
         self.condition_spec = ConditionSpec(self.num_classes, cfg.cond_channels, cfg.scalar_inputs,
-                                            0 if cfg.text_encoder else cfg.context_dim, cfg.self_condition, augment_dim, *text,
-                                            semantic=cfg.semantic_dim, video=cfg.video, observed=cfg.video_observed)
+                                            0 if cfg.text_encoder or cfg.image_embed_dim else cfg.context_dim,
+                                            cfg.self_condition, augment_dim, *text, semantic=cfg.semantic_dim,
+                                            video=cfg.video, observed=cfg.video_observed, image_embed=cfg.image_embed_dim)
         style = cfg.semantic_dim  # every residual block is also scaled by z_sem (nets.blocks.ResBlock)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # row num_classes is the null label: "no class", the unconditional model of classifier-free guidance
@@ -139,6 +147,10 @@ class UNet(nn.Module):
             self.augment_map = nn.Linear(augment_dim, emb_dim, bias=False)
         if cfg.scalar_inputs:  # each scalar gets a sinusoidal embedding like the time's; one MLP maps them all
             self.scalar_mlp = nn.Sequential(nn.Linear(cfg.scalar_inputs * ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.image_embed_dim:  # unCLIP's decoder (Ramesh et al. 2022, sec. 2.1): z_i into the time embedding and into tokens
+            self.image_embed_time = nn.Linear(cfg.image_embed_dim, emb_dim)
+            if cfg.image_embed_tokens:
+                self.image_embed_context = nn.Linear(cfg.image_embed_dim, cfg.image_embed_tokens * cfg.context_dim)
         xres, ctx = cfg.cross_attention_resolutions, cfg.context_dim
 
         widths = [ch * m for m in cfg.channel_mult]
@@ -222,6 +234,8 @@ class UNet(nn.Module):
             x = torch.cat([x, cond["image"].to(x.dtype)], dim=1)
         context, mask = self.text_encoder(cond["text"]) if self.text_encoder is not None else (cond.get("context"),
                                                                                                  cond.get("context_mask"))
+        if self.cfg.image_embed_dim:
+            emb, context, mask = self._image_embed(cond["image_embed"], emb, context, mask)
         frames = None
         if self.cfg.video:  # fold the frames into the batch; each per-video input is shared by its frames
             if self.cfg.video_observed:  # FDM's mask channel: 1 on the frames given clean
@@ -235,6 +249,23 @@ class UNet(nn.Module):
         if frames is None:
             return h
         return {i: unfold_frames(a, frames.count) for i, a in h.items()} if keep else unfold_frames(h, frames.count)
+
+    def _image_embed(self, z: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None):
+        """unCLIP's two paths for the CLIP image embedding z (B, D) (Ramesh et al. 2022, sec. 2.1; diffusers'
+        UnCLIPTextProjModel): emb + W_t (sqrt(D) z), and K = image_embed_tokens tokens W_c (sqrt(D) z) (B, K, context_dim)
+        after the caption's tokens (attended: the mask grows by K True). sqrt(D) z has coordinates of about unit size
+        (a unit z has ~1/sqrt(D) per coordinate; DALLE2-pytorch#60). The null z = 0 reaches both paths, so guidance on z
+        drops both (DALLE2-pytorch#144)."""
+        z = z.to(emb.dtype) * self.cfg.image_embed_dim ** 0.5
+        emb = emb + self.image_embed_time(z)
+        if not self.cfg.image_embed_tokens:
+            return emb, context, mask
+        tokens = self.image_embed_context(z).view(z.shape[0], self.cfg.image_embed_tokens, self.cfg.context_dim)
+        if context is None:
+            return emb, tokens, None
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(tokens.shape[:2])], dim=1)
+        return emb, torch.cat([context.to(tokens.dtype), tokens], dim=1), mask
 
     def _check_input(self, x: Tensor) -> None:
         """ValueError naming the shape this net takes (and the setting that changes it) when x is not it."""
@@ -380,6 +411,18 @@ def check_config(cfg: UNetConfig, image_size: int, num_classes: int) -> None:
                          f"model.cross_attention_resolutions (where to attend; from {sizes}); set both or neither")
     if cfg.semantic_dim < 0:
         raise ValueError(f"model.semantic_dim must be >= 0 (0: no semantic code), got {cfg.semantic_dim}")
+    if cfg.image_embed_dim < 0 or cfg.image_embed_tokens < 0:
+        raise ValueError(f"model.image_embed_dim and model.image_embed_tokens must be >= 0, got {cfg.image_embed_dim} and "
+                         f"{cfg.image_embed_tokens}")
+    if cfg.image_embed_dim and cfg.image_embed_tokens and not cfg.context_dim:
+        raise ValueError(f"model.image_embed_tokens = {cfg.image_embed_tokens} projects the CLIP image embedding into "
+                         "cross-attention tokens: set model.context_dim (their width, e.g. 64) and "
+                         "model.cross_attention_resolutions (e.g. [16, 8]), or model.image_embed_tokens = 0 (the "
+                         "time-embedding path only)")
+    if cfg.image_embed_dim and cfg.context_dim and not cfg.image_embed_tokens and not cfg.text_encoder:
+        raise ValueError("with model.image_embed_dim the cross-attention context is the caption's tokens and the image "
+                         "embedding's: set model.image_embed_tokens >= 1 (the paper: 4) or a model.text_encoder, or drop "
+                         "model.context_dim and model.cross_attention_resolutions")
     if cfg.video_observed and not cfg.video:
         raise ValueError("model.video_observed adds the observed-frames channel of a video net: set model.video = true "
                          "too, or drop model.video_observed")
