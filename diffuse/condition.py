@@ -163,6 +163,13 @@ CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
                 "x), got {dtype} {shape}; from 0/1 values pass observed > 0.5",
         doc="(B, F) bool, True for the frames given clean in x_t's place, an extra input channel (Harvey et al. 2022, "
             "FDM's mask channel; Hoppe et al. 2022, RaMViD); no null: guidance keeps it (all False: nothing given)"),
+    ConditionKind(
+        "text_embed", "text_embed", lambda spec, x, cond: (x.shape[0], spec.text_embed), check_order=11,
+        message="text_embed, the caption's CLIP text embedding, must have shape {want} (batch, the CLIP's width D), got "
+                "{shape}",
+        doc="(B, D) float, a caption's CLIP text embedding g(c) scaled to norm sqrt(D), the unCLIP prior's condition "
+            "beside the caption's token states in `context` (Ramesh et al. 2022, sec. 2.2); null: zeros, \"no "
+            "caption\" (the prior drops it together with the context, kinds/unclip.py)"),
 )}
 
 CONDITION_KEYS = tuple(CONDITION_KINDS)
@@ -215,6 +222,7 @@ class ConditionSpec:
     semantic: int = 0  # the width of z_sem (a diffusion autoencoder's decoder)
     video: bool = False  # x is (B, C, F, H, W): frame_index and independent (both optional)
     observed: bool = False  # a video net's observed-frames channel: observed (required)
+    text_embed: int = 0  # the width D of a CLIP text embedding (the unCLIP prior, nets/unclip.py)
 
     @property
     def kinds(self) -> dict[str, ConditionKind]:

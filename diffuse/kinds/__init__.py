@@ -14,6 +14,7 @@ from .diffusion import ClassifierObjective, DiffusionObjective
 from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
 from .segmentation import SegmentationObjective
+from .unclip import UnclipPriorObjective
 from .video import VideoObjective
 
 KINDS: dict[str, type[Objective]] = {
@@ -26,6 +27,7 @@ KINDS: dict[str, type[Objective]] = {
     "diffae_prior": DiffAEPriorObjective,
     "diffae_classifier": DiffAEClassifierObjective,
     "clip": ClipObjective,
+    "unclip_prior": UnclipPriorObjective,
 }
 VIDEO_KINDS: dict[str, type[Objective]] = {  # model.kind -> its objective for a video network (model.video = true)
     "denoiser": VideoObjective,
@@ -58,7 +60,8 @@ def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
     semantic = [] if cfg.model.kind in ("diffae_prior", "diffae_classifier") else semantic_unused(cfg, cfg.model.kind)
     video = [] if cfg.model.video else ignored(cfg, "only a video denoiser (model.video = true) reads it", ("video",))
     clip = [] if cfg.model.kind == "clip" else ignored(cfg, 'only model.kind = "clip" reads it', ("clip",))
-    return own + [row for row in segment + semantic + video + clip if row[0] not in {r[0] for r in own}]
+    unclip = [] if cfg.model.kind == "unclip_prior" else ignored(cfg, 'only model.kind = "unclip_prior" reads it', ("unclip",))
+    return own + [row for row in segment + semantic + video + clip + unclip if row[0] not in {r[0] for r in own}]
 
 
 def ignored_sections(cfg: RunConfig) -> tuple[str, ...]:
