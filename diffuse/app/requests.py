@@ -472,6 +472,11 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
                                   f"`diffuse sample PRIOR`), or use `diffuse edit reconstruct {req.run} --image IMAGE`")
     if run.kind == "diffae_prior":
         return _resolve_pair(req, run)
+    if run.kind == "unclip_prior":
+        raise RequestError("run", f"{req.run} is an unCLIP prior, which draws CLIP image embeddings, not images: an unCLIP "
+                                  "decoder turns them into images (chain the two in a pipeline folder); draw embeddings with "
+                                  "kinds.unclip.sample_image_embeddings, measure them with "
+                                  f"`diffuse eval {req.run} --metric prior`")
     kind = run.capabilities.trained_task
     if kind != "none":
         raise RequestError("run", f"{req.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input "
