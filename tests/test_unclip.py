@@ -183,6 +183,8 @@ def test_a_prior_run_samples_unit_embeddings_and_refuses_bad_input(runs, tmp_pat
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
     same = sample_image_embeddings(prior, ["a handwritten three", "a handwritten four"], guidance=2.0, steps=3, best_of=2)
     assert torch.equal(z, same)  # the seed fixes every draw
+    other = sample_image_embeddings(prior, ["a handwritten three"], guidance=2.0, steps=3, sampler="dpmpp-2m", seed=1)
+    torch.testing.assert_close(other.norm(dim=1), torch.ones(1))  # any sampler of the process
     for prompts, match in [([""], "prompt 0"), (["  "], "prompt 0"), ([], "at least one prompt"),
                            (["a handwritten seven and much more text than fits"], "24")]:
         with pytest.raises(ValueError, match=match):

@@ -7,7 +7,9 @@ DALLE2-pytorch's predict_x_start and the paper's sec. 2.2):
     L = E || f_theta(z_i^(t), t, z_t, c) - z_i ||^2,        z_i^(t) = alpha_t z_i + sigma_t eps
 
 The caption is dropped (its embedding and its tokens together, one coin per example) for a share unclip.text_dropout
-of the examples (the paper: 10%), so the same network is the unconditional model of classifier-free guidance.
+of the examples (the paper: 10%), so the same network is the unconditional model of classifier-free guidance. Only the
+caption is dropped: the noised image embedding stays in both branches (DALLE2-pytorch#285: its forward_with_cond_scale
+also replaces the noised input by a learned null in the unconditional branch).
 
 The diffused variable. CLIP embeddings are unit vectors, about 1/sqrt(D) per coordinate, badly scaled for a process
 that adds unit-variance noise (DALLE2-pytorch#60). unclip.scale = "sqrt_d" (the default) diffuses sqrt(D) z_i / |z_i|
@@ -360,7 +362,7 @@ def sample_image_embeddings(prior: Prior | str | Path, prompts, guidance: float 
     (a loaded Prior or a run folder), guided with weight `guidance` (None: the run's sample.guidance; (1 + w) f(c) -
     w f(null), Ho & Salimans 2022), `steps` and `sampler` (None: the run's [sample]) and sampler `options` (eta, ...),
     unscaled, the one with the highest cosine to the prompt's text embedding kept (`pick_best`). x_T and all noise from
-    `seed`. ValueError for no prompt, an empty prompt, a prompt over the tokenizer's length, a guidance weight that is
+    `seed`. `device`: where a run folder is loaded (a loaded Prior samples where it is). Returns (B, D) on the CPU. ValueError for no prompt, an empty prompt, a prompt over the tokenizer's length, a guidance weight that is
     not a finite number >= 0, best_of < 1."""
     prompts = check_prompts(prompts)
     if isinstance(prior, (str, Path)):
