@@ -177,6 +177,14 @@ CONDITION_KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (
         doc="(B, D) float, the unit CLIP image embedding z_i of unCLIP's decoder, projected and added to the time "
             "embedding and projected into extra cross-attention tokens (Ramesh et al. 2022, sec. 2.1); null: zeros "
             "(no unit embedding is zero), trained by condition dropout (the paper: 10%) for guidance on z_i"),
+    ConditionKind(
+        "text_embed", "text_embed", lambda spec, x, cond: (x.shape[0], spec.text_embed), check_order=12,
+        values=_check_finite_values,
+        message="text_embed, the caption's CLIP text embedding, must have shape {want} (batch, the CLIP's width D), got "
+                "{shape}",
+        doc="(B, D) float, a caption's CLIP text embedding g(c) scaled to norm sqrt(D), the unCLIP prior's condition "
+            "beside the caption's token states in `context` (Ramesh et al. 2022, sec. 2.2); null: zeros, \"no "
+            "caption\" (the prior drops it together with the context, kinds/unclip.py)"),
 )}
 
 CONDITION_KEYS = tuple(CONDITION_KINDS)
@@ -231,6 +239,7 @@ class ConditionSpec:
     video: bool = False  # x is (B, C, F, H, W): frame_index and independent (both optional)
     observed: bool = False  # a video net's observed-frames channel: observed (required)
     image_embed: int = 0  # the width D of a CLIP image embedding (unCLIP's decoder)
+    text_embed: int = 0  # the width D of a CLIP text embedding (the unCLIP prior, nets/unclip.py)
 
     @property
     def kinds(self) -> dict[str, ConditionKind]:

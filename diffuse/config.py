@@ -165,11 +165,21 @@ class ClipConfig:
 
 @dataclass
 class UnclipConfig:
-    """[unclip]: unCLIP's decoder (Ramesh et al. 2022, sec. 2.1; kinds/unclip.py): a denoiser (model.image_embed_dim > 0)
-    conditioned on the image embedding z_i of each clean training image by a frozen CLIP run (model.kind = "clip")."""
+    """[unclip]: unCLIP (Ramesh et al. 2022; kinds/unclip.py). The prior (model.kind = "unclip_prior", sec. 2.2): a
+    diffusion model over the CLIP image embeddings of a frozen CLIP run's training images, conditioned on their captions'
+    text embeddings and token states, by a small causal transformer (nets/unclip.py) predicting the clean embedding. The
+    decoder (sec. 2.1): a denoiser (model.image_embed_dim > 0) conditioned on the image embedding z_i of each clean
+    training image by the same kind of frozen CLIP run; it reads only clip and clip_step."""
 
     clip: str = ""              # the CLIP run (`diffuse train configs/clip_shapes.toml --out runs/clip_shapes`)
     clip_step: int = 0          # its checkpoint; 0 = its newest when training starts, then saved in this run's config (pinned)
+    scale: Literal["sqrt_d", "znorm"] = "sqrt_d"  # the diffused variable: sqrt(D) z / |z| (DALLE2-pytorch's image_embed_scale)
+    #                             or (z - mean) / std over the training embeddings (Karlo's clip_mean, clip_std)
+    width: int = 128            # the transformer's width (DALLE2-pytorch's example: 768)
+    layers: int = 4             # its layers (the example: 12)
+    heads: int = 4              # its attention heads (the example: 12)
+    text_dropout: float = 0.1   # the share of examples trained without their caption (both its embedding and its tokens:
+    #                             the paper's 10%), the unconditional model of classifier-free guidance
 
 
 VideoPattern = Literal["prediction", "backward", "interpolation", "scattered"]
@@ -213,7 +223,7 @@ class RunConfig:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)  # "diffae_prior", "diffae_classifier": the codes
     clip: ClipConfig = field(default_factory=ClipConfig)  # model.kind = "clip": embedding width, noise-aware variant
     video: VideoConfig = field(default_factory=VideoConfig)  # a video denoiser (model.video): masks, joint image training
-    unclip: UnclipConfig = field(default_factory=UnclipConfig)  # unCLIP's decoder (model.image_embed_dim): its frozen CLIP
+    unclip: UnclipConfig = field(default_factory=UnclipConfig)  # unCLIP's prior and decoder: the CLIP run, the prior's net
 
 
 def _check_value(key: str, value: Any, hint: Any) -> Any:

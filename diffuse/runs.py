@@ -285,7 +285,7 @@ def capabilities(cfg: RunConfig, num_classes: int) -> Capabilities:
     if cfg.model.kind == "diffae_prior":  # draws codes, which its diffusion autoencoder decodes
         return Capabilities(True, 0, False, (), (), "none", False, True, False, ("fid", "kid", "is", "pr"))
     if cfg.model.kind != "denoiser":
-        metrics = {"autoencoder": ("recon",), "segmenter": ("miou",), "clip": ("retrieval",)}.get(cfg.model.kind, ())
+        metrics = {"autoencoder": ("recon",), "segmenter": ("miou",), "clip": ("retrieval",), "unclip_prior": ("prior",)}.get(cfg.model.kind, ())
         return Capabilities(False, num_classes if cfg.model.kind == "classifier" else 0, False, (), (), "none", False,
                             True, False, metrics)
     m, task = cfg.model, cfg.task.kind

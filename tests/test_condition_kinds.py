@@ -18,7 +18,7 @@ FULL = ConditionSpec(num_classes=10, image_channels=2, scalars=1, context_dim=6,
 
 def test_the_table_of_keys():
     assert CONDITION_KEYS == ("label", "image", "scalars", "context", "context_mask", "text", "self_cond", "augment",
-                              "z_sem", "frame_index", "independent", "observed", "image_embed")
+                              "z_sem", "frame_index", "independent", "observed", "image_embed", "text_embed")
     assert tuple(CONDITION_KINDS) == CONDITION_KEYS and all(CONDITION_KINDS[k].name == k for k in CONDITION_KEYS)
     assert FULL.keys == ("label", "image", "scalars", "context", "text")  # required, in table order
     assert FULL.takes == FULL.keys + ("context_mask", "self_cond", "augment")  # then the optional ones
@@ -168,7 +168,7 @@ def test_a_registered_kind_is_validated_and_nulled_like_the_others(throwaway_kin
     with pytest.raises(ValueError, match=r"\['embedding'\]; it takes \['label'\]$"):  # known, so no list of kinds
         ConditionSpec(10).check({"label": cond["label"], "embedding": cond["embedding"]}, x)
     with pytest.raises(ValueError, match=r"known kinds are \[.*'z_sem', 'frame_index', 'independent', 'observed', "
-                                         r"'image_embed', 'embedding', 'frames', 'frame_mask'\]"):
+                                         r"'image_embed', 'text_embed', 'embedding', 'frames', 'frame_mask'\]"):
         spec.check({**cond, "video": x}, x)
 
     null = spec.null(cond)

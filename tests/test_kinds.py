@@ -44,9 +44,13 @@ CONFIGS = {  # kind -> the overrides of a tiny run of it on the 8x8 two-class im
     "clip": ["model.kind=clip", "data.source=digits", "model.channels=8", "model.channel_mult=[1, 2]",
              "model.num_res_blocks=1", "model.norm_groups=4", "model.attention_resolutions=[4]",
              "model.text_encoder=chars", "model.max_tokens=24", "clip.dim=8", "clip.text_width=8"],
+    # the unCLIP prior on the embeddings of CLIP_SOURCE, a 2-step CLIP of the row above the `images` fixture trains first
+    "unclip_prior": ["model.kind=unclip_prior", "model.prediction=x0", "unclip.width=8", "unclip.layers=2", "unclip.heads=2",
+                     "unclip.text_dropout=0.3", "schedule.T=100", "train.ema_decay=0.9"],
 }
 SEMANTIC = ("diffae_prior", "diffae_classifier")  # no [data] of their own: the codes of the source run's data
 SOURCE = "diffae_source"  # beside the images folder
+CLIP_SOURCE = "clip_source"  # beside the images folder: the CLIP whose embeddings the unCLIP prior diffuses
 VARIANTS = {"autoencoder_vq": ("autoencoder", ["autoencoder.kind=vq", "autoencoder.codebook_size=16",
                                                "autoencoder.dead_code_threshold=0.5"]),  # restarts draw too
             # an FID on rank 0 mid-run, which may first train the digit classifier (the DDP workers' cache is empty)
@@ -78,6 +82,10 @@ def config(images: Path, kind: str, steps: int, extra=()):
     if kind in SEMANTIC:
         common = [o for o in COMMON if not o.startswith("data.")]
         return apply_overrides(RunConfig(), [*common, f"semantic.run={json.dumps(str(images.parent / SOURCE))}",
+                                             f"train.steps={steps}", *own])
+    if kind == "unclip_prior":
+        common = [o for o in COMMON if not o.startswith("data.")]
+        return apply_overrides(RunConfig(), [*common, f"unclip.clip={json.dumps(str(images.parent / CLIP_SOURCE))}",
                                              f"train.steps={steps}", *own])
     own = [f"unclip.clip={json.dumps(str(images.parent / CLIP_SOURCE))}" if o == "unclip.clip=CLIP_SOURCE" else o
            for o in own]
@@ -133,12 +141,12 @@ def _launch(images: Path, out: Path, timeout: float = 300) -> None:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """The image folder, and beside it SOURCE, the diffusion autoencoder whose codes the second runs train on, and
-    CLIP_SOURCE, the CLIP whose embeddings unCLIP's decoder takes."""
+    CLIP_SOURCE, the CLIP whose embeddings the unCLIP prior diffuses and unCLIP's decoder takes."""
     from diffuse.train import train
 
     folder = make_images(tmp_path_factory.mktemp("data") / "images")
     train(config(folder, "diffae", 2), folder.parent / SOURCE, progress=False)
-    train(config(folder, "clip", 1), folder.parent / CLIP_SOURCE, progress=False)
+    train(config(folder, "clip", 2), folder.parent / CLIP_SOURCE, progress=False)
     return folder
 
 

@@ -249,8 +249,10 @@ def test_the_clip_must_match_the_decoder_images_and_width(runs, tmp_path):
     with pytest.raises(ValueError, match="unclip.clip is empty"):
         check_config(apply_overrides(RunConfig(), decoder_set("")))
     plain = [o for o in decoder_set(root / "clip") if not o.startswith(("model.image_embed_dim", "train.condition"))]
-    with pytest.raises(ValueError, match=r"unclip.clip = .* is ignored because only unCLIP's decoder"):
+    with pytest.raises(ValueError, match=r"unclip.clip = .* is ignored because only unCLIP \(model.kind = .unclip_prior., or a .denoiser. with model.image_embed_dim > 0\) reads it"):
         check_config(apply_overrides(RunConfig(), plain))
+    with pytest.raises(ValueError, match=r"unclip.width = 64 is ignored because unCLIP's decoder reads only unclip.clip"):
+        check_config(apply_overrides(RunConfig(), decoder_set(root / "clip", "unclip.width=64")))  # the prior's
     with pytest.raises(ValueError, match="a video network takes no CLIP image embedding"):
         check_config(apply_overrides(RunConfig(), decoder_set(root / "clip", "model.video=true")))
     with pytest.raises(ValueError, match="works on pixels"):

@@ -15,6 +15,7 @@
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
     diffuse eval CLIP_RUN [--metric retrieval]                 (held-out recall@1/5, per noise level; zero-shot digits)
+    diffuse eval PRIOR_RUN [--metric prior] [--n N]            (unCLIP prior: cosines to the true image, caption, unrelated image)
     diffuse serve RUN [RUN ...] [--port P] [--host 127.0.0.1] [--auth-file F]   (the web UI; pip install -e ".[ui]")
     diffuse export RUN --format diffusers --out DIR           (a UNet2DModel pipeline folder diffusers samples)
     (sample, edit, eval and serve also take a Hugging Face model id as RUN, with --revision)
@@ -339,14 +340,16 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run: sample quality (fid, kid, is, pr) or likelihood (nll, vlb), in bits/dim; "
                                     "an autoencoder's reconstructions (recon); a segmentation run's mIoU (miou); a CLIP's retrieval")
     e.add_argument("run", help=RUN_HELP)
-    e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon", "miou", "retrieval"],
+    e.add_argument("--metric", choices=["fid", "kid", "is", "pr", "nll", "vlb", "recon", "miou", "retrieval", "prior"],
                    help="fid / kid / is / pr of --n samples against --n real images (in the --features space); "
                         "nll: probability-flow ODE bits/dim of --n real images; vlb: the variational bound in bits/dim; "
                         "recon (the only one, and the default, for an autoencoder run): PSNR, rFID and codebook usage of "
                         "the held-out images' reconstructions; miou (the only one, and the default, for a segmentation "
                         "run): mean and per-class IoU and pixel accuracy on its held-out images or --real FOLDER; retrieval (the "
                         "only one, and the default, for a CLIP run): held-out recall@1/5 text->image and image->text "
-                        "per noise level, zero-shot digit accuracy")
+                        "per noise level, zero-shot digit accuracy; prior (the only one, and the default, for an unCLIP "
+                        "prior run): cosines of its best-of-2 embeddings for --n of its CLIP's held-out captions to the true "
+                        "image's, to the caption's and to an unrelated caption's image embedding")
     e.add_argument("--features", metavar="NET",
                    help="feature network of fid/kid/is/pr: digits (default; the cached digit classifier), "
                         "inception:PATH (the standard FID Inception-v3 from a local weights file, "

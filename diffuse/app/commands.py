@@ -25,6 +25,7 @@ from ..generate import default_labels, generate_in_chunks
 from ..guidance import Conditioned
 from ..kinds import ignored_sections, unused_rows
 from ..kinds.clip import evaluate_run as evaluate_clip
+from ..kinds.unclip import evaluate_run as evaluate_prior
 from ..kinds.diffusion import sample_config_kwargs
 from ..kinds.segmentation import SegmentationRun
 from ..likelihood import check_likelihood, ode_bits_per_dim, vlb_bits_per_dim
@@ -215,6 +216,8 @@ def eval_command(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if run.kind == "clip":
         return _eval_clip(args, can.metrics, device)
+    if run.kind == "unclip_prior":
+        return _eval_prior(args, can.metrics, device)
     if "recon" in can.metrics:
         return _eval_autoencoder(args, cfg, device, run.step)
     if "miou" in can.metrics:
@@ -486,6 +489,24 @@ def _eval_clip(args, measures: tuple[str, ...], device) -> None:
         raise ValueError(f"--{flag} does nothing for a CLIP run: `diffuse eval` ranks its held-out images and captions "
                          "by its own embeddings (raw weights, no EMA); leave it out")
     _report(evaluate_clip(args.run, device, args.seed), Path(args.run) / "eval.json")
+
+
+def _eval_prior(args, measures: tuple[str, ...], device) -> None:
+    """`diffuse eval PRIORRUN --metric prior`: the cosines of the prior's best-of-2 image embeddings for --n of its
+    CLIP's held-out captions to the true image embedding, to the caption's text embedding and to an unrelated caption's
+    image (kinds.unclip.evaluate_run), with --sampler, --steps, --guidance (default: the run's), printed and appended
+    to RUN/eval.json."""
+    if args.metric not in (None, *measures):
+        raise ValueError(f"--metric {args.metric} does not apply to an unCLIP prior run, which measures --metric "
+                         f"{_either(measures)}: cosines of its image embeddings; its images come from a decoder")
+    unused = [f for f in ("spacing", "guidance_interval", "mixed_precision", "rtol", "vlb_samples", "features", "real",
+                          "compile") if getattr(args, f, None) is not None]
+    if unused or args.no_ema:
+        flag = unused[0].replace("_", "-") if unused else "no-ema"
+        raise ValueError(f"--{flag} does nothing for an unCLIP prior run: `diffuse eval` draws its EMA embeddings with "
+                         "--sampler, --steps and --guidance only; leave it out")
+    _report(evaluate_prior(args.run, device, args.seed, args.n, args.guidance, args.steps, args.sampler),
+            Path(args.run) / "eval.json")
 
 
 def _refuse_unused(args, sampler: str | None, metric: str | None = None) -> None:

@@ -518,6 +518,11 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
         raise RequestError("run", f"{req.run} is unCLIP's decoder: it draws an image from a CLIP image embedding, not "
                                   f"from noise alone; use `diffuse edit variations {req.run} --image IMAGE` (or "
                                   "interpolate, textdiff), or a pipeline with a prior that makes the embedding of a prompt")
+    if run.kind == "unclip_prior":
+        raise RequestError("run", f"{req.run} is an unCLIP prior, which draws CLIP image embeddings, not images: an unCLIP "
+                                  "decoder turns them into images (chain the two in a pipeline folder); draw embeddings with "
+                                  "kinds.unclip.sample_image_embeddings, measure them with "
+                                  f"`diffuse eval {req.run} --metric prior`")
     kind = run.capabilities.trained_task
     if kind != "none":
         raise RequestError("run", f"{req.run} is a {kind} run (task.kind = '{kind}'): it makes an image from an input "

@@ -14,7 +14,7 @@ from .diffusion import ClassifierObjective, DiffusionObjective
 from .diffae import DiffAEClassifierObjective, DiffAEObjective, DiffAEPriorObjective, semantic_unused
 from .digit_classifier import DigitClassifierObjective
 from .segmentation import SegmentationObjective
-from .unclip import UnclipDecoderObjective
+from .unclip import UnclipDecoderObjective, UnclipPriorObjective
 from .video import VideoObjective
 
 KINDS: dict[str, type[Objective]] = {
@@ -27,6 +27,7 @@ KINDS: dict[str, type[Objective]] = {
     "diffae_prior": DiffAEPriorObjective,
     "diffae_classifier": DiffAEClassifierObjective,
     "clip": ClipObjective,
+    "unclip_prior": UnclipPriorObjective,
 }
 VIDEO_KINDS: dict[str, type[Objective]] = {  # model.kind -> its objective for a video network (model.video = true)
     "denoiser": VideoObjective,
@@ -65,8 +66,15 @@ def unused_rows(cfg: RunConfig) -> list[tuple[str, str, str]]:
     video = [] if cfg.model.video else ignored(cfg, "only a video denoiser (model.video = true) reads it", ("video",))
     clip = [] if cfg.model.kind == "clip" else ignored(cfg, 'only model.kind = "clip" reads it', ("clip",))
     decoder = cfg.model.kind == "denoiser" and cfg.model.image_embed_dim > 0
-    unclip = [] if decoder else ignored(cfg, 'only unCLIP\'s decoder (model.kind = "denoiser", model.image_embed_dim > 0) '
-                                        "reads it", ("unclip",))
+    if cfg.model.kind == "unclip_prior":
+        unclip = []
+    elif decoder:  # the decoder reads the CLIP stage only
+        unclip = [(f"unclip.{f.name}", "unCLIP's decoder reads only unclip.clip and unclip.clip_step (the rest is the "
+                   'prior\'s, model.kind = "unclip_prior")', "remove it")
+                  for f in dataclasses.fields(cfg.unclip) if f.name not in ("clip", "clip_step")]
+    else:
+        unclip = ignored(cfg, 'only unCLIP (model.kind = "unclip_prior", or a "denoiser" with model.image_embed_dim > 0) '
+                         "reads it", ("unclip",))
     if cfg.model.kind != "denoiser":
         unclip += [(f"model.{k}", f'model.kind = "{cfg.model.kind}" takes no CLIP image embedding (unCLIP\'s decoder is a '
                     '"denoiser")', "remove it") for k in ("image_embed_dim", "image_embed_tokens")]

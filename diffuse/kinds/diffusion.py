@@ -83,7 +83,7 @@ def condition_spec(cfg: RunConfig, num_classes: int) -> ConditionSpec:
 def build_denoiser(cfg: RunConfig, net) -> Denoiser:
     return Denoiser(net, Schedule.from_config(cfg.schedule), prediction=cfg.model.prediction,
                     learned_variance=cfg.model.learned_variance, sigma_data=cfg.model.sigma_data,
-                    bounded=not cfg.latent.autoencoder and cfg.model.kind != "diffae_prior")  # latents, codes: no range
+                    bounded=not cfg.latent.autoencoder and cfg.model.kind not in ("diffae_prior", "unclip_prior"))  # latents, codes, embeddings: no range
 
 
 def sample_config_kwargs(s: SampleConfig) -> dict:

@@ -51,11 +51,12 @@ class UNetConfig:
     dropout: float = 0.1                                            # in every residual block (DDPM CIFAR-10: 0.1)
     norm_groups: int = 32                                           # GroupNorm groups (DDPM: 32); must divide every width
     kind: Literal["denoiser", "classifier", "autoencoder", "digit_classifier", "segmenter", "diffae", "diffae_prior",
-                  "diffae_classifier", "clip"] = "denoiser"                 # the U-Net, its encoder as a noisy classifier
+                  "diffae_classifier", "clip", "unclip_prior"] = "denoiser"               # the U-Net, its encoder as a noisy classifier
     #                                                                 (nets.classifier), a run of the [autoencoder] (kinds.autoencoder),
     #                                                                 a pixel classifier on features ([segment]), a diffusion
     #                                                                 autoencoder, or its latent DDIM or linear classifier ([semantic]),
     #                                                                 or a CLIP (nets.clip, [clip])
+    #                                                                 or the unCLIP prior over a CLIP's embeddings (nets.unclip, [unclip])
     patch_size: int = 1                                             # run the U-Net on p x p patches stacked as channels (space-to-depth)
     class_conditional: bool = False                                 # add a class-label embedding (and a null label) to the time embedding
     cond_channels: int = 0                                          # channels of a condition image concatenated to x_t (SR3, Palette); 0: none
