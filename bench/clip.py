@@ -42,7 +42,11 @@ from diffuse.config import apply_overrides, load_config
 from diffuse.data.captions import prompt_scores, shapes_data
 from diffuse.generate import generate
 from diffuse.guidance import ClipX0Guidance, NoisyClipGuidance
+from diffuse.data.captions import detect
 from diffuse.kinds.clip import evaluate_run, load_clip
+from diffuse.kinds.unclip import evaluate_run as evaluate_prior, load_prior, sample_image_embeddings
+from diffuse.tasks.unclip import (decode, fixed_noise, image_embeddings, interpolation, invert_image, text_diff,
+                                  text_direction, variations)
 from diffuse.kinds.diffusion import sample_config_kwargs
 from diffuse.metrics import frechet_distance
 from diffuse.runs import load_run, open_run
@@ -65,6 +69,8 @@ RUNS = {  # name: (config, overrides, steps: about 8 minutes at the rate the con
     "ae": ("ae_shapes.toml", [], 500),
     "clip-digits": ("clip_shapes.toml", ["data.source=mnist", "data.channels=1", "data.image_size=28"], 1000),
     "cfg-latent": ("ldm_shapes.toml", CHARS, 800),  # + latent.autoencoder = the ae run
+    "prior": ("unclip_prior_shapes.toml", [], 1500),  # + unclip.clip = the clip run (so is the decoder's)
+    "decoder": ("unclip_decoder_shapes.toml", [], 1200),
 }
 
 
@@ -95,11 +101,12 @@ def train_runs(args) -> dict[str, dict]:
         path = args.runs / name
         if path.exists() and not args.reuse:
             raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or another --runs to train anew")
-        extra = [f"latent.autoencoder={args.runs / 'ae'}"] if name == "cfg-latent" else []
+        extra = ([f"latent.autoencoder={args.runs / 'ae'}"] if name == "cfg-latent" else
+                 [f"unclip.clip={args.runs / 'clip'}"] if name in ("prior", "decoder") else [])
         n = 3 if args.smoke else steps
         limit = [f"train.steps={n}", "train.time_limit=0", "train.checkpoint_every=200", "train.sample_every=0"]
         if args.smoke:
-            limit += ["train.warmup_steps=1", "data.crops=64", "train.batch_size=8"]
+            limit += ["train.warmup_steps=1", "train.batch_size=8"] + ([] if name in ("clip-digits", "prior") else ["data.crops=64"])
         cfg = apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
         t0 = time.perf_counter()
         if not (args.reuse and trained_steps(path) >= n):
@@ -162,6 +169,12 @@ def sample_method(method: str, scale: float, runs: dict, captions: list[str], ar
         z = generate(den, n, s.shape, cond={"text": tokens}, seed=args.seed,
                      **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": scale})
         return s.decode(z).clamp(-1, 1)
+    if method == "unCLIP":
+        z = sample_image_embeddings(load_prior(runs["prior"]["path"]), captions, guidance=args.prior_guidance,
+                                    best_of=2, seed=args.seed)
+        cfg, den, _ = load_run(runs["decoder"]["path"])
+        return generate(den, n, space(cfg).shape, cond={"image_embed": z}, seed=args.seed,
+                        **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": scale}).clamp(-1, 1)
     cfg, den, _ = load_run(runs["uncond"]["path"])
     clip_run = "clip-noised" if method == "noisy CLIP" else "clip"
     _, clip = load_clip(runs[clip_run]["path"])
@@ -182,7 +195,7 @@ def guidance_part(args, runs, result) -> None:
     other, _ = held_out(2 * args.n)  # a second real set: the first n of seed 12345 again, so take the other half
     floor = frechet(real_f, clip_features(judge, other[args.n:]))
     methods = {"cfg-latent": args.cfg_scales, "cfg-pixel": args.cfg_scales, "noisy CLIP": args.noisy_scales,
-               "x0 CLIP": args.x0_scales}
+               "x0 CLIP": args.x0_scales, "unCLIP": args.cfg_scales}
     rows = []
     for method, scales in methods.items():
         for scale in scales:
@@ -204,6 +217,85 @@ def guidance_part(args, runs, result) -> None:
                              "clip-noised": clip_score(noised, real, captions, clean),
                              "detector all": prompt_scores(real, captions)["fraction"]["all"]}
     del noised_cfg
+
+
+# --- part 3: the unCLIP prior ----------------------------------------------------------------------------------------
+def prior_part(args, runs, result) -> None:
+    rows = []
+    for w in sorted({0.0, args.prior_guidance}):
+        rec = evaluate_prior(runs["prior"]["path"], guidance=w)
+        rows.append({"guidance w": w, **{k: v for k, v in rec.items() if k.startswith(("cos_", "share_", "baseline_"))}})
+        say(json.dumps(rows[-1]))
+    result["prior"] = rows
+
+
+# --- part 4: unCLIP's manipulations -------------------------------------------------------------------------------------
+COLOURS = ("red", "green", "blue", "yellow", "white")
+
+
+def recoloured(caption: str) -> str | None:
+    """The caption with its one colour word swapped (red -> blue, any other -> red); None for a caption naming no colour
+    or more than one object (relations and counts), which a single text diff does not describe."""
+    words = caption.split()
+    named = [i for i, w in enumerate(words) if w in COLOURS]
+    if len(named) != 1 or any(w in words for w in ("two", "three", "above", "below", "of")):
+        return None
+    words[named[0]] = "blue" if words[named[0]] == "red" else "red"
+    return " ".join(words)
+
+
+def unclip_part(args, runs, result) -> None:
+    """Variations keep the caption's content while pixels differ; interpolation midpoints are scenes; text diffs change
+    the colour named and keep the rest (the detector judges each)."""
+    real, captions = held_out(max(args.n, 4 * args.edits))
+    cfg, den, _ = load_run(runs["decoder"]["path"])
+    _, clip = load_clip(runs["clip"]["path"])
+    kw = {"steps": args.steps}
+    rows = []
+    m = args.edits
+    x, caps = real[:m], captions[:m]
+    z = image_embeddings(clip, x)
+    k = 4
+    var = torch.cat([variations(den, z[i], k, seed=args.seed + i, sampler="ddim", clip=True, **kw) for i in range(m)])
+    rep = [c for c in caps for _ in range(k)]
+    frac = prompt_scores(var, rep)["fraction"]
+    spread = (var.view(m, k, -1) - var.view(m, k, -1).mean(1, keepdim=True)).abs().mean()
+    rows.append({"manipulation": f"variations ({k} per image)", "images": m, "detector all (own caption)": frac["all"],
+                 "colour": frac["colour"], "shape": frac["shape"], "position": frac["position"],
+                 "mean |x - input|": float((var.view(m, k, *x.shape[1:]) - x[:, None]).abs().mean()),
+                 "mean |x - mean of its variations|": float(spread)})
+    say(json.dumps(rows[-1]))
+    a, b = real[m:2 * m], real[2 * m:3 * m]
+    ca, cb = captions[m:2 * m], captions[2 * m:3 * m]
+    za, zb = image_embeddings(clip, a), image_embeddings(clip, b)
+    mids = torch.cat([decode(den, interpolation(za[i], zb[i], 3)[1:2], fixed_noise(den, 1, args.seed + i), **kw)
+                      for i in range(m)]).clamp(-1, 1)
+    either = prompt_scores(mids, ca)["per_image"]["all"] | prompt_scores(mids, cb)["per_image"]["all"]
+    objects = sum(len(detect(im)) > 0 for im in mids) / m
+    rows.append({"manipulation": "interpolation midpoint (theta 0.5, x_T fixed)", "images": m,
+                 "detector all (own caption)": float(either.mean()), "note": f"all = matches either end's caption; "
+                 f"{objects:.2f} of midpoints hold a detected object"})
+    say(json.dumps(rows[-1]))
+    pairs = [(i, recoloured(c)) for i, c in enumerate(captions) if recoloured(c)][:m]
+    idx = torch.tensor([i for i, _ in pairs])
+    x, old, new = real[idx], [captions[i] for i, _ in pairs], [c for _, c in pairs]
+    z = image_embeddings(clip, x)
+    x_T = invert_image(den, x, z, **kw)
+    for theta in (0.25, 0.5):
+        zt = torch.stack([text_diff(z[i], text_direction(clip, old[i], new[i]), theta) for i in range(len(pairs))])
+        out = decode(den, zt, x_T, **kw).clamp(-1, 1)
+        to_new, to_old = prompt_scores(out, new)["fraction"], prompt_scores(out, old)["fraction"]
+        rows.append({"manipulation": f"text diff colour -> new colour, theta {theta}", "images": len(pairs),
+                     "detector all (own caption)": to_new["all"], "colour": to_new["colour"], "shape": to_new["shape"],
+                     "position": to_new["position"], "note": f"the old colour kept in {to_old['colour']:.2f}",
+                     "mean |x - input|": float((out - x).abs().mean())})
+        say(json.dumps(rows[-1]))
+    recon = decode(den, z, x_T, **kw).clamp(-1, 1)
+    rows.append({"manipulation": "reconstruction (theta 0: inverted x_T, own z_i)", "images": len(pairs),
+                 "detector all (own caption)": prompt_scores(recon, old)["fraction"]["all"],
+                 "mean |x - input|": float((recon - x).abs().mean())})
+    say(json.dumps(rows[-1]))
+    result["unclip"] = rows
 
 
 # --- RESULTS.md ------------------------------------------------------------------------------------------------------
@@ -235,6 +327,18 @@ def results_section(args, result: dict) -> str:
                   f"clip-seed1 {rs['clip-seed1']:.3f}, clip-noised {rs['clip-noised']:.3f}.", "",
                   table(r["guidance"], ["method", "scale", "all", "colour", "shape", "size", "count", "position",
                                         "FID-CLIP1", "guiding CLIP score", "clip-seed1 score", "s / image"]), ""]
+    if "prior" in r:
+        lines += ["### The unCLIP prior: cosines of best-of-2 draws on the CLIP's held-out captions", "",
+                  "cos_pred_image: to the caption's true image embedding; cos_pred_text: to the caption's text "
+                  "embedding; unrelated: to the next held-out image of another caption; baselines need no prior "
+                  "(kinds.unclip.prior_cosines).", "", table(r["prior"], list(r["prior"][0])), ""]
+    if "unclip" in r:
+        lines += ["### unCLIP's manipulations, judged by the detector", "",
+                  f"The decoder, DDIM {args.steps} steps; held-out scenes. Variations: z_i of the input, new x_T. "
+                  "Interpolation: slerp of two inputs' z_i, x_T fixed. Text diff: z_d from the caption and the caption "
+                  "with its colour swapped, x_T by DDIM inversion (sec. 3.3).", "",
+                  table(r["unclip"], ["manipulation", "images", "detector all (own caption)", "colour", "shape",
+                                      "position", "mean |x - input|", "mean |x - mean of its variations|", "note"]), ""]
     return "\n".join(lines)
 
 
@@ -252,7 +356,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
     p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs)")
     p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/clip)")
-    p.add_argument("--parts", nargs="+", default=["retrieval", "guidance"], choices=["retrieval", "guidance"])
+    p.add_argument("--parts", nargs="+", default=["retrieval", "guidance", "prior", "unclip"], choices=["retrieval", "guidance", "prior", "unclip"])
     p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
@@ -260,11 +364,13 @@ def main() -> None:
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--noisy-scales", type=float, nargs="+", default=[0, 30, 100, 300])
     p.add_argument("--x0-scales", type=float, nargs="+", default=[100, 300, 1000])
+    p.add_argument("--prior-guidance", type=float, default=1.0, help="the unCLIP prior's guidance w (default 1)")
+    p.add_argument("--edits", type=int, default=48, help="held-out images per unCLIP manipulation (default 48)")
     p.add_argument("--smoke", action="store_true", help="tiny settings end to end; no RESULTS.md")
     p.add_argument("--no-results", action="store_true", help="leave bench/RESULTS.md alone")
     args = p.parse_args()
     if args.smoke:
-        args.n, args.steps, args.no_results = 4, 2, True
+        args.n, args.steps, args.no_results, args.edits = 4, 2, True, 4
         args.cfg_scales, args.noisy_scales, args.x0_scales = [1.0], [30.0], [100.0]
     if min(args.n, args.steps, args.cutouts) < 1 or args.n < 4:
         p.error("--n must be >= 4, --steps and --cutouts >= 1")
@@ -277,7 +383,7 @@ def main() -> None:
     if args.reuse and earlier.is_file():
         result = {**{k: v for k, v in json.loads(earlier.read_text()).items() if k not in result}, **result}
     result["runs"] = train_runs(args)
-    parts = {"retrieval": retrieval_part, "guidance": guidance_part}
+    parts = {"retrieval": retrieval_part, "guidance": guidance_part, "prior": prior_part, "unclip": unclip_part}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for name in args.parts:
