@@ -190,7 +190,6 @@ def guidance_part(args, runs, result) -> None:
     _, judge = load_clip(runs["clip-seed1"]["path"])
     _, plain = load_clip(runs["clip"]["path"])
     noised_cfg, noised = load_clip(runs["clip-noised"]["path"])
-    clean = torch.tensor(0.0)  # the noised CLIP's model time of a clean image under the flow (t = 0)
     real_f = clip_features(judge, real)
     other, _ = held_out(2 * args.n)  # a second real set: the first n of seed 12345 again, so take the other half
     floor = frechet(real_f, clip_features(judge, other[args.n:]))
@@ -205,7 +204,7 @@ def guidance_part(args, runs, result) -> None:
             if not torch.isfinite(x).all():
                 raise SystemExit(f"{method} at scale {scale} gave non-finite samples")
             frac = prompt_scores(x, captions)["fraction"]
-            guiding = (clip_score(noised, x, captions, clean) if method == "noisy CLIP" else clip_score(plain, x, captions))
+            guiding = (clip_score(noised, x, captions) if method == "noisy CLIP" else clip_score(plain, x, captions))
             rows.append({"method": method, "scale": scale, **{k: frac[k] for k in ("all", "colour", "shape", "size", "count", "position")},
                          "FID-CLIP1": frechet(real_f, clip_features(judge, x)),
                          "guiding CLIP score": guiding, "clip-seed1 score": clip_score(judge, x, captions),
@@ -214,7 +213,7 @@ def guidance_part(args, runs, result) -> None:
     result["guidance"] = rows
     result["fid_floor"] = floor
     result["real_scores"] = {"clip": clip_score(plain, real, captions), "clip-seed1": clip_score(judge, real, captions),
-                             "clip-noised": clip_score(noised, real, captions, clean),
+                             "clip-noised": clip_score(noised, real, captions),
                              "detector all": prompt_scores(real, captions)["fraction"]["all"]}
     del noised_cfg
 

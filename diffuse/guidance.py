@@ -438,9 +438,9 @@ class X0LossGuidance:
 
 
 def spherical_dist_loss(u: Tensor, v: Tensor) -> Tensor:
-    """2 arcsin(|u^ - v^| / 2)^2 over the last dim, u^ and v^ the unit vectors along u and v: half the squared geodesic
-    distance on the sphere times 2 (k-diffusion's and the CLIP-guided diffusion notebooks' loss); 0 for equal
-    directions, pi^2 / 2 for opposite ones. Broadcasts; returns the leading shape."""
+    """2 arcsin(|u^ - v^| / 2)^2 over the last dim, u^ and v^ the unit vectors along u and v: theta^2 / 2, theta the
+    angle between them (the geodesic distance on the unit sphere; k-diffusion's and the CLIP-guided diffusion notebooks'
+    loss); 0 for equal directions, pi^2 / 2 for opposite ones. Broadcasts; returns the leading shape."""
     u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
     return 2 * torch.arcsin((u - v).norm(dim=-1) / 2) ** 2
 
@@ -468,7 +468,8 @@ class ClipX0Guidance(X0LossGuidance):
         L(x_0) = mean over k cutouts j of spherical_dist_loss(f(aug_j(x_0)), g(c)),
     each cutout an independent draw of `augment` (default RandomShift(1/14), k-diffusion's; None: x_0 itself, so
     cutouts = 1 is the plain loss). The CLIP sees x_0 at the model time of the schedule's t_min, the least noise the
-    process knows (t = 0 is -inf on EDM's), so a noise-aware CLIP acts as a plain one; in eval mode, float32, autocast
+    process knows (t = 0 is -inf on EDM's), or, for a CLIP that states its `clean_time` (a noise-aware CLIP of nets/clip.py),
+    at that time, where its training read clean images; so a noise-aware CLIP acts as a plain one; in eval mode, float32, autocast
     off. Scale s as k-diffusion's clip_guidance_scale (default 500 there);
     the k cutouts' losses are averaged, so the scale means the same for every k. The augmentations are drawn from a generator seeded with
     `seed` on the first call, so a run repeats. `decode` maps the predicted x_0 to the images the CLIP reads before
@@ -493,7 +494,8 @@ class ClipX0Guidance(X0LossGuidance):
         if self.generator is None or self.generator.device != x0.device:
             self.generator = torch.Generator(x0.device).manual_seed(self.seed)
         g = self.text_emb.to(x0.device)
-        clean = to_device(self.schedule.model_time(torch.full_like(t, self.schedule.t_min)).float(), x0.device)
+        clean = (None if getattr(self.clip, "clean_time", None) is not None  # a CLIP that knows its clean time reads x_0 there
+                 else to_device(self.schedule.model_time(torch.full_like(t, self.schedule.t_min)).float(), x0.device))
         total = 0.0
         for _ in range(self.cutouts):
             view = x0 if self.augment is None else self.augment(x0, self.generator)

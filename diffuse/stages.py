@@ -290,7 +290,9 @@ class Stage:
 def cached(path: Path, key: dict, compute) -> dict[str, Tensor]:
     """Tensors computed from a stage, read from the safetensors file `path` when it was written under the same `key`
     (a JSON-able dict: Stage.key), else `compute()` (-> dict of tensors) written there atomically. A damaged file is
-    rebuilt with a warning, never trusted."""
+    rebuilt with a warning, never trusted. A cache that cannot be written (a read-only run folder, a full disk: the
+    WriteError of checkpoint.write_atomically) costs only the cache: a warning naming it, and the tensors computed here
+    are returned (computed again next time)."""
     text = json.dumps(key, sort_keys=True)
     if path.is_file():
         try:
@@ -300,7 +302,10 @@ def cached(path: Path, key: dict, compute) -> dict[str, Tensor]:
         except Exception as e:  # a damaged cache is rebuilt, not trusted
             warnings.warn(f"the cache {path} could not be read ({type(e).__name__}: {e}); computing it again")
     tensors = {k: v.contiguous() for k, v in compute().items()}
-    ckpt.write_atomically(path, save({**tensors, "source": torch.tensor(list(text.encode()), dtype=torch.uint8)}))
+    try:
+        ckpt.write_atomically(path, save({**tensors, "source": torch.tensor(list(text.encode()), dtype=torch.uint8)}))
+    except ckpt.WriteError as e:  # the result is in hand: only the cache is lost
+        warnings.warn(f"{e.message}; the tensors are used uncached this time and will be computed again next time")
     return tensors
 
 

@@ -186,3 +186,57 @@ def test_the_minilm_tower_trains_only_its_projection():
     assert text_params == ["logit_scale", "text_proj.weight", "text_proj.bias"] and model.text_proj.in_features == 384
     emb = model.text_embedding(model.tokenize(["a red circle", "a red circle", "two blue squares"]))
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-6) and torch.allclose(emb[0], emb[1])
+
+
+@pytest.mark.parametrize("kind, want", [("linear", -1.0), ("flow", 0.0), ("edm", None)])
+def test_one_clean_time_per_process_and_a_clean_read_without_a_time(kind, want):
+    """clean_model_time: model_time(0) where finite (VP -1, flow 0), model_time(t_min) on EDM (model_time(0) = -inf);
+    clip_model_time maps t = 0 there; a noise-aware CLIP built from a config reads x at it when given no time."""
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.kinds.clip import build_clip, clean_model_time, clip_model_time
+    from diffuse.schedule import Schedule
+
+    cfg = apply_overrides(RunConfig(), ["model.kind=clip", "clip.noise_aware=true", f"schedule.kind={kind}",
+                                        "data.source=shapes", "data.image_size=16", "data.channels=3", "model.channels=8",
+                                        "model.channel_mult=[1, 2]", "model.attention_resolutions=[]", "model.norm_groups=4",
+                                        "model.text_encoder=chars", "clip.dim=8", "clip.text_width=8"])
+    schedule = Schedule.from_config(cfg.schedule)
+    clean = clean_model_time(schedule)
+    t_min = float(schedule.model_time(torch.tensor([schedule.t_min], dtype=torch.float64))[0])
+    assert math.isfinite(clean) and clean == (t_min if want is None else want)
+    t = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    mt = clip_model_time(schedule, t)
+    assert float(mt[0]) == pytest.approx(clean) and float(mt[1]) == pytest.approx(float(schedule.model_time(t)[1]))
+    torch.manual_seed(0)
+    model = build_clip(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert model.clean_time == clean
+    assert torch.equal(model.image_embedding(x), model.image_embedding(x, torch.tensor(clean)))
+    assert torch.isfinite(model.image_embedding(x)).all()
+
+
+def test_a_noise_aware_clip_trains_and_retrieves_finite_on_edm(tmp_path):
+    """EDM's model_time(0) is -inf: the clean share trains and retrieval at t = 0 reads at clean_model_time instead
+    (a NaN loss or NaN recall before)."""
+    import json
+
+    from diffuse.app.cli import main
+    from diffuse.config import RunConfig, apply_overrides
+    from diffuse.train import Trainer
+
+    cfg = apply_overrides(RunConfig(), [
+        "model.kind=clip", "clip.noise_aware=true", "clip.clean_share=0.5", "schedule.kind=edm", "data.source=digits",
+        "data.channels=1", "data.image_size=8", "model.channels=8", "model.channel_mult=[1, 2]", "model.num_res_blocks=1",
+        "model.attention_resolutions=[]", "model.norm_groups=4", "model.text_encoder=chars", "model.max_tokens=24",
+        "clip.dim=8", "clip.text_width=8", "train.batch_size=32", "train.steps=3", "train.log_every=1",
+        "train.sample_every=0", "train.checkpoint_every=1000"])
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert main(["eval", str(tmp_path / "run"), "--metric", "retrieval", "--device", "cpu"]) == 0
+    level = json.loads((tmp_path / "run" / "eval.json").read_text())[-1]["t=0"]
+    assert all(math.isfinite(v) for v in level.values() if isinstance(v, float))

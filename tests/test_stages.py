@@ -36,3 +36,25 @@ def test_a_stage_is_pinned_by_its_weights(tmp_path):
     assert Stage("autoencoder", run, 5).key(n=10)["weights"] != first["weights"]
     with pytest.raises(FileNotFoundError, match="no longer holds checkpoint 7"):
         Stage("autoencoder", run, 7).key()
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, monkeypatch):
+    """A read-only upstream run folder (or a full disk): the tensors come back with a warning naming the file, nothing
+    is written, and the next call computes them again."""
+    import errno
+
+    def refuse(path, data):
+        raise ckpt.WriteError(errno.EROFS, f"could not write {path}: read-only file system", path)
+
+    monkeypatch.setattr(ckpt, "write_atomically", refuse)
+    path, calls = tmp_path / "cache.safetensors", []
+
+    def compute():
+        calls.append(1)
+        return {"z": torch.arange(6.0).view(2, 3)}
+
+    with pytest.warns(UserWarning, match=r"cache.safetensors: read-only .*used uncached"):
+        assert torch.equal(cached(path, {"a": 1}, compute)["z"], torch.arange(6.0).view(2, 3))
+    with pytest.warns(UserWarning):
+        cached(path, {"a": 1}, compute)
+    assert calls == [1, 1] and not path.exists()

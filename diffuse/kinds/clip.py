@@ -80,12 +80,33 @@ def draw_noise(B: int, shape: tuple[int, ...], schedule: NoiseSchedule, clean_sh
     return {"t": torch.where(clean, torch.zeros_like(t), t), "eps": torch.randn((B, *shape), generator=g)}
 
 
+def clean_model_time(schedule: NoiseSchedule) -> float:
+    """The model time at which a noise-aware CLIP reads a clean image x_0, the one value of training (its clean_share),
+    retrieval, the unCLIP embeddings and x_0 guidance: model_time(0) where the process defines it (VP: -1, flow: 0),
+    else model_time(t_min), the least noise the process knows (EDM: sigma = 0 has no log, model_time(0) = -inf)."""
+    zero = float(schedule.model_time(torch.zeros(1, dtype=torch.float64))[0])
+    if math.isfinite(zero):
+        return zero
+    return float(schedule.model_time(torch.full((1,), schedule.t_min, dtype=torch.float64))[0])
+
+
+def clip_model_time(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """The noise-aware CLIP's model times (B,) float32 of times t (B,) float64: the schedule's, and at t = 0 (the clean
+    examples) clean_model_time's."""
+    return torch.where(t == 0, torch.tensor(clean_model_time(schedule), dtype=torch.float64),
+                       schedule.model_time(t).double()).float()
+
+
 # --- the objective ---------------------------------------------------------------------------------------------------
 def build_clip(cfg: RunConfig) -> CLIP:
-    """The CLIP of a config: the image tower from [model]'s U-Net keys (TOWER_KEYS), the text tower model.text_encoder."""
+    """The CLIP of a config: the image tower from [model]'s U-Net keys (TOWER_KEYS), the text tower model.text_encoder;
+    a noise-aware one knows its clean_model_time (so `image_embedding(x)` without a time reads x as clean)."""
     m, c, d = cfg.model, cfg.clip, cfg.data
     tower = dataclasses.replace(UNetConfig(), **{k: getattr(m, k) for k in TOWER_KEYS if k not in ("text_encoder", "max_tokens")})
-    return CLIP(tower, d.channels, d.image_size, c.dim, m.text_encoder, m.max_tokens, c.text_width, c.noise_aware)
+    model = CLIP(tower, d.channels, d.image_size, c.dim, m.text_encoder, m.max_tokens, c.text_width, c.noise_aware)
+    if c.noise_aware:
+        model.clean_time = clean_model_time(Schedule.from_config(cfg.schedule))
+    return model
 
 
 def captioned(data):
@@ -157,7 +178,7 @@ class ClipObjective(Objective):
         model_time = None
         if self.schedule is not None:  # x_t ~ q(x_t | x_0) at the model time the U-Net would take
             x = self.schedule.q_sample(x, d["t"], to_device(d["eps"], x.device))
-            model_time = to_device(self.schedule.model_time(d["t"]).float(), x.device)
+            model_time = to_device(clip_model_time(self.schedule, d["t"]), x.device)
         image, text, scale = self.nets["model"](x, extras["text"], model_time)
         world = self.ctx.world
         image, text = distributed.gather_with_grad(image, world), distributed.gather_with_grad(text, world)
@@ -241,7 +262,7 @@ def retrieval_scores(model: CLIP, cfg: RunConfig, images: Tensor, captions: list
             x, mt = x.to(device), None
             if schedule is not None:
                 tt = torch.full((len(x),), t, dtype=torch.float64)
-                x, mt = schedule.q_sample(x, tt, e.to(device)), to_device(schedule.model_time(tt).float(), device)
+                x, mt = schedule.q_sample(x, tt, e.to(device)), to_device(clip_model_time(schedule, tt), device)
             image.append(model.image_embedding(x, mt).cpu())
         image = torch.cat(image)
         level = retrieval(image, text, caption_ids)

@@ -23,7 +23,7 @@ sqrt(D) z_t / |z_t| whatever the scale.
 
 The embeddings of the CLIP run's training images (its data's training split: every tenth image is held out, as the
 CLIP's own), their captions' text embeddings and token states are a stage (`clip_embeddings`): the pinned CLIP
-checkpoint's towers, cached in CLIPRUN/unclip_embeddings.safetensors under that checkpoint's manifest hash.
+checkpoint's towers, cached in CLIPRUN/unclip_embeddings_step_NNNNNNNN.safetensors under that checkpoint's manifest hash.
 
 Sampling (`sample_image_embeddings`): any sampler of the run's process, classifier-free guidance of weight w
 (eps~ = (1 + w) f(c) - w f(null), Ho & Salimans 2022; DALLE2-pytorch's cond_scale and Karlo's guidance scale s are
@@ -78,7 +78,6 @@ from ..generate import generate
 from ..guidance import check_guidance_scale
 from ..nets.clip import CLIP, unit
 from ..nets.unclip import PriorTransformer
-from ..schedule import Schedule
 from ..stages import PixelSpace, Stage, cached
 from ..tasks.unclip import image_embeddings
 from ..visualize import save_grid
@@ -242,11 +241,9 @@ def embed(clip: CLIP, clip_cfg: RunConfig, images: Tensor | None, captions: list
         out["context_mask"].append(mask.bool().cpu())
     out = {k: torch.cat(v) for k, v in out.items()}
     if images is not None:
-        schedule = Schedule.from_config(clip_cfg.schedule) if clip.noise_aware else None
         image = []
-        for x in images.split(BATCH):
-            mt = None if schedule is None else schedule.model_time(torch.zeros(len(x), dtype=torch.float64)).float().to(device)
-            image.append(clip.image_embedding(x.to(device), mt).float().cpu())
+        for x in images.split(BATCH):  # clean images: a noise-aware CLIP reads them at its clean_model_time
+            image.append(clip.image_embedding(x.to(device)).float().cpu())
         out["image"] = torch.cat(image)
     return out
 
@@ -254,7 +251,9 @@ def embed(clip: CLIP, clip_cfg: RunConfig, images: Tensor | None, captions: list
 def clip_embeddings(run: str | Path, step: int, device="cpu") -> dict[str, Tensor]:
     """The CLIP run's training images (its data's training split) embedded by its checkpoint `step` (`embed`), with
     "index" (N,) the images' indices in its data and "mean", "std" (D,) of the unit image embeddings over them; on the
-    CPU, cached in RUN/unclip_embeddings.safetensors under the checkpoint's manifest hash (stages.cached)."""
+    CPU, cached in RUN/unclip_embeddings_step_NNNNNNNN.safetensors (one file per checkpoint, so priors pinned to different
+    steps do not overwrite each other's) under the checkpoint's manifest hash (stages.cached; a read-only CLIP run
+    folder costs only the cache)."""
     run, cfg = clip_run(run)
     data = load_dataset(cfg.data)
     train_idx, _ = held_out(len(data))
@@ -266,7 +265,7 @@ def clip_embeddings(run: str | Path, step: int, device="cpu") -> dict[str, Tenso
         return {**out, "index": train_idx, "mean": out["image"].mean(0), "std": out["image"].std(0).clamp_min(1e-6)}
 
     key = Stage("clip", run, step).key(data=vars(cfg.data), n=len(train_idx))
-    return cached(run / "unclip_embeddings.safetensors", key, compute)
+    return cached(run / f"unclip_embeddings_step_{step:08d}.safetensors", key, compute)
 
 
 class EmbeddingDataset:

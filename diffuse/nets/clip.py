@@ -55,6 +55,7 @@ class CLIP(nn.Module):
         if dim < 1:
             raise ValueError(f"the CLIP embedding width must be >= 1, got clip.dim = {dim}")
         self.dim, self.noise_aware = dim, noise_aware
+        self.clean_time: float | None = None  # the model time of a clean image (kinds.clip.clean_model_time; set by build_clip)
         self.image_size, self.embed_dim = image_size, dim  # what guidance.clip_embedding checks x and g against
         self.image_tower = UNetEncoder(image_cfg, in_channels, image_size, dim, time=noise_aware)
         self.text_encoder = text_encoder(text, max_tokens, **({"dim": text_width} if text == "chars" else {}))
@@ -72,6 +73,8 @@ class CLIP(nn.Module):
         ValueError without it."""
         if not self.noise_aware:
             return unit(self.image_tower(x))
+        if model_time is None and self.clean_time is not None:  # a clean image, read where training read them
+            model_time = torch.tensor(self.clean_time)
         if model_time is None:
             raise ValueError("this CLIP is noise-aware (clip.noise_aware = true): pass the model time of x_t, "
                              "schedule.model_time(t), as the diffusion network takes it (0-d or (B,))")

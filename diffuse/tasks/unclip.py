@@ -54,14 +54,14 @@ def _finite(z: Tensor, what: str) -> Tensor:
 @torch.no_grad()
 def image_embeddings(clip, x0: Tensor) -> Tensor:
     """z_i = f(x_0): the CLIP's unit image embeddings (B, D) float32 of clean images x0 (B, C, H, W) in [-1, 1], read at
-    t = 0 (model time 0 for a noise-aware CLIP, the clean end of its training), without gradient. ValueError when the
+    their clean time (a noise-aware CLIP of nets/clip.py at its clean_time, kinds.clip.clean_model_time: where its
+    training read clean images), without gradient. ValueError when the
     images are not the CLIP's size (its `image_size`, when it states one) or the embeddings are not finite."""
     size = getattr(clip, "image_size", None)
     if size is not None and tuple(x0.shape[-2:]) != (size, size):
         raise ValueError(f"the CLIP reads images of side {size}, got {tuple(x0.shape[-2:])}: resize the images, or use a "
                          "CLIP trained on images of this size")
-    time = torch.zeros(x0.shape[0], device=x0.device) if getattr(clip, "noise_aware", False) else None
-    return _finite(clip.image_embedding(x0.float(), time).float(), "the image embedding")
+    return _finite(clip.image_embedding(x0.float()).float(), "the image embedding")
 
 
 @torch.no_grad()
