@@ -154,7 +154,7 @@ def test_a_pipeline_whose_runs_read_different_clips_is_refused_naming_both(root,
 
 
 def test_bad_pipelines_and_requests_are_refused_by_name(root, tmp_path):
-    from diffuse.app.requests import EditRequest, RequestError, SampleRequest, resolve
+    from diffuse.app.requests import EditRequest, RequestError, SampleRequest, execute, resolve
     from diffuse.tasks.unclip import read_pipeline
 
     pipe = str(root / "pipe")
@@ -180,6 +180,9 @@ def test_bad_pipelines_and_requests_are_refused_by_name(root, tmp_path):
                                                                      image=str(root / "a.png"), prior_guidance=1.0))
     assert "its edits are variations" in refused("task", EditRequest(run=pipe, task="sdedit", image=str(root / "a.png"),
                                                                        strength=0.5))
+    with pytest.raises(RequestError) as e:  # over the prior's CLIP tokenizer (64 tokens): named when it embeds it
+        execute(resolve(SampleRequest(run=pipe, n=1, steps=1, prompt="a red circle " * 8)))
+    assert e.value.field == "prompt" and "64" in str(e.value), str(e.value)
     with pytest.raises(SystemExit):  # the command line's parser refuses them first
         sample_args([pipe, "--prompt", PROMPT, "--best-of", "0"])
     # the folder itself

@@ -20,6 +20,11 @@ autoencoders, Segment for the segmentation runs):
             run trained on its codes; a label classifier's class) by an amount, or interpolate to a second upload, as a
             strip of frames; encode and render steps; the strip, the before/after figure, the files and the
             `diffuse edit reconstruct|manipulate|interpolate ...` command line.
+    unCLIP  an unCLIP pipeline folder (FOLDER/unclip.toml: a prior and a decoder on one CLIP) or a decoder run: a prompt
+            -> images (a folder's prior draws z_i, best of k, its decoder the images), an uploaded image -> its
+            variations, two images -> an interpolation strip, an image and two captions -> a text diff by theta; the
+            outputs, the before/after figure, the files and the `diffuse sample|edit ... FOLDER` command line. A
+            decoder served here is offered on this tab only (Sample and Edit refuse it).
     Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
             `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
             each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
