@@ -104,12 +104,17 @@ def test_sampling_the_pipeline_is_the_prior_then_the_decoder_by_hand_bit_for_bit
     assert not torch.equal(other, by_hand)  # best-of picks among the draws: k = 1 keeps the first
 
 
-def test_diffuse_sample_writes_the_pipeline_grid(root, tmp_path):
+def test_diffuse_sample_writes_the_pipeline_grid(root, tmp_path, capsys):
     from diffuse.app.cli import main
+    from diffuse.app.requests import execute, resolve
+    from diffuse.visualize import save_grid
 
     out = tmp_path / "grid.png"
-    assert main(["sample", str(root / "pipe"), "--prompt", PROMPT, "--n", "2", "--steps", "2", "--out", str(out)]) == 0
-    assert out.is_file()
+    argv = [str(root / "pipe"), "--prompt", PROMPT, "--n", "2", "--steps", "2"]
+    assert main(["sample", *argv, "--out", str(out)]) == 0
+    assert "by the unCLIP pipeline" in capsys.readouterr().out
+    save_grid(execute(resolve(sample_args(argv))).x, tmp_path / "want.png")
+    assert out.read_bytes() == (tmp_path / "want.png").read_bytes()  # the command's grid is the plan's pixels
 
 
 def test_the_edits_of_the_pipeline_are_its_decoder_edits_bit_for_bit(root):
