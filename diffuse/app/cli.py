@@ -11,6 +11,8 @@
     diffuse edit sdedit VIDEO_RUN --video IN.gif --strength S --out OUT.gif
     diffuse edit variations|interpolate|textdiff DECODER --image A [--to B] [--from CAPTION --to CAPTION --theta T]
                                                               (unCLIP's decoder, model.image_embed_dim; --invert)
+    diffuse sample PIPE --prompt TEXT [--prior-guidance W] [--best-of K] [--guidance W]   (an unCLIP pipeline folder:
+                                                              PIPE/unclip.toml names a prior and a decoder; edits take PIPE too)
     diffuse segment SEG_RUN --image IMG --out MASK.png        (also --image A --image B ... --out FOLDER)
     diffuse eval RUN --metric fid|kid|is|pr|nll|vlb [--n N] [--features NET] [--sampler NAME --steps K]
     diffuse eval SEG_RUN [--metric miou] [--real FOLDER]      (FOLDER/images with FOLDER/masks)
@@ -212,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
                         "f(x_t, t) . g(c) (noise-aware), or of the spherical distance on x_0 (plain)")
     s.add_argument("--clip-cutouts", type=number(int, low=1), metavar="N",
                    help="a plain CLIP: the randomly shifted copies of x_0 it reads per step, losses averaged (default 1)")
+    s.add_argument("--prior-guidance", type=number(low=0), metavar="W",
+                   help="an unCLIP pipeline folder (unclip.toml): the prior's classifier-free guidance weight w (default: "
+                        "the folder's prior_guidance, else the prior run's sample.guidance); --guidance is the decoder's "
+                        "on the image embedding")
+    s.add_argument("--best-of", type=number(int, low=1), metavar="K",
+                   help="an unCLIP pipeline folder: prior draws per image, the one nearest the caption's CLIP text "
+                        "embedding kept (default: the folder's best_of, else 2 as in the paper)")
     _sampling_flags(s, "FILE.png (grid) or FILE.npy (array (N, C, H, W) in [0, 1]); a video run: FILE.gif or FILE.mp4 "
                        "(the videos tiled, with the contact sheet FILE.png beside it) or FILE.npy ((N, C, F, H, W))")
 

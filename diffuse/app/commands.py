@@ -123,6 +123,8 @@ def sample_command(args) -> None:
         return
     save_samples(result.x, out)  # atomically: a failed write leaves an earlier OUT as it was
     what = f"samples of the {len(plan.stages)}-stage cascade {args.run}" if plan.stages else "samples"
+    if plan.prior is not None:  # an unCLIP pipeline folder: its prior's embeddings of the prompt, then its decoder
+        what = f"images of {args.prompt!r} by the unCLIP pipeline {args.run} (prior {plan.prior.path}, decoder {plan.run.path})"
     req = plan.request
     guided = "" if req.clip_run is None else (f", guided by the CLIP {req.clip_run} towards {req.prompt!r} at scale "
                                               f"{req.clip_scale:g}")

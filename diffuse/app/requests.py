@@ -30,13 +30,14 @@ from .. import speed, tasks
 from ..tasks import semantic, unclip
 from ..tasks.semantic import AMOUNT_LIMIT
 from ..checkpoint import checkpoint_folders, load_checkpoint, read_state
+from ..config import load_config
 from ..data import load_image, load_mask
 from ..generate import CHUNK, chunk_seed, default_labels, generate, generate_in_chunks, invert
 from ..kinds.clip import check_guiding_clip, clip_guidance, load_clip, prompt_embedding
 from ..kinds.diffae import sample_pair
-from ..kinds.unclip import check_clip, clip_run
+from ..kinds.unclip import check_clip, clip_run, load_prior, sample_image_embeddings
 from ..precision import autocast_dtype
-from ..guidance import check_prompts
+from ..guidance import check_guidance_scale, check_prompts
 from ..runs import SEMANTIC_EDITS, UNCLIP_EDITS, VIDEO_EDITS, Run, check_guidance, check_kind, open_run, prompt_condition
 from ..samplers import OPTIONS, SAMPLERS, CountCalls, Step, check_plan
 from ..schedule import SPACINGS, Schedule
@@ -97,6 +98,9 @@ class SampleRequest:
     clip_run: str | None = None                # a CLIP run guiding towards --prompt (--clip; GLIDE, k-diffusion)
     clip_scale: float | None = None            # its scale s (--clip-scale); needed with clip_run
     clip_cutouts: int | None = None            # a plain CLIP: augmented copies of x_0 it reads (None: 1)
+    prior_guidance: float | None = None        # an unCLIP pipeline: the prior's classifier-free w (None: unclip.toml's,
+    #                                            else the prior run's sample.guidance); `guidance` is the decoder's on z_i
+    best_of: int | None = None                 # an unCLIP pipeline: prior draws per image (None: unclip.toml's, else 2)
 
     def __post_init__(self):  # lists from a caller become tuples, so equal requests compare equal
         object.__setattr__(self, "options", tuple(self.options or ()))
@@ -109,6 +113,7 @@ class SampleRequest:
         return cls(run=args.run, n=args.n, batch_size=args.batch_size, frames=getattr(args, "frames", None),
                    scheme=getattr(args, "scheme", None), clip_run=getattr(args, "clip_run", None),
                    clip_scale=getattr(args, "clip_scale", None), clip_cutouts=getattr(args, "clip_cutouts", None),
+                   prior_guidance=getattr(args, "prior_guidance", None), best_of=getattr(args, "best_of", None),
                    **_sampling_args(args))
 
     def argv(self) -> list[str]:
@@ -119,6 +124,8 @@ class SampleRequest:
         clip = ([] if self.clip_run is None else _option("--clip", self.clip_run)) + \
             ([] if self.clip_scale is None else ["--clip-scale", repr(float(self.clip_scale))]) + \
             ([] if self.clip_cutouts is None else ["--clip-cutouts", str(int(self.clip_cutouts))])
+        clip += ([] if self.prior_guidance is None else ["--prior-guidance", repr(float(self.prior_guidance))]) + \
+            ([] if self.best_of is None else ["--best-of", str(int(self.best_of))])
         return ["sample", self.run, "--n", str(int(self.n)), *batch, *video, *clip, *_sampling_argv(self)]
 
 
@@ -340,7 +347,8 @@ def _checked(req: SampleRequest) -> SampleRequest:
                "batch_size": _number(req, "batch_size", int, 1)}
     for field, kind, low, high in (("steps", int, 0, None), ("eta", float, 0, 100), ("label", int, 0, None),
                                    ("guidance", float, 0, None), ("frames", int, 1, None), ("clip_scale", float, 0, None),
-                                   ("clip_cutouts", int, 1, None)):
+                                   ("clip_cutouts", int, 1, None), ("prior_guidance", float, 0, None),
+                                   ("best_of", int, 1, None)):
         if getattr(req, field) is not None:
             numbers[field] = _number(req, field, kind, low, high)
     interval = req.guidance_interval
@@ -364,6 +372,10 @@ def _checked(req: SampleRequest) -> SampleRequest:
             if getattr(req, field) is not None:
                 raise RequestError(field, f"{flag(field)} does nothing here: CLIP guidance is `diffuse sample`'s (--clip "
                                           "CLIPRUN --prompt TEXT --clip-scale S); leave it out")
+        for field in ("prior_guidance", "best_of"):
+            if getattr(req, field) is not None:
+                raise RequestError(field, f"{flag(field)} does nothing here: the edits start from input images, whose "
+                                          "embeddings the decoder's CLIP makes (no prior runs); leave it out")
         for field, tasks_taking in TASK_FIELDS.items():
             if getattr(req, field) != getattr(EditRequest, field) and req.task not in tasks_taking:
                 raise RequestError(field, f"{flag(field)} does nothing here: only edit {' and '.join(tasks_taking)} "
@@ -481,6 +493,8 @@ class Plan:
     method: str | None = None                  # a video edit's VIDEO_METHODS
     clip_run: Run | None = None                # the CLIP run guiding the samples (--clip)
     clip_path: Path | None = None              # unCLIP's edits: the decoder's CLIP run (at its unclip.clip_step)
+    prior: Run | None = None                   # an unCLIP pipeline's prior (`run` is its decoder)
+    prior_kw: dict | None = None               # its sample_image_embeddings arguments: guidance, best_of
 
     def argv(self) -> list[str]:
         """The command (after `diffuse`, without --out) that draws the same pixels: `sample ...` or `edit TASK ...`."""
@@ -495,6 +509,9 @@ def resolve(req: SampleRequest, run: Run | None = None) -> Plan:
     """Check a request against its run (opened with `open_run` unless given) and plan it, before any model loads: the
     command line's checks and messages, each error a RequestError naming its field (OSError for a missing file)."""
     req = _checked(req)
+    if run is None and unclip.is_pipeline(req.run):
+        return _resolve_pipeline(req)
+    _refuse_pipeline_fields(req)
     if isinstance(req, EditRequest):
         run = run or open_run(req.run)
         if is_video_edit(req) or run.capabilities.video:
@@ -1176,6 +1193,8 @@ def execute(plan: Plan, callback: Callable[[Step], None] | None = None, *,
     """Run a resolved plan: load the weights (`load`; the page passes its cache), then draw (in chunks of the request's
     batch_size), edit, or run a cascade's stages. `callback` gets every sampler step; `on_stage(stage plan, steps)`
     is told when a stage (the one stage of a sample or edit) starts drawing, after its weights load."""
+    if plan.prior is not None:
+        return _execute_pipeline(plan, callback, load, on_stage)
     if plan.stages:
         return _execute_cascade(plan, callback, load, on_stage)
     if plan.decoder is not None:
@@ -1421,3 +1440,79 @@ def _execute_cascade(plan: Plan, callback, load, on_stage) -> Result:
         x = loaded.space.decode(generate(counted, req.n, loaded.space.shape, **_with_condition(kw, cond)))
         calls += counted.calls
     return Result(x, [], calls)
+
+
+# --- unCLIP pipelines (FOLDER/unclip.toml: tasks/unclip.py read_pipeline) --------------------------------------------
+def _refuse_pipeline_fields(req: SampleRequest) -> None:
+    """--prior-guidance and --best-of are an unCLIP pipeline's; RequestError naming the fix for any other run."""
+    for field in ("prior_guidance", "best_of"):
+        if getattr(req, field) is not None:
+            raise RequestError(field, f"{flag(field)} steers the prior of an unCLIP pipeline folder (one holding "
+                                      f"{unclip.PIPELINE_FILE}), and {req.run} is none: leave it out, or sample a "
+                                      "pipeline folder")
+
+
+def _open_pipeline(req: SampleRequest) -> tuple[unclip.Pipeline, Run, Run]:
+    """The pipeline folder's unclip.toml read, its two runs opened and checked as one pipeline (same CLIP checkpoint),
+    before any weights load. RequestError of `run` (FileNotFoundError for a missing run folder) naming the problem."""
+    pipe = _raise_as("run", unclip.read_pipeline, req.run)
+    configs = [_raise_as("run", load_config, path / "config.toml") for path in (pipe.prior, pipe.decoder)]
+    _raise_as("run", unclip.check_pipeline, pipe, *configs)  # before either run's checkpoint is looked at
+    return pipe, open_run(str(pipe.prior)), open_run(str(pipe.decoder))
+
+
+def _resolve_pipeline(req: SampleRequest) -> Plan:
+    """`diffuse sample PIPE --prompt ...` (the prior draws z_i, the decoder the images) or `diffuse edit
+    variations|interpolate|textdiff PIPE ...` (the decoder's edits, as `diffuse edit TASK DECODER`), every check made
+    before any weights load. An edit's plan is its decoder's, with the request naming the folder (Plan.argv)."""
+    pipe, prior, decoder = _open_pipeline(req)
+    if isinstance(req, EditRequest):
+        if req.task not in UNCLIP_EDITS:
+            raise RequestError("task", f"{req.run} is an unCLIP pipeline; its edits are {', '.join(UNCLIP_EDITS)} (by its "
+                                       f"decoder {pipe.decoder})")
+        plan = _resolve_unclip(dataclasses.replace(req, run=str(pipe.decoder)), decoder)
+        return dataclasses.replace(plan, request=dataclasses.replace(plan.request, run=req.run))
+    _refuse_frames(req, f"{req.run} is an unCLIP pipeline of images")
+    for field in ("clip_run", "label", "classifier", "negative_prompt"):
+        if getattr(req, field) is not None:
+            raise RequestError(field, f"{flag(field)} does nothing here: an unCLIP pipeline draws from --prompt alone (its "
+                                      "prior reads the caption, its decoder the prior's image embedding); leave it out")
+    if req.prompt is None:
+        raise RequestError("prompt", f'{req.run} is an unCLIP pipeline: say what to draw with --prompt, e.g. --prompt '
+                                     '"a red circle"')
+    _raise_as("prompt", check_prompts, req.prompt)
+    w = req.prior_guidance if req.prior_guidance is not None else \
+        pipe.prior_guidance if pipe.prior_guidance is not None else prior.cfg.sample.guidance
+    w = _raise_as("prior_guidance", check_guidance_scale, w, "prior's classifier-free guidance", "--prior-guidance")
+    best_of = req.best_of or pipe.best_of or unclip.BEST_OF_PAPER
+    if prior.step is None:
+        load_checkpoint(prior.path)  # raises FileNotFoundError naming why (no checkpoint, or none valid)
+    stage = dataclasses.replace(req, run=str(pipe.decoder), prior_guidance=None, best_of=None,
+                                prompt=req.prompt if decoder.capabilities.text else None)
+    plan = _sampling(stage, decoder)  # the sampling flags and --guidance (on z_i) are the decoder's
+    return dataclasses.replace(plan, request=req, prior=prior, prior_kw={"guidance": w, "best_of": best_of})
+
+
+def _execute_pipeline(plan: Plan, callback, load, on_stage) -> Result:
+    """unCLIP (Ramesh et al. 2022, fig. 2): n image embeddings z_i ~ p(z_i | y) of the prompt y, each the best of k
+    prior draws (kinds.unclip.sample_image_embeddings, the prior's own sampler and steps, from --seed), then the decoder's
+    images x ~ p(x | z_i) (and the caption's tokens where the decoder reads text), drawn with the plan's sampling
+    settings in chunks of the request's batch size from --seed + 1000 (its own noise, as a cascade's second stage)."""
+    req, dev = plan.request, plan.device
+    prior = load_prior(plan.prior.path, dev, ema=req.ema)
+    prior = dataclasses.replace(prior, denoiser=CountCalls(prior.denoiser))
+    z = _raise_as("prompt", sample_image_embeddings, prior, [req.prompt] * req.n, plan.prior_kw["guidance"],
+                  best_of=plan.prior_kw["best_of"], seed=req.seed)  # (n, D) unit, on the CPU
+    loaded = load(plan.run, req.ema, dev)
+    kw = _with_condition(_model_kw(plan, loaded, callback), {"image_embed": z.to(dev)})
+    counted = CountCalls(loaded.denoiser)
+    if on_stage is not None:
+        on_stage(plan, _steps_total(plan, counted.schedule, -(-req.n // req.batch_size)))
+    kw["seed"] = pipeline_decoder_seed(req.seed)
+    x = loaded.space.decode(generate_in_chunks(counted, req.n, loaded.space.shape, chunk=req.batch_size, **kw))
+    return Result(x, [], prior.denoiser.calls + counted.calls)
+
+
+def pipeline_decoder_seed(seed: int) -> int:
+    """The seed of an unCLIP pipeline's decoder draws: --seed + 1000 (the prior draws from --seed itself)."""
+    return seed + 1000

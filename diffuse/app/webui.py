@@ -20,6 +20,11 @@ autoencoders, Segment for the segmentation runs):
             run trained on its codes; a label classifier's class) by an amount, or interpolate to a second upload, as a
             strip of frames; encode and render steps; the strip, the before/after figure, the files and the
             `diffuse edit reconstruct|manipulate|interpolate ...` command line.
+    unCLIP  an unCLIP pipeline folder (FOLDER/unclip.toml: a prior and a decoder on one CLIP) or a decoder run: a prompt
+            -> images (a folder's prior draws z_i, best of k, its decoder the images), an uploaded image -> its
+            variations, two images -> an interpolation strip, an image and two captions -> a text diff by theta; the
+            outputs, the before/after figure, the files and the `diffuse sample|edit ... FOLDER` command line. A
+            decoder served here is offered on this tab only (Sample and Edit refuse it).
     Segment an uploaded image segmented by a segmentation run (model.kind = "segmenter"): the overlay figure of
             `diffuse segment` (the image, its labels over it with a legend, the uncertainty map in nats), a table of
             each class's share of the pixels and mean uncertainty, and the mask and figure files to download.
@@ -74,7 +79,7 @@ from .. import pretrained
 from .requests import (CODED, VIDEO_METHODS, parse_given, video_sheet, EditRequest, Loaded, RequestError, SampleRequest, execute, load, resolve,
                            save_before_after)
 from ..checkpoint import read_json_records, read_log, read_state, write_atomically
-from ..config import to_dict
+from ..config import load_config, to_dict
 from ..data import load_image, open_image
 from ..data.images import ImageTooLarge
 from ..kinds.segmentation import SegmentationRun
@@ -83,6 +88,7 @@ from ..samplers import SAMPLERS, Step
 from ..schedule import SPACINGS
 from ..stages import diffusion_shape
 from ..tasks.editing import STRENGTH_HELP, latent_factor
+from ..tasks import unclip
 from ..tasks.semantic import amounts
 from ..train import feature_network
 from ..data.video import imageio_v3
@@ -109,6 +115,15 @@ GRIDS = 24           # sample grids over training the Runs tab shows, at most
 PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are a job's notes
 SERVED_KINDS = ("denoiser", "segmenter", "diffae", "diffae_prior", "diffae_classifier")  # model.kind of the runs a
 #   page serves: Sample and Edit (denoisers; Sample also a latent DDIM), Segment, Autoencode (its attribute classifiers)
+#   (and unCLIP: pipeline folders, FOLDER/unclip.toml, whose prior is an "unclip_prior" run, and decoders)
+UNCLIP_MODES = {  # the unCLIP tab's modes -> what each does, as the page says it (tasks/unclip.py; requests.py)
+    "prompt": "the prior draws CLIP image embeddings z_i for the prompt (best of k), the decoder draws an image from each "
+              "(`diffuse sample PIPE --prompt ...`; a pipeline folder only)",
+    "variations": "the image's CLIP embedding z_i kept, a new decoder noise x_T for each output",
+    "interpolate": "z_i slerped from the image to the second image, one x_T for the whole strip (both ends included)",
+    "textdiff": "z_i rotated towards the difference of the captions' text embeddings by theta (0 .. theta along the "
+                "strip), decoded from the image's inverted x_T",
+}
 MODEL_KINDS = ("denoiser", "diffae", "diffae_prior")  # the served kinds with a denoiser to load
 SEMANTIC_ABOUT = {  # a diffusion autoencoder's edit -> what it does, as the page says it (tasks/semantic.py)
     "reconstruct": "the image's semantic code z_sem and its noise x_T (DDIM inversion) rendered back, then variations of "
@@ -192,6 +207,13 @@ AUTOENCODE_LABELS = LABELS | {  # the Autoencode tab's widgets
 }
 
 
+UNCLIP_LABELS = LABELS | {  # the unCLIP tab's widgets
+    "run": "the pipeline or decoder", "task": "the mode", "image": "the image", "to": "the second image (interpolate), the caption to (textdiff)",
+    "from_prompt": "the caption from", "theta": "theta", "guidance": "the decoder's guidance weight",
+    "prior_guidance": "the prior's guidance weight", "best_of": "best of k", "steps": "the decoder's steps",
+}
+
+
 def page_request(cls, run: Run | None, name: str, sampler, steps, spacing, guidance, label, seed, n, ema, prompt,
                  negative, device: str | None = None, **extra) -> SampleRequest:
     """A SampleRequest (or EditRequest, with the edit's own `extra` fields) of the page's widgets for the served run
@@ -251,22 +273,53 @@ class Models:
     def __init__(self, runs: list[str], device: str):
         if not runs:
             raise ValueError("give at least one run folder to serve")
-        self.all = list(dict.fromkeys(str(r) for r in runs))
+        given = list(dict.fromkeys(str(r) for r in runs))
+        self.pipelines = {run: self._pipeline(run) for run in given if unclip.is_pipeline(run)}  # unCLIP folders
+        parts = [str(p) for pipe in self.pipelines.values() for p in (pipe.prior, pipe.decoder)]
+        self.all = list(dict.fromkeys([r for r in given if r not in self.pipelines] + parts))  # (Runs: each run)
         self.device = device
         self.opened = {run: open_run(run) for run in self.all}  # a folder that is not a run fails here, by name
         for run, r in self.opened.items():
-            if r.kind not in SERVED_KINDS:
+            if r.kind not in SERVED_KINDS and not (r.kind == "unclip_prior" and run in parts):
                 raise ValueError(f"{run} holds a {r.kind} (model.kind = {r.kind!r}), not a denoiser to sample from or a "
                                  "segmenter to segment with; serve denoiser, diffusion autoencoder or segmentation runs")
         kinds = lambda *k: [run for run in self.all if self.opened[run].kind in k]  # noqa: E731
-        self.runs = kinds("denoiser", "diffae_prior")
-        self.editors = [run for run in kinds("denoiser") if not self.opened[run].capabilities.video]
+        decoders = [run for run in kinds("denoiser") if self.opened[run].cfg.model.image_embed_dim]  # unCLIP's
+        self.unclips = list(self.pipelines) + [run for run in decoders if run in given]  # the unCLIP tab's
+        self.runs = [run for run in kinds("denoiser", "diffae_prior") if run not in decoders]
+        self.editors = [run for run in kinds("denoiser") if not self.opened[run].capabilities.video and run not in decoders]
         self.videos = [run for run in kinds("denoiser") if self.opened[run].capabilities.video]  # the Video tab's
         self.autoencoders, self.attributes, self.segmenters = kinds("diffae"), kinds("diffae_classifier"), kinds("segmenter")
         self.decoders = {run: self._decoder(run) for run in kinds("diffae_prior")}
         self._loaded: dict[tuple[str, bool], Model] = {}
         self._segmenters: dict[str, SegmentationRun] = {}
         self._lock = threading.Lock()
+
+    def _pipeline(self, folder: str) -> unclip.Pipeline:
+        """An unCLIP pipeline folder read and checked (tasks/unclip.py: both runs there, of their kinds, on one CLIP
+        checkpoint) as `diffuse sample FOLDER` checks it: ValueError or FileNotFoundError naming the problem."""
+        pipe = unclip.read_pipeline(folder)
+        unclip.check_pipeline(pipe, *(load_config(p / "config.toml") for p in (pipe.prior, pipe.decoder)))
+        return pipe
+
+    def unclip_decoder(self, run: str) -> str:
+        """The served name of the decoder an unCLIP tab choice uses: a pipeline folder's decoder, or the decoder itself."""
+        return str(self.pipelines[run].decoder) if run in self.pipelines else run
+
+    def prior_defaults(self, run: str) -> tuple[float | None, int | None]:
+        """(the prior's guidance weight, best-of k) a pipeline folder samples with when a request leaves them out: its
+        unclip.toml's, else the prior run's sample.guidance and the paper's 2; (None, None) for a decoder."""
+        if run not in self.pipelines:
+            return None, None
+        pipe = self.pipelines[run]
+        w = pipe.prior_guidance if pipe.prior_guidance is not None else self.opened[str(pipe.prior)].cfg.sample.guidance
+        return w, pipe.best_of or unclip.BEST_OF_PAPER
+
+    def unclip_run(self, run: str) -> Run:
+        """The decoder run (opened) of an unCLIP tab choice (ValueError for one this server does not offer)."""
+        if run not in self.unclips:
+            raise ValueError(f"{run!r} is not one of the unCLIP pipelines or decoders served: {', '.join(self.unclips)}")
+        return self.opened[self.unclip_decoder(run)]
 
     def _decoder(self, run: str) -> Run:
         """The diffusion autoencoder whose codes the served latent DDIM `run` draws (FileNotFoundError naming both when
@@ -753,6 +806,49 @@ def autoencode_status(req: EditRequest, calls: int) -> str:
     return f"{what}; {calls} denoiser calls"
 
 
+# --- the unCLIP tab ---------------------------------------------------------------------------------------------------
+def unclip_modes(models: Models, run: str) -> list[str]:
+    """The unCLIP tab's modes for a served choice: a pipeline folder draws from a prompt and edits; a decoder only
+    edits (it has no prior to make an embedding of a prompt)."""
+    return list(UNCLIP_MODES) if run in models.pipelines else [m for m in UNCLIP_MODES if m != "prompt"]
+
+
+def unclip_request(models: Models, run: str, mode: str, prompt, image: str | None, to: str | None, from_caption,
+                   to_caption, theta, n, guidance, prior_guidance, best_of, steps, seed, ema,
+                   device: str | None = None) -> SampleRequest:
+    """The request of the unCLIP tab's widgets for a served pipeline folder or decoder `run` (what `diffuse sample PIPE
+    --prompt ...` or `diffuse edit variations|interpolate|textdiff RUN ...` asks): prompt mode a SampleRequest with the
+    prior's guidance and best-of (empty boxes: the folder's defaults); an edit an EditRequest of the image file (and
+    interpolate's second image, textdiff's captions and theta); the decoder's guidance on z_i for all but textdiff (its
+    x_T is inverted, unguided); the prompt box also for an edit when the decoder reads captions. A mode's own fields
+    only for that mode, so a hidden widget asks nothing. ValueError for a choice this server does not offer."""
+    decoder = models.unclip_run(run)
+    count = lambda v: _whole(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # noqa: E731
+    common = dict(run=run, n=count(n), steps=None if steps is None else count(steps), seed=count(seed), ema=bool(ema),
+                  device=device)
+    if isinstance(n, (int, float)) and n > MAX_IMAGES:
+        raise RequestError("n", f"--n is at most {MAX_IMAGES} on this page (one batch on the device; the command line "
+                                f"draws any number), got {n}")
+    wants = lambda v: None if v is None or v == "" else v  # noqa: E731  (an empty box: the default)
+    if mode == "prompt":
+        return SampleRequest(**common, prompt=prompt or None, guidance=wants(guidance),
+                             prior_guidance=wants(prior_guidance), best_of=wants(best_of) and count(best_of))
+    own = {"interpolate": dict(to=to or None), "textdiff": dict(from_prompt=from_caption or "", to=to_caption or "",
+                                                                theta=wants(theta))}.get(mode, {})
+    return EditRequest(**common, task=mode, image=image or "", guidance=None if mode == "textdiff" else wants(guidance),
+                       prompt=(prompt or None) if decoder.capabilities.text else None, **own)
+
+
+def unclip_status(req: SampleRequest, calls: int) -> str:
+    """What an unCLIP job made, in a line."""
+    if not isinstance(req, EditRequest):
+        return f"{req.n} images of {req.prompt!r} (prior, then decoder); {calls} denoiser calls"
+    what = {"variations": f"{req.n} variations of {Path(req.image).name}",
+            "interpolate": f"{req.n} frames from {Path(req.image).name} to {Path(req.to or '').name}",
+            "textdiff": f"{req.n} steps from {req.from_prompt!r} towards {req.to!r}"}[req.task]
+    return f"{what}; {calls} denoiser calls"
+
+
 # --- the Segment tab ------------------------------------------------------------------------------------------------
 def segmenter_about(models: Models, run: str) -> str:
     """A few lines about a served segmentation run: its classes, the images it reads, its features and step."""
@@ -810,6 +906,8 @@ class WebUI:
         self.models = Models(runs, self.device)
         for run in self.models.runs + self.models.autoencoders:  # every run's EMA weights now: a run without a
             self.models.get(run)                                   # checkpoint fails before serving
+        for run in self.models.unclips:  # and each unCLIP decoder's (a pipeline's prior loads with each prompt job)
+            self.models.get(self.models.unclip_decoder(run))
         with warnings.catch_warnings():  # (its notes are kept, and said with every job, as a served run's)
             warnings.simplefilter("ignore")
             for decoder in self.models.decoders.values():  # and the autoencoder each latent DDIM's codes decode by
@@ -820,6 +918,7 @@ class WebUI:
         self.queue = DeviceQueue(self.device_lock, limits.queue, limits.per_client)
         side = lambda names: max((self.models.run(r).cfg.data.image_size for r in names), default=None)  # noqa: E731
         self.edit_side, self.autoencode_side = side(self.models.editors), side(self.models.autoencoders)
+        self.unclip_side = side([self.models.unclip_decoder(r) for r in self.models.unclips])
         self.folder = Path(tempfile.mkdtemp(prefix="diffuse-webui-"))
         atexit.register(self.cleanup)
         self._count = itertools.count(1)
@@ -1264,6 +1363,73 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
         yield from ui.follow(gr, http, work, progress, outputs, folder, a_status, {a_status: "loading", a_command: ""},
                              AUTOENCODE_LABELS)
 
+    # ---- unCLIP: a pipeline folder's prompt -> images; a decoder's variations, interpolation, text diffs
+    def unclip_on_run(run: str, mode: str) -> tuple:
+        """`unclip_widgets`, then the choice's defaults: the prior's guidance and best-of k, the decoder's guidance
+        and steps (its [sample] section)."""
+        return (*unclip_widgets(run, mode, defaults=True), gr.Number(value=ui.models.unclip_run(run).cfg.sample.steps))
+
+    def unclip_widgets(run: str, mode: str, defaults: bool = False) -> tuple:
+        """The unCLIP tab's widgets for a choice and mode: the modes offered, what the mode does, and each widget shown
+        only where the mode reads it (the prompt also for an edit of a decoder that reads captions); with `defaults`,
+        the guidance boxes set to the choice's (`Models.prior_defaults`, the decoder's sample.guidance)."""
+        modes = unclip_modes(ui.models, run)
+        mode = mode if mode in modes else modes[0]
+        text = ui.models.unclip_run(run).capabilities.text
+        edit = mode != "prompt"
+        w, k = ui.models.prior_defaults(run)
+        guidance = ui.models.unclip_run(run).cfg.sample.guidance
+        value = lambda v: dict(value=v) if defaults else {}  # noqa: E731
+        return (gr.Radio(choices=modes, value=mode), f"**{mode}**: {UNCLIP_MODES[mode]}",
+                gr.Textbox(visible=mode == "prompt" or text), gr.File(visible=edit), gr.File(visible=mode == "interpolate"),
+                gr.Textbox(visible=mode == "textdiff"), gr.Textbox(visible=mode == "textdiff"),
+                gr.Slider(visible=mode == "textdiff"), gr.Number(visible=mode == "prompt", **value(w)),
+                gr.Number(visible=mode == "prompt", **value(k)),
+                gr.Number(interactive=mode != "textdiff", **value(guidance)))  # textdiff inverts x_T: unguided
+
+    @takes_request
+    def unclip_job(run, mode, prompt, image_file, to_file, from_caption, to_caption, theta, n, guidance, prior_guidance,
+                   best_of, steps, seed, ema, http=None, progress=gr.Progress()):
+        folder = ui.job_folder("unclip")
+        try:
+            side, limit = ui.unclip_side, ui.limits.upload_pixels
+            image = job_upload(image_file, folder, "input", side, limit)[0] if mode != "prompt" else None
+            to = job_upload(to_file, folder, "to", side, limit)[0] if mode == "interpolate" else None
+            req = unclip_request(ui.models, run, mode, prompt, image, to, from_caption, to_caption, theta, n, guidance,
+                                 prior_guidance, best_of, steps, seed, ema, device=ui.device if ui.device_flag else None)
+        except ValueError as e:
+            raise page_error(gr, error_message(e, UNCLIP_LABELS))
+        out = f"{mode}.png"
+
+        def work(report):
+            opened = None if run in ui.models.pipelines else ui.models.run(run)  # a folder: resolve reads unclip.toml
+            plan = resolve(req, opened)  # the folder, the images, the captions and every choice checked first
+            result = execute(plan, report, load=ui.models.load)
+            x = result.x.cpu()
+            save_grid(x, folder / out)  # what the command's --out OUT.png writes
+            if result.before:
+                save_before_after(result, folder / f"{mode}_before_after.png")
+            return dict(x=x, plan=plan, calls=result.calls)
+
+        def outputs(kind, r):
+            if kind == "preview":
+                return {u_image: display(r.x0), u_status: status("the predicted x_0", r)}
+            if kind != "done":
+                return {u_status: CANCELLED if kind == "cancelled" else gr.update()}
+            edit = isinstance(req, EditRequest)
+            inputs = [p for p in ((req.image, req.to if mode == "interpolate" else None) if edit else ()) if p]
+            argv = [Path(a).name if a in inputs else a for a in r["plan"].argv()] + ["--out", out]
+            figure = folder / f"{mode}_before_after.png"
+            files = [*inputs, str(folder / out)] + [str(figure)] * figure.is_file()
+            return {u_image: display(r["x"], len(r["x"]) if mode != "prompt" else None),
+                    u_figure: str(figure) if figure.is_file() else None, u_files: files,
+                    u_status: unclip_status(r["plan"].request, r["calls"]),
+                    u_command: shlex.join(["diffuse", *argv]) + ("   # with the downloaded " + " and ".join(
+                        Path(p).name for p in inputs) if inputs else "")}
+
+        yield from ui.follow(gr, http, work, progress, outputs, folder, u_status,
+                             {u_status: "loading", u_command: ""}, UNCLIP_LABELS)
+
     # ---- Segment: an uploaded image segmented; the overlay figure, the classes' shares, the files, the command line
     @takes_request
     def segment(run, path, http=None):
@@ -1452,6 +1618,62 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                                                     interactive=False, elem_id="a-figure", scale=2)
                                 a_files = gr.File(label="download", file_count="multiple", interactive=False,
                                                   elem_id="a-files", scale=1)
+            if ui.models.unclips:  # unCLIP: pipeline folders (prior and decoder) and decoders
+                u_first = ui.models.unclips[0]
+                u_modes = unclip_modes(ui.models, u_first)
+                u_dec = ui.models.unclip_run(u_first)
+                with gr.Tab("unCLIP", id="unclip", elem_id="tab-unclip"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            u_run = gr.Dropdown(ui.models.unclips, value=u_first, label="pipeline folder or decoder run",
+                                                elem_id="u-run")
+                            u_mode = gr.Radio(u_modes, value=u_modes[0], label="mode", elem_id="u-mode")
+                            u_about = gr.Markdown(f"**{u_modes[0]}**: {UNCLIP_MODES[u_modes[0]]}", elem_id="u-about")
+                            u_prompt = gr.Textbox(label="prompt (the prior's caption; a decoder that reads captions: its "
+                                                        "caption)", placeholder="a red circle",
+                                                  visible=u_modes[0] == "prompt" or u_dec.capabilities.text,
+                                                  elem_id="u-prompt")
+                            u_upload = gr.File(label=upload_label, type="filepath", visible=u_modes[0] != "prompt",
+                                               elem_id="u-image")
+                            u_to = gr.File(label="second image file: the other end of the interpolation", type="filepath",
+                                           visible=False, elem_id="u-to")
+                            with gr.Row():
+                                u_from_caption = gr.Textbox(label="caption from (what the image shows)", visible=False,
+                                                            elem_id="u-from")
+                                u_to_caption = gr.Textbox(label="caption to (what it should show)", visible=False,
+                                                          elem_id="u-to-caption")
+                            u_theta = gr.Slider(0, 1, value=unclip.THETA_PAPER, step=0.05, visible=False,
+                                                label="theta: the share of the angle towards the text diff (the paper: "
+                                                      "up to 0.5)", elem_id="u-theta")
+                            with gr.Row():
+                                u_w, u_k = ui.models.prior_defaults(u_first)  # the folder's (or the prior's) defaults
+                                u_prior_guidance = gr.Number(u_w, label="prior guidance w", minimum=0,
+                                                             visible=u_modes[0] == "prompt", elem_id="u-prior-guidance")
+                                u_best_of = gr.Number(u_k, label="best of k prior draws (the paper: 2)", precision=0,
+                                                      minimum=1, visible=u_modes[0] == "prompt", elem_id="u-best-of")
+                            u_n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="number of images", elem_id="u-n")
+                            with gr.Row():
+                                u_guidance = gr.Number(u_dec.cfg.sample.guidance, minimum=0, elem_id="u-guidance",
+                                                       label="decoder guidance w on z_i", info=HINTS["guidance"])
+                                u_steps = gr.Number(u_dec.cfg.sample.steps, label="decoder steps (0: all)", precision=0,
+                                                    minimum=0, elem_id="u-steps")
+                            with gr.Row():
+                                u_seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="u-seed")
+                                u_ema = gr.Checkbox(True, label="EMA weights (off: --no-ema)", elem_id="u-ema")
+                            with gr.Row():
+                                u_go = gr.Button("Run", variant="primary", elem_id="u-go")
+                                u_cancel = gr.Button("Cancel", variant="stop", elem_id="u-cancel")
+                        with gr.Column(scale=2):
+                            u_image = gr.Image(label="outputs (the predicted x_0 while sampling)", type="pil", format="png",
+                                               interactive=False, elem_id="u-output", height=300)
+                            u_status = gr.Markdown(elem_id="u-status", min_height=64)
+                            u_command = gr.Textbox(label="the command line that makes these outputs", interactive=False,
+                                                   elem_id="u-command", lines=2)
+                            with gr.Row():
+                                u_figure = gr.Image(label="the inputs beside the outputs", type="filepath",
+                                                    interactive=False, elem_id="u-figure", scale=2)
+                                u_files = gr.File(label="download", file_count="multiple", interactive=False,
+                                                  elem_id="u-files", scale=1)
             if ui.models.segmenters:  # Segment: the segmentation runs
                 with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
                     with gr.Row():
@@ -1517,6 +1739,15 @@ def build_app(runs: list[str], device: str | None = None, limits: Limits = Limit
                                             a_steps, a_seed, a_ema], [a_strip, a_figure, a_status, a_command, a_files],
                                show_progress_on=[a_status], **jobs)
             a_cancel.click(lambda: CANCELLED, None, a_status, cancels=[a_job], queue=False)
+        if ui.models.unclips:
+            u_shown = [u_mode, u_about, u_prompt, u_upload, u_to, u_from_caption, u_to_caption, u_theta, u_prior_guidance,
+                       u_best_of, u_guidance]
+            u_run.change(unclip_on_run, [u_run, u_mode], [*u_shown, u_steps], queue=False)
+            u_mode.change(unclip_widgets, [u_run, u_mode], u_shown, queue=False)
+            u_job = u_go.click(unclip_job, [u_run, u_mode, u_prompt, u_upload, u_to, u_from_caption, u_to_caption, u_theta,
+                                            u_n, u_guidance, u_prior_guidance, u_best_of, u_steps, u_seed, u_ema],
+                               [u_image, u_figure, u_status, u_command, u_files], show_progress_on=[u_status], **jobs)
+            u_cancel.click(lambda: CANCELLED, None, u_status, cancels=[u_job], queue=False)
         if ui.models.segmenters:
             g_outputs = [g_figure, g_table, g_files, g_status, g_command]
             g_upload.upload(segment, [g_run, g_upload], g_outputs, **jobs)

@@ -16,17 +16,31 @@ The decoder is a denoiser whose network takes `image_embed` (kinds/unclip.py); t
 `image_embedding(x, model_time)` and `text_embedding(tokens)` returning unit vectors (nets/clip.py). Decoding and
 inversion run through `generate` and `generate.invert` (samplers.ddim.invert), so every process and check applies, and
 the condition's checks refuse a NaN embedding.
+
+A pipeline folder (FOLDER/unclip.toml: `read_pipeline`, `check_pipeline`) chains a prior and a decoder trained on one
+CLIP checkpoint, so that `diffuse sample FOLDER --prompt ...` draws z_i by the prior and images by the decoder and
+`diffuse edit variations|interpolate|textdiff FOLDER` edits with its decoder. Its reader lives here rather than beside
+the cascade's (tasks/image_to_image.py, whose cascades chain image-conditioned models): it is unCLIP's, and its check
+is about the CLIP the manipulations above embed with.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..generate import generate, invert
 from .semantic import slerp
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 THETA_PAPER = 0.5  # sec. 3.3: text diffs are shown for theta from 0 to about 0.5
 
@@ -148,3 +162,98 @@ def fixed_noise(denoiser, n: int, seed: int, device="cpu") -> Tensor:
     g = torch.Generator(device).manual_seed(seed)
     x = torch.randn((1, *_shape(denoiser)), generator=g, device=device) * denoiser.schedule.prior_std
     return x.expand(n, *x.shape[1:]).contiguous()
+
+
+# --- the pipeline folder: a prior and a decoder on one CLIP -----------------------------------------------------------
+PIPELINE_FILE = "unclip.toml"
+BEST_OF_PAPER = 2  # sec. 2.2: two prior draws per caption, the one nearer the caption's text embedding kept
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An unCLIP pipeline folder (Ramesh et al. 2022, fig. 2: text -> prior -> z_i -> decoder -> image) as read from
+    FOLDER/unclip.toml: the prior's and the decoder's run folders (absolute), and the defaults its sampling takes where a
+    request leaves them out (None: the prior run's sample.guidance; best_of None: BEST_OF_PAPER)."""
+
+    folder: Path
+    prior: Path
+    decoder: Path
+    prior_guidance: float | None = None
+    best_of: int | None = None
+
+
+def is_pipeline(folder) -> bool:
+    """Whether `folder` is an unCLIP pipeline folder (holds unclip.toml)."""
+    return (Path(folder) / PIPELINE_FILE).is_file()
+
+
+def read_pipeline(folder) -> Pipeline:
+    """An unCLIP pipeline folder's runs and defaults from FOLDER/unclip.toml:
+
+        prior = "prior"          # an unCLIP prior run (model.kind = "unclip_prior"), relative to FOLDER or absolute
+        decoder = "decoder"      # unCLIP's decoder (a denoiser with model.image_embed_dim > 0), likewise
+        prior_guidance = 1.0     # optional: the prior's classifier-free guidance weight w >= 0 (else the prior's own)
+        best_of = 2              # optional: prior draws per image, the one nearest the caption kept (>= 1; the paper: 2)
+
+    Only the file is read (no run's config): FileNotFoundError for a missing unclip.toml or a run folder without a
+    config.toml, ValueError for invalid TOML, an unknown or missing key, or a default out of range, each naming the key
+    and the fix. Whether the runs are of the right kind and share their CLIP is `check_pipeline`'s."""
+    folder = Path(folder)
+    path = folder / PIPELINE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: an unCLIP pipeline folder holds unclip.toml naming its two runs, "
+                                'e.g. prior = "prior" and decoder = "decoder" (run folders relative to the folder)')
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    keys = ("prior", "decoder", "prior_guidance", "best_of")
+    unknown = sorted(set(spec) - set(keys))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; it takes {', '.join(keys)}")
+    runs = {}
+    for key, what in (("prior", "an unCLIP prior run (configs/unclip_prior_shapes.toml)"),
+                      ("decoder", "unCLIP's decoder run (configs/unclip_decoder_shapes.toml)")):
+        value = spec.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{path}: {key} must name {what} as a folder, e.g. {key} = "{key}", got {value!r}')
+        run = (folder / Path(value).expanduser()).resolve()  # an absolute value stays as it is
+        if not (run / "config.toml").is_file():
+            raise FileNotFoundError(f"{path}: {key} = {value!r} is {run}, which holds no run (no config.toml); train it "
+                                    f"there or point {key} at {what}")
+        runs[key] = run
+    guidance = spec.get("prior_guidance")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise ValueError(f"{path}: prior_guidance is the prior's classifier-free weight w and must be a finite number >= 0 "
+                         f"(e.g. 1.0; Karlo's prior scale 4 is w = 3), got {guidance!r}")
+    best_of = spec.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1):
+        raise ValueError(f"{path}: best_of is the number of prior draws per image to choose from and must be a whole "
+                         f"number >= 1 (the paper: {BEST_OF_PAPER}), got {best_of!r}")
+    return Pipeline(folder, runs["prior"], runs["decoder"], None if guidance is None else float(guidance), best_of)
+
+
+def check_pipeline(pipe: Pipeline, prior_cfg, decoder_cfg) -> None:
+    """The two runs' configs (`RunConfig`s of pipe.prior and pipe.decoder) checked as one pipeline, before any weights
+    load: the prior is model.kind = "unclip_prior", the decoder a denoiser with model.image_embed_dim > 0, and both were
+    trained on the same CLIP run at the same checkpoint (unclip.clip, unclip.clip_step): the decoder reads only the
+    embeddings of the CLIP it was trained on, so a prior of another CLIP (or step) would hand it vectors from another
+    space. ValueError naming both runs and their CLIPs otherwise."""
+    where = pipe.folder / PIPELINE_FILE
+    if prior_cfg.model.kind != "unclip_prior":
+        raise ValueError(f"{where}: prior = {pipe.prior} is a {prior_cfg.model.kind} run, not an unCLIP prior (model.kind "
+                         '= "unclip_prior"); train one with configs/unclip_prior_shapes.toml')
+    if decoder_cfg.model.kind != "denoiser" or not decoder_cfg.model.image_embed_dim:
+        what = decoder_cfg.model.kind if decoder_cfg.model.kind != "denoiser" else "denoiser without model.image_embed_dim"
+        raise ValueError(f"{where}: decoder = {pipe.decoder} is a {what} run, not unCLIP's decoder (a denoiser with "
+                         "model.image_embed_dim > 0); train one with configs/unclip_decoder_shapes.toml")
+    clips = []
+    for cfg in (prior_cfg, decoder_cfg):
+        clips.append((Path(cfg.unclip.clip).expanduser().resolve() if cfg.unclip.clip else None, cfg.unclip.clip_step))
+    if clips[0] != clips[1]:
+        (p_run, p_step), (d_run, d_step) = clips
+        raise ValueError(f"{where}: the prior {pipe.prior} draws embeddings of the CLIP {p_run} at step {p_step} and the "
+                         f"decoder {pipe.decoder} reads those of the CLIP {d_run} at step {d_step} (each run's unclip.clip, "
+                         "unclip.clip_step): the two must share one CLIP checkpoint; train one of them again on the "
+                         "other's (--set unclip.clip=... unclip.clip_step=...)")
