@@ -287,8 +287,8 @@ def test_latent_and_text_runs_give_clear_messages(text_ldm, run, model, tmp_path
         "the negative prompt replaces the empty caption of classifier-free guidance, so it needs a guidance weight: "
         "pass the guidance weight W (e.g. 4)")
     assert said(SampleRequest(str(run), prompt="a seven"), model.run) == (
-        f"the prompt and the negative prompt need a text-conditional run (model.text_encoder); {run} takes no captions "
-        "(it is class-conditional: use the class label)")
+        f"the prompt and the negative prompt need a text-conditional run (model.text_encoder); {run} takes no captions; "
+        "--clip CLIPRUN --clip-scale S guides it towards the prompt (it is class-conditional: use the class label)")
     Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     req = page(EditRequest, models, text_ldm, task="ilvr", image=str(tmp_path / "in.png"), prompt="a red circle", n=2,
                **edit_fields("ilvr", 0.75, 2, 0.0, 1, 10, None))
