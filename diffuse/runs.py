@@ -77,7 +77,9 @@ def run_config(run_dir: str | Path) -> RunConfig:
     if pretrained.is_model_folder(run_dir):
         return pretrained.read_config(run_dir)
     if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out {run_dir}`")
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml); train one with `diffuse train CONFIG --out "
+                                f"{run_dir}`, or (for sample and edit) make it a pipeline folder: cascade.toml naming a "
+                                "cascade's stages, or unclip.toml naming an unCLIP prior and decoder")
     return load_config(run_dir / "config.toml")
 
 

@@ -209,3 +209,12 @@ def test_bad_pipelines_and_requests_are_refused_by_name(root, tmp_path):
     (tmp_path / "toml").mkdir()
     (tmp_path / "toml" / "unclip.toml").write_text("prior = [")
     assert "not valid TOML" in refused("run", SampleRequest(run=str(tmp_path / "toml"), prompt=PROMPT))
+
+
+def test_a_folder_that_is_neither_a_run_nor_a_pipeline_names_both_pipeline_files(tmp_path, capsys):
+    from diffuse.app.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["sample", str(tmp_path / "empty"), "--prompt", "a red circle", "--out", str(tmp_path / "x.png")]) != 0
+    err = capsys.readouterr().err
+    assert "is not a run folder" in err and "unclip.toml" in err and "cascade.toml" in err
