@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from diffuse.app.requests import video_limits
 from diffuse.config import apply_overrides, load_config
 from diffuse.data.video import MovingDigits, bundled_digits
 from diffuse.generate import chunk_seed
@@ -220,16 +221,19 @@ def long_part(args, runs, classifier, result) -> None:
     cfg = load_config(CONFIG)
     F, given = cfg.data.frames, 4
     real, trs, glyphs, side = test_videos(cfg, args.long_videos, frames=args.long_frames)
-    den = open_run(runs["masked"]["path"]).denoiser()
+    run = open_run(runs["masked"]["path"])
+    den = run.denoiser()
+    cap, span = video_limits(run)  # each stage conditions on at most the given frames training gave (the nearest)
     generated = torch.arange(args.long_frames) >= given
     centres = true_centres(trs, glyphs)
     true = torch.tensor([t.labels[0] for t in trs])
     rows = []
     for name, scheme in SCHEMES.items():
-        stages = list(scheme(F, args.long_frames, given))
+        stages = list(scheme(F, args.long_frames, given, max_observed=cap))
         t0 = time.perf_counter()
-        x = torch.cat([sample_long(den, stages, real[lo:lo + args.batch], given, frames=F, seed=lo, sampler="ddim",
-                                   steps=args.steps, eta=0.0, clip=True) for lo in range(0, len(real), args.batch)])
+        x = torch.cat([sample_long(den, stages, real[lo:lo + args.batch], given, frames=F, max_observed=cap, span=span,
+                                   seed=lo, sampler="ddim", steps=args.steps, eta=0.0, clip=True)
+                       for lo in range(0, len(real), args.batch)])
         kept = identity_kept(frame_labels(x, classifier, crop=side), true)
         err = trajectory_error(x, centres, generated)
         last = trajectory_error(x, centres, torch.arange(args.long_frames) >= args.long_frames - F)

@@ -1,6 +1,8 @@
 """Video sampling tasks (diffuse/tasks/video.py) against exact answers: Gaussian "videos" x_0 ~ N(0, Sigma) over frames,
 Sigma_ij = rho^|f_i - f_j| (each pixel its own independent copy), whose denoisers and conditionals are closed-form."""
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor
@@ -391,6 +393,48 @@ def test_interpolation_stages_refuse_what_does_not_fit():
         tv.interpolation_stages(4, 8, [3, 3])
     with pytest.raises(ValueError, match="distinct indices in 0..3 of the video's 4"):
         tv.sample_stages(None, [], torch.zeros(1, 1, 4, 1, 1), [5])
+
+
+@pytest.mark.parametrize("make", [lambda cap: list(tv.hierarchy_2(8, 64, 4, max_observed=cap)),
+                                  lambda cap: tv.interpolation_stages(8, 16, [0, 7], max_observed=cap),
+                                  lambda cap: tv.interpolation_stages(8, 40, [0, 1, 20, 21, 39], 6, max_observed=cap),
+                                  lambda cap: list(tv.autoregressive(8, 40, 6, step=2, max_observed=cap))])
+def test_stages_condition_on_at_most_max_observed_frames_the_nearest(make):
+    """A masked model trained with at most video.max_observed = 4 given frames never saw more: uncapped, these plans
+    give a stage 5-7 (the defect); capped, every stage conditions on at most 4 done frames, the nearest done frame on
+    each side among them, and no unchosen done frame nearer the stage than a chosen one (beyond those two)."""
+    assert max(len(obs) for obs, _ in make(None)) > 4
+    stages = make(4)
+    latent = [i for _, lat in stages for i in lat]
+    done = set(range(1 + max(max(obs + lat) for obs, lat in stages))) - set(latent)  # the given frames
+    assert len(latent) == len(set(latent))
+    for obs, lat in stages:
+        assert 1 <= len(obs) <= 4 and set(obs) <= done and not set(lat) & done
+        before, after = [i for i in done if i < lat[0]], [i for i in done if i > lat[-1]]
+        ends = {max(before)} if before else set()
+        ends |= {min(after)} if after else set()
+        assert ends <= set(obs)
+        dist = lambda i: min(abs(i - lat[0]), abs(i - lat[-1]))  # noqa: E731
+        others = [dist(i) for i in obs if i not in ends]
+        assert all(dist(i) >= max(others) for i in done - set(obs)) if others else True
+        done |= set(lat)
+
+
+def test_schemes_and_sample_stages_refuse_more_given_frames_than_trained_and_warn_beyond_the_span():
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    with pytest.raises(ValueError, match="max_observed.*must be 2..7.*use the autoregressive scheme"):
+        list(tv.hierarchy_2(8, 64, 4, max_observed=1))
+    with pytest.raises(ValueError, match="must be 1..7"):
+        list(tv.autoregressive(8, 64, 4, max_observed=8))
+    with pytest.raises(ValueError, match="conditions on 2 frames, more than the 1 the model was trained with"):
+        tv.sample_long(den, [([], [0, 1]), ([0, 1], [2, 3])], torch.zeros(1, 1, 4, 1, 1), max_observed=1)
+    stages = list(tv.hierarchy_2(4, 12, 1))  # the first stage: frame 0 given, 1, 6, 11 generated: 12 frames
+    with pytest.warns(UserWarning, match="spread over up to 12 frames, more than the 8 the run was trained on"):
+        tv.sample_long(den, stages, torch.zeros(1, 1, 12, 1, 1), 1, frames=4, span=8, sampler="ddim", steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tv.sample_long(den, stages, torch.zeros(1, 1, 12, 1, 1), 1, frames=4, span=12, sampler="ddim", steps=1)
 
 
 def exact_conditional_error(x, given, total):
