@@ -226,6 +226,24 @@ def test_the_page_reads_checks_and_shows_videos(runs, clip, tmp_path):
     assert display(x).width >= contact_sheet(x, 1).width  # a preview of videos: their contact sheet
 
 
+def test_the_page_counts_a_gifs_frames_on_its_clock_and_an_edit_reads_only_the_frames_it_needs(runs, tmp_path):
+    """A 2-frame GIF, 20 ms then 60 s (with a forged 1 ms clock): the page's pixel limit counts the 257 frames the
+    reader makes of it (a 60 s frame counts data.video.GIF_MAX_REPEAT times), not the header's 2; an edit of the 4-frame
+    run reads its first 4 frames only."""
+    from diffuse.app.webui import check_video_upload
+
+    black, white = Image.new("L", (SIDE, SIDE), 0), Image.new("L", (SIDE, SIDE), 255)
+    path = tmp_path / "held.gif"
+    black.save(path, save_all=True, append_images=[white], duration=[20, 60000], loop=0, comment=b"diffuse frame_ms=1")
+    assert check_video_upload(str(path)) == (257, SIDE, SIDE)
+    with pytest.raises(ValueError, match=r"held.gif is 257 frames on its clock \(2 stored, .*\) of 16x16 = 65,792 "
+                                         r"pixels, more than the 10,000 this page reads"):
+        check_video_upload(str(path), limit=10_000)  # the header's 2 x 256 = 512 pixels pass
+    plan = resolve(EditRequest(runs["masked"], task="predict", video=str(path), given=(0, 1)))
+    assert plan.video.shape == (1, 1, FRAMES, SIDE, SIDE)
+    assert plan.video[0, 0, 0].max() == -1 and plan.video[0, 0, 1:].min() == 1
+
+
 def test_the_page_serves_a_video_run_on_its_own_tab(runs, clip):
     pytest.importorskip("gradio")
     from diffuse.app.webui import build_app

@@ -749,8 +749,9 @@ def default_given(task: str, frames: int) -> tuple[int, ...]:
 
 def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor:
     """The first `frames` frames of a video file as (1, channels, frames, size, size) in [-1, 1] (data.video.read_video,
-    fit_frames: grayscale or RGB, scaled and centre-cropped). ValueError when the file has fewer frames."""
-    raw = read_video(path)
+    fit_frames: grayscale or RGB, scaled and centre-cropped); reading stops there (read_video's max_frames), however
+    long the file. ValueError when the file has fewer frames."""
+    raw = read_video(path, max_frames=frames)
     if len(raw) < frames:
         raise ValueError(f"--video {path} has {len(raw)} frame{'s' * (len(raw) != 1)}, fewer than the {frames} asked; pass --frames {len(raw)} "
                          "or a longer video")
