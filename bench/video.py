@@ -152,7 +152,7 @@ def sample_k(method: str, den, videos, observed, args, seed: int) -> torch.Tenso
 def score(samples: torch.Tensor, real: torch.Tensor, trajectories, glyphs, side: int, observed, classifier) -> dict:
     """The video metrics of K samples (K, B, C, F, H, W) of the true videos real (B, C, F, H, W)."""
     generated = ~torch.tensor(observed)
-    ps = torch.stack([over_generated(psnr(s, real), generated) for s in samples])
+    ps = torch.stack([psnr(s, real, generated) for s in samples])  # MCVD's: the MSE over the generated frames, then the log
     ss = torch.stack([over_generated(ssim(s, real), generated) for s in samples])
     labels = torch.cat([frame_labels(s, classifier, crop=side) for s in samples])
     true = torch.tensor([t.labels[0] for t in trajectories]).repeat(len(samples))
@@ -310,7 +310,8 @@ def results_section(args, result: dict) -> str:
              + ("reused from earlier: " if args.reuse else f"each trained {trained}, one after the other: ")
              + ", ".join(f"{n} ({v['steps']} steps; {' '.join(v['overrides']) or 'as is'})" for n, v in r["runs"].items()) + ". "
              f"Sampling: DDIM {args.steps} steps, eta 0, clipped. Held-out videos: the test split (digit instances never "
-             "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR/SSIM mean over "
+             "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR of a video from its "
+             "squared error over them (MCVD's), SSIM with a Gaussian window (sigma 1.5, MCVD's); both the mean over "
              f"{args.k} samples and best of them per video (MCVD); label: the digit classifier on each frame's "
              "digit-sized crop around its centre of mass, the share of videos whose label is the same in all frames "
              "(and is the true one); trajectory: mean distance in pixels between the centre of mass and the true one, "
