@@ -205,12 +205,15 @@ def test_replacement_is_incoherent_and_reconstruction_guidance_reduces_it():
     assert bias["guidance w_r=4"] < 0.5 * bias["replacement"]
 
 
-def test_reconstruction_gradient_is_the_formula():
-    """For the linear Gaussian denoiser x^(z) = M z the guided x~^b is x^^b - w alpha M_ab^T (M_a z - x^a) exactly."""
-    schedule = vp()
+@pytest.mark.parametrize("process, t", [(vp, 0.3), (EDM, 0.01), (EDM, 0.2), (Flow, 0.3), (Flow, 0.8)])
+def test_reconstruction_gradient_is_the_formula(process, t):
+    """For the linear Gaussian denoiser x^(z) = M z, M = alpha Sigma (alpha^2 Sigma + sigma^2 I)^-1, the guided x~^b is
+    x^^b - w alpha M_ab^T (M_a z - x^a) exactly, on every process: VP (alpha^2 + sigma^2 = 1), EDM (alpha = 1, sigma =
+    80 t: the gradient through the network's input scaling) and Flow (alpha = 1 - t, sigma = t)."""
+    schedule = process()
     net = GaussianVideo(schedule)
     den = Denoiser(net, schedule, prediction="x0", bounded=False)
-    t = torch.tensor(0.3, dtype=torch.float64)
+    t = torch.tensor(t, dtype=torch.float64)
     alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
     S = net.cov(torch.arange(3))
     M = alpha * S @ torch.linalg.inv(alpha**2 * S + sigma**2 * torch.eye(3))  # E[x_0 | z] = M z
@@ -222,6 +225,7 @@ def test_reconstruction_gradient_is_the_formula():
     x0 = zr @ M.T
     grad = 2 * (x0[:, :1] - xa[:, :1]) @ M[:1]  # grad_z ||x^a - (M z)_a||^2
     want = x0 - 3.0 * alpha / 2 * grad
+    assert float((want - x0)[:, 1:].abs().max()) > 1e-3  # the guidance term is far above the tolerance
     assert torch.allclose(out.x0.double().view(2, 3)[:, 1:], want[:, 1:], atol=1e-5)
     assert torch.equal(out.x0[:, :, 0], x_obs[:, :, 0])
     assert torch.allclose(alpha * out.x0 + sigma * out.eps, z, atol=1e-5)
@@ -522,3 +526,22 @@ def test_sdedit_of_videos_starts_from_the_noised_video():
     want = schedule.alpha(t0).float() * guide + schedule.sigma(t0).float() * eps
     assert torch.allclose(calls[0][0], want, atol=1e-5)
     assert abs(float(schedule.sigma(t0) / schedule.alpha(t0)) - 0.3 / 0.7) < 1e-6
+
+
+def test_the_configs_comment_on_max_span_says_hierarchy_2s_first_stage_as_the_code_draws_it():
+    """configs/video_digits.toml explains video.max_span by bench/video.py's hierarchy-2 (8-frame model, 64 frames, 4
+    given, video.max_observed): its comment names the first stage's given and generated frames as hierarchy_2 makes
+    them (it once said "spaces 8 frames 9 apart")."""
+    import re
+    from pathlib import Path
+
+    from diffuse.config import load_config
+
+    cfg = load_config("video_digits")
+    text = (Path(tv.__file__).resolve().parents[1] / "configs" / "video_digits.toml").read_text()
+    said = re.search(r"gives frames (\d+)-(\d+) and generates ([\d, ]+):", text.replace("\n#", "").replace("  ", " "))
+    assert said, "the max_span comment names the first stage's frames"
+    obs, latent = next(iter(tv.hierarchy_2(cfg.data.frames, cfg.video.max_span, 4, max_observed=cfg.video.max_observed)))
+    assert obs == list(range(int(said[1]), int(said[2]) + 1))
+    assert latent == [int(i) for i in said[3].split(",")]
+    assert max(obs + latent) - min(obs + latent) + 1 <= cfg.video.max_span
