@@ -350,6 +350,9 @@ def test_more_given_frames_than_the_masked_model_was_trained_with_are_refused(ru
     plan = resolve(EditRequest(runs["masked"], task="predict", video=clip, given=(0, 1, 2), method="reconstruction"))
     assert plan.method == "reconstruction" and plan.observed.tolist() == [True, True, True, False]
     assert resolve(EditRequest(runs["masked"], task="predict", video=clip, given=(0, 1))).method == "masked"
+    from diffuse.app.requests import default_given
+    assert default_given("predict", 8, 2) == (0, 1) and default_given("predict", 8) == (0, 1, 2, 3)
+    assert default_given("interpolate", 8, 1) == (0, 7)
 
 
 def test_sdedit_of_a_video(runs, clip, tmp_path):

@@ -742,9 +742,11 @@ def _resolve_video_sample(req: SampleRequest, run: Run) -> Plan:
     return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model)
 
 
-def default_given(task: str, frames: int) -> tuple[int, ...]:
-    """The given frames when --given is left out: predict the first half, interpolate the first and the last."""
-    return tuple(range(max(1, frames // 2))) if task == "predict" else (0, frames - 1)
+def default_given(task: str, frames: int, max_observed: int | None = None) -> tuple[int, ...]:
+    """The given frames when --given is left out: predict the first half (at most max_observed, the most a masked
+    model given the frames at once was trained with), interpolate the first and the last."""
+    half = max(1, frames // 2) if max_observed is None else max(1, min(frames // 2, max_observed))
+    return tuple(range(half)) if task == "predict" else (0, frames - 1)
 
 
 def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor:
@@ -798,7 +800,8 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
     if req.scheme is not None and frames <= model:
         raise RequestError("scheme", f"--scheme does nothing here: {frames} frames fit the {model} of {req.run} and are "
                                      f"edited at once; leave it out, or pass --frames more than {model}")
-    given = req.given if req.given is not None else default_given(req.task, frames)
+    cap = video_limits(run)[0] if method == "masked" else None
+    given = req.given if req.given is not None else default_given(req.task, frames, cap if frames <= model else None)
     outside = [i for i in given if i >= frames]
     if outside:
         raise RequestError("given", f"--given {','.join(map(str, given))}: frame {outside[0]} is outside the video's "
@@ -814,7 +817,6 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
         raise RequestError("given", f"edit interpolate generates frames between given ones, and --given "
                                     f"{','.join(map(str, given))} has none between: use edit predict, or give frames "
                                     "on both sides of a gap")
-    cap = video_limits(run)[0]
     if frames <= model and method == "masked" and len(given) > cap:
         raise RequestError("given", f"--given names {len(given)} frames, more than the {cap} {req.run} was trained with "
                                     f"(video.max_observed = {cap}): the masked model never saw more given frames; pass at "
