@@ -20,8 +20,8 @@ or the projection after each step (docs/architecture.md), so each runs with ever
 Long videos (Harvey et al. 2022, FDM `sampling_schemes.py`): a scheme is a list of stages (obs_indices,
 latent_indices) of at most F_model frames each (`autoregressive`, `hierarchy_2`), each conditioned on at most
 max_observed done frames, the nearest (`nearest_done`; a masked model's video.max_observed: training never gave it
-more; None, no cap, for replacement or reconstruction guidance, which have no observed channel); `sample_long` runs each stage
-with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing
+more; None, no cap, for replacement or reconstruction guidance, which have no observed channel); `sample_long` runs
+each stage with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing
 (`relative_frame_index`: the positions less the stage's first, as training with video.max_span gives them).
 `sample_stages` runs any such plan around given frames anywhere: prediction of a long video is the given first frames
 then a scheme's stages; interpolation of a long video is `interpolation_stages` (each gap filled from both sides).
