@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from diffuse.app.requests import video_limits
 from diffuse.config import apply_overrides, load_config
 from diffuse.data.video import MovingDigits, bundled_digits
 from diffuse.generate import chunk_seed
@@ -151,7 +152,7 @@ def sample_k(method: str, den, videos, observed, args, seed: int) -> torch.Tenso
 def score(samples: torch.Tensor, real: torch.Tensor, trajectories, glyphs, side: int, observed, classifier) -> dict:
     """The video metrics of K samples (K, B, C, F, H, W) of the true videos real (B, C, F, H, W)."""
     generated = ~torch.tensor(observed)
-    ps = torch.stack([over_generated(psnr(s, real), generated) for s in samples])
+    ps = torch.stack([psnr(s, real, generated) for s in samples])  # MCVD's: the MSE over the generated frames, then the log
     ss = torch.stack([over_generated(ssim(s, real), generated) for s in samples])
     labels = torch.cat([frame_labels(s, classifier, crop=side) for s in samples])
     true = torch.tensor([t.labels[0] for t in trajectories]).repeat(len(samples))
@@ -220,16 +221,19 @@ def long_part(args, runs, classifier, result) -> None:
     cfg = load_config(CONFIG)
     F, given = cfg.data.frames, 4
     real, trs, glyphs, side = test_videos(cfg, args.long_videos, frames=args.long_frames)
-    den = open_run(runs["masked"]["path"]).denoiser()
+    run = open_run(runs["masked"]["path"])
+    den = run.denoiser()
+    cap, span = video_limits(run)  # each stage conditions on at most the given frames training gave (the nearest)
     generated = torch.arange(args.long_frames) >= given
     centres = true_centres(trs, glyphs)
     true = torch.tensor([t.labels[0] for t in trs])
     rows = []
     for name, scheme in SCHEMES.items():
-        stages = list(scheme(F, args.long_frames, given))
+        stages = list(scheme(F, args.long_frames, given, max_observed=cap))
         t0 = time.perf_counter()
-        x = torch.cat([sample_long(den, stages, real[lo:lo + args.batch], given, frames=F, seed=lo, sampler="ddim",
-                                   steps=args.steps, eta=0.0, clip=True) for lo in range(0, len(real), args.batch)])
+        x = torch.cat([sample_long(den, stages, real[lo:lo + args.batch], given, frames=F, max_observed=cap, span=span,
+                                   seed=lo, sampler="ddim", steps=args.steps, eta=0.0, clip=True)
+                       for lo in range(0, len(real), args.batch)])
         kept = identity_kept(frame_labels(x, classifier, crop=side), true)
         err = trajectory_error(x, centres, generated)
         last = trajectory_error(x, centres, torch.arange(args.long_frames) >= args.long_frames - F)
@@ -306,7 +310,8 @@ def results_section(args, result: dict) -> str:
              + ("reused from earlier: " if args.reuse else f"each trained {trained}, one after the other: ")
              + ", ".join(f"{n} ({v['steps']} steps; {' '.join(v['overrides']) or 'as is'})" for n, v in r["runs"].items()) + ". "
              f"Sampling: DDIM {args.steps} steps, eta 0, clipped. Held-out videos: the test split (digit instances never "
-             "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR/SSIM mean over "
+             "trained on). Metrics (diffuse/video_metrics.py) over the generated frames only; PSNR of a video from its "
+             "squared error over them (MCVD's), SSIM with a Gaussian window (sigma 1.5, MCVD's); both the mean over "
              f"{args.k} samples and best of them per video (MCVD); label: the digit classifier on each frame's "
              "digit-sized crop around its centre of mass, the share of videos whose label is the same in all frames "
              "(and is the true one); trajectory: mean distance in pixels between the centre of mass and the true one, "

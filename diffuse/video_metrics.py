@@ -6,8 +6,9 @@ compare each generated video with *its own* ground truth (PSNR, SSIM, the trajec
 video over time (the label kept, the per-video features). Videos are (B, C, F, H, W) in [-1, 1] as everywhere.
 
 Which frames count: every per-frame score is averaged over the *generated* frames only (`generated` (F,) or (B, F)
-bool, the complement of the observed mask of tasks.video); the given frames are copies of the truth and would only
-raise the score (MCVD's and FDM's protocol: scores of the predicted frames).
+bool, the complement of the observed mask of tasks.video), and PSNR pools the squared error over them before the log
+(MCVD's); the given frames are copies of the truth and would only raise the score (MCVD's and FDM's protocol: scores
+of the predicted frames).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from .data.video import Trajectory
 from .metrics import extract_features, feature_statistics, frechet_distance
 
-__all__ = ["psnr", "ssim", "over_generated", "best_of_k", "digit_crops", "frame_labels", "identity_kept", "centre_of_mass",
+__all__ = ["frame_mse", "psnr", "ssim", "over_generated", "best_of_k", "digit_crops", "frame_labels", "identity_kept", "centre_of_mass",
            "glyph_centre", "true_centres", "trajectory_error", "acceleration", "video_features", "fd_digits_video"]
 
 DATA_RANGE = 2.0  # videos in [-1, 1]
@@ -39,29 +40,48 @@ def _check_pair(fake: Tensor, real: Tensor) -> None:
 
 
 # --- frames against the truth (MCVD, Voleti et al. 2022, runners/ncsn_runner.py) -------------------------------------
-def psnr(fake: Tensor, real: Tensor) -> Tensor:
-    """Per-frame PSNR in dB, (B, F): 10 log10(R^2 / MSE) with R = 2 (the range of [-1, 1]) and MSE the mean over
-    (C, H, W) of frame f of fake (clipped to [-1, 1]) against real, both (B, C, F, H, W). +inf for identical frames.
-    ValueError for other shapes."""
+def frame_mse(fake: Tensor, real: Tensor) -> Tensor:
+    """Per-frame mean squared error, (B, F): the mean over (C, H, W) of frame f of fake (clipped to [-1, 1]) against
+    real, both (B, C, F, H, W). ValueError for other shapes."""
     _check_pair(fake, real)
-    mse = ((fake.detach().double().clamp(-1, 1) - real.detach().double()) ** 2).mean(dim=(1, 3, 4))
+    return ((fake.detach().double().clamp(-1, 1) - real.detach().double()) ** 2).mean(dim=(1, 3, 4))
+
+
+def psnr(fake: Tensor, real: Tensor, generated=None) -> Tensor:
+    """PSNR of each video in dB, (B,), MCVD's (Voleti et al. 2022, runners/ncsn_runner.py): 10 log10(R^2 / MSE) with
+    R = 2 (the range of [-1, 1]; MCVD's frames in [0, 1] with R = 1 give the same number) and MSE the mean squared
+    error over the video's generated frames (`frame_mse` averaged over `generated` (F,) or (B, F) bool; None: every
+    frame), fake clipped to [-1, 1]. Not the mean of per-frame PSNRs, which is never lower (Jensen: -log is convex)
+    and +inf as soon as one frame is exact. +inf only for a video whose generated frames are all exact. ValueError for
+    other shapes or a video without a generated frame."""
+    mse = frame_mse(fake, real)
+    mse = over_generated(mse, torch.ones(mse.shape[-1], dtype=torch.bool) if generated is None else generated)
     return 10 * torch.log10(DATA_RANGE ** 2 / mse)
 
 
+SSIM_SIGMA = 1.5  # Wang et al. 2004's Gaussian window; skimage truncates it at 3.5 sigma: 11x11 pixels
+SSIM_WINDOW = 11
+
+
 def ssim(fake: Tensor, real: Tensor) -> Tensor:
-    """Per-frame SSIM (Wang et al. 2004) in [-1, 1], (B, F): scikit-image's structural_similarity (7x7 uniform window,
-    data_range 2, the channels of an RGB frame averaged) of frame f of fake (clipped) against real, (B, C, F, H, W).
-    1 for identical frames. ValueError for other shapes or frames under 7x7 pixels."""
+    """Per-frame SSIM (Wang et al. 2004) in [-1, 1], (B, F), as MCVD computes it (Voleti et al. 2022,
+    runners/ncsn_runner.py): scikit-image's structural_similarity with Gaussian weights (sigma 1.5, an 11x11 window),
+    the population covariance (use_sample_covariance False) and K1 = 0.01, K2 = 0.03 (Wang et al.'s constants),
+    data_range 2 (frames in [-1, 1]; the same number as [0, 1] frames with range 1), the channels of an RGB frame
+    averaged, of frame f of fake (clipped) against real, (B, C, F, H, W); MCVD's per-video SSIM is its mean over the
+    frames (`over_generated`). 1 for identical frames. ValueError for other shapes or frames under 11x11 pixels."""
     _check_pair(fake, real)
-    if min(real.shape[-2:]) < 7:
-        raise ValueError(f"SSIM's 7x7 window needs frames of at least 7x7 pixels, got {tuple(real.shape[-2:])}")
+    if min(real.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM's Gaussian window (sigma {SSIM_SIGMA}, {SSIM_WINDOW}x{SSIM_WINDOW}) needs frames of at "
+                         f"least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {tuple(real.shape[-2:])}")
     a = fake.detach().float().clamp(-1, 1).cpu().numpy()
     b = real.detach().float().cpu().numpy()
     B, C, F = real.shape[:3]
     out = torch.empty(B, F, dtype=torch.float64)
     for i in range(B):
         for f in range(F):
-            out[i, f] = float(structural_similarity(a[i, :, f], b[i, :, f], data_range=DATA_RANGE, channel_axis=0))
+            out[i, f] = float(structural_similarity(a[i, :, f], b[i, :, f], data_range=DATA_RANGE, channel_axis=0,
+                                                    gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False))
     return out
 
 
@@ -80,7 +100,8 @@ def over_generated(per_frame: Tensor, generated) -> Tensor:
 
 def best_of_k(scores: Tensor) -> dict[str, float]:
     """MCVD's protocol (Voleti et al. 2022, `preds_per_test` samples, `best_psnr`/`best_ssim`): scores (K, B) of K samples
-    of each of B test videos (each already the mean over its generated frames, `over_generated`) -> {"best": the mean
+    of each of B test videos (each already a video's score over its generated frames: `psnr(..., generated)`,
+    `over_generated(ssim(...), generated)`) -> {"best": the mean
     over videos of the best of the K samples (higher is better), "mean": the mean over samples and videos}. ValueError
     for another shape."""
     if not isinstance(scores, Tensor) or scores.ndim != 2:
@@ -146,9 +167,17 @@ def identity_kept(labels: Tensor, true: Tensor | None = None) -> dict[str, float
 # --- the known physics (moving digits, one digit per video) -----------------------------------------------------------
 def centre_of_mass(videos: Tensor) -> Tensor:
     """The centre of mass (row, col) in pixels of every frame, (B, F, 2) float64: the weights are the intensities
-    (x + 1) / 2 in [0, 1] (clipped; channels averaged), pixel (r, c) at coordinates (r, c). NaN for an empty frame.
-    Meant for one digit per video: with two it is the pair's centre."""
-    w = ((videos.detach().double().clamp(-1, 1) + 1) / 2).mean(1)  # (B, F, H, W)
+    v = (x + 1) / 2 in [0, 1] (clipped; channels averaged) above the frame's background, negatives set to 0:
+    max(0, v - median(v) - 3 MAD(v)), MAD the median absolute deviation |v - median(v)|, pixel (r, c) at coordinates
+    (r, c). The median is the background's level (a digit covers well under half the canvas) and 3 MAD its noise (0
+    on a clean background, so a true frame's weights are its ink exactly): a generated background near -1 but not at
+    it (e.g. -0.97, noisy) weighs (almost) nothing, where weights v would give it a mass spread over the whole canvas
+    that pulls the centre towards the canvas's centre. NaN for an empty frame (nothing above the background). Meant
+    for one digit per video: with two it is the pair's centre."""
+    v = ((videos.detach().double().clamp(-1, 1) + 1) / 2).mean(1)  # (B, F, H, W)
+    level = v.flatten(-2).median(-1).values[..., None, None]  # the background's level
+    spread = (v - level).abs().flatten(-2).median(-1).values[..., None, None]  # its noise: the median absolute deviation
+    w = (v - level - 3 * spread).clamp(min=0)
     H, W = w.shape[-2:]
     mass = w.sum((-2, -1))
     rows = (w.sum(-1) * torch.arange(H, dtype=torch.float64)).sum(-1) / mass
@@ -166,7 +195,7 @@ def true_centres(trajectories: list[Trajectory], glyphs: np.ndarray) -> Tensor:
     """Where the true digit's centre of mass is in every frame, (B, F, 2) float64: MovingDigits.trajectory's top-left
     positions[t, 0] (row, col) plus the centre of mass of the digit's own glyph (`glyph_centre` of glyphs[digits[0]],
     glyphs = data.video.bundled_digits(digit_size)[0]). Exactly the centre of mass of the rendered true frame (the
-    digit is pasted whole, never cut by a wall). ValueError for a video of more than one digit."""
+    digit is pasted whole, never cut by a wall, on a background of exactly -1, its median). ValueError for a video of more than one digit."""
     out = []
     for k, tr in enumerate(trajectories):
         if tr.positions.shape[1] != 1:

@@ -5,6 +5,8 @@ video run cannot do (or an image run is asked to) is refused by name."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -84,8 +86,11 @@ def test_sample_writes_an_mp4_with_its_contact_sheet(runs, tmp_path):
 @pytest.mark.parametrize("scheme", ["autoregressive", "hierarchy-2"])
 def test_long_videos_take_a_scheme_on_a_masked_model(runs, tmp_path, scheme):
     out = tmp_path / "long.gif"
-    run_cli("sample", runs["masked"], "--n", 1, "--frames", 9, "--scheme", scheme, "--out", out, "--device", "cpu")
+    with warnings.catch_warnings(record=True) as caught:  # the runs train on windows of 64 frames (video.max_span)
+        warnings.simplefilter("always")
+        run_cli("sample", runs["masked"], "--n", 1, "--frames", 9, "--scheme", scheme, "--out", out, "--device", "cpu")
     assert frames_of(out).shape == (9, SIDE, SIDE)
+    assert not [w for w in caught if "the run was trained on" in str(w.message)]  # 9 frames: within the span
     with pytest.raises(RequestError, match="--frames 9 is more than the 4 frames.*pass --scheme autoregressive or "
                                            "--scheme hierarchy-2"):
         resolve(SampleRequest(runs["masked"], n=1, frames=9))
@@ -221,6 +226,24 @@ def test_the_page_reads_checks_and_shows_videos(runs, clip, tmp_path):
     assert display(x).width >= contact_sheet(x, 1).width  # a preview of videos: their contact sheet
 
 
+def test_the_page_counts_a_gifs_frames_on_its_clock_and_an_edit_reads_only_the_frames_it_needs(runs, tmp_path):
+    """A 2-frame GIF, 20 ms then 60 s (with a forged 1 ms clock): the page's pixel limit counts the 257 frames the
+    reader makes of it (a 60 s frame counts data.video.GIF_MAX_REPEAT times), not the header's 2; an edit of the 4-frame
+    run reads its first 4 frames only."""
+    from diffuse.app.webui import check_video_upload
+
+    black, white = Image.new("L", (SIDE, SIDE), 0), Image.new("L", (SIDE, SIDE), 255)
+    path = tmp_path / "held.gif"
+    black.save(path, save_all=True, append_images=[white], duration=[20, 60000], loop=0, comment=b"diffuse frame_ms=1")
+    assert check_video_upload(str(path)) == (257, SIDE, SIDE)
+    with pytest.raises(ValueError, match=r"held.gif is 257 frames on its clock \(2 stored, .*\) of 16x16 = 65,792 "
+                                         r"pixels, more than the 10,000 this page reads"):
+        check_video_upload(str(path), limit=10_000)  # the header's 2 x 256 = 512 pixels pass
+    plan = resolve(EditRequest(runs["masked"], task="predict", video=str(path), given=(0, 1)))
+    assert plan.video.shape == (1, 1, FRAMES, SIDE, SIDE)
+    assert plan.video[0, 0, 0].max() == -1 and plan.video[0, 0, 1:].min() == 1
+
+
 def test_the_page_serves_a_video_run_on_its_own_tab(runs, clip):
     pytest.importorskip("gradio")
     from diffuse.app.webui import build_app
@@ -283,7 +306,8 @@ def test_a_video_longer_than_the_model_is_edited_in_stages(runs, long_clip, tmp_
     plan = resolve(EditRequest(runs["masked"], task=task, video=long_clip, frames=10, given=tuple(kept), scheme=scheme,
                                n=1, steps=2, sampler="ddim", device="cpu"))
     from diffuse.app.requests import execute, video_stages
-    stages = video_stages(task, 4, 10, kept, scheme)
+    stages = video_stages(task, 4, 10, kept, scheme, 2)  # the runs' video.max_observed = 2
+    assert all(len(obs) <= 2 for obs, _ in stages)
     assert execute(plan).calls == 2 * len(stages)  # two DDIM steps per stage, each stage one network call per step
     assert Image.open(out.with_suffix(".png")).size == contact_sheet(torch.zeros(2, 1, 10, SIDE, SIDE)).size
 
@@ -302,6 +326,33 @@ def test_what_a_long_edit_cannot_do_is_refused_by_name(runs, long_clip):
         resolve(EditRequest(runs["masked"], task="interpolate", video=long_clip, given=(0, 9)))
     with pytest.raises(RequestError, match="has 10 frames, fewer than the 12 asked"):
         resolve(EditRequest(runs["masked"], task="predict", video=long_clip, frames=12))
+
+
+def test_a_long_video_spreading_beyond_the_trained_span_is_warned(runs):
+    """The runs train on windows of max(video.max_span, data.frames) = 64 frames: hierarchy-2 over 66 frames spreads
+    its first stage over all 66, which the network never saw; the page and the command line get a warning."""
+    from diffuse.app.requests import execute
+
+    plan = resolve(SampleRequest(runs["masked"], n=1, frames=66, scheme="hierarchy-2", steps=1, sampler="ddim",
+                                 device="cpu"))
+    with pytest.warns(UserWarning, match="spread over up to 66 frames, more than the 64 the run was trained on"):
+        assert execute(plan).x.shape == (1, 1, 66, SIDE, SIDE)
+
+
+def test_more_given_frames_than_the_masked_model_was_trained_with_are_refused(runs, clip):
+    """The runs give at most video.max_observed = 2 frames in training: --given 0,1,2 on the 4-frame masked model is
+    refused for --method masked (naming the limit and both fixes), accepted for reconstruction guidance (no observed
+    channel, no limit); a long edit with 3 given frames conditions each stage on 2 of them, the nearest."""
+    with pytest.raises(RequestError, match=r"--given names 3 frames, more than the 2 .* was trained with \(video."
+                                           r"max_observed = 2\).*pass at most 2 in --given, or --method reconstruction") as e:
+        resolve(EditRequest(runs["masked"], task="predict", video=clip, given=(0, 1, 2)))
+    assert e.value.field == "given"
+    plan = resolve(EditRequest(runs["masked"], task="predict", video=clip, given=(0, 1, 2), method="reconstruction"))
+    assert plan.method == "reconstruction" and plan.observed.tolist() == [True, True, True, False]
+    assert resolve(EditRequest(runs["masked"], task="predict", video=clip, given=(0, 1))).method == "masked"
+    from diffuse.app.requests import default_given
+    assert default_given("predict", 8, 2) == (0, 1) and default_given("predict", 8) == (0, 1, 2, 3)
+    assert default_given("interpolate", 8, 1) == (0, 7)
 
 
 def test_sdedit_of_a_video(runs, clip, tmp_path):

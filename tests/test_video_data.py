@@ -323,3 +323,40 @@ def test_a_still_clip_reads_back_with_all_its_frames(tmp_path):
     save_video(half, tmp_path / "half.gif")
     frames = read_video(tmp_path / "half.gif")
     assert frames.shape == (5, 8, 8, 3) and [int(f.max()) for f in frames] == [0, 0, 255, 255, 255]
+
+
+def _long_still_gif(path, comment=b"diffuse frame_ms=1"):
+    """A 2-frame 16x16 GIF, black for 20 ms then white for 60 s, with a comment claiming a 1 ms clock: on a 20 ms clock
+    3001 frames, the reader's unbounded repeat before GIF_MAX_REPEAT."""
+    black, white = Image.new("L", (16, 16), 0), Image.new("L", (16, 16), 255)
+    black.save(path, save_all=True, append_images=[white], duration=[20, 60000], loop=0, comment=comment)
+    return path
+
+
+def test_a_gif_holding_a_frame_long_is_bounded_and_read_no_further_than_asked(tmp_path):
+    """A frame counts at most GIF_MAX_REPEAT times and a clock under 10 ms is no clock (GIF durations are whole
+    centiseconds): the 60 s frame of a 20 ms GIF is 256 frames, not 3000 (or 60,000 on its forged 1 ms clock);
+    max_frames stops the reading there, the last source frame's repeats cut to fit."""
+    from diffuse.data.video import GIF_MAX_REPEAT, gif_frame_count, gif_repeats
+
+    path = _long_still_gif(tmp_path / "long.gif")
+    assert Image.open(path).n_frames == 2
+    assert gif_repeats([20, 60000], b"diffuse frame_ms=1") == [1, GIF_MAX_REPEAT] == [1, 256]
+    assert gif_repeats([40, 80, 0], b"diffuse frame_ms=40") == [1, 2, 1] and gif_repeats([30, 90]) == [1, 3]
+    assert gif_frame_count(path) == 257
+    frames = read_video(path)
+    assert frames.shape == (257, 16, 16, 3) and frames[0].max() == 0 and frames[1:].min() == 255
+    short = read_video(path, max_frames=5)
+    assert short.shape == (5, 16, 16, 3) and [int(f.max()) for f in short] == [0, 255, 255, 255, 255]
+    assert read_video(path, max_frames=1).shape == (1, 16, 16, 3)
+    assert read_video(path, max_frames=1000).shape[0] == 257
+    with pytest.raises(ValueError, match="max_frames must be a whole number >= 1"):
+        read_video(path, max_frames=0)
+
+
+def test_an_mp4_is_read_no_further_than_asked(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    x = _gray_video(1)[0]
+    save_video(x, tmp_path / "a.mp4", fps=8)
+    whole, first = read_video(tmp_path / "a.mp4"), read_video(tmp_path / "a.mp4", max_frames=3)
+    assert whole.shape[0] == F and np.array_equal(first, whole[:3])

@@ -1,6 +1,8 @@
 """Video sampling tasks (diffuse/tasks/video.py) against exact answers: Gaussian "videos" x_0 ~ N(0, Sigma) over frames,
 Sigma_ij = rho^|f_i - f_j| (each pixel its own independent copy), whose denoisers and conditionals are closed-form."""
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor
@@ -203,12 +205,15 @@ def test_replacement_is_incoherent_and_reconstruction_guidance_reduces_it():
     assert bias["guidance w_r=4"] < 0.5 * bias["replacement"]
 
 
-def test_reconstruction_gradient_is_the_formula():
-    """For the linear Gaussian denoiser x^(z) = M z the guided x~^b is x^^b - w alpha M_ab^T (M_a z - x^a) exactly."""
-    schedule = vp()
+@pytest.mark.parametrize("process, t", [(vp, 0.3), (EDM, 0.01), (EDM, 0.2), (Flow, 0.3), (Flow, 0.8)])
+def test_reconstruction_gradient_is_the_formula(process, t):
+    """For the linear Gaussian denoiser x^(z) = M z, M = alpha Sigma (alpha^2 Sigma + sigma^2 I)^-1, the guided x~^b is
+    x^^b - w alpha M_ab^T (M_a z - x^a) exactly, on every process: VP (alpha^2 + sigma^2 = 1), EDM (alpha = 1, sigma =
+    80 t: the gradient through the network's input scaling) and Flow (alpha = 1 - t, sigma = t)."""
+    schedule = process()
     net = GaussianVideo(schedule)
     den = Denoiser(net, schedule, prediction="x0", bounded=False)
-    t = torch.tensor(0.3, dtype=torch.float64)
+    t = torch.tensor(t, dtype=torch.float64)
     alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
     S = net.cov(torch.arange(3))
     M = alpha * S @ torch.linalg.inv(alpha**2 * S + sigma**2 * torch.eye(3))  # E[x_0 | z] = M z
@@ -220,6 +225,7 @@ def test_reconstruction_gradient_is_the_formula():
     x0 = zr @ M.T
     grad = 2 * (x0[:, :1] - xa[:, :1]) @ M[:1]  # grad_z ||x^a - (M z)_a||^2
     want = x0 - 3.0 * alpha / 2 * grad
+    assert float((want - x0)[:, 1:].abs().max()) > 1e-3  # the guidance term is far above the tolerance
     assert torch.allclose(out.x0.double().view(2, 3)[:, 1:], want[:, 1:], atol=1e-5)
     assert torch.equal(out.x0[:, :, 0], x_obs[:, :, 0])
     assert torch.allclose(alpha * out.x0 + sigma * out.eps, z, atol=1e-5)
@@ -393,6 +399,48 @@ def test_interpolation_stages_refuse_what_does_not_fit():
         tv.sample_stages(None, [], torch.zeros(1, 1, 4, 1, 1), [5])
 
 
+@pytest.mark.parametrize("make", [lambda cap: list(tv.hierarchy_2(8, 64, 4, max_observed=cap)),
+                                  lambda cap: tv.interpolation_stages(8, 16, [0, 7], max_observed=cap),
+                                  lambda cap: tv.interpolation_stages(8, 40, [0, 1, 20, 21, 39], 6, max_observed=cap),
+                                  lambda cap: list(tv.autoregressive(8, 40, 6, step=2, max_observed=cap))])
+def test_stages_condition_on_at_most_max_observed_frames_the_nearest(make):
+    """A masked model trained with at most video.max_observed = 4 given frames never saw more: uncapped, these plans
+    give a stage 5-7 (the defect); capped, every stage conditions on at most 4 done frames, the nearest done frame on
+    each side among them, and no unchosen done frame nearer the stage than a chosen one (beyond those two)."""
+    assert max(len(obs) for obs, _ in make(None)) > 4
+    stages = make(4)
+    latent = [i for _, lat in stages for i in lat]
+    done = set(range(1 + max(max(obs + lat) for obs, lat in stages))) - set(latent)  # the given frames
+    assert len(latent) == len(set(latent))
+    for obs, lat in stages:
+        assert 1 <= len(obs) <= 4 and set(obs) <= done and not set(lat) & done
+        before, after = [i for i in done if i < lat[0]], [i for i in done if i > lat[-1]]
+        ends = {max(before)} if before else set()
+        ends |= {min(after)} if after else set()
+        assert ends <= set(obs)
+        dist = lambda i: min(abs(i - lat[0]), abs(i - lat[-1]))  # noqa: E731
+        others = [dist(i) for i in obs if i not in ends]
+        assert all(dist(i) >= max(others) for i in done - set(obs)) if others else True
+        done |= set(lat)
+
+
+def test_schemes_and_sample_stages_refuse_more_given_frames_than_trained_and_warn_beyond_the_span():
+    schedule = vp()
+    den = Denoiser(GaussianVideo(schedule), schedule, prediction="x0", bounded=False)
+    with pytest.raises(ValueError, match="max_observed.*must be 2..7.*use the autoregressive scheme"):
+        list(tv.hierarchy_2(8, 64, 4, max_observed=1))
+    with pytest.raises(ValueError, match="must be 1..7"):
+        list(tv.autoregressive(8, 64, 4, max_observed=8))
+    with pytest.raises(ValueError, match="conditions on 2 frames, more than the 1 the model was trained with"):
+        tv.sample_long(den, [([], [0, 1]), ([0, 1], [2, 3])], torch.zeros(1, 1, 4, 1, 1), max_observed=1)
+    stages = list(tv.hierarchy_2(4, 12, 1))  # the first stage: frame 0 given, 1, 6, 11 generated: 12 frames
+    with pytest.warns(UserWarning, match="spread over up to 12 frames, more than the 8 the run was trained on"):
+        tv.sample_long(den, stages, torch.zeros(1, 1, 12, 1, 1), 1, frames=4, span=8, sampler="ddim", steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tv.sample_long(den, stages, torch.zeros(1, 1, 12, 1, 1), 1, frames=4, span=12, sampler="ddim", steps=1)
+
+
 def exact_conditional_error(x, given, total):
     """x^b - E[x^b | x^a] of the whole video (Sigma_ij = rho^|i - j|) per pixel row, in standard errors of its mean and
     covariance against the exact Cov[x^b | x^a]."""
@@ -478,3 +526,22 @@ def test_sdedit_of_videos_starts_from_the_noised_video():
     want = schedule.alpha(t0).float() * guide + schedule.sigma(t0).float() * eps
     assert torch.allclose(calls[0][0], want, atol=1e-5)
     assert abs(float(schedule.sigma(t0) / schedule.alpha(t0)) - 0.3 / 0.7) < 1e-6
+
+
+def test_the_configs_comment_on_max_span_says_hierarchy_2s_first_stage_as_the_code_draws_it():
+    """configs/video_digits.toml explains video.max_span by bench/video.py's hierarchy-2 (8-frame model, 64 frames, 4
+    given, video.max_observed): its comment names the first stage's given and generated frames as hierarchy_2 makes
+    them (it once said "spaces 8 frames 9 apart")."""
+    import re
+    from pathlib import Path
+
+    from diffuse.config import load_config
+
+    cfg = load_config("video_digits")
+    text = (Path(tv.__file__).resolve().parents[1] / "configs" / "video_digits.toml").read_text()
+    said = re.search(r"gives frames (\d+)-(\d+) and generates ([\d, ]+):", text.replace("\n#", "").replace("  ", " "))
+    assert said, "the max_span comment names the first stage's frames"
+    obs, latent = next(iter(tv.hierarchy_2(cfg.data.frames, cfg.video.max_span, 4, max_observed=cfg.video.max_observed)))
+    assert obs == list(range(int(said[1]), int(said[2]) + 1))
+    assert latent == [int(i) for i in said[3].split(",")]
+    assert max(obs + latent) - min(obs + latent) + 1 <= cfg.video.max_span

@@ -726,6 +726,15 @@ def _video_sampling(req: SampleRequest, run: Run) -> Plan:
     return _sampling(req, run)
 
 
+def video_limits(run: Run) -> tuple[int | None, int]:
+    """(max_observed, span) of a video run: the most given frames its training ever gave (video.max_observed; None for
+    a model without the observed channel: replacement and reconstruction guidance have no indicator and no limit) and
+    the frames its training examples spread over (max(video.max_span, data.frames)), which long-video stages should
+    not exceed (tasks.video.warn_span)."""
+    cfg = run.cfg
+    return (cfg.video.max_observed if run.capabilities.observed else None), max(cfg.video.max_span, cfg.data.frames)
+
+
 def _resolve_video_sample(req: SampleRequest, run: Run) -> Plan:
     """`diffuse sample VIDEO_RUN [--frames N] [--scheme S]`: N frames (default the run's data.frames) drawn at once when
     they fit the model's F frames; more by a long-video scheme (tasks.video.SCHEMES) of a masked-conditioning model,
@@ -741,7 +750,8 @@ def _resolve_video_sample(req: SampleRequest, run: Run) -> Plan:
         if req.scheme is None:
             raise RequestError("scheme", f"--frames {frames} is more than the {model} frames of {req.run}: a longer video is "
                                          f"drawn in stages by a scheme; pass --scheme {' or --scheme '.join(LONG_SCHEMES)}")
-        _raise_as("scheme", lambda: list(SCHEMES[req.scheme](model, frames)))  # sizes the scheme cannot cut
+        cap = video_limits(run)[0]  # sizes the scheme cannot cut
+        _raise_as("scheme", lambda: list(SCHEMES[req.scheme](model, frames, max_observed=cap)))
     elif req.scheme is not None:
         raise RequestError("scheme", f"--scheme does nothing here: {frames} frames fit the {model} of {req.run} and are "
                                      f"drawn at once; leave it out, or pass --frames more than {model}")
@@ -749,15 +759,18 @@ def _resolve_video_sample(req: SampleRequest, run: Run) -> Plan:
     return dataclasses.replace(plan, shape=(d.channels, frames, d.image_size, d.image_size), model_frames=model)
 
 
-def default_given(task: str, frames: int) -> tuple[int, ...]:
-    """The given frames when --given is left out: predict the first half, interpolate the first and the last."""
-    return tuple(range(max(1, frames // 2))) if task == "predict" else (0, frames - 1)
+def default_given(task: str, frames: int, max_observed: int | None = None) -> tuple[int, ...]:
+    """The given frames when --given is left out: predict the first half (at most max_observed, the most a masked
+    model given the frames at once was trained with), interpolate the first and the last."""
+    half = max(1, frames // 2) if max_observed is None else max(1, min(frames // 2, max_observed))
+    return tuple(range(half)) if task == "predict" else (0, frames - 1)
 
 
 def read_video_input(path: str, channels: int, size: int, frames: int) -> Tensor:
     """The first `frames` frames of a video file as (1, channels, frames, size, size) in [-1, 1] (data.video.read_video,
-    fit_frames: grayscale or RGB, scaled and centre-cropped). ValueError when the file has fewer frames."""
-    raw = read_video(path)
+    fit_frames: grayscale or RGB, scaled and centre-cropped); reading stops there (read_video's max_frames), however
+    long the file. ValueError when the file has fewer frames."""
+    raw = read_video(path, max_frames=frames)
     if len(raw) < frames:
         raise ValueError(f"--video {path} has {len(raw)} frame{'s' * (len(raw) != 1)}, fewer than the {frames} asked; pass --frames {len(raw)} "
                          "or a longer video")
@@ -804,7 +817,8 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
     if req.scheme is not None and frames <= model:
         raise RequestError("scheme", f"--scheme does nothing here: {frames} frames fit the {model} of {req.run} and are "
                                      f"edited at once; leave it out, or pass --frames more than {model}")
-    given = req.given if req.given is not None else default_given(req.task, frames)
+    cap = video_limits(run)[0] if method == "masked" else None
+    given = req.given if req.given is not None else default_given(req.task, frames, cap if frames <= model else None)
     outside = [i for i in given if i >= frames]
     if outside:
         raise RequestError("given", f"--given {','.join(map(str, given))}: frame {outside[0]} is outside the video's "
@@ -820,8 +834,14 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
         raise RequestError("given", f"edit interpolate generates frames between given ones, and --given "
                                     f"{','.join(map(str, given))} has none between: use edit predict, or give frames "
                                     "on both sides of a gap")
+    if frames <= model and method == "masked" and len(given) > cap:
+        raise RequestError("given", f"--given names {len(given)} frames, more than the {cap} {req.run} was trained with "
+                                    f"(video.max_observed = {cap}): the masked model never saw more given frames; pass at "
+                                    f"most {cap} in --given, or --method reconstruction (guidance of any number of given "
+                                    "frames)")
     if frames > model:  # the stages (sizes a scheme cannot cut fail here)
-        _raise_as("scheme" if req.task == "predict" else "given", video_stages, req.task, model, frames, given, req.scheme)
+        _raise_as("scheme" if req.task == "predict" else "given", video_stages, req.task, model, frames, given, req.scheme,
+                  cap)
     video = _raise_as("video", read_video_input, req.video, d.channels, d.image_size, frames)
     observed = torch.zeros(frames, dtype=torch.bool)
     observed[list(given)] = True
@@ -830,14 +850,16 @@ def _resolve_video_edit(req: EditRequest, run: Run) -> Plan:
                                video=video, observed=observed, method=method)
 
 
-def video_stages(task: str, model: int, frames: int, given, scheme: str | None = None) -> list:
+def video_stages(task: str, model: int, frames: int, given, scheme: str | None = None,
+                 max_observed: int | None = None) -> list:
     """The stages (obs_indices, latent_indices) of a video edit longer than the model's `model` frames (Harvey et al.
     2022): predict, the given first frames then `scheme`'s stages (default autoregressive; tasks.video.SCHEMES);
-    interpolate, tasks.video.interpolation_stages (each gap filled from both sides). ValueError for sizes that do not
-    fit."""
+    interpolate, tasks.video.interpolation_stages (each gap filled from both sides); each stage conditioned on at most
+    `max_observed` done frames, the nearest (the run's video.max_observed, `video_limits`). ValueError for sizes that
+    do not fit."""
     if task == "predict":
-        return list(SCHEMES[scheme or "autoregressive"](model, frames, len(given)))
-    return interpolation_stages(model, frames, sorted(given))
+        return list(SCHEMES[scheme or "autoregressive"](model, frames, len(given), max_observed=max_observed))
+    return interpolation_stages(model, frames, sorted(given), max_observed=max_observed)
 
 
 def _resolve_video_sdedit(req: EditRequest, run: Run, frames: int) -> Plan:
@@ -1241,10 +1263,11 @@ def _execute_video(plan: Plan, callback, load, on_stage) -> Result:
     steps = _steps_total(plan, counted.schedule) or 0
     rest = {k: v for k, v in kw.items() if k not in ("seed", "device", "labels")}
     labels = kw.get("labels")
+    cap, span = video_limits(plan.run)
     if plan.video is not None:  # an edit: the n outputs in one batch
         long = shape[1] > plan.model_frames
         stages = video_stages(req.task, plan.model_frames, shape[1], plan.observed.nonzero()[:, 0].tolist(),
-                              req.scheme) if long else []
+                              req.scheme, cap) if long else []
         if on_stage is not None:
             on_stage(plan, steps * max(1, len(stages)) if steps else None)
         video = plan.video.expand(req.n, *shape).to(dev)
@@ -1256,7 +1279,7 @@ def _execute_video(plan: Plan, callback, load, on_stage) -> Result:
             return Result(sdedit_video(counted, video, req.strength, **common).cpu(), [plan.video], counted.calls)
         if long:
             x = sample_stages(counted, stages, video, plan.observed.nonzero()[:, 0].tolist(), frames=plan.model_frames,
-                              **common)
+                              max_observed=cap, span=span, **common)
         elif plan.method == "masked":
             x = sample_masked(counted, video, plan.observed, **common)
         elif plan.method == "replacement":
@@ -1273,15 +1296,15 @@ def _execute_video(plan: Plan, callback, load, on_stage) -> Result:
         cond = {"observed": torch.zeros(req.n, shape[1], dtype=torch.bool)} if plan.run.capabilities.observed else None
         x = generate_in_chunks(counted, req.n, shape, chunk=req.batch_size, **_with_condition(kw, cond))
         return Result(x, [], counted.calls)
-    stages = list(SCHEMES[req.scheme](plan.model_frames, shape[1]))
+    stages = list(SCHEMES[req.scheme](plan.model_frames, shape[1], max_observed=cap))
     if on_stage is not None:
         on_stage(plan, steps * len(stages) * chunks if steps else None)
     out = []
     for k, lo in enumerate(range(0, req.n, req.batch_size)):
         b = min(req.batch_size, req.n - lo)
         part = None if labels is None else labels[lo:lo + b]
-        out.append(sample_long(counted, stages, torch.zeros(b, *shape), 0, frames=plan.model_frames,
-                               seed=chunk_seed(req.seed, k), device=dev, labels=part, **rest).cpu())
+        out.append(sample_long(counted, stages, torch.zeros(b, *shape), 0, frames=plan.model_frames, max_observed=cap,
+                               span=span, seed=chunk_seed(req.seed, k), device=dev, labels=part, **rest).cpu())
     return Result(torch.cat(out), [], counted.calls)
 
 

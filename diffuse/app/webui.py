@@ -91,7 +91,7 @@ from ..tasks.editing import STRENGTH_HELP, latent_factor
 from ..tasks import unclip
 from ..tasks.semantic import amounts
 from ..train import feature_network
-from ..data.video import imageio_v3
+from ..data.video import gif_frame_count, imageio_v3
 from ..visualize import grid, save_gif, save_grid, save_image, save_video
 from .segment import Segmented, check_segmenter, output_paths
 
@@ -563,12 +563,22 @@ def read_upload(path: str, side: int | None = None, limit: int = Limits.upload_p
 
 
 def check_video_upload(path: str, limit: int = Limits.upload_pixels) -> tuple[int, int, int]:
-    """(frames, width, height) of an uploaded video (.gif, .mp4, ...), read from its header before any frame is decoded,
-    with frames x width x height at most `limit` (the page's pixel limit, --max-upload-pixels, counts every frame).
-    ValueError naming the file and the fix otherwise (not a video, damaged, over the limit)."""
+    """(frames, width, height) of an uploaded video (.gif, .mp4, ...), read from its headers before any frame is
+    converted to pixels, with frames x width x height at most `limit` (the page's pixel limit, --max-upload-pixels,
+    counts every frame). A GIF's frames are counted twice: as stored (its header's n_frames), then as read_video makes
+    them on the GIF's clock (data.video.gif_frame_count: a frame shown k ticks counts k times, so a 2-frame GIF of 60 s
+    is many frames). ValueError naming the file and the fix otherwise (not a video, damaged, over the limit)."""
     name = Path(path).name
+
+    def check(frames: int, w: int, h: int, clock: str = "") -> None:
+        if frames * w * h > limit:
+            raise ValueError(f"{name} is {frames} frames{clock} of {w}x{h} = {frames * w * h:,} pixels, more than the "
+                             f"{limit:,} this page reads (diffuse serve --max-upload-pixels); upload a shorter or smaller "
+                             "copy")
+
+    gif = Path(path).suffix.lower() == ".gif"
     try:
-        if Path(path).suffix.lower() == ".gif":
+        if gif:
             with Image.open(path) as img:
                 if img.format != "GIF":
                     raise ValueError(f"{name} is a {img.format} image, not a GIF")
@@ -577,9 +587,13 @@ def check_video_upload(path: str, limit: int = Limits.upload_pixels) -> tuple[in
             (w, h), frames = _ffmpeg_meta(path)
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{name} cannot be read as a video ({e}); upload a GIF or an MP4") from None
-    if frames * w * h > limit:
-        raise ValueError(f"{name} is {frames} frames of {w}x{h} = {frames * w * h:,} pixels, more than the {limit:,} this "
-                         "page reads (diffuse serve --max-upload-pixels); upload a shorter or smaller copy")
+    check(frames, w, h)  # the frames stored, from the header
+    if gif:  # the frames on its clock, from the frames' headers
+        try:
+            stored, frames = frames, gif_frame_count(path)
+        except ValueError as e:
+            raise ValueError(f"{name} cannot be read as a video ({e}); upload a GIF or an MP4") from None
+        check(frames, w, h, f" on its clock ({stored} stored, each counted for as long as it is shown)")
     return frames, w, h
 
 

@@ -47,6 +47,7 @@ VIDEO_SOURCES = ("moving_digits", "video_folder")
 VIDEO_SUFFIXES = (".gif", ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")  # what video_folder reads; other files are named
 VIDEO_EXTRA = 'pip install -e ".[video]"'  # imageio and imageio-ffmpeg: MP4 and the other ffmpeg formats
 SPLITS = ("train", "test")
+GIF_MAX_REPEAT = 256  # one GIF frame counts at most this many frames on its clock (a longer still is cut there)
 TEST_EVERY = 5  # moving_digits: bundled digit i is held out for the test split when i % 5 == 4 (100 of each class)
 
 
@@ -359,21 +360,28 @@ def _video_files(root: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in found if p.suffix.lower() in VIDEO_SUFFIXES], [p for p in found if p.suffix.lower() not in VIDEO_SUFFIXES]
 
 
-def read_video(path: str | os.PathLike) -> np.ndarray:
-    """All frames of a video file as uint8 (T, H, W, 3) RGB (a grayscale video has three equal channels).
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """The frames of a video file as uint8 (T, H, W, 3) RGB (a grayscale video has three equal channels): all of them,
+    or the first `max_frames` (reading stops there: a caller that needs F frames never holds more).
 
-    A GIF is read with Pillow on its own clock: a frame shown k times as long as its shortest frame counts k times
-    (GIF writers, Pillow among them, store repeated frames as one longer frame). Other files go through imageio's
-    ffmpeg (ImportError naming the [video] extra when it is not installed). ValueError naming the file and the
-    decoder's reason when it cannot be decoded; FileNotFoundError when it does not exist."""
+    A GIF is read with Pillow on its own clock (`gif_repeats`): a frame shown k times as long as one tick counts k
+    times, at most GIF_MAX_REPEAT (GIF writers, Pillow among them, store repeated frames as one longer frame). Other
+    files go through imageio's ffmpeg (ImportError naming the [video] extra when it is not installed). ValueError
+    naming the file and the decoder's reason when it cannot be decoded, or for max_frames < 1; FileNotFoundError when
+    it does not exist."""
     path = Path(path)
+    if max_frames is not None and not (isinstance(max_frames, int) and max_frames >= 1):
+        raise ValueError(f"max_frames must be a whole number >= 1 (or None: every frame), got {max_frames!r}")
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist" if not path.exists() else f"video {path} is not a file")
     if path.suffix.lower() == ".gif":
-        return _read_gif(path)
+        return _read_gif(path, max_frames)
     iio = imageio_v3(f"reading {path.suffix} videos", " (GIFs need neither)")
     try:
-        frames = np.asarray(iio.imread(path))
+        if max_frames is None:
+            frames = np.asarray(iio.imread(path))
+        else:  # decode no further than the frames asked
+            frames = np.asarray([f for f, _ in zip(iio.imiter(path), range(max_frames))])
     except Exception as e:  # imageio and ffmpeg report bad data with several exception types
         raise _unreadable(path, e) from None
     if frames.ndim == 3:
@@ -397,22 +405,53 @@ def imageio_v3(what: str, instead: str = ""):
     return iio
 
 
-def _read_gif(path: Path) -> np.ndarray:
-    frames, durations = [], []
+def gif_repeats(durations: list[int], comment: bytes | str = b"") -> list[int]:
+    """How many frames each frame of a GIF counts for, from the frames' durations (ms) and the file's comment: the
+    duration divided by one tick, rounded, 1..GIF_MAX_REPEAT (1 for a frame without a duration). The tick is the clock
+    save_video writes in the comment ("diffuse frame_ms=N": a clip whose frames are all equal is one GIF frame), else
+    the shortest duration; a clock under 10 ms is ignored (GIF durations are whole centiseconds, and save_video's are
+    at least 2: such a comment was not written by it)."""
+    text = comment if isinstance(comment, bytes) else str(comment).encode()
+    clock = re.search(rb"diffuse frame_ms=(\d+)", text)
+    tick = int(clock.group(1)) if clock else 0
+    if tick < 10:
+        tick = min([d for d in durations if d > 0], default=0)
+    return [min(GIF_MAX_REPEAT, max(1, round(d / tick))) if tick and d > 0 else 1 for d in durations]
+
+
+def gif_frame_count(path: str | os.PathLike) -> int:
+    """The frames read_video makes of a GIF (its frames counted on its clock, `gif_repeats`), from the frames'
+    headers: no frame is converted to pixels here. ValueError naming the file when Pillow cannot read it."""
+    return sum(gif_repeats(*_gif_timing(Path(path))))
+
+
+def _gif_timing(path: Path) -> tuple[list[int], bytes | str]:
     try:
         with Image.open(path) as img:
             comment = img.info.get("comment", b"")
-            for frame in ImageSequence.Iterator(img):
-                frames.append(np.asarray(frame.convert("RGB")))
-                durations.append(int(frame.info.get("duration", 0) or 0))
+            durations = [int(frame.info.get("duration", 0) or 0) for frame in ImageSequence.Iterator(img)]
     except Exception as e:  # Pillow reports bad data with several exception types
         raise _unreadable(path, e) from None
-    clock = re.search(rb"diffuse frame_ms=(\d+)", comment if isinstance(comment, bytes) else comment.encode())
-    # one frame's duration: the clock save_video wrote (a clip whose frames are all equal is one GIF frame), else the
-    # shortest frame's
-    shortest = int(clock.group(1)) if clock else min([d for d in durations if d > 0], default=0)
-    repeats = [max(1, round(d / shortest)) if shortest and d > 0 else 1 for d in durations]
-    return np.stack([f for f, k in zip(frames, repeats) for _ in range(k)])
+    return durations, comment
+
+
+def _read_gif(path: Path, max_frames: int | None = None) -> np.ndarray:
+    """A GIF's frames on its clock (`gif_repeats`), the first max_frames (None: all): the frames beyond those never
+    converted to pixels."""
+    repeats = gif_repeats(*_gif_timing(path))
+    if max_frames is not None and sum(repeats) > max_frames:  # the source frames needed, the last one's repeats cut
+        ends = np.cumsum(repeats)
+        used = int(np.searchsorted(ends, max_frames)) + 1
+        repeats = repeats[:used]
+        repeats[-1] -= max(0, int(ends[used - 1]) - max_frames)
+    frames = []
+    try:
+        with Image.open(path) as img:
+            for frame, k in zip(ImageSequence.Iterator(img), repeats):
+                frames += [np.asarray(frame.convert("RGB"))] * k
+    except Exception as e:  # Pillow reports bad data with several exception types
+        raise _unreadable(path, e) from None
+    return np.stack(frames)
 
 
 def _unreadable(path: Path, error: Exception) -> ValueError:

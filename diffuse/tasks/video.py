@@ -18,8 +18,10 @@ or the projection after each step (docs/architecture.md), so each runs with ever
                          z_t^a (exact: z_t^a = alpha_t x^a + sigma_t eps^a is independent of x^b given x^a).
 
 Long videos (Harvey et al. 2022, FDM `sampling_schemes.py`): a scheme is a list of stages (obs_indices,
-latent_indices) of at most F_model frames each (`autoregressive`, `hierarchy_2`); `sample_long` runs each stage
-with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing
+latent_indices) of at most F_model frames each (`autoregressive`, `hierarchy_2`), each conditioned on at most
+max_observed done frames, the nearest (`nearest_done`; a masked model's video.max_observed: training never gave it
+more; None, no cap, for replacement or reconstruction guidance, which have no observed channel); `sample_long` runs
+each stage with the masked-conditioning model, telling the network the stage's frame_index so it sees the frames' spacing
 (`relative_frame_index`: the positions less the stage's first, as training with video.max_span gives them).
 `sample_stages` runs any such plan around given frames anywhere: prediction of a long video is the given first frames
 then a scheme's stages; interpolation of a long video is `interpolation_stages` (each gap filled from both sides).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Iterator
 
 import torch
@@ -252,39 +255,75 @@ def _check_scheme(frames: int, total: int, observed_first: int, step: int) -> No
                          f"{frames} so that each stage conditions on done frames, got {step!r}")
 
 
-def autoregressive(frames: int, total: int, observed_first: int = 0, step: int | None = None) -> Iterator[Stage]:
+def _check_cap(max_observed: int | None, frames: int, both_sides: bool, what: str) -> int:
+    """The most frames a stage conditions on: max_observed (1..F_model - 1; at least 2 when each stage conditions on a
+    frame on each side), or F_model - 1 when None (no cap)."""
+    if max_observed is None:
+        return frames - 1
+    low = 2 if both_sides else 1
+    if not (isinstance(max_observed, int) and low <= max_observed < frames):
+        need = " (a frame before and one after each gap)" if both_sides else ""
+        raise ValueError(f"{what}: max_observed, the most given frames the model was trained with (video.max_observed), "
+                         f"must be {low}..{frames - 1}{need}, got {max_observed!r}" +
+                         ("; use the autoregressive scheme" if both_sides and max_observed == 1 else ""))
+    return max_observed
+
+
+def nearest_done(done, latent: list[int], room: int) -> list[int]:
+    """The done frames a stage generating `latent` (sorted) conditions on: up to `room` of them, the nearest (FDM
+    conditions each stage on the done frames nearest it, Harvey et al. 2022): first the nearest done frame before the
+    stage and the nearest after it (each that exists; the one before when room is 1), then the others by their
+    distance to the stage's nearer end (the earlier on a tie). Sorted."""
+    before = [i for i in done if i < latent[0]]
+    after = [i for i in done if i > latent[-1]]
+    first = ([max(before)] if before else []) + ([min(after)] if after else [])
+    rest = sorted((set(before) | set(after)) - set(first), key=lambda i: (min(abs(i - latent[0]), abs(i - latent[-1])), i))
+    return sorted((first + rest)[:max(room, 0)])
+
+
+def autoregressive(frames: int, total: int, observed_first: int = 0, step: int | None = None, *,
+                   max_observed: int | None = None) -> Iterator[Stage]:
     """FDM's `Autoregressive` scheme (Harvey et al. 2022): a video of `total` frames from a model of `frames` (F_model)
     frames, the first `observed_first` given. Each stage conditions on the last frames - step frames done and generates
-    the next `step` (default F_model / 2); with none given the first stage generates F_model frames from nothing. Yields
-    (obs_indices, latent_indices) sorted, at most F_model frames per stage, every frame after the given ones latent
-    exactly once. ValueError for sizes that do not fit (step must be 1..F_model - 1)."""
+    the next `step` (default F_model / 2); with none given the first stage generates F_model frames from nothing.
+    `max_observed` caps the frames a stage conditions on (the last ones, the nearest): a masked-conditioning model
+    trained with at most video.max_observed given frames never saw more; None (no cap) for a model without an observed
+    channel (replacement or reconstruction guidance have no indicator and no limit). Yields (obs_indices,
+    latent_indices) sorted, at most F_model frames and at most max_observed obs per stage, every frame after the given
+    ones latent exactly once. ValueError for sizes that do not fit (step must be 1..F_model - 1, max_observed
+    1..F_model - 1)."""
     step = frames // 2 if step is None else step
     _check_scheme(frames, total, observed_first, step)
+    cap = _check_cap(max_observed, frames, False, "autoregressive")
     done = observed_first
     if done == 0:
         done = min(frames, total)
         yield [], list(range(done))
     while done < total:
-        obs = list(range(max(0, done - (frames - step)), done))
+        obs = list(range(max(0, done - min(frames - step, cap)), done))
         latent = list(range(done, min(done + step, total)))
         yield obs, latent
         done = latent[-1] + 1
 
 
-def hierarchy_2(frames: int, total: int, observed_first: int = 0, step: int | None = None) -> Iterator[Stage]:
+def hierarchy_2(frames: int, total: int, observed_first: int = 0, step: int | None = None, *,
+                max_observed: int | None = None) -> Iterator[Stage]:
     """FDM's two-level hierarchy (`hierarchy-2`, Harvey et al. 2022): level 1 conditions on (the last F_model / 2 of)
     the given first frames and generates the rest of the stage's F_model frames spread evenly over the whole video,
     its last frame included (with none given, from frame 0 to the last); level 2 fills each gap between done frames,
     `step` frames at a time (default F_model / 2), conditioning on the nearest done frames before and after (alternately,
     up to F_model in all, at least one on each side; FDM spaces level 2's frames by a power law, here each gap is filled
-    in order, which is the same when a gap fits one stage). Yields (obs_indices, latent_indices) sorted, at most F_model
-    frames per stage, every frame after the given ones latent exactly once. ValueError for sizes that do not fit."""
+    in order, which is the same when a gap fits one stage). `max_observed` caps the frames any stage conditions on (the
+    nearest: level 1 the last given ones, level 2 the nearest on each side), as `autoregressive`'s; at least 2.
+    Yields (obs_indices, latent_indices) sorted, at most F_model frames and at most max_observed obs per stage, every
+    frame after the given ones latent exactly once. ValueError for sizes that do not fit."""
     step = frames // 2 if step is None else step
     _check_scheme(frames, total, observed_first, step)
     if step > frames - 2:
         raise ValueError(f"hierarchy-2 conditions each gap on a frame before and one after it, so it generates at most "
                          f"F_model - 2 = {frames - 2} frames per stage; got step {step}")
-    obs = list(range(max(0, observed_first - frames // 2), observed_first))
+    cap = _check_cap(max_observed, frames, True, "hierarchy-2")
+    obs = list(range(max(0, observed_first - min(frames // 2, cap)), observed_first))
     free = list(range(observed_first, total))
     k = min(frames - len(obs), len(free))
     picks = sorted({free[round(i * (len(free) - 1) / max(k - 1, 1))] for i in range(k)})  # free[0] .. free[-1]
@@ -294,15 +333,7 @@ def hierarchy_2(frames: int, total: int, observed_first: int = 0, step: int | No
         start = min(i for i in range(total) if i not in done)
         gap_end = min((i for i in range(start, total) if i in done), default=total)
         latent = list(range(start, min(start + step, gap_end)))
-        before = sorted((i for i in done if i < start), reverse=True)
-        after = sorted(i for i in done if i > latent[-1])
-        room, chosen = frames - len(latent), []
-        while room > 0 and (before or after):
-            for side in (before, after):
-                if side and room > 0:
-                    chosen.append(side.pop(0))
-                    room -= 1
-        yield sorted(chosen), latent
+        yield nearest_done(done, latent, min(frames - len(latent), cap)), latent
         done |= set(latent)
 
 
@@ -310,7 +341,8 @@ SCHEMES = {"autoregressive": autoregressive, "hierarchy-2": hierarchy_2}
 """The long-video sampling schemes by name (FDM's names)."""
 
 
-def interpolation_stages(frames: int, total: int, given, step: int | None = None) -> list[Stage]:
+def interpolation_stages(frames: int, total: int, given, step: int | None = None, *,
+                         max_observed: int | None = None) -> list[Stage]:
     """The stages of an interpolation longer than the model: a video of `total` frames whose frames `given` are kept,
     from a masked-conditioning model of `frames` (F_model) frames, in stages (obs_indices, latent_indices) as FDM's
     schemes (Harvey et al. 2022), for `sample_stages`. While frames are missing, the leftmost gap with done frames
@@ -322,8 +354,10 @@ def interpolation_stages(frames: int, total: int, given, step: int | None = None
     is latent exactly once, every stage has at most F_model frames and conditions only on frames done before it (for
     a Gaussian video whose frames are Markov in time, e.g. Sigma_ij = rho^|i - j|, the nearest done frame on each
     side is all the conditional needs, so the stages sample the exact conditional of the missing frames given the
-    given ones). `given` the kept frames' indices (some, not every frame, each in 0..total - 1 once). ValueError for
-    sizes that do not fit (F_model >= 3: one frame on each side and one generated; step 1..F_model - 2)."""
+    given ones). `given` the kept frames' indices (some, not every frame, each in 0..total - 1 once). `max_observed`
+    caps the frames a stage conditions on (the nearest on each side, `nearest_done`), as `autoregressive`'s: the run's
+    video.max_observed for a masked-conditioning model; at least 2. ValueError for sizes that do not fit (F_model >= 3:
+    one frame on each side and one generated; step 1..F_model - 2)."""
     given = [operator.index(i) for i in given]
     if not (isinstance(frames, int) and frames >= 3):
         raise ValueError(f"interpolation in stages conditions each stage on a frame before and one after the frames it "
@@ -334,6 +368,7 @@ def interpolation_stages(frames: int, total: int, given, step: int | None = None
     if not (isinstance(step, int) and 1 <= step <= frames - 2):
         raise ValueError(f"the frames generated per stage (step) must be 1..{frames - 2} (F_model - 2, leaving a frame on "
                          f"each side), got {step!r}")
+    cap = _check_cap(max_observed, frames, True, "interpolation in stages")
     done = set(given)
     if len(done) != len(given) or not done or not done < set(range(total)):
         raise ValueError(f"the given frames must be distinct indices in 0..{total - 1}, some but not all of the {total}; "
@@ -352,20 +387,33 @@ def interpolation_stages(frames: int, total: int, given, step: int | None = None
             latent = list(range(max(done) + 1, min(max(done) + 1 + step, total)))
         else:  # before the first done frame, backwards
             latent = list(range(max(0, min(done) - step), min(done)))
-        before = sorted((i for i in done if i < latent[0]), reverse=True)
-        after = sorted(i for i in done if i > latent[-1])
-        room, chosen = frames - len(latent), []
-        while room > 0 and (before or after):
-            for side in (before, after):
-                if side and room > 0:
-                    chosen.append(side.pop(0))
-                    room -= 1
-        stages.append((sorted(chosen), latent))
+        stages.append((nearest_done(done, latent, min(frames - len(latent), cap)), latent))
         done |= set(latent)
     return stages
 
 
-def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | None = None, seed: int = 0,
+def stage_span(stage: Stage) -> int:
+    """The frames a stage (obs_indices, latent_indices) spreads over: last - first + 1."""
+    idx = stage[0] + stage[1]
+    return max(idx) - min(idx) + 1
+
+
+def warn_span(stages, span: int | None) -> None:
+    """A UserWarning when some stage spreads over more than `span` frames (the frames a run was trained on, max(
+    video.max_span, data.frames); None: no check): its network never saw frames that far apart (FDM trains on spans
+    covering the longest video it samples, Harvey et al. 2022)."""
+    if span is None:
+        return
+    wide = [stage_span(st) for st in stages if stage_span(st) > span]
+    if wide:
+        warnings.warn(f"{len(wide)} of the {len(stages)} stages spread over up to {max(wide)} frames, more than the {span} "
+                      "the run was trained on (max(video.max_span, data.frames)); the network never saw frames that far "
+                      "apart, expect worse videos: ask for fewer frames, or train with video.max_span covering them",
+                      UserWarning, stacklevel=3)
+
+
+def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | None = None,
+                  max_observed: int | None = None, span: int | None = None, seed: int = 0,
                   device: str | torch.device = "cpu", **generate_kw) -> Tensor:
     """A video longer than the model in stages around given frames: video (B, C, T, H, W) holds the frames `given`
     (indices, kept exactly; the rest are overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices)
@@ -373,9 +421,11 @@ def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | No
     idx = sorted(obs + latent), runs `sample_masked` on video[:, :, idx] with the obs frames given and frame_index =
     relative_frame_index(idx) = idx - idx[0] (the network sees their spacing, as video.max_span trains it), with seed chunk_seed(seed, stage), and writes its latent frames back.
     `generate_kw` as `generate`. Returns (B, C, T, H, W), the given frames exactly `video`'s. ValueError, before any
-    sampling, for a given frame out of range, a stage with more than `frames` (F_model, if given) frames, one that
+    sampling, for a given frame out of range, a stage with more than `frames` (F_model, if given) frames or more obs
+    frames than `max_observed` (the run's video.max_observed, if given: training never gave more), one that
     conditions on a frame not yet done or generates one already done or out of range, or a scheme that leaves a frame
-    undone."""
+    undone. A UserWarning when a stage's frames spread over more than `span` (if given: the frames the run was trained
+    on, max(video.max_span, data.frames)): the network never saw frames that far apart."""
     check_video(video)
     T = video.shape[2]
     given = [operator.index(i) for i in given]
@@ -390,12 +440,16 @@ def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | No
                              f"twice and only frames 0..{T - 1}")
         if frames is not None and len(idx) > frames:
             raise ValueError(f"stage {k} of the scheme takes {len(idx)} frames, more than the model's {frames}")
+        if max_observed is not None and len(obs) > max_observed:
+            raise ValueError(f"stage {k} of the scheme conditions on {len(obs)} frames, more than the {max_observed} the "
+                             "model was trained with (video.max_observed); pass max_observed to the scheme")
         if not set(obs) <= done or set(latent) & done:
             raise ValueError(f"stage {k} of the scheme conditions on frames not yet done {sorted(set(obs) - done)} or "
                              f"generates frames already done {sorted(set(latent) & done)}")
         done |= set(latent)
     if done != set(range(T)):
         raise ValueError(f"the scheme leaves frames {sorted(set(range(T)) - done)} of the {T} undone")
+    warn_span(stages, span)
     out = video.to(device).clone()
     B = out.shape[0]
     for k, (obs, latent) in enumerate(stages):
@@ -408,7 +462,8 @@ def sample_stages(denoiser, scheme, video: Tensor, given=(), *, frames: int | No
     return out
 
 
-def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, frames: int | None = None, seed: int = 0,
+def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, frames: int | None = None,
+                max_observed: int | None = None, span: int | None = None, seed: int = 0,
                 device: str | torch.device = "cpu", **generate_kw) -> Tensor:
     """A video longer than the model: video (B, C, T, H, W) holds the first `observed_first` frames (the rest are
     overwritten); `scheme` is an iterable of stages (obs_indices, latent_indices) (`autoregressive`, `hierarchy_2`),
@@ -418,8 +473,8 @@ def sample_long(denoiser, scheme, video: Tensor, observed_first: int = 0, *, fra
     T = video.shape[2]
     if not (isinstance(observed_first, int) and 0 <= observed_first < T):
         raise ValueError(f"observed_first must be 0..{T - 1}, the number of the video's first frames given, got {observed_first!r}")
-    return sample_stages(denoiser, scheme, video, tuple(range(observed_first)), frames=frames, seed=seed, device=device,
-                         **generate_kw)
+    return sample_stages(denoiser, scheme, video, tuple(range(observed_first)), frames=frames, max_observed=max_observed,
+                         span=span, seed=seed, device=device, **generate_kw)
 
 
 # --- SDEdit of a video --------------------------------------------------------------------------------------------------
