@@ -179,6 +179,8 @@ def tasks_part(args, runs, classifier, result) -> None:
         base = nearest_given(real, observed)[None]
         rows.append({"task": task, "method": "nearest given frame, copied", **score(base, real, trs, glyphs, side, observed, classifier)})
         for method, den in (("masked", masked), ("reconstruction guidance", uncond), ("replacement", uncond)):
+            if method not in args.methods:
+                continue
             t0 = time.perf_counter()
             samples = sample_k(method, den, real, observed, args, seed=0)
             rows.append({"task": task, "method": method, "sample s": time.perf_counter() - t0,
@@ -303,7 +305,7 @@ def results_section(args, result: dict) -> str:
     train_flag = f"--train-steps {args.train_steps}" if args.train_steps else f"--budget {args.budget:g}"
     trained = (f"{args.train_steps} steps (equal compute: every run's batches have the same shape)" if args.train_steps
                else f"{args.budget:g} s (train.time_limit)")
-    lines = [f"## {TITLE}, {date})", "",
+    lines = [f"## {TITLE}{', ' + args.title if args.title else ''}, {date})", "",
              f"Device: {cpu_description()}; torch {torch.__version__} ({torch.get_num_threads()} threads), float32. "
              f"`python bench/video.py {train_flag} --videos {args.videos} --k {args.k} --steps {args.steps}"
              f"{' --reuse' if args.reuse else ''}`. Runs from `configs/video_digits.toml`, "
@@ -356,6 +358,9 @@ def main() -> None:
                    help="train every run this many steps instead of --budget seconds (equal compute, immune to load)")
     p.add_argument("--parts", nargs="+", default=["tasks", "joint", "long", "cost"],
                    choices=["tasks", "joint", "long", "cost"], help="which parts to measure (default all)")
+    p.add_argument("--methods", nargs="+", default=["masked", "reconstruction guidance", "replacement"],
+                   choices=["masked", "reconstruction guidance", "replacement"], help="the tasks part's methods")
+    p.add_argument("--title", default="", help="words added to the RESULTS.md heading (a second section the same day)")
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
     p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs; --smoke: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/video)")
