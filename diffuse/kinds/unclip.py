@@ -347,18 +347,9 @@ class UnclipPriorObjective(DiffusionObjective):
 
     @classmethod
     def resolve(cls, cfg: RunConfig, saved: RunConfig | None) -> RunConfig:
-        """unclip.clip as an absolute path and unclip.clip_step pinned (the saved run's, else the newest checkpoint)."""
-        cfg = copy.deepcopy(cfg)
-        run, _ = clip_run(cfg.unclip.clip)
-        cfg.unclip.clip = str(run)
-        if saved is not None and not cfg.unclip.clip_step:
-            cfg.unclip.clip_step = saved.unclip.clip_step
-        if not cfg.unclip.clip_step:
-            step = ckpt.latest_step(run)
-            if step is None:
-                raise FileNotFoundError(f"the CLIP run {run} holds no checkpoint yet; let it save one first")
-            cfg.unclip.clip_step = step
-        cfg.sample.clip = False  # embeddings have no [-1, 1] range
+        """The CLIP pinned as the decoder pins it (`resolve_clip`), and sample.clip off: embeddings have no [-1, 1] range."""
+        cfg = resolve_clip(cfg, saved)
+        cfg.sample.clip = False
         return cfg
 
     @classmethod
