@@ -287,6 +287,18 @@ class Stage:
         return {self.role: str(self.run), "step": self.step, "weights": self.weights_sha256(), **more}
 
 
+def pin_step(run: Path, step: int, saved_step: int, role: str) -> int:
+    """The checkpoint step a run's upstream stage is pinned to: `step` as configured, else (0) the step the resumed run
+    saved (`saved_step`, 0 if none), else the upstream run's newest checkpoint. FileNotFoundError naming the `role` run
+    when it holds no checkpoint yet."""
+    step = step or saved_step
+    if not step:
+        step = ckpt.latest_step(run)
+        if step is None:
+            raise FileNotFoundError(f"the {role} run {run} holds no checkpoint yet; let it save one first")
+    return step
+
+
 def cached(path: Path, key: dict, compute) -> dict[str, Tensor]:
     """Tensors computed from a stage, read from the safetensors file `path` when it was written under the same `key`
     (a JSON-able dict: Stage.key), else `compute()` (-> dict of tensors) written there atomically. A damaged file is

@@ -29,7 +29,7 @@ from ..data import Subset, load_dataset
 from ..data.attributes import ATTRIBUTES, binarise, measure
 from ..denoiser import Denoiser
 from ..generate import generate
-from ..stages import PixelSpace, Stage, cached, in_batches
+from ..stages import PixelSpace, Stage, cached, in_batches, pin_step
 from ..visualize import save_grid
 from .autoencoder import held_out
 from .base import DIFFUSION_TRAINING, Context, Group, Objective, ignored
@@ -174,13 +174,8 @@ def resolve_semantic(cfg: RunConfig, saved: RunConfig | None) -> RunConfig:
     cfg = copy.deepcopy(cfg)
     run, _ = semantic_run(cfg.semantic.run)
     cfg.semantic.run = str(run)
-    if saved is not None and not cfg.semantic.run_step:
-        cfg.semantic.run_step = saved.semantic.run_step
-    if not cfg.semantic.run_step:
-        step = ckpt.latest_step(run)
-        if step is None:
-            raise FileNotFoundError(f"the diffusion autoencoder run {run} holds no checkpoint yet; let it save one first")
-        cfg.semantic.run_step = step
+    cfg.semantic.run_step = pin_step(run, cfg.semantic.run_step, saved.semantic.run_step if saved else 0,
+                                     "diffusion autoencoder")
     return cfg
 
 

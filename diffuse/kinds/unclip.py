@@ -78,7 +78,7 @@ from ..generate import generate
 from ..guidance import check_guidance_scale
 from ..nets.clip import CLIP, unit
 from ..nets.unclip import PriorTransformer
-from ..stages import PixelSpace, Stage, cached
+from ..stages import PixelSpace, Stage, cached, pin_step
 from ..tasks.unclip import image_embeddings
 from ..visualize import save_grid
 from .autoencoder import held_out
@@ -131,13 +131,7 @@ def resolve_clip(cfg: RunConfig, saved: RunConfig | None) -> RunConfig:
     cfg = copy.deepcopy(cfg)
     run, _ = clip_run(cfg.unclip.clip)
     cfg.unclip.clip = str(run)
-    if saved is not None and not cfg.unclip.clip_step:
-        cfg.unclip.clip_step = saved.unclip.clip_step
-    if not cfg.unclip.clip_step:
-        step = ckpt.latest_step(run)
-        if step is None:
-            raise FileNotFoundError(f"the CLIP run {run} holds no checkpoint yet; let it save one first")
-        cfg.unclip.clip_step = step
+    cfg.unclip.clip_step = pin_step(run, cfg.unclip.clip_step, saved.unclip.clip_step if saved else 0, "CLIP")
     return cfg
 
 
