@@ -52,7 +52,7 @@ from diffuse.metrics import frechet_distance
 from diffuse.runs import load_run, open_run
 from diffuse.stages import space
 from diffuse.train import train
-from results import RESULTS, write_results  # bench/results.py, beside this script
+from results import cpu_description, publish, say, table, trained_steps  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -74,23 +74,11 @@ RUNS = {  # name: (config, overrides, steps: about 8 minutes at the rate the con
 }
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
 # --- the runs ----------------------------------------------------------------------------------------------------
-def trained_steps(path: Path) -> int:
-    """The step of the newest checkpoint in a run folder; 0 for a folder without a run or without a checkpoint yet."""
-    try:
-        return open_run(path).step
-    except FileNotFoundError:
-        return 0
 
 
 def train_runs(args) -> dict[str, dict]:
@@ -341,13 +329,6 @@ def results_section(args, result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_description() -> str:
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        native = "native bf16" if "avx512_bf16" in info.get("flags", "") or "amx_bf16" in info.get("flags", "") else "no native bf16"
-        return f"{info['model name'].strip()}, {torch.get_num_threads()} threads, {native}"
-    except (OSError, KeyError):
-        return f"{torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -389,10 +370,7 @@ def main() -> None:
             parts[name](args, result["runs"], result)
             earlier.write_text(json.dumps(result, indent=1, default=float))
     section = results_section(args, result)
-    say("\n" + section)
-    if not args.no_results:
-        write_results(section)
-        say(f"wrote {RESULTS}")
+    publish(section, args.no_results)
     say(f"{time.perf_counter() - t0:.0f} s; results.json in {args.out}")
 
 

@@ -24,8 +24,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +43,7 @@ from diffuse.generate import generate
 from diffuse.runs import load_run
 from diffuse.train import Trainer
 from diffuse.visualize import save_grid
-from results import RESULTS, write_results  # bench/results.py, beside this script
+from results import cpu_description, publish, say  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLE = "CPU: demo pipeline vs diffusers at the same wall-clock budget"
@@ -59,18 +57,8 @@ PEER_DDIM_STEPS = 50
 CHUNK = 250  # images sampled per batch, for both models
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
-def cpu_description() -> str:
-    """lscpu's model name and CPU count, e.g. 'AMD EPYC 7B13, 2 CPUs'."""
-    try:
-        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                    if ":" in line)
-        return f"{info['Model name'].strip()}, {info['CPU(s)'].strip()} CPUs"
-    except (OSError, KeyError):
-        return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -270,10 +258,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
     section = results_section(rows, args.budget, args.n_samples, [c.absolute() for c in args.config])
-    say("\n" + section)
-    if not args.no_results:
-        write_results(section)
-        say(f"wrote {RESULTS}")
+    publish(section, args.no_results)
     say(f"sample grids and results.json in {args.out}")
 
 

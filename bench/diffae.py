@@ -49,15 +49,12 @@ from diffuse.stages import load_autoencoder
 from diffuse.tasks.semantic import decode, edit_code, interpolation, lerp
 from diffuse.train import Trainer, feature_network, train
 from diffuse.checkpoint import load_checkpoint
+from results import table  # bench/results.py, beside this script
 
 STEPS = (10, 20, 50, 100, 250)
 BATCH = 250
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
 # --- the analytic round trip -------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from diffuse.tasks.video import SCHEMES, sample_long, sample_masked, sample_reco
 from diffuse.train import digit_classifier, train
 from diffuse.video_metrics import (acceleration, best_of_k, fd_digits_video, frame_labels, identity_kept, over_generated,
                                    psnr, ssim, trajectory_error, true_centres)
-from results import RESULTS, write_results  # bench/results.py, beside this script
+from results import cpu_description, publish, say, table, trained_steps  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "video_digits.toml"
@@ -67,33 +66,13 @@ RUNS = {  # name: overrides of configs/video_digits.toml
 TASKS = {"prediction 4 -> 4": [True] * 4 + [False] * 4, "interpolation 0,1 + 6,7 -> 2-5": [True, True] + [False] * 4 + [True, True]}
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
-def cpu_description() -> str:
-    """lscpu's model name and CPU count, e.g. 'AMD EPYC 7B13, 2 CPUs'."""
-    try:
-        info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                    if ":" in line)
-        return f"{info['Model name'].strip()}, {info['CPU(s)'].strip()} CPUs"
-    except (OSError, KeyError):
-        return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 # --- the runs ----------------------------------------------------------------------------------------------------
-def trained_steps(path: Path) -> int:
-    """The step of the newest checkpoint in a run folder; 0 for a folder without a run or without a checkpoint yet."""
-    try:
-        return open_run(path).step
-    except FileNotFoundError:
-        return 0
 
 
 def train_runs(args) -> dict[str, dict]:
@@ -410,10 +389,7 @@ def measure(args) -> None:
     result["seconds"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     section = results_section(args, result)
-    say("\n" + section)
-    if not args.no_results:
-        write_results(section)
-        say(f"wrote {RESULTS}")
+    publish(section, args.no_results)
     say(f"{result['seconds']:.0f} s; results.json in {args.out}")
 
 
