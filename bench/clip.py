@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import math
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -81,6 +82,18 @@ RUNS = {  # name: (config, overrides, steps: about 8 minutes at the rate the con
 # --- the runs ----------------------------------------------------------------------------------------------------
 
 
+def run_config(name: str, args, steps: int, runs: Path):
+    """RUNS[name]'s config with its overrides, its upstream run (the ae for cfg-latent, the clip for prior and decoder)
+    and a fixed step count (no time limit, a checkpoint every 200 steps, no previews)."""
+    config, overrides, _ = RUNS[name]
+    extra = ([f"latent.autoencoder={runs / 'ae'}"] if name == "cfg-latent" else
+             [f"unclip.clip={runs / 'clip'}"] if name in ("prior", "decoder") else [])
+    limit = [f"train.steps={steps}", "train.time_limit=0", "train.checkpoint_every=200", "train.sample_every=0"]
+    if args.smoke:
+        limit += ["train.warmup_steps=1", "train.batch_size=8"] + ([] if name in ("clip-digits", "prior") else ["data.crops=64"])
+    return apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
+
+
 def train_runs(args) -> dict[str, dict]:
     """Every run of RUNS trained for its steps (--smoke: 3) into --runs/NAME, or reused (--reuse) where it holds one.
     Returns {name: {"path", "steps", "train_s", "overrides"}}; SystemExit for a run folder that exists without --reuse."""
@@ -89,13 +102,8 @@ def train_runs(args) -> dict[str, dict]:
         path = args.runs / name
         if path.exists() and not args.reuse:
             raise SystemExit(f"{path} exists: pass --reuse to measure the runs there, or another --runs to train anew")
-        extra = ([f"latent.autoencoder={args.runs / 'ae'}"] if name == "cfg-latent" else
-                 [f"unclip.clip={args.runs / 'clip'}"] if name in ("prior", "decoder") else [])
         n = 3 if args.smoke else steps
-        limit = [f"train.steps={n}", "train.time_limit=0", "train.checkpoint_every=200", "train.sample_every=0"]
-        if args.smoke:
-            limit += ["train.warmup_steps=1", "train.batch_size=8"] + ([] if name in ("clip-digits", "prior") else ["data.crops=64"])
-        cfg = apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
+        cfg = run_config(name, args, n, args.runs)
         t0 = time.perf_counter()
         if not (args.reuse and trained_steps(path) >= n):
             train(cfg, path, progress=False)  # a new run, or (--reuse) one stopped short: resumed from its checkpoint
@@ -103,6 +111,26 @@ def train_runs(args) -> dict[str, dict]:
                      "overrides": " ".join(overrides) or "as is"}
         say(f"run {name}: {out[name]['steps']} steps ({out[name]['train_s']:.0f} s here)")
     return out
+
+
+# --- part 0: each run's training cost, timed alone -----------------------------------------------------------------
+def timing_part(args, runs, result) -> None:
+    """Each run's seconds per training step, timed over steps 50-100 of a fresh copy (--smoke: 2-4, log every 2) on
+    this machine with nothing else running, and projected to the run's steps: the CPU budget the issue states, which
+    the wall times of a long run shared with other work do not show."""
+    first, last = (2, 4) if args.smoke else (50, 100)
+    rows = []
+    for name, (config, _, steps) in RUNS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = apply_overrides(run_config(name, args, last, args.runs), [f"train.log_every={first}"])
+            train(cfg, Path(tmp) / name, progress=False)
+            times = {r["step"]: r["time"] for r in map(json.loads, (Path(tmp) / name / "log.jsonl").read_text().splitlines())}
+        per_step = (times[last] - times[first]) / (last - first)
+        rows.append({"run": name, "config": config, "overrides": RUNS[name][1] and " ".join(RUNS[name][1]) or "as is",
+                     "steps": runs[name]["steps"], "s / step": per_step, "projected min": per_step * runs[name]["steps"] / 60,
+                     "threads": torch.get_num_threads()})
+        say(json.dumps(rows[-1]))
+    result["timing"] = rows
 
 
 # --- part 1: the CLIPs' held-out retrieval -------------------------------------------------------------------------
@@ -288,12 +316,17 @@ def unclip_part(args, runs, result) -> None:
 # --- RESULTS.md ------------------------------------------------------------------------------------------------------
 def results_section(args, result: dict) -> str:
     r = result
-    runs = ", ".join(f"{n} ({v['steps']} steps, {v['train_s']:.0f} s here; {v['overrides']})" for n, v in r["runs"].items())
+    runs = ", ".join(f"{n} ({v['steps']} steps; {v['overrides']})" for n, v in r["runs"].items())
     lines = [f"## {TITLE}, {r['date']})", "",
              f"Device: {r['device']}; torch {torch.__version__}, float32. `python bench/clip.py --n {args.n} "
              f"--steps {args.steps}{' --reuse' if args.reuse else ''}`. Runs: {runs}. Held-out: {args.n} captions of "
              "scenes outside every training set (seed 12345), one sample each, the same x_T for every method and scale "
              f"(seed {args.seed}); each run's own sampler at {args.steps} steps.", ""]
+    if "timing" in r:
+        lines += ["### Training cost of each model, timed alone", "",
+                  f"Seconds per step over steps 50-100 of a fresh copy of each run at {r['timing'][0]['threads']} threads, "
+                  "nothing else running, projected to the steps trained (the issue's budget: about 8 minutes each).", "",
+                  table(r["timing"], ["run", "config", "overrides", "steps", "s / step", "projected min"]), ""]
     if "retrieval" in r:
         lines += ["### The CLIPs: held-out retrieval recall", "",
                   "Held-out gallery: every tenth image of each CLIP's data (clip-digits: the 5,000 bundled MNIST digits "
@@ -336,7 +369,8 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
     p.add_argument("--runs", type=Path, default=None, help="the runs' folder (default OUT/runs)")
     p.add_argument("--out", type=Path, default=None, help="results.json goes here (default bench/out/clip)")
-    p.add_argument("--parts", nargs="+", default=["retrieval", "guidance", "prior", "unclip"], choices=["retrieval", "guidance", "prior", "unclip"])
+    p.add_argument("--parts", nargs="+", default=["timing", "retrieval", "guidance", "prior", "unclip"],
+                   choices=["timing", "retrieval", "guidance", "prior", "unclip"])
     p.add_argument("--n", type=int, default=200, help="held-out captions (default 200)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
@@ -363,7 +397,7 @@ def main() -> None:
     if args.reuse and earlier.is_file():
         result = {**{k: v for k, v in json.loads(earlier.read_text()).items() if k not in result}, **result}
     result["runs"] = train_runs(args)
-    parts = {"retrieval": retrieval_part, "guidance": guidance_part, "prior": prior_part, "unclip": unclip_part}
+    parts = {"timing": timing_part, "retrieval": retrieval_part, "guidance": guidance_part, "prior": prior_part, "unclip": unclip_part}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for name in args.parts:
