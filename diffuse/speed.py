@@ -20,6 +20,7 @@ that reads a tensor on the host waits for the GPU, so they read once per log int
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -96,6 +97,37 @@ def fused_adamw_available(device: str | torch.device) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict] | list[nn.Parameter]:
+    """AdamW's parameter groups for decoupled weight decay: only weights of ndim >= 2 (linear and conv kernels,
+    embeddings) decay; biases, normalisation gains and scalars such as CLIP's logit_scale (ndim < 2) do not, the
+    rule of nanoGPT, open_clip (which exempts logit_scale by name) and DALLE2-pytorch's prior trainer. The exempt
+    group is marked "no_decay". With weight_decay 0, or nothing to exempt, the plain list: one group, as before."""
+    exempt = [p for p in params if p.ndim < 2]
+    if not weight_decay or not exempt:
+        return params
+    return [{"params": [p for p in params if p.ndim >= 2]}, {"params": exempt, "weight_decay": 0.0, "no_decay": True}]
+
+
+def regroup_state(saved: dict, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
+    """An AdamW state dict saved over `params` in one grouping (one group, or decay_groups' two) rewritten for
+    `optimizer`'s grouping of the same `params`, moments kept, so runs saved before decay_groups (or with another
+    train.weight_decay) resume with their optimizer state. Each group takes the saved first group's settings and its
+    own weight decay. Unchanged where the group counts agree."""
+    groups = saved["param_groups"]
+    if len(groups) == len(optimizer.param_groups):
+        return saved
+    order = (list(range(len(params))) if len(groups) == 1 else  # saved ids: the order of the saved groups
+             [i for i, p in enumerate(params) if p.ndim >= 2] + [i for i, p in enumerate(params) if p.ndim < 2])
+    saved_id = {position: j for j, position in enumerate(order)}
+    position = {id(p): i for i, p in enumerate(params)}
+    warnings.warn(f"the optimizer state was saved in {len(groups)} parameter group(s) and is regrouped into "
+                  f"{len(optimizer.param_groups)} for this config's weight decay, moments kept (decay spares biases, gains and scalars: "
+                  "ndim < 2, speed.decay_groups)")
+    new = [{**groups[0], "params": [saved_id[position[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"],
+            **({"no_decay": True} if g.get("no_decay") else {})} for g in optimizer.param_groups]
+    return {"state": saved["state"], "param_groups": new}
 
 
 def adamw(params, *, fused: bool, **kw) -> torch.optim.AdamW:

@@ -212,8 +212,8 @@ class Trainer:
         for name, group in self.objective.groups.items():  # a group whose modules this config does not build is left out
             if all(m in self.modules for m in group.modules):
                 self.params[name] = [p for m in group.modules for p in self.modules[m].parameters() if p.requires_grad]
-                self.optimizers[name] = speed.adamw(self.params[name], fused=fused, lr=t.lr, betas=group.betas,
-                                                    weight_decay=t.weight_decay)
+                self.optimizers[name] = speed.adamw(speed.decay_groups(self.params[name], t.weight_decay), fused=fused,
+                                                    lr=t.lr, betas=group.betas, weight_decay=t.weight_decay)
                 self.schedules[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lambda step: lr_factor(step, t))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred checks: a step since the last check failed
@@ -584,7 +584,7 @@ class Trainer:
             legacy = s.get("lr_schedules", [])  # autoencoder runs before the one Trainer: [main, disc]
             for i, (name, opt) in enumerate(self.optimizers.items()):
                 opt_name, sched_name = self._state_names(name)
-                opt.load_state_dict(ckpt.unflatten_state(st, s[opt_name]))
+                opt.load_state_dict(speed.regroup_state(ckpt.unflatten_state(st, s[opt_name]), self.params[name], opt))
                 self.schedules[name].load_state_dict(s[sched_name] if sched_name in s else legacy[i])
             if "scaler" in s:
                 self.scaler.load_state_dict(s["scaler"])
@@ -607,7 +607,8 @@ class Trainer:
                 sched = self.schedules[name]
                 sched.base_lrs = [t.lr] * len(opt.param_groups)
                 for g in opt.param_groups:
-                    g.update(initial_lr=t.lr, weight_decay=t.weight_decay, lr=t.lr * sched.lr_lambdas[0](sched.last_epoch))
+                    g.update(initial_lr=t.lr, weight_decay=0.0 if g.get("no_decay") else t.weight_decay,
+                             lr=t.lr * sched.lr_lambdas[0](sched.last_epoch))
                 sched._last_lr = [g["lr"] for g in opt.param_groups]
         for opt in self.optimizers.values():  # optimizer state follows the parameters' device
             for p, v in opt.state.items():

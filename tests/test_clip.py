@@ -101,6 +101,25 @@ def test_the_temperature_is_clamped_into_0_ln100_after_every_step(tmp_path):
         assert float(scale.detach()) == pytest.approx(want, abs=1e-7)
 
 
+def test_weight_decay_shrinks_weight_matrices_and_spares_logit_scale_gains_and_biases(tmp_path):
+    """AdamW's decoupled decay (Loshchilov & Hutter 2019, Alg. 2, line 12): a step with zero gradient moves a decayed
+    parameter to p (1 - lr wd) and leaves an exempt one; exempt are ndim < 2 (open_clip, nanoGPT, DALLE2-pytorch)."""
+    from diffuse.train import Trainer
+
+    trainer = Trainer(shapes_config(3, "train.weight_decay=0.5", "train.warmup_steps=0"), tmp_path / "run", progress=False)
+    model, opt = trainer.modules["model"], trainer.optimizers["main"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    for n, p in model.named_parameters():
+        want = before[n] * (1 - lr * 0.5) if p.ndim >= 2 else before[n]
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-7), n
+    assert model.logit_scale.ndim < 2 and any(p.ndim < 2 for p in model.parameters() if p is not model.logit_scale)
+
+
 def test_a_few_steps_on_tiny_shapes_rank_the_training_pairs_above_chance(tmp_path):
     from diffuse.train import Trainer
 

@@ -1,6 +1,7 @@
 """The GPU fast paths (speed.py, the trainer's deferred checks, the sampler's deferred watch), each run on the CPU and
 compared with the plain path it replaces: the same numbers to rounding, the same errors."""
 
+import copy
 import math
 import shutil
 
@@ -61,6 +62,46 @@ def test_the_sampling_compile_flag_is_checked_by_the_request():
 
 
 # --- fused AdamW and the EMA's fold --------------------------------------------------------------------------------
+def test_a_state_saved_in_one_grouping_resumes_in_the_other_with_the_same_next_step():
+    """regroup_state: one AdamW run continued from a state saved under the other grouping (one group <-> decay_groups'
+    two) takes the step an optimizer of the new grouping would take from the same moments, parameter by parameter."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+
+    def step(m, opt, seed):
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        m(torch.randn(4, 5)).square().sum().backward()
+        opt.step()
+
+    def make(m, grouped):
+        params = list(m.parameters())
+        return speed.adamw(speed.decay_groups(params, 0.3) if grouped else params, fused=False, lr=1e-2, weight_decay=0.3)
+
+    for saved_grouped in (False, True):
+        a = net()
+        opt = make(a, saved_grouped)
+        for k in range(3):
+            step(a, opt, k)
+        b = net()
+        b.load_state_dict(a.state_dict())
+        other = make(b, not saved_grouped)
+        with pytest.warns(UserWarning, match="regrouped"):
+            other.load_state_dict(speed.regroup_state(copy.deepcopy(opt.state_dict()), list(b.parameters()), other))
+        for pa, pb in zip(a.parameters(), b.parameters()):  # the moments followed their parameters
+            assert torch.equal(opt.state[pa]["exp_avg_sq"], other.state[pb]["exp_avg_sq"])
+        step(b, other, 9)
+        ref = net()
+        ref.load_state_dict(a.state_dict())
+        fresh = make(ref, not saved_grouped)  # the new grouping, its moments copied by hand
+        for pa, pr in zip(a.parameters(), ref.parameters()):
+            fresh.state[pr] = {k: v.clone() for k, v in opt.state[pa].items()}
+        step(ref, fresh, 9)
+        assert close(weights(b), weights(ref), 0.0)
+        assert [g["weight_decay"] for g in other.param_groups] == ([0.3] if saved_grouped else [0.3, 0.0])
+
+
 @needs_fused
 def test_fused_adamw_takes_the_steps_of_the_loop():
     torch.manual_seed(0)

@@ -178,9 +178,11 @@ def test_changed_config_refuses_to_resume(tmp_path):
                       inexact_resume=True)
     assert trainer.step == 2 and trainer.cfg.train.lr == 1e-3
     assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in c.tensors["model"].items())
-    (group,) = trainer.optimizer.param_groups
+    group, exempt = trainer.optimizer.param_groups  # the new weight decay spares ndim < 2 (speed.decay_groups)
     assert group["lr"] == pytest.approx(1e-3 * 3 / 5) and group["weight_decay"] == 0.5  # step 2 of a 5-step warm-up
-    assert trainer.lr_schedule.get_last_lr() == [group["lr"]]
+    assert exempt["lr"] == group["lr"] and exempt["weight_decay"] == 0.0 and exempt["no_decay"]
+    assert trainer.lr_schedule.get_last_lr() == [group["lr"]] * 2
+    assert all(trainer.optimizer.state[p] for p in trainer.model.parameters())  # the moments were kept
     trainer.fit()
     assert trainer.step == 3 and trainer.lr_schedule.get_last_lr()[0] == pytest.approx(1e-3 * 4 / 5)
 
