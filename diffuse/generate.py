@@ -39,8 +39,10 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
     sigma_t / alpha_t in (lo, hi] (Kynkaanniemi et al. 2024), which also saves the unconditional call outside it. The guided x_0 is
     dynamically thresholded at percentile `dynamic_threshold` if > 0, else clipped to [-1, 1] if `clip` (None: if the
     denoiser's data are bounded, `Denoiser.bounded`, i.e. images and not latents; ValueError for clipping or
-    thresholding an unbounded denoiser's x_0). `guide` (denoiser -> denoiser), if given, wraps the conditioned and
-    guided denoiser inside the thresholding: CLIP guidance (guidance.NoisyClipGuidance, ClipX0Guidance) or any wrapper.
+    thresholding an unbounded denoiser's x_0). `guide` ((denoiser, seed) -> denoiser), if given, wraps the conditioned
+    and guided denoiser inside the thresholding: CLIP guidance (guidance.NoisyClipGuidance, ClipX0Guidance) or any
+    wrapper; it gets this draw's `seed`, so a wrapper that draws (ClipX0Guidance's cutouts) draws anew for each chunk
+    of `generate_in_chunks` and one chunk drawn alone repeats.
     `mixed_precision` ("no", "auto", "bf16", "fp16"; `autocast_dtype`) runs the network's convolutions and matrix
     products under torch.autocast while the sampler's own arithmetic and the returned samples stay float32: on a CPU
     with native bf16 the demo network samples 1.6-1.9x faster, and its samples agree with float32 ones to about
@@ -113,7 +115,7 @@ def generate(denoiser, n: int, shape: tuple[int, ...], *, sampler: str = "ddim",
                          "range; pass clip=False and dynamic_threshold=0 (or leave clip out)")
     den = conditioned(denoiser, n, device, cond, uncond, labels, guidance, classifier, shape, guidance_interval)
     if guide is not None:
-        den = guide(den)
+        den = guide(den, seed)
     if dynamic_threshold:
         den = DynamicThreshold(den, dynamic_threshold)
     elif clip:

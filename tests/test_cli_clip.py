@@ -15,7 +15,7 @@ import torch
 from diffuse.app.cli import main, parser
 from diffuse.app.requests import EditRequest, RequestError, SampleRequest, execute, resolve
 from diffuse.config import RunConfig, apply_overrides, load_config, save_config
-from diffuse.generate import generate
+from diffuse.generate import chunk_seed, generate
 from diffuse.guidance import ClipX0Guidance, NoisyClipGuidance, RandomShift, spherical_dist_loss
 from diffuse.kinds.clip import clip_guidance, load_clip, prompt_embedding, same_process
 from diffuse.runs import load_run
@@ -160,10 +160,16 @@ def test_the_command_draws_the_librarys_pixels_bit_for_bit(runs, tmp_path):
     _, clip = load_clip(runs["plain"])
     g = prompt_embedding(clip, PROMPT)
     x = generate(den, 16, (1, 8, 8), sampler="dpmpp-2m", steps=4, spacing="trailing", labels=torch.full((16,), 3),
-                 guidance=1.5, seed=3, mixed_precision="no", guide=lambda d: clip_guidance(d, clip, g, 30.0, cutouts=2, seed=3))
+                 guidance=1.5, seed=3, mixed_precision="no", guide=lambda d, seed: clip_guidance(d, clip, g, 30.0, cutouts=2, seed=seed))
     np.testing.assert_array_equal(cli, to_unit(x).numpy())
     unguided = sample(tmp_path, runs["cond"], *flags[:-8])
     assert np.abs(unguided - cli).mean() > 1e-3  # the CLIP did act
+    # in chunks (--batch-size 8) each chunk is generate at its own seed, its cutouts drawn from that seed too
+    chunked = sample(tmp_path, runs["cond"], *flags, "--batch-size", "8")
+    parts = [generate(den, 8, (1, 8, 8), sampler="dpmpp-2m", steps=4, spacing="trailing", labels=torch.full((8,), 3),
+                      guidance=1.5, seed=chunk_seed(3, k), mixed_precision="no",
+                      guide=lambda d, seed: clip_guidance(d, clip, g, 30.0, cutouts=2, seed=seed)) for k in (0, 1)]
+    np.testing.assert_array_equal(chunked, to_unit(torch.cat(parts)).numpy())
 
 
 def test_a_latent_run_is_guided_by_a_plain_clip_and_the_command_parses_back(runs, tmp_path):

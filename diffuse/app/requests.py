@@ -1191,7 +1191,8 @@ def _model_kw(plan: Plan, loaded: Loaded, callback) -> dict:
 
 def clip_guide(plan: Plan, loaded: Loaded) -> Callable:
     """generate's `guide` of a plan with --clip: the CLIP run loaded on the plan's device, the prompt embedded by its
-    text tower (RequestError naming --prompt when it is too long for it), and denoiser -> kinds.clip.clip_guidance(...)
+    text tower (RequestError naming --prompt when it is too long for it), and (denoiser, the draw's seed: a chunk's
+    own) -> kinds.clip.clip_guidance(...)
     (the decoder of a latent run's space passed to a plain CLIP, which reads the decoded x_0)."""
     req = plan.request
     _, clip = load_clip(plan.clip_run.path, plan.device)
@@ -1199,7 +1200,7 @@ def clip_guide(plan: Plan, loaded: Loaded) -> Callable:
     space = loaded.space
     decode = space.decode_with_grad if space.latent and not clip.noise_aware else None
     cutouts = 1 if req.clip_cutouts is None else req.clip_cutouts
-    return lambda denoiser: clip_guidance(denoiser, clip, text_emb, req.clip_scale, cutouts, req.seed, decode)
+    return lambda denoiser, seed: clip_guidance(denoiser, clip, text_emb, req.clip_scale, cutouts, seed, decode)
 
 
 def _steps_total(plan: Plan, schedule, chunks: int = 1) -> int | None:
