@@ -58,7 +58,7 @@ from results import cpu_description, publish, say, table, trained_steps  # bench
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TITLE = "CLIP guidance against classifier-free guidance on the captioned shapes (bench/clip.py, issue 34"
+TITLE = "CLIP guidance, classifier-free guidance and unCLIP on captioned shapes and digits (bench/clip.py, issue 34"
 UNCOND = ["model.text_encoder=", "model.context_dim=0", "model.cross_attention_resolutions=[]",
           "train.condition_dropout={}", "model.max_tokens=0", "sample.guidance=0"]
 DIGITS = ["data.source=mnist", "data.channels=1", "data.image_size=28"]
