@@ -585,7 +585,10 @@ class Trainer:
             for i, (name, opt) in enumerate(self.optimizers.items()):
                 opt_name, sched_name = self._state_names(name)
                 opt.load_state_dict(speed.regroup_state(ckpt.unflatten_state(st, s[opt_name]), self.params[name], opt))
-                self.schedules[name].load_state_dict(s[sched_name] if sched_name in s else legacy[i])
+                sched = self.schedules[name]
+                sched.load_state_dict(s[sched_name] if sched_name in s else legacy[i])
+                if len(sched.base_lrs) != len(opt.param_groups):  # regrouped (speed.regroup_state): one schedule for all
+                    sched.base_lrs, sched._last_lr = (v[:1] * len(opt.param_groups) for v in (sched.base_lrs, sched._last_lr))
             if "scaler" in s:
                 self.scaler.load_state_dict(s["scaler"])
             ckpt.set_generator_state(self.generator, st["generator"])

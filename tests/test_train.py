@@ -187,6 +187,24 @@ def test_changed_config_refuses_to_resume(tmp_path):
     assert trainer.step == 3 and trainer.lr_schedule.get_last_lr()[0] == pytest.approx(1e-3 * 4 / 5)
 
 
+def test_a_run_saved_with_one_decay_group_resumes_with_both_groups_on_the_lr_schedule(tmp_path, monkeypatch):
+    """A run saved before speed.decay_groups (weight decay on every parameter, one group) resumes exactly into the two
+    groups: the moments kept, and the warm-up (lr = lr0 * step / warmup) drives both groups' learning rates."""
+    from diffuse import speed
+
+    cfg = tiny_cfg("train.steps=2", "train.weight_decay=0.1")
+    with monkeypatch.context() as m:
+        m.setattr(speed, "decay_groups", lambda params, wd: params)  # the one-group optimizer of older runs
+        Trainer(cfg, tmp_path, progress=False).fit()
+    with pytest.warns(UserWarning, match="regrouped"):
+        trainer = Trainer(tiny_cfg("train.steps=3", "train.weight_decay=0.1"), tmp_path, progress=False)
+    assert trainer.step == 2 and [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.0]
+    assert all(trainer.optimizer.state[p] for p in trainer.model.parameters())
+    trainer.fit()
+    lr0, warmup = trainer.cfg.train.lr, trainer.cfg.train.warmup_steps
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([lr0 * 4 / warmup] * 2)
+
+
 def test_missing_training_state_refuses_exact_resume(tmp_path, monkeypatch):
     cfg = tiny_cfg("train.steps=2")
     trainer = Trainer(cfg, tmp_path, progress=False)
