@@ -98,7 +98,7 @@ def run_config(name: str, args, steps: int, runs: Path):
              [f"unclip.clip={runs / 'clip'}"] if name in ("prior", "decoder") else [])
     limit = [f"train.steps={steps}", "train.time_limit=0", "train.checkpoint_every=200", "train.sample_every=0"]
     if args.smoke:
-        limit += ["train.warmup_steps=1", "train.batch_size=8"] + ([] if name in ("clip-digits", "prior") or name.startswith(("digits", "clip-digits")) else ["data.crops=64"])
+        limit += ["train.warmup_steps=1", "train.batch_size=8"] + ([] if name == "prior" or name.startswith(("digits", "clip-digits")) else ["data.crops=64"])
     return apply_overrides(load_config(CONFIGS / config), overrides + extra + limit)
 
 
@@ -128,13 +128,13 @@ def timing_part(args, runs, result) -> None:
     the wall times of a long run shared with other work do not show."""
     first, last = (2, 4) if args.smoke else (50, 100)
     rows = []
-    for name, (config, _, steps) in RUNS.items():
+    for name, (config, _, _) in RUNS.items():
         with tempfile.TemporaryDirectory() as tmp:
             cfg = apply_overrides(run_config(name, args, last, args.runs), [f"train.log_every={first}"])
             train(cfg, Path(tmp) / name, progress=False)
             times = {r["step"]: r["time"] for r in map(json.loads, (Path(tmp) / name / "log.jsonl").read_text().splitlines())}
         per_step = (times[last] - times[first]) / (last - first)
-        rows.append({"run": name, "config": config, "overrides": RUNS[name][1] and " ".join(RUNS[name][1]) or "as is",
+        rows.append({"run": name, "config": config, "overrides": runs[name]["overrides"],
                      "steps": runs[name]["steps"], "s / step": per_step, "projected min": per_step * runs[name]["steps"] / 60,
                      "threads": torch.get_num_threads()})
         say(json.dumps(rows[-1]))
@@ -252,8 +252,7 @@ def digits_part(args, runs, result) -> None:
     judge = digit_classifier()
     cfg_real = run_config("digits-cond", args, 1, args.runs)
     real = torch.stack([x for x, _ in load_dataset(cfg_real.data)])
-    f_real = extract_features(real, judge)
-    stats_real = feature_statistics(f_real)
+    stats_real = feature_statistics(extract_features(real, judge))
     fd = lambda x: float(frechet_distance(*stats_real, *feature_statistics(extract_features(x, judge))))  # noqa: E731
     labels = torch.arange(args.n) % 10
     captions = [digit_caption(int(y)) for y in labels]
@@ -267,34 +266,32 @@ def digits_part(args, runs, result) -> None:
             f = torch.cat([clips[name].image_embedding(part) for part in x.split(256)])
         return float(((f @ prompts[name].T).argmax(1) == labels).float().mean())
 
+    models = {name: load_run(runs[name]["path"]) for name in ("digits-cond", "digits-uncond")}
     rows = []
     methods = {"CFG (label)": args.digit_cfg_scales, "noisy CLIP": args.noisy_scales, "x0 CLIP": args.x0_scales}
     for method, scales in methods.items():
+        guiding = "clip-digits-noised" if method == "noisy CLIP" else "clip-digits"  # CFG: scored, not guiding
+        clip = clips[guiding]
+        cfg, den, _ = models["digits-cond" if method == "CFG (label)" else "digits-uncond"]
+        kw = {**sample_config_kwargs(cfg.sample), "steps": args.steps, "seed": args.seed}
         for scale in scales:
             t0 = time.perf_counter()
             if method == "CFG (label)":
-                cfg, den, _ = load_run(runs["digits-cond"]["path"])
-                x = generate(den, args.n, space(cfg).shape, labels=labels, seed=args.seed,
-                             **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": scale})
+                x = generate(den, args.n, space(cfg).shape, labels=labels, **{**kw, "guidance": scale})
             else:
-                cfg, den, _ = load_run(runs["digits-uncond"]["path"])
-                name = "clip-digits-noised" if method == "noisy CLIP" else "clip-digits"
-                clip = clips[name]
                 text = clip.text_embedding(clip.tokenize(captions))
                 guided = (NoisyClipGuidance(den, clip, text, scale) if method == "noisy CLIP"
                           else ClipX0Guidance(den, clip, text, scale, cutouts=args.cutouts, seed=args.seed))
-                x = generate(guided, args.n, space(cfg).shape, seed=args.seed,
-                             **{**sample_config_kwargs(cfg.sample), "steps": args.steps, "guidance": 0.0})
+                x = generate(guided, args.n, space(cfg).shape, **{**kw, "guidance": 0.0})
             seconds = time.perf_counter() - t0
             x = x.clamp(-1, 1)
             if not torch.isfinite(x).all():
                 raise SystemExit(f"digits: {method} at scale {scale} gave non-finite samples")
             with torch.no_grad():
                 accuracy = float((judge(x).argmax(1) == labels).float().mean())
-            guiding = "clip-digits-noised" if method == "noisy CLIP" else "clip-digits"
             rows.append({"method": method, "scale": scale, "digit classifier accuracy": accuracy, "FD-digits": fd(x),
-                         "guiding CLIP": guiding if method != "CFG (label)" else "(clip-digits, not guiding)", "its zero-shot accuracy": zero_shot(guiding, x),
-                         "s / image": seconds / args.n})
+                         "guiding CLIP": guiding if method != "CFG (label)" else f"({guiding}, not guiding)",
+                         "its zero-shot accuracy": zero_shot(guiding, x), "s / image": seconds / args.n})
             say(json.dumps(rows[-1]))
     result["digits"] = rows
     result["digits_floor"] = floor
@@ -439,8 +436,6 @@ def results_section(args, result: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reuse", action="store_true", help="reuse the runs in --runs that exist instead of training them")
@@ -476,7 +471,8 @@ def main() -> None:
     if args.reuse and earlier.is_file():
         result = {**{k: v for k, v in json.loads(earlier.read_text()).items() if k not in result}, **result}
     result["runs"] = train_runs(args)
-    parts = {"timing": timing_part, "retrieval": retrieval_part, "guidance": guidance_part, "digits": digits_part, "prior": prior_part, "unclip": unclip_part}
+    parts = {"timing": timing_part, "retrieval": retrieval_part, "guidance": guidance_part, "digits": digits_part,
+             "prior": prior_part, "unclip": unclip_part}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for name in args.parts:
